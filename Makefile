@@ -1,0 +1,51 @@
+# slmops — run `make help` for the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SERVICES := registry optimizer validator rollout gateway
+STAMP := $(VENV)/.installed
+EDITABLES := -e ./shared[testing] $(foreach s,$(SERVICES),-e ./services/$(s)) -e .[dev]
+
+.DEFAULT_GOAL := help
+.PHONY: help install run up down status lint test test-fast bench schemas clean
+
+help: ## Show the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml shared/pyproject.toml $(foreach s,$(SERVICES),services/$(s)/pyproject.toml)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check $(EDITABLES)
+	touch $(STAMP)
+
+install: $(STAMP) ## Create .venv and install the SDK, every service and the dev tools
+
+run: install ## Start the local stack (NATS, S3, services) in the foreground; Ctrl-C stops it
+	$(BIN)/slmops up
+
+up: install ## Start the local stack in the background
+	$(BIN)/slmops up --detach
+
+down: install ## Stop everything the local stack started
+	$(BIN)/slmops down
+
+status: install ## Show each local stack component
+	$(BIN)/slmops status
+
+lint: install ## ruff + mypy (strict on the SDK)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy shared/src
+	$(BIN)/mypy $(foreach s,$(SERVICES),services/$(s)/src)
+
+test: lint ## Lint, then every test tier (unit, integration, e2e, fault)
+	$(BIN)/pytest
+
+bench: install ## Benchmarks (not tests): prints tables with ratios measured side by side
+	$(BIN)/python -m bench
+
+schemas: install ## Rewrite the event JSON Schema snapshots (after a compatible change)
+	$(BIN)/slmops schemas export tests/contract/snapshots
+
+clean: ## Remove the venv, caches and local state
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""slmops gateway service."""

@@ -1,0 +1,1 @@
+"""slmops optimizer service."""

@@ -1,0 +1,1 @@
+"""slmops registry service."""

@@ -1,0 +1,131 @@
+"""Settings every slmops process shares, read from ``SLMOPS_*`` environment variables.
+
+Each service adds its own settings class (see :class:`ServiceSettings`) with its own env prefix
+(``SLMOPS_REGISTRY_``, ...); the platform-wide part (where NATS and the object store are) is one
+:class:`PlatformSettings` so the local stack and deployments set it once for every service.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: Credentials of the embedded local S3 server. Safe only because that server binds 127.0.0.1;
+#: outside ``SLMOPS_ENV=local`` they are refused (see ``PlatformSettings``).
+LOCAL_S3_ACCESS_KEY = "slmops-local"
+LOCAL_S3_SECRET_KEY = "slmops-local-secret"  # noqa: S105 - a documented local-only default
+_PLACEHOLDER_SECRETS = {"", "changeme", "change-me", "minioadmin", "secret", LOCAL_S3_SECRET_KEY}
+
+
+class PlatformSettings(BaseSettings):
+    """Where the shared infrastructure is. Env prefix ``SLMOPS_``."""
+
+    model_config = SettingsConfigDict(env_prefix="SLMOPS_", extra="ignore")
+
+    env: Literal["local", "dev", "staging", "prod"] = Field(
+        "local", description="Deployment environment; placeholder secrets are refused outside local."
+    )
+    var_dir: Path = Field(
+        Path("var"), description="Directory for local state: JetStream store, S3 data, logs, keys."
+    )
+    nats_url: str = Field(
+        "nats://127.0.0.1:4222", description="NATS server URL(s), comma separated for a cluster."
+    )
+    nats_connect_timeout_s: float = Field(
+        2.0, gt=0, description="Timeout of one connection attempt to NATS, in seconds."
+    )
+    nats_request_timeout_s: float = Field(
+        5.0, gt=0, description="Timeout of one JetStream API request or publish ack, in seconds."
+    )
+    s3_endpoint_url: str | None = Field(
+        "http://127.0.0.1:9000",
+        description="S3 API endpoint (MinIO, local server); empty means AWS S3 itself.",
+    )
+    s3_region: str = Field("us-east-1", description="S3 region used to sign requests.")
+    s3_bucket: str = Field("slmops", description="Bucket holding every artifact.")
+    s3_access_key_id: SecretStr = Field(
+        SecretStr(LOCAL_S3_ACCESS_KEY), description="S3 access key id."
+    )
+    s3_secret_access_key: SecretStr = Field(
+        SecretStr(LOCAL_S3_SECRET_KEY), description="S3 secret access key."
+    )
+    trace_dir: Path | None = Field(
+        None,
+        description="If set, finished spans are also appended as JSON lines under this directory "
+        "(the local stack uses it so `slmops trace show` works without a tracing backend).",
+    )
+
+    @model_validator(mode="after")
+    def _refuse_placeholder_secrets(self) -> PlatformSettings:
+        if self.env != "local" and self.s3_secret_access_key.get_secret_value() in (
+            _PLACEHOLDER_SECRETS
+        ):
+            raise ValueError(
+                f"SLMOPS_S3_SECRET_ACCESS_KEY is a placeholder but SLMOPS_ENV={self.env!r}: "
+                "set a real secret (placeholders are only allowed with SLMOPS_ENV=local)"
+            )
+        if self.s3_endpoint_url == "":
+            self.s3_endpoint_url = None
+        return self
+
+
+class ConsumerSettings(BaseSettings):
+    """How a service consumes its durable pull consumer. Env prefix ``SLMOPS_CONSUMER_``."""
+
+    model_config = SettingsConfigDict(env_prefix="SLMOPS_CONSUMER_", extra="ignore")
+
+    max_concurrency: int = Field(
+        16, ge=1, le=4096, description="Handlers running at once in one process."
+    )
+    fetch_batch: int = Field(
+        256, ge=1, le=10_000, description="Most messages asked for in one pull request."
+    )
+    fetch_timeout_s: float = Field(
+        1.0, gt=0, description="How long one pull request waits for messages, in seconds."
+    )
+    ack_wait_s: float = Field(
+        30.0, gt=0, description="Redelivery timeout of an unacked message, in seconds."
+    )
+    max_deliver: int = Field(
+        5, ge=1, description="Deliveries of one message before it goes to the dead-letter stream."
+    )
+    nak_backoff_base_s: float = Field(
+        0.5, ge=0, description="First redelivery delay after a transient error, in seconds."
+    )
+    nak_backoff_max_s: float = Field(
+        30.0, ge=0, description="Cap on the redelivery delay after transient errors, in seconds."
+    )
+    drain_timeout_s: float = Field(
+        20.0, gt=0, description="On shutdown, how long running handlers may finish, in seconds."
+    )
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> ConsumerSettings:
+        if self.nak_backoff_max_s < self.nak_backoff_base_s:
+            raise ValueError(
+                f"nak_backoff_max_s ({self.nak_backoff_max_s}) must be >= "
+                f"nak_backoff_base_s ({self.nak_backoff_base_s})"
+            )
+        if self.fetch_timeout_s >= self.ack_wait_s:
+            raise ValueError(
+                f"fetch_timeout_s ({self.fetch_timeout_s}) must be < ack_wait_s "
+                f"({self.ack_wait_s}), or fetched messages would time out before handling"
+            )
+        return self
+
+
+class ServiceSettings(BaseSettings):
+    """Base of every service's settings; subclasses set ``env_prefix`` (``SLMOPS_<NAME>_``)."""
+
+    model_config = SettingsConfigDict(extra="ignore")
+
+    host: str = Field("127.0.0.1", description="Address the HTTP API binds to.")
+    port: int = Field(8100, ge=0, le=65535, description="Port of the HTTP API (0 = any free).")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log verbosity."
+    )
+    platform: PlatformSettings = Field(default_factory=PlatformSettings)
+    consumer: ConsumerSettings = Field(default_factory=ConsumerSettings)
