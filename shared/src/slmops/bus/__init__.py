@@ -1,0 +1,37 @@
+"""JetStream runtime: connection, topology, publishing, the consumer loop, dead-lettering."""
+
+from slmops.bus.connection import MSG_ID_HEADER, Bus
+from slmops.bus.consumer import ConsumerStats, EventConsumer
+from slmops.bus.handlers import Handler, HandlerResult, Handlers
+from slmops.bus.topology import (
+    DEAD_LETTER,
+    FLEET,
+    KV_BUCKETS,
+    PIPELINE,
+    ROLLOUT,
+    STREAMS,
+    ConsumerSpec,
+    KvSpec,
+    StreamSpec,
+    Topology,
+)
+
+__all__ = [
+    "DEAD_LETTER",
+    "FLEET",
+    "KV_BUCKETS",
+    "MSG_ID_HEADER",
+    "PIPELINE",
+    "ROLLOUT",
+    "STREAMS",
+    "Bus",
+    "ConsumerSpec",
+    "ConsumerStats",
+    "EventConsumer",
+    "Handler",
+    "HandlerResult",
+    "Handlers",
+    "KvSpec",
+    "StreamSpec",
+    "Topology",
+]

@@ -1,0 +1,104 @@
+"""Every stream, KV bucket and consumer shape of the platform, declared in one place.
+
+Declaration is idempotent: each service declares the whole topology at start-up, so whichever
+starts first creates it and the others find it as it should be; a changed config is updated in
+place (never by delete + create, which would lose messages or consumer positions).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DAY_S = 86_400.0
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    name: str
+    subjects: tuple[str, ...]
+    description: str
+    max_age_s: float = 0.0  # 0 = keep until limits; fleet reports are bounded by age
+    max_bytes: int = -1
+    duplicate_window_s: float = 600.0  # how long a Nats-Msg-Id is remembered for de-duplication
+
+
+@dataclass(frozen=True)
+class KvSpec:
+    bucket: str
+    description: str
+    history: int = 1
+    ttl_s: float = 0.0  # 0 = entries never expire
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    """A service's durable pull consumer on one stream, filtered to the subjects it handles."""
+
+    stream: str
+    durable: str
+    filter_subjects: tuple[str, ...]
+    ack_wait_s: float
+    max_deliver: int
+    max_ack_pending: int = 1000
+    description: str = ""
+
+
+PIPELINE = StreamSpec(
+    "SLMOPS_PIPELINE",
+    ("slmops.model.>", "slmops.optimization.>", "slmops.validation.>", "slmops.release.>"),
+    "Model lifecycle: published, optimized, validated, released.",
+)
+ROLLOUT = StreamSpec(
+    "SLMOPS_ROLLOUT",
+    ("slmops.rollout.>", "slmops.gateway.assignment.>"),
+    "Rollout progress and per-gateway assignments (desired state).",
+)
+FLEET = StreamSpec(
+    "SLMOPS_FLEET",
+    ("slmops.gateway.report.>",),
+    "Gateway reports: registration, applied/failed, health aggregates.",
+    max_age_s=7 * DAY_S,
+)
+DEAD_LETTER = StreamSpec(
+    "SLMOPS_DLQ",
+    ("slmops.deadletter.>",),
+    "Messages a consumer could not handle, with the reason and the original bytes.",
+    max_age_s=30 * DAY_S,
+)
+STREAMS: tuple[StreamSpec, ...] = (PIPELINE, ROLLOUT, FLEET, DEAD_LETTER)
+
+KV_BUCKETS: tuple[KvSpec, ...] = (
+    KvSpec("slmops-rollouts", "Rollout state machines, so a restarted service resumes.", 5),
+    KvSpec("slmops-desired-state", "Desired model per gateway: the source of truth.", 3),
+    KvSpec("slmops-gateways", "Registered gateways: class, labels, capabilities, last seen."),
+    KvSpec("slmops-jobs", "Optimization and validation job states and progress.", 3),
+)
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS wildcard matching: ``*`` is one token, a trailing ``>`` one or more."""
+    pat, sub = pattern.split("."), subject.split(".")
+    for i, token in enumerate(pat):
+        if token == ">":
+            return len(sub) > i
+        if i >= len(sub) or (token != "*" and token != sub[i]):
+            return False
+    return len(pat) == len(sub)
+
+
+def stream_for_subject(subject: str, streams: tuple[StreamSpec, ...] = STREAMS) -> StreamSpec:
+    """The stream that stores ``subject`` (a filter like ``x.y.>`` counts as its prefix)."""
+    probe = subject.replace(">", "x").replace("*", "x")
+    for stream in streams:
+        if any(subject_matches(p, probe) for p in stream.subjects):
+            return stream
+    raise LookupError(f"no stream stores subject {subject!r}")
+
+
+@dataclass
+class Topology:
+    """What one process declares: all streams and buckets plus its own consumers."""
+
+    streams: tuple[StreamSpec, ...] = STREAMS
+    kv_buckets: tuple[KvSpec, ...] = KV_BUCKETS
+    consumers: list[ConsumerSpec] = field(default_factory=list)

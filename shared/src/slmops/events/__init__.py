@@ -1,0 +1,27 @@
+"""Event contracts: the CloudEvents envelope, typed payloads, decoding and JSON Schemas."""
+
+from slmops.events.envelope import CloudEvent, EventPayload, derive_event_id, new_event
+from slmops.events.errors import (
+    EventDecodeError,
+    PermanentError,
+    TransientError,
+    UnknownEventTypeError,
+)
+from slmops.events.payloads import *  # noqa: F403 - the payload models are the public API
+from slmops.events.payloads import CORE_EVENT_TYPES
+from slmops.events.registry import EVENT_TYPES, decode_event, payload_type
+
+__all__ = [
+    "CORE_EVENT_TYPES",
+    "EVENT_TYPES",
+    "CloudEvent",
+    "EventDecodeError",
+    "EventPayload",
+    "PermanentError",
+    "TransientError",
+    "UnknownEventTypeError",
+    "decode_event",
+    "derive_event_id",
+    "new_event",
+    "payload_type",
+]

@@ -1,0 +1,22 @@
+"""Errors a handler or the runtime raises; the consumer loop turns them into nak or dead-letter."""
+
+from __future__ import annotations
+
+
+class EventDecodeError(ValueError):
+    """The message is not a valid slmops CloudEvent: it is poison and is dead-lettered at once."""
+
+
+class UnknownEventTypeError(EventDecodeError):
+    """The event's ``type`` names no payload model this SDK knows."""
+
+
+class PermanentError(Exception):
+    """A handler's verdict that retrying cannot help (bad input): dead-letter now, no retries."""
+
+
+class TransientError(Exception):
+    """A handler's verdict that retrying may help (a dependency is down): nak with backoff.
+
+    Any other exception is treated the same way; this class exists to say so explicitly.
+    """

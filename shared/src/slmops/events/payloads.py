@@ -1,0 +1,301 @@
+"""Typed ``data`` of every core event type (v1). The SDK owns these; services only import them.
+
+Weights never travel in events: artifacts are referenced by digest, size and URI. Fields may be
+added (consumers ignore unknown ones); removing or retyping a field, or adding a required one,
+is an incompatible change that needs a new ``.v2`` type (the contract test enforces this).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from slmops.events.envelope import EventPayload
+
+Digest = Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$", description="sha256:<hex>")]
+#: Names that also appear in NATS subjects and object keys: no dots, slashes or spaces.
+Token = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")]
+ModelName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,127}$")]
+Version = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")]
+ModelFormat = Literal["onnx", "hf-safetensors", "gguf"]
+Task = Literal["feature-extraction", "text-generation", "text-classification"]
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class ArtifactRef(_Part):
+    """A blob in the object store."""
+
+    digest: Digest
+    size_bytes: int = Field(ge=0)
+    uri: str = Field(description="Where to fetch it, e.g. s3://bucket/blobs/sha256/<hex>.")
+    media_type: str = "application/octet-stream"
+
+
+class PassSpec(_Part):
+    """One optimization pass of a recipe: its registered name and its config."""
+
+    name: str
+    config: dict[str, object] = Field(default_factory=dict)
+
+
+class Recipe(_Part):
+    name: str
+    passes: list[PassSpec]
+
+
+class GateResult(_Part):
+    """One judged figure of a validation report."""
+
+    name: str
+    value: float | None = Field(None, description="Measured value; null when not measurable here.")
+    budget: float | None = None
+    unit: str = ""
+    passed: bool | None = Field(
+        None, description="null = not judged on this host (left to canary).")
+    detail: str = ""
+
+
+class HealthAggregate(_Part):
+    """What a gateway reports about its local inference - aggregates only, never data."""
+
+    window_s: float = Field(gt=0)
+    request_count: int = Field(ge=0)
+    error_rate: float = Field(ge=0, le=1)
+    latency_p50_ms: float | None = Field(None, ge=0)
+    latency_p95_ms: float | None = Field(None, ge=0)
+    shadow_agreement: float | None = Field(None, ge=0, le=1)
+    shadow_samples: int = Field(0, ge=0)
+
+
+# --- pipeline -------------------------------------------------------------------------------
+
+
+class ModelPublished(EventPayload):
+    event_type = "slmops.model.published.v1"
+
+    model_name: ModelName
+    version: Version
+    format: ModelFormat
+    task: Task
+    artifact: ArtifactRef
+    manifest_digest: Digest | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    device_classes: list[Token] = Field(default_factory=list, description="Empty = all classes.")
+    eval_set: ArtifactRef | None = None
+
+
+class OptimizationCompleted(EventPayload):
+    event_type = "slmops.optimization.completed.v1"
+
+    model_name: ModelName
+    version: Version
+    variant_id: Token
+    device_class: Token
+    parent_digest: Digest
+    recipe: Recipe
+    artifact: ArtifactRef
+    manifest_digest: Digest | None = None
+    duration_s: float = Field(ge=0)
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class OptimizationFailed(EventPayload):
+    event_type = "slmops.optimization.failed.v1"
+
+    model_name: ModelName
+    version: Version
+    device_class: Token | None = None
+    recipe_name: str | None = None
+    variant_id: Token | None = None
+    reason: str
+
+
+class _ValidationOutcome(EventPayload):
+    model_name: ModelName
+    version: Version
+    variant_id: Token
+    device_class: Token
+    report: ArtifactRef | None = None
+    gates: list[GateResult] = Field(default_factory=list)
+
+
+class ValidationPassed(_ValidationOutcome):
+    event_type = "slmops.validation.passed.v1"
+
+
+class ValidationFailed(_ValidationOutcome):
+    event_type = "slmops.validation.failed.v1"
+
+    reason: str
+
+
+class ReleaseEntry(_Part):
+    device_class: Token
+    variant_id: Token | None = Field(None, description="null: the class has no passing variant.")
+    artifact: ArtifactRef | None = None
+    manifest_digest: Digest | None = None
+    reason: str = Field("", description="Why this variant was chosen, or why there is none.")
+
+
+class ReleaseCreated(EventPayload):
+    event_type = "slmops.release.created.v1"
+
+    release_id: Token
+    model_name: ModelName
+    version: Version
+    entries: list[ReleaseEntry]
+
+
+# --- rollout --------------------------------------------------------------------------------
+
+
+class WavePlan(_Part):
+    index: int = Field(ge=0)
+    percent: float = Field(gt=0, le=100)
+    target_count: int = Field(ge=0)
+
+
+class RolloutStarted(EventPayload):
+    event_type = "slmops.rollout.started.v1"
+
+    rollout_id: Token
+    release_id: Token
+    model_name: ModelName
+    version: Version
+    waves: list[WavePlan]
+    selector: dict[str, str] = Field(default_factory=dict)
+
+
+class RolloutWaveStarted(EventPayload):
+    event_type = "slmops.rollout.wave.started.v1"
+
+    rollout_id: Token
+    wave_index: int = Field(ge=0)
+    target_count: int = Field(ge=0)
+
+
+class RolloutPaused(EventPayload):
+    event_type = "slmops.rollout.paused.v1"
+
+    rollout_id: Token
+    wave_index: int = Field(ge=0)
+    reason: str
+
+
+class RolloutResumed(EventPayload):
+    event_type = "slmops.rollout.resumed.v1"
+
+    rollout_id: Token
+    wave_index: int = Field(ge=0)
+
+
+class RolloutCompleted(EventPayload):
+    event_type = "slmops.rollout.completed.v1"
+
+    rollout_id: Token
+    gateways_updated: int = Field(ge=0)
+    gateways_failed: int = Field(ge=0)
+    gateways_silent: int = Field(0, ge=0)
+
+
+class RolloutRolledBack(EventPayload):
+    event_type = "slmops.rollout.rolled_back.v1"
+
+    rollout_id: Token
+    scope: Literal["gateways", "fleet"]
+    reason: str
+    to_variant_id: Token | None = None
+    gateway_ids: list[Token] = Field(default_factory=list)
+
+
+# --- gateways -------------------------------------------------------------------------------
+
+
+class DesiredModel(_Part):
+    model_name: ModelName
+    version: Version
+    variant_id: Token
+    manifest_digest: Digest
+    artifact: ArtifactRef
+
+
+class GatewayAssignment(EventPayload):
+    """The desired state of one gateway; delivered on ``...assignment.v1.<gateway_id>``."""
+
+    event_type = "slmops.gateway.assignment.v1"
+
+    gateway_id: Token
+    generation: int = Field(ge=0, description="Monotonic per gateway; older ones are ignored.")
+    rollout_id: Token | None = None
+    desired: DesiredModel
+    rollback: bool = False
+    signature: str | None = Field(None, description="Ed25519 signature of a rollback, base64.")
+
+    def subject_suffix(self) -> str | None:
+        return self.gateway_id
+
+
+class GatewayReport(EventPayload):
+    """From one gateway: registration, applied/failed, or periodic health aggregates."""
+
+    event_type = "slmops.gateway.report.v1"
+
+    gateway_id: Token
+    kind: Literal["registered", "applied", "failed", "health"]
+    device_class: Token
+    labels: dict[str, str] = Field(default_factory=dict)
+    capabilities: dict[str, object] = Field(default_factory=dict)
+    rollout_id: Token | None = None
+    variant_id: Token | None = None
+    generation: int | None = None
+    reason: str = ""
+    health: HealthAggregate | None = None
+
+    def subject_suffix(self) -> str | None:
+        return self.gateway_id
+
+
+# --- runtime --------------------------------------------------------------------------------
+
+
+class DeadLetter(EventPayload):
+    """A message a consumer could not handle, kept with the reason and the original bytes."""
+
+    event_type = "slmops.deadletter.v1"
+
+    consumer: str
+    stream: str
+    stream_seq: int = Field(ge=0)
+    subject: str
+    num_delivered: int = Field(ge=0)
+    reason: str
+    error_type: str
+    original_headers: dict[str, str] = Field(default_factory=dict)
+    original_data: str = Field(description="The original body: UTF-8 text, or base64.")
+    original_encoding: Literal["utf-8", "base64"] = "utf-8"
+
+    def subject_suffix(self) -> str | None:
+        return self.consumer
+
+
+CORE_EVENT_TYPES: tuple[type[EventPayload], ...] = (
+    ModelPublished,
+    OptimizationCompleted,
+    OptimizationFailed,
+    ValidationPassed,
+    ValidationFailed,
+    ReleaseCreated,
+    RolloutStarted,
+    RolloutWaveStarted,
+    RolloutPaused,
+    RolloutResumed,
+    RolloutCompleted,
+    RolloutRolledBack,
+    GatewayAssignment,
+    GatewayReport,
+    DeadLetter,
+)

@@ -1,0 +1,68 @@
+"""The slmops pytest plugin: real servers per test, started by fixtures.
+
+Installed with the SDK (entry point ``pytest11``), so every service's tests get these fixtures:
+``nats_server`` (a real ``nats-server`` with JetStream on a free port and a temp store, one per
+test: it starts in ~20 ms, so tests never share broker state), ``bus`` (a connected
+:class:`~slmops.bus.Bus` with the topology declared), ``span_exporter`` (in-memory spans),
+``s3_server`` / ``object_store`` (moto's threaded S3 server), and :func:`await_events`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from slmops.bus.connection import Bus
+from slmops.bus.topology import Topology
+from slmops.testing.consumers import start_consumer
+from slmops.testing.events import await_events, stream_count
+from slmops.testing.natsserver import NatsServerProcess
+from slmops.testing.s3 import object_store, s3_server
+
+__all__ = ["await_events", "object_store", "s3_server", "start_consumer", "stream_count"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for marker in (
+        "integration: talks to real servers started by fixtures",
+        "e2e: the whole pipeline on a real model",
+        "fault: kills or restarts processes, the broker or the store mid-work",
+        "slow: takes more than a few seconds",
+    ):
+        config.addinivalue_line("markers", marker)
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServerProcess]:
+    server = NatsServerProcess(tmp_path / "nats")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def span_exporter() -> InMemorySpanExporter:
+    return InMemorySpanExporter()
+
+
+@pytest.fixture
+def tracer_provider(span_exporter: InMemorySpanExporter) -> TracerProvider:
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(span_exporter))
+    return provider
+
+
+@pytest.fixture
+async def bus(nats_server: NatsServerProcess, tracer_provider: TracerProvider) -> AsyncIterator[Bus]:
+    """A connected bus (source ``/slmops/test``) with every stream and KV bucket declared."""
+    connected = await Bus.connect(
+        nats_server.url, source="/slmops/test", tracer=tracer_provider.get_tracer("test")
+    )
+    await connected.declare(Topology())
+    yield connected
+    await connected.close()
