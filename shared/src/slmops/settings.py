@@ -26,7 +26,8 @@ class PlatformSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SLMOPS_", extra="ignore")
 
     env: Literal["local", "dev", "staging", "prod"] = Field(
-        "local", description="Deployment environment; placeholder secrets are refused outside local."
+        "local",
+        description="Deployment environment; placeholder secrets are refused outside local.",
     )
     var_dir: Path = Field(
         Path("var"), description="Directory for local state: JetStream store, S3 data, logs, keys."

@@ -55,9 +55,7 @@ def setup_tracing(
 ) -> TracerProvider:
     """A tracer provider for one service; also installed globally if none is installed yet."""
     provider = TracerProvider(
-        resource=Resource.create(
-            {"service.name": service_name, "service.version": __version__}
-        )
+        resource=Resource.create({"service.name": service_name, "service.version": __version__})
     )
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
@@ -91,4 +89,3 @@ def extract_trace_context(headers: Mapping[str, str] | None) -> otel_context.Con
 def current_trace_id() -> str | None:
     ctx = trace.get_current_span().get_span_context()
     return format(ctx.trace_id, "032x") if ctx.is_valid else None
-

@@ -8,12 +8,11 @@ from typing import Any
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
-
 from slmops.bus import PIPELINE, Bus, Handlers
 from slmops.events import CloudEvent, ModelPublished, OptimizationFailed, new_event
-from slmops.testing.events import await_events, stream_count
 from slmops.testing.consumers import StartConsumer
 from slmops.testing.consumers import fast_consumer_settings as consumer_settings
+from slmops.testing.events import await_events, stream_count
 from slmops.testing.factories import model_published
 
 pytestmark = pytest.mark.integration
@@ -45,7 +44,8 @@ async def test_published_event_reaches_handler_in_one_trace(
     spans = {s.name: s for s in span_exporter.get_finished_spans()}
     producer = spans[f"publish {sent.type}"]
     handler_span = spans[f"process {sent.type}"]
-    assert producer.kind == SpanKind.PRODUCER and handler_span.kind == SpanKind.CONSUMER
+    assert producer.kind == SpanKind.PRODUCER
+    assert handler_span.kind == SpanKind.CONSUMER
     assert handler_span.context.trace_id == producer.context.trace_id
     assert handler_span.parent is not None
     assert handler_span.parent.span_id == producer.context.span_id

@@ -1,1 +1,4 @@
-"""slmops gateway service."""
+"""slmops gateway.
+
+Gateway agent: receives assignments, verifies, hot-swaps, serves locally.
+"""

@@ -1,1 +1,4 @@
-"""slmops optimizer service."""
+"""slmops optimizer.
+
+Optimizer: turns a published model into variants per device class on Ray Serve.
+"""

@@ -1,1 +1,4 @@
-"""slmops registry service."""
+"""slmops registry.
+
+Artifact registry: content-addressed blobs, signed manifests, lineage, publish API.
+"""

@@ -1,1 +1,4 @@
-"""slmops rollout service."""
+"""slmops rollout.
+
+Rollout: staged rollouts gated by on-device health, with rollback.
+"""

@@ -1,1 +1,4 @@
-"""slmops validator service."""
+"""slmops validator.
+
+Validator: per-device-class gates with evidence, and releases.
+"""

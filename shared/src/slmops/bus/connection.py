@@ -80,10 +80,13 @@ class Bus:
         """Connect, reconnecting forever afterwards; the first connect fails fast."""
 
         async def on_disconnect() -> None:
-            log.warning("nats: disconnected from %s", url)
+            if not (nc.is_closed or nc.is_draining):  # an intended close is not news
+                log.warning("nats: disconnected from %s", url)
 
         async def on_reconnect() -> None:
-            log.info("nats: reconnected to %s", nc.connected_url.netloc if nc.connected_url else url)
+            log.info(
+                "nats: reconnected to %s", nc.connected_url.netloc if nc.connected_url else url
+            )
 
         async def on_error(exc: Exception) -> None:
             log.debug("nats: %s", exc)
@@ -170,7 +173,10 @@ class Bus:
         inject_trace_headers(headers)
         if "traceparent" in headers and event.traceparent is None:
             event = event.model_copy(
-                update={"traceparent": headers["traceparent"], "tracestate": headers.get("tracestate")}
+                update={
+                    "traceparent": headers["traceparent"],
+                    "tracestate": headers.get("tracestate"),
+                }
             )
         return event.to_json()
 
@@ -202,9 +208,7 @@ class Bus:
 
     async def publish_nowait(self, event: CloudEvent[Any]) -> asyncio.Future[PubAck]:
         """Pipelined publish: returns a future of the ack (no retry; for bulk producers)."""
-        with self.tracer.start_as_current_span(
-            f"publish {event.type}", kind=SpanKind.PRODUCER
-        ):
+        with self.tracer.start_as_current_span(f"publish {event.type}", kind=SpanKind.PRODUCER):
             headers: dict[str, str] = {}
             payload = self._prepare(event, headers)
             return await self.js.publish_async(event.nats_subject, payload, headers=headers)

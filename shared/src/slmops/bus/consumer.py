@@ -195,7 +195,7 @@ class EventConsumer:
 
     def _backoff_s(self, num_delivered: int) -> float:
         base, cap = self.settings.nak_backoff_base_s, self.settings.nak_backoff_max_s
-        delay = min(cap, base * 2 ** (num_delivered - 1))
+        delay = min(cap, base * 2.0 ** (num_delivered - 1))
         return delay * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, not crypto
 
     async def _keep_in_progress(self, msg: Msg) -> None:

@@ -78,10 +78,10 @@ KV_BUCKETS: tuple[KvSpec, ...] = (
 def subject_matches(pattern: str, subject: str) -> bool:
     """NATS wildcard matching: ``*`` is one token, a trailing ``>`` one or more."""
     pat, sub = pattern.split("."), subject.split(".")
-    for i, token in enumerate(pat):
-        if token == ">":
+    for i, part in enumerate(pat):
+        if part == ">":
             return len(sub) > i
-        if i >= len(sub) or (token != "*" and token != sub[i]):
+        if i >= len(sub) or (part != "*" and part != sub[i]):
             return False
     return len(pat) == len(sub)
 

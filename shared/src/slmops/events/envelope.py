@@ -76,6 +76,11 @@ class CloudEvent(BaseModel, Generic[P]):
         return self.model_dump_json(exclude_none=True).encode()
 
 
+def event_model(payload_type: type[P]) -> type[CloudEvent[P]]:
+    """``CloudEvent[payload_type]``: pydantic builds (and caches) the parametrized model."""
+    return CloudEvent[payload_type]  # type: ignore[valid-type]
+
+
 def derive_event_id(*parts: str) -> str:
     """A deterministic event id from the inputs that caused it.
 
@@ -95,7 +100,7 @@ def new_event(
 ) -> CloudEvent[P]:
     """Build an event for ``data``; pass ``event_id`` (see :func:`derive_event_id`) for effects
     that must be idempotent under redelivery."""
-    return CloudEvent[type(data)](  # type: ignore[misc]
+    return event_model(type(data))(
         id=event_id or str(uuid.uuid4()),
         source=source,
         type=data.event_type,
@@ -123,7 +128,7 @@ def decode_envelope(raw: bytes) -> dict[str, Any]:
 def validate_event(obj: dict[str, Any], payload_type: type[P]) -> CloudEvent[P]:
     """Validate an envelope dict against the payload class its type names."""
     try:
-        return CloudEvent[payload_type].model_validate(obj)  # type: ignore[valid-type]
+        return event_model(payload_type).model_validate(obj)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()[:5]

@@ -55,7 +55,8 @@ class GateResult(_Part):
     budget: float | None = None
     unit: str = ""
     passed: bool | None = Field(
-        None, description="null = not judged on this host (left to canary).")
+        None, description="null = not judged on this host (left to canary)."
+    )
     detail: str = ""
 
 

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from slmops.events.envelope import CloudEvent
+from slmops.events.envelope import event_model
 from slmops.events.registry import EVENT_TYPES
 
 JsonSchema = dict[str, Any]
@@ -19,8 +19,7 @@ JsonSchema = dict[str, Any]
 
 def event_schema(event_type: str) -> JsonSchema:
     """The JSON Schema of a whole CloudEvent of ``event_type`` (envelope + typed data)."""
-    model = CloudEvent[EVENT_TYPES[event_type]]  # type: ignore[misc]
-    schema: JsonSchema = model.model_json_schema(mode="serialization")
+    schema = event_model(EVENT_TYPES[event_type]).model_json_schema(mode="serialization")
     schema["title"] = event_type
     schema["$id"] = f"https://slmops.dev/schemas/{event_type}.json"
     return schema

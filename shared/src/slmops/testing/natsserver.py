@@ -36,12 +36,16 @@ class NatsServerProcess:
         self.proc = subprocess.Popen(
             [
                 str(nats_server_binary()),
-                "-a", "127.0.0.1",
-                "-p", str(self.port),
+                "-a",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
                 "-js",
-                "-sd", str(self.store_dir / "jetstream"),
-                "--ports_file_dir", str(ports_dir),
-            ],  # fmt: skip
+                "-sd",
+                str(self.store_dir / "jetstream"),
+                "--ports_file_dir",
+                str(ports_dir),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -78,4 +82,3 @@ class NatsServerProcess:
         """Stop and start again on the same port with the same store."""
         self.stop()
         self.start()
-

@@ -9,6 +9,7 @@ test: it starts in ~20 ms, so tests never share broker state), ``bus`` (a connec
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from slmops.bus.topology import Topology
 from slmops.testing.consumers import start_consumer
 from slmops.testing.events import await_events, stream_count
 from slmops.testing.natsserver import NatsServerProcess
-from slmops.testing.s3 import object_store, s3_server
+from slmops.testing.s3 import TEST_ACCESS_KEY, TEST_SECRET_KEY, object_store, s3_server
 
 __all__ = ["await_events", "object_store", "s3_server", "start_consumer", "stream_count"]
 
@@ -46,6 +47,20 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServerProcess]:
 
 
 @pytest.fixture
+def platform_env(nats_server: NatsServerProcess, s3_server: str, tmp_path: Path) -> dict[str, str]:
+    """``SLMOPS_*`` variables pointing a service process at this test's NATS and S3."""
+    return {
+        "SLMOPS_ENV": "local",
+        "SLMOPS_NATS_URL": nats_server.url,
+        "SLMOPS_S3_ENDPOINT_URL": s3_server,
+        "SLMOPS_S3_BUCKET": f"slmops-{uuid.uuid4().hex[:12]}",
+        "SLMOPS_S3_ACCESS_KEY_ID": TEST_ACCESS_KEY,
+        "SLMOPS_S3_SECRET_ACCESS_KEY": TEST_SECRET_KEY,
+        "SLMOPS_VAR_DIR": str(tmp_path / "var"),
+    }
+
+
+@pytest.fixture
 def span_exporter() -> InMemorySpanExporter:
     return InMemorySpanExporter()
 
@@ -58,7 +73,9 @@ def tracer_provider(span_exporter: InMemorySpanExporter) -> TracerProvider:
 
 
 @pytest.fixture
-async def bus(nats_server: NatsServerProcess, tracer_provider: TracerProvider) -> AsyncIterator[Bus]:
+async def bus(
+    nats_server: NatsServerProcess, tracer_provider: TracerProvider
+) -> AsyncIterator[Bus]:
     """A connected bus (source ``/slmops/test``) with every stream and KV bucket declared."""
     connected = await Bus.connect(
         nats_server.url, source="/slmops/test", tracer=tracer_provider.get_tracer("test")

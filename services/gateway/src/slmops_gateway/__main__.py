@@ -1,0 +1,3 @@
+from slmops_gateway.app import main
+
+main()

@@ -1,0 +1,3 @@
+from slmops_optimizer.app import main
+
+main()

@@ -1,0 +1,3 @@
+from slmops_registry.app import main
+
+main()

@@ -1,0 +1,15 @@
+"""registry event handlers: plain async functions, event in, events out.
+
+Consumes optimization.*, validation.*, release.*, rollout.* and gateway.report into lineage
+(issue 3). Until then the service registers none: it still connects, declares the topology and
+reports readiness.
+"""
+
+from __future__ import annotations
+
+from slmops.bus import Handlers
+
+
+def build_handlers() -> Handlers:
+    """The event-type -> handler table of the registry service (dependencies bound here)."""
+    return Handlers()

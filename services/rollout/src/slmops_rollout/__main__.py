@@ -1,0 +1,3 @@
+from slmops_rollout.app import main
+
+main()

@@ -1,0 +1,13 @@
+"""rollout settings: env prefix ``SLMOPS_ROLLOUT_`` (platform-wide ones are ``SLMOPS_*``)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+from slmops.settings import ServiceSettings
+
+
+class RolloutSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="SLMOPS_ROLLOUT_", extra="ignore")
+
+    port: int = Field(8104, ge=0, le=65535, description="Port of the rollout HTTP API.")

@@ -1,0 +1,3 @@
+from slmops_validator.app import main
+
+main()

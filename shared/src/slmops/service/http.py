@@ -1,0 +1,73 @@
+"""The HTTP side every service shares: liveness, readiness, app assembly, serving."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+
+from fastapi import APIRouter, FastAPI
+from fastapi.responses import JSONResponse
+from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+from slmops import __version__
+from slmops.service.runtime import ServiceRuntime
+from slmops.settings import ServiceSettings
+
+
+def health_router(runtime: ServiceRuntime) -> APIRouter:
+    router = APIRouter(tags=["health"])
+
+    @router.get("/healthz", summary="Liveness: the process answers")
+    async def healthz() -> dict[str, str]:
+        return {"status": "alive", "service": runtime.name, "version": __version__}
+
+    @router.get(
+        "/readyz",
+        summary="Readiness: NATS connected, topology declared, consumers running, store reachable",
+        responses={503: {"description": "Not ready; the body names each failing dependency"}},
+    )
+    async def readyz() -> JSONResponse:
+        report = await runtime.readiness()
+        return JSONResponse(report.as_dict(), status_code=200 if report.ready else 503)
+
+    @router.get("/v1/runtime", summary="The service's consumers and what they have handled")
+    async def runtime_info() -> dict[str, object]:
+        return {
+            "service": runtime.name,
+            "source": runtime.source,
+            "consumers": [
+                {
+                    "stream": c.spec.stream,
+                    "durable": c.spec.durable,
+                    "subjects": list(c.spec.filter_subjects),
+                    "running": c.running,
+                    "stats": asdict(c.stats),
+                }
+                for c in runtime.consumers
+            ],
+        }
+
+    return router
+
+
+def create_service_app(runtime: ServiceRuntime, *routers: APIRouter, title: str) -> FastAPI:
+    """A FastAPI app whose lifespan runs ``runtime``, with health routes and tracing."""
+    app = FastAPI(title=title, version=__version__, lifespan=runtime.lifespan)
+    app.state.runtime = runtime
+    app.include_router(health_router(runtime))
+    for router in routers:
+        app.include_router(router)
+    FastAPIInstrumentor.instrument_app(
+        app, tracer_provider=runtime.tracer_provider, excluded_urls="healthz,readyz"
+    )
+    return app
+
+
+def serve(app: FastAPI, settings: ServiceSettings) -> None:
+    """Run ``app`` with uvicorn on the service's host and port (127.0.0.1 by default)."""
+    import uvicorn
+
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)

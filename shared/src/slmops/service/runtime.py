@@ -1,0 +1,190 @@
+"""What every service process runs besides its own API: NATS, topology, consumers, store.
+
+The runtime connects in the background and keeps retrying, so a service whose broker or store
+is not up yet still starts and answers ``/healthz``; ``/readyz`` says which dependency is
+missing. Stop drains the consumers (running handlers finish and ack) before closing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry.sdk.trace import TracerProvider
+
+from slmops.bus.connection import Bus
+from slmops.bus.consumer import EventConsumer
+from slmops.bus.handlers import Handlers
+from slmops.bus.topology import Topology
+from slmops.objectstore import ObjectStore, ObjectStoreError
+from slmops.settings import ServiceSettings
+from slmops.tracing import setup_tracing
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Check:
+    ok: bool
+    detail: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "detail": self.detail}
+
+
+@dataclass
+class Readiness:
+    service: str
+    checks: dict[str, Check] = field(default_factory=dict)
+
+    @property
+    def ready(self) -> bool:
+        return all(check.ok for check in self.checks.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "service": self.service,
+            "ready": self.ready,
+            "not_ready": [name for name, check in self.checks.items() if not check.ok],
+            "checks": {name: check.as_dict() for name, check in self.checks.items()},
+        }
+
+
+class ServiceRuntime:
+    """The NATS/JetStream side of one service, plus its object store client."""
+
+    def __init__(
+        self,
+        name: str,
+        settings: ServiceSettings,
+        handlers: Handlers | None = None,
+        *,
+        uses_object_store: bool = True,
+        tracer_provider: TracerProvider | None = None,
+    ) -> None:
+        self.name = name
+        self.settings = settings
+        self.handlers = handlers or Handlers()
+        self.tracer_provider = tracer_provider or setup_tracing(
+            f"slmops-{name}", trace_dir=settings.platform.trace_dir
+        )
+        self.store = ObjectStore.from_settings(settings.platform) if uses_object_store else None
+        consumer = settings.consumer
+        self.topology = Topology(
+            consumers=self.handlers.consumer_specs(
+                name, ack_wait_s=consumer.ack_wait_s, max_deliver=consumer.max_deliver
+            )
+        )
+        self.bus: Bus | None = None
+        self.consumers: list[EventConsumer] = []
+        self.bucket_ready = False
+        self._startup_error = "not started"
+        self._starter: asyncio.Task[None] | None = None
+
+    @property
+    def source(self) -> str:
+        return f"/slmops/{self.name}"
+
+    async def start(self) -> None:
+        """Begin connecting in the background; returns at once."""
+        self._starter = asyncio.create_task(self._start_until_done(), name=f"{self.name} start")
+
+    async def wait_started(self, timeout_s: float) -> None:
+        if self._starter is not None:
+            await asyncio.wait_for(asyncio.shield(self._starter), timeout_s)
+
+    async def _start_until_done(self) -> None:
+        pause_s = 0.2
+        while True:
+            try:
+                await self._start_once()
+                self._startup_error = ""
+                log.info("%s: connected, topology declared, %d consumer(s) running",
+                         self.name, len(self.consumers))  # fmt: skip
+                return
+            except Exception as exc:  # keep the process up; readiness reports the reason
+                self._startup_error = f"{type(exc).__name__}: {exc}"
+                log.warning("%s: start failed (%s); retrying in %.1fs",
+                            self.name, self._startup_error, pause_s)  # fmt: skip
+                await asyncio.sleep(pause_s)
+                pause_s = min(pause_s * 2, 5.0)
+
+    async def _start_once(self) -> None:
+        if self.store is not None and not self.bucket_ready:
+            await asyncio.to_thread(self.store.ensure_bucket)
+            self.bucket_ready = True
+        platform = self.settings.platform
+        if self.bus is None:
+            self.bus = await Bus.connect(
+                platform.nats_url,
+                source=self.source,
+                tracer=self.tracer_provider.get_tracer(f"slmops.{self.name}"),
+                connect_timeout_s=platform.nats_connect_timeout_s,
+                request_timeout_s=platform.nats_request_timeout_s,
+            )
+        await self.bus.declare(self.topology)
+        for spec in self.topology.consumers[len(self.consumers) :]:
+            consumer = EventConsumer(self.bus, spec, self.handlers, self.settings.consumer)
+            await consumer.start()
+            self.consumers.append(consumer)
+
+    async def stop(self) -> None:
+        if self._starter is not None:
+            self._starter.cancel()
+            await asyncio.gather(self._starter, return_exceptions=True)
+        for consumer in self.consumers:
+            await consumer.stop()
+        if self.bus is not None:
+            await self.bus.close()
+        if self.store is not None:
+            self.store.close()
+        self.tracer_provider.force_flush()
+
+    @asynccontextmanager
+    async def lifespan(self, _app: object) -> AsyncIterator[None]:
+        """FastAPI lifespan: start with the app, drain and stop with it."""
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.stop()
+
+    async def readiness(self) -> Readiness:
+        report = Readiness(self.name)
+        bus = self.bus
+        connected = bus is not None and bus.connected
+        report.checks["nats"] = Check(
+            connected,
+            f"connected to {self.settings.platform.nats_url}"
+            if connected
+            else f"not connected to {self.settings.platform.nats_url}: {self._startup_error}",
+        )
+        wanted = {f"stream:{s.name}" for s in self.topology.streams}
+        wanted |= {f"kv:{b.bucket}" for b in self.topology.kv_buckets}
+        wanted |= {f"consumer:{c.stream}/{c.durable}" for c in self.topology.consumers}
+        missing = sorted(wanted - (bus.declared if bus else set()))
+        report.checks["topology"] = Check(
+            not missing, f"missing: {', '.join(missing)}" if missing else f"{len(wanted)} declared"
+        )
+        stopped = [c.spec.durable for c in self.consumers if not c.running]
+        idle = len(self.consumers) < len(self.topology.consumers)
+        report.checks["consumers"] = Check(
+            not stopped and not idle,
+            f"not running: {', '.join(stopped) or 'not started yet'}"
+            if stopped or idle
+            else (", ".join(c.spec.durable for c in self.consumers) or "none (no handlers)"),
+        )
+        if self.store is not None:
+            report.checks["object_store"] = await self._store_check(self.store)
+        return report
+
+    async def _store_check(self, store: ObjectStore) -> Check:
+        try:
+            await asyncio.to_thread(store.ping)
+        except ObjectStoreError as exc:
+            return Check(False, str(exc))
+        return Check(True, f"bucket {store.bucket} reachable")

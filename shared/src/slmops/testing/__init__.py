@@ -1,0 +1,1 @@
+"""Test helpers and pytest fixtures of the slmops SDK (loaded by the ``slmops`` pytest plugin)."""

@@ -1,0 +1,51 @@
+"""Pytest fixtures for an S3 object store: an in-process moto server and a fresh bucket per test.
+
+moto rather than the local stack's S3 server because moto honours S3's conditional writes
+(``If-None-Match``/``If-Match``), which :mod:`slmops.objectstore` relies on, starts in a fraction
+of a second and needs no network beyond 127.0.0.1. Its state lives in this process: tests that
+also use moto's ``mock_aws`` decorator reset it, so don't mix the two in one test.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from moto.server import ThreadedMotoServer
+
+from slmops.objectstore import ObjectStore
+
+#: moto accepts any credentials; these only have to be non-empty so requests get signed.
+TEST_ACCESS_KEY = "slmops-test"
+TEST_SECRET_KEY = "slmops-test-secret"  # noqa: S105 - dummy credentials of the moto server
+TEST_REGION = "us-east-1"
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """Endpoint URL (``http://127.0.0.1:<port>``) of a moto S3 server shared by the session."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()  # port 0 asked for any free port: read the real one
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def object_store(s3_server: str) -> Iterator[ObjectStore]:
+    """An :class:`ObjectStore` on ``s3_server`` with its own new bucket, so tests don't mix."""
+    store = ObjectStore(
+        endpoint_url=s3_server,
+        region=TEST_REGION,
+        bucket=f"slmops-test-{uuid.uuid4().hex[:16]}",
+        access_key_id=TEST_ACCESS_KEY,
+        secret_access_key=TEST_SECRET_KEY,
+    )
+    store.ensure_bucket()
+    try:
+        yield store
+    finally:
+        store.close()
