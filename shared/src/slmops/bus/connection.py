@@ -25,11 +25,11 @@ from nats.js.api import (
 )
 from nats.js.kv import KeyValue
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind, Tracer
+from opentelemetry.trace import Span, SpanKind, Tracer
 
 from slmops.bus.topology import ConsumerSpec, KvSpec, StreamSpec, Topology
 from slmops.events.envelope import CloudEvent
-from slmops.tracing import inject_trace_headers
+from slmops.tracing import w3c_trace_headers
 
 log = logging.getLogger(__name__)
 
@@ -168,34 +168,32 @@ class Bus:
 
     # --- publishing -----------------------------------------------------------------------
 
-    def _prepare(self, event: CloudEvent[Any], headers: dict[str, str]) -> bytes:
-        headers[MSG_ID_HEADER] = event.id
-        inject_trace_headers(headers)
-        if "traceparent" in headers and event.traceparent is None:
-            event = event.model_copy(
-                update={
-                    "traceparent": headers["traceparent"],
-                    "tracestate": headers.get("tracestate"),
-                }
-            )
-        return event.to_json()
+    def _encode(self, event: CloudEvent[Any]) -> tuple[bytes, dict[str, str], Span]:
+        """Start the producer span; the body and headers carry its context and the id."""
+        span = self.tracer.start_span(
+            f"publish {event.type}",
+            kind=SpanKind.PRODUCER,
+            attributes={"messaging.system": "nats", "messaging.message.id": event.id},
+        )
+        headers = {MSG_ID_HEADER: event.id}
+        trace_headers = w3c_trace_headers(span.get_span_context())
+        if trace_headers:
+            headers.update(trace_headers)
+            if event.traceparent is None:  # also the CloudEvents distributed-tracing extension
+                event = event.model_copy(update=trace_headers)
+        return event.to_json(), headers, span
 
     async def publish(self, event: CloudEvent[Any]) -> PubAck:
         """Publish and wait for JetStream to store it; retries while the broker is away.
 
         Returns the ack; ``ack.duplicate`` is true when the id had been stored already.
         """
-        with self.tracer.start_as_current_span(
-            f"publish {event.type}",
-            kind=SpanKind.PRODUCER,
-            attributes={"messaging.system": "nats", "cloudevents.event_id": event.id},
-        ):
-            headers: dict[str, str] = {}
-            payload = self._prepare(event, headers)
-            subject = event.nats_subject
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + self.publish_retry_s
-            delay_s = 0.05
+        payload, headers, span = self._encode(event)
+        subject = event.nats_subject
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.publish_retry_s
+        delay_s = 0.05
+        with trace.use_span(span, end_on_exit=True):
             while True:
                 try:
                     return await self.js.publish(subject, payload, headers=headers)
@@ -208,10 +206,11 @@ class Bus:
 
     async def publish_nowait(self, event: CloudEvent[Any]) -> asyncio.Future[PubAck]:
         """Pipelined publish: returns a future of the ack (no retry; for bulk producers)."""
-        with self.tracer.start_as_current_span(f"publish {event.type}", kind=SpanKind.PRODUCER):
-            headers: dict[str, str] = {}
-            payload = self._prepare(event, headers)
+        payload, headers, span = self._encode(event)
+        try:
             return await self.js.publish_async(event.nats_subject, payload, headers=headers)
+        finally:
+            span.end()
 
     async def close(self) -> None:
         """Flush what is buffered and close (pending pulls end)."""

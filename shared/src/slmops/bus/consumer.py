@@ -20,16 +20,14 @@ import nats.errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
-from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from slmops.bus.connection import Bus
 from slmops.bus.deadletter import dead_letter_exhausted, dead_letter_msg
 from slmops.bus.handlers import Handlers
 from slmops.bus.topology import ConsumerSpec
-from slmops.events.envelope import decode_envelope, validate_event
 from slmops.events.errors import EventDecodeError, PermanentError
-from slmops.events.registry import payload_type
+from slmops.events.registry import decode_event
 from slmops.settings import ConsumerSettings
 from slmops.tracing import extract_trace_context
 
@@ -59,6 +57,14 @@ class EventConsumer:
         self._inflight: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
+        self._slot_freed = asyncio.Event()
+        # id(msg) -> (msg, start time) of running handlers, for in-progress acks (Msg is unhashable)
+        self._running_since: dict[int, tuple[Msg, float]] = {}
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._span_attributes = {
+            "messaging.system": "nats",
+            "messaging.consumer.group.name": spec.durable,
+        }
         self._advisories: Subscription | None = None
         self._sub: JetStreamContext.PullSubscription | None = None
 
@@ -75,6 +81,7 @@ class EventConsumer:
             cb=self._on_max_deliveries,
         )
         self._loop_task = asyncio.create_task(self._run(sub), name=f"consume {self.spec.durable}")
+        self._heartbeat = asyncio.create_task(self._keep_in_progress())
 
     async def stop(self) -> None:
         """Stop pulling, let running handlers finish (up to ``drain_timeout_s``)."""
@@ -86,7 +93,10 @@ class EventConsumer:
             _, pending = await asyncio.wait(self._inflight, timeout=self.settings.drain_timeout_s)
             for task in pending:  # not acked: JetStream redelivers them elsewhere
                 task.cancel()
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
         if not self.bus.nc.is_closed:
+            await self.bus.nc.flush()  # the acks of the handlers that just finished
             for sub in (self._sub, self._advisories):
                 if sub is not None:
                     await sub.unsubscribe()
@@ -96,8 +106,11 @@ class EventConsumer:
         settings, error_pause_s = self.settings, 0.1
         while not self._stopping.is_set():
             free = settings.max_concurrency - len(self._inflight)
-            if free <= 0:
-                await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
+            # Pull again once a quarter of the slots are free: one pull per message would cost
+            # a round trip each, and waiting on every task (asyncio.wait) is O(in-flight).
+            if free < max(1, settings.max_concurrency // 4):
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
                 continue
             try:
                 msgs = await sub.fetch(
@@ -114,7 +127,11 @@ class EventConsumer:
             for msg in msgs:
                 task = asyncio.create_task(self._process(msg))
                 self._inflight.add(task)
-                task.add_done_callback(self._inflight.discard)
+                task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        self._slot_freed.set()
 
     async def _process(self, msg: Msg) -> None:
         try:
@@ -125,8 +142,7 @@ class EventConsumer:
 
     async def _handle(self, msg: Msg) -> None:
         try:
-            envelope = decode_envelope(msg.data)
-            event = validate_event(envelope, payload_type(str(envelope["type"])))
+            event = decode_event(msg.data)
         except EventDecodeError as exc:
             self.stats.dead_lettered += 1
             await dead_letter_msg(
@@ -139,22 +155,21 @@ class EventConsumer:
             self.stats.ignored += 1
             await msg.ack()
             return
-        parent = extract_trace_context(msg.headers)
-        if not trace.get_current_span(parent).get_span_context().is_valid and event.traceparent:
-            parent = extract_trace_context({"traceparent": event.traceparent})
-        num_delivered = msg.metadata.num_delivered
+        parent = extract_trace_context(msg.headers) or extract_trace_context(
+            {"traceparent": event.traceparent, "tracestate": event.tracestate or ""}
+            if event.traceparent
+            else None
+        )
+        num_delivered = _delivery_count(msg)
         with self.bus.tracer.start_as_current_span(
             f"process {event.type}",
             context=parent,
             kind=SpanKind.CONSUMER,
-            attributes={
-                "messaging.system": "nats",
-                "messaging.consumer.group.name": self.spec.durable,
-                "messaging.message.id": event.id,
-                "messaging.delivery_count": num_delivered,
-            },
+            attributes={"messaging.message.id": event.id, **self._span_attributes},
         ) as span:
-            heartbeat = asyncio.create_task(self._keep_in_progress(msg))
+            if num_delivered > 1:
+                span.set_attribute("messaging.delivery_count", num_delivered)
+            self._running_since[id(msg)] = (msg, asyncio.get_running_loop().time())
             try:
                 outputs = await handler(event)
                 for output in outputs or ():
@@ -174,9 +189,8 @@ class EventConsumer:
                 await self._retry_or_dead_letter(msg, exc, num_delivered)
                 return
             finally:
-                heartbeat.cancel()
-            # ack_sync: the server confirms, so a drained consumer leaves nothing pending
-            await msg.ack_sync(timeout=self.bus.request_timeout_s)
+                del self._running_since[id(msg)]
+            await msg.ack()
             self.stats.handled += 1
 
     async def _retry_or_dead_letter(self, msg: Msg, exc: Exception, num_delivered: int) -> None:
@@ -198,15 +212,23 @@ class EventConsumer:
         delay = min(cap, base * 2.0 ** (num_delivered - 1))
         return delay * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, not crypto
 
-    async def _keep_in_progress(self, msg: Msg) -> None:
-        """Tell JetStream the handler is still working, well before ``ack_wait`` runs out."""
+    async def _keep_in_progress(self) -> None:
+        """Tell JetStream that long handlers are still working, well before ``ack_wait`` ends.
+
+        One sweeper per consumer rather than a timer per message: most handlers finish long
+        before the first beat, and arming and cancelling a timer for each costs throughput.
+        """
         interval_s = max(0.05, self.spec.ack_wait_s / 3)
+        loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(interval_s)
-            try:
-                await msg.in_progress()
-            except nats.errors.Error as exc:
-                log.debug("in-progress ack failed: %s", exc)
+            await asyncio.sleep(interval_s / 2)
+            now = loop.time()
+            long_running = [m for m, t in self._running_since.values() if now - t >= interval_s]
+            for msg in long_running:
+                try:
+                    await msg.in_progress()
+                except nats.errors.Error as exc:
+                    log.debug("in-progress ack failed: %s", exc)
 
     async def _on_max_deliveries(self, advisory_msg: Msg) -> None:
         try:
@@ -215,3 +237,18 @@ class EventConsumer:
             self.stats.dead_lettered += 1
         except Exception:
             log.exception("%s: could not dead-letter an exhausted message", self.spec.durable)
+
+
+def _delivery_count(msg: Msg) -> int:
+    """How often JetStream has delivered ``msg``, from its ack subject.
+
+    ``msg.metadata`` parses the whole subject and builds a datetime; this is on every message,
+    and only the count is needed (``$JS.ACK.<stream>.<consumer>.<delivered>...`` in the v1
+    form, two more tokens - domain and account hash - before the stream in v2).
+    """
+    tokens = (msg.reply or "").split(".")
+    if len(tokens) == 9:
+        return int(tokens[4])
+    if len(tokens) >= 12:
+        return int(tokens[6])
+    return msg.metadata.num_delivered  # unknown form: let nats-py parse (or reject) it

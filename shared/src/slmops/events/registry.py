@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Union
 
-from slmops.events.envelope import CloudEvent, EventPayload, decode_envelope, validate_event
+from pydantic import Discriminator, Tag, TypeAdapter, ValidationError
+
+from slmops.events.envelope import (
+    CloudEvent,
+    EventPayload,
+    decode_envelope,
+    event_model,
+    validate_event,
+)
 from slmops.events.errors import UnknownEventTypeError
 from slmops.events.payloads import CORE_EVENT_TYPES
 
@@ -18,7 +26,24 @@ def payload_type(event_type: str) -> type[EventPayload]:
         raise UnknownEventTypeError(f"unknown event type {event_type!r}") from None
 
 
+def _type_of(value: Any) -> str | None:
+    return value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+
+
+# One validator for every known event, picked by its ``type``: a valid message is parsed and
+# validated in a single pass inside pydantic-core (about half the cost of json.loads + validate).
+_ANY_EVENT: TypeAdapter[CloudEvent[Any]] = TypeAdapter(
+    Annotated[  # type: ignore[arg-type]  # a union built at import time from EVENT_TYPES
+        Union[tuple(Annotated[event_model(cls), Tag(name)] for name, cls in EVENT_TYPES.items())],  # noqa: UP007
+        Discriminator(_type_of),
+    ]
+)
+
+
 def decode_event(raw: bytes) -> CloudEvent[Any]:
     """Bytes of a NATS message -> a typed event, or :class:`EventDecodeError` saying why not."""
-    obj = decode_envelope(raw)
-    return validate_event(obj, payload_type(str(obj["type"])))
+    try:
+        return _ANY_EVENT.validate_json(raw)
+    except ValidationError:  # the slow path says precisely what is wrong
+        obj = decode_envelope(raw)
+        return validate_event(obj, payload_type(str(obj["type"])))

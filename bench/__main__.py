@@ -1,0 +1,15 @@
+"""Run every benchmark and print its table."""
+
+from __future__ import annotations
+
+import asyncio
+
+from bench import bus_throughput
+
+
+def main() -> None:
+    asyncio.run(bus_throughput.main())
+
+
+if __name__ == "__main__":
+    main()

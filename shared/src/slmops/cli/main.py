@@ -1,0 +1,38 @@
+"""``slmops``: the platform's command line. Each command group lives in its own module."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from slmops.cli import stack
+
+app = typer.Typer(
+    name="slmops",
+    help="Operations for small language models on fleets of edge devices.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+schemas_app = typer.Typer(help="Event contracts as JSON Schema.", no_args_is_help=True)
+app.add_typer(schemas_app, name="schemas")
+
+app.command("up")(stack.up)
+app.command("down")(stack.down)
+app.command("status")(stack.status)
+
+
+@schemas_app.command("export")
+def schemas_export(
+    directory: Annotated[Path, typer.Argument(help="Where to write <event type>.json files.")],
+) -> None:
+    """Write one JSON Schema per event type (CloudEvent envelope + typed data)."""
+    from slmops.events.schemas import export_schemas
+
+    written = export_schemas(directory)
+    typer.echo(f"wrote {len(written)} schemas to {directory}")
+
+
+if __name__ == "__main__":
+    app()

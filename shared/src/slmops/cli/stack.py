@@ -1,0 +1,159 @@
+"""`slmops up`, `slmops down` and `slmops status`: the local stack (see :mod:`slmops.stack`).
+
+Plain typer command functions; ``slmops.cli.main`` registers them with ``app.command(...)``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from slmops.settings import PlatformSettings
+from slmops.stack.components import ComponentKind, StackError, StackSettings, plan_stack
+from slmops.stack.launcher import ComponentFailedError, RunningStack, run_up
+from slmops.stack.signals import Signals
+from slmops.stack.status import stack_status, status_json, stop_stack
+
+_out = Console(highlight=False, soft_wrap=True)
+_err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _report(message: str) -> None:
+    _err.print(message, markup=False, style="dim")
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    _err.print(f"error: {message}", markup=False, style="red")
+    return typer.Exit(code)
+
+
+def _platform() -> PlatformSettings:
+    try:
+        return PlatformSettings()
+    except ValidationError as exc:
+        raise _fail(f"invalid SLMOPS_* settings: {exc}", 2) from exc
+
+
+def _stack() -> StackSettings:
+    try:
+        return StackSettings()
+    except ValidationError as exc:
+        raise _fail(f"invalid SLMOPS_STACK_* settings: {exc}", 2) from exc
+
+
+def _print_ready(running: RunningStack, *, detach: bool) -> None:
+    table = Table(title="slmops local stack", title_justify="left")
+    table.add_column("component")
+    table.add_column("pid", justify="right")
+    table.add_column("listens on")
+    for record in running.state.components:
+        if record.kind is ComponentKind.NATS:
+            where = f"{record.urls['nats']}\nmonitor {record.urls['monitor']}"
+        elif record.kind is ComponentKind.S3:
+            where = f"{record.urls['s3']} (bucket {running.platform.s3_bucket})"
+        else:
+            where = record.urls["docs"]
+        table.add_row(record.name, str(record.pid), where)
+    _out.print(table)
+    _out.print(f"logs:  {running.log_dir}", markup=False)
+    _out.print(f"state: {running.state_file}", markup=False)
+    if detach:
+        _out.print("running in the background; stop it with `slmops down`", markup=False)
+    else:
+        _out.print("Ctrl-C stops the stack", markup=False)
+
+
+def up(
+    detach: Annotated[
+        bool,
+        typer.Option(
+            "--detach",
+            "-d",
+            help="Return once every component is ready and leave the stack running "
+            "(stop it with `slmops down`).",
+        ),
+    ] = False,
+) -> None:
+    """Start the local stack on 127.0.0.1: NATS (JetStream), S3, then every service.
+
+    Waits until each component is ready before starting the next. In the foreground (the
+    default) Ctrl-C or SIGTERM stops everything.
+    """
+    stack, platform = _stack(), _platform()
+    try:
+        specs = plan_stack(stack, platform)
+        code = run_up(
+            specs,
+            stack,
+            platform,
+            detach=detach,
+            report=_report,
+            on_ready=lambda running: _print_ready(running, detach=detach),
+        )
+    except ComponentFailedError as exc:
+        _err.print(f"error: {exc}", markup=False, style="red")
+        _err.print(f"--- last lines of {exc.log_path} ---", markup=False)
+        _err.print(exc.log_tail, markup=False, highlight=False)
+        _err.print("--- stopped everything that was started ---", markup=False)
+        raise typer.Exit(1) from exc
+    except StackError as exc:
+        raise _fail(str(exc)) from exc
+    except KeyboardInterrupt as exc:
+        _err.print("interrupted: stopped everything that was started", markup=False)
+        raise typer.Exit(130) from exc
+    raise typer.Exit(code)
+
+
+def down() -> None:
+    """Stop everything `slmops up` started: services, then S3, then NATS.
+
+    SIGTERM, then SIGKILL after SLMOPS_STACK_STOP_TIMEOUT_S; a second Ctrl-C kills at once.
+    A PID that now belongs to another process is never signalled.
+    """
+    stack, platform = _stack(), _platform()
+    signals = Signals()
+    signals.stopping = True  # from the first Ctrl-C on: skip the grace period
+    with signals.installed():
+        try:
+            stopped = stop_stack(platform.var_dir, stack.stop_timeout_s, _report, signals.force)
+        except StackError as exc:
+            raise _fail(str(exc)) from exc
+    _out.print("stopped the local stack" if stopped else "nothing running", markup=False)
+
+
+def status(
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object instead of a table.")
+    ] = False,
+) -> None:
+    """Show each local stack component: PID, alive, ready, URL. Exit 1 unless all are ready."""
+    platform = _platform()
+    try:
+        components = stack_status(platform.var_dir)
+    except StackError as exc:
+        raise _fail(str(exc)) from exc
+    document = status_json(components)
+    if json_output:
+        print(json.dumps(document, indent=2))
+    elif components is None:
+        _out.print("nothing running", markup=False)
+    else:
+        table = Table(title="slmops local stack", title_justify="left")
+        for column in ("component", "pid", "alive", "ready", "url", "detail"):
+            table.add_column(column, justify="right" if column == "pid" else "left")
+        for item in components:
+            table.add_row(
+                item.name,
+                str(item.pid),
+                "yes" if item.alive else "[red]no[/]",
+                "yes" if item.ready else "[red]no[/]",
+                item.url,
+                item.detail.replace("[", "\\["),
+            )
+        _out.print(table)
+    raise typer.Exit(0 if document["ready"] else 1)

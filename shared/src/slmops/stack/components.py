@@ -1,0 +1,262 @@
+"""What the local stack runs: its settings, the component list and the readiness probes.
+
+Nothing here starts a process; :mod:`slmops.stack.launcher` does, from the
+:class:`ComponentSpec` list :func:`plan_stack` builds.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import httpx
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from slmops.settings import PlatformSettings
+from slmops.stack.binaries import venv_binary
+
+#: Every local stack component binds this address and nothing else.
+LOCAL_HOST = "127.0.0.1"
+#: Entry point group each service distribution registers its name in.
+SERVICE_ENTRY_POINT_GROUP = "slmops.services"
+#: Start order of the known services; other installed services follow, alphabetically.
+SERVICE_ORDER = ("registry", "optimizer", "validator", "rollout", "gateway")
+
+
+class StackError(Exception):
+    """A problem `slmops up/down/status` reports to the user (one message, non-zero exit)."""
+
+
+class StackSettings(BaseSettings):
+    """Ports and timeouts of the local stack. Env prefix ``SLMOPS_STACK_``."""
+
+    model_config = SettingsConfigDict(env_prefix="SLMOPS_STACK_", extra="ignore")
+
+    nats_port: int = Field(4222, ge=1, le=65535, description="NATS client port on 127.0.0.1.")
+    nats_monitor_port: int = Field(
+        8222, ge=1, le=65535, description="NATS HTTP monitoring port (healthz) on 127.0.0.1."
+    )
+    s3_port: int = Field(9000, ge=1, le=65535, description="Local S3 server port on 127.0.0.1.")
+    service_base_port: int = Field(
+        8101,
+        ge=1,
+        le=65535,
+        description="HTTP port of the first service; the i-th service (0-based, in start "
+        "order) gets service_base_port + i.",
+    )
+    ready_timeout_s: float = Field(
+        60.0, gt=0, description="How long each component may take to become ready, in seconds."
+    )
+    stop_timeout_s: float = Field(
+        25.0,
+        gt=0,
+        description="After SIGTERM, how long a component may take to exit before SIGKILL, in "
+        "seconds (above the services' consumer drain timeout, 20 s by default).",
+    )
+    services: str | None = Field(
+        None,
+        description="Comma separated services to start; empty string = none (only NATS and "
+        "S3); unset = every installed service.",
+    )
+
+    def selected_services(self, installed: list[str]) -> list[str]:
+        """The services to start, in start order; unknown names raise :class:`StackError`."""
+        if self.services is None:
+            return installed
+        wanted = {name.strip() for name in self.services.split(",") if name.strip()}
+        unknown = sorted(wanted - set(installed))
+        if unknown:
+            raise StackError(
+                f"SLMOPS_STACK_SERVICES names services that are not installed: "
+                f"{', '.join(unknown)} (installed: {', '.join(installed) or 'none'})"
+            )
+        return [name for name in installed if name in wanted]
+
+
+class ComponentKind(StrEnum):
+    """What a component is; decides its readiness probe and its stop group."""
+
+    NATS = "nats"
+    S3 = "s3"
+    SERVICE = "service"
+
+
+@dataclass(frozen=True)
+class PortClaim:
+    """One port a component listens on, and how the user changes it."""
+
+    port: int
+    purpose: str
+    env_var: str
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """One process of the stack: how to start it and how to tell it is ready."""
+
+    name: str
+    kind: ComponentKind
+    argv: tuple[str, ...]
+    ports: tuple[PortClaim, ...]
+    #: Where it listens, by role (``nats``, ``monitor``, ``s3``, ``http``, ``docs``).
+    urls: Mapping[str, str]
+    #: The URL :func:`probe` requests.
+    ready_url: str
+    #: Environment on top of the parent's.
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+def discover_services() -> list[str]:
+    """Names of the installed services (entry point group ``slmops.services``), in start order."""
+    names = {ep.name for ep in importlib.metadata.entry_points(group=SERVICE_ENTRY_POINT_GROUP)}
+    known = [name for name in SERVICE_ORDER if name in names]
+    return known + sorted(names - set(SERVICE_ORDER))
+
+
+def service_module(name: str) -> str:
+    """The importable package of service ``name`` (``slmops_<name>``)."""
+    return f"slmops_{name.replace('-', '_')}"
+
+
+def service_env_prefix(name: str) -> str:
+    """The env prefix of service ``name``'s settings (``SLMOPS_<NAME>_``)."""
+    return f"SLMOPS_{name.replace('-', '_').upper()}_"
+
+
+def _executable(name: str) -> str:
+    try:
+        return str(venv_binary(name))
+    except FileNotFoundError as exc:
+        raise StackError(str(exc)) from exc
+
+
+def _check_runnable(name: str) -> None:
+    module = f"{service_module(name)}.__main__"
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ImportError as exc:
+        raise StackError(f"service {name!r} cannot be imported: {exc}") from exc
+    if not found:
+        raise StackError(
+            f"service {name!r} is installed but has no {module} module to run; "
+            f"leave it out with SLMOPS_STACK_SERVICES"
+        )
+
+
+def plan_stack(stack: StackSettings, platform: PlatformSettings) -> list[ComponentSpec]:
+    """The components to start, in start order: NATS, S3, then the selected services."""
+    var_dir = platform.var_dir.resolve()
+    nats_url = f"nats://{LOCAL_HOST}:{stack.nats_port}"
+    monitor_url = f"http://{LOCAL_HOST}:{stack.nats_monitor_port}"
+    s3_url = f"http://{LOCAL_HOST}:{stack.s3_port}"
+    specs = [
+        ComponentSpec(
+            name="nats",
+            kind=ComponentKind.NATS,
+            argv=(
+                _executable("nats-server"),
+                *("-a", LOCAL_HOST, "-p", str(stack.nats_port), "-js"),
+                *("-sd", str(var_dir / "nats"), "-m", str(stack.nats_monitor_port)),
+            ),
+            ports=(
+                PortClaim(stack.nats_port, "NATS client port", "SLMOPS_STACK_NATS_PORT"),
+                PortClaim(
+                    stack.nats_monitor_port,
+                    "NATS monitoring port",
+                    "SLMOPS_STACK_NATS_MONITOR_PORT",
+                ),
+            ),
+            urls={"nats": nats_url, "monitor": monitor_url},
+            ready_url=f"{monitor_url}/healthz?js-enabled-only=true",
+        ),
+        ComponentSpec(
+            name="s3",
+            kind=ComponentKind.S3,
+            argv=(
+                _executable("nanio"),
+                *("serve", "--host", LOCAL_HOST, "--port", str(stack.s3_port)),
+                *("--data-dir", str(var_dir / "s3"), "--region", platform.s3_region),
+            ),
+            ports=(PortClaim(stack.s3_port, "S3 port", "SLMOPS_STACK_S3_PORT"),),
+            urls={"s3": s3_url},
+            ready_url=f"{s3_url}/",
+            env={
+                "NANIO_ACCESS_KEY": platform.s3_access_key_id.get_secret_value(),
+                "NANIO_SECRET_KEY": platform.s3_secret_access_key.get_secret_value(),
+            },
+        ),
+    ]
+    common_env = {
+        "SLMOPS_ENV": "local",
+        "SLMOPS_VAR_DIR": str(var_dir),
+        "SLMOPS_TRACE_DIR": str(var_dir / "traces"),
+        "SLMOPS_NATS_URL": nats_url,
+        "SLMOPS_S3_ENDPOINT_URL": s3_url,
+        "SLMOPS_S3_ACCESS_KEY_ID": platform.s3_access_key_id.get_secret_value(),
+        "SLMOPS_S3_SECRET_ACCESS_KEY": platform.s3_secret_access_key.get_secret_value(),
+        "SLMOPS_S3_BUCKET": platform.s3_bucket,
+    }
+    services = stack.selected_services(discover_services())
+    for index, name in enumerate(services):
+        _check_runnable(name)
+        port = stack.service_base_port + index
+        url = f"http://{LOCAL_HOST}:{port}"
+        prefix = service_env_prefix(name)
+        specs.append(
+            ComponentSpec(
+                name=name,
+                kind=ComponentKind.SERVICE,
+                argv=(sys.executable, "-m", service_module(name)),
+                ports=(
+                    PortClaim(
+                        port,
+                        f"HTTP port of service {name} (base + {index})",
+                        "SLMOPS_STACK_SERVICE_BASE_PORT",
+                    ),
+                ),
+                urls={"http": url, "docs": f"{url}/docs"},
+                ready_url=f"{url}/readyz",
+                env={**common_env, f"{prefix}HOST": LOCAL_HOST, f"{prefix}PORT": str(port)},
+            )
+        )
+    return specs
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One readiness check: ready or not, why, and the service's JSON body if any."""
+
+    ready: bool
+    detail: str
+    body: object = None
+
+
+def probe(kind: ComponentKind, ready_url: str, timeout_s: float = 2.0) -> Probe:
+    """Ask a component whether it is ready (never raises).
+
+    NATS: the monitor's JetStream healthz answers 200. S3: any HTTP answer (requests without
+    a signature get 403). Services: ``/readyz`` answers 200; its JSON body is kept either way.
+    """
+    try:
+        with httpx.Client(timeout=timeout_s, trust_env=False) as client:
+            response = client.get(ready_url)
+    except httpx.HTTPError as exc:
+        return Probe(False, f"GET {ready_url}: {type(exc).__name__}: {exc}".rstrip(": "))
+    if kind is ComponentKind.S3:
+        return Probe(True, f"HTTP {response.status_code}")
+    body: object = None
+    try:
+        body = response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        body = response.text[:500] or None
+    ready = response.status_code == 200
+    detail = f"HTTP {response.status_code}"
+    if not ready and body is not None:
+        detail += f" {json.dumps(body) if not isinstance(body, str) else body}"
+    return Probe(ready, detail, body)

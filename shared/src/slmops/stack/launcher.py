@@ -1,0 +1,294 @@
+"""Starting and supervising the local stack.
+
+:func:`run_up` is `slmops up`: check ports, start each component in order and wait until it is
+ready, record it in ``<var_dir>/stack.json``, then either return (detached) or stay in the
+foreground until Ctrl-C / SIGTERM. Any failure stops what was started and raises
+:class:`StackError`. `slmops down` and `slmops status` live in :mod:`slmops.stack.status`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psutil
+
+from slmops.settings import PlatformSettings
+from slmops.stack.components import ComponentKind, ComponentSpec, StackError, StackSettings, probe
+from slmops.stack.preflight import check_ports, clear_stale_state, startup_lock
+from slmops.stack.signals import Signals
+from slmops.stack.state import (
+    ComponentRecord,
+    Report,
+    StackState,
+    read_state,
+    remove_state,
+    state_path,
+    stop_components,
+    write_state,
+)
+
+LOG_TAIL_LINES = 40
+
+
+class ComponentFailedError(StackError):
+    """A component exited or was not ready in time (everything started was stopped)."""
+
+    def __init__(self, message: str, log_path: Path, log_tail: str) -> None:
+        super().__init__(message)
+        self.log_path = log_path
+        self.log_tail = log_tail
+
+
+def log_tail(path: Path, offset: int = 0, lines: int = LOG_TAIL_LINES) -> str:
+    """The last ``lines`` lines of ``path`` written after byte ``offset``."""
+    try:
+        with path.open("rb") as log:
+            log.seek(max(0, offset))
+            data = log.read()
+    except OSError as exc:
+        return f"(cannot read {path}: {exc})"
+    return "\n".join(data.decode("utf-8", errors="replace").splitlines()[-lines:])
+
+
+def ensure_bucket(platform: PlatformSettings, endpoint_url: str) -> None:
+    """Create the platform bucket on the local S3 server unless it exists."""
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint_url,
+        region_name=platform.s3_region,
+        aws_access_key_id=platform.s3_access_key_id.get_secret_value(),
+        aws_secret_access_key=platform.s3_secret_access_key.get_secret_value(),
+        config=Config(
+            signature_version="s3v4",
+            s3={"addressing_style": "path"},
+            connect_timeout=5,
+            read_timeout=10,
+            retries={"max_attempts": 3},
+        ),
+    )
+    try:
+        client.head_bucket(Bucket=platform.s3_bucket)
+    except ClientError:
+        try:
+            client.create_bucket(Bucket=platform.s3_bucket)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
+                raise StackError(f"cannot create bucket {platform.s3_bucket!r}: {exc}") from exc
+        except BotoCoreError as exc:
+            raise StackError(f"cannot create bucket {platform.s3_bucket!r}: {exc}") from exc
+    except BotoCoreError as exc:
+        raise StackError(f"cannot reach the S3 server at {endpoint_url}: {exc}") from exc
+
+
+@dataclass
+class RunningStack:
+    """The stack this process started: state file, child processes, how to stop them."""
+
+    var_dir: Path
+    stack: StackSettings
+    platform: PlatformSettings
+    report: Report
+    signals: Signals = field(default_factory=Signals)
+    popens: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    log_offsets: dict[str, int] = field(default_factory=dict)
+    state: StackState = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.state = StackState(var_dir=str(self.var_dir), supervisor_pid=os.getpid())
+
+    @property
+    def state_file(self) -> Path:
+        return state_path(self.var_dir)
+
+    @property
+    def log_dir(self) -> Path:
+        return self.var_dir / "logs"
+
+    def start(self, spec: ComponentSpec) -> None:
+        """Start ``spec``'s process (detached session, output to its log) and record it."""
+        log_path = self.log_dir / f"{spec.name}.log"
+        with log_path.open("ab") as log:
+            self.log_offsets[spec.name] = log.tell()
+            log.write(
+                f"=== slmops up: {spec.name} at {datetime.now(UTC).isoformat()} ===\n".encode()
+            )
+            log.flush()
+            try:
+                popen = subprocess.Popen(
+                    list(spec.argv),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env={**os.environ, **spec.env},
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                raise StackError(f"cannot start {spec.name} ({spec.argv[0]}): {exc}") from exc
+        self.popens[spec.name] = popen
+        try:
+            create_time = float(psutil.Process(popen.pid).create_time())
+        except psutil.Error:
+            create_time = time.time()  # it already exited; the readiness wait reports it
+        record = ComponentRecord(
+            name=spec.name,
+            kind=spec.kind,
+            pid=popen.pid,
+            create_time=create_time,
+            argv=list(spec.argv),
+            urls=dict(spec.urls),
+            ready_url=spec.ready_url,
+            log_path=str(log_path),
+            started_at=time.time(),
+        )
+        self.state.components.append(record)
+        write_state(self.state_file, self.state)
+
+    def failure(self, name: str, message: str) -> ComponentFailedError:
+        log_path = self.log_dir / f"{name}.log"
+        tail = log_tail(log_path, self.log_offsets.get(name, 0))
+        return ComponentFailedError(message, log_path, tail)
+
+    def wait_ready(self, spec: ComponentSpec, timeout_s: float) -> None:
+        """Probe ``spec`` until ready; raise :class:`ComponentFailedError` if it exits or times
+        out (the message carries the last probe answer, e.g. the service's /readyz body)."""
+        popen = self.popens[spec.name]
+        deadline = time.monotonic() + timeout_s
+        delay = 0.02
+        while True:
+            code = popen.poll()
+            if code is not None:
+                raise self.failure(
+                    spec.name, f"{spec.name} exited with code {code} before it was ready"
+                )
+            for name, earlier in self.popens.items():
+                if earlier is not popen and (code := earlier.poll()) is not None:
+                    raise self.failure(
+                        name, f"{name} exited with code {code} while {spec.name} was starting"
+                    )
+            remaining = deadline - time.monotonic()
+            result = probe(spec.kind, spec.ready_url, timeout_s=max(0.2, min(2.0, remaining)))
+            if result.ready:
+                return
+            if time.monotonic() >= deadline:
+                raise self.failure(
+                    spec.name,
+                    f"{spec.name} was not ready within {timeout_s:g} s "
+                    f"(SLMOPS_STACK_READY_TIMEOUT_S); last answer from {spec.ready_url}: "
+                    f"{result.detail}",
+                )
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.25)
+
+    def stop(self) -> None:
+        """Stop everything started (reverse order), reap the children, drop the state file."""
+        self.signals.stopping = True
+        if self.state.components and self.state_file.exists():
+            self.state.stopping = True
+            write_state(self.state_file, self.state)
+        recorded = {record.name for record in self.state.components}
+        for name, popen in self.popens.items():
+            if name not in recorded and popen.poll() is None:  # interrupted before recording
+                popen.kill()
+        stop_components(
+            self.state.components, self.stack.stop_timeout_s, self.report, self.signals.force
+        )
+        for popen in self.popens.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                popen.wait(timeout=1.0)
+        remove_state(self.state_file)
+
+    def detach(self) -> None:
+        """Leave the processes running without a supervisor."""
+        self.state.supervisor_pid = None
+        write_state(self.state_file, self.state)
+
+
+def start_stack(
+    specs: list[ComponentSpec],
+    stack: StackSettings,
+    platform: PlatformSettings,
+    report: Report,
+    signals: Signals | None = None,
+) -> RunningStack:
+    """Start ``specs`` in order, each ready before the next; on any failure (or Ctrl-C) stop
+    what was started and re-raise."""
+    var_dir = platform.var_dir.resolve()
+    (var_dir / "logs").mkdir(parents=True, exist_ok=True)
+    running = RunningStack(var_dir, stack, platform, report, signals or Signals())
+    with startup_lock(var_dir):
+        clear_stale_state(var_dir, report)
+        check_ports(specs)
+        try:
+            for spec in specs:
+                report(f"starting {spec.name}")
+                running.start(spec)
+                running.wait_ready(spec, stack.ready_timeout_s)
+                if spec.kind is ComponentKind.S3:
+                    ensure_bucket(platform, spec.urls["s3"])
+        except BaseException:
+            running.stop()
+            raise
+    return running
+
+
+def supervise(running: RunningStack, poll_interval_s: float = 0.5) -> int:
+    """Stay in the foreground until Ctrl-C/SIGTERM (exit 0), a component exiting (exit 1) or
+    `slmops down` from elsewhere (exit 0); stop the stack in the first two cases."""
+    report = running.report
+    try:
+        while True:
+            time.sleep(poll_interval_s)
+            codes = {name: popen.poll() for name, popen in running.popens.items()}
+            exited = [(name, code) for name, code in codes.items() if code is not None]
+            state = read_state(running.state_file)
+            if state is None or state.stopping:
+                report("the stack is being stopped by `slmops down`")
+                return 0
+            if exited:
+                name, code = exited[0]
+                error = running.failure(name, f"{name} exited with code {code}")
+                report(f"{error}; last lines of {error.log_path}:\n{error.log_tail}")
+                report("stopping the stack")
+                running.stop()
+                return 1
+    except KeyboardInterrupt:
+        report("stopping the stack")
+        running.stop()
+        return 0
+
+
+def run_up(
+    specs: list[ComponentSpec],
+    stack: StackSettings,
+    platform: PlatformSettings,
+    *,
+    detach: bool,
+    report: Report,
+    on_ready: Callable[[RunningStack], None],
+) -> int:
+    """`slmops up`: start, call ``on_ready``, then detach or supervise. Returns the exit code;
+    raises :class:`StackError` (nothing left running) or KeyboardInterrupt during startup."""
+    signals = Signals()
+    with signals.installed():
+        running = start_stack(specs, stack, platform, report, signals)
+        try:
+            on_ready(running)
+        except BaseException:
+            running.stop()
+            raise
+        if detach:
+            running.detach()
+            return 0
+        return supervise(running)

@@ -1,0 +1,74 @@
+"""Checks before `slmops up` starts anything: one `up` at a time, no live stack, free ports."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+from slmops.stack.components import LOCAL_HOST, ComponentSpec, StackError
+from slmops.stack.state import Report, live_records, read_state, remove_state, state_path
+
+
+class PortInUseError(StackError):
+    """A port the stack needs is taken (nothing was started)."""
+
+
+class AlreadyRunningError(StackError):
+    """The state file lists processes that are still alive."""
+
+
+def check_ports(specs: list[ComponentSpec]) -> None:
+    """Raise :class:`PortInUseError` unless every port of ``specs`` can be bound on 127.0.0.1."""
+    seen: dict[int, str] = {}
+    for spec in specs:
+        for claim in spec.ports:
+            what = f"{claim.purpose} of component {spec.name!r}"
+            if not 0 < claim.port <= 65535:
+                raise StackError(f"port {claim.port} ({what}) is out of range; set {claim.env_var}")
+            if claim.port in seen:
+                raise PortInUseError(
+                    f"port {claim.port} is configured twice: {seen[claim.port]} and {what}; "
+                    f"change {claim.env_var}"
+                )
+            seen[claim.port] = what
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                # Like the servers themselves: TIME_WAIT leftovers do not count as taken.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    sock.bind((LOCAL_HOST, claim.port))
+                except OSError as exc:
+                    raise PortInUseError(
+                        f"port {claim.port} on {LOCAL_HOST} ({what}) is already in use "
+                        f"({exc.strerror}); stop whatever listens there or choose another port "
+                        f"with {claim.env_var}=<port>"
+                    ) from exc
+
+
+@contextlib.contextmanager
+def startup_lock(var_dir: Path) -> Iterator[None]:
+    """Hold ``<var_dir>/stack.lock`` while starting, so two `slmops up` never interleave."""
+    with (var_dir / "stack.lock").open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise StackError(f"another `slmops up` is starting the stack in {var_dir}") from exc
+        yield
+
+
+def clear_stale_state(var_dir: Path, report: Report) -> None:
+    """Refuse if the state file lists a live process; remove it if none of them is alive."""
+    path = state_path(var_dir)
+    state = read_state(path)
+    if state is None:
+        return
+    alive = live_records(state)
+    if alive:
+        raise AlreadyRunningError(
+            f"the local stack in {var_dir} is already running "
+            f"({', '.join(f'{r.name} pid {r.pid}' for r in alive)}); `slmops down` first"
+        )
+    report(f"removing stale state file {path} (none of its processes is running)")
+    remove_state(path)
