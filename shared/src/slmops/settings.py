@@ -56,7 +56,7 @@ class PlatformSettings(BaseSettings):
     trace_dir: Path | None = Field(
         None,
         description="If set, finished spans are also appended as JSON lines under this directory "
-        "(the local stack uses it so `slmops trace show` works without a tracing backend).",
+        "(the local stack sets it, so traces are kept without a tracing backend).",
     )
 
     @model_validator(mode="after")

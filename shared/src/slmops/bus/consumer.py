@@ -144,11 +144,7 @@ class EventConsumer:
         try:
             event = decode_event(msg.data)
         except EventDecodeError as exc:
-            self.stats.dead_lettered += 1
-            await dead_letter_msg(
-                self.bus, msg, consumer=self.spec.durable, reason=str(exc),
-                error_type=type(exc).__name__,
-            )  # fmt: skip
+            await self._dead_letter(msg, str(exc), exc)
             return
         handler = self.handlers.get(event.type)
         if handler is None:  # a known type this service does not handle: not an error
@@ -176,11 +172,7 @@ class EventConsumer:
                     await self.bus.publish(output)
             except PermanentError as exc:
                 span.set_status(Status(StatusCode.ERROR, str(exc)))
-                self.stats.dead_lettered += 1
-                await dead_letter_msg(
-                    self.bus, msg, consumer=self.spec.durable, reason=str(exc),
-                    error_type=type(exc).__name__,
-                )  # fmt: skip
+                await self._dead_letter(msg, str(exc), exc)
                 return
             except Exception as exc:
                 span.record_exception(exc)
@@ -195,17 +187,17 @@ class EventConsumer:
 
     async def _retry_or_dead_letter(self, msg: Msg, exc: Exception, num_delivered: int) -> None:
         if num_delivered >= self.spec.max_deliver:
-            self.stats.dead_lettered += 1
-            await dead_letter_msg(
-                self.bus,
-                msg,
-                consumer=self.spec.durable,
-                reason=f"failed on all {num_delivered} deliveries; last error: {exc}",
-                error_type=type(exc).__name__,
-            )
+            reason = f"failed on all {num_delivered} deliveries; last error: {exc}"
+            await self._dead_letter(msg, reason, exc)
             return
         self.stats.retried += 1
         await msg.nak(delay=self._backoff_s(num_delivered))
+
+    async def _dead_letter(self, msg: Msg, reason: str, exc: Exception) -> None:
+        await dead_letter_msg(
+            self.bus, msg, consumer=self.spec.durable, reason=reason, error_type=type(exc).__name__
+        )
+        self.stats.dead_lettered += 1
 
     def _backoff_s(self, num_delivered: int) -> float:
         base, cap = self.settings.nak_backoff_base_s, self.settings.nak_backoff_max_s

@@ -1,0 +1,30 @@
+"""The README's settings table names every setting the code reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic_settings import BaseSettings
+from slmops.settings import ConsumerSettings, PlatformSettings
+from slmops.stack.components import StackSettings
+
+README = (Path(__file__).parents[2] / "README.md").read_text()
+
+
+@pytest.mark.parametrize("settings", [PlatformSettings, ConsumerSettings, StackSettings])
+def test_every_platform_setting_is_documented(settings: type[BaseSettings]) -> None:
+    prefix = settings.model_config["env_prefix"]
+
+    missing = [
+        f"{prefix}{name.upper()}"
+        for name in settings.model_fields
+        if f"`{prefix}{name.upper()}`" not in README
+    ]
+
+    assert missing == []
+
+
+def test_readme_keeps_the_two_commands() -> None:
+    assert "make run" in README
+    assert "make test" in README
