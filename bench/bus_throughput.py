@@ -21,6 +21,7 @@ from typing import Any
 
 import nats.errors
 from opentelemetry.sdk.trace import TracerProvider
+
 from slmops.bus import PIPELINE, Bus, EventConsumer, Handlers, Topology
 from slmops.events import CloudEvent, ModelPublished
 from slmops.settings import ConsumerSettings

@@ -20,6 +20,7 @@ from typing import Any
 
 import boto3
 import pytest
+
 from slmops.objectstore import (
     BlobRef,
     CorruptObjectError,

@@ -24,6 +24,7 @@ import boto3
 import psutil
 import pytest
 from botocore.config import Config
+
 from slmops.settings import PlatformSettings
 from slmops.stack import (
     ComponentFailedError,

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from slmops.events import EVENT_TYPES
 from slmops.events.schemas import breaking_changes, event_schema
 

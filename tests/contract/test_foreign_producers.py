@@ -7,6 +7,7 @@ import json
 
 import nats
 import pytest
+
 from slmops.bus import Bus, Handlers
 from slmops.events import CloudEvent, ModelPublished
 from slmops.testing.consumers import StartConsumer, fast_consumer_settings

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from pydantic_settings import BaseSettings
+
 from slmops.settings import ConsumerSettings, PlatformSettings
 from slmops.stack.components import StackSettings
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from slmops.bus import PIPELINE, Bus, Handlers
 from slmops.events import CloudEvent, ModelPublished, OptimizationFailed
 from slmops.testing.consumers import StartConsumer, fast_consumer_settings

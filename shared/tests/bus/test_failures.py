@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import pytest
+
 from slmops.bus import DEAD_LETTER, PIPELINE, Bus, Handlers
 from slmops.events import CloudEvent, DeadLetter, ModelPublished, PermanentError
 from slmops.testing.consumers import StartConsumer, fast_consumer_settings

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
+
 from slmops.bus import PIPELINE, Bus, Handlers
 from slmops.events import CloudEvent, ModelPublished, OptimizationFailed, new_event
 from slmops.testing.consumers import StartConsumer

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import pytest
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent as SdkCloudEvent
+
 from slmops.events import (
     EVENT_TYPES,
     EventDecodeError,

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from fastapi import FastAPI
-from slmops.service import ServiceRuntime, create_service_app, serve
 
+from slmops.service import ServiceRuntime, create_service_app, serve
 from slmops_validator.api import router
 from slmops_validator.handlers import build_handlers
 from slmops_validator.settings import ValidatorSettings
