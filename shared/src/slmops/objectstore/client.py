@@ -23,96 +23,46 @@ import contextlib
 import hashlib
 import logging
 import os
-import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
-from pydantic import BaseModel, ConfigDict
 
+from slmops.objectstore.blobs import (
+    _DIGEST_RE,
+    BLOB_PREFIX,
+    MAX_COPY_OBJECT,
+    MAX_PARTS,
+    MAX_PRESIGN_TTL_S,
+    MIB,
+    PART_SIZE,
+    STAGING_PREFIX,
+    BlobRef,
+    Readable,
+    blob_key,
+    check_digest,
+)
+from slmops.objectstore.errors import (
+    CorruptObjectError,
+    DigestMismatchError,
+    ObjectNotFoundError,
+    ObjectStoreError,
+    ObjectStoreUnavailable,
+    SizeMismatchError,
+)
 from slmops.settings import PlatformSettings
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 log = logging.getLogger(__name__)
-
-BLOB_PREFIX = "blobs/sha256/"
-STAGING_PREFIX = "staging/"
-MIB = 1024 * 1024
-PART_SIZE = 8 * MIB  # S3 needs >= 5 MiB per part; 8 MiB bounds memory of one-shot streams
-MAX_PARTS = 10_000  # S3's limit per multipart upload
-MAX_COPY_OBJECT = 5 * 1024 * MIB  # CopyObject's limit; larger blobs need a multipart copy
-MAX_PRESIGN_TTL_S = 7 * 24 * 3600  # SigV4 presigned URLs live at most 7 days
-_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
-
-
-class ObjectStoreError(Exception):
-    """Base of every error raised by :class:`ObjectStore`."""
-
-
-class ObjectStoreUnavailable(ObjectStoreError):
-    """The store can't be reached, refuses our credentials, or the bucket is missing."""
-
-
-class InvalidDigestError(ObjectStoreError, ValueError):
-    """A digest string isn't ``sha256:`` followed by 64 lowercase hex characters."""
-
-
-class ObjectNotFoundError(ObjectStoreError):
-    """The requested blob or document doesn't exist."""
-
-
-class _Mismatch(ObjectStoreError):
-    def __init__(self, what: str, expected: object, actual: object) -> None:
-        super().__init__(f"{what}: expected {expected}, got {actual}")
-        self.expected, self.actual = expected, actual
-
-
-class DigestMismatchError(_Mismatch):
-    """Uploaded data doesn't hash to the announced digest; nothing was stored."""
-
-
-class SizeMismatchError(_Mismatch):
-    """Uploaded data isn't as long as announced (a truncated upload); nothing was stored."""
-
-
-class CorruptObjectError(_Mismatch):
-    """A stored blob doesn't hash to its own key: the store returned damaged data."""
-
-
-class BlobRef(BaseModel):
-    """Where one immutable blob lives."""
-
-    model_config = ConfigDict(frozen=True)
-    digest: str
-    size_bytes: int
-    key: str
-    uri: str
-
-
-class Readable(Protocol):
-    def read(self, n: int = -1, /) -> bytes: ...
-
-
-def check_digest(digest: str) -> str:
-    """Return ``digest`` if it is ``sha256:<64 lowercase hex>``, else raise InvalidDigestError."""
-    if not isinstance(digest, str) or not _DIGEST_RE.fullmatch(digest):
-        raise InvalidDigestError(
-            f"invalid digest {digest!r}: expected 'sha256:' + 64 lowercase hex"
-        )
-    return digest
-
-
-def blob_key(digest: str) -> str:
-    return BLOB_PREFIX + check_digest(digest).removeprefix("sha256:")
 
 
 def _code(exc: ClientError) -> str:
