@@ -54,7 +54,11 @@ class EventConsumer:
         self.handlers = handlers
         self.settings = settings
         self.stats = ConsumerStats()
-        self._inflight: set[asyncio.Task[None]] = set()
+        # A fixed pool of workers takes fetched messages from a queue: the pool size is the
+        # concurrency bound, and no task is created per message.
+        self._queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self._busy = 0
+        self._workers: list[asyncio.Task[None]] = []
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._slot_freed = asyncio.Event()
@@ -80,6 +84,10 @@ class EventConsumer:
             f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{self.spec.stream}.{self.spec.durable}",
             cb=self._on_max_deliveries,
         )
+        self._workers = [
+            asyncio.create_task(self._work(), name=f"{self.spec.durable} worker {i}")
+            for i in range(self.settings.max_concurrency)
+        ]
         self._loop_task = asyncio.create_task(self._run(sub), name=f"consume {self.spec.durable}")
         self._heartbeat = asyncio.create_task(self._keep_in_progress())
 
@@ -87,14 +95,17 @@ class EventConsumer:
         """Stop pulling, let running handlers finish (up to ``drain_timeout_s``)."""
         self._stopping.set()
         if self._loop_task is not None:
-            self._loop_task.cancel()  # interrupts a pending fetch; fetched msgs are all tasks
+            self._loop_task.cancel()  # interrupts a pending fetch; fetched msgs are queued
             await asyncio.gather(self._loop_task, return_exceptions=True)
-        if self._inflight:
-            _, pending = await asyncio.wait(self._inflight, timeout=self.settings.drain_timeout_s)
-            for task in pending:  # not acked: JetStream redelivers them elsewhere
+        try:  # queued and running messages are handled and acked
+            await asyncio.wait_for(self._queue.join(), self.settings.drain_timeout_s)
+        except TimeoutError:  # the rest is not acked: JetStream redelivers it elsewhere
+            log.warning("%s: drain timed out with %d message(s) unfinished",
+                        self.spec.durable, self._busy + self._queue.qsize())  # fmt: skip
+        for task in (*self._workers, self._heartbeat):
+            if task is not None:
                 task.cancel()
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
         if not self.bus.nc.is_closed:
             await self.bus.nc.flush()  # the acks of the handlers that just finished
             for sub in (self._sub, self._advisories):
@@ -105,9 +116,9 @@ class EventConsumer:
     async def _run(self, sub: JetStreamContext.PullSubscription) -> None:
         settings, error_pause_s = self.settings, 0.1
         while not self._stopping.is_set():
-            free = settings.max_concurrency - len(self._inflight)
-            # Pull again once a quarter of the slots are free: one pull per message would cost
-            # a round trip each, and waiting on every task (asyncio.wait) is O(in-flight).
+            free = settings.max_concurrency - self._busy - self._queue.qsize()
+            # Pull again once a quarter of the workers are free: a pull per message would cost
+            # a round trip each.
             if free < max(1, settings.max_concurrency // 4):
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
@@ -125,13 +136,18 @@ class EventConsumer:
                 continue
             error_pause_s = 0.1
             for msg in msgs:
-                task = asyncio.create_task(self._process(msg))
-                self._inflight.add(task)
-                task.add_done_callback(self._task_done)
+                self._queue.put_nowait(msg)
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._inflight.discard(task)
-        self._slot_freed.set()
+    async def _work(self) -> None:
+        while True:
+            msg = await self._queue.get()
+            self._busy += 1
+            try:
+                await self._process(msg)
+            finally:
+                self._busy -= 1
+                self._queue.task_done()
+                self._slot_freed.set()
 
     async def _process(self, msg: Msg) -> None:
         try:
