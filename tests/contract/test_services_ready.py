@@ -98,6 +98,6 @@ def test_readiness_names_the_missing_dependencies(
     not_ready = poll(f"{base}/readyz", until_status=503).json()
 
     assert alive.json()["status"] == "alive"
-    assert set(not_ready["not_ready"]) == {"nats", "topology", "object_store"}
+    assert set(not_ready["not_ready"]) == {"nats", "topology", "consumers", "object_store"}
     assert f"127.0.0.1:{closed}" in not_ready["checks"]["nats"]["detail"]
     assert f"127.0.0.1:{closed}" in not_ready["checks"]["object_store"]["detail"]

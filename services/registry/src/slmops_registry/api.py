@@ -1,11 +1,126 @@
-"""registry HTTP API: its own resources under /v1.
+"""registry HTTP API: upload blobs, publish versions, read manifests, keys and download URLs.
 
-Health, readiness and /v1/runtime come from the SDK for every service; this router grows the
-registry's resources: publish, models, manifests, lineage, channels, downloads (issue 3).
+Health, readiness and /v1/runtime come from the SDK. Publishing is two calls: ``POST /v1/blobs``
+streams an artifact (or evaluation set) into the content-addressed store, then
+``POST /v1/models`` publishes a version that references it by digest.
 """
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import asyncio
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Request
+from fastapi.responses import JSONResponse
+from pydantic import TypeAdapter, ValidationError
+
+from slmops.events.payloads import Digest, ModelName, Version
+from slmops.objectstore import ObjectNotFoundError
+from slmops_registry.errors import RegistryError
+from slmops_registry.publishing import Publisher, PublishRequest
+from slmops_registry.uploads import spool_upload
 
 router = APIRouter(prefix="/v1", tags=["registry"])
+
+
+def _valid(kind: Any, value: str, what: str) -> str:
+    """Path parameters share the event contract's patterns (no traversal, no odd characters)."""
+    try:
+        return str(TypeAdapter(kind).validate_python(value))
+    except ValidationError as exc:
+        raise RegistryError(422, f"invalid {what} {value!r}: {exc.errors()[0]['msg']}") from exc
+
+
+async def _publisher(request: Request) -> Publisher:
+    publisher: Publisher | None = await request.app.state.registry.publisher()
+    if publisher is None:
+        raise RegistryError(503, "not connected to NATS yet: see GET /readyz")
+    return publisher
+
+
+@router.post("/blobs", status_code=201, summary="Upload an artifact or evaluation set")
+async def upload_blob(
+    request: Request,
+    content_length: Annotated[int | None, Header()] = None,
+    x_expected_digest: Annotated[str | None, Header(description="sha256:<hex>")] = None,
+) -> dict[str, Any]:
+    """Streams the body into the store; answers its digest. Send ``Content-Length`` (a
+    shorter body is a truncated upload) and, if known, ``X-Expected-Digest``."""
+    registry = request.app.state.registry
+    settings = registry.settings
+    spooled = await spool_upload(
+        request.stream(),
+        spool_dir=settings.spool_dir,
+        max_size_bytes=settings.max_upload_mb * 1024 * 1024,
+        declared_size_bytes=content_length,
+        expected_digest=x_expected_digest,
+    )
+    try:
+        blob = await asyncio.to_thread(
+            registry.store.put_file, spooled.path, expected_digest=spooled.digest
+        )
+    finally:
+        spooled.discard()
+    body: dict[str, Any] = blob.model_dump()
+    return body
+
+
+@router.post("/models", summary="Publish a model version whose artifact is uploaded")
+async def publish_model(body: PublishRequest, request: Request) -> JSONResponse:
+    publisher = await _publisher(request)
+    published = await publisher.publish_version(body, created_by="api")
+    return JSONResponse(  # the body is the signed manifest; the event id rides in a header
+        published.manifest.model_dump(mode="json"),
+        status_code=201 if published.created else 200,
+        headers={"X-Event-Id": published.event_id},
+    )
+
+
+@router.get("/models", summary="Every published model with its versions")
+async def list_models(request: Request) -> list[dict[str, Any]]:
+    records = await (await _publisher(request)).catalog.list()
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        by_name.setdefault(record.model_name, []).append(
+            record.model_dump(mode="json", exclude={"model_name", "request_digest"})
+        )
+    return [{"model_name": name, "versions": versions} for name, versions in by_name.items()]
+
+
+@router.get("/models/{name}/{version}", summary="The signed manifest of a model version")
+async def get_version(name: str, version: str, request: Request) -> dict[str, Any]:
+    name, version = _valid(ModelName, name, "model name"), _valid(Version, version, "version")
+    publisher = await _publisher(request)
+    record = await publisher.catalog.get(name, version)
+    if record is None:
+        raise RegistryError(404, f"no model {name} version {version}")
+    signed = await publisher.manifest(record.manifest_digest)
+    return signed.model_dump(mode="json")
+
+
+@router.get("/manifests/{digest}", summary="A signed manifest by its digest")
+async def get_manifest(digest: str, request: Request) -> dict[str, Any]:
+    digest = _valid(Digest, digest, "digest")
+    try:
+        signed = await (await _publisher(request)).manifest(digest)
+    except ObjectNotFoundError as exc:
+        raise RegistryError(404, f"no manifest {digest}") from exc
+    return signed.model_dump(mode="json")
+
+
+@router.get("/blobs/{digest}/url", summary="A short-lived download URL for a blob")
+async def download_url(digest: str, request: Request) -> dict[str, Any]:
+    digest = _valid(Digest, digest, "digest")
+    registry = request.app.state.registry
+    blob = await asyncio.to_thread(registry.store.stat, digest)
+    if blob is None:
+        raise RegistryError(404, f"no blob {digest}")
+    ttl_s = registry.settings.download_url_ttl_s
+    url = await asyncio.to_thread(registry.store.presign_get, digest, ttl_s)
+    return {"digest": digest, "size_bytes": blob.size_bytes, "url": url, "ttl_s": ttl_s}
+
+
+@router.get("/keys", summary="The public key that verifies manifest signatures")
+async def keys(request: Request) -> dict[str, Any]:
+    signer = request.app.state.registry.signer
+    return {"keys": [signer.public_jwk()], "pem": signer.public_key_pem()}

@@ -1,15 +1,70 @@
 """registry event handlers: plain async functions, event in, events out.
 
-Consumes optimization.*, validation.*, release.*, rollout.* and gateway.report into lineage
-(issue 3). Until then the service registers none: it still connects, declares the topology and
-reports readiness.
+A ``model.published`` event that carries no manifest is a request from an upstream system to
+record a model whose artifact it put in the store itself: the registry verifies the object
+(it must exist, hash to its digest and have the announced size), then records and signs it and
+emits its own ``model.published`` with the manifest - the fact downstream services act on. If
+the object is missing or wrong, it emits ``model.rejected`` with the reason instead of failing.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
+
 from slmops.bus import Handlers
+from slmops.events import CloudEvent, ModelPublished, ModelRejected, TransientError, new_event
+from slmops.events.envelope import derive_event_id
+from slmops_registry.errors import RegistryError
+from slmops_registry.publishing import SOURCE, Publisher, PublishRequest
+
+GetPublisher = Callable[[], Awaitable[Publisher | None]]
 
 
-def build_handlers() -> Handlers:
-    """The event-type -> handler table of the registry service (dependencies bound here)."""
-    return Handlers()
+async def on_model_published(
+    event: CloudEvent[ModelPublished], *, get_publisher: GetPublisher
+) -> list[CloudEvent[Any]]:
+    data = event.data
+    if event.source == SOURCE or data.manifest_digest is not None:
+        return []  # recorded already: by us, or by whoever signed that manifest
+    publisher = await get_publisher()
+    if publisher is None:
+        raise TransientError("registry not connected yet")
+    try:
+        blob = await publisher.existing_blob(data.artifact.digest, "artifact")
+        if blob.size_bytes != data.artifact.size_bytes:
+            raise RegistryError(
+                422,
+                f"artifact {blob.digest} has {blob.size_bytes} bytes, "
+                f"the event says {data.artifact.size_bytes}",
+            )
+        request = PublishRequest(
+            model_name=data.model_name,
+            version=data.version,
+            format=data.format,
+            task=data.task,
+            artifact_digest=data.artifact.digest,
+            labels=data.labels,
+            device_classes=data.device_classes,
+            eval_set_digest=data.eval_set.digest if data.eval_set else None,
+        )
+        await publisher.publish_version(request, created_by=event.source)
+    except RegistryError as exc:
+        rejected = ModelRejected(
+            model_name=data.model_name,
+            version=data.version,
+            reason=exc.reason,
+            rejected_event_id=event.id,
+            artifact_digest=data.artifact.digest,
+        )
+        rejected_id = derive_event_id("model.rejected", event.id)
+        return [new_event(rejected, source=SOURCE, event_id=rejected_id)]
+    return []
+
+
+def build_handlers(get_publisher: GetPublisher) -> Handlers:
+    """The event-type -> handler table of the registry (dependencies bound here)."""
+    handlers = Handlers()
+    handlers.register(ModelPublished, partial(on_model_published, get_publisher=get_publisher))
+    return handlers

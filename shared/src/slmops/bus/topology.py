@@ -72,6 +72,7 @@ KV_BUCKETS: tuple[KvSpec, ...] = (
     KvSpec("slmops-desired-state", "Desired model per gateway: the source of truth.", 3),
     KvSpec("slmops-gateways", "Registered gateways: class, labels, capabilities, last seen."),
     KvSpec("slmops-jobs", "Optimization and validation job states and progress.", 3),
+    KvSpec("slmops-model-versions", "Published model versions: name/version -> manifest."),
 )
 
 

@@ -89,6 +89,18 @@ class ModelPublished(EventPayload):
     eval_set: ArtifactRef | None = None
 
 
+class ModelRejected(EventPayload):
+    """The registry could not record a published model (e.g. its blob is missing)."""
+
+    event_type = "slmops.model.rejected.v1"
+
+    model_name: ModelName
+    version: Version
+    reason: str
+    rejected_event_id: str = Field(description="Id of the model.published event rejected.")
+    artifact_digest: Digest | None = None
+
+
 class OptimizationCompleted(EventPayload):
     event_type = "slmops.optimization.completed.v1"
 
@@ -285,6 +297,7 @@ class DeadLetter(EventPayload):
 
 CORE_EVENT_TYPES: tuple[type[EventPayload], ...] = (
     ModelPublished,
+    ModelRejected,
     OptimizationCompleted,
     OptimizationFailed,
     ValidationPassed,

@@ -1,0 +1,43 @@
+"""What the registry's API and handlers share: settings, store, signer, and the publisher."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from slmops.objectstore import ObjectStore
+from slmops.service import ServiceRuntime
+from slmops_registry.catalog import BUCKET, VersionCatalog
+from slmops_registry.publishing import Publisher
+from slmops_registry.settings import RegistrySettings
+from slmops_registry.signing import RegistrySigner
+
+
+@dataclass
+class RegistryContext:
+    settings: RegistrySettings
+    signer: RegistrySigner
+    # Set by app.py once the runtime exists (the runtime needs the handlers, which need this).
+    runtime: ServiceRuntime | None = None
+    _publisher: Publisher | None = field(default=None, init=False)
+
+    @property
+    def store(self) -> ObjectStore:
+        store = self.runtime.store if self.runtime else None
+        if store is None:
+            raise RuntimeError("RegistryContext used before app.py wired its runtime")
+        return store
+
+    async def publisher(self) -> Publisher | None:
+        """The publisher, once NATS is connected and the topology declared; else None."""
+        if self._publisher is None:
+            bus = self.runtime.bus if self.runtime else None
+            if bus is None or f"kv:{BUCKET}" not in bus.declared:
+                return None
+            self._publisher = Publisher(
+                store=self.store,
+                catalog=VersionCatalog(await bus.key_value(BUCKET)),
+                signer=self.signer,
+                publish=bus.publish,
+                spool_dir=self.settings.spool_dir,
+            )
+        return self._publisher

@@ -1,0 +1,179 @@
+"""Publishing a model version: check the artifact, sign its manifest, claim the version, emit.
+
+The order makes every step safe to repeat and nothing visible before it is whole: blobs and
+manifests are content-addressed (writing one twice is harmless, an unclaimed one is invisible
+and garbage-collected), the version claim is atomic, and the ``model.published`` event has an
+id derived from the version and manifest, so a retried publish is de-duplicated by JetStream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from slmops.events import CloudEvent, ModelPublished, derive_event_id, new_event
+from slmops.events.payloads import ArtifactRef, Digest, ModelFormat, ModelName, Task, Token, Version
+from slmops.objectstore import BlobRef, CorruptObjectError, ObjectStore
+from slmops_registry.catalog import VersionCatalog, VersionConflict
+from slmops_registry.errors import RegistryError
+from slmops_registry.evalsets import EvalSetError, check_eval_set
+from slmops_registry.formats import ArtifactFormatError, ArtifactInfo, inspect_artifact
+from slmops_registry.manifests import Manifest, SignedManifest, manifest_key, sign_manifest
+from slmops_registry.signing import RegistrySigner
+
+SOURCE = "/slmops/registry"
+Publish = Callable[[CloudEvent[Any]], Awaitable[object]]
+
+
+class PublishRequest(BaseModel):
+    """What a publisher says about a model version whose artifact is already uploaded."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model_name: ModelName
+    version: Version
+    format: ModelFormat
+    task: Task
+    artifact_digest: Digest = Field(description="The uploaded artifact (POST /v1/blobs).")
+    labels: dict[str, str] = Field(default_factory=dict)
+    device_classes: list[Token] = Field(default_factory=list, description="Empty = every class.")
+    eval_set_digest: Digest | None = Field(None, description="An uploaded JSONL evaluation set.")
+
+    def request_digest(self) -> str:
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Published:
+    manifest: SignedManifest
+    created: bool  # False: the same request had been published before
+    event_id: str
+
+
+@dataclass
+class Publisher:
+    store: ObjectStore
+    catalog: VersionCatalog
+    signer: RegistrySigner
+    publish: Publish
+    spool_dir: Path
+
+    async def publish_version(self, request: PublishRequest, *, created_by: str) -> Published:
+        artifact = await self.existing_blob(request.artifact_digest, "artifact")
+        await self._inspect(artifact, request.format)
+        eval_set = None
+        if request.eval_set_digest is not None:
+            eval_set = await self.existing_blob(request.eval_set_digest, "evaluation set")
+            await self._check_eval_set(eval_set)
+        manifest = Manifest(
+            schema_version=1,
+            kind="model",
+            model_name=request.model_name,
+            version=request.version,
+            format=request.format,
+            task=request.task,
+            artifact=_ref(artifact, "application/octet-stream"),
+            labels=request.labels,
+            device_classes=request.device_classes,
+            eval_set=_ref(eval_set, "application/x-ndjson") if eval_set else None,
+            created_at=datetime.now(UTC),
+            created_by=created_by,
+        )
+        signed = sign_manifest(manifest, self.signer)
+        await asyncio.to_thread(self.store.put_bytes, manifest_key(signed.digest), signed.to_json())
+        try:
+            record, created = await self.catalog.claim(
+                request.model_name,
+                request.version,
+                manifest_digest=signed.digest,
+                artifact_digest=request.artifact_digest,
+                request_digest=request.request_digest(),
+            )
+        except VersionConflict as exc:
+            raise RegistryError(409, str(exc)) from exc
+        if not created:  # answer with the manifest of the first publish
+            signed = await self.manifest(record.manifest_digest)
+        event = published_event(signed)
+        await self.publish(event)  # again on a repeat: same id, de-duplicated
+        return Published(signed, created, event.id)
+
+    async def manifest(self, digest: str) -> SignedManifest:
+        raw = await asyncio.to_thread(self.store.get_bytes, manifest_key(digest))
+        return SignedManifest.from_json(raw)
+
+    async def existing_blob(self, digest: str, what: str) -> BlobRef:
+        blob = await asyncio.to_thread(self.store.stat, digest)
+        if blob is None:
+            raise RegistryError(
+                422, f"{what} {digest} is not in the store: upload it first (POST /v1/blobs)"
+            )
+        return blob
+
+    async def _local_copy(self, blob: BlobRef) -> Path:
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=self.spool_dir, suffix=".blob")
+        os.close(fd)
+        path = Path(name)
+        try:
+            await asyncio.to_thread(self.store.get_to_file, blob.digest, path)
+        except CorruptObjectError as exc:
+            path.unlink(missing_ok=True)
+            raise RegistryError(422, f"stored object does not match its digest: {exc}") from exc
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return path
+
+    async def _inspect(self, blob: BlobRef, declared_format: str) -> ArtifactInfo:
+        path = await self._local_copy(blob)
+        try:
+            return await asyncio.to_thread(inspect_artifact, path, declared_format)
+        except ArtifactFormatError as exc:
+            raise RegistryError(422, f"artifact is not a valid {declared_format}: {exc}") from exc
+        finally:
+            path.unlink(missing_ok=True)
+
+    async def _check_eval_set(self, blob: BlobRef) -> None:
+        path = await self._local_copy(blob)
+        try:
+            await asyncio.to_thread(check_eval_set, path)
+        except EvalSetError as exc:
+            raise RegistryError(422, f"evaluation set {blob.digest}: {exc}") from exc
+        finally:
+            path.unlink(missing_ok=True)
+
+
+def _ref(blob: BlobRef, media_type: str) -> ArtifactRef:
+    return ArtifactRef(
+        digest=blob.digest, size_bytes=blob.size_bytes, uri=blob.uri, media_type=media_type
+    )
+
+
+def published_event(signed: SignedManifest) -> CloudEvent[ModelPublished]:
+    m = signed.manifest
+    payload = ModelPublished(
+        model_name=m.model_name,
+        version=m.version,
+        format=m.format,
+        task=m.task,
+        artifact=m.artifact,
+        manifest_digest=signed.digest,
+        labels=m.labels,
+        device_classes=m.device_classes,
+        eval_set=m.eval_set,
+    )
+    event_id = derive_event_id("model.published", m.model_name, m.version, signed.digest)
+    return new_event(
+        payload, source=SOURCE, event_id=event_id, subject=f"{m.model_name}/{m.version}"
+    )
