@@ -124,3 +124,22 @@ async def download_url(digest: str, request: Request) -> dict[str, Any]:
 async def keys(request: Request) -> dict[str, Any]:
     signer = request.app.state.registry.signer
     return {"keys": [signer.public_jwk()], "pem": signer.public_key_pem()}
+
+
+@router.get("/models/{name}/{version}/lineage", summary="Variants, reports, releases, rollouts")
+async def lineage(name: str, version: str, request: Request) -> dict[str, Any]:
+    name, version = _valid(ModelName, name, "model name"), _valid(Version, version, "version")
+    store = await request.app.state.registry.lineage()
+    if store is None:
+        raise RegistryError(503, "not connected to NATS yet: see GET /readyz")
+    found = await store.get(name, version)
+    if found is None:
+        raise RegistryError(404, f"no model {name} version {version}")
+    result: dict[str, Any] = found.to_api(await store.gateways(name, version))
+    return result
+
+
+@router.post("/admin/lineage/rebuild", summary="Wipe the lineage index and replay the streams")
+async def rebuild_lineage(request: Request) -> dict[str, Any]:
+    counts = await request.app.state.registry.rebuild_lineage()
+    return {"replayed": counts}

@@ -17,7 +17,9 @@ from slmops_registry.signing import load_signer
 def create_app(settings: RegistrySettings | None = None) -> FastAPI:
     settings = settings or RegistrySettings()
     context = RegistryContext(settings, load_signer(settings))  # fails fast without a key
-    runtime = ServiceRuntime("registry", settings, build_handlers(context.publisher))
+    runtime = ServiceRuntime(
+        "registry", settings, build_handlers(context.publisher, context.lineage)
+    )
     context.runtime = runtime
     app = create_service_app(runtime, router, title="slmops registry")
     app.state.registry = context

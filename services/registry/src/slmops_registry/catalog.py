@@ -14,9 +14,10 @@ import nats.js.errors
 from nats.js.kv import KeyValue
 from pydantic import BaseModel, ConfigDict
 
+from slmops.bus import MODEL_VERSIONS_KV
 from slmops.events.payloads import Digest, ModelName, Version
 
-BUCKET = "slmops-model-versions"
+BUCKET = MODEL_VERSIONS_KV.bucket
 
 
 class VersionRecord(BaseModel):
@@ -39,17 +40,18 @@ class VersionConflict(Exception):
         self.existing = existing
 
 
-def _token(value: str) -> str:
+def token(value: str) -> str:
+    """``value`` as one KV key token."""
     # KV keys are subject tokens: dots would split them and '+' is not allowed.
     return value.replace("=", "=3D").replace(".", "=2E").replace("+", "=2B")
 
 
-def _untoken(value: str) -> str:
+def untoken(value: str) -> str:
     return value.replace("=2B", "+").replace("=2E", ".").replace("=3D", "=")
 
 
 def version_key(model_name: str, version: str) -> str:
-    return f"{_token(model_name)}/{_token(version)}"
+    return f"{token(model_name)}/{token(version)}"
 
 
 class VersionCatalog:
@@ -104,6 +106,6 @@ class VersionCatalog:
         except nats.js.errors.NoKeysError:
             return []
         if model_name is not None:
-            keys = [k for k in keys if _untoken(k.split("/", 1)[0]) == model_name]
-        records = [await self.get(*map(_untoken, key.split("/", 1))) for key in sorted(keys)]
+            keys = [k for k in keys if untoken(k.split("/", 1)[0]) == model_name]
+        records = [await self.get(*map(untoken, key.split("/", 1))) for key in sorted(keys)]
         return [r for r in records if r is not None]

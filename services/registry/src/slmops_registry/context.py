@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from slmops.bus import LINEAGE_KV
 from slmops.objectstore import ObjectStore
 from slmops.service import ServiceRuntime
 from slmops_registry.catalog import BUCKET, VersionCatalog
+from slmops_registry.projection import LineageStore, rebuild
 from slmops_registry.publishing import Publisher
 from slmops_registry.settings import RegistrySettings
 from slmops_registry.signing import RegistrySigner
@@ -19,6 +21,7 @@ class RegistryContext:
     # Set by app.py once the runtime exists (the runtime needs the handlers, which need this).
     runtime: ServiceRuntime | None = None
     _publisher: Publisher | None = field(default=None, init=False)
+    _lineage: LineageStore | None = field(default=None, init=False)
 
     @property
     def store(self) -> ObjectStore:
@@ -41,3 +44,20 @@ class RegistryContext:
                 spool_dir=self.settings.spool_dir,
             )
         return self._publisher
+
+    async def lineage(self) -> LineageStore | None:
+        """The lineage index, once NATS is connected and its bucket declared; else None."""
+        bus = self.runtime.bus if self.runtime else None
+        if bus is None or f"kv:{LINEAGE_KV.bucket}" not in bus.declared:
+            return None
+        if self._lineage is None:
+            self._lineage = LineageStore(await bus.key_value(LINEAGE_KV.bucket))
+        return self._lineage
+
+    async def rebuild_lineage(self) -> dict[str, int]:
+        bus = self.runtime.bus if self.runtime else None
+        if bus is None:
+            raise RuntimeError("not connected")
+        counts = await rebuild(bus)
+        self._lineage = None  # the bucket was recreated: take a fresh handle
+        return counts

@@ -10,33 +10,40 @@ A published model version is one blob in one of the ``ModelFormat`` formats:
 Everything here reads headers and seeks past payloads: a multi-GB artifact is never loaded into
 memory and nothing is extracted from a tar. Failures raise ``ArtifactFormatError``, whose message
 the API returns to the uploader (HTTP 422), so each one names the offending member or field.
+
+This module sniffs the content, checks GGUF headers and composes the two lower layers:
+``tarsafety`` (member iteration and the checks against unsafe tars, and ``ArtifactFormatError``)
+and ``protowire`` (the streaming ONNX protobuf walker and external-data discovery). It is the
+public entry point: import the names in ``__all__`` from here, not from those modules.
 """
 
 from __future__ import annotations
 
-import posixpath
 import re
 import struct
 import tarfile
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Literal, NamedTuple, get_args
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from slmops.events.payloads import ModelFormat
+from slmops_registry.protowire import OnnxWalker, check_onnx_tar
+from slmops_registry.tarsafety import ArtifactFormatError, safe_member_name, scan_members
+
+__all__ = [
+    "KNOWN_FORMATS",
+    "ArtifactFormatError",
+    "ArtifactInfo",
+    "FileEntry",
+    "inspect_artifact",
+    "safe_member_name",
+]
 
 KNOWN_FORMATS: tuple[str, ...] = get_args(ModelFormat)
 
-_CHUNK = 64 * 1024
 _GGUF_MAGIC = b"GGUF"
-_MAX_PROTO_DEPTH = 100  # nested ONNX messages (graph > node > attribute > subgraph ...)
-_MAX_PROTO_STRING = 4096  # external_data keys/values; real ones are short paths and integers
-
-
-class ArtifactFormatError(ValueError):
-    """The artifact does not match its declared format; the message says why (HTTP 422)."""
 
 
 class FileEntry(BaseModel):
@@ -95,22 +102,6 @@ def inspect_artifact(
             raise _mismatch("onnx", kind, "an onnx artifact is an ONNX model file or a tar of one")
         return _inspect_onnx_file(path, size)
     raise _mismatch(declared_format, kind, "an hf-safetensors artifact is a tar of a model folder")
-
-
-def safe_member_name(name: str, *, what: str = "tar member") -> str:
-    """Normalise a relative archive path (``./a//b`` -> ``a/b``) or reject one that could escape.
-
-    Returns ``""`` for the archive root itself (``.`` or ``./``, which ``tar -C dir .`` writes).
-    """
-    if name.startswith("/") or re.match(r"[A-Za-z]:", name):
-        raise ArtifactFormatError(f"{what} {name!r} has an absolute path")
-    if "\\" in name:
-        # A backslash is a separator on Windows consumers: "..\\x" would escape there.
-        raise ArtifactFormatError(f"{what} {name!r} contains a backslash")
-    parts = [part for part in name.split("/") if part not in ("", ".")]
-    if ".." in parts:
-        raise ArtifactFormatError(f"{what} {name!r} has a '..' component (escapes the root)")
-    return "/".join(parts)
 
 
 # --- sniffing -----------------------------------------------------------------------------
@@ -192,7 +183,7 @@ def _inspect_gguf(path: Path, size: int) -> ArtifactInfo:
 def _inspect_tar(path: Path, fmt: str, *, gzip: bool, max_members: int) -> ArtifactInfo:
     try:
         with tarfile.open(path, "r:gz" if gzip else "r:") as tf:
-            members = _scan_members(tf, max_members)
+            members = scan_members(tf, max_members)
             files = [
                 FileEntry(name=name, size_bytes=info.size, offset_bytes=info.offset_data)
                 for name, info in members.items()
@@ -204,7 +195,7 @@ def _inspect_tar(path: Path, fmt: str, *, gzip: bool, max_members: int) -> Artif
                 files=files,
             )
             if fmt == "onnx":
-                model, external = _check_onnx_tar(tf, members)
+                model, external = check_onnx_tar(tf, members)
                 return info.model_copy(
                     update={"onnx_model_file": model, "external_data_files": external}
                 )
@@ -213,69 +204,6 @@ def _inspect_tar(path: Path, fmt: str, *, gzip: bool, max_members: int) -> Artif
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         what = "gzip-compressed tar" if gzip else "tar archive"
         raise ArtifactFormatError(f"{what} is corrupt, truncated or not a tar: {exc}") from exc
-
-
-def _scan_members(tf: tarfile.TarFile, max_members: int) -> dict[str, tarfile.TarInfo]:
-    """Regular files by normalised name, after rejecting every member we would not extract."""
-    seen: set[str] = set()
-    files: dict[str, tarfile.TarInfo] = {}
-    for count, member in enumerate(tf, start=1):  # reads headers only, seeks past the data
-        if count > max_members:
-            raise ArtifactFormatError(f"tar archive has more than {max_members} members")
-        name = safe_member_name(member.name)
-        label = f"tar member {member.name!r}"
-        if member.issym():
-            raise ArtifactFormatError(f"{label} is a symbolic link (to {member.linkname!r})")
-        if member.islnk():
-            raise ArtifactFormatError(f"{label} is a hard link (to {member.linkname!r})")
-        if member.ischr() or member.isblk():
-            raise ArtifactFormatError(f"{label} is a device file")
-        if member.isfifo():
-            raise ArtifactFormatError(f"{label} is a FIFO (named pipe)")
-        if member.issparse():
-            raise ArtifactFormatError(f"{label} is a GNU sparse file, which is not supported")
-        if not (member.isreg() or member.isdir()):
-            raise ArtifactFormatError(f"{label} has unsupported type {member.type!r}")
-        if not name and not member.isdir():
-            raise ArtifactFormatError(f"{label} is a file without a name")
-        if name in seen:
-            raise ArtifactFormatError(f"{label} appears more than once (duplicate member name)")
-        if name:
-            seen.add(name)
-        if member.isreg():
-            files[name] = member
-    _check_end_of_archive(tf)
-    for name in seen:  # "a" as a file and "a/b/c": extractors would fail or clobber one of them
-        parent = posixpath.dirname(name)
-        while parent:
-            if parent in files:
-                raise ArtifactFormatError(f"tar member {parent!r} is a file but also a folder")
-            parent = posixpath.dirname(parent)
-    if not files:
-        raise ArtifactFormatError("tar archive is empty: it holds no files")
-    return files
-
-
-def _check_end_of_archive(tf: tarfile.TarFile) -> None:
-    """Fail when iteration stopped at something other than zero blocks.
-
-    ``tarfile`` silently ends iteration at an invalid header after the first member, so a
-    corrupt or smuggled tail would be invisible to us but maybe not to another tar reader.
-    """
-    fp = tf.fileobj
-    assert fp is not None  # an open TarFile always has one
-    fp.seek(tf.offset)
-    pos = tf.offset
-    while chunk := fp.read(_CHUNK):
-        stripped = chunk.lstrip(b"\0")
-        if stripped:
-            at = pos + len(chunk) - len(stripped)
-            if at == tf.offset:
-                raise ArtifactFormatError(f"tar archive has an invalid member header at byte {at}")
-            raise ArtifactFormatError(
-                f"tar archive has data at byte {at}, after its end-of-archive marker"
-            )
-        pos += len(chunk)
 
 
 def _check_hf_tar(files: dict[str, tarfile.TarInfo]) -> None:
@@ -299,46 +227,12 @@ def _check_hf_tar(files: dict[str, tarfile.TarInfo]) -> None:
         raise ArtifactFormatError(f"hf-safetensors tar has no *.safetensors file {where}")
 
 
-def _check_onnx_tar(
-    tf: tarfile.TarFile, files: dict[str, tarfile.TarInfo]
-) -> tuple[str, list[str]]:
-    """Return the model member and the external-data members its tensors reference."""
-    models = [name for name in files if name.lower().endswith(".onnx")]
-    if len(models) != 1:
-        found = f"found {len(models)}: {', '.join(models[:10])}" if models else "found none"
-        raise ArtifactFormatError(f"onnx tar must hold exactly one *.onnx file; {found}")
-    model = models[0]
-    fp = tf.extractfile(files[model])
-    assert fp is not None  # a regular member always has a file object
-    refs = _OnnxWalker(fp, files[model].size, model).run()
-    base = posixpath.dirname(model)
-    external: list[str] = []
-    for ref in refs:
-        what = f"external data location of tensor {ref.tensor!r}"
-        name = posixpath.join(base, safe_member_name(ref.location, what=what))
-        member = files.get(name)
-        if member is None:
-            raise ArtifactFormatError(
-                f"{model}: tensor {ref.tensor!r} references external data file {ref.location!r},"
-                f" but the tar has no file {name!r}"
-            )
-        end = ref.offset + (ref.length if ref.length is not None else 0)
-        if ref.offset > member.size or end > member.size:
-            raise ArtifactFormatError(
-                f"{model}: tensor {ref.tensor!r} reads bytes {ref.offset}..{end} of {name!r},"
-                f" which has only {member.size} bytes"
-            )
-        if name not in external:
-            external.append(name)
-    return model, external
-
-
 # --- onnx ---------------------------------------------------------------------------------
 
 
 def _inspect_onnx_file(path: Path, size: int) -> ArtifactInfo:
     with path.open("rb") as fp:
-        refs = _OnnxWalker(fp, size, path.name).run()
+        refs = OnnxWalker(fp, size, path.name).run()
     if refs:
         raise ArtifactFormatError(
             f"ONNX model references external data ({refs[0].location!r} for tensor "
@@ -350,149 +244,3 @@ def _inspect_onnx_file(path: Path, size: int) -> ArtifactInfo:
         files=[FileEntry(name=path.name, size_bytes=size, offset_bytes=0)],
         onnx_model_file=path.name,
     )
-
-
-class _Field(NamedTuple):
-    number: int
-    wire_type: int
-    value: int  # the varint's value; the payload length for length-delimited fields
-    start: int  # payload start (length-delimited / fixed-width fields)
-    end: int
-
-
-class _ExternalRef(NamedTuple):
-    tensor: str
-    location: str
-    offset: int
-    length: int | None
-
-
-# Message -> {field number: child message}, only along the paths where tensors live (the same
-# places the onnx package looks for external data: initializers and node attributes, including
-# those of subgraphs). Field numbers are from onnx.proto.
-_CHILDREN: dict[str, dict[int, str]] = {
-    "graph": {1: "node", 5: "tensor", 15: "sparse"},
-    "node": {5: "attribute"},
-    "attribute": {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse", 23: "sparse"},
-    "sparse": {1: "tensor", 2: "tensor"},
-}
-
-
-class _OnnxWalker:
-    """Walks an ONNX ModelProto in the protobuf wire format, seeking past every payload it
-    does not need (raw tensor data included), and collects external-data references."""
-
-    def __init__(self, fp: IO[bytes], size: int, what: str) -> None:
-        self.fp, self.size, self.what = fp, size, what
-        self.refs: list[_ExternalRef] = []
-
-    def run(self) -> list[_ExternalRef]:
-        graphs = 0
-        for index, field in enumerate(self._fields(0, self.size)):
-            if index == 0 and (field.number, field.wire_type) != (1, 0):
-                raise self._error("it does not start with ir_version (field 1, tag 0x08)")
-            if field.number == 7:
-                self._expect_bytes(field, "ModelProto.graph")
-                self._walk("graph", field.start, field.end, depth=1)
-                graphs += 1
-        if not graphs:
-            raise self._error("it has no graph (ModelProto field 7)")
-        return self.refs
-
-    def _error(self, detail: str) -> ArtifactFormatError:
-        return ArtifactFormatError(f"{self.what} is not a valid ONNX model: {detail}")
-
-    def _walk(self, message: str, start: int, end: int, depth: int) -> None:
-        if depth > _MAX_PROTO_DEPTH:
-            raise self._error(f"messages nested deeper than {_MAX_PROTO_DEPTH} levels")
-        if message == "tensor":
-            self._tensor(start, end)
-            return
-        children = _CHILDREN[message]
-        for field in self._fields(start, end):
-            child = children.get(field.number)
-            if child is not None:
-                self._expect_bytes(field, f"{message} field {field.number}")
-                self._walk(child, field.start, field.end, depth + 1)
-
-    def _tensor(self, start: int, end: int) -> None:
-        name, external = "", False
-        entries: dict[str, str] = {}
-        for field in self._fields(start, end):
-            if field.number == 8 and field.wire_type == 2:  # name; only needed for messages
-                name = self._read(field, cap=200).decode("utf-8", "replace")
-            elif field.number == 13:  # external_data: StringStringEntryProto
-                self._expect_bytes(field, "TensorProto.external_data")
-                key, value = "", ""
-                for sub in self._fields(field.start, field.end):
-                    if sub.number in (1, 2) and sub.wire_type == 2:
-                        if sub.value > _MAX_PROTO_STRING:
-                            raise self._error(
-                                f"tensor {name!r} has an over-long external_data entry"
-                            )
-                        text = self._read(sub, cap=sub.value).decode("utf-8", "replace")
-                        key, value = (text, value) if sub.number == 1 else (key, text)
-                entries[key] = value
-            elif field.number == 14 and field.wire_type == 0:  # data_location
-                external = field.value == 1  # EXTERNAL; entries without it are ignored by onnx
-        if not external:
-            return
-        if not entries.get("location"):
-            raise self._error(f"tensor {name!r} has external data without a 'location'")
-        try:
-            offset = int(entries.get("offset", "0"))
-            length = int(entries["length"]) if "length" in entries else None
-            if offset < 0 or (length is not None and length < 0):
-                raise ValueError("negative")
-        except ValueError as exc:
-            raise self._error(
-                f"tensor {name!r} has an external offset/length that is not an integer >= 0"
-            ) from exc
-        self.refs.append(_ExternalRef(name, entries["location"], offset, length))
-
-    def _expect_bytes(self, field: _Field, label: str) -> None:
-        if field.wire_type != 2:
-            raise self._error(f"{label} has wire type {field.wire_type}, expected 2 (bytes)")
-
-    def _read(self, field: _Field, cap: int) -> bytes:
-        """The first ``cap`` bytes of a length-delimited field's payload."""
-        self.fp.seek(field.start)
-        return self.fp.read(min(field.value, cap))
-
-    def _fields(self, start: int, end: int) -> Iterator[_Field]:
-        """The fields of the message in [start, end); payloads are skipped by position only."""
-        pos = start
-        while pos < end:
-            tag, pos = self._varint(pos, end)
-            number, wire_type = tag >> 3, tag & 7
-            if number == 0:
-                raise self._error(f"invalid field number 0 at byte {pos}")
-            if wire_type == 0:
-                value, pos = self._varint(pos, end)
-                yield _Field(number, wire_type, value, pos, pos)
-                continue
-            if wire_type == 2:
-                length, pos = self._varint(pos, end)
-            elif wire_type in (1, 5):
-                length = 8 if wire_type == 1 else 4
-            else:  # 3/4 are deprecated groups, 6/7 do not exist; ONNX uses neither
-                raise self._error(f"field {number} at byte {pos} has wire type {wire_type}")
-            if length > end - pos:
-                raise self._error(
-                    f"field {number} at byte {pos} declares {length} bytes but only {end - pos} "
-                    "remain (truncated file?)"
-                )
-            yield _Field(number, wire_type, length, pos, pos + length)
-            pos += length
-
-    def _varint(self, pos: int, end: int) -> tuple[int, int]:
-        self.fp.seek(pos)
-        raw = self.fp.read(min(10, end - pos))
-        result = 0
-        for i, byte in enumerate(raw):
-            result |= (byte & 0x7F) << (7 * i)
-            if byte < 0x80:
-                return result, pos + i + 1
-        if len(raw) == 10:
-            raise self._error(f"varint longer than 10 bytes at byte {pos}")
-        raise self._error(f"varint at byte {pos} runs past the end (truncated file?)")

@@ -1,5 +1,8 @@
 """registry event handlers: plain async functions, event in, events out.
 
+Every optimization, validation, release, rollout and gateway event is folded into the lineage
+index (see :mod:`slmops_registry.projection`).
+
 A ``model.published`` event that carries no manifest is a request from an upstream system to
 record a model whose artifact it put in the store itself: the registry verifies the object
 (it must exist, hash to its digest and have the announced size), then records and signs it and
@@ -17,17 +20,29 @@ from slmops.bus import Handlers
 from slmops.events import CloudEvent, ModelPublished, ModelRejected, TransientError, new_event
 from slmops.events.envelope import derive_event_id
 from slmops_registry.errors import RegistryError
+from slmops_registry.projection import PROJECTED, LineageStore, project
 from slmops_registry.publishing import SOURCE, Publisher, PublishRequest
 
 GetPublisher = Callable[[], Awaitable[Publisher | None]]
+GetLineage = Callable[[], Awaitable[LineageStore | None]]
+
+
+async def on_lineage_event(event: CloudEvent[Any], *, get_lineage: GetLineage) -> None:
+    """Fold an optimization, validation, release, rollout or gateway event into the lineage."""
+    store = await get_lineage()
+    if store is None:
+        raise TransientError("registry not connected yet")
+    await project(store, event)
 
 
 async def on_model_published(
-    event: CloudEvent[ModelPublished], *, get_publisher: GetPublisher
+    event: CloudEvent[ModelPublished], *, get_publisher: GetPublisher, get_lineage: GetLineage
 ) -> list[CloudEvent[Any]]:
     data = event.data
     if event.source == SOURCE or data.manifest_digest is not None:
-        return []  # recorded already: by us, or by whoever signed that manifest
+        # recorded already (by us, or by whoever signed that manifest): lineage only
+        await on_lineage_event(event, get_lineage=get_lineage)
+        return []
     publisher = await get_publisher()
     if publisher is None:
         raise TransientError("registry not connected yet")
@@ -63,8 +78,14 @@ async def on_model_published(
     return []
 
 
-def build_handlers(get_publisher: GetPublisher) -> Handlers:
+def build_handlers(get_publisher: GetPublisher, get_lineage: GetLineage) -> Handlers:
     """The event-type -> handler table of the registry (dependencies bound here)."""
     handlers = Handlers()
-    handlers.register(ModelPublished, partial(on_model_published, get_publisher=get_publisher))
+    handlers.register(
+        ModelPublished,
+        partial(on_model_published, get_publisher=get_publisher, get_lineage=get_lineage),
+    )
+    for payload_type in PROJECTED:
+        if payload_type is not ModelPublished:
+            handlers.register(payload_type, partial(on_lineage_event, get_lineage=get_lineage))
     return handlers

@@ -67,12 +67,17 @@ DEAD_LETTER = StreamSpec(
 )
 STREAMS: tuple[StreamSpec, ...] = (PIPELINE, ROLLOUT, FLEET, DEAD_LETTER)
 
+MODEL_VERSIONS_KV = KvSpec(
+    "slmops-model-versions", "Published model versions: name/version -> manifest (registry)."
+)
+LINEAGE_KV = KvSpec("slmops-lineage", "Lineage index: a projection of the event log (registry).")
 KV_BUCKETS: tuple[KvSpec, ...] = (
     KvSpec("slmops-rollouts", "Rollout state machines, so a restarted service resumes.", 5),
     KvSpec("slmops-desired-state", "Desired model per gateway: the source of truth.", 3),
     KvSpec("slmops-gateways", "Registered gateways: class, labels, capabilities, last seen."),
     KvSpec("slmops-jobs", "Optimization and validation job states and progress.", 3),
-    KvSpec("slmops-model-versions", "Published model versions: name/version -> manifest."),
+    MODEL_VERSIONS_KV,
+    LINEAGE_KV,
 )
 
 

@@ -1,0 +1,154 @@
+"""Lineage as a projection of the event log: live, and rebuilt by replay."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from typing import Any
+
+import httpx
+import pytest
+
+from slmops.bus import LINEAGE_KV, Bus
+from slmops.events import (
+    ArtifactRef,
+    EventPayload,
+    GatewayReport,
+    OptimizationCompleted,
+    OptimizationFailed,
+    ReleaseCreated,
+    RolloutCompleted,
+    RolloutStarted,
+    RolloutWaveStarted,
+    ValidationFailed,
+    ValidationPassed,
+    new_event,
+)
+from slmops.events.payloads import GateResult, PassSpec, Recipe, ReleaseEntry, WavePlan
+from slmops_registry.testing import RegistryUnderTest, gguf_bytes
+
+pytestmark = pytest.mark.integration
+NAME, VERSION = "smollm2-135m", "1.0.0"
+
+
+def ref(seed: str, size: int = 1000) -> ArtifactRef:
+    digest = "sha256:" + hashlib.sha256(seed.encode()).hexdigest()
+    return ArtifactRef(digest=digest, size_bytes=size, uri=f"s3://b/{seed}")
+
+
+def pipeline_story(parent: str) -> list[EventPayload]:
+    """What the optimizer, validator, rollout service and two gateways would say."""
+    recipe = Recipe(name="int8", passes=[PassSpec(name="int8_dynamic")])
+    common = {"model_name": NAME, "version": VERSION}
+    return [
+        OptimizationCompleted(**common, variant_id="v-x86", device_class="x86-vnni",
+                              parent_digest=parent, recipe=recipe, artifact=ref("x86", 500),
+                              duration_s=3.5),
+        OptimizationCompleted(**common, variant_id="v-arm", device_class="arm64",
+                              parent_digest=parent, recipe=recipe, artifact=ref("arm", 600),
+                              duration_s=4.0),
+        OptimizationFailed(**common, device_class="npu", recipe_name="qdq", reason="no calib"),
+        ValidationPassed(**common, variant_id="v-x86", device_class="x86-vnni",
+                         gates=[GateResult(name="cosine", value=0.99, budget=0.98, passed=True)]),
+        ValidationFailed(**common, variant_id="v-arm", device_class="arm64",
+                         reason="cosine 0.91 < 0.98"),
+        ReleaseCreated(**common, release_id="rel-1", entries=[
+            ReleaseEntry(device_class="x86-vnni", variant_id="v-x86", reason="smallest"),
+            ReleaseEntry(device_class="arm64", variant_id=None, reason="none passed"),
+        ]),
+        RolloutStarted(**common, rollout_id="ro-1", release_id="rel-1",
+                       waves=[WavePlan(index=0, percent=50, target_count=1),
+                              WavePlan(index=1, percent=100, target_count=2)]),
+        RolloutWaveStarted(rollout_id="ro-1", wave_index=0, target_count=1),
+        GatewayReport(gateway_id="gw-1", kind="applied", device_class="x86-vnni",
+                      rollout_id="ro-1", variant_id="v-x86"),
+        GatewayReport(gateway_id="gw-2", kind="failed", device_class="x86-vnni",
+                      rollout_id="ro-1", variant_id="v-x86", reason="smoke test failed"),
+        GatewayReport(gateway_id="gw-2", kind="health", device_class="x86-vnni"),
+        RolloutCompleted(rollout_id="ro-1", gateways_updated=1, gateways_failed=1),
+    ]  # fmt: skip
+
+
+async def lineage_when(
+    client: httpx.AsyncClient, predicate: Any, timeout_s: float = 20
+) -> dict[str, Any]:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    last: dict[str, Any] = {}
+    while asyncio.get_running_loop().time() < deadline:
+        response = await client.get(f"/v1/models/{NAME}/{VERSION}/lineage")
+        if response.status_code == 200:
+            last = response.json()
+            if predicate(last):
+                return last
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"lineage never got there; last: {last}")
+
+
+def complete(lineage: dict[str, Any]) -> bool:
+    rollouts = lineage["rollouts"]
+    return (
+        lineage["published"] is not None
+        and len(lineage["variants"]) == 2
+        and all(v["reports"] for v in lineage["variants"])
+        and len(lineage["gateways"]) == 2
+        and bool(rollouts)
+        and rollouts[0]["state"] == "completed"
+    )
+
+
+async def test_lineage_follows_the_events_and_a_replay_rebuilds_it_identically(
+    registry: RegistryUnderTest, bus: Bus
+) -> None:
+    digest = (await registry.upload(gguf_bytes())).json()["digest"]
+    assert (await registry.publish(digest)).status_code == 201
+    for payload in pipeline_story(digest):
+        await bus.publish(new_event(payload, source="/slmops/test"))
+
+    live = await lineage_when(registry.client, complete)
+    rebuilt_counts = (await registry.client.post("/v1/admin/lineage/rebuild")).json()
+    rebuilt = await lineage_when(registry.client, complete)
+
+    assert rebuilt == live
+    assert rebuilt_counts["replayed"] == {
+        "SLMOPS_PIPELINE": 7,
+        "SLMOPS_ROLLOUT": 3,
+        "SLMOPS_FLEET": 3,
+    }
+    variants = {v["variant_id"]: v for v in live["variants"]}
+    assert variants["v-x86"]["status"] == "validated"
+    assert variants["v-arm"]["status"] == "rejected"
+    assert variants["v-arm"]["reports"][0]["reason"] == "cosine 0.91 < 0.98"
+    assert variants["v-x86"]["size_bytes"] == 500
+    assert live["optimization_failures"][0]["reason"] == "no calib"
+    assert live["releases"][0]["entries"][1]["variant_id"] is None
+    assert [step["type"] for step in live["rollouts"][0]["history"]] == [
+        "slmops.rollout.started.v1",
+        "slmops.rollout.wave.started.v1",
+        "slmops.rollout.completed.v1",
+    ]
+    assert live["gateways"]["gw-1"]["state"] == "applied"
+    assert live["gateways"]["gw-2"] == {**live["gateways"]["gw-2"], "state": "failed",
+                                        "reason": "smoke test failed"}  # fmt: skip
+    assert live["published"]["artifact"]["digest"] == digest
+
+
+async def test_wiped_index_is_empty_until_replayed(registry: RegistryUnderTest, bus: Bus) -> None:
+    digest = (await registry.upload(gguf_bytes())).json()["digest"]
+    await registry.publish(digest)
+    await lineage_when(registry.client, lambda lineage: lineage["published"] is not None)
+    await bus.js.delete_key_value(LINEAGE_KV.bucket)
+    await bus.declare_kv(LINEAGE_KV)
+
+    missing = await registry.client.get(f"/v1/models/{NAME}/{VERSION}/lineage")
+    await registry.client.post("/v1/admin/lineage/rebuild")
+    restored = await lineage_when(registry.client, lambda lineage: lineage["published"] is not None)
+
+    assert missing.status_code == 404
+    assert restored["published"]["artifact"]["digest"] == digest
+
+
+async def test_lineage_of_an_unknown_version_is_404(registry: RegistryUnderTest) -> None:
+    response = await registry.client.get("/v1/models/nope/1/lineage")
+
+    assert response.status_code == 404
+    assert response.json()["detail"] == "no model nope version 1"
