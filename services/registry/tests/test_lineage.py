@@ -152,3 +152,59 @@ async def test_lineage_of_an_unknown_version_is_404(registry: RegistryUnderTest)
 
     assert response.status_code == 404
     assert response.json()["detail"] == "no model nope version 1"
+
+
+async def channels_when(
+    client: httpx.AsyncClient, predicate: Any, timeout_s: float = 20
+) -> list[dict[str, Any]]:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    last: list[dict[str, Any]] = []
+    while asyncio.get_running_loop().time() < deadline:
+        last = (await client.get(f"/v1/channels/{NAME}")).json()
+        if predicate(last):
+            return last
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"channels never got there; last: {last}")
+
+
+async def test_channels_move_with_releases_rollouts_and_the_api(
+    registry: RegistryUnderTest, bus: Bus
+) -> None:
+    digest = (await registry.upload(gguf_bytes())).json()["digest"]
+    await registry.publish(digest)
+    for payload in pipeline_story(digest):
+        await bus.publish(new_event(payload, source="/slmops/test"))
+    await lineage_when(registry.client, complete)
+
+    def x86(books: list[dict[str, Any]]) -> dict[str, Any]:
+        return next((b for b in books if b["device_class"] == "x86-vnni"), {"channels": {}})
+
+    after_rollout = await channels_when(registry.client, lambda b: "stable" in x86(b)["channels"])
+    moved = await registry.client.put(
+        f"/v1/channels/{NAME}/x86-vnni/pinned",
+        json={"version": VERSION, "variant_id": "v-x86", "reason": "field test"},
+    )
+    after_api = await channels_when(registry.client, lambda b: "pinned" in x86(b)["channels"])
+    refused = await registry.client.put(
+        f"/v1/channels/{NAME}/x86-vnni/stable", json={"version": VERSION, "variant_id": "v-arm"}
+    )
+    await registry.client.post("/v1/admin/lineage/rebuild")
+    rebuilt = await channels_when(registry.client, lambda b: "pinned" in x86(b)["channels"])
+
+    channels = x86(after_rollout)["channels"]
+    assert channels["canary"]["variant_id"] == "v-x86"
+    assert channels["canary"]["cause"] == "slmops.release.created.v1"
+    assert channels["stable"]["variant_id"] == "v-x86"
+    assert channels["stable"]["cause"] == "slmops.rollout.completed.v1"
+    assert moved.status_code == 202
+    pinned = x86(after_api)["channels"]["pinned"]
+    assert (pinned["variant_id"], pinned["moved_by"], pinned["reason"]) == (
+        "v-x86",
+        "api",
+        "field test",
+    )
+    assert [m["channel"] for m in x86(after_api)["history"]] == ["canary", "stable", "pinned"]
+    assert refused.status_code == 422
+    assert "no variant v-arm for x86-vnni" in refused.json()["detail"]
+    assert rebuilt == after_api
+    assert all(b["device_class"] != "arm64" for b in after_api)  # arm64 had nothing released

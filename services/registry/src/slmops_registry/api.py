@@ -12,12 +12,14 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from slmops.events.payloads import Digest, ModelName, Version
+from slmops.events import ChannelMoved, new_event
+from slmops.events.payloads import Digest, ModelName, Token, Version
 from slmops.objectstore import ObjectNotFoundError
 from slmops_registry.errors import RegistryError
-from slmops_registry.publishing import Publisher, PublishRequest
+from slmops_registry.projection import LineageStore
+from slmops_registry.publishing import SOURCE, Publisher, PublishRequest
 from slmops_registry.uploads import spool_upload
 
 router = APIRouter(prefix="/v1", tags=["registry"])
@@ -36,6 +38,13 @@ async def _publisher(request: Request) -> Publisher:
     if publisher is None:
         raise RegistryError(503, "not connected to NATS yet: see GET /readyz")
     return publisher
+
+
+async def _lineage(request: Request) -> LineageStore:
+    store: LineageStore | None = await request.app.state.registry.lineage()
+    if store is None:
+        raise RegistryError(503, "not connected to NATS yet: see GET /readyz")
+    return store
 
 
 @router.post("/blobs", status_code=201, summary="Upload an artifact or evaluation set")
@@ -129,9 +138,7 @@ async def keys(request: Request) -> dict[str, Any]:
 @router.get("/models/{name}/{version}/lineage", summary="Variants, reports, releases, rollouts")
 async def lineage(name: str, version: str, request: Request) -> dict[str, Any]:
     name, version = _valid(ModelName, name, "model name"), _valid(Version, version, "version")
-    store = await request.app.state.registry.lineage()
-    if store is None:
-        raise RegistryError(503, "not connected to NATS yet: see GET /readyz")
+    store = await _lineage(request)
     found = await store.get(name, version)
     if found is None:
         raise RegistryError(404, f"no model {name} version {version}")
@@ -143,3 +150,51 @@ async def lineage(name: str, version: str, request: Request) -> dict[str, Any]:
 async def rebuild_lineage(request: Request) -> dict[str, Any]:
     counts = await request.app.state.registry.rebuild_lineage()
     return {"replayed": counts}
+
+
+class ChannelMove(BaseModel):
+    version: Version
+    variant_id: Token
+    reason: str = ""
+
+
+@router.get("/channels/{name}", summary="Channels of a model per device class, with history")
+async def channels(name: str, request: Request) -> list[dict[str, Any]]:
+    name = _valid(ModelName, name, "model name")
+    store = await _lineage(request)
+    books = sorted(await store.channel_books(name), key=lambda b: b.device_class)
+    return [book.to_api() for book in books]
+
+
+@router.put(
+    "/channels/{name}/{device_class}/{channel}",
+    status_code=202,
+    summary="Point a channel at a variant (published as channel.moved, applied by projection)",
+)
+async def move_channel(
+    name: str, device_class: str, channel: str, body: ChannelMove, request: Request
+) -> dict[str, Any]:
+    name = _valid(ModelName, name, "model name")
+    device_class, channel = (
+        _valid(Token, device_class, "device class"),
+        _valid(Token, channel, "channel"),
+    )
+    store = await _lineage(request)
+    lineage = await store.get(name, body.version)
+    variant = lineage.variants.get(body.variant_id) if lineage else None
+    if variant is None or variant.device_class != device_class:
+        raise RegistryError(
+            422, f"{name} {body.version} has no variant {body.variant_id} for {device_class}"
+        )
+    moved = ChannelMoved(
+        model_name=name,
+        device_class=device_class,
+        channel=channel,
+        version=body.version,
+        variant_id=body.variant_id,
+        reason=body.reason,
+        moved_by="api",
+    )
+    event = new_event(moved, source=SOURCE)
+    await (await _publisher(request)).publish(event)
+    return {"event_id": event.id}

@@ -13,15 +13,18 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import nats.errors
 import nats.js.errors
 from nats.js.api import DeliverPolicy
 from nats.js.kv import KeyValue
+from pydantic import BaseModel
 
 from slmops.bus import FLEET, LINEAGE_KV, PIPELINE, ROLLOUT, Bus
 from slmops.events import (
+    ChannelMoved,
     CloudEvent,
     GatewayReport,
     ModelPublished,
@@ -41,10 +44,12 @@ from slmops.events import (
 )
 from slmops.events.errors import EventDecodeError
 from slmops_registry.catalog import token
+from slmops_registry.channels import CANARY, STABLE, ChannelBook, Move
 from slmops_registry.lineage import GatewayState, Lineage, apply_event, gateway_state
 
 log = logging.getLogger(__name__)
 _CAS_ATTEMPTS = 20
+M = TypeVar("M", bound=BaseModel)
 #: What the lineage is made of (everything else on these streams is not lineage).
 PROJECTED = (
     ModelPublished,
@@ -53,6 +58,7 @@ PROJECTED = (
     ValidationPassed,
     ValidationFailed,
     ReleaseCreated,
+    ChannelMoved,
     RolloutStarted,
     RolloutWaveStarted,
     RolloutPaused,
@@ -78,18 +84,22 @@ class LineageStore:
             return None
         return Lineage.model_validate_json(entry.value or b"")
 
-    async def update(self, name: str, version: str, event: CloudEvent[Any]) -> None:
-        """Fold ``event`` into the version's document with compare-and-set retries."""
-        key = self.model_key(name, version)
+    async def _modify(
+        self, key: str, model: type[M], change: Callable[[M | None], M | None]
+    ) -> None:
+        """Compare-and-set: read ``key``, let ``change`` return the new document (None: no
+        change), and write it unless another writer got there first - then read and change
+        again, so parallel handlers never lose each other's updates."""
         for _ in range(_CAS_ATTEMPTS):
             try:
                 entry = await self.kv.get(key)
-                lineage, revision = Lineage.model_validate_json(entry.value or b""), entry.revision
+                current, revision = model.model_validate_json(entry.value or b""), entry.revision
             except nats.js.errors.KeyNotFoundError:
-                lineage, revision = Lineage(model_name=name, version=version), None
-            if not apply_event(lineage, event):
+                current, revision = None, None
+            document = change(current)
+            if document is None:
                 return
-            value = lineage.model_dump_json().encode()
+            value = document.model_dump_json().encode()
             try:
                 if revision is None:
                     await self.kv.create(key, value)
@@ -97,8 +107,29 @@ class LineageStore:
                     await self.kv.update(key, value, last=revision)
                 return
             except nats.js.errors.KeyWrongLastSequenceError:
-                continue  # someone else updated it first: re-read and fold again
-        raise TransientError(f"lineage of {name} {version} kept changing under {event.id}")
+                continue
+        raise TransientError(f"{key} kept changing; giving up for now")
+
+    async def update(self, name: str, version: str, event: CloudEvent[Any]) -> None:
+        """Fold ``event`` into the version's lineage document."""
+
+        def fold(lineage: Lineage | None) -> Lineage | None:
+            lineage = lineage or Lineage(model_name=name, version=version)
+            return lineage if apply_event(lineage, event) else None
+
+        await self._modify(self.model_key(name, version), Lineage, fold)
+
+    async def move_channels(self, name: str, device_class: str, moves: list[Move]) -> None:
+        def add(book: ChannelBook | None) -> ChannelBook | None:
+            book = book or ChannelBook(model_name=name, device_class=device_class)
+            changed = [book.add(move) for move in moves]
+            return book if any(changed) else None
+
+        await self._modify(f"channel.{token(name)}.{token(device_class)}", ChannelBook, add)
+
+    async def channel_books(self, name: str) -> list[ChannelBook]:
+        raws = await self._values(f"channel.{token(name)}.*")
+        return [ChannelBook.model_validate_json(raw) for raw in raws]
 
     async def remember(self, kind: str, ident: str, name: str, version: str) -> None:
         await self.kv.put(f"{kind}.{token(ident)}", json.dumps([name, version]).encode())
@@ -113,36 +144,26 @@ class LineageStore:
 
     async def put_gateway(self, name: str, version: str, state: GatewayState) -> None:
         """Keep the newest state per gateway (by event time, then id)."""
-        key = f"gw.{token(name)}.{token(version)}.{state.gateway_id}"
-        for _ in range(_CAS_ATTEMPTS):
-            try:
-                entry = await self.kv.get(key)
-                current = GatewayState.model_validate_json(entry.value or b"")
-                if current.key() >= state.key():
-                    return
-                revision: int | None = entry.revision
-            except nats.js.errors.KeyNotFoundError:
-                revision = None
-            try:
-                value = state.model_dump_json().encode()
-                if revision is None:
-                    await self.kv.create(key, value)
-                else:
-                    await self.kv.update(key, value, last=revision)
-                return
-            except nats.js.errors.KeyWrongLastSequenceError:
-                continue
-        raise TransientError(f"gateway state {key} kept changing")
+        await self._modify(
+            f"gw.{token(name)}.{token(version)}.{state.gateway_id}",
+            GatewayState,
+            lambda current: state if current is None or state.key() > current.key() else None,
+        )
 
-    async def gateways(self, name: str, version: str) -> list[GatewayState]:
-        watcher = await self.kv.watch(f"gw.{token(name)}.{token(version)}.*", ignore_deletes=True)
-        states = []
+    async def _values(self, pattern: str) -> list[bytes]:
+        """The current values of every key matching a subject ``pattern`` (server-filtered)."""
+        watcher = await self.kv.watch(pattern, ignore_deletes=True)
+        values = []
         try:
             while (entry := await watcher.updates(timeout=5)) is not None:  # type: ignore[no-untyped-call]
-                states.append(GatewayState.model_validate_json(entry.value or b""))
+                values.append(entry.value or b"")
         finally:
             await watcher.stop()  # type: ignore[no-untyped-call]
-        return states
+        return values
+
+    async def gateways(self, name: str, version: str) -> list[GatewayState]:
+        raws = await self._values(f"gw.{token(name)}.{token(version)}.*")
+        return [GatewayState.model_validate_json(raw) for raw in raws]
 
 
 async def project(store: LineageStore, event: CloudEvent[Any]) -> None:
@@ -167,6 +188,8 @@ async def project(store: LineageStore, event: CloudEvent[Any]) -> None:
         if where is None:  # its rollout.started has not been projected yet
             raise TransientError(f"rollout {data.rollout_id} not known yet")
         await store.update(*where, event)
+        if isinstance(data, RolloutCompleted | RolloutRolledBack):
+            await _move_after_rollout(store, event, *where)
         return
     name, version = data.model_name, data.version
     if isinstance(data, RolloutStarted):
@@ -178,6 +201,55 @@ async def project(store: LineageStore, event: CloudEvent[Any]) -> None:
             if entry.variant_id:
                 await store.remember("variant", entry.variant_id, name, version)
     await store.update(name, version, event)
+    if isinstance(data, ReleaseCreated):  # a release makes its variants the canaries
+        for entry in data.entries:
+            if entry.variant_id:
+                move = _move(event, CANARY, version, entry.variant_id, entry.reason)
+                await store.move_channels(name, entry.device_class, [move])
+    if isinstance(data, ChannelMoved):
+        move = _move(event, data.channel, version, data.variant_id, data.reason, data.moved_by)
+        await store.move_channels(name, data.device_class, [move])
+
+
+def _move(
+    event: CloudEvent[Any],
+    channel: str,
+    version: str,
+    variant_id: str,
+    reason: str = "",
+    moved_by: str = "",
+) -> Move:
+    return Move(
+        event_id=event.id,
+        time=event.time,
+        channel=channel,
+        version=version,
+        variant_id=variant_id,
+        cause=event.type,
+        reason=reason,
+        moved_by=moved_by or event.source,
+    )
+
+
+async def _move_after_rollout(
+    store: LineageStore, event: CloudEvent[Any], name: str, version: str
+) -> None:
+    """A completed rollout makes its release ``stable``; a rollback points ``canary`` back."""
+    data: Any = event.data
+    lineage = await store.get(name, version)
+    rollout = lineage.rollouts.get(data.rollout_id) if lineage else None
+    release = lineage.releases.get(rollout.release_id or "") if lineage and rollout else None
+    if lineage is None or release is None:
+        raise TransientError(f"release of rollout {data.rollout_id} not known yet")
+    if isinstance(data, RolloutCompleted):
+        for entry in release.entries:
+            if entry.variant_id:
+                move = _move(event, STABLE, version, entry.variant_id, "rollout completed")
+                await store.move_channels(name, entry.device_class, [move])
+    elif data.to_variant_id and data.to_variant_id in lineage.variants:
+        variant = lineage.variants[data.to_variant_id]
+        move = _move(event, CANARY, version, variant.variant_id, f"rolled back: {data.reason}")
+        await store.move_channels(name, variant.device_class, [move])
 
 
 async def rebuild(bus: Bus) -> dict[str, int]:

@@ -45,8 +45,14 @@ class ConsumerSpec:
 
 PIPELINE = StreamSpec(
     "SLMOPS_PIPELINE",
-    ("slmops.model.>", "slmops.optimization.>", "slmops.validation.>", "slmops.release.>"),
-    "Model lifecycle: published, optimized, validated, released.",
+    (
+        "slmops.model.>",
+        "slmops.optimization.>",
+        "slmops.validation.>",
+        "slmops.release.>",
+        "slmops.channel.>",
+    ),
+    "Model lifecycle: published, optimized, validated, released, channels moved.",
 )
 ROLLOUT = StreamSpec(
     "SLMOPS_ROLLOUT",

@@ -163,6 +163,21 @@ class ReleaseCreated(EventPayload):
     entries: list[ReleaseEntry]
 
 
+class ChannelMoved(EventPayload):
+    """A channel (``stable``, ``canary`` or custom) of a model for one device class now points
+    at a variant - moved by an operator through the registry API."""
+
+    event_type = "slmops.channel.moved.v1"
+
+    model_name: ModelName
+    device_class: Token
+    channel: Token
+    version: Version
+    variant_id: Token
+    reason: str = ""
+    moved_by: str = Field(description="Who moved it: 'api', a user, a service.")
+
+
 # --- rollout --------------------------------------------------------------------------------
 
 
@@ -303,6 +318,7 @@ CORE_EVENT_TYPES: tuple[type[EventPayload], ...] = (
     ValidationPassed,
     ValidationFailed,
     ReleaseCreated,
+    ChannelMoved,
     RolloutStarted,
     RolloutWaveStarted,
     RolloutPaused,
