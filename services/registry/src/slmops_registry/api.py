@@ -20,6 +20,7 @@ from slmops.objectstore import ObjectNotFoundError
 from slmops_registry.errors import RegistryError
 from slmops_registry.projection import LineageStore
 from slmops_registry.publishing import SOURCE, Publisher, PublishRequest
+from slmops_registry.retention import collect_garbage
 from slmops_registry.uploads import spool_upload
 
 router = APIRouter(prefix="/v1", tags=["registry"])
@@ -144,6 +145,21 @@ async def lineage(name: str, version: str, request: Request) -> dict[str, Any]:
         raise RegistryError(404, f"no model {name} version {version}")
     result: dict[str, Any] = found.to_api(await store.gateways(name, version))
     return result
+
+
+@router.post("/admin/gc", summary="Garbage-collect unreferenced blobs (dry-run by default)")
+async def garbage_collect(
+    request: Request, dry_run: bool = True, min_age_s: float | None = None
+) -> dict[str, Any]:
+    registry = request.app.state.registry
+    report = await collect_garbage(
+        registry.store,
+        (await _publisher(request)).catalog,
+        await _lineage(request),
+        min_age_s=registry.settings.gc_min_age_s if min_age_s is None else min_age_s,
+        dry_run=dry_run,
+    )
+    return report.to_api()
 
 
 @router.post("/admin/lineage/rebuild", summary="Wipe the lineage index and replay the streams")

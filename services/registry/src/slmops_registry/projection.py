@@ -161,6 +161,9 @@ class LineageStore:
             await watcher.stop()  # type: ignore[no-untyped-call]
         return values
 
+    async def all_lineages(self) -> list[Lineage]:
+        return [Lineage.model_validate_json(raw) for raw in await self._values("model.*.*")]
+
     async def gateways(self, name: str, version: str) -> list[GatewayState]:
         raws = await self._values(f"gw.{token(name)}.{token(version)}.*")
         return [GatewayState.model_validate_json(raw) for raw in raws]

@@ -32,6 +32,13 @@ class RegistrySettings(ServiceSettings):
         900, ge=1, le=7 * 86_400, description="Lifetime of presigned download URLs, in seconds."
     )
 
+    gc_min_age_s: float = Field(
+        7 * 86_400,
+        ge=0,
+        description="Garbage collection deletes unreferenced blobs only when older than this, "
+        "in seconds (protects uploads whose version is being published).",
+    )
+
     @property
     def spool_dir(self) -> Path:
         """Where uploads are received before they are checked and stored."""

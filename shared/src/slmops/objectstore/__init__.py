@@ -1,6 +1,13 @@
 """Content-addressed object store on the S3 API (AWS, MinIO, the local server)."""
 
-from slmops.objectstore.blobs import BLOB_PREFIX, STAGING_PREFIX, BlobRef, blob_key, check_digest
+from slmops.objectstore.blobs import (
+    BLOB_PREFIX,
+    STAGING_PREFIX,
+    BlobRef,
+    StoredObject,
+    blob_key,
+    check_digest,
+)
 from slmops.objectstore.client import ObjectStore
 from slmops.objectstore.errors import (
     CorruptObjectError,
@@ -24,6 +31,7 @@ __all__ = [
     "ObjectStoreError",
     "ObjectStoreUnavailable",
     "SizeMismatchError",
+    "StoredObject",
     "blob_key",
     "check_digest",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict
@@ -27,6 +28,15 @@ class BlobRef(BaseModel):
     size_bytes: int
     key: str
     uri: str
+
+
+class StoredObject(BaseModel):
+    """Any object in the bucket, as a listing shows it."""
+
+    model_config = ConfigDict(frozen=True)
+    key: str
+    size_bytes: int
+    last_modified: datetime
 
 
 class Readable(Protocol):

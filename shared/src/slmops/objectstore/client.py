@@ -46,6 +46,7 @@ from slmops.objectstore.blobs import (
     STAGING_PREFIX,
     BlobRef,
     Readable,
+    StoredObject,
     blob_key,
     check_digest,
 )
@@ -388,14 +389,26 @@ class ObjectStore:
         with self._errors(f"delete {key}"):
             self._client.delete_object(Bucket=self.bucket, Key=key)
 
+    def list_objects(self, prefix: str) -> Iterator[StoredObject]:
+        """Every object under ``prefix`` with its size and age, page by page."""
+        pages = self._client.get_paginator("list_objects_v2")
+        with self._errors(f"list {prefix}"):
+            for page in pages.paginate(Bucket=self.bucket, Prefix=prefix):
+                for obj in page.get("Contents", []):
+                    yield StoredObject(
+                        key=obj["Key"], size_bytes=obj["Size"], last_modified=obj["LastModified"]
+                    )
+
     def list_blobs(self) -> Iterator[BlobRef]:
         """Every blob, page by page (for garbage collection)."""
-        pages = self._client.get_paginator("list_objects_v2")
-        with self._errors(f"list {BLOB_PREFIX}"):
-            for page in pages.paginate(Bucket=self.bucket, Prefix=BLOB_PREFIX):
-                for obj in page.get("Contents", []):
-                    digest = "sha256:" + obj["Key"].removeprefix(BLOB_PREFIX)
-                    if _DIGEST_RE.fullmatch(digest):
-                        yield self._ref(digest, obj["Size"])
-                    else:
-                        log.warning("ignoring foreign object %s under %s", obj["Key"], BLOB_PREFIX)
+        for obj in self.list_objects(BLOB_PREFIX):
+            digest = "sha256:" + obj.key.removeprefix(BLOB_PREFIX)
+            if _DIGEST_RE.fullmatch(digest):
+                yield self._ref(digest, obj.size_bytes)
+            else:
+                log.warning("ignoring foreign object %s under %s", obj.key, BLOB_PREFIX)
+
+    def delete_key(self, key: str) -> None:
+        """Remove a non-blob object (a staging leftover, an unreferenced manifest)."""
+        with self._errors(f"delete {key}"):
+            self._client.delete_object(Bucket=self.bucket, Key=key)
