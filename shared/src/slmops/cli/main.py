@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from slmops.cli import stack
+from slmops.cli import registry, stack
 
 app = typer.Typer(
     name="slmops",
@@ -21,6 +21,9 @@ app.add_typer(schemas_app, name="schemas")
 app.command("up")(stack.up)
 app.command("down")(stack.down)
 app.command("status")(stack.status)
+app.command("publish")(registry.publish)
+app.command("models")(registry.models)
+app.command("lineage")(registry.lineage)
 
 
 @schemas_app.command("export")

@@ -1,0 +1,354 @@
+"""`slmops publish`, `slmops models` and `slmops lineage`: the registry's HTTP API from a shell.
+
+Plain typer command functions; ``slmops.cli.main`` registers them with ``app.command(...)``.
+Publishing is the API's two steps: stream the artifact (and evaluation set) to ``POST
+/v1/blobs`` with its digest computed beforehand, then ``POST /v1/models`` referencing it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import httpx
+import typer
+from pydantic import Field, TypeAdapter, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.table import Table
+from rich.text import Text
+from rich.tree import Tree
+
+from slmops.cli import packaging as pkg
+from slmops.events.payloads import ModelFormat, ModelName, Task, Token, Version
+
+_out = Console(highlight=False, soft_wrap=True)
+_err = Console(stderr=True, highlight=False, soft_wrap=True)
+_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
+_SLOW = httpx.Timeout(30.0, connect=5.0, read=3600.0)  # the registry checks big artifacts
+
+
+class CliSettings(BaseSettings):
+    """What the CLI talks to. Env prefix ``SLMOPS_``."""
+
+    model_config = SettingsConfigDict(env_prefix="SLMOPS_", extra="ignore")
+
+    registry_url: str = Field(
+        "http://127.0.0.1:8101",
+        description="Base URL of the registry HTTP API (`slmops up` serves it on port 8101).",
+    )
+
+
+class CliError(Exception):
+    """Printed as ``error: <message>``, exit 1, no traceback."""
+
+
+class HttpError(CliError):
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        detail = response.json().get("detail", response.text)
+    except (ValueError, AttributeError):
+        detail = response.text or response.reason_phrase
+    if isinstance(detail, list):  # a request validation error: one line per field
+        detail = "; ".join(
+            f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in detail
+        )
+    return f"{detail} (HTTP {response.status_code})"
+
+
+class RegistryClient(httpx.Client):
+    """A small httpx client: unreachable registry and 4xx/5xx become :class:`CliError`."""
+
+    def __init__(self, url: str | None) -> None:
+        self.url = (url or CliSettings().registry_url).rstrip("/")
+        super().__init__(base_url=self.url, timeout=_TIMEOUT)
+
+    def call(self, method: str, path: str, *, slow: bool = False, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self.request(method, path, timeout=_SLOW if slow else _TIMEOUT, **kwargs)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise CliError(
+                f"registry not reachable at {self.url}: start it with `slmops up` "
+                "or set SLMOPS_REGISTRY_URL"
+            ) from exc
+        except httpx.HTTPError as exc:
+            raise CliError(f"registry at {self.url} failed: {exc!r}") from exc
+        if response.is_error:
+            raise HttpError(response.status_code, _detail(response))
+        return response
+
+    def upload(self, path: Path, digest: str, size: int, label: str, progress: bool) -> None:
+        """Stream ``path`` to ``POST /v1/blobs`` in 1 MiB chunks, with a progress bar."""
+        bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(binary_units=True),
+            TransferSpeedColumn(),
+            console=_err,
+            disable=not progress,
+        )
+        headers = {"Content-Length": str(size), "X-Expected-Digest": digest}
+        with bar:
+            task = bar.add_task(f"uploading {label}", total=size)
+            chunks = pkg.iter_chunks(path, lambda n: bar.advance(task, n))
+            stored = self.call("POST", "/v1/blobs", content=chunks, headers=headers, slow=True)
+        if (answer := stored.json().get("digest")) != digest:
+            raise CliError(f"the registry stored {label} as {answer}, not {digest}")
+
+
+def _fail(message: str) -> NoReturn:
+    _err.print(f"error: {message}", markup=False, style="red")
+    raise typer.Exit(1)
+
+
+RegistryUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--registry-url",
+        help="Registry base URL (default: $SLMOPS_REGISTRY_URL, else http://127.0.0.1:8101).",
+        show_default=False,
+    ),
+]
+JsonOutput = Annotated[bool, typer.Option("--json", help="Print the JSON the registry answered.")]
+
+
+def _valid(kind: Any, value: str, what: str) -> str:
+    """``value`` checked against the registry's own pattern, before uploading anything."""
+    try:
+        return str(TypeAdapter(kind).validate_python(value))
+    except ValidationError as exc:
+        _fail(f"invalid {what} {value!r}: {exc.errors()[0]['msg']}")
+
+
+def _labels(pairs: list[str]) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            _fail(f"--label {pair!r} is not key=value")
+        labels[key.strip()] = value
+    return labels
+
+
+def publish(
+    path: Annotated[Path, typer.Argument(help="A .gguf or .onnx file, or a model folder.")],
+    name: Annotated[str, typer.Option("--name", help="Model name.")],
+    version: Annotated[str, typer.Option("--version", help="Version to publish.")],
+    task: Annotated[
+        str | None,
+        typer.Option(
+            help=f"{' | '.join(pkg.TASKS)} "
+            "(required, except for gguf, where it defaults to text-generation)"
+        ),
+    ] = None,
+    model_format: Annotated[
+        str | None,
+        typer.Option("--format", help=f"{' | '.join(pkg.FORMATS)} (default: inferred from PATH)"),
+    ] = None,
+    eval_set: Annotated[
+        Path | None, typer.Option("--eval", help="JSONL evaluation set to attach.")
+    ] = None,
+    classes: Annotated[
+        str | None,
+        typer.Option("--classes", help="Device classes, comma separated (default: every class)."),
+    ] = None,
+    label: Annotated[
+        list[str] | None, typer.Option("--label", help="key=value label; repeatable.")
+    ] = None,
+    json_output: JsonOutput = False,
+    registry_url: RegistryUrl = None,
+) -> None:
+    """Upload a model artifact (a folder is packed as a tar) and publish it as NAME@VERSION."""
+    if not path.exists():
+        _fail(f"no such file or folder: {path}")
+    if eval_set is not None and not eval_set.is_file():
+        _fail(f"--eval {eval_set} is not a file")
+    name, version = _valid(ModelName, name, "--name"), _valid(Version, version, "--version")
+    names = [c.strip() for c in (classes or "").split(",") if c.strip()]
+    device_classes = [_valid(Token, c, "device class") for c in names]
+    labels = _labels(label or [])
+    try:
+        fmt = _valid(ModelFormat, model_format or pkg.infer_format(path), "--format")
+        task = task or ("text-generation" if fmt == "gguf" else None)
+        if task is None:
+            _fail(f"pass --task ({', '.join(pkg.TASKS)}): {fmt} models have no default task")
+        task = _valid(Task, task, "--task")
+        progress = not json_output and _err.is_terminal
+        with RegistryClient(registry_url) as client, pkg.prepared_artifact(path, fmt) as artifact:
+            client.upload(artifact.path, artifact.digest, artifact.size_bytes, path.name, progress)
+            eval_digest = None
+            if eval_set is not None:
+                eval_digest, eval_size = pkg.hash_file(eval_set)
+                client.upload(eval_set, eval_digest, eval_size, eval_set.name, progress)
+            body = {
+                "model_name": name,
+                "version": version,
+                "format": fmt,
+                "task": task,
+                "artifact_digest": artifact.digest,
+                "labels": labels,
+                "device_classes": device_classes,
+                "eval_set_digest": eval_digest,
+            }
+            response = client.call("POST", "/v1/models", json=body, slow=True)
+    except (CliError, pkg.PackagingError, OSError) as exc:
+        _fail(str(exc))
+    signed = response.json()
+    if json_output:
+        print(json.dumps(signed, indent=2))
+        return
+    event = response.headers.get("X-Event-Id", "?")
+    again = "" if response.status_code == 201 else "; unchanged, this exact version existed"
+    _out.print(
+        f"{name}@{version} manifest {signed.get('digest')} (event {event}{again})", markup=False
+    )
+
+
+def models(json_output: JsonOutput = False, registry_url: RegistryUrl = None) -> None:
+    """List every published model version."""
+    try:
+        with RegistryClient(registry_url) as client:
+            listing = client.call("GET", "/v1/models").json()
+    except CliError as exc:
+        _fail(str(exc))
+    if json_output:
+        print(json.dumps(listing, indent=2))
+        return
+    if not listing:
+        _out.print("no models published", markup=False)
+        return
+    table = Table(title="published models", title_justify="left")
+    for column in ("name", "version", "artifact", "published_at"):
+        table.add_column(column)
+    for model in sorted(listing, key=lambda m: str(m.get("model_name"))):
+        for item in sorted(model.get("versions") or [], key=lambda v: str(v.get("published_at"))):
+            digest, when = _short(item.get("artifact_digest")), _time(item.get("published_at"))
+            table.add_row(*_row(model.get("model_name"), item.get("version"), digest, when))
+    _out.print(table, soft_wrap=False)
+
+
+def lineage(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    version: Annotated[str, typer.Argument(help="Model version.")],
+    json_output: JsonOutput = False,
+    registry_url: RegistryUrl = None,
+) -> None:
+    """Show what became of a model version: variants, validations, releases, rollouts."""
+    try:
+        with RegistryClient(registry_url) as client:
+            try:
+                document = client.call("GET", f"/v1/models/{name}/{version}/lineage").json()
+            except HttpError as exc:
+                if exc.status != 404:
+                    raise
+                try:  # a 404 from a registry without the endpoint: say so, not "no model"
+                    client.call("GET", f"/v1/models/{name}/{version}")
+                except HttpError:
+                    _fail(f"no model {name} {version}")
+                raise
+    except CliError as exc:
+        _fail(str(exc))
+    if json_output:
+        print(json.dumps(document, indent=2))
+    else:
+        _out.print(render_lineage(document), soft_wrap=False)
+
+
+def _short(digest: object) -> str:
+    return str(digest)[:19] if digest else ""
+
+
+def _time(value: object) -> str:
+    return str(value or "")[:19].replace("T", " ")
+
+
+def _size(size: object) -> str:
+    if not isinstance(size, int | float):
+        return ""
+    amount, unit = float(size), "B"
+    for bigger in ("KiB", "MiB", "GiB", "TiB"):
+        if amount < 1024:
+            break
+        amount, unit = amount / 1024, bigger
+    return f"{amount:.0f} B" if unit == "B" else f"{amount:.1f} {unit}"
+
+
+def _dict(value: object) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _dicts(value: object) -> list[dict[str, Any]]:
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
+    return [item for item in items if isinstance(item, dict)]
+
+
+def _row(*cells: object) -> list[Text]:
+    return [Text("" if cell is None else str(cell)) for cell in cells]
+
+
+def _verdict(reports: list[dict[str, Any]]) -> str:
+    if not reports:
+        return ""
+    last = reports[-1]
+    gates = [g for g in _dicts(last.get("gates")) if g.get("passed") is not None]
+    failed = [str(g.get("name")) for g in gates if g.get("passed") is False]
+    text = f"{last.get('verdict', '?')} ({len(gates) - len(failed)}/{len(gates)} gates passed"
+    text += f"; failed {', '.join(failed)})" if failed else ")"
+    return text + (f": {last['reason']}" if last.get("reason") else "")
+
+
+def render_lineage(doc: dict[str, Any]) -> Tree:
+    """The lineage JSON as a rich tree; any missing part is left out."""
+    tree = Tree(Text(f"{doc.get('model_name', '?')} {doc.get('version', '?')}", style="bold"))
+    if published := _dict(doc.get("published")):
+        art = _dict(published.get("artifact"))
+        manifest, digest = _short(published.get("manifest_digest")), _short(art.get("digest"))
+        what = f"manifest {manifest}, artifact {digest} ({_size(art.get('size_bytes'))})"
+        tree.add(Text(f"published {_time(published.get('time'))}: {what}"))
+    gateways = _dicts(doc.get("gateways"))
+    applied = Counter(g.get("variant_id") for g in gateways if g.get("state") == "applied")
+    failed = Counter(g.get("variant_id") for g in gateways if g.get("state") == "failed")
+    if variants := _dicts(doc.get("variants")):
+        table = Table(title="variants", title_justify="left")
+        for column in ("variant", "class", "recipe", "size", "status", "verdict", "gateways"):
+            table.add_column(column)
+        for v in variants:
+            status, vid, failure = str(v.get("status", "")), v.get("variant_id"), v.get("failure")
+            if failure:
+                status += f": {_dict(failure).get('reason', failure)}"
+            fleet = f"{applied[vid]}" + (f" ({failed[vid]} failed)" if failed[vid] else "")
+            recipe, size = _dict(v.get("recipe")).get("name"), _size(v.get("size_bytes"))
+            verdict = _verdict(_dicts(v.get("reports")))
+            table.add_row(*_row(vid, v.get("device_class"), recipe, size, status, verdict, fleet))
+        tree.add(table)
+    if failures := _dicts(doc.get("optimization_failures")):
+        node = tree.add(Text("optimization failures"))
+        for f in failures:
+            node.add(Text(f"{f.get('device_class')} / {f.get('recipe_name')}: {f.get('reason')}"))
+    if releases := _dicts(doc.get("releases")):
+        node = tree.add(Text("releases"))
+        for release in releases:
+            when = f" ({_time(release['time'])})" if release.get("time") else ""
+            child = node.add(Text(f"{release.get('release_id')}{when}"))
+            for e in _dicts(release.get("entries")):
+                why = f": {e['reason']}" if e.get("reason") else ""
+                child.add(Text(f"{e.get('device_class')} -> {e.get('variant_id') or 'none'}{why}"))
+    if rollouts := _dicts(doc.get("rollouts")):
+        node = tree.add(Text("rollouts"))
+        for r in rollouts:
+            waves = ", ".join(f"{w.get('percent')}%" for w in _dicts(r.get("waves"))) or "-"
+            steps, state = len(r.get("history") or []), r.get("state") or "?"
+            what = f"{r.get('rollout_id')} of release {r.get('release_id')}: {state}"
+            node.add(Text(f"{what} (waves {waves}; {steps} steps)"))
+    if gateways:
+        counts = f"{sum(applied.values())} applied, {sum(failed.values())} failed"
+        tree.add(Text(f"gateways: {len(gateways)} ({counts})"))
+    return tree
