@@ -7,20 +7,27 @@ from pathlib import Path
 import pytest
 from pydantic_settings import BaseSettings
 
-from slmops.settings import ConsumerSettings, PlatformSettings
+from slmops.cli.registry import CliSettings
+from slmops.settings import ConsumerSettings, PlatformSettings, ServiceSettings
 from slmops.stack.components import StackSettings
+from slmops_registry.settings import RegistrySettings
 
 README = (Path(__file__).parents[2] / "README.md").read_text()
 
 
-@pytest.mark.parametrize("settings", [PlatformSettings, ConsumerSettings, StackSettings])
+@pytest.mark.parametrize(
+    "settings", [PlatformSettings, ConsumerSettings, StackSettings, RegistrySettings, CliSettings]
+)
 def test_every_platform_setting_is_documented(settings: type[BaseSettings]) -> None:
     prefix = settings.model_config["env_prefix"]
 
+    inherited = (
+        set(ServiceSettings.model_fields) if issubclass(settings, ServiceSettings) else set()
+    )
     missing = [
         f"{prefix}{name.upper()}"
         for name in settings.model_fields
-        if f"`{prefix}{name.upper()}`" not in README
+        if name not in inherited and f"`{prefix}{name.upper()}`" not in README
     ]
 
     assert missing == []
