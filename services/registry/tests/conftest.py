@@ -31,7 +31,7 @@ def registry_settings(
         s3_secret_access_key=TEST_SECRET_KEY,
         var_dir=tmp_path / "var",
     )
-    return RegistrySettings(platform=platform, max_upload_mb=8)
+    return RegistrySettings(platform=platform, max_upload_mb=32, chunk_min_mb=1)
 
 
 @pytest.fixture

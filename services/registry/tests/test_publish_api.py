@@ -130,7 +130,7 @@ async def test_upload_with_a_wrong_expected_digest_is_refused_and_not_stored(
 
 
 async def test_upload_over_the_size_limit_is_refused(registry: RegistryUnderTest) -> None:
-    too_big = b"\0" * (9 * 1024 * 1024)  # the fixture's limit is 8 MiB
+    too_big = b"\0" * (33 * 1024 * 1024)  # the fixture's limit is 32 MiB
 
     response = await registry.upload(too_big)
 

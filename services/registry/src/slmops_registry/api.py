@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from slmops.events import ChannelMoved, new_event
 from slmops.events.payloads import Digest, ModelName, Token, Version
@@ -128,6 +128,23 @@ async def download_url(digest: str, request: Request) -> dict[str, Any]:
     ttl_s = registry.settings.download_url_ttl_s
     url = await asyncio.to_thread(registry.store.presign_get, digest, ttl_s)
     return {"digest": digest, "size_bytes": blob.size_bytes, "url": url, "ttl_s": ttl_s}
+
+
+class UrlRequest(BaseModel):
+    digests: list[Digest] = Field(min_length=1, max_length=10_000)
+
+
+@router.post("/blobs/urls", summary="Short-lived download URLs for many blobs (e.g. chunks)")
+async def download_urls(body: UrlRequest, request: Request) -> dict[str, Any]:
+    registry = request.app.state.registry
+    wanted = sorted(set(body.digests))
+    present = await asyncio.gather(*(asyncio.to_thread(registry.store.exists, d) for d in wanted))
+    missing = [d for d, found in zip(wanted, present, strict=True) if not found]
+    if missing:
+        raise RegistryError(404, f"no blob {', '.join(missing[:5])}")
+    ttl_s = registry.settings.download_url_ttl_s
+    urls = {d: registry.store.presign_get(d, ttl_s) for d in wanted}  # local signing, no I/O
+    return {"urls": urls, "ttl_s": ttl_s}
 
 
 @router.get("/keys", summary="The public key that verifies manifest signatures")

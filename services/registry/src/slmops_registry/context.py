@@ -42,6 +42,7 @@ class RegistryContext:
                 signer=self.signer,
                 publish=bus.publish,
                 spool_dir=self.settings.spool_dir,
+                chunk_threshold_bytes=int(self.settings.chunk_min_mb * 1024 * 1024),
             )
         return self._publisher
 

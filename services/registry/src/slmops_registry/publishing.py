@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -21,9 +22,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from slmops.chunking import chunk_file
 from slmops.events import CloudEvent, ModelPublished, derive_event_id, new_event
 from slmops.events.payloads import ArtifactRef, Digest, ModelFormat, ModelName, Task, Token, Version
 from slmops.objectstore import BlobRef, CorruptObjectError, ObjectStore
+from slmops_registry.boundaries import tensor_boundaries
 from slmops_registry.catalog import VersionCatalog, VersionConflict
 from slmops_registry.errors import RegistryError
 from slmops_registry.evalsets import EvalSetError, check_eval_set
@@ -68,10 +71,11 @@ class Publisher:
     signer: RegistrySigner
     publish: Publish
     spool_dir: Path
+    chunk_threshold_bytes: int = 8 * 1024 * 1024
 
     async def publish_version(self, request: PublishRequest, *, created_by: str) -> Published:
         artifact = await self.existing_blob(request.artifact_digest, "artifact")
-        await self._inspect(artifact, request.format)
+        chunks_digest = await self._inspect_and_chunk(artifact, request.format)
         eval_set = None
         if request.eval_set_digest is not None:
             eval_set = await self.existing_blob(request.eval_set_digest, "evaluation set")
@@ -87,6 +91,7 @@ class Publisher:
             labels=request.labels,
             device_classes=request.device_classes,
             eval_set=_ref(eval_set, "application/x-ndjson") if eval_set else None,
+            chunks_digest=chunks_digest,
             created_at=datetime.now(UTC),
             created_by=created_by,
         )
@@ -135,14 +140,37 @@ class Publisher:
             raise
         return path
 
-    async def _inspect(self, blob: BlobRef, declared_format: str) -> ArtifactInfo:
+    async def _inspect_and_chunk(self, blob: BlobRef, declared_format: str) -> str | None:
+        """Check the artifact's format; store large ones also as chunks (for delta downloads).
+
+        Returns the digest of the chunk manifest, or None for a blob below the threshold."""
         path = await self._local_copy(blob)
         try:
-            return await asyncio.to_thread(inspect_artifact, path, declared_format)
+            info = await asyncio.to_thread(inspect_artifact, path, declared_format)
+            if blob.size_bytes < self.chunk_threshold_bytes:
+                return None
+            return await asyncio.to_thread(self._store_chunks, path, info)
         except ArtifactFormatError as exc:
             raise RegistryError(422, f"artifact is not a valid {declared_format}: {exc}") from exc
         finally:
             path.unlink(missing_ok=True)
+
+    def _store_chunks(self, path: Path, info: ArtifactInfo) -> str:
+        """Chunks are blobs too (deduplicated across variants); the chunk manifest as well."""
+        chunks = chunk_file(path, boundaries=tensor_boundaries(path, info))
+        stored: set[str] = set()
+        with path.open("rb") as source:
+            for chunk in chunks.chunks:
+                if chunk.digest in stored or self.store.exists(chunk.digest):
+                    continue
+                source.seek(chunk.offset_bytes)
+                data = source.read(chunk.size_bytes)
+                self.store.put_stream(
+                    io.BytesIO(data), expected_digest=chunk.digest, expected_size=len(data)
+                )
+                stored.add(chunk.digest)
+        body = chunks.to_json().encode()
+        return self.store.put_stream(io.BytesIO(body), expected_digest=chunks.digest()).digest
 
     async def _check_eval_set(self, blob: BlobRef) -> None:
         path = await self._local_copy(blob)

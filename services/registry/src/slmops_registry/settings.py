@@ -32,6 +32,12 @@ class RegistrySettings(ServiceSettings):
         900, ge=1, le=7 * 86_400, description="Lifetime of presigned download URLs, in seconds."
     )
 
+    chunk_min_mb: float = Field(
+        8,
+        ge=0,
+        description="Artifacts at least this large (MiB) are also stored as content-defined "
+        "chunks cut at tensor starts, so gateways can fetch only what changed.",
+    )
     gc_min_age_s: float = Field(
         7 * 86_400,
         ge=0,
