@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from slmops.bus import LINEAGE_KV
+from slmops.bus import LINEAGE_KV, VARIANTS_KV
 from slmops.objectstore import ObjectStore
 from slmops.service import ServiceRuntime
 from slmops_registry.catalog import BUCKET, VersionCatalog
@@ -12,6 +12,7 @@ from slmops_registry.projection import LineageStore, rebuild
 from slmops_registry.publishing import Publisher
 from slmops_registry.settings import RegistrySettings
 from slmops_registry.signing import RegistrySigner
+from slmops_registry.variants import Variants
 
 
 @dataclass
@@ -22,6 +23,7 @@ class RegistryContext:
     runtime: ServiceRuntime | None = None
     _publisher: Publisher | None = field(default=None, init=False)
     _lineage: LineageStore | None = field(default=None, init=False)
+    _variants: Variants | None = field(default=None, init=False)
 
     @property
     def store(self) -> ObjectStore:
@@ -45,6 +47,16 @@ class RegistryContext:
                 chunk_threshold_bytes=int(self.settings.chunk_min_mb * 1024 * 1024),
             )
         return self._publisher
+
+    async def variants(self) -> Variants | None:
+        """Variant and report registration, once connected; else None."""
+        publisher = await self.publisher()
+        bus = self.runtime.bus if self.runtime else None
+        if publisher is None or bus is None or f"kv:{VARIANTS_KV.bucket}" not in bus.declared:
+            return None
+        if self._variants is None:
+            self._variants = Variants(publisher, await bus.key_value(VARIANTS_KV.bucket))
+        return self._variants
 
     async def lineage(self) -> LineageStore | None:
         """The lineage index, once NATS is connected and its bucket declared; else None."""

@@ -84,7 +84,7 @@ class Manifest(BaseModel):
         None, description="Digest of the validation report manifest of this artifact."
     )
     chunks_digest: Digest | None = Field(
-        None, description="Digest of the chunk manifest for chunked downloads (not yet used)."
+        None, description="Digest of the chunk manifest, for chunked (delta) downloads."
     )
     created_at: datetime = Field(
         default_factory=lambda: datetime.now(UTC), description="Creation time, UTC."

@@ -75,7 +75,7 @@ class Publisher:
 
     async def publish_version(self, request: PublishRequest, *, created_by: str) -> Published:
         artifact = await self.existing_blob(request.artifact_digest, "artifact")
-        chunks_digest = await self._inspect_and_chunk(artifact, request.format)
+        chunks_digest = await self.inspect_and_chunk(artifact, request.format)
         eval_set = None
         if request.eval_set_digest is not None:
             eval_set = await self.existing_blob(request.eval_set_digest, "evaluation set")
@@ -87,10 +87,10 @@ class Publisher:
             version=request.version,
             format=request.format,
             task=request.task,
-            artifact=_ref(artifact, "application/octet-stream"),
+            artifact=artifact_ref(artifact, "application/octet-stream"),
             labels=request.labels,
             device_classes=request.device_classes,
-            eval_set=_ref(eval_set, "application/x-ndjson") if eval_set else None,
+            eval_set=artifact_ref(eval_set, "application/x-ndjson") if eval_set else None,
             chunks_digest=chunks_digest,
             created_at=datetime.now(UTC),
             created_by=created_by,
@@ -140,7 +140,7 @@ class Publisher:
             raise
         return path
 
-    async def _inspect_and_chunk(self, blob: BlobRef, declared_format: str) -> str | None:
+    async def inspect_and_chunk(self, blob: BlobRef, declared_format: str) -> str | None:
         """Check the artifact's format; store large ones also as chunks (for delta downloads).
 
         Returns the digest of the chunk manifest, or None for a blob below the threshold."""
@@ -182,7 +182,7 @@ class Publisher:
             path.unlink(missing_ok=True)
 
 
-def _ref(blob: BlobRef, media_type: str) -> ArtifactRef:
+def artifact_ref(blob: BlobRef, media_type: str) -> ArtifactRef:
     return ArtifactRef(
         digest=blob.digest, size_bytes=blob.size_bytes, uri=blob.uri, media_type=media_type
     )

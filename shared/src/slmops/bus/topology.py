@@ -76,6 +76,7 @@ STREAMS: tuple[StreamSpec, ...] = (PIPELINE, ROLLOUT, FLEET, DEAD_LETTER)
 MODEL_VERSIONS_KV = KvSpec(
     "slmops-model-versions", "Published model versions: name/version -> manifest (registry)."
 )
+VARIANTS_KV = KvSpec("slmops-variants", "Registered variants: variant id -> manifest (registry).")
 LINEAGE_KV = KvSpec("slmops-lineage", "Lineage index: a projection of the event log (registry).")
 KV_BUCKETS: tuple[KvSpec, ...] = (
     KvSpec("slmops-rollouts", "Rollout state machines, so a restarted service resumes.", 5),
@@ -83,6 +84,7 @@ KV_BUCKETS: tuple[KvSpec, ...] = (
     KvSpec("slmops-gateways", "Registered gateways: class, labels, capabilities, last seen."),
     KvSpec("slmops-jobs", "Optimization and validation job states and progress.", 3),
     MODEL_VERSIONS_KV,
+    VARIANTS_KV,
     LINEAGE_KV,
 )
 

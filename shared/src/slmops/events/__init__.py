@@ -1,6 +1,12 @@
 """Event contracts: the CloudEvents envelope, typed payloads, decoding and JSON Schemas."""
 
-from slmops.events.envelope import CloudEvent, EventPayload, derive_event_id, new_event
+from slmops.events.envelope import (
+    CloudEvent,
+    EventPayload,
+    derive_event_id,
+    new_event,
+    variant_id_for,
+)
 from slmops.events.errors import (
     EventDecodeError,
     PermanentError,
@@ -24,4 +30,5 @@ __all__ = [
     "derive_event_id",
     "new_event",
     "payload_type",
+    "variant_id_for",
 ]

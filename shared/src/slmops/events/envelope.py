@@ -91,6 +91,17 @@ def derive_event_id(*parts: str) -> str:
     return str(uuid.UUID(digest[:32], version=5))
 
 
+def variant_id_for(parent_digest: str, recipe: BaseModel, device_class: str) -> str:
+    """The deterministic id of the variant a recipe makes of an artifact for a device class.
+
+    Optimizer, registry and validator all derive it, so a repeated or redelivered job finds
+    the variant it made before instead of making another one.
+    """
+    canonical = json.dumps(recipe.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    digest = hashlib.sha256("\x1f".join((parent_digest, canonical, device_class)).encode())
+    return "v-" + digest.hexdigest()[:32]
+
+
 def new_event(
     data: P,
     *,

@@ -1,0 +1,151 @@
+"""Variants and validation reports: the derived artifacts, each with its own signed manifest.
+
+The optimizer stores a variant through the registry (``POST /v1/variants``) before it emits
+``optimization.completed`` with the manifest digest; the validator stores its report the same
+way. A variant's id is derived from its parent artifact, recipe and device class, and the
+registry recomputes it: a repeated or redelivered job gets the variant stored the first time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import nats.js.errors
+from nats.js.kv import KeyValue
+from pydantic import BaseModel, ConfigDict, Field
+
+from slmops.events import variant_id_for
+from slmops.events.payloads import Digest, ModelFormat, ModelName, Recipe, Token, Version
+from slmops_registry.errors import RegistryError
+from slmops_registry.manifests import Manifest, SignedManifest, manifest_key, sign_manifest
+from slmops_registry.publishing import Publisher, artifact_ref
+
+
+class VariantRequest(BaseModel):
+    """An optimized artifact of a published model version, already uploaded."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model_name: ModelName
+    version: Version
+    variant_id: Token = Field(description="variant_id_for(parent artifact digest, recipe, class)")
+    device_class: Token
+    recipe: Recipe
+    format: ModelFormat = "onnx"
+    artifact_digest: Digest
+    metrics: dict[str, float] = Field(default_factory=dict, description="Units in the names.")
+
+
+class ReportRequest(BaseModel):
+    """A validation report (a JSON blob, already uploaded) about one variant."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    report_digest: Digest
+    verdict: str = Field(pattern=r"^(passed|failed)$")
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+@dataclass
+class Variants:
+    publisher: Publisher
+    kv: KeyValue  # variant id -> manifest digest; report of a variant -> manifest digest
+
+    async def register(
+        self, request: VariantRequest, *, created_by: str
+    ) -> tuple[SignedManifest, bool]:
+        """Store a variant's signed manifest; returns (manifest, created)."""
+        publisher = self.publisher
+        record = await publisher.catalog.get(request.model_name, request.version)
+        if record is None:
+            raise RegistryError(422, f"no published {request.model_name} {request.version}")
+        parent = (await publisher.manifest(record.manifest_digest)).manifest
+        expected = variant_id_for(parent.artifact.digest, request.recipe, request.device_class)
+        if request.variant_id != expected:
+            raise RegistryError(
+                422,
+                f"variant_id {request.variant_id} is not the one its inputs give ({expected}): "
+                "use slmops.events.variant_id_for(parent digest, recipe, device class)",
+            )
+        existing = await self._get(f"variant.{request.variant_id}")
+        if existing is not None:
+            signed = await publisher.manifest(existing)
+            if signed.manifest.artifact.digest != request.artifact_digest:
+                raise RegistryError(
+                    409,
+                    f"variant {request.variant_id} is already stored with artifact "
+                    f"{signed.manifest.artifact.digest}",
+                )
+            return signed, False
+        artifact = await publisher.existing_blob(request.artifact_digest, "variant artifact")
+        chunks_digest = await publisher.inspect_and_chunk(artifact, request.format)
+        manifest = Manifest(
+            kind="variant",
+            model_name=request.model_name,
+            version=request.version,
+            format=request.format,
+            task=parent.task,
+            artifact=artifact_ref(artifact, "application/octet-stream"),
+            parent_digest=parent.artifact.digest,
+            recipe=request.recipe,
+            device_class=request.device_class,
+            metrics=request.metrics,
+            chunks_digest=chunks_digest,
+            created_at=datetime.now(UTC),
+            created_by=created_by,
+        )
+        signed = await self._store(manifest)
+        await self._claim(f"variant.{request.variant_id}", signed.digest)
+        return signed, True
+
+    async def add_report(
+        self, variant_id: str, request: ReportRequest, *, created_by: str
+    ) -> SignedManifest:
+        """Store a signed report manifest for a variant (one per report blob)."""
+        variant_digest = await self._get(f"variant.{variant_id}")
+        if variant_digest is None:
+            raise RegistryError(404, f"no variant {variant_id}")
+        variant = (await self.publisher.manifest(variant_digest)).manifest
+        report = await self.publisher.existing_blob(request.report_digest, "report")
+        manifest = Manifest(
+            kind="report",
+            model_name=variant.model_name,
+            version=variant.version,
+            format=variant.format,
+            artifact=artifact_ref(report, "application/json"),
+            labels={"verdict": request.verdict, "variant_id": variant_id},
+            device_classes=[variant.device_class] if variant.device_class else [],
+            metrics=request.metrics,
+            created_at=datetime.now(UTC),
+            created_by=created_by,
+        )
+        signed = await self._store(manifest)
+        await self.kv.put(f"report.{variant_id}.{report.digest[7:]}", signed.digest.encode())
+        return signed
+
+    async def manifest_of(self, variant_id: str) -> SignedManifest:
+        digest = await self._get(f"variant.{variant_id}")
+        if digest is None:
+            raise RegistryError(404, f"no variant {variant_id}")
+        return await self.publisher.manifest(digest)
+
+    async def _store(self, manifest: Manifest) -> SignedManifest:
+        signed = sign_manifest(manifest, self.publisher.signer)
+        store = self.publisher.store
+        await asyncio.to_thread(store.put_bytes, manifest_key(signed.digest), signed.to_json())
+        return signed
+
+    async def _get(self, key: str) -> str | None:
+        try:
+            entry = await self.kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        return (entry.value or b"").decode() or None
+
+    async def _claim(self, key: str, digest: str) -> None:
+        # A concurrent job stored the same variant first: same inputs, same result.
+        with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
+            await self.kv.create(key, digest.encode())

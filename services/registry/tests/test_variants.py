@@ -1,0 +1,113 @@
+"""Variants and reports stored through the registry, each with a signed manifest."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from slmops.events import variant_id_for
+from slmops.events.payloads import PassSpec, Recipe
+from slmops_registry.manifests import SignedManifest, verify_manifest
+from slmops_registry.testing import RegistryUnderTest, gguf_bytes
+
+pytestmark = pytest.mark.integration
+RECIPE = Recipe(name="q8", passes=[PassSpec(name="weight_only", config={"bits": 8})])
+
+
+async def published_parent(registry: RegistryUnderTest) -> str:
+    digest = (await registry.upload(gguf_bytes(padding=b"parent"))).json()["digest"]
+    assert (await registry.publish(digest)).status_code == 201
+    return str(digest)
+
+
+def variant_body(parent: str, artifact: str, **overrides: object) -> dict[str, object]:
+    return {
+        "model_name": "smollm2-135m",
+        "version": "1.0.0",
+        "variant_id": variant_id_for(parent, RECIPE, "arm64"),
+        "device_class": "arm64",
+        "recipe": RECIPE.model_dump(mode="json"),
+        "format": "gguf",
+        "artifact_digest": artifact,
+        "metrics": {"size_mb": 0.1},
+        **overrides,
+    }
+
+
+async def test_variant_gets_a_signed_manifest_and_a_repeat_reuses_it(
+    registry: RegistryUnderTest,
+) -> None:
+    parent = await published_parent(registry)
+    artifact = (await registry.upload(gguf_bytes(padding=b"variant"))).json()["digest"]
+    body = variant_body(parent, artifact)
+
+    first = await registry.client.post("/v1/variants", json=body)
+    again = await registry.client.post("/v1/variants", json=body)
+    fetched = await registry.client.get(f"/v1/variants/{body['variant_id']}")
+    pem = (await registry.client.get("/v1/keys")).json()["pem"]
+
+    assert (first.status_code, again.status_code, fetched.status_code) == (201, 200, 200)
+    signed = SignedManifest.model_validate(first.json())
+    verify_manifest(signed, pem)
+    assert signed.manifest.kind == "variant"
+    assert signed.manifest.parent_digest == parent
+    assert signed.manifest.recipe == RECIPE
+    assert again.json()["digest"] == fetched.json()["digest"] == signed.digest
+
+
+async def test_variant_id_must_follow_from_its_inputs(registry: RegistryUnderTest) -> None:
+    parent = await published_parent(registry)
+    artifact = (await registry.upload(gguf_bytes(padding=b"variant"))).json()["digest"]
+
+    response = await registry.client.post(
+        "/v1/variants", json=variant_body(parent, artifact, variant_id="v-made-up")
+    )
+
+    assert response.status_code == 422
+    assert "is not the one its inputs give" in response.json()["detail"]
+
+
+async def test_same_variant_with_other_content_is_a_conflict(registry: RegistryUnderTest) -> None:
+    parent = await published_parent(registry)
+    one = (await registry.upload(gguf_bytes(padding=b"one"))).json()["digest"]
+    two = (await registry.upload(gguf_bytes(padding=b"two"))).json()["digest"]
+    await registry.client.post("/v1/variants", json=variant_body(parent, one))
+
+    response = await registry.client.post("/v1/variants", json=variant_body(parent, two))
+
+    assert response.status_code == 409
+
+
+async def test_report_is_stored_with_its_own_signed_manifest(registry: RegistryUnderTest) -> None:
+    parent = await published_parent(registry)
+    artifact = (await registry.upload(gguf_bytes(padding=b"variant"))).json()["digest"]
+    body = variant_body(parent, artifact)
+    await registry.client.post("/v1/variants", json=body)
+    report = json.dumps({"verdict": "passed", "gates": []}).encode()
+    report_digest = (await registry.upload(report)).json()["digest"]
+
+    response = await registry.client.post(
+        f"/v1/variants/{body['variant_id']}/reports",
+        json={"report_digest": report_digest, "verdict": "passed"},
+    )
+    unknown = await registry.client.post(
+        "/v1/variants/v-nope/reports", json={"report_digest": report_digest, "verdict": "passed"}
+    )
+
+    assert response.status_code == 201
+    manifest = response.json()["manifest"]
+    assert manifest["kind"] == "report"
+    assert manifest["artifact"]["digest"] == report_digest
+    assert manifest["labels"] == {"verdict": "passed", "variant_id": body["variant_id"]}
+    assert unknown.status_code == 404
+
+
+async def test_versions_of_a_model_are_listed(registry: RegistryUnderTest) -> None:
+    await published_parent(registry)
+
+    versions = (await registry.client.get("/v1/models/smollm2-135m")).json()
+    missing = await registry.client.get("/v1/models/unknown-model")
+
+    assert [v["version"] for v in versions] == ["1.0.0"]
+    assert missing.status_code == 404
