@@ -8,6 +8,7 @@ streams an artifact (or evaluation set) into the content-addressed store, then
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
@@ -16,7 +17,12 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from slmops.events import ChannelMoved, new_event
 from slmops.events.payloads import Digest, ModelName, Token, Version
-from slmops.objectstore import ObjectNotFoundError
+from slmops.objectstore import (
+    STAGING_PREFIX,
+    DigestMismatchError,
+    ObjectNotFoundError,
+    SizeMismatchError,
+)
 from slmops_registry.errors import RegistryError
 from slmops_registry.projection import LineageStore
 from slmops_registry.publishing import SOURCE, Publisher, PublishRequest
@@ -74,6 +80,54 @@ async def upload_blob(
         spooled.discard()
     body: dict[str, Any] = blob.model_dump()
     return body
+
+
+class UploadIntent(BaseModel):
+    size_bytes: int = Field(ge=0, description="Size of the file to upload.")
+
+
+class UploadDone(BaseModel):
+    digest: Digest
+    size_bytes: int = Field(ge=0)
+
+
+@router.post("/uploads", status_code=201, summary="A presigned URL to upload a large file")
+async def start_upload(body: UploadIntent, request: Request) -> dict[str, Any]:
+    """For files too large to stream through the registry: PUT the file to ``url`` with the
+    given headers, then ``POST /v1/uploads/{upload_id}/complete`` with its digest."""
+    registry = request.app.state.registry
+    limit = registry.settings.max_upload_mb * 1024 * 1024
+    if body.size_bytes > limit:
+        raise RegistryError(413, f"upload of {body.size_bytes} bytes exceeds the limit of {limit}")
+    ttl_s = registry.settings.download_url_ttl_s
+    key, url = await asyncio.to_thread(registry.store.presign_staging_put, ttl_s)
+    return {
+        "upload_id": key.removeprefix(STAGING_PREFIX),
+        "url": url,
+        "method": "PUT",
+        "headers": {"Content-Type": "application/octet-stream"},
+        "expires_in_s": ttl_s,
+    }
+
+
+@router.post("/uploads/{upload_id}/complete", status_code=201, summary="Turn an upload into a blob")
+async def complete_upload(upload_id: str, body: UploadDone, request: Request) -> dict[str, Any]:
+    if not re.fullmatch(r"[0-9a-f]{32}", upload_id):
+        raise RegistryError(422, f"invalid upload id {upload_id!r}")
+    store = request.app.state.registry.store
+    try:
+        blob = await asyncio.to_thread(
+            store.promote_staging,
+            STAGING_PREFIX + upload_id,
+            expected_digest=body.digest,
+            expected_size=body.size_bytes,
+        )
+    except ObjectNotFoundError as exc:
+        raise RegistryError(404, f"no upload {upload_id} (expired, or already completed)") from exc
+    except (DigestMismatchError, SizeMismatchError) as exc:
+        raise RegistryError(400, f"{exc}; the upload was discarded") from exc
+    result: dict[str, Any] = blob.model_dump()
+    return result
 
 
 @router.post("/models", summary="Publish a model version whose artifact is uploaded")

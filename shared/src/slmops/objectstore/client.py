@@ -383,6 +383,45 @@ class ObjectStore:
         with self._errors(f"presign {params['Key']}"):
             return self._client.generate_presigned_url("get_object", Params=params, ExpiresIn=ttl_s)
 
+    def presign_staging_put(self, ttl_s: int) -> tuple[str, str]:
+        """A fresh ``staging/<uuid>`` key and a URL to PUT a large upload straight into the
+        store; :meth:`promote_staging` turns it into a blob once its digest is checked. The
+        client must send ``Content-Type: application/octet-stream`` (it is signed)."""
+        if not 1 <= ttl_s <= MAX_PRESIGN_TTL_S:
+            raise ValueError(f"ttl_s must be within 1..{MAX_PRESIGN_TTL_S} (7 days), got {ttl_s}")
+        key = f"{STAGING_PREFIX}{uuid.uuid4().hex}"
+        params = {"Bucket": self.bucket, "Key": key, "ContentType": "application/octet-stream"}
+        with self._errors(f"presign {key}"):
+            url = self._client.generate_presigned_url("put_object", Params=params, ExpiresIn=ttl_s)
+        return key, url
+
+    def promote_staging(
+        self, staging_key: str, *, expected_digest: str, expected_size: int | None = None
+    ) -> BlobRef:
+        """Hash a staged upload as it streams; if it matches, it becomes the blob (server-side
+        copy) and the staged object goes; if not, the staged object goes and nothing else."""
+        check_digest(expected_digest)
+        if not staging_key.startswith(STAGING_PREFIX) or "/" in staging_key[len(STAGING_PREFIX) :]:
+            raise ValueError(f"not a staging key: {staging_key!r}")
+        h, size = hashlib.sha256(), 0
+        try:
+            with self._errors(f"get {staging_key}"):
+                body = self._client.get_object(Bucket=self.bucket, Key=staging_key)["Body"]
+                for chunk in body.iter_chunks(MIB):
+                    h.update(chunk)
+                    size += len(chunk)
+            actual = f"sha256:{h.hexdigest()}"
+            if expected_size is not None and size != expected_size:
+                raise SizeMismatchError("size mismatch (bytes)", expected_size, size)
+            if actual != expected_digest:
+                raise DigestMismatchError("digest mismatch", expected_digest, actual)
+            key = blob_key(actual)
+            self._write_once(key, lambda: self._copy(staging_key, key, size))
+            return self._ref(actual, size)
+        finally:
+            with contextlib.suppress(ObjectStoreError):
+                self.delete_key(staging_key)
+
     def delete(self, digest: str) -> None:
         """Remove a blob (idempotent). Blobs are immutable: only garbage collection deletes."""
         key = blob_key(digest)
