@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
-from bench import bus_throughput
+from bench import bus_throughput, registry_throughput
 
 
 def main() -> None:
     asyncio.run(bus_throughput.main())
+    registry_throughput.main()
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import json
 import tarfile
 import urllib.request
 
+import boto3
 import pytest
 
 from slmops.bus import Bus
@@ -116,17 +117,47 @@ async def test_concurrent_uploads_of_the_same_content_store_one_blob(
     assert [b.digest for b in blobs] == [sha(data)]
 
 
+def open_multipart_uploads(registry: RegistryUnderTest) -> list[object]:
+    platform = registry.settings.platform
+    raw = boto3.client(
+        "s3",
+        endpoint_url=platform.s3_endpoint_url,
+        region_name=platform.s3_region,
+        aws_access_key_id=platform.s3_access_key_id.get_secret_value(),
+        aws_secret_access_key=platform.s3_secret_access_key.get_secret_value(),
+    )
+    return list(raw.list_multipart_uploads(Bucket=platform.s3_bucket).get("Uploads", []))
+
+
+@pytest.mark.parametrize("size_mb", [0, 20], ids=["small", "multipart"])
 async def test_upload_with_a_wrong_expected_digest_is_refused_and_not_stored(
-    registry: RegistryUnderTest,
+    registry: RegistryUnderTest, size_mb: int
 ) -> None:
-    data = gguf_bytes()
+    data = gguf_bytes(padding=b"\x03" * (size_mb * 1024 * 1024))
 
     response = await registry.upload(data, **{"X-Expected-Digest": sha(b"something else")})
 
     assert response.status_code == 400
     assert response.json()["detail"].startswith("digest mismatch")
-    assert list(registry.context.store.list_blobs()) == []
-    assert list(registry.settings.spool_dir.iterdir()) == []
+    assert list(registry.context.store.list_objects("")) == []
+    assert open_multipart_uploads(registry) == []
+
+
+async def test_large_upload_with_its_digest_streams_straight_into_the_store(
+    registry: RegistryUnderTest,
+) -> None:
+    data = gguf_bytes(padding=b"\x04" * (20 * 1024 * 1024))  # several 8 MiB parts
+
+    response = await registry.upload(data, **{"X-Expected-Digest": sha(data)})
+    again = await registry.upload(data, **{"X-Expected-Digest": sha(data)})
+
+    assert (response.status_code, again.status_code) == (201, 201)
+    assert response.json()["digest"] == again.json()["digest"] == sha(data)
+    assert response.json()["size_bytes"] == len(data)
+    assert [o.key for o in registry.context.store.list_objects("")] == [
+        f"blobs/sha256/{sha(data)[7:]}"
+    ]  # no staging copy, no spool
+    assert not registry.settings.spool_dir.exists()
 
 
 async def test_upload_over_the_size_limit_is_refused(registry: RegistryUnderTest) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
@@ -27,7 +28,7 @@ from slmops_registry.errors import RegistryError
 from slmops_registry.projection import LineageStore
 from slmops_registry.publishing import SOURCE, Publisher, PublishRequest
 from slmops_registry.retention import collect_garbage
-from slmops_registry.uploads import spool_upload
+from slmops_registry.uploads import pipe_upload, spool_upload
 from slmops_registry.variants import ReportRequest, VariantRequest, Variants
 
 router = APIRouter(prefix="/v1", tags=["registry"])
@@ -65,19 +66,36 @@ async def upload_blob(
     shorter body is a truncated upload) and, if known, ``X-Expected-Digest``."""
     registry = request.app.state.registry
     settings = registry.settings
-    spooled = await spool_upload(
-        request.stream(),
-        spool_dir=settings.spool_dir,
-        max_size_bytes=settings.max_upload_mb * 1024 * 1024,
-        declared_size_bytes=content_length,
-        expected_digest=x_expected_digest,
-    )
-    try:
-        blob = await asyncio.to_thread(
-            registry.store.put_file, spooled.path, expected_digest=spooled.digest
+    limit = settings.max_upload_mb * 1024 * 1024
+    if x_expected_digest is not None:  # stream straight into the store while receiving
+        _valid(Digest, x_expected_digest, "X-Expected-Digest")
+        store = partial(
+            registry.store.put_stream,
+            expected_digest=x_expected_digest,
+            expected_size=content_length,
         )
-    finally:
-        spooled.discard()
+        try:
+            blob = await pipe_upload(
+                request.stream(), store, max_size_bytes=limit, declared_size_bytes=content_length
+            )
+        except DigestMismatchError as exc:
+            raise RegistryError(400, f"digest mismatch: {exc}; nothing was stored") from exc
+        except SizeMismatchError as exc:
+            raise RegistryError(400, f"truncated upload: {exc}; nothing was stored") from exc
+    else:  # the digest is known only at the end: spool, then store the checked file
+        spooled = await spool_upload(
+            request.stream(),
+            spool_dir=settings.spool_dir,
+            max_size_bytes=limit,
+            declared_size_bytes=content_length,
+            expected_digest=None,
+        )
+        try:
+            blob = await asyncio.to_thread(  # hashed while spooling: no second pass
+                registry.store.put_file, spooled.path, hashed_digest=spooled.digest
+            )
+        finally:
+            spooled.discard()
     body: dict[str, Any] = blob.model_dump()
     return body
 

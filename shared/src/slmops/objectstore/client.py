@@ -26,6 +26,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -96,10 +97,16 @@ class ObjectStore:
         secret_access_key: str | None = None,
         *,
         part_size: int = PART_SIZE,
+        part_uploaders: int = 3,
     ) -> None:
         if part_size < 5 * MIB:
             raise ValueError(f"part_size must be >= 5 MiB (S3's minimum), got {part_size}")
+        if part_uploaders < 1:
+            raise ValueError(f"part_uploaders must be >= 1, got {part_uploaders}")
         self.bucket, self.region, self.part_size = bucket, region, part_size
+        # Parts of a one-shot stream sent at once: throughput like boto3's own transfers, at a
+        # memory cost of about twice this many parts (botocore keeps a copy while sending).
+        self.part_uploaders = part_uploaders
         self.endpoint_url = endpoint_url or None
         self.endpoint = self.endpoint_url or f"AWS S3 ({region})"  # for messages: no secrets
         # One session per store: the default boto3 session isn't safe to share across threads.
@@ -223,19 +230,29 @@ class ObjectStore:
             ) from exc
 
     def put_file(
-        self, path: str | os.PathLike[str], *, expected_digest: str | None = None
+        self,
+        path: str | os.PathLike[str],
+        *,
+        expected_digest: str | None = None,
+        hashed_digest: str | None = None,
     ) -> BlobRef:
-        """Store a file as a blob: hash it (one streaming pass), then upload unless it exists."""
+        """Store a file as a blob: hash it (one streaming pass), then upload unless it exists.
+
+        ``hashed_digest``: the caller has just hashed these very bytes itself (the registry
+        hashes uploads while spooling them to its own temp file), so the pass is skipped.
+        """
         path = Path(path)
         if expected_digest is not None:
             check_digest(expected_digest)
         before = path.stat()
-        h, size = hashlib.sha256(), 0
-        with path.open("rb") as f:
-            while chunk := f.read(MIB):
-                h.update(chunk)
-                size += len(chunk)
-        ref = self._ref(f"sha256:{h.hexdigest()}", size)
+        if hashed_digest is not None:
+            ref = self._ref(check_digest(hashed_digest), before.st_size)
+        else:
+            h = hashlib.sha256()
+            with path.open("rb") as f:
+                while chunk := f.read(MIB):
+                    h.update(chunk)
+            ref = self._ref(f"sha256:{h.hexdigest()}", before.st_size)
         if expected_digest is not None and ref.digest != expected_digest:
             raise DigestMismatchError("digest mismatch", expected_digest, ref.digest)
         with self._errors(f"upload {path.name} as {ref.key}"):
@@ -288,35 +305,64 @@ class ObjectStore:
                     lambda: c.put_object(Bucket=bucket, Key=ref.key, Body=chunk, IfNoneMatch="*"),
                 )
             return ref
-        staging = f"{STAGING_PREFIX}{uuid.uuid4().hex}"
-        with self._errors(f"upload via {staging}"):
-            upload_id = c.create_multipart_upload(Bucket=bucket, Key=staging)["UploadId"]
+        # With the digest announced, parts go straight to the blob's key: a multipart upload is
+        # invisible until completed, and it is completed only after the bytes hashed right.
+        # Without it, they go to a staging key and are copied once the digest is known.
+        direct = expected_digest is not None
+        if expected_digest is not None and self._head(blob_key(expected_digest)) is not None:
+            while more := _read_full(reader, part_size):  # stored already: just check the bytes
+                h.update(more)
+                size += len(more)
+            return verified()
+        target = (
+            blob_key(expected_digest) if expected_digest else f"{STAGING_PREFIX}{uuid.uuid4().hex}"
+        )
+        with self._errors(f"upload via {target}"), ThreadPoolExecutor(self.part_uploaders) as pool:
+            upload_id = c.create_multipart_upload(Bucket=bucket, Key=target)["UploadId"]
             completed = False
             try:
-                parts: list[Any] = []
+                sending: list[Future[Any]] = []
                 while chunk:
-                    n = len(parts) + 1
-                    part = c.upload_part(
-                        Bucket=bucket, Key=staging, UploadId=upload_id, PartNumber=n, Body=chunk
-                    )
-                    parts.append({"ETag": part["ETag"], "PartNumber": n})
-                    del chunk  # hold one part in memory, not two, while reading the next
+                    while sum(not f.done() for f in sending) >= self.part_uploaders:
+                        wait(sending, return_when=FIRST_COMPLETED)  # bounds parts in memory
+                    n = len(sending) + 1
+                    part: dict[str, Any] = {"Key": target, "UploadId": upload_id, "Body": chunk}
+                    sending.append(pool.submit(c.upload_part, Bucket=bucket, PartNumber=n, **part))
+                    del chunk, part  # the pool holds the part being sent; read the next one
                     chunk = _read_full(reader, part_size)
                     h.update(chunk)
                     size += len(chunk)
+                parts = [
+                    {"ETag": f.result()["ETag"], "PartNumber": i} for i, f in enumerate(sending, 1)
+                ]
                 ref = verified()
-                c.complete_multipart_upload(
-                    Bucket=bucket, Key=staging, UploadId=upload_id, MultipartUpload={"Parts": parts}
-                )
+                self._complete(target, upload_id, parts, conditional=direct)
                 completed = True
-                self._write_once(ref.key, lambda: self._copy(staging, ref.key, size))
+                if not direct:
+                    self._write_once(ref.key, lambda: self._copy(target, ref.key, size))
             finally:  # best effort: a leftover is invisible to readers and GC removes it
                 with contextlib.suppress(ClientError, BotoCoreError):
-                    if completed:
-                        c.delete_object(Bucket=bucket, Key=staging)
-                    else:
-                        c.abort_multipart_upload(Bucket=bucket, Key=staging, UploadId=upload_id)
+                    if not completed:
+                        c.abort_multipart_upload(Bucket=bucket, Key=target, UploadId=upload_id)
+                    elif not direct:
+                        c.delete_object(Bucket=bucket, Key=target)
         return ref
+
+    def _complete(self, key: str, upload_id: str, parts: list[Any], *, conditional: bool) -> None:
+        """Complete a multipart upload; onto a blob key only if no one wrote it meanwhile."""
+        kwargs: dict[str, Any] = {
+            "Bucket": self.bucket, "Key": key, "UploadId": upload_id,
+            "MultipartUpload": {"Parts": parts},
+        }  # fmt: skip
+        if not conditional:
+            self._client.complete_multipart_upload(**kwargs)
+            return
+        try:
+            self._client.complete_multipart_upload(**kwargs, IfNoneMatch="*")
+        except ClientError as exc:
+            if _code(exc) != "PreconditionFailed":  # the same content got there first: fine
+                raise
+            self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
 
     def _copy(self, src: str, dest: str, size: int) -> None:
         source: Any = {"Bucket": self.bucket, "Key": src}
