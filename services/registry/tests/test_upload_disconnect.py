@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import socket
@@ -11,6 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import boto3
 import httpx
 import pytest
 
@@ -54,27 +56,43 @@ def registry_process(platform_env: dict[str, str]) -> Iterator[str]:
         proc.wait(timeout=30)
 
 
+@pytest.mark.parametrize(
+    "digest_header",
+    ["", f"X-Expected-Digest: sha256:{hashlib.sha256(b'x' * 20_000_000).hexdigest()}\r\n"],
+    ids=["spooled", "streamed-to-store"],
+)
 def test_truncated_upload_stores_nothing_and_leaves_no_temp_file(
-    registry_process: str, platform_env: dict[str, str]
+    registry_process: str, platform_env: dict[str, str], digest_header: str
 ) -> None:
     port = int(registry_process.rsplit(":", 1)[1])
     spool = Path(platform_env["SLMOPS_VAR_DIR"]) / "registry" / "spool"
     head = (
         "POST /v1/blobs HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-        "Content-Type: application/octet-stream\r\nContent-Length: 1000000\r\n\r\n"
+        f"Content-Type: application/octet-stream\r\n{digest_header}"
+        "Content-Length: 20000000\r\n\r\n"
     )
 
     with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall(head.encode() + b"\x01" * 400_000)  # 40% of what was announced
+        sock.sendall(head.encode() + b"x" * 12_000_000)  # more than a part, less than announced
         time.sleep(0.5)
-    time.sleep(1.0)  # let the server notice the disconnect
+    time.sleep(1.5)  # let the server notice the disconnect
     health = httpx.get(f"{registry_process}/healthz", timeout=5)
 
-    store = ObjectStore.from_settings(PlatformSettings(**{
+    settings = PlatformSettings(**{
         k.removeprefix("SLMOPS_").lower(): v for k, v in platform_env.items()
-    }))  # fmt: skip
-    assert list(store.list_blobs()) == []
-    assert list(store.list_objects("staging/")) == []
-    assert spool.is_dir()  # the upload did start spooling
-    assert list(spool.iterdir()) == []
+    })  # fmt: skip
+    store = ObjectStore.from_settings(settings)
+    raw = boto3.client(
+        "s3",
+        endpoint_url=settings.s3_endpoint_url,
+        region_name=settings.s3_region,
+        aws_access_key_id=settings.s3_access_key_id.get_secret_value(),
+        aws_secret_access_key=settings.s3_secret_access_key.get_secret_value(),
+    )
+    assert list(store.list_objects("")) == []
+    assert raw.list_multipart_uploads(Bucket=settings.s3_bucket).get("Uploads", []) == []
+    if digest_header:  # streamed straight into a multipart upload: aborted, never spooled
+        assert not spool.exists()
+    else:  # the upload did start spooling, and the temp file went with the client
+        assert list(spool.iterdir()) == []
     assert health.status_code == 200  # the service stays up
