@@ -9,12 +9,12 @@ import json
 import tarfile
 import urllib.request
 
-import boto3
 import pytest
 
 from slmops.bus import Bus
 from slmops.events import ModelPublished
 from slmops.testing.events import await_events, stream_count
+from slmops.testing.s3 import open_multipart_uploads
 from slmops_registry.manifests import SignedManifest, verify_manifest
 from slmops_registry.testing import RegistryUnderTest, gguf_bytes
 
@@ -117,18 +117,6 @@ async def test_concurrent_uploads_of_the_same_content_store_one_blob(
     assert [b.digest for b in blobs] == [sha(data)]
 
 
-def open_multipart_uploads(registry: RegistryUnderTest) -> list[object]:
-    platform = registry.settings.platform
-    raw = boto3.client(
-        "s3",
-        endpoint_url=platform.s3_endpoint_url,
-        region_name=platform.s3_region,
-        aws_access_key_id=platform.s3_access_key_id.get_secret_value(),
-        aws_secret_access_key=platform.s3_secret_access_key.get_secret_value(),
-    )
-    return list(raw.list_multipart_uploads(Bucket=platform.s3_bucket).get("Uploads", []))
-
-
 @pytest.mark.parametrize("size_mb", [0, 20], ids=["small", "multipart"])
 async def test_upload_with_a_wrong_expected_digest_is_refused_and_not_stored(
     registry: RegistryUnderTest, size_mb: int
@@ -140,7 +128,7 @@ async def test_upload_with_a_wrong_expected_digest_is_refused_and_not_stored(
     assert response.status_code == 400
     assert response.json()["detail"].startswith("digest mismatch")
     assert list(registry.context.store.list_objects("")) == []
-    assert open_multipart_uploads(registry) == []
+    assert open_multipart_uploads(registry.settings.platform) == []
 
 
 async def test_large_upload_with_its_digest_streams_straight_into_the_store(

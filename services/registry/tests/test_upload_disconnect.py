@@ -12,12 +12,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import boto3
 import httpx
 import pytest
 
 from slmops.objectstore import ObjectStore
 from slmops.settings import PlatformSettings
+from slmops.testing.s3 import open_multipart_uploads
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -82,15 +82,8 @@ def test_truncated_upload_stores_nothing_and_leaves_no_temp_file(
         k.removeprefix("SLMOPS_").lower(): v for k, v in platform_env.items()
     })  # fmt: skip
     store = ObjectStore.from_settings(settings)
-    raw = boto3.client(
-        "s3",
-        endpoint_url=settings.s3_endpoint_url,
-        region_name=settings.s3_region,
-        aws_access_key_id=settings.s3_access_key_id.get_secret_value(),
-        aws_secret_access_key=settings.s3_secret_access_key.get_secret_value(),
-    )
     assert list(store.list_objects("")) == []
-    assert raw.list_multipart_uploads(Bucket=settings.s3_bucket).get("Uploads", []) == []
+    assert open_multipart_uploads(settings) == []
     if digest_header:  # streamed straight into a multipart upload: aborted, never spooled
         assert not spool.exists()
     else:  # the upload did start spooling, and the temp file went with the client

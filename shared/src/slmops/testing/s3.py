@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
+import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
 from slmops.objectstore import ObjectStore
+from slmops.settings import PlatformSettings
 
 #: moto accepts any credentials; these only have to be non-empty so requests get signed.
 TEST_ACCESS_KEY = "slmops-test"
@@ -49,3 +52,20 @@ def object_store(s3_server: str) -> Iterator[ObjectStore]:
         yield store
     finally:
         store.close()
+
+
+def raw_s3_client(settings: PlatformSettings) -> Any:
+    """A plain boto3 client on the platform's store, to look behind the ObjectStore's back."""
+    return boto3.client(
+        "s3",
+        endpoint_url=settings.s3_endpoint_url,
+        region_name=settings.s3_region,
+        aws_access_key_id=settings.s3_access_key_id.get_secret_value(),
+        aws_secret_access_key=settings.s3_secret_access_key.get_secret_value(),
+    )
+
+
+def open_multipart_uploads(settings: PlatformSettings) -> list[Any]:
+    """Multipart uploads begun and neither completed nor aborted (should be none)."""
+    listing = raw_s3_client(settings).list_multipart_uploads(Bucket=settings.s3_bucket)
+    return list(listing.get("Uploads", []))
