@@ -97,7 +97,7 @@ class ObjectStore:
         secret_access_key: str | None = None,
         *,
         part_size: int = PART_SIZE,
-        part_uploaders: int = 3,
+        part_uploaders: int = 4,
     ) -> None:
         if part_size < 5 * MIB:
             raise ValueError(f"part_size must be >= 5 MiB (S3's minimum), got {part_size}")
