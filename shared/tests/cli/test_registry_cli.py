@@ -30,7 +30,7 @@ from typer.testing import CliRunner, Result
 
 from slmops.cli.main import app
 from slmops.cli.packaging import PackagingError, infer_format, pack_directory
-from slmops.cli.registry import render_lineage
+from slmops.cli.render import render_lineage
 
 pytestmark = pytest.mark.integration
 

@@ -8,7 +8,6 @@ Publishing is the API's two steps: stream the artifact (and evaluation set) to `
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -19,10 +18,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
-from rich.text import Text
-from rich.tree import Tree
 
 from slmops.cli import packaging as pkg
+from slmops.cli.render import local_time, render_lineage, short_digest, text_row
 from slmops.events.payloads import ModelFormat, ModelName, Task, Token, Version
 
 _out = Console(highlight=False, soft_wrap=True)
@@ -230,8 +228,11 @@ def models(json_output: JsonOutput = False, registry_url: RegistryUrl = None) ->
         table.add_column(column)
     for model in sorted(listing, key=lambda m: str(m.get("model_name"))):
         for item in sorted(model.get("versions") or [], key=lambda v: str(v.get("published_at"))):
-            digest, when = _short(item.get("artifact_digest")), _time(item.get("published_at"))
-            table.add_row(*_row(model.get("model_name"), item.get("version"), digest, when))
+            digest, when = (
+                short_digest(item.get("artifact_digest")),
+                local_time(item.get("published_at")),
+            )
+            table.add_row(*text_row(model.get("model_name"), item.get("version"), digest, when))
     _out.print(table, soft_wrap=False)
 
 
@@ -260,95 +261,3 @@ def lineage(
         print(json.dumps(document, indent=2))
     else:
         _out.print(render_lineage(document), soft_wrap=False)
-
-
-def _short(digest: object) -> str:
-    return str(digest)[:19] if digest else ""
-
-
-def _time(value: object) -> str:
-    return str(value or "")[:19].replace("T", " ")
-
-
-def _size(size: object) -> str:
-    if not isinstance(size, int | float):
-        return ""
-    amount, unit = float(size), "B"
-    for bigger in ("KiB", "MiB", "GiB", "TiB"):
-        if amount < 1024:
-            break
-        amount, unit = amount / 1024, bigger
-    return f"{amount:.0f} B" if unit == "B" else f"{amount:.1f} {unit}"
-
-
-def _dict(value: object) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def _dicts(value: object) -> list[dict[str, Any]]:
-    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
-    return [item for item in items if isinstance(item, dict)]
-
-
-def _row(*cells: object) -> list[Text]:
-    return [Text("" if cell is None else str(cell)) for cell in cells]
-
-
-def _verdict(reports: list[dict[str, Any]]) -> str:
-    if not reports:
-        return ""
-    last = reports[-1]
-    gates = [g for g in _dicts(last.get("gates")) if g.get("passed") is not None]
-    failed = [str(g.get("name")) for g in gates if g.get("passed") is False]
-    text = f"{last.get('verdict', '?')} ({len(gates) - len(failed)}/{len(gates)} gates passed"
-    text += f"; failed {', '.join(failed)})" if failed else ")"
-    return text + (f": {last['reason']}" if last.get("reason") else "")
-
-
-def render_lineage(doc: dict[str, Any]) -> Tree:
-    """The lineage JSON as a rich tree; any missing part is left out."""
-    tree = Tree(Text(f"{doc.get('model_name', '?')} {doc.get('version', '?')}", style="bold"))
-    if published := _dict(doc.get("published")):
-        art = _dict(published.get("artifact"))
-        manifest, digest = _short(published.get("manifest_digest")), _short(art.get("digest"))
-        what = f"manifest {manifest}, artifact {digest} ({_size(art.get('size_bytes'))})"
-        tree.add(Text(f"published {_time(published.get('time'))}: {what}"))
-    gateways = _dicts(doc.get("gateways"))
-    applied = Counter(g.get("variant_id") for g in gateways if g.get("state") == "applied")
-    failed = Counter(g.get("variant_id") for g in gateways if g.get("state") == "failed")
-    if variants := _dicts(doc.get("variants")):
-        table = Table(title="variants", title_justify="left")
-        for column in ("variant", "class", "recipe", "size", "status", "verdict", "gateways"):
-            table.add_column(column)
-        for v in variants:
-            status, vid, failure = str(v.get("status", "")), v.get("variant_id"), v.get("failure")
-            if failure:
-                status += f": {_dict(failure).get('reason', failure)}"
-            fleet = f"{applied[vid]}" + (f" ({failed[vid]} failed)" if failed[vid] else "")
-            recipe, size = _dict(v.get("recipe")).get("name"), _size(v.get("size_bytes"))
-            verdict = _verdict(_dicts(v.get("reports")))
-            table.add_row(*_row(vid, v.get("device_class"), recipe, size, status, verdict, fleet))
-        tree.add(table)
-    if failures := _dicts(doc.get("optimization_failures")):
-        node = tree.add(Text("optimization failures"))
-        for f in failures:
-            node.add(Text(f"{f.get('device_class')} / {f.get('recipe_name')}: {f.get('reason')}"))
-    if releases := _dicts(doc.get("releases")):
-        node = tree.add(Text("releases"))
-        for release in releases:
-            when = f" ({_time(release['time'])})" if release.get("time") else ""
-            child = node.add(Text(f"{release.get('release_id')}{when}"))
-            for e in _dicts(release.get("entries")):
-                why = f": {e['reason']}" if e.get("reason") else ""
-                child.add(Text(f"{e.get('device_class')} -> {e.get('variant_id') or 'none'}{why}"))
-    if rollouts := _dicts(doc.get("rollouts")):
-        node = tree.add(Text("rollouts"))
-        for r in rollouts:
-            waves = ", ".join(f"{w.get('percent')}%" for w in _dicts(r.get("waves"))) or "-"
-            steps, state = len(r.get("history") or []), r.get("state") or "?"
-            what = f"{r.get('rollout_id')} of release {r.get('release_id')}: {state}"
-            node.add(Text(f"{what} (waves {waves}; {steps} steps)"))
-    if gateways:
-        counts = f"{sum(applied.values())} applied, {sum(failed.values())} failed"
-        tree.add(Text(f"gateways: {len(gateways)} ({counts})"))
-    return tree
