@@ -116,8 +116,3 @@ def extract_trace_context(headers: Mapping[str, str] | None) -> otel_context.Con
         trace_state=TraceState.from_header([state]) if state else None,
     )
     return trace.set_span_in_context(NonRecordingSpan(remote))
-
-
-def current_trace_id() -> str | None:
-    ctx = trace.get_current_span().get_span_context()
-    return format(ctx.trace_id, "032x") if ctx.is_valid else None
