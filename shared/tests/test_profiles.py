@@ -69,7 +69,7 @@ def test_duplicate_recipe_names_are_refused(tmp_path: Path) -> None:
     assert isinstance(recipes, list)
     path = write(tmp_path, "arm64-pi5", {**profile, "recipes": [recipes[0], recipes[0]]})
 
-    with pytest.raises(ProfileError, match="recipe names repeat: int4-weight-only"):
+    with pytest.raises(ProfileError, match="recipe names repeat: gguf-exact-blocks"):
         load_profile(path)
 
 
@@ -94,3 +94,20 @@ def test_all_problems_of_a_directory_are_reported_at_once(tmp_path: Path) -> Non
     assert "requires_static_qdq needs int8" in str(raised.value)
     with pytest.raises(ProfileError, match="no device profiles"):
         load_profiles(tmp_path / "empty")
+
+
+def test_candidates_are_filtered_by_source_format_and_task() -> None:
+    profiles = load_profiles(SHIPPED)
+
+    x86 = profiles["x86-avx512-vnni"]
+    gguf_decoder = [r.name for r in x86.candidates("gguf", "text-generation")]
+    hf_encoder = [r.name for r in x86.candidates("hf-safetensors", "feature-extraction")]
+
+    # a GGUF keeps its own blocks (no INT4 requantization); decoders skip dynamic INT8
+    assert gguf_decoder == ["gguf-exact-blocks", "int8-weight-only"]
+    assert hf_encoder == ["int8-dynamic-per-channel", "int8-weight-only", "int4-weight-only"]
+    assert profiles["npu-qdq-int8"].candidates("gguf", "text-generation") == []
+    assert x86.candidates("gguf", "text-generation")[0].recipe().model_dump() == {
+        "name": "gguf-exact-blocks",
+        "passes": [{"name": "convert", "config": {}}, {"name": "gguf_blocks", "config": {}}],
+    }

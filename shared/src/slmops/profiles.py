@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from slmops.events.payloads import Recipe, Token
+from slmops.events.payloads import ModelFormat, PassSpec, Recipe, Task, Token
 
 Precision = Literal["fp32", "fp16", "int8", "int4"]
 
@@ -61,6 +61,26 @@ class SearchBudget(_Strict):
     sample_size: int = Field(32, ge=4, le=4096, description="Texts in the quick quality score.")
 
 
+class CandidateRecipe(_Strict):
+    """A recipe the optimizer tries for this class, and which sources it applies to."""
+
+    name: Token = Field(description="Recipe name, unique within the profile.")
+    passes: list[PassSpec] = Field(min_length=1, description="Ordered passes with configs.")
+    formats: list[ModelFormat] = Field(
+        default_factory=list, description="Source formats it applies to; empty = every format."
+    )
+    tasks: list[Task] = Field(
+        default_factory=list, description="Model tasks it applies to; empty = every task."
+    )
+
+    def applies_to(self, fmt: str, task: str) -> bool:
+        return (not self.formats or fmt in self.formats) and (not self.tasks or task in self.tasks)
+
+    def recipe(self) -> Recipe:
+        """The recipe as events and variant ids carry it (without the planning filters)."""
+        return Recipe(name=self.name, passes=self.passes)
+
+
 class DeviceProfile(_Strict):
     name: Token = Field(description="The device class, e.g. x86-avx512-vnni.")
     description: str
@@ -86,7 +106,7 @@ class DeviceProfile(_Strict):
         "smallest", description="How the release picks among passing variants."
     )
     search: SearchBudget = Field(default_factory=SearchBudget)
-    recipes: Annotated[list[Recipe], Field(min_length=1)] = Field(
+    recipes: Annotated[list[CandidateRecipe], Field(min_length=1)] = Field(
         description="Candidate recipes, in order of preference."
     )
 
@@ -113,6 +133,10 @@ class DeviceProfile(_Strict):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def candidates(self, fmt: str, task: str) -> list[CandidateRecipe]:
+        """The recipes to try on a source of this format and task, in order of preference."""
+        return [r for r in self.recipes if r.applies_to(fmt, task)]
 
 
 class ProfileError(ValueError):

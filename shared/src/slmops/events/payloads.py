@@ -101,6 +101,28 @@ class ModelRejected(EventPayload):
     artifact_digest: Digest | None = None
 
 
+class PlannedJob(_Part):
+    variant_id: Token
+    device_class: Token
+    recipe_name: str
+
+
+class OptimizationPlanned(EventPayload):
+    """The jobs the optimizer runs for a model version: one per (device class, candidate
+    recipe). Each ends in exactly one ``optimization.completed`` or ``optimization.failed``,
+    so a consumer knows when every candidate of a version has been accounted for."""
+
+    event_type = "slmops.optimization.planned.v1"
+
+    model_name: ModelName
+    version: Version
+    parent_digest: Digest
+    jobs: list[PlannedJob]
+    skipped: dict[str, str] = Field(
+        default_factory=dict, description="Device classes with no job, and why."
+    )
+
+
 class OptimizationCompleted(EventPayload):
     event_type = "slmops.optimization.completed.v1"
 
@@ -313,6 +335,7 @@ class DeadLetter(EventPayload):
 CORE_EVENT_TYPES: tuple[type[EventPayload], ...] = (
     ModelPublished,
     ModelRejected,
+    OptimizationPlanned,
     OptimizationCompleted,
     OptimizationFailed,
     ValidationPassed,
