@@ -108,7 +108,8 @@ def stack_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[
         "SLMOPS_STACK_NATS_MONITOR_PORT": str(monitor_port),
         "SLMOPS_STACK_S3_PORT": str(s3_port),
         "SLMOPS_STACK_SERVICE_BASE_PORT": str(_free_range(max(1, len(SERVICES)))),
-        "SLMOPS_STACK_READY_TIMEOUT_S": "30",
+        # the optimizer is ready once its in-process Ray Serve runs (~20 s; more when busy)
+        "SLMOPS_STACK_READY_TIMEOUT_S": "120",
         "SLMOPS_STACK_STOP_TIMEOUT_S": "10",
         "SLMOPS_STACK_SERVICES": ",".join(SERVICES),
     }

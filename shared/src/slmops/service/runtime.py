@@ -12,7 +12,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from opentelemetry.sdk.trace import TracerProvider
 
@@ -54,6 +54,18 @@ class Readiness:
         }
 
 
+class Dependency(Protocol):
+    """Something else a service runs (e.g. the optimizer's Ray Serve app): started with the
+    runtime (in the background: ``start`` returns at once), stopped after the consumers drained,
+    and reported by ``/readyz``."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def check(self) -> Check: ...
+
+
 class ServiceRuntime:
     """The NATS/JetStream side of one service, plus its object store client."""
 
@@ -84,6 +96,11 @@ class ServiceRuntime:
         self.bucket_ready = False
         self._startup_error = "not started"
         self._starter: asyncio.Task[None] | None = None
+        self.dependencies: dict[str, Dependency] = {}
+
+    def add_dependency(self, name: str, dependency: Dependency) -> None:
+        """Run ``dependency`` with this runtime and report it as readiness check ``name``."""
+        self.dependencies[name] = dependency
 
     @property
     def source(self) -> str:
@@ -91,6 +108,8 @@ class ServiceRuntime:
 
     async def start(self) -> None:
         """Begin connecting in the background; returns at once."""
+        for dependency in self.dependencies.values():
+            await dependency.start()
         self._starter = asyncio.create_task(self._start_until_done(), name=f"{self.name} start")
 
     async def wait_started(self, timeout_s: float) -> None:
@@ -138,6 +157,8 @@ class ServiceRuntime:
             await asyncio.gather(self._starter, return_exceptions=True)
         for consumer in self.consumers:
             await consumer.stop()
+        for dependency in self.dependencies.values():
+            await dependency.stop()
         if self.bus is not None:
             await self.bus.close()
         if self.store is not None:
@@ -180,6 +201,8 @@ class ServiceRuntime:
         )
         if self.store is not None:
             report.checks["object_store"] = await self._store_check(self.store)
+        for name, dependency in self.dependencies.items():
+            report.checks[name] = await dependency.check()
         return report
 
     async def _store_check(self, store: ObjectStore) -> Check:

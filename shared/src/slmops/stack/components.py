@@ -51,7 +51,10 @@ class StackSettings(BaseSettings):
         "order) gets service_base_port + i.",
     )
     ready_timeout_s: float = Field(
-        60.0, gt=0, description="How long each component may take to become ready, in seconds."
+        120.0,
+        gt=0,
+        description="How long each component may take to become ready, in seconds (the "
+        "optimizer starts Ray Serve in-process: ~20 s on 2 cores).",
     )
     stop_timeout_s: float = Field(
         25.0,
