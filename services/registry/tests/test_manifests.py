@@ -192,6 +192,7 @@ ALTERNATIVES: dict[str, Any] = {
     "device_classes": ["x86-large", "arm64-small"],
     "eval_set": artifact(D3, 100),
     "metrics": {"latency_p95_ms": 12.5, "accuracy": 0.92},
+    "details": {"search_trail": [{"attempt": 2, "change": "asymmetric"}]},
     "validation_report_digest": D2,
     "chunks_digest": None,
     "created_at": datetime(2025, 1, 2, 3, 4, 5, 1, tzinfo=UTC),

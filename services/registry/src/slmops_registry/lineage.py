@@ -60,6 +60,7 @@ class Variant(BaseModel):
     manifest_digest: str | None = None
     size_bytes: int | None = None
     duration_s: float | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
     reports: list[Report] = Field(default_factory=list)
 
     @property
@@ -179,6 +180,7 @@ def apply_event(lineage: Lineage, event: CloudEvent[Any]) -> bool:
         variant.recipe, variant.parent_digest = data.recipe, data.parent_digest
         variant.artifact, variant.manifest_digest = data.artifact, data.manifest_digest
         variant.size_bytes, variant.duration_s = data.artifact.size_bytes, data.duration_s
+        variant.metrics = dict(data.metrics)
     elif isinstance(data, OptimizationFailed):
         _insert_sorted(
             lineage.optimization_failures,

@@ -16,6 +16,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    JsonValue,
     ValidationError,
     field_serializer,
     field_validator,
@@ -79,6 +80,11 @@ class Manifest(BaseModel):
     eval_set: ArtifactRef | None = Field(None, description="Evaluation data set, if published.")
     metrics: dict[str, FiniteFloat] = Field(
         default_factory=dict, description="Measured figures; units belong in the metric names."
+    )
+    details: dict[str, JsonValue] = Field(
+        default_factory=dict,
+        description="Variants: how the optimizer got there (effective recipe, search trail, pass "
+        "log). Free-form JSON, signed with the rest.",
     )
     validation_report_digest: Digest | None = Field(
         None, description="Digest of the validation report manifest of this artifact."

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 import nats.js.errors
 from nats.js.kv import KeyValue
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from slmops.events import variant_id_for
 from slmops.events.payloads import Digest, ModelFormat, ModelName, Recipe, Token, Version
@@ -37,6 +37,10 @@ class VariantRequest(BaseModel):
     format: ModelFormat = "onnx"
     artifact_digest: Digest
     metrics: dict[str, float] = Field(default_factory=dict, description="Units in the names.")
+    details: dict[str, JsonValue] = Field(
+        default_factory=dict,
+        description="Effective recipe, search trail, pass log: kept in the signed manifest.",
+    )
 
 
 class ReportRequest(BaseModel):
@@ -93,6 +97,7 @@ class Variants:
             recipe=request.recipe,
             device_class=request.device_class,
             metrics=request.metrics,
+            details=request.details,
             chunks_digest=chunks_digest,
             created_at=datetime.now(UTC),
             created_by=created_by,
