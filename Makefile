@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SERVICES := registry optimizer validator rollout gateway
 STAMP := $(VENV)/.installed
-EDITABLES := -e ./shared[testing] $(foreach s,$(SERVICES),-e ./services/$(s)) -e .[dev]
+EDITABLES := -e ./shared[testing] $(foreach s,$(SERVICES),-e ./services/$(s)) -e .[dev,models]
 
 .DEFAULT_GOAL := help
 .PHONY: help install run up down status lint test test-fast bench schemas clean

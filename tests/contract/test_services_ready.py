@@ -69,7 +69,11 @@ def test_service_becomes_ready_with_nats_and_s3(
 ) -> None:
     base = run_service(service, platform_env)  # type: ignore[operator]
 
-    ready = poll(f"{base}/readyz", until_status=200).json()
+    # The optimizer is ready once its in-process Ray Serve runs: ~15 s alone, more when busy.
+    ready = poll(
+        f"{base}/readyz", until_status=200, timeout_s=120 if service == "optimizer" else 30
+    )
+    ready = ready.json()
     alive = httpx.get(f"{base}/healthz").json()
     runtime = httpx.get(f"{base}/v1/runtime").json()
 

