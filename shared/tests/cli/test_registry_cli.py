@@ -11,19 +11,14 @@ import io
 import json
 import os
 import re
-import signal
 import socket
 import struct
-import subprocess
-import sys
 import tarfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import boto3
-import httpx
 import pytest
 from rich.console import Console
 from typer.testing import CliRunner, Result
@@ -47,42 +42,6 @@ def gguf(tag: bytes) -> bytes:
 
 def cli(*args: str | Path, env: dict[str, str] | None = None) -> Result:
     return CliRunner().invoke(app, [str(a) for a in args], env=env)
-
-
-@pytest.fixture
-def registry_url(platform_env: dict[str, str], tmp_path: Path) -> Iterator[str]:
-    port = free_port()
-    env = {
-        **os.environ,
-        **platform_env,
-        "SLMOPS_REGISTRY_HOST": "127.0.0.1",
-        "SLMOPS_REGISTRY_PORT": str(port),
-    }
-    log_path = tmp_path / "registry.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "slmops_registry"], env=env, stdout=log, stderr=log
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"registry never got ready:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.05)
-        yield url
-    finally:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def blob_keys(platform_env: dict[str, str]) -> list[str]:

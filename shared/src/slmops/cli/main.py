@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from slmops.cli import registry, stack
+from slmops.cli import optimizer, registry, stack
 
 app = typer.Typer(
     name="slmops",
@@ -17,6 +17,8 @@ app = typer.Typer(
 )
 schemas_app = typer.Typer(help="Event contracts as JSON Schema.", no_args_is_help=True)
 app.add_typer(schemas_app, name="schemas")
+jobs_app = typer.Typer(help="Optimization jobs.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
 
 app.command("up")(stack.up)
 app.command("down")(stack.down)
@@ -24,6 +26,9 @@ app.command("status")(stack.status)
 app.command("publish")(registry.publish)
 app.command("models")(registry.models)
 app.command("lineage")(registry.lineage)
+app.command("variants")(optimizer.variants)
+jobs_app.command("list")(optimizer.jobs)
+jobs_app.command("cancel")(optimizer.cancel)
 
 
 @schemas_app.command("export")

@@ -38,6 +38,10 @@ class CliSettings(BaseSettings):
         "http://127.0.0.1:8101",
         description="Base URL of the registry HTTP API (`slmops up` serves it on port 8101).",
     )
+    optimizer_url: str = Field(
+        "http://127.0.0.1:8102",
+        description="Base URL of the optimizer HTTP API (`slmops up` serves it on port 8102).",
+    )
 
 
 class CliError(Exception):
@@ -63,22 +67,28 @@ def _detail(response: httpx.Response) -> str:
 
 
 class RegistryClient(httpx.Client):
-    """A small httpx client: unreachable registry and 4xx/5xx become :class:`CliError`."""
+    """A small httpx client: unreachable service and 4xx/5xx become :class:`CliError`."""
+
+    service = "registry"
+    env_var = "SLMOPS_REGISTRY_URL"
 
     def __init__(self, url: str | None) -> None:
-        self.url = (url or CliSettings().registry_url).rstrip("/")
+        self.url = (url or self.default_url()).rstrip("/")
         super().__init__(base_url=self.url, timeout=_TIMEOUT)
+
+    def default_url(self) -> str:
+        return CliSettings().registry_url
 
     def call(self, method: str, path: str, *, slow: bool = False, **kwargs: Any) -> httpx.Response:
         try:
             response = self.request(method, path, timeout=_SLOW if slow else _TIMEOUT, **kwargs)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             raise CliError(
-                f"registry not reachable at {self.url}: start it with `slmops up` "
-                "or set SLMOPS_REGISTRY_URL"
+                f"{self.service} not reachable at {self.url}: start it with `slmops up` "
+                f"or set {self.env_var}"
             ) from exc
         except httpx.HTTPError as exc:
-            raise CliError(f"registry at {self.url} failed: {exc!r}") from exc
+            raise CliError(f"{self.service} at {self.url} failed: {exc!r}") from exc
         if response.is_error:
             raise HttpError(response.status_code, _detail(response))
         return response

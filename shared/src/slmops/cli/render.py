@@ -53,6 +53,37 @@ def _verdict(reports: list[dict[str, Any]]) -> str:
     return text + (f": {last['reason']}" if last.get("reason") else "")
 
 
+def _quality(metrics: dict[str, Any]) -> str:
+    """The optimizer's quick score of a variant against its fp32 parent, if measured."""
+    for key, label in (("quick_cosine_mean", "cosine"), ("quick_top1_agreement", "top-1")):
+        if isinstance(metrics.get(key), int | float):
+            return f"{label} {metrics[key]:.4f}"
+    return ""
+
+
+def variants_table(doc: dict[str, Any]) -> Table:
+    """The variants of a lineage document: class, recipe, size, quick quality, verdict."""
+    gateways = _dicts(doc.get("gateways"))
+    applied = Counter(g.get("variant_id") for g in gateways if g.get("state") == "applied")
+    failed = Counter(g.get("variant_id") for g in gateways if g.get("state") == "failed")
+    table = Table(title="variants", title_justify="left")
+    columns = ("variant", "class", "recipe", "size", "quality", "status", "verdict", "gateways")
+    for column in columns:
+        table.add_column(column)
+    for v in _dicts(doc.get("variants")):
+        status, vid, failure = str(v.get("status", "")), v.get("variant_id"), v.get("failure")
+        if failure:
+            status += f": {_dict(failure).get('reason', failure)}"
+        fleet = f"{applied[vid]}" + (f" ({failed[vid]} failed)" if failed[vid] else "")
+        recipe, size = _dict(v.get("recipe")).get("name"), _size(v.get("size_bytes"))
+        quality = _quality(_dict(v.get("metrics")))
+        verdict = _verdict(_dicts(v.get("reports")))
+        table.add_row(
+            *text_row(vid, v.get("device_class"), recipe, size, quality, status, verdict, fleet)
+        )
+    return table
+
+
 def render_lineage(doc: dict[str, Any]) -> Tree:
     """The lineage JSON as a rich tree; any missing part is left out."""
     tree = Tree(Text(f"{doc.get('model_name', '?')} {doc.get('version', '?')}", style="bold"))
@@ -67,21 +98,8 @@ def render_lineage(doc: dict[str, Any]) -> Tree:
     gateways = _dicts(doc.get("gateways"))
     applied = Counter(g.get("variant_id") for g in gateways if g.get("state") == "applied")
     failed = Counter(g.get("variant_id") for g in gateways if g.get("state") == "failed")
-    if variants := _dicts(doc.get("variants")):
-        table = Table(title="variants", title_justify="left")
-        for column in ("variant", "class", "recipe", "size", "status", "verdict", "gateways"):
-            table.add_column(column)
-        for v in variants:
-            status, vid, failure = str(v.get("status", "")), v.get("variant_id"), v.get("failure")
-            if failure:
-                status += f": {_dict(failure).get('reason', failure)}"
-            fleet = f"{applied[vid]}" + (f" ({failed[vid]} failed)" if failed[vid] else "")
-            recipe, size = _dict(v.get("recipe")).get("name"), _size(v.get("size_bytes"))
-            verdict = _verdict(_dicts(v.get("reports")))
-            table.add_row(
-                *text_row(vid, v.get("device_class"), recipe, size, status, verdict, fleet)
-            )
-        tree.add(table)
+    if _dicts(doc.get("variants")):
+        tree.add(variants_table(doc))
     if failures := _dicts(doc.get("optimization_failures")):
         node = tree.add(Text("optimization failures"))
         for f in failures:
