@@ -10,13 +10,22 @@ from pydantic_settings import BaseSettings
 from slmops.cli.registry import CliSettings
 from slmops.settings import ConsumerSettings, PlatformSettings, ServiceSettings
 from slmops.stack.components import StackSettings
+from slmops_optimizer.settings import OptimizerSettings
 from slmops_registry.settings import RegistrySettings
 
 README = (Path(__file__).parents[2] / "README.md").read_text()
 
 
 @pytest.mark.parametrize(
-    "settings", [PlatformSettings, ConsumerSettings, StackSettings, RegistrySettings, CliSettings]
+    "settings",
+    [
+        PlatformSettings,
+        ConsumerSettings,
+        StackSettings,
+        RegistrySettings,
+        OptimizerSettings,
+        CliSettings,
+    ],
 )
 def test_every_platform_setting_is_documented(settings: type[BaseSettings]) -> None:
     prefix = settings.model_config["env_prefix"]
