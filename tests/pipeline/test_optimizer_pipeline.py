@@ -156,3 +156,26 @@ async def test_the_search_refines_a_candidate_below_the_floor_and_keeps_the_trai
     assert metrics["quality_floor_met"] == 1.0
     assert metrics["quick_cosine_mean"] == pytest.approx(trail[-1]["quality"], abs=1e-6)
     assert manifest["manifest"]["details"]["effective_recipe"] == trail[-1]["recipe"]
+
+
+async def test_an_onnx_model_with_external_data_passes_through(
+    pipeline: Any, bus: Bus, tiny_onnx: Callable[..., bytes], tmp_path: Path,
+    pack: Callable[[Path], bytes],
+) -> None:  # fmt: skip
+    folder = tmp_path / "external"
+    folder.mkdir()
+    model = onnx.load_from_string(tiny_onnx())
+    onnx.save(
+        model, str(folder / "tiny.onnx"), save_as_external_data=True,
+        location="tiny.onnx.data", size_threshold=0,
+    )  # fmt: skip
+    assert (folder / "tiny.onnx.data").stat().st_size > 100_000  # the weights live outside
+
+    await pipeline.publish(pack(folder), model_name="ext", format="onnx", task="feature-extraction")
+    _planned, done = await _outcomes(bus, jobs=1, timeout_s=120)
+
+    assert done[0].type == "slmops.optimization.completed.v1", done[0].data
+    variant = tmp_path / "variant.onnx"
+    _store().get_to_file(done[0].data.artifact.digest, variant)
+    loaded = onnx.load(str(variant))  # one self-contained file: no external data left
+    assert all(t.data_location == onnx.TensorProto.DEFAULT for t in loaded.graph.initializer)

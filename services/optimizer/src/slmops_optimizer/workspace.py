@@ -23,6 +23,7 @@ from typing import Any
 from slmops.objectstore import ObjectStore
 from slmops_optimizer.jobspec import JobSpec
 from slmops_optimizer.passes import PassError, SourceModel
+from slmops_optimizer.passes.onnx_io import copy_model_files
 
 
 class Workspace:
@@ -117,15 +118,11 @@ def _fetch_and_unpack(store: ObjectStore, spec: JobSpec, folder: Path) -> None:
 def save_converted(
     folder: Path, model_path: Path, tokenizer: Any, metrics: dict[str, float]
 ) -> None:
-    """Keep a conversion (hard links when the disk allows: no second copy of the weights)."""
+    """Keep a conversion (the graph hard-linked when the disk allows: no second copy)."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "model").mkdir(parents=True)
-    for item in model_path.parent.iterdir():
-        try:
-            os.link(item, tmp / "model" / item.name)
-        except OSError:
-            shutil.copy2(item, tmp / "model" / item.name)
+    copy_model_files(model_path.parent, tmp / "model")
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp / "tokenizer")
     (tmp / "metrics.json").write_text(json.dumps(metrics))

@@ -120,16 +120,25 @@ def quantizer_sandbox(ctx: PassContext, step: str) -> Iterator[Path]:
 
 
 def stage_input(model: OnnxModel, folder: Path) -> Path:
-    """Hard-link (or copy) the model and its external data into ``folder``, so files a quantizer
-    writes "beside its input" land in the sandbox, not in the previous step's output."""
-    for item in model.path.parent.iterdir():
-        if item.is_file():
-            target = folder / item.name
-            try:
-                os.link(item, target)
-            except OSError:  # another file system
-                shutil.copy2(item, target)
+    """Place the model and its external data into ``folder``, so files a quantizer writes
+    "beside its input" land in the sandbox, not in the previous step's output."""
+    copy_model_files(model.path.parent, folder)
     return folder / model.path.name
+
+
+def copy_model_files(source: Path, target: Path) -> None:
+    """Every file of a model folder into ``target``: the graph hard-linked when the disk allows,
+    external data copied (onnx refuses to load external data files with several hard links)."""
+    for item in source.iterdir():
+        if not item.is_file():
+            continue
+        if item.suffix == ".onnx":
+            try:
+                os.link(item, target / item.name)
+                continue
+            except OSError:  # another file system
+                pass
+        shutil.copy2(item, target / item.name)
 
 
 def sample_feeds(ctx: PassContext, inputs: Sequence[Any]) -> list[dict[str, Any]]:
