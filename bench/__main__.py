@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
-from bench import bus_throughput, optimizer_variants, registry_throughput
+from bench import bus_throughput, optimizer, registry_throughput
 
 
 def main() -> None:
     asyncio.run(bus_throughput.main())
     registry_throughput.main()
-    optimizer_variants.main()
+    optimizer.main()
 
 
 if __name__ == "__main__":
