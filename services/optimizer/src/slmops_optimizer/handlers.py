@@ -63,10 +63,9 @@ async def on_model_published(
     return None
 
 
-def build_handlers(ctx: OptimizerContext | None = None) -> Handlers:
+def build_handlers(ctx: OptimizerContext) -> Handlers:
     """The event-type -> handler table of the optimizer service (dependencies bound here)."""
     handlers = Handlers()
-    if ctx is not None:
-        handler: Any = functools.partial(on_model_published, ctx=ctx)
-        handlers.register(ModelPublished, handler)
+    handler: Any = functools.partial(on_model_published, ctx=ctx)
+    handlers.register(ModelPublished, handler)
     return handlers

@@ -127,13 +127,19 @@ def search(
         return Candidate(model, run_recipe, result, meets)
 
     best = judge(inputs[-1], recipe, "as planned")
-    refine_at = next(
-        (i for i in range(len(passes) - 1, 0, -1) if passes[i].refinements(inputs[i - 1], ctx)),
-        None,
-    )
-    if best.meets_floor or refine_at is None:
+    if best.meets_floor:
         return best, trail
-    ladder = passes[refine_at].refinements(inputs[refine_at - 1], ctx)
+    # The last pass that offers refinements (a quantizer) is the one to make more conservative.
+    refine_at, ladder = next(
+        (
+            (i, ladder)
+            for i in range(len(passes) - 1, 0, -1)
+            if (ladder := passes[i].refinements(inputs[i - 1], ctx))
+        ),
+        (None, []),
+    )
+    if refine_at is None:
+        return best, trail
     for refinement in ladder[: max_tries - 1]:
         ctx.check_cancelled()
         progress(f"refining {passes[refine_at].name}: {refinement.description}")

@@ -11,13 +11,13 @@ from rich.table import Table
 from slmops.cli.registry import (
     CliError,
     CliSettings,
-    HttpError,
     JsonOutput,
     RegistryClient,
     RegistryUrl,
     _err,
     _fail,
     _out,
+    fetch_lineage,
 )
 from slmops.cli.render import local_time, text_row, variants_table
 
@@ -47,13 +47,7 @@ def variants(
     registry_url: RegistryUrl = None,
 ) -> None:
     """List the variants of a model version: class, recipe, size, quality and verdict."""
-    try:
-        with RegistryClient(registry_url) as client:
-            doc = client.call("GET", f"/v1/models/{name}/{version}/lineage").json()
-    except HttpError as exc:
-        _fail(f"no model {name} {version}" if exc.status == 404 else str(exc))
-    except CliError as exc:
-        _fail(str(exc))
+    doc = fetch_lineage(registry_url, name, version)
     if json_output:
         print(json.dumps(doc.get("variants", []), indent=2))
         return

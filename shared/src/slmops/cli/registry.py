@@ -246,17 +246,14 @@ def models(json_output: JsonOutput = False, registry_url: RegistryUrl = None) ->
     _out.print(table, soft_wrap=False)
 
 
-def lineage(
-    name: Annotated[str, typer.Argument(help="Model name.")],
-    version: Annotated[str, typer.Argument(help="Model version.")],
-    json_output: JsonOutput = False,
-    registry_url: RegistryUrl = None,
-) -> None:
-    """Show what became of a model version: variants, validations, releases, rollouts."""
+def fetch_lineage(registry_url: str | None, name: str, version: str) -> dict[str, Any]:
+    """The lineage document of a model version; exits with a readable error otherwise."""
     try:
         with RegistryClient(registry_url) as client:
             try:
-                document = client.call("GET", f"/v1/models/{name}/{version}/lineage").json()
+                document: dict[str, Any] = client.call(
+                    "GET", f"/v1/models/{name}/{version}/lineage"
+                ).json()
             except HttpError as exc:
                 if exc.status != 404:
                     raise
@@ -267,6 +264,17 @@ def lineage(
                 raise
     except CliError as exc:
         _fail(str(exc))
+    return document
+
+
+def lineage(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    version: Annotated[str, typer.Argument(help="Model version.")],
+    json_output: JsonOutput = False,
+    registry_url: RegistryUrl = None,
+) -> None:
+    """Show what became of a model version: variants, validations, releases, rollouts."""
+    document = fetch_lineage(registry_url, name, version)
     if json_output:
         print(json.dumps(document, indent=2))
     else:
