@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 
 import pytest
 
 from slmops.events import variant_id_for
-from slmops.events.payloads import PassSpec, Recipe
+from slmops.events.payloads import ArtifactRef, GateResult, PassSpec, Recipe
+from slmops.reports import CheckOutcome, ValidationReport
 from slmops_registry.manifests import SignedManifest, verify_manifest
 from slmops_registry.testing import RegistryUnderTest, gguf_bytes
 
@@ -101,6 +103,69 @@ async def test_report_is_stored_with_its_own_signed_manifest(registry: RegistryU
     assert manifest["artifact"]["digest"] == report_digest
     assert manifest["labels"] == {"verdict": "passed", "variant_id": body["variant_id"]}
     assert unknown.status_code == 404
+
+
+def validation_report(variant_id: str, artifact: str, verdict: str) -> ValidationReport:
+    size = GateResult(name="size_mb", value=0.1, budget=512, unit="MB", bound="max", passed=True)
+    return ValidationReport.model_validate(
+        {
+            "model_name": "smollm2-135m",
+            "version": "1.0.0",
+            "variant_id": variant_id,
+            "device_class": "arm64",
+            "recipe_name": RECIPE.name,
+            "verdict": verdict,
+            "candidate": ArtifactRef(digest=artifact, size_bytes=100, uri="s3://b/x"),
+            "checks": [CheckOutcome(name="size", gates=[size])],
+            "started_at": datetime.now(UTC),
+            "duration_s": 1.5,
+        }
+    )
+
+
+async def test_latest_report_of_a_variant_is_served_with_its_manifest(
+    registry: RegistryUnderTest,
+) -> None:
+    parent = await published_parent(registry)
+    artifact = (await registry.upload(gguf_bytes(padding=b"variant"))).json()["digest"]
+    body = variant_body(parent, artifact)
+    variant_id = str(body["variant_id"])
+    path = f"/v1/variants/{variant_id}/report"
+    await registry.client.post("/v1/variants", json=body)
+    before = await registry.client.get(path)
+    stored = []
+    for verdict in ("failed", "passed"):
+        report = validation_report(variant_id, artifact, verdict)
+        digest = (await registry.upload(report.to_json())).json()["digest"]
+        posted = await registry.client.post(
+            f"/v1/variants/{variant_id}/reports",
+            json={"report_digest": digest, "verdict": verdict},
+        )
+        assert posted.status_code == 201
+        stored.append((report, posted.json()["digest"]))
+        fetched = await registry.client.get(path)
+
+        assert fetched.status_code == 200, fetched.text
+        signed = SignedManifest.model_validate(fetched.json()["manifest"])
+        verify_manifest(signed, (await registry.client.get("/v1/keys")).json()["pem"])
+        assert signed.digest == posted.json()["digest"]
+        assert signed.manifest.artifact.digest == digest
+        assert ValidationReport.model_validate(fetched.json()["report"]) == report
+
+    assert before.status_code == 404
+    assert before.json()["detail"] == (
+        f"variant {variant_id} has no validation report yet: is the validator running?"
+    )
+    assert stored[0][1] != stored[1][1]
+
+
+async def test_report_of_an_unknown_variant_is_not_found(registry: RegistryUnderTest) -> None:
+    response = await registry.client.get("/v1/variants/v-nope/report")
+    invalid = await registry.client.get("/v1/variants/not.a.token/report")
+
+    assert response.status_code == 404
+    assert response.json()["detail"] == "no variant v-nope"
+    assert invalid.status_code == 422
 
 
 async def test_versions_of_a_model_are_listed(registry: RegistryUnderTest) -> None:

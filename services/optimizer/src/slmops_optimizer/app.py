@@ -7,11 +7,11 @@ from fastapi import FastAPI
 
 from slmops.profiles import load_profiles
 from slmops.service import ServiceRuntime, create_service_app, serve
+from slmops.service.registry_api import RegistryClient
 from slmops_optimizer.api import router
 from slmops_optimizer.compute import Compute
 from slmops_optimizer.context import OptimizerContext
 from slmops_optimizer.handlers import build_handlers
-from slmops_optimizer.registry_client import RegistryClient
 from slmops_optimizer.settings import OptimizerSettings
 
 

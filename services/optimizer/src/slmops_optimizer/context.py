@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from slmops.bus import Bus
 from slmops.profiles import DeviceProfile
 from slmops.service import ServiceRuntime
+from slmops.service.registry_api import RegistryClient
 from slmops_optimizer.compute import Compute
 from slmops_optimizer.jobs import JobStore
-from slmops_optimizer.registry_client import RegistryClient
 from slmops_optimizer.settings import OptimizerSettings
 
 JOBS_BUCKET = "slmops-jobs"

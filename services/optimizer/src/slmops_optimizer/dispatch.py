@@ -116,6 +116,7 @@ def variant_request(spec: JobSpec, result: JobResult) -> dict[str, Any]:
             "effective_recipe": result.effective_recipe.model_dump(mode="json"),
             "search_trail": [t.model_dump(mode="json") for t in result.trail],
             "pass_log": result.log,
+            "reference": result.reference.model_dump(mode="json") if result.reference else None,
         },
     }
 
@@ -123,6 +124,7 @@ def variant_request(spec: JobSpec, result: JobResult) -> dict[str, Any]:
 def completed_from_manifest(spec: JobSpec, signed: dict[str, Any]) -> OptimizationCompleted:
     manifest = signed["manifest"]
     metrics = dict(manifest.get("metrics", {}))
+    reference = (manifest.get("details") or {}).get("reference")
     return OptimizationCompleted(
         model_name=spec.model_name,
         version=spec.version,
@@ -134,6 +136,7 @@ def completed_from_manifest(spec: JobSpec, signed: dict[str, Any]) -> Optimizati
         manifest_digest=signed["digest"],
         duration_s=float(metrics.get("duration_s", 0.0)),
         metrics=metrics,
+        reference=ArtifactRef.model_validate(reference) if reference else None,
     )
 
 

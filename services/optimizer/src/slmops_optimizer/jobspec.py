@@ -56,6 +56,9 @@ class JobResult(BaseModel):
     duration_s: float = Field(ge=0)
     effective_recipe: Recipe = Field(description="The recipe of the chosen candidate.")
     metrics: dict[str, float] = Field(default_factory=dict)
+    reference: ArtifactRef | None = Field(
+        None, description="The stored fp32 conversion: the validator's baseline."
+    )
     trail: list[TrailEntry] = Field(default_factory=list)
     log: list[str] = Field(default_factory=list)
 

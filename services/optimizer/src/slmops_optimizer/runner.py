@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from slmops.evaldata import default_texts, parse_eval_jsonl
-from slmops.events.payloads import Recipe
-from slmops.objectstore import ObjectStore
+from slmops.events.payloads import ArtifactRef, Recipe
+from slmops.objectstore import BlobRef, ObjectStore
 from slmops_optimizer.jobspec import JobResult, JobSpec
 from slmops_optimizer.passes import OnnxModel, Pass, PassContext, PassError, create_pass
 from slmops_optimizer.samples import build_samples, synthetic_samples
@@ -85,6 +85,7 @@ class JobRunner:
             duration_s=time.monotonic() - started,
             effective_recipe=best.recipe,
             metrics=metrics,
+            reference=_artifact(ctx.reference) if ctx.reference else None,
             trail=trail,
             log=[*ctx.log, f"samples: {ctx.samples.count} from {ctx.samples.origin}"],
         )
@@ -111,9 +112,29 @@ class JobRunner:
                 model = convert.run(None, ctx)
                 save_converted(keep, model.path, ctx.tokenizer, dict(ctx.metrics))
                 model = OnnxModel(keep / "model" / model.path.name)
+            ctx.reference = self._reference(model, keep)
         if ctx.samples is None:
             ctx.samples = self._samples(model, ctx, spec)
         return model
+
+    def _reference(self, model: OnnxModel, keep: Path) -> BlobRef | None:
+        """Store the fp32 conversion once per source: the baseline a validator judges the
+        variant against (it runs the same graph the variant was derived from)."""
+        marker = keep / "reference.json"
+        if marker.is_file():
+            return BlobRef.model_validate_json(marker.read_text())
+        single = model.path
+        if any(p.name != model.path.name for p in model.path.parent.iterdir()):
+            import onnx  # external data: the reference travels as one self-contained file
+
+            proto = onnx.load(str(model.path), load_external_data=True)
+            if proto.ByteSize() > _SINGLE_FILE_LIMIT_BYTES:
+                return None  # over the protobuf limit: the validator says it has no baseline
+            single = keep / "reference.onnx"
+            onnx.save(proto, str(single))
+        ref = self.store.put_file(single)
+        marker.write_text(ref.model_dump_json())
+        return ref
 
     def _samples(self, model: OnnxModel, ctx: PassContext, spec: JobSpec) -> Any:
         if ctx.tokenizer is not None:
@@ -151,6 +172,9 @@ def _finalize(model: OnnxModel, ctx: PassContext, spec: JobSpec, work: Path) -> 
     tokenizer = getattr(ctx.tokenizer, "backend_tokenizer", None)
     if tokenizer is not None:
         props["slmops.tokenizer"] = tokenizer.to_str()
+    max_length = getattr(ctx.tokenizer, "model_max_length", None)
+    if isinstance(max_length, int) and 0 < max_length < 1_000_000:  # else "unbounded" sentinel
+        props["slmops.max_length"] = str(max_length)
     del proto.metadata_props[:]
     for key, value in sorted(props.items()):
         proto.metadata_props.add(key=key, value=value)
@@ -159,6 +183,10 @@ def _finalize(model: OnnxModel, ctx: PassContext, spec: JobSpec, work: Path) -> 
     out = work / "variant.onnx"
     onnx.save(proto, str(out))
     return out
+
+
+def _artifact(blob: BlobRef) -> ArtifactRef:
+    return ArtifactRef(digest=blob.digest, size_bytes=blob.size_bytes, uri=blob.uri)
 
 
 def _vocab_size(path: Path) -> int:

@@ -29,7 +29,6 @@ from slmops_registry.projection import LineageStore
 from slmops_registry.publishing import SOURCE, Publisher, PublishRequest
 from slmops_registry.retention import collect_garbage
 from slmops_registry.uploads import pipe_upload, spool_upload
-from slmops_registry.variants import ReportRequest, VariantRequest, Variants
 
 router = APIRouter(prefix="/v1", tags=["registry"])
 
@@ -313,30 +312,3 @@ async def move_channel(
     event = new_event(moved, source=SOURCE)
     await (await _publisher(request)).publish(event)
     return {"event_id": event.id}
-
-
-async def _variants(request: Request) -> Variants:
-    variants: Variants | None = await request.app.state.registry.variants()
-    if variants is None:
-        raise RegistryError(503, "not connected to NATS yet: see GET /readyz")
-    return variants
-
-
-@router.post("/variants", summary="Store an optimized variant (artifact uploaded first)")
-async def register_variant(body: VariantRequest, request: Request) -> JSONResponse:
-    signed, created = await (await _variants(request)).register(body, created_by="api")
-    return JSONResponse(signed.model_dump(mode="json"), status_code=201 if created else 200)
-
-
-@router.get("/variants/{variant_id}", summary="The signed manifest of a variant")
-async def get_variant(variant_id: str, request: Request) -> dict[str, Any]:
-    variant_id = _valid(Token, variant_id, "variant id")
-    signed = await (await _variants(request)).manifest_of(variant_id)
-    return signed.model_dump(mode="json")
-
-
-@router.post("/variants/{variant_id}/reports", status_code=201, summary="Store a validation report")
-async def add_report(variant_id: str, body: ReportRequest, request: Request) -> dict[str, Any]:
-    variant_id = _valid(Token, variant_id, "variant id")
-    signed = await (await _variants(request)).add_report(variant_id, body, created_by="api")
-    return signed.model_dump(mode="json")

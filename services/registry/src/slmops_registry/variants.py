@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import nats.js.errors
 from nats.js.kv import KeyValue
@@ -19,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from slmops.events import variant_id_for
 from slmops.events.payloads import Digest, ModelFormat, ModelName, Recipe, Token, Version
+from slmops.objectstore import ObjectNotFoundError, blob_key
 from slmops_registry.errors import RegistryError
 from slmops_registry.manifests import Manifest, SignedManifest, manifest_key, sign_manifest
 from slmops_registry.publishing import Publisher, artifact_ref
@@ -136,6 +139,41 @@ class Variants:
         if digest is None:
             raise RegistryError(404, f"no variant {variant_id}")
         return await self.publisher.manifest(digest)
+
+    async def latest_report(self, variant_id: str) -> tuple[SignedManifest, dict[str, Any]]:
+        """The newest report of a variant (by its manifest's created_at) and its parsed blob."""
+        if await self._get(f"variant.{variant_id}") is None:
+            raise RegistryError(404, f"no variant {variant_id}")
+        digests = await self._values(f"report.{variant_id}.*")
+        if not digests:
+            raise RegistryError(
+                404,
+                f"variant {variant_id} has no validation report yet: is the validator running?",
+            )
+        signed = await asyncio.gather(*(self.publisher.manifest(d) for d in set(digests)))
+        latest = max(signed, key=lambda s: (s.manifest.created_at, s.digest))
+        digest = latest.manifest.artifact.digest
+        try:
+            raw = await asyncio.to_thread(self.publisher.store.get_bytes, blob_key(digest))
+            report = json.loads(raw)
+        except ObjectNotFoundError as exc:
+            raise RegistryError(500, f"report blob {digest} is missing from the store") from exc
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+            raise RegistryError(500, f"report blob {digest} is not valid JSON: {exc}") from exc
+        if not isinstance(report, dict):
+            raise RegistryError(500, f"report blob {digest} is not a JSON object")
+        return latest, report
+
+    async def _values(self, pattern: str) -> list[str]:
+        """The current values of every key matching a subject ``pattern`` (server-filtered)."""
+        watcher = await self.kv.watch(pattern, ignore_deletes=True)
+        values = []
+        try:
+            while (entry := await watcher.updates(timeout=5)) is not None:  # type: ignore[no-untyped-call]
+                values.append((entry.value or b"").decode())
+        finally:
+            await watcher.stop()  # type: ignore[no-untyped-call]
+        return [v for v in values if v]
 
     async def _store(self, manifest: Manifest) -> SignedManifest:
         signed = sign_manifest(manifest, self.publisher.signer)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from slmops.cli import optimizer, registry, stack
+from slmops.cli import optimizer, registry, report, stack
 
 app = typer.Typer(
     name="slmops",
@@ -27,6 +27,7 @@ app.command("publish")(registry.publish)
 app.command("models")(registry.models)
 app.command("lineage")(registry.lineage)
 app.command("variants")(optimizer.variants)
+app.command("report")(report.report)
 jobs_app.command("list")(optimizer.jobs)
 jobs_app.command("cancel")(optimizer.cancel)
 

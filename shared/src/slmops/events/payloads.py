@@ -54,6 +54,9 @@ class GateResult(_Part):
     value: float | None = Field(None, description="Measured value; null when not measurable here.")
     budget: float | None = None
     unit: str = ""
+    bound: Literal["max", "min"] | None = Field(
+        None, description="max: the value may not exceed the budget; min: nor fall below it."
+    )
     passed: bool | None = Field(
         None, description="null = not judged on this host (left to canary)."
     )
@@ -136,6 +139,11 @@ class OptimizationCompleted(EventPayload):
     manifest_digest: Digest | None = None
     duration_s: float = Field(ge=0)
     metrics: dict[str, float] = Field(default_factory=dict)
+    reference: ArtifactRef | None = Field(
+        None,
+        description="The fp32 ONNX model the variant was derived from (the converted source): "
+        "the baseline the validator judges parity and latency against.",
+    )
 
 
 class OptimizationFailed(EventPayload):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import nats.errors
@@ -14,10 +15,16 @@ from slmops.events.registry import decode_event
 
 
 async def await_events(
-    bus: Bus, subject: str, *, count: int, timeout_s: float = 10.0
+    bus: Bus,
+    subject: str,
+    *,
+    count: int,
+    timeout_s: float = 10.0,
+    where: Callable[[CloudEvent[Any]], bool] | None = None,
 ) -> list[CloudEvent[Any]]:
     """Wait until the stream holding ``subject`` (wildcards allowed) has ``count`` events on it
-    and return them in stream order; :class:`TimeoutError` naming what arrived otherwise.
+    (those ``where`` accepts, if given) and return them in stream order; :class:`TimeoutError`
+    naming what arrived otherwise.
 
     Reads from the start of the stream with an ordered consumer, so events published before
     the call count too.
@@ -38,7 +45,9 @@ async def await_events(
                 msg = await sub.next_msg(timeout=remaining)
             except nats.errors.TimeoutError:
                 continue
-            events.append(decode_event(msg.data))
+            event = decode_event(msg.data)
+            if where is None or where(event):
+                events.append(event)
     finally:
         await sub.unsubscribe()
     return events

@@ -65,6 +65,7 @@ class PassContext:
     source: SourceModel
     samples: Any = None  # slmops_optimizer.samples.SampleSet; convert builds it
     tokenizer: Any = None  # a transformers tokenizer, when the source has one
+    reference: Any = None  # slmops.objectstore.BlobRef of the stored fp32 conversion
     texts: list[str] = field(default_factory=list)  # sample texts (eval set or built-in)
     texts_origin: str = "built-in"
     sample_size: int = 32  # texts (encoders) or windows (decoders) in the sample set

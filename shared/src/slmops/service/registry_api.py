@@ -1,8 +1,9 @@
-"""The registry's variant API as the optimizer uses it (async HTTP).
+"""The registry's HTTP API as the services use it (async): one client for every service.
 
-The registry owns manifests and signatures; the optimizer only uploads bytes to the shared
-content-addressed store and asks the registry to record a variant. A registry that is down or
-answers 5xx is a transient fault (the event is retried); a 4xx is a permanent one.
+The registry owns manifests and signatures; services upload bytes to the shared
+content-addressed store and ask the registry to record a variant or a validation report. A
+registry that is down or answers 5xx is a transient fault (the event is retried); a 4xx is a
+permanent one.
 """
 
 from __future__ import annotations
@@ -34,6 +35,16 @@ class RegistryClient:
         """Record a variant; the same request again returns the manifest stored first."""
         response = await self._call("POST", "/v1/variants", json=request)
         return self._json(response, f"variant {request.get('variant_id')}")
+
+    async def model_version(self, name: str, version: str) -> dict[str, Any]:
+        """The signed manifest of a published model version."""
+        response = await self._call("GET", f"/v1/models/{name}/{version}")
+        return self._json(response, f"model {name} {version}")
+
+    async def add_report(self, variant_id: str, request: dict[str, Any]) -> dict[str, Any]:
+        """Record a validation report (its JSON blob already stored) of a variant."""
+        response = await self._call("POST", f"/v1/variants/{variant_id}/reports", json=request)
+        return self._json(response, f"report of variant {variant_id}")
 
     async def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:

@@ -1,0 +1,54 @@
+"""registry HTTP API for variants and their validation reports (``/v1/variants``).
+
+The optimizer stores a variant (its artifact uploaded first through ``POST /v1/blobs``); the
+validator stores its report about it the same way; the CLI and people read the newest report.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from slmops.events.payloads import Token
+from slmops_registry.api import _valid
+from slmops_registry.errors import RegistryError
+from slmops_registry.variants import ReportRequest, VariantRequest, Variants
+
+router = APIRouter(prefix="/v1/variants", tags=["registry"])
+
+
+async def _variants(request: Request) -> Variants:
+    variants: Variants | None = await request.app.state.registry.variants()
+    if variants is None:
+        raise RegistryError(503, "not connected to NATS yet: see GET /readyz")
+    return variants
+
+
+@router.post("", summary="Store an optimized variant (artifact uploaded first)")
+async def register_variant(body: VariantRequest, request: Request) -> JSONResponse:
+    signed, created = await (await _variants(request)).register(body, created_by="api")
+    return JSONResponse(signed.model_dump(mode="json"), status_code=201 if created else 200)
+
+
+@router.get("/{variant_id}", summary="The signed manifest of a variant")
+async def get_variant(variant_id: str, request: Request) -> dict[str, Any]:
+    variant_id = _valid(Token, variant_id, "variant id")
+    signed = await (await _variants(request)).manifest_of(variant_id)
+    return signed.model_dump(mode="json")
+
+
+@router.post("/{variant_id}/reports", status_code=201, summary="Store a validation report")
+async def add_report(variant_id: str, body: ReportRequest, request: Request) -> dict[str, Any]:
+    variant_id = _valid(Token, variant_id, "variant id")
+    signed = await (await _variants(request)).add_report(variant_id, body, created_by="api")
+    return signed.model_dump(mode="json")
+
+
+@router.get("/{variant_id}/report", summary="The newest validation report of a variant")
+async def latest_report(variant_id: str, request: Request) -> dict[str, Any]:
+    """``{"manifest": <signed report manifest>, "report": <the report JSON>}``."""
+    variant_id = _valid(Token, variant_id, "variant id")
+    signed, report = await (await _variants(request)).latest_report(variant_id)
+    return {"manifest": signed.model_dump(mode="json"), "report": report}
