@@ -1,4 +1,4 @@
-"""Registry and optimizer in-process against this test's real nats-server and moto S3.
+"""Registry, optimizer and validator in-process against this test's real nats-server and S3.
 
 The optimizer's Ray Serve app runs in Serve's local testing mode here (same process, no Ray
 cluster); ``test_ray_serve.py`` runs the real thing. The compute replica reads the platform
@@ -7,7 +7,9 @@ settings from the environment, as it does on a cluster, so the test sets them th
 
 from __future__ import annotations
 
+import asyncio
 import io
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -19,13 +21,17 @@ import pytest
 
 from slmops.bus import Bus
 from slmops.cli.packaging import pack_directory
+from slmops.events.payloads import ArtifactRef
+from slmops.service.registry_api import RegistryClient
 from slmops.settings import PlatformSettings
 from slmops_optimizer.app import create_app as create_optimizer
 from slmops_optimizer.context import OptimizerContext
-from slmops_optimizer.registry_client import RegistryClient
 from slmops_optimizer.settings import OptimizerSettings
 from slmops_registry.app import create_app as create_registry
 from slmops_registry.settings import RegistrySettings
+from slmops_validator.app import create_app as create_validator
+from slmops_validator.context import ValidatorContext
+from slmops_validator.settings import ValidatorSettings
 
 PROFILES = Path(__file__).parent / "profiles"
 
@@ -107,6 +113,44 @@ async def pipeline(
             await registry_app.state.runtime.wait_started(timeout_s=20)
             await optimizer_app.state.runtime.wait_started(timeout_s=20)
             yield Pipeline(registry, optimizer, context, settings)
+
+
+@dataclass
+class Validator:
+    api: httpx.AsyncClient
+    context: ValidatorContext
+
+    async def put_blob(self, data: bytes) -> ArtifactRef:
+        """Bytes straight into the store (as a foreign producer would), as an artifact."""
+        with tempfile.NamedTemporaryFile() as f:
+            f.write(data)
+            f.flush()
+            blob = await asyncio.to_thread(self.context.store.put_file, f.name)
+        return ArtifactRef(digest=blob.digest, size_bytes=blob.size_bytes, uri=blob.uri)
+
+
+@pytest.fixture
+async def validator(
+    pipeline: Pipeline, tmp_path: Path, optimizer_overrides: dict[str, Any]
+) -> AsyncIterator[Validator]:
+    """The validator beside the pipeline's registry and optimizer, judging with the same
+    profiles; few latency runs (the figures are checked for presence, not speed)."""
+    settings = ValidatorSettings(
+        platform=PlatformSettings(),
+        profiles_dir=optimizer_overrides.get("profiles_dir", PROFILES),
+        work_dir=tmp_path / f"validator-{uuid.uuid4().hex[:6]}",
+        latency_runs=10,
+        latency_warmup_runs=2,
+    )
+    app = create_validator(settings)
+    context: ValidatorContext = app.state.validator
+    context.registry = RegistryClient("http://registry", client=pipeline.registry)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://v") as api,
+    ):
+        await app.state.runtime.wait_started(timeout_s=20)
+        yield Validator(api, context)
 
 
 @pytest.fixture(scope="session")

@@ -1,11 +1,49 @@
-"""validator HTTP API: its own resources under /v1.
+"""validator HTTP API: the verdicts it reached and the release tallies of model versions.
 
-Health, readiness and /v1/runtime come from the SDK for every service; this router grows the
-validator's resources: reports per variant (issue 5).
+Health, readiness and /v1/runtime come from the SDK for every service. Reports themselves are
+artifacts of the registry (``GET /v1/variants/{id}/report`` there; ``slmops report``).
 """
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import json
+from typing import Any
+
+import nats.js.errors
+from fastapi import APIRouter, HTTPException, Request
+
+from slmops_validator.context import ValidatorContext
+from slmops_validator.releases import Tally, tally_key
 
 router = APIRouter(prefix="/v1", tags=["validator"])
+
+
+async def _get(request: Request, key: str, missing: str) -> bytes:
+    ctx: ValidatorContext = request.app.state.validator
+    kv = await ctx.state()
+    if kv is None:
+        raise HTTPException(503, "not connected to NATS yet: see GET /readyz")
+    try:
+        entry = await kv.get(key)
+    except nats.js.errors.KeyNotFoundError:
+        raise HTTPException(404, missing) from None
+    return entry.value or b"{}"
+
+
+@router.get("/validations/{variant_id}", summary="The verdict on one variant, with its gates")
+async def get_validation(variant_id: str, request: Request) -> dict[str, Any]:
+    raw = await _get(
+        request,
+        f"validator.variant.{variant_id}",
+        f"variant {variant_id} has not been judged (yet)",
+    )
+    body: dict[str, Any] = json.loads(raw)
+    return body
+
+
+@router.get("/releases/{name}/{version}", summary="A version's tally: planned, judged, released")
+async def get_tally(name: str, version: str, request: Request) -> Tally:
+    raw = await _get(
+        request, tally_key(name, version), f"nothing planned or judged for {name} {version} (yet)"
+    )
+    return Tally.model_validate_json(raw)

@@ -4,16 +4,28 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
+from slmops.profiles import load_profiles
 from slmops.service import ServiceRuntime, create_service_app, serve
+from slmops.service.registry_api import RegistryClient
 from slmops_validator.api import router
+from slmops_validator.context import ValidatorContext
 from slmops_validator.handlers import build_handlers
 from slmops_validator.settings import ValidatorSettings
 
 
 def create_app(settings: ValidatorSettings | None = None) -> FastAPI:
     settings = settings or ValidatorSettings()
-    runtime = ServiceRuntime("validator", settings, build_handlers(), uses_object_store=True)
-    return create_service_app(runtime, router, title="slmops validator")
+    settings.scratch_dir.mkdir(parents=True, exist_ok=True)
+    context = ValidatorContext(
+        settings=settings,
+        profiles=load_profiles(settings.profiles_dir),  # fails fast on a bad profile
+        registry=RegistryClient(settings.registry_url),
+    )
+    runtime = ServiceRuntime("validator", settings, build_handlers(context), uses_object_store=True)
+    context.runtime = runtime
+    app = create_service_app(runtime, router, title="slmops validator")
+    app.state.validator = context
+    return app
 
 
 def main() -> None:

@@ -1,0 +1,209 @@
+"""Runtime: the model loads and runs in ONNX Runtime; its memory and latency on this host.
+
+Measured by the probe (a child process, see ``probe.py``) and judged here. Latency is judged
+only for classes whose hardware this host stands for (``latency_measurable_on_host``); for the
+others it is reported as not measurable and left to the on-device canary gates. Memory is
+judged for CPU classes (weights dominate RSS on any CPU); for GPU/NPU classes it is reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slmops.events.payloads import GateResult
+from slmops.profiles import DeviceProfile
+from slmops.reports import CheckOutcome
+from slmops_validator.checks.base import judged, not_measurable, verdict_gate
+from slmops_validator.evalinputs import EvalInputs
+from slmops_validator.settings import ValidatorSettings
+
+_HOST_EPS = ("CPUExecutionProvider",)
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    runtime: CheckOutcome
+    latency: CheckOutcome
+    loaded: bool  # False: parity cannot run
+
+
+def host_providers(profile: DeviceProfile) -> tuple[list[str], str]:
+    """The class's EPs this host has (CPU at least), and a note when one is missing."""
+    import onnxruntime as ort
+
+    available = set(ort.get_available_providers())
+    usable = [ep for ep in profile.execution_providers if ep in available] or list(_HOST_EPS)
+    missing = [ep for ep in profile.execution_providers if ep not in available]
+    note = (
+        f"{', '.join(missing)} not available on this host: loaded with {', '.join(usable)}"
+        if missing
+        else ""
+    )
+    return usable, note
+
+
+async def probe(
+    candidate: Path,
+    reference: Path | None,
+    inputs: EvalInputs,
+    profile: DeviceProfile,
+    settings: ValidatorSettings,
+) -> ProbeResult:
+    started = time.monotonic()
+    providers, provider_note = host_providers(profile)
+    measure_latency = profile.latency_measurable_on_host and reference is not None
+    with tempfile.TemporaryDirectory(dir=settings.scratch_dir, prefix="probe-") as tmp:
+        folder = Path(tmp)
+        np.savez(folder / "smoke.npz", allow_pickle=False, **inputs.feeds[0])
+        np.savez(folder / "latency.npz", allow_pickle=False, **inputs.latency_feed)
+        spec = {
+            "candidate": str(candidate),
+            "reference": str(reference) if reference else None,
+            "smoke_feed": str(folder / "smoke.npz"),
+            "latency_feed": str(folder / "latency.npz"),
+            "threads": settings.threads,
+            "providers": providers,
+            "measure_latency": measure_latency,
+            "warmup_runs": settings.latency_warmup_runs,
+            "runs": settings.latency_runs,
+            "lock_path": str(settings.scratch_dir / "latency.lock"),
+        }
+        (folder / "spec.json").write_text(json.dumps(spec))
+        raw, failure = await _run_child(folder / "spec.json", settings.probe_timeout_s)
+    runtime = CheckOutcome(name="runtime", notes=[provider_note] if provider_note else [])
+    latency = CheckOutcome(name="latency")
+    if failure or raw.get("load_error") or raw.get("run_error"):
+        why = failure or raw.get("load_error") or raw.get("run_error")
+        stage = "load" if failure or raw.get("load_error") else "run"
+        runtime.gates.append(verdict_gate(f"runtime.{stage}", False, value=1, detail=str(why)))
+        runtime.duration_s = time.monotonic() - started
+        return ProbeResult(runtime, latency, loaded=False)
+    runtime.gates.append(
+        verdict_gate("runtime.load", True, value=0, detail=f"ONNX Runtime {raw['ort_version']}")
+    )
+    non_finite = sum(o["non_finite"] for o in raw["outputs"])
+    runtime.gates.append(
+        judged(
+            "runtime.non_finite_outputs",
+            non_finite,
+            0,
+            bound="max",
+            detail="NaN/Inf values on the first evaluation batch",
+        )
+    )
+    runtime.gates.append(_memory_gate(raw["peak_memory_mb"], profile, providers))
+    runtime.evidence = {
+        "outputs": "; ".join(f"{o['name']} {o['shape']}" for o in raw["outputs"]),
+        "providers": ", ".join(providers),
+    }
+    runtime.duration_s = time.monotonic() - started
+    latency.gates, latency.evidence, latency.notes = _latency(raw.get("latency"), profile)
+    return ProbeResult(runtime, latency, loaded=True)
+
+
+async def _run_child(spec: Path, timeout_s: float) -> tuple[dict[str, Any], str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "slmops_validator.probe",
+        str(spec),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), timeout_s)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        return {}, f"the probe ran longer than {timeout_s:g} s (SLMOPS_VALIDATOR_PROBE_TIMEOUT_S)"
+    code = process.returncode or 0
+    if code < 0:
+        name = signal.Signals(-code).name
+        return {}, f"ONNX Runtime crashed the process ({name}) loading or running the model"
+    if code != 0:
+        tail = err.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        return {}, f"the probe failed (exit {code}): {tail[0][:400]}"
+    lines = out.decode().strip().splitlines()
+    return json.loads(lines[-1]), ""
+
+
+def _memory_gate(peak_mb: float, profile: DeviceProfile, providers: list[str]) -> GateResult:
+    budget = profile.budgets.max_peak_memory_mb
+    if all(ep in _HOST_EPS for ep in profile.execution_providers):
+        return judged(
+            "runtime.peak_memory_mb",
+            peak_mb,
+            budget,
+            bound="max",
+            unit="MB",
+            detail="RSS growth while loaded and running",
+        )
+    return GateResult(
+        name="runtime.peak_memory_mb",
+        value=peak_mb,
+        budget=budget,
+        unit="MB",
+        bound="max",
+        passed=None,
+        detail=f"RSS with {', '.join(providers)} on this host; the device's own "
+        "execution provider is judged by the on-device canary",
+    )
+
+
+def _latency(
+    stats: dict[str, Any] | None, profile: DeviceProfile
+) -> tuple[list[GateResult], dict[str, Any], list[str]]:
+    budgets = profile.budgets
+    if stats is None:
+        why = (
+            f"not measurable on this host: {profile.name} hardware is not this machine's; "
+            "left to the on-device canary gates"
+            if not profile.latency_measurable_on_host
+            else "no fp32 reference to interleave with: not measured"
+        )
+        gates = [not_measurable("latency.p95_ms", unit="ms", detail=why)]
+        if budgets.max_latency_ratio is not None:
+            gates.append(not_measurable("latency.p95_ratio", unit="x", detail=why))
+        return gates, {}, [why]
+    ratio = stats["candidate_p95_ms"] / max(stats["reference_p95_ms"], 1e-9)
+    gates = [
+        judged(
+            "latency.p50_ms",
+            stats["candidate_p50_ms"],
+            None,
+            bound="max",
+            unit="ms",
+            detail=f"fp32 reference {stats['reference_p50_ms']:.2f} ms",
+        ),
+        judged(
+            "latency.p95_ms",
+            stats["candidate_p95_ms"],
+            budgets.max_latency_p95_ms,
+            bound="max",
+            unit="ms",
+            detail=f"batch 1, {stats['tokens']} tokens",
+        ),
+        judged(
+            "latency.p95_ratio",
+            ratio,
+            budgets.max_latency_ratio,
+            bound="max",
+            unit="x",
+            detail="candidate p95 / fp32 reference p95, interleaved runs",
+        ),
+    ]
+    evidence = {k: round(v, 3) if isinstance(v, float) else v for k, v in stats.items()}
+    evidence["p50_ratio"] = round(
+        stats["candidate_p50_ms"] / max(stats["reference_p50_ms"], 1e-9), 3
+    )
+    return gates, evidence, []

@@ -1,0 +1,64 @@
+"""What the validator's handlers and API share: settings, profiles, registry, models, state."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from nats.js.kv import KeyValue
+
+from slmops.bus import Bus
+from slmops.objectstore import ObjectStore
+from slmops.profiles import DeviceProfile
+from slmops.service import ServiceRuntime
+from slmops.service.registry_api import RegistryClient
+from slmops_validator.models import ModelCache
+from slmops_validator.settings import ValidatorSettings
+
+STATE_BUCKET = "slmops-jobs"  # validation states beside the optimizer's jobs ("validator.*")
+
+
+@dataclass
+class ValidatorContext:
+    settings: ValidatorSettings
+    profiles: dict[str, DeviceProfile]
+    registry: RegistryClient
+    # Set by app.py once the runtime exists (the runtime needs the handlers, which need this).
+    runtime: ServiceRuntime | None = None
+    _cache: ModelCache | None = field(default=None, init=False)
+    _slots: asyncio.Semaphore | None = field(default=None, init=False)
+
+    @property
+    def bus(self) -> Bus:
+        bus = self.runtime.bus if self.runtime else None
+        if bus is None:
+            raise RuntimeError("not connected to NATS yet")
+        return bus
+
+    @property
+    def store(self) -> ObjectStore:
+        store = self.runtime.store if self.runtime else None
+        if store is None:
+            raise RuntimeError("no object store yet")
+        return store
+
+    @property
+    def slots(self) -> asyncio.Semaphore:
+        """Bounds the validations in flight (parity runs overlap; latency runs queue)."""
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.settings.max_concurrent_validations)
+        return self._slots
+
+    @property
+    def models(self) -> ModelCache:
+        if self._cache is None:
+            root = self.settings.scratch_dir / "models"
+            self._cache = ModelCache(root, self.store, self.settings.cache_max_mb)
+        return self._cache
+
+    async def state(self) -> KeyValue | None:
+        """The state bucket, once NATS is connected and the bucket declared; else None."""
+        bus = self.runtime.bus if self.runtime else None
+        if bus is None or f"kv:{STATE_BUCKET}" not in bus.declared:
+            return None
+        return await bus.key_value(STATE_BUCKET)

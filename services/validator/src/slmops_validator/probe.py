@@ -1,0 +1,122 @@
+"""The probe: load, smoke-test, memory and latency of one variant, in a child process.
+
+Run as ``python -m slmops_validator.probe SPEC.json``; prints one JSON line. A child process
+because (1) a model that crashes ONNX Runtime at load takes only the probe down, never the
+service; (2) peak RSS growth is only honest in a process that loaded nothing else; (3) latency
+must not share a process with parity runs. Latency runs hold a host-wide file lock: one latency
+measurement at a time per host, whichever process asks (a queue, not parallel runs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def main(spec_path: str) -> dict[str, Any]:
+    spec = json.loads(Path(spec_path).read_text())
+    import onnxruntime as ort
+    import psutil
+
+    _reset_peak_rss()  # the peak inherited from the parent across fork/exec is not ours
+    rss_before = psutil.Process().memory_info().rss
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = spec["threads"]
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    result: dict[str, Any] = {"ort_version": ort.__version__, "providers": spec["providers"]}
+    try:
+        candidate = ort.InferenceSession(spec["candidate"], options, providers=spec["providers"])
+    except Exception as exc:  # ORT refuses the model: a verdict, not a probe failure
+        result["load_error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
+        return result
+    smoke = dict(np.load(spec["smoke_feed"]))
+    latency_feed = dict(np.load(spec["latency_feed"]))
+    try:
+        outputs = candidate.run(None, _restrict(smoke, candidate))
+        candidate.run(None, _restrict(latency_feed, candidate))
+    except Exception as exc:
+        result["run_error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
+        return result
+    result["peak_memory_mb"] = max(0.0, (_peak_rss_bytes() - rss_before) / 1e6)
+    result["outputs"] = [
+        {"name": o.name, "shape": list(v.shape), "non_finite": int((~np.isfinite(v)).sum())}
+        for o, v in zip(candidate.get_outputs(), outputs, strict=True)
+    ]
+    if spec.get("reference") and spec.get("measure_latency"):
+        reference = ort.InferenceSession(spec["reference"], options, providers=spec["providers"])
+        with _host_lock(spec["lock_path"]) as waited_s:
+            result["latency"] = _interleaved(candidate, reference, latency_feed, spec)
+            result["latency"]["lock_wait_s"] = waited_s
+    return result
+
+
+def _reset_peak_rss() -> None:
+    """Linux: writing 5 to clear_refs resets VmHWM, the peak RSS, to the current RSS."""
+    # Not Linux, or not allowed: ru_maxrss below may then include the parent's peak.
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak_rss_bytes() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _restrict(feed: dict[str, np.ndarray], session: Any) -> dict[str, np.ndarray]:
+    return {i.name: feed[i.name] for i in session.get_inputs()}
+
+
+class _host_lock:
+    def __init__(self, path: str) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._handle = open(path, "w")  # noqa: SIM115 - closed in __exit__
+
+    def __enter__(self) -> float:
+        started = time.monotonic()
+        fcntl.flock(self._handle, fcntl.LOCK_EX)
+        return time.monotonic() - started
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self._handle, fcntl.LOCK_UN)
+        self._handle.close()
+
+
+def _interleaved(
+    candidate: Any, reference: Any, feed: dict[str, np.ndarray], spec: dict[str, Any]
+) -> dict[str, Any]:
+    """Warm both up, then alternate which goes first, so drift hits both equally."""
+    feeds = {"candidate": _restrict(feed, candidate), "reference": _restrict(feed, reference)}
+    sessions = {"candidate": candidate, "reference": reference}
+    for _ in range(spec["warmup_runs"]):
+        for name, session in sessions.items():
+            session.run(None, feeds[name])
+    times: dict[str, list[float]] = {"candidate": [], "reference": []}
+    for i in range(spec["runs"]):
+        order = ("candidate", "reference") if i % 2 == 0 else ("reference", "candidate")
+        for name in order:
+            started = time.perf_counter()
+            sessions[name].run(None, feeds[name])
+            times[name].append((time.perf_counter() - started) * 1000.0)
+    stats: dict[str, Any] = {"runs": spec["runs"], "tokens": int(feed["input_ids"].shape[1])}
+    for name, values in times.items():
+        stats[f"{name}_p50_ms"] = float(np.percentile(values, 50))
+        stats[f"{name}_p95_ms"] = float(np.percentile(values, 95))
+    return stats
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(sys.argv[1])))

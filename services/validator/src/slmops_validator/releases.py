@@ -1,0 +1,137 @@
+"""Releases: once every candidate of a model version is judged, the best per device class.
+
+The tally of a version lives in JetStream KV (``slmops-jobs``, key ``validator.release.<id>``):
+the jobs the optimizer planned, and each job's end (validation passed or failed, or the
+optimization failed). Updates are compare-and-set, so handlers running at once never lose one.
+When the last planned job lands, ``release.created`` names per class the best passing variant by
+the class's objective - smallest, or fastest by host latency - or says why there is none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Literal
+
+import nats.js.errors
+from nats.js.kv import KeyValue
+from pydantic import BaseModel, Field
+
+from slmops.events.payloads import ArtifactRef, ReleaseCreated, ReleaseEntry
+from slmops.profiles import DeviceProfile
+
+
+class Candidate(BaseModel):
+    variant_id: str
+    device_class: str
+    recipe_name: str = ""
+    verdict: Literal["passed", "failed", "optimization_failed"]
+    reason: str = ""
+    artifact: ArtifactRef | None = None
+    manifest_digest: str | None = None
+    latency_p50_ms: float | None = None
+
+
+class Tally(BaseModel):
+    model_name: str
+    version: str
+    planned: dict[str, str] | None = Field(None, description="variant id -> device class")
+    skipped: dict[str, str] = Field(default_factory=dict)
+    judged: dict[str, Candidate] = Field(default_factory=dict)
+    released: bool = False
+
+    @property
+    def complete(self) -> bool:
+        return self.planned is not None and all(v in self.judged for v in self.planned)
+
+
+def release_id_for(model_name: str, version: str) -> str:
+    return "rel-" + hashlib.sha256(f"{model_name}\0{version}".encode()).hexdigest()[:20]
+
+
+def tally_key(model_name: str, version: str) -> str:
+    return "validator.release." + release_id_for(model_name, version)
+
+
+async def update_tally(kv: KeyValue, model_name: str, version: str, change: Any) -> Tally:
+    """Apply ``change(tally)`` with compare-and-set, retrying when another update won."""
+    key = tally_key(model_name, version)
+    for _ in range(50):
+        try:
+            entry = await kv.get(key)
+            tally = Tally.model_validate_json(entry.value or b"{}")
+            revision: int | None = entry.revision
+        except nats.js.errors.KeyNotFoundError:
+            tally, revision = Tally(model_name=model_name, version=version), None
+        change(tally)
+        payload = tally.model_dump_json().encode()
+        try:
+            if revision is None:
+                await kv.create(key, payload)
+            else:
+                await kv.update(key, payload, last=revision)
+            return tally
+        except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.BadRequestError):
+            continue  # someone else updated it first: read again
+    raise RuntimeError(f"could not update the release tally of {model_name} {version}")
+
+
+def choose(tally: Tally, profiles: dict[str, DeviceProfile]) -> ReleaseCreated:
+    """The release of a complete tally: per class, the best passing variant or why none."""
+    classes = sorted(set((tally.planned or {}).values()) | set(tally.skipped))
+    entries = []
+    for device_class in classes:
+        if device_class in tally.skipped and device_class not in (tally.planned or {}).values():
+            entries.append(
+                ReleaseEntry(
+                    device_class=device_class,
+                    reason=f"no candidates: {tally.skipped[device_class]}",
+                )
+            )
+            continue
+        mine = [c for c in tally.judged.values() if c.device_class == device_class]
+        passing = [c for c in mine if c.verdict == "passed" and c.artifact is not None]
+        if not passing:
+            why = "; ".join(f"{c.recipe_name or c.variant_id}: {c.reason}" for c in mine)
+            entries.append(
+                ReleaseEntry(
+                    device_class=device_class, reason=f"no variant passed validation ({why})"
+                )
+            )
+            continue
+        best, why = _best(passing, profiles.get(device_class))
+        entries.append(
+            ReleaseEntry(
+                device_class=device_class,
+                variant_id=best.variant_id,
+                artifact=best.artifact,
+                manifest_digest=best.manifest_digest,
+                reason=why,
+            )
+        )
+    return ReleaseCreated(
+        release_id=release_id_for(tally.model_name, tally.version),
+        model_name=tally.model_name,
+        version=tally.version,
+        entries=entries,
+    )
+
+
+def _best(passing: list[Candidate], profile: DeviceProfile | None) -> tuple[Candidate, str]:
+    def size(c: Candidate) -> int:
+        return c.artifact.size_bytes if c.artifact else 0
+
+    others = f"{len(passing)} passed"
+    timed = [c for c in passing if c.latency_p50_ms is not None]
+    if profile is not None and profile.objective == "fastest" and len(timed) == len(passing):
+        best = min(passing, key=lambda c: (c.latency_p50_ms or 0.0, size(c)))
+        return best, (
+            f"fastest of {others}: {best.recipe_name}, p50 "
+            f"{best.latency_p50_ms:.2f} ms, {size(best) / 1e6:.1f} MB"
+        )
+    best = min(passing, key=lambda c: (size(c), c.variant_id))
+    note = (
+        " (objective 'fastest', but latency is not measurable on this host: smallest chosen)"
+        if profile is not None and profile.objective == "fastest"
+        else ""
+    )
+    return best, f"smallest of {others}: {best.recipe_name}, {size(best) / 1e6:.1f} MB{note}"

@@ -1,0 +1,105 @@
+"""The validator on real parts: MiniLM published through the registry, optimized per class,
+judged per class with ONNX Runtime, reports stored through the registry, a release per class
+(real NATS, moto S3, ONNX Runtime)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from slmops.bus import Bus
+from slmops.reports import ValidationReport
+from slmops.testing.events import await_events
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+PROFILES = Path(__file__).parent / "profiles-validator"
+
+
+@pytest.fixture
+def optimizer_overrides() -> dict[str, Any]:
+    return {"profiles_dir": PROFILES}
+
+
+async def test_minilm_variants_judged_per_class_and_released(
+    pipeline: Any, validator: Any, bus: Bus, minilm_folder: Path, pack: Callable[[Path], bytes]
+) -> None:
+    # setup / execute: the real all-MiniLM-L6-v2 for a CPU class and a static-QDQ NPU class
+    await pipeline.publish(
+        pack(minilm_folder),
+        model_name="minilm",
+        format="hf-safetensors",
+        task="feature-extraction",
+        device_classes=["test-cpu", "test-npu"],
+    )
+    outcomes = await await_events(bus, "slmops.validation.*.v1", count=4, timeout_s=420)
+    release = (await await_events(bus, "slmops.release.created.v1", count=1, timeout_s=60))[0]
+    planned = (await await_events(bus, "slmops.optimization.planned.v1", count=1))[0]
+    recipes = {job.variant_id: job.recipe_name for job in planned.data.jobs}
+
+    # assert: each candidate judged once, with its report stored through the registry
+    by_key = {(e.data.device_class, recipes[e.data.variant_id]): e for e in outcomes}
+    verdicts = {key: e.type.split(".")[2] for key, e in by_key.items()}
+    assert verdicts == {
+        ("test-cpu", "int8-dynamic"): "passed",
+        ("test-cpu", "pruned-50"): "failed",
+        ("test-npu", "int8-dynamic"): "failed",
+        ("test-npu", "int8-static-qdq"): "passed",
+    }
+    reports = {key: await _report(pipeline, e.data.variant_id) for key, e in by_key.items()}
+
+    good = reports[("test-cpu", "int8-dynamic")]
+    gates = {g.name: g for g in good.gates}
+    assert gates["parity.cosine_mean"].value > 0.98
+    assert gates["parity.cosine_mean"].passed
+    assert gates["runtime.load"].passed
+    assert gates["runtime.non_finite_outputs"].value == 0
+    assert gates["latency.p95_ms"].value > 0
+    assert gates["latency.p95_ratio"].value > 0
+    assert gates["size.size_mb"].value < 30
+    assert 0 < gates["runtime.peak_memory_mb"].value < 2048
+    assert gates["parity.accuracy_drop_pct"].value < 10  # topics of the built-in set
+    assert good.eval_set is not None
+    assert good.eval_set.examples == 96
+
+    # the damaged (50% pruned) variant fails the parity gate with the measured figure
+    pruned = reports[("test-cpu", "pruned-50")]
+    cosine = next(g for g in pruned.gates if g.name == "parity.cosine_mean")
+    assert cosine.passed is False
+    assert cosine.value is not None
+    assert cosine.value < 0.98
+    assert f"parity.cosine_mean {cosine.value:.4g} < 0.98" in pruned.reason
+    assert pruned.reason == by_key[("test-cpu", "pruned-50")].data.reason
+
+    # dynamic INT8 is not static QDQ: the NPU class refuses it by structure, operators named
+    npu_dynamic = reports[("test-npu", "int8-dynamic")]
+    failed = {g.name for g in npu_dynamic.gates if g.passed is False}
+    assert {"structure.unsupported_operators", "structure.static_qdq"} <= failed
+    assert "DynamicQuantizeLinear" in npu_dynamic.reason
+    # latency on an NPU class is not faked: reported as not measurable here
+    npu_qdq = reports[("test-npu", "int8-static-qdq")]
+    latency = next(g for g in npu_qdq.gates if g.name == "latency.p95_ms")
+    assert latency.value is None
+    assert latency.passed is None
+    assert "not measurable on this host" in latency.detail
+
+    # the release names the passing variant per class, by the class's objective
+    entries = {e.device_class: e for e in release.data.entries}
+    assert entries["test-cpu"].variant_id == by_key[("test-cpu", "int8-dynamic")].data.variant_id
+    assert entries["test-cpu"].reason.startswith("fastest of 1 passed")
+    assert entries["test-npu"].variant_id == by_key[("test-npu", "int8-static-qdq")].data.variant_id
+    assert entries["test-npu"].reason.startswith("smallest of 1 passed")
+
+    # the lineage shows the verdicts, and the validator's own API the tally
+    tally = (await validator.api.get(f"/v1/releases/minilm/{release.data.version}")).json()
+    assert tally["released"] is True
+    assert len(tally["judged"]) == 4
+
+
+async def _report(pipeline: Any, variant_id: str) -> ValidationReport:
+    response = await pipeline.registry.get(f"/v1/variants/{variant_id}/report")
+    assert response.status_code == 200, response.text
+    return ValidationReport.model_validate(response.json()["report"])
