@@ -7,6 +7,7 @@ the published fp32 model as their reference: real NATS, moto S3 and ONNX Runtime
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,7 @@ from slmops.bus import Bus
 from slmops.events import OptimizationCompleted, new_event, variant_id_for
 from slmops.events.payloads import ArtifactRef, PassSpec, Recipe
 from slmops.reports import ValidationReport
-from slmops.testing.events import await_events
+from slmops.testing.events import await_events, stream_count
 from slmops_validator.validate import Subject, validate
 
 pytestmark = [pytest.mark.integration]
@@ -101,6 +102,17 @@ async def test_crashing_nan_and_misshapen_variants_fail_with_reasons(
     cosine = next(g for g in same.data.gates if g.name == "parity.cosine_mean")
     assert cosine.value == pytest.approx(1.0, abs=1e-6)
 
+    # announced again (a new event id, as after the dedup window): the stored verdict is
+    # re-sent under the same outcome id, not judged again - one outcome, one report
+    passed_before = await stream_count(bus, "SLMOPS_PIPELINE", "slmops.validation.passed.v1")
+    completed = (await await_events(bus, "slmops.optimization.completed.v1", count=4))[-1]
+    await bus.publish(new_event(completed.data, source="/test"))
+    await _consumer_idle(bus, "SLMOPS_PIPELINE", "validator-pipeline")
+    assert await stream_count(bus, "SLMOPS_PIPELINE", "slmops.validation.passed.v1") == 1
+    assert passed_before == 1
+    keys = await (await bus.key_value("slmops-variants")).keys()
+    assert sum(k.startswith(f"report.{same.data.variant_id}.") for k in keys) == 1
+
 
 async def test_invalid_jsonl_evaluation_set_fails_the_variant_naming_the_line(
     pipeline: Any, validator: Any, tiny_onnx: Callable[..., bytes]
@@ -140,6 +152,16 @@ async def test_texts_longer_than_the_model_are_truncated_and_said(
 
 
 # --- helpers --------------------------------------------------------------------------------
+
+
+async def _consumer_idle(bus: Bus, stream: str, durable: str, timeout_s: float = 60) -> None:
+    """Wait until the durable consumer has nothing pending or unacknowledged."""
+    for _ in range(int(timeout_s * 10)):
+        info = await bus.js.consumer_info(stream, durable)
+        if info.num_pending == 0 and info.num_ack_pending == 0:
+            return
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"{durable} still busy after {timeout_s} s")
 
 
 async def _validate(

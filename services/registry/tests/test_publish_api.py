@@ -237,7 +237,7 @@ async def test_invalid_evaluation_set_is_refused_with_the_line(
     response = await registry.publish(artifact, eval_set_digest=eval_set)
 
     assert response.status_code == 422
-    assert "line 2 is not JSON" in response.json()["detail"]
+    assert "line 2: not valid JSON" in response.json()["detail"]
 
 
 async def test_download_url_serves_the_blob(registry: RegistryUnderTest) -> None:

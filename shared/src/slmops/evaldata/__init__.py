@@ -16,6 +16,7 @@ blank lines are skipped. A malformed set fails with :class:`EvalSetError`, namin
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from functools import cache
 from importlib import resources
 
@@ -31,10 +32,12 @@ from pydantic import (
 
 __all__ = [
     "DEFAULT_EVAL_SET_NAME",
+    "MAX_EVAL_RECORDS",
     "EvalRecord",
     "EvalSetError",
     "default_records",
     "default_texts",
+    "iter_eval_jsonl",
     "parse_eval_jsonl",
 ]
 
@@ -113,30 +116,41 @@ def _parse_line(line: str, lineno: int) -> EvalRecord:
         raise EvalSetError(f"line {lineno}: {problems or exc}") from None
 
 
-def parse_eval_jsonl(data: bytes, *, max_records: int = 10_000) -> list[EvalRecord]:
-    """Parse a JSONL evaluation set; raise :class:`EvalSetError` naming the first bad line."""
+#: The most records an evaluation set may have (the registry refuses larger ones at publish).
+MAX_EVAL_RECORDS = 100_000
+
+
+def iter_eval_jsonl(
+    lines: Iterable[bytes], *, max_records: int = MAX_EVAL_RECORDS
+) -> Iterator[EvalRecord]:
+    """Parse JSONL line by line (a file opened in binary mode streams); raise
+    :class:`EvalSetError` naming the first bad line."""
     if max_records < 1:
         raise ValueError(f"max_records must be at least 1, got {max_records}")
-    try:
-        content = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        lineno = data.count(b"\n", 0, exc.start) + 1
-        raise EvalSetError(
-            f"line {lineno}: not UTF-8 text (invalid byte at offset {exc.start})"
-        ) from None
-    records: list[EvalRecord] = []
-    for lineno, line in enumerate(content.split("\n"), start=1):
+    count = 0
+    for lineno, raw in enumerate(lines, start=1):
+        try:
+            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError as exc:
+            raise EvalSetError(
+                f"line {lineno}: not UTF-8 text (invalid byte at column {exc.start + 1})"
+            ) from None
         if not line.strip():
             continue
-        if len(records) == max_records:
+        if count == max_records:
             raise EvalSetError(
                 f"line {lineno}: the evaluation set has more than the limit of "
                 f"{max_records} records"
             )
-        records.append(_parse_line(line, lineno))
-    if not records:
+        count += 1
+        yield _parse_line(line, lineno)
+    if count == 0:
         raise EvalSetError("the evaluation set has no records")
-    return records
+
+
+def parse_eval_jsonl(data: bytes, *, max_records: int = MAX_EVAL_RECORDS) -> list[EvalRecord]:
+    """Parse a JSONL evaluation set; raise :class:`EvalSetError` naming the first bad line."""
+    return list(iter_eval_jsonl(data.split(b"\n"), max_records=max_records))
 
 
 @cache
