@@ -102,6 +102,7 @@ def plan(case: Case, parent: ArtifactRef, profiles: dict[str, DeviceProfile]) ->
                 recipe=recipe,
                 floors=profile.quality,
                 search=profile.search,
+                precisions=list(profile.precisions),
                 max_source_size_mb=4096,
                 intra_op_threads=THREADS,
             )

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from slmops.events.payloads import ModelFormat, PassSpec, Recipe, Task, Token
 
 Precision = Literal["fp32", "fp16", "int8", "int4"]
+ALL_PRECISIONS: tuple[Precision, ...] = ("fp32", "fp16", "int8", "int4")
 
 
 class _Strict(BaseModel):

@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from slmops.events.payloads import ArtifactRef, ModelFormat, Recipe, Task
-from slmops.profiles import QualityFloors, SearchBudget
+from slmops.profiles import ALL_PRECISIONS, Precision, QualityFloors, SearchBudget
 
 
 class JobSpec(BaseModel):
@@ -28,6 +28,11 @@ class JobSpec(BaseModel):
     recipe: Recipe
     floors: QualityFloors
     search: SearchBudget
+    precisions: list[Precision] = Field(
+        default_factory=lambda: list(ALL_PRECISIONS),
+        description="Weight precisions the class runs: the search keeps no weight in fp32 "
+        "where fp32 is not one of them.",
+    )
     max_source_size_mb: float = Field(gt=0, description="Larger sources fail fast.")
     intra_op_threads: int = Field(1, ge=1, description="ONNX Runtime threads per job.")
 

@@ -43,6 +43,7 @@ def plan_jobs(
                     recipe=recipe,
                     floors=profile.quality,
                     search=profile.search,
+                    precisions=list(profile.precisions),
                     max_source_size_mb=settings.max_source_size_mb,
                     intra_op_threads=settings.job_threads,
                 )

@@ -60,8 +60,9 @@ class JobRunner:
             step(f"pass 1/{len(passes)}: convert")
             converted = self._convert(passes[0], spec, ctx)
             best, trail = search(
-                passes, spec.recipe, converted, ctx, spec.floors, spec.search.max_tries, step
-            )
+                passes, spec.recipe, converted, ctx, spec.floors, spec.search.max_tries, step,
+                allowed_precisions=spec.precisions,
+            )  # fmt: skip
             ctx.check_cancelled()
             final = _finalize(best.model, ctx, spec, work)
             step("storing the variant")

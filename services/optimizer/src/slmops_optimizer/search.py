@@ -11,12 +11,12 @@ re-run on top. Every attempt lands in the trail, which the variant manifest keep
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from slmops.events.payloads import PassSpec, Recipe
-from slmops.profiles import QualityFloors
+from slmops.profiles import ALL_PRECISIONS, QualityFloors
 from slmops.quality import decoder_parity, encoder_parity
 from slmops_optimizer.jobspec import TrailEntry
 from slmops_optimizer.passes import OnnxModel, Pass, PassContext, PassError
@@ -93,6 +93,7 @@ def search(
     floors: QualityFloors,
     max_tries: int,
     progress: Callable[[str], None],
+    allowed_precisions: Sequence[str] = ALL_PRECISIONS,
 ) -> tuple[Candidate, list[TrailEntry]]:
     """Run ``passes[1:]`` (the first, convert, already gave ``converted``) and refine."""
     reference = model_outputs(converted, ctx) if len(passes) > 1 else []
@@ -140,6 +141,12 @@ def search(
     )
     if refine_at is None:
         return best, trail
+    if "fp32" not in allowed_precisions:
+        kept = [r for r in ladder if not r.keeps_fp32]
+        if len(kept) < len(ladder):
+            ctx.note(f"search: {len(ladder) - len(kept)} refinement(s) keeping weights in fp32 "
+                     f"skipped: the class runs {', '.join(allowed_precisions)} only")  # fmt: skip
+        ladder = kept
     for refinement in ladder[: max_tries - 1]:
         ctx.check_cancelled()
         progress(f"refining {passes[refine_at].name}: {refinement.description}")

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import onnx
 import pytest
 
-from slmops_optimizer.passes import OnnxModel, PassContext, PassError
+from slmops.events.payloads import PassSpec, Recipe
+from slmops.profiles import QualityFloors
+from slmops_optimizer.passes import OnnxModel, PassContext, PassError, create_pass
 from slmops_optimizer.passes.int8_dynamic import Int8Dynamic
+from slmops_optimizer.search import search
 
 from .conftest import Encoder, Optimized, corrupt_model, custom_op_model
 
@@ -98,3 +102,34 @@ def test_bad_inputs_are_pass_errors(
     with pytest.raises(PassError, match=r"operator com\.example:Foo.*drop the pass"):
         Int8Dynamic.from_config({}).run(custom_op_model(tmp_path / "custom"), ctx)
     assert [p.name for p in ctx.work_dir.iterdir()] == []  # failed steps leave no folder
+
+
+@pytest.mark.parametrize(
+    ("precisions", "tries"),
+    [
+        (
+            ("fp32", "int8"),
+            ["as planned", "per-channel weights", "first and last layers kept fp32"],
+        ),
+        # an INT8-only class cannot run weights left in fp32: that rung is not tried
+        (("int8",), ["as planned", "per-channel weights"]),
+    ],
+)
+def test_the_search_skips_refinements_keeping_fp32_where_the_class_runs_none(
+    minilm: Encoder,
+    make_ctx: Callable[..., PassContext],
+    precisions: tuple[str, ...],
+    tries: list[str],
+) -> None:
+    ctx = make_ctx(samples=minilm.samples)
+    passes: list[Any] = [create_pass("convert", {}), Int8Dynamic.from_config({})]
+    recipe = Recipe(name="int8", passes=[PassSpec(name="convert"), PassSpec(name="int8_dynamic")])
+    unreachable = QualityFloors(min_cosine=1.0)  # nothing meets it: every rung is tried
+
+    _best, trail = search(
+        passes, recipe, minilm.model, ctx, unreachable, 5, lambda _: None,
+        allowed_precisions=precisions,
+    )  # fmt: skip
+
+    assert [t.change for t in trail] == tries
+    assert [r.keeps_fp32 for r in passes[1].refinements(minilm.model, ctx)] == [False, True]

@@ -97,6 +97,8 @@ class Refinement:
 
     description: str  # what changed, for the search trail ("asymmetric", "lm_head kept fp32")
     config: PassConfig
+    #: Some weights stay fp32: useless for a class that runs no fp32 (an INT8-only NPU).
+    keeps_fp32: bool = False
 
 
 C = TypeVar("C", bound=PassConfig)

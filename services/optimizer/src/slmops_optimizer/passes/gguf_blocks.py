@@ -105,7 +105,8 @@ class GgufBlocks(Pass[GgufBlocksConfig]):
             steps.append(("fallback weights kept fp32", {"quantize_fallback": False}))
         for description, update in steps:
             config = config.model_copy(update=update)
-            ladder.append(Refinement(description, config))
+            keeps_fp32 = update.get("quantize_fallback") is False
+            ladder.append(Refinement(description, config, keeps_fp32))
         return ladder
 
     def run(self, model: OnnxModel | None, ctx: PassContext) -> OnnxModel:

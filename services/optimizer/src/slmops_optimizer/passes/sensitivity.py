@@ -103,7 +103,9 @@ def refinement_ladder(config: PassConfig, rungs: list[Rung]) -> list[Refinement]
     for description, change in rungs:
         updated = type(current).model_validate({**current.model_dump(), **change(current)})
         if updated != current:
-            ladder.append(Refinement(description, updated))
+            excluded = len(getattr(updated, "nodes_to_exclude", ()))
+            keeps_fp32 = excluded > len(getattr(current, "nodes_to_exclude", ()))
+            ladder.append(Refinement(description, updated, keeps_fp32))
             current = updated
     return ladder
 
