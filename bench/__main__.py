@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 
-from bench import bus_throughput, optimizer, registry_throughput
+from bench import bus_throughput, optimizer, registry_throughput, validator
 
 
 def main() -> None:
     asyncio.run(bus_throughput.main())
     registry_throughput.main()
     optimizer.main()
+    validator.main()
 
 
 if __name__ == "__main__":

@@ -90,7 +90,7 @@ async def test_crashing_nan_and_misshapen_variants_fail_with_reasons(
     # a different hidden size: the outputs' shapes differ from the reference's
     shaped = await _announce(pipeline, bus, reference, tiny_onnx(hidden=32), "misshapen")
     assert shaped.type == "slmops.validation.failed.v1"
-    assert "parity.output_shape_mismatches 4 > 0" in shaped.data.reason  # all 4 batches
+    assert "parity.output_shape_mismatches 32 > 0" in shaped.data.reason  # all 32 inputs
     gate = next(g for g in shaped.data.gates if g.name == "parity.output_shape_mismatches")
     assert "32" in gate.detail
     assert "64" in gate.detail

@@ -42,7 +42,12 @@ class EvalSetInfo(BaseModel):
     name: str = Field(description="The model version's set (its digest) or the built-in one.")
     digest: str | None = None
     examples: int = Field(ge=0, description="Examples used (after the validator's cap).")
-    labelled: int = Field(0, ge=0, description="Examples with a label.")
+    labelled: int = Field(
+        0, ge=0, description="Examples with a label (or topic, see label_source)."
+    )
+    label_source: Literal["label", "topic", ""] = Field(
+        "", description="What the accuracy gate used: the labels, or the topics of the texts."
+    )
     truncated: int = Field(0, ge=0, description="Texts cut to max_tokens.")
     max_tokens: int = Field(0, ge=0, description="Longest input fed, in tokens.")
     origin: Literal["eval-set", "built-in", "synthetic"] = "built-in"
@@ -132,7 +137,8 @@ def render_markdown(report: ValidationReport) -> str:
         es = report.eval_set
         lines.append(
             f"- Evaluation set: {es.name} ({es.origin}), {es.examples} examples, "
-            f"{es.labelled} labelled, {es.truncated} truncated to {es.max_tokens} tokens"
+            f"{es.labelled} labelled{f' (by {es.label_source})' if es.label_source else ''}, "
+            f"{es.truncated} truncated to {es.max_tokens} tokens"
         )
     host = ", ".join(f"{k}={v}" for k, v in sorted(report.host.items()))
     lines += [f"- Measured on: {host}" if host else "- Measured on: unknown host", ""]

@@ -20,8 +20,10 @@ from slmops.reports import EvalSetInfo
 from slmops_validator.settings import ValidatorSettings
 
 Feed = dict[str, np.ndarray]
-_ENCODER_BATCH = 8
-_DECODER_BATCH = 4
+# One text (or window) per run, as a gateway serves requests: a dynamically quantized model's
+# activation scale spans the whole input, so batch-mates and padding would move its figures.
+_ENCODER_BATCH = 1
+_DECODER_BATCH = 1
 _SYNTHETIC_TOKENS = 32
 
 
@@ -72,6 +74,7 @@ def build_inputs(
         digest=set_digest,
         examples=len(rows),
         labelled=len(labels or []),
+        label_source=source,
         truncated=truncated,
         max_tokens=max_tokens,
         origin=origin,

@@ -9,12 +9,9 @@ the budget. Nothing here publishes: the handler stores the report and emits the 
 from __future__ import annotations
 
 import asyncio
-import os
-import platform
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from slmops.evaldata import (
@@ -29,6 +26,7 @@ from slmops.objectstore import blob_key
 from slmops.profiles import DeviceProfile
 from slmops.reports import CheckOutcome, ValidationReport, failed_reason
 from slmops_validator.checks.base import judged, verdict_gate
+from slmops_validator.checks.host import host_summary
 from slmops_validator.checks.parity import parity_check
 from slmops_validator.checks.runtime import probe
 from slmops_validator.checks.structure import StructureCheck
@@ -123,7 +121,7 @@ async def validate(
         reference=done.reference,
         eval_set=inputs.info if inputs else None,
         checks=checks,
-        host=_host(settings),
+        host=host_summary(settings.threads),
         started_at=started_at,
         duration_s=time.monotonic() - started,
     )
@@ -165,25 +163,3 @@ def _vocab_size(proto: Any) -> int:
         if node.op_type == "Gather" and node.input[0] in dims and node.input[1] == "input_ids":
             return int(dims[node.input[0]][0])
     return 1000
-
-
-def _host(settings: ValidatorSettings) -> dict[str, Any]:
-    import onnxruntime as ort
-
-    return {
-        "cpu": _cpu_model(),
-        "cores": os.cpu_count() or 0,
-        "onnxruntime": ort.__version__,
-        "threads": settings.threads,
-        "python": platform.python_version(),
-    }
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()

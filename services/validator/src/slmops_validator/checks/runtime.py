@@ -24,6 +24,7 @@ from slmops.events.payloads import GateResult
 from slmops.profiles import DeviceProfile
 from slmops.reports import CheckOutcome
 from slmops_validator.checks.base import judged, not_measurable, verdict_gate
+from slmops_validator.checks.host import host_stands_for, same_architecture
 from slmops_validator.evalinputs import EvalInputs
 from slmops_validator.settings import ValidatorSettings
 
@@ -61,7 +62,11 @@ async def probe(
 ) -> ProbeResult:
     started = time.monotonic()
     providers, provider_note = host_providers(profile)
-    measure_latency = profile.latency_measurable_on_host and reference is not None
+    # Measured on a host of the class's architecture even when it lacks an ISA feature: the
+    # figures are kept as evidence, only not judged.
+    measure_latency = (
+        profile.latency_measurable_on_host and same_architecture(profile) and reference is not None
+    )
     with tempfile.TemporaryDirectory(dir=settings.scratch_dir, prefix="probe-") as tmp:
         folder = Path(tmp)
         np.savez(folder / "smoke.npz", allow_pickle=False, **inputs.feeds[0])
@@ -107,7 +112,9 @@ async def probe(
         "providers": ", ".join(providers),
     }
     runtime.duration_s = time.monotonic() - started
-    latency.gates, latency.evidence, latency.notes = _latency(raw.get("latency"), profile)
+    latency.gates, latency.evidence, latency.notes = _latency(
+        raw.get("latency"), profile, reference is not None
+    )
     return ProbeResult(runtime, latency, loaded=True)
 
 
@@ -161,20 +168,24 @@ def _memory_gate(peak_mb: float, profile: DeviceProfile, providers: list[str]) -
 
 
 def _latency(
-    stats: dict[str, Any] | None, profile: DeviceProfile
+    stats: dict[str, Any] | None, profile: DeviceProfile, has_reference: bool
 ) -> tuple[list[GateResult], dict[str, Any], list[str]]:
     budgets = profile.budgets
-    if stats is None:
-        why = (
-            f"not measurable on this host: {profile.name} hardware is not this machine's; "
-            "left to the on-device canary gates"
-            if not profile.latency_measurable_on_host
-            else "no fp32 reference to interleave with: not measured"
-        )
-        gates = [not_measurable("latency.p95_ms", unit="ms", detail=why)]
+    why = host_stands_for(profile)
+    if not has_reference:
+        why = "no fp32 reference to interleave with"
+    evidence = _rounded(stats) if stats else {}
+    if why:
+        detail = f"not measurable on this host: {why}; left to the on-device canary gates"
+        gates = [not_measurable("latency.p95_ms", unit="ms", detail=detail)]
         if budgets.max_latency_ratio is not None:
-            gates.append(not_measurable("latency.p95_ratio", unit="x", detail=why))
-        return gates, {}, [why]
+            gates.append(not_measurable("latency.p95_ratio", unit="x", detail=detail))
+        notes = [detail]
+        if stats:
+            notes.append("the figures below were measured here for information and not judged")
+        return gates, evidence, notes
+    if stats is None:  # the probe measures whenever the host stands for the class
+        raise RuntimeError("the probe returned no latency figures")
     ratio = stats["candidate_p95_ms"] / max(stats["reference_p95_ms"], 1e-9)
     gates = [
         judged(
@@ -202,8 +213,12 @@ def _latency(
             detail="candidate p95 / fp32 reference p95, interleaved runs",
         ),
     ]
+    return gates, evidence, []
+
+
+def _rounded(stats: dict[str, Any]) -> dict[str, Any]:
     evidence = {k: round(v, 3) if isinstance(v, float) else v for k, v in stats.items()}
     evidence["p50_ratio"] = round(
         stats["candidate_p50_ms"] / max(stats["reference_p50_ms"], 1e-9), 3
     )
-    return gates, evidence, []
+    return evidence

@@ -28,6 +28,7 @@ _COMPUTE_OPS = {
     "MatMulNBits",
     "MatMulInteger",
     "QLinearMatMul",
+    "QAttention",
     "DynamicQuantizeMatMul",
     "MatMulIntegerToFloat",
 }
