@@ -65,6 +65,8 @@ async def test_minilm_variants_judged_per_class_and_released(
     assert good.eval_set is not None
     assert good.eval_set.examples == 96
 
+    assert good.markdown.startswith(f"# Validation of `{good.variant_id}`")  # stored rendered too
+
     # the damaged (50% pruned) variant fails the parity gate with the measured figure
     pruned = reports[("test-cpu", "pruned-50")]
     cosine = next(g for g in pruned.gates if g.name == "parity.cosine_mean")

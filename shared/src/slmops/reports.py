@@ -77,6 +77,9 @@ class ValidationReport(BaseModel):
     )
     started_at: datetime
     duration_s: float = Field(ge=0)
+    markdown: str = Field(
+        "", description="The same report rendered as Markdown, for readers without the CLI."
+    )
 
     @property
     def gates(self) -> list[GateResult]:

@@ -31,7 +31,7 @@ from slmops.events import (
     new_event,
 )
 from slmops.events.payloads import ArtifactRef
-from slmops.reports import ValidationReport
+from slmops.reports import ValidationReport, render_markdown
 from slmops_validator.context import ValidatorContext
 from slmops_validator.releases import Candidate, Tally, choose, update_tally
 from slmops_validator.validate import Subject, validate
@@ -134,6 +134,7 @@ async def _judge(done: OptimizationCompleted, ctx: ValidatorContext) -> Outcome:
 
 async def _store_report(report: ValidationReport, ctx: ValidatorContext) -> ArtifactRef:
     """The report as a blob, then recorded (signed) by the registry against the variant."""
+    report = report.model_copy(update={"markdown": render_markdown(report)})
     with tempfile.TemporaryDirectory(dir=ctx.settings.scratch_dir) as tmp:
         path = Path(tmp) / "report.json"
         path.write_bytes(report.to_json())
