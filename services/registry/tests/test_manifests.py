@@ -12,8 +12,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 
-from slmops.objectstore import InvalidDigestError
-from slmops_registry.manifests import (
+from slmops.manifests import (
     Manifest,
     ManifestFormatError,
     ManifestSignatureError,
@@ -24,6 +23,7 @@ from slmops_registry.manifests import (
     sign_manifest,
     verify_manifest,
 )
+from slmops.objectstore import InvalidDigestError
 from slmops_registry.signing import RegistrySigner
 
 D1 = "sha256:" + "1" * 64

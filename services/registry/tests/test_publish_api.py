@@ -13,9 +13,9 @@ import pytest
 
 from slmops.bus import Bus
 from slmops.events import ModelPublished
+from slmops.manifests import SignedManifest, verify_manifest
 from slmops.testing.events import await_events, stream_count
 from slmops.testing.s3 import open_multipart_uploads
-from slmops_registry.manifests import SignedManifest, verify_manifest
 from slmops_registry.testing import RegistryUnderTest, gguf_bytes
 
 pytestmark = pytest.mark.integration

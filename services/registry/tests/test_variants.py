@@ -9,8 +9,8 @@ import pytest
 
 from slmops.events import variant_id_for
 from slmops.events.payloads import ArtifactRef, GateResult, PassSpec, Recipe
+from slmops.manifests import SignedManifest, verify_manifest
 from slmops.reports import CheckOutcome, ValidationReport
-from slmops_registry.manifests import SignedManifest, verify_manifest
 from slmops_registry.testing import RegistryUnderTest, gguf_bytes
 
 pytestmark = pytest.mark.integration

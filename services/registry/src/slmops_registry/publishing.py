@@ -25,13 +25,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from slmops.chunking import chunk_file
 from slmops.events import CloudEvent, ModelPublished, derive_event_id, new_event
 from slmops.events.payloads import ArtifactRef, Digest, ModelFormat, ModelName, Task, Token, Version
+from slmops.manifests import Manifest, SignedManifest, manifest_key, sign_manifest
 from slmops.objectstore import BlobRef, CorruptObjectError, ObjectStore
 from slmops_registry.boundaries import tensor_boundaries
 from slmops_registry.catalog import VersionCatalog, VersionConflict
 from slmops_registry.errors import RegistryError
 from slmops_registry.evalsets import EvalSetError, check_eval_set
 from slmops_registry.formats import ArtifactFormatError, ArtifactInfo, inspect_artifact
-from slmops_registry.manifests import Manifest, SignedManifest, manifest_key, sign_manifest
 from slmops_registry.signing import RegistrySigner
 
 SOURCE = "/slmops/registry"

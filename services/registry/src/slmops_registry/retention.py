@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from slmops.manifests import MANIFEST_PREFIX, SignedManifest, manifest_key
 from slmops.objectstore import (
     BLOB_PREFIX,
     STAGING_PREFIX,
@@ -22,7 +23,6 @@ from slmops.objectstore import (
     StoredObject,
 )
 from slmops_registry.catalog import VersionCatalog
-from slmops_registry.manifests import MANIFEST_PREFIX, SignedManifest, manifest_key
 from slmops_registry.projection import LineageStore
 
 

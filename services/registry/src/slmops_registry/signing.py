@@ -7,33 +7,41 @@ a secret: it is never logged, and outside ``SLMOPS_ENV=local`` it must be config
 from __future__ import annotations
 
 import base64
-import binascii
-import hashlib
 import logging
 import os
 import secrets
 import stat
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from slmops.signatures import (
+    PublicKeyLike,
+    SigningKeyError,
+    key_id_of,
+    load_public_key,
+    raw_public_key,
+    verify,
+)
 from slmops_registry.settings import RegistrySettings
+
+__all__ = [
+    "PublicKeyLike",
+    "RegistrySigner",
+    "SigningKeyError",
+    "key_id_of",
+    "load_public_key",
+    "load_signer",
+    "verify",
+]
 
 log = logging.getLogger(__name__)
 
 KEY_ENV = "SLMOPS_REGISTRY_SIGNING_KEY"
 KEY_FILE_ENV = "SLMOPS_REGISTRY_SIGNING_KEY_FILE"
 LOCAL_KEY_RELPATH = Path("registry") / "signing-key.pem"
-_RAW_PUBLIC_KEY_BYTES = 32
-_SIGNATURE_BYTES = 64
-#: A public key as verifiers get it: SubjectPublicKeyInfo PEM, 32 raw bytes, or loaded.
-PublicKeyLike = Ed25519PublicKey | bytes | str
-
-
-class SigningKeyError(Exception):
-    """The signing key is missing, unreadable or not an unencrypted Ed25519 PKCS8 PEM key."""
 
 
 class RegistrySigner:
@@ -65,7 +73,7 @@ class RegistrySigner:
 
     def public_key_raw(self) -> bytes:
         """The 32-byte raw public key."""
-        return _raw(self._public_key)
+        return raw_public_key(self._public_key)
 
     def public_key_pem(self) -> str:
         return self._public_key.public_bytes(
@@ -90,53 +98,6 @@ class RegistrySigner:
 
     def __repr__(self) -> str:
         return f"RegistrySigner(key_id={self.key_id!r})"
-
-
-def _raw(public_key: Ed25519PublicKey) -> bytes:
-    return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-
-
-def key_id_of(public_key: Ed25519PublicKey) -> str:
-    """First 16 hex characters of sha256 over the raw 32-byte public key."""
-    return hashlib.sha256(_raw(public_key)).hexdigest()[:16]
-
-
-def load_public_key(key: PublicKeyLike) -> Ed25519PublicKey:
-    """A public key from PEM (str or bytes), 32 raw bytes, or an already loaded key."""
-    if isinstance(key, Ed25519PublicKey):
-        return key
-    data = key.encode("ascii", errors="replace") if isinstance(key, str) else key
-    try:
-        if len(data) == _RAW_PUBLIC_KEY_BYTES and not data.startswith(b"-----"):
-            return Ed25519PublicKey.from_public_bytes(data)
-        loaded = serialization.load_pem_public_key(data)
-    except (ValueError, UnsupportedAlgorithm) as exc:
-        raise SigningKeyError(
-            f"not an Ed25519 public key (expected SubjectPublicKeyInfo PEM or 32 raw bytes): {exc}"
-        ) from None
-    if not isinstance(loaded, Ed25519PublicKey):
-        raise SigningKeyError(f"public key is a {type(loaded).__name__}, expected Ed25519")
-    return loaded
-
-
-def verify(public_key_pem_or_raw: PublicKeyLike, data: bytes, signature_b64: str) -> bool:
-    """True iff ``signature_b64`` is a valid signature of ``data``; False on any bad signature.
-
-    Only an unusable *key* raises (SigningKeyError): that is a configuration error of the
-    verifier, while signatures come from outside and must never crash it.
-    """
-    public_key = load_public_key(public_key_pem_or_raw)
-    try:
-        signature = base64.b64decode(signature_b64, validate=True)
-    except (binascii.Error, ValueError, TypeError):
-        return False
-    if len(signature) != _SIGNATURE_BYTES:
-        return False
-    try:
-        public_key.verify(signature, data)
-    except InvalidSignature:
-        return False
-    return True
 
 
 def load_signer(settings: RegistrySettings) -> RegistrySigner:

@@ -21,9 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from slmops.events import variant_id_for
 from slmops.events.payloads import Digest, ModelFormat, ModelName, Recipe, Token, Version
+from slmops.manifests import Manifest, SignedManifest, manifest_key, sign_manifest
 from slmops.objectstore import ObjectNotFoundError, blob_key
 from slmops_registry.errors import RegistryError
-from slmops_registry.manifests import Manifest, SignedManifest, manifest_key, sign_manifest
 from slmops_registry.publishing import Publisher, artifact_ref
 
 

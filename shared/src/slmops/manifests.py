@@ -1,5 +1,8 @@
 """Signed manifests: what the registry vouches for about a model version, variant or report.
 
+In the SDK because every verifier (gateways, the rollout service) parses and checks them the
+same way the registry writes them.
+
 The signature covers :func:`canonical_json` of the manifest, so any two writers serialize a
 manifest to the same bytes; the manifest's digest is the sha256 of those bytes, which makes a
 manifest content-addressed like the blobs it references.
@@ -10,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import (
     BaseModel,
@@ -34,17 +37,19 @@ from slmops.events.payloads import (
     Version,
 )
 from slmops.objectstore import check_digest
-from slmops_registry.signing import (
-    PublicKeyLike,
-    RegistrySigner,
-    key_id_of,
-    load_public_key,
-    verify,
-)
+from slmops.signatures import PublicKeyLike, key_id_of, load_public_key, verify
 
 MANIFEST_PREFIX = "manifests/sha256/"
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]  # JSON has no NaN/inf
 _VARIANT_ONLY = ("parent_digest", "recipe", "device_class")
+
+
+class Signer(Protocol):
+    """What signs manifests (the registry's key holder): its key id and detached signatures."""
+
+    key_id: str
+
+    def sign(self, data: bytes) -> str: ...
 
 
 class ManifestSignatureError(Exception):
@@ -199,7 +204,7 @@ def manifest_key(digest: str) -> str:
     return MANIFEST_PREFIX + check_digest(digest).removeprefix("sha256:") + ".json"
 
 
-def sign_manifest(manifest: Manifest, signer: RegistrySigner) -> SignedManifest:
+def sign_manifest(manifest: Manifest, signer: Signer) -> SignedManifest:
     data = canonical_json(manifest)
     return SignedManifest(
         manifest=manifest,
