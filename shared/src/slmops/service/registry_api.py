@@ -46,6 +46,29 @@ class RegistryClient:
         response = await self._call("POST", f"/v1/variants/{variant_id}/reports", json=request)
         return self._json(response, f"report of variant {variant_id}")
 
+    async def manifest(self, digest: str) -> dict[str, Any]:
+        """A signed manifest by its digest (parse and verify it before trusting it)."""
+        response = await self._call("GET", f"/v1/manifests/{digest}")
+        return self._json(response, f"manifest {digest}")
+
+    async def variant_report(self, variant_id: str) -> dict[str, Any] | None:
+        """``{"manifest": signed report manifest, "report": ...}`` of the newest report, or
+        None when the variant has none."""
+        response = await self._call("GET", f"/v1/variants/{variant_id}/report")
+        if response.status_code == 404:
+            return None
+        return self._json(response, f"report of variant {variant_id}")
+
+    async def download_url(self, digest: str) -> str:
+        """A short-lived presigned URL of a blob."""
+        response = await self._call("GET", f"/v1/blobs/{digest}/url")
+        return str(self._json(response, f"download URL of {digest}")["url"])
+
+    async def public_key_pem(self) -> str:
+        """The public key that verifies the registry's manifest signatures."""
+        response = await self._call("GET", "/v1/keys")
+        return str(self._json(response, "signing keys")["pem"])
+
     async def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
             return await self._client.request(method, path, **kwargs)

@@ -1,0 +1,118 @@
+"""Everything a gateway checks before it lets a model near its inference slot.
+
+1. The variant's manifest is signed by the registry (Ed25519, the registry's public key), names
+   the assignment's artifact and targets this gateway's device class.
+2. The variant has a signed validation report that passed, for this gateway's class.
+3. The model's version is not lower than the running one, unless the assignment is a rollback.
+4. The downloaded bytes hash to the manifest's digest (``download.py`` checks while it writes).
+
+Any failure is a :class:`Refused` with a reason the gateway reports as ``failed``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from slmops.events.payloads import DesiredModel
+from slmops.manifests import (
+    Manifest,
+    ManifestFormatError,
+    ManifestSignatureError,
+    SignedManifest,
+    verify_manifest,
+)
+from slmops.service.registry_api import RegistryClient
+from slmops.signatures import PublicKeyLike
+
+
+class Refused(Exception):
+    """The gateway will not install this model; the message says why."""
+
+
+@dataclass(frozen=True)
+class Vouched:
+    """A variant the registry vouches for, validated for this gateway's class."""
+
+    manifest: Manifest
+    manifest_digest: str
+    report_digest: str
+
+
+async def vouch(
+    desired: DesiredModel,
+    *,
+    registry: RegistryClient,
+    public_key: PublicKeyLike,
+    device_class: str,
+) -> Vouched:
+    """Checks 1 and 2: the signed manifest and the signed, passed report for this class."""
+    variant = _verified(await registry.manifest(desired.manifest_digest), public_key, "manifest")
+    manifest = variant.manifest
+    if variant.digest != desired.manifest_digest:
+        raise Refused(
+            f"the registry served manifest {variant.digest}, not {desired.manifest_digest}"
+        )
+    if manifest.kind != "variant" or manifest.artifact.digest != desired.artifact.digest:
+        raise Refused(
+            f"manifest {variant.digest} describes {manifest.kind} {manifest.artifact.digest}, "
+            f"not the assigned artifact {desired.artifact.digest}"
+        )
+    if manifest.device_class != device_class:
+        raise Refused(
+            f"variant {desired.variant_id} is built for {manifest.device_class}, "
+            f"this gateway is {device_class}"
+        )
+    body = await registry.variant_report(desired.variant_id)
+    if body is None:
+        raise Refused(f"variant {desired.variant_id} has no validation report")
+    report = _verified(body["manifest"], public_key, "validation report")
+    labels = report.manifest.labels
+    if labels.get("variant_id") != desired.variant_id:
+        raise Refused(f"the report {report.digest} is about {labels.get('variant_id')}")
+    if device_class not in report.manifest.device_classes:
+        raise Refused(
+            f"variant {desired.variant_id} was not validated for {device_class} "
+            f"(its report covers {', '.join(report.manifest.device_classes) or 'no class'})"
+        )
+    if labels.get("verdict") != "passed":
+        reason = str(body.get("report", {}).get("reason", ""))
+        raise Refused(
+            f"variant {desired.variant_id} failed validation for {device_class}"
+            + (f": {reason}" if reason else "")
+        )
+    return Vouched(manifest, variant.digest, report.digest)
+
+
+def check_version(desired_version: str, running_version: str | None, *, rollback: bool) -> None:
+    """Check 3: never install a lower version unless told to roll back."""
+    if running_version is None or rollback:
+        return
+    if version_key(desired_version) < version_key(running_version):
+        raise Refused(
+            f"downgrade from {running_version} to {desired_version} refused: "
+            "only a signed rollback assignment may lower the version"
+        )
+
+
+def version_key(version: str) -> tuple[Any, ...]:
+    """PEP 440 order when the version is one (1.10 > 1.9, 1.0rc1 < 1.0), else natural order."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return (1, Version(version))
+    except InvalidVersion:
+        parts = re.split(r"(\d+)", version)
+        return (0, tuple(int(p) if p.isdigit() else p for p in parts))
+
+
+def _verified(raw: dict[str, Any], public_key: PublicKeyLike, what: str) -> SignedManifest:
+    try:
+        signed = SignedManifest.model_validate(raw)
+        verify_manifest(signed, public_key)
+    except (ManifestFormatError, ValueError) as exc:
+        raise Refused(f"the {what} is malformed: {str(exc)[:300]}") from None
+    except ManifestSignatureError as exc:
+        raise Refused(f"the {what}'s signature does not verify: {exc}") from None
+    return signed

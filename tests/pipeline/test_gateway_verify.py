@@ -1,0 +1,141 @@
+"""What a gateway checks before it installs a model, against a real registry (real NATS, moto
+S3): the registry's signature, a passed validation report for the gateway's own class, no
+downgrade without a rollback, and bytes that hash to the signed digest (resumed downloads)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from slmops.events import variant_id_for
+from slmops.events.payloads import ArtifactRef, DesiredModel, PassSpec, Recipe
+from slmops.objectstore import blob_key
+from slmops.reports import ValidationReport
+from slmops.service.registry_api import RegistryClient
+from slmops.settings import PlatformSettings
+from slmops.testing.s3 import raw_s3_client
+from slmops_gateway.download import download
+from slmops_gateway.verify import Refused, check_version, vouch
+
+pytestmark = [pytest.mark.integration]
+
+
+async def _variant(
+    pipeline: Any, data: bytes, verdict: str = "passed", version: str = "1.0.0"
+) -> DesiredModel:
+    """A published model, one variant of it for test-cpu, and its validation report."""
+    published = await pipeline.publish(
+        data, model_name="tiny", version=version, format="onnx", task="feature-extraction",
+        device_classes=["not-a-class"],  # the optimizer plans nothing: the variant is ours
+    )  # fmt: skip
+    parent = ArtifactRef.model_validate(published["manifest"]["artifact"])
+    recipe = Recipe(name="as-is", passes=[PassSpec(name="convert")])
+    variant_id = variant_id_for(parent.digest, recipe, "test-cpu")
+    stored = (await pipeline.registry.post("/v1/variants", json={
+        "model_name": "tiny", "version": version, "variant_id": variant_id,
+        "device_class": "test-cpu", "recipe": recipe.model_dump(mode="json"),
+        "artifact_digest": parent.digest,
+    })).json()  # fmt: skip
+    report = ValidationReport(
+        model_name="tiny", version=version, variant_id=variant_id, device_class="test-cpu",
+        recipe_name="as-is", verdict=verdict, candidate=parent, started_at=datetime.now(UTC),
+        duration_s=0.1, reason="" if verdict == "passed" else "parity.cosine_mean 0.5 < 0.98",
+    )  # fmt: skip
+    blob = (await pipeline.registry.post("/v1/blobs", content=report.to_json())).json()
+    added = await pipeline.registry.post(f"/v1/variants/{variant_id}/reports", json={
+        "report_digest": blob["digest"], "verdict": verdict})  # fmt: skip
+    assert added.status_code == 201, added.text
+    return DesiredModel(
+        model_name="tiny", version=version, variant_id=variant_id,
+        manifest_digest=stored["digest"], artifact=parent,
+    )  # fmt: skip
+
+
+def _registry(pipeline: Any) -> RegistryClient:
+    return RegistryClient("http://registry", client=pipeline.registry)
+
+
+async def test_a_validated_variant_is_vouched_for_and_downloaded_resumed(
+    pipeline: Any, tiny_onnx: Callable[..., bytes], tmp_path: Path
+) -> None:
+    # setup
+    data = tiny_onnx()
+    desired = await _variant(pipeline, data)
+    registry = _registry(pipeline)
+    key = await registry.public_key_pem()
+
+    # execute: vouch, then a download that resumes after half the bytes
+    vouched = await vouch(desired, registry=registry, public_key=key, device_class="test-cpu")
+    hex_digest = desired.artifact.digest.removeprefix("sha256:")
+    (tmp_path / f"{hex_digest}.partial").write_bytes(data[: len(data) // 2])
+    fetched: list[int] = []
+
+    async def count(response: httpx.Response) -> None:
+        fetched.append(int(response.headers.get("content-length", -1)))
+
+    async with httpx.AsyncClient(event_hooks={"response": [count]}) as client:
+        url = await registry.download_url(desired.artifact.digest)
+        path = await download(url, desired.artifact.digest, len(data), tmp_path, client)
+
+    # assert
+    assert vouched.manifest.device_class == "test-cpu"
+    assert path.read_bytes() == data
+    assert fetched == [len(data) - len(data) // 2]  # only the missing range travelled
+    assert not (tmp_path / f"{hex_digest}.partial").exists()
+
+
+async def test_tampered_artifact_is_refused_and_nothing_is_kept(
+    pipeline: Any, tiny_onnx: Callable[..., bytes], tmp_path: Path
+) -> None:
+    data = tiny_onnx()
+    desired = await _variant(pipeline, data)
+    settings = PlatformSettings()
+    tampered = data[:-8] + b"\x00" * 8  # same size, different bytes: a swapped object
+    await asyncio.to_thread(raw_s3_client(settings).put_object, Bucket=settings.s3_bucket,
+                            Key=blob_key(desired.artifact.digest), Body=tampered)  # fmt: skip
+
+    url = await _registry(pipeline).download_url(desired.artifact.digest)
+    models = tmp_path / "models"
+    async with httpx.AsyncClient() as client:
+        with pytest.raises(Refused, match="tampered or corrupt artifact"):
+            await download(url, desired.artifact.digest, len(data), models, client)
+    assert list(models.iterdir()) == []
+
+
+async def test_bad_signature_other_class_and_failed_validation_are_refused(
+    pipeline: Any, tiny_onnx: Callable[..., bytes]
+) -> None:
+    desired = await _variant(pipeline, tiny_onnx())
+    registry = _registry(pipeline)
+    key = await registry.public_key_pem()
+    rogue = (
+        Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+
+    with pytest.raises(Refused, match="signature does not verify"):
+        await vouch(desired, registry=registry, public_key=rogue, device_class="test-cpu")
+    with pytest.raises(Refused, match="built for test-cpu, this gateway is test-npu"):
+        await vouch(desired, registry=registry, public_key=key, device_class="test-npu")
+
+    failed = await _variant(pipeline, tiny_onnx(hidden=32), verdict="failed", version="2.0.0")
+    with pytest.raises(Refused, match=r"failed validation for test-cpu: parity.cosine_mean"):
+        await vouch(failed, registry=registry, public_key=key, device_class="test-cpu")
+
+
+def test_a_downgrade_needs_a_rollback() -> None:
+    with pytest.raises(Refused, match=r"downgrade from 1\.10\.0 to 1\.9\.0 refused"):
+        check_version("1.9.0", "1.10.0", rollback=False)
+    check_version("1.9.0", "1.10.0", rollback=True)
+    check_version("1.10.0", "1.9.0", rollback=False)  # an upgrade (1.10 > 1.9)
+    check_version("2026-01-10", "2026-01-9", rollback=False)  # natural order when not PEP 440
+    check_version("1.0.0", None, rollback=False)  # nothing running yet
