@@ -24,6 +24,7 @@ from slmops.cli.packaging import pack_directory
 from slmops.events.payloads import ArtifactRef
 from slmops.service.registry_api import RegistryClient
 from slmops.settings import PlatformSettings
+from slmops.testing.models import tiny_encoder_onnx
 from slmops_optimizer.app import create_app as create_optimizer
 from slmops_optimizer.context import OptimizerContext
 from slmops_optimizer.settings import OptimizerSettings
@@ -163,42 +164,4 @@ def minilm_folder() -> Path:
 @pytest.fixture(scope="session")
 def tiny_onnx() -> Callable[..., bytes]:
     """A small encoder-shaped ONNX graph (Gather → MatMul → Relu → MatMul) as bytes."""
-
-    def build(*, op_domain: str = "", hidden: int = 64, vocab: int = 512) -> bytes:
-        import numpy as np
-        from onnx import TensorProto, helper, numpy_helper
-
-        rng = np.random.default_rng(7)
-        inits = [
-            numpy_helper.from_array(rng.standard_normal((vocab, hidden)).astype("float32"), "emb"),
-            numpy_helper.from_array(rng.standard_normal((hidden, hidden)).astype("float32"), "w1"),
-            numpy_helper.from_array(rng.standard_normal((hidden, hidden)).astype("float32"), "w2"),
-        ]
-        nodes = [
-            helper.make_node("Gather", ["emb", "input_ids"], ["x"], name="embed"),
-            helper.make_node("MatMul", ["x", "w1"], ["h"], name="/layers.0/fc1/MatMul"),
-            helper.make_node("Relu", ["h"], ["r"], name="act", domain=op_domain),
-            helper.make_node("MatMul", ["r", "w2"], ["last_hidden_state"], name="/layers.1/fc2"),
-        ]
-        graph = helper.make_graph(
-            nodes,
-            "tiny",
-            [
-                helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"]),
-                helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "s"]),
-            ],
-            [
-                helper.make_tensor_value_info(
-                    "last_hidden_state", TensorProto.FLOAT, ["b", "s", hidden]
-                )
-            ],
-            inits,
-        )
-        opsets = [helper.make_opsetid("", 17)]
-        if op_domain:
-            opsets.append(helper.make_opsetid(op_domain, 1))
-        model = helper.make_model(graph, opset_imports=opsets)
-        model.ir_version = 8
-        return model.SerializeToString()
-
-    return build
+    return tiny_encoder_onnx

@@ -21,6 +21,7 @@ from slmops.events import OptimizationCompleted, new_event, variant_id_for
 from slmops.events.payloads import ArtifactRef, PassSpec, Recipe
 from slmops.reports import ValidationReport
 from slmops.testing.events import await_events, stream_count
+from slmops.testing.models import with_word_tokenizer
 from slmops_validator.validate import Subject, validate
 
 pytestmark = [pytest.mark.integration]
@@ -135,7 +136,7 @@ async def test_texts_longer_than_the_model_are_truncated_and_said(
     pipeline: Any, validator: Any, tiny_onnx: Callable[..., bytes]
 ) -> None:
     # setup: a model with a 16-token limit and texts of 40 words
-    model = _with_tokenizer(tiny_onnx(), max_length=16)
+    model = with_word_tokenizer(tiny_onnx(), max_length=16)
     reference = await validator.put_blob(model)
     lines = [json.dumps({"text": " ".join(["w1"] * 40)}), json.dumps({"text": "w2 w3"})]
     eval_set = await validator.put_blob(("\n".join(lines) + "\n").encode())
@@ -194,17 +195,4 @@ def _with_nan(data: bytes) -> bytes:
             values = numpy_helper.to_array(init).copy()
             values[0, :] = np.nan
             model.graph.initializer[i].CopyFrom(numpy_helper.from_array(values, "w1"))
-    return model.SerializeToString()
-
-
-def _with_tokenizer(data: bytes, *, max_length: int) -> bytes:
-    """A word-level tokenizer over w0..w499 (ids inside the tiny model's 512-row table)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {f"w{i}": i for i in range(500)} | {"[UNK]": 500}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    model = onnx.load_from_string(data)
-    model.metadata_props.add(key="slmops.tokenizer", value=tokenizer.to_str())
-    model.metadata_props.add(key="slmops.max_length", value=str(max_length))
     return model.SerializeToString()
