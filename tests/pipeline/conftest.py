@@ -13,6 +13,7 @@ import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,9 @@ import pytest
 
 from slmops.bus import Bus
 from slmops.cli.packaging import pack_directory
-from slmops.events.payloads import ArtifactRef
+from slmops.events import variant_id_for
+from slmops.events.payloads import ArtifactRef, DesiredModel, PassSpec, Recipe
+from slmops.reports import ValidationReport
 from slmops.service.registry_api import RegistryClient
 from slmops.settings import PlatformSettings
 from slmops.testing.models import tiny_encoder_onnx
@@ -52,6 +55,37 @@ class Pipeline:
         assert published.status_code in (200, 201), published.text
         result: dict[str, Any] = published.json()
         return result
+
+    async def variant(
+        self, data: bytes, verdict: str = "passed", version: str = "1.0.0"
+    ) -> DesiredModel:
+        """A published ONNX model, one variant of it for test-cpu (the model itself) and its
+        validation report with ``verdict``: what a gateway is assigned, made by hand."""
+        published = await self.publish(
+            data, model_name="tiny", version=version, format="onnx", task="feature-extraction",
+            device_classes=["not-a-class"],  # the optimizer plans nothing: the variant is ours
+        )  # fmt: skip
+        parent = ArtifactRef.model_validate(published["manifest"]["artifact"])
+        recipe = Recipe(name="as-is", passes=[PassSpec(name="convert")])
+        variant_id = variant_id_for(parent.digest, recipe, "test-cpu")
+        stored = (await self.registry.post("/v1/variants", json={
+            "model_name": "tiny", "version": version, "variant_id": variant_id,
+            "device_class": "test-cpu", "recipe": recipe.model_dump(mode="json"),
+            "artifact_digest": parent.digest,
+        })).json()  # fmt: skip
+        report = ValidationReport(
+            model_name="tiny", version=version, variant_id=variant_id, device_class="test-cpu",
+            recipe_name="as-is", verdict=verdict, candidate=parent, started_at=datetime.now(UTC),
+            duration_s=0.1, reason="" if verdict == "passed" else "parity.cosine_mean 0.5 < 0.98",
+        )  # fmt: skip
+        blob = (await self.registry.post("/v1/blobs", content=report.to_json())).json()
+        added = await self.registry.post(f"/v1/variants/{variant_id}/reports", json={
+            "report_digest": blob["digest"], "verdict": verdict})  # fmt: skip
+        assert added.status_code == 201, added.text
+        return DesiredModel(
+            model_name="tiny", version=version, variant_id=variant_id,
+            manifest_digest=stored["digest"], artifact=parent,
+        )  # fmt: skip
 
     def scratch_files(self) -> list[Path]:
         """Files left in job folders (must be none after a job, whatever its outcome)."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +14,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from slmops.events import variant_id_for
-from slmops.events.payloads import ArtifactRef, DesiredModel, PassSpec, Recipe
 from slmops.objectstore import blob_key
-from slmops.reports import ValidationReport
 from slmops.service.registry_api import RegistryClient
 from slmops.settings import PlatformSettings
 from slmops.testing.s3 import raw_s3_client
@@ -26,37 +22,6 @@ from slmops_gateway.download import download
 from slmops_gateway.verify import Refused, check_version, vouch
 
 pytestmark = [pytest.mark.integration]
-
-
-async def _variant(
-    pipeline: Any, data: bytes, verdict: str = "passed", version: str = "1.0.0"
-) -> DesiredModel:
-    """A published model, one variant of it for test-cpu, and its validation report."""
-    published = await pipeline.publish(
-        data, model_name="tiny", version=version, format="onnx", task="feature-extraction",
-        device_classes=["not-a-class"],  # the optimizer plans nothing: the variant is ours
-    )  # fmt: skip
-    parent = ArtifactRef.model_validate(published["manifest"]["artifact"])
-    recipe = Recipe(name="as-is", passes=[PassSpec(name="convert")])
-    variant_id = variant_id_for(parent.digest, recipe, "test-cpu")
-    stored = (await pipeline.registry.post("/v1/variants", json={
-        "model_name": "tiny", "version": version, "variant_id": variant_id,
-        "device_class": "test-cpu", "recipe": recipe.model_dump(mode="json"),
-        "artifact_digest": parent.digest,
-    })).json()  # fmt: skip
-    report = ValidationReport(
-        model_name="tiny", version=version, variant_id=variant_id, device_class="test-cpu",
-        recipe_name="as-is", verdict=verdict, candidate=parent, started_at=datetime.now(UTC),
-        duration_s=0.1, reason="" if verdict == "passed" else "parity.cosine_mean 0.5 < 0.98",
-    )  # fmt: skip
-    blob = (await pipeline.registry.post("/v1/blobs", content=report.to_json())).json()
-    added = await pipeline.registry.post(f"/v1/variants/{variant_id}/reports", json={
-        "report_digest": blob["digest"], "verdict": verdict})  # fmt: skip
-    assert added.status_code == 201, added.text
-    return DesiredModel(
-        model_name="tiny", version=version, variant_id=variant_id,
-        manifest_digest=stored["digest"], artifact=parent,
-    )  # fmt: skip
 
 
 def _registry(pipeline: Any) -> RegistryClient:
@@ -68,7 +33,7 @@ async def test_a_validated_variant_is_vouched_for_and_downloaded_resumed(
 ) -> None:
     # setup
     data = tiny_onnx()
-    desired = await _variant(pipeline, data)
+    desired = await pipeline.variant(data)
     registry = _registry(pipeline)
     key = await registry.public_key_pem()
 
@@ -96,7 +61,7 @@ async def test_tampered_artifact_is_refused_and_nothing_is_kept(
     pipeline: Any, tiny_onnx: Callable[..., bytes], tmp_path: Path
 ) -> None:
     data = tiny_onnx()
-    desired = await _variant(pipeline, data)
+    desired = await pipeline.variant(data)
     settings = PlatformSettings()
     tampered = data[:-8] + b"\x00" * 8  # same size, different bytes: a swapped object
     await asyncio.to_thread(raw_s3_client(settings).put_object, Bucket=settings.s3_bucket,
@@ -113,7 +78,7 @@ async def test_tampered_artifact_is_refused_and_nothing_is_kept(
 async def test_bad_signature_other_class_and_failed_validation_are_refused(
     pipeline: Any, tiny_onnx: Callable[..., bytes]
 ) -> None:
-    desired = await _variant(pipeline, tiny_onnx())
+    desired = await pipeline.variant(tiny_onnx())
     registry = _registry(pipeline)
     key = await registry.public_key_pem()
     rogue = (
@@ -127,7 +92,7 @@ async def test_bad_signature_other_class_and_failed_validation_are_refused(
     with pytest.raises(Refused, match="built for test-cpu, this gateway is test-npu"):
         await vouch(desired, registry=registry, public_key=key, device_class="test-npu")
 
-    failed = await _variant(pipeline, tiny_onnx(hidden=32), verdict="failed", version="2.0.0")
+    failed = await pipeline.variant(tiny_onnx(hidden=32), verdict="failed", version="2.0.0")
     with pytest.raises(Refused, match=r"failed validation for test-cpu: parity.cosine_mean"):
         await vouch(failed, registry=registry, public_key=key, device_class="test-cpu")
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import platform
 
+from slmops.hostinfo import isa_features
 from slmops.profiles import DeviceProfile
-from slmops_validator.checks.host import host_isa_features, host_stands_for
+from slmops_validator.checks.host import host_stands_for
 
 _ARCH = platform.machine()
 
@@ -25,7 +26,7 @@ def _profile(arch: str, features: list[str], measurable: bool = True) -> DeviceP
 
 
 def test_a_host_with_the_class_arch_and_features_stands_for_it() -> None:
-    some = sorted(host_isa_features())[:2]
+    some = sorted(isa_features())[:2]
     assert host_stands_for(_profile(_ARCH, some)) == ""
 
 

@@ -2,18 +2,81 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+
 from fastapi import FastAPI
 
-from slmops.service import ServiceRuntime, create_service_app, serve
+from slmops.events import GatewayReport, new_event
+from slmops.service import Check, ServiceRuntime, create_service_app, serve
+from slmops.service.registry_api import RegistryClient
+from slmops_gateway.agent import DESIRED_BUCKET, Agent
 from slmops_gateway.api import router
 from slmops_gateway.handlers import build_handlers
 from slmops_gateway.settings import GatewaySettings
 
+log = logging.getLogger(__name__)
+
+
+class AgentLoop:
+    """On connect: register, then reconcile with the desired state (a gateway that was offline
+    catches up); afterwards report health aggregates every ``health_interval_s``."""
+
+    def __init__(self, agent: Agent, runtime: ServiceRuntime) -> None:
+        self.agent, self.runtime = agent, runtime
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="gateway agent")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def check(self) -> Check:
+        return await self.agent.check()
+
+    async def _publish(self, report: GatewayReport) -> None:
+        assert self.runtime.bus is not None
+        await self.runtime.bus.publish(new_event(report, source=self.runtime.source))
+
+    async def _run(self) -> None:
+        # The runtime connects in the background and retries: poll until the bucket exists.
+        while self.runtime.bus is None or f"kv:{DESIRED_BUCKET}" not in self.runtime.bus.declared:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+        await self._publish(self.agent.registration())
+        kv = await self.runtime.bus.key_value(DESIRED_BUCKET)
+        while True:
+            try:
+                report = await self.agent.reconcile(kv)
+                if report is not None:
+                    await self._publish(report)
+                break
+            except Exception as exc:  # the registry or store is away: try again shortly
+                log.warning("reconcile failed (%s); retrying", exc)
+                await asyncio.sleep(2.0)
+        while True:
+            await asyncio.sleep(self.agent.settings.health_interval_s)
+            if self.agent.slots.active is not None:
+                report = self.agent.report("health", variant_id=self.agent.slots.active.variant_id,
+                                           health=self.agent.health.take())  # fmt: skip
+                await self._publish(report)
+
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
-    runtime = ServiceRuntime("gateway", settings, build_handlers(), uses_object_store=False)
-    return create_service_app(runtime, router, title="slmops gateway")
+    agent = Agent(settings, RegistryClient(settings.registry_url))
+    runtime = ServiceRuntime(
+        "gateway", settings, build_handlers(agent), uses_object_store=False,
+        consumer_name=f"gateway-{settings.gateway_id}",
+    )  # fmt: skip
+    runtime.add_dependency("agent", AgentLoop(agent, runtime))
+    app = create_service_app(runtime, router, title="slmops gateway")
+    app.state.agent = agent
+    return app
 
 
 def main() -> None:

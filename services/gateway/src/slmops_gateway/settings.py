@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -19,3 +21,21 @@ class GatewaySettings(ServiceSettings):
         description="This gateway's id: its assignment subject and its reports carry it.",
     )
     device_class: str = Field("x86-avx512-vnni", description="The device class it declares.")
+    labels: dict[str, str] = Field(
+        default_factory=dict, description='Labels it declares, JSON (e.g. {"site": "berlin"}).'
+    )
+    registry_url: str = Field(
+        "http://127.0.0.1:8101", description="Registry HTTP API: manifests, reports, downloads."
+    )
+    models_dir: Path | None = Field(
+        None, description="Verified model files (unset: <var_dir>/gateway/<gateway_id>)."
+    )
+    intra_op_threads: int = Field(1, ge=1, le=64, description="ONNX Runtime threads per session.")
+    max_input_tokens: int = Field(256, ge=1, description="Longest input served, in tokens.")
+    health_interval_s: float = Field(
+        30.0, gt=0, description="How often it reports health aggregates, in seconds."
+    )
+
+    @property
+    def model_dir(self) -> Path:
+        return self.models_dir or self.platform.var_dir / "gateway" / self.gateway_id

@@ -77,7 +77,11 @@ class ServiceRuntime:
         *,
         uses_object_store: bool = True,
         tracer_provider: TracerProvider | None = None,
+        consumer_name: str | None = None,
     ) -> None:
+        """``consumer_name`` names the durable consumers (default: the service's name); a
+        process that must not share a consumer with its peers (a gateway: its own assignments
+        only) gives its own."""
         self.name = name
         self.settings = settings
         self.handlers = handlers or Handlers()
@@ -88,7 +92,9 @@ class ServiceRuntime:
         consumer = settings.consumer
         self.topology = Topology(
             consumers=self.handlers.consumer_specs(
-                name, ack_wait_s=consumer.ack_wait_s, max_deliver=consumer.max_deliver
+                consumer_name or name,
+                ack_wait_s=consumer.ack_wait_s,
+                max_deliver=consumer.max_deliver,
             )
         )
         self.bus: Bus | None = None

@@ -9,58 +9,34 @@ from __future__ import annotations
 
 import os
 import platform
-from functools import cache
-from pathlib import Path
 from typing import Any
 
+from slmops import hostinfo
 from slmops.profiles import DeviceProfile
-
-
-@cache
-def _cpuinfo() -> dict[str, str]:
-    """The first processor's fields from /proc/cpuinfo (empty off Linux)."""
-    fields: dict[str, str] = {}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return fields
-    for line in text.splitlines():
-        if not line.strip():
-            if fields:
-                break  # one processor is enough
-            continue
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip().lower(), value.strip())
-    return fields
-
-
-def host_isa_features() -> set[str]:
-    info = _cpuinfo()
-    return set((info.get("flags") or info.get("features") or "").lower().split())
 
 
 def host_stands_for(profile: DeviceProfile) -> str:
     """Empty when latency measured here counts for ``profile``'s class; else why not."""
     if not profile.latency_measurable_on_host:
         return f"{profile.name} hardware is not this machine's"
-    arch = platform.machine()
+    arch = hostinfo.arch()
     if arch != profile.cpu.arch:
         return f"this host is {arch}, the class {profile.cpu.arch}"
-    missing = sorted({f.lower() for f in profile.cpu.isa_features} - host_isa_features())
+    missing = sorted({f.lower() for f in profile.cpu.isa_features} - hostinfo.isa_features())
     if missing:
         return f"this host lacks {', '.join(missing)}"
     return ""
 
 
 def same_architecture(profile: DeviceProfile) -> bool:
-    return platform.machine() == profile.cpu.arch
+    return hostinfo.arch() == profile.cpu.arch
 
 
 def host_summary(threads: int) -> dict[str, Any]:
     import onnxruntime as ort
 
     return {
-        "cpu": _cpuinfo().get("model name") or platform.processor() or platform.machine(),
+        "cpu": hostinfo.cpu_model(),
         "cores": os.cpu_count() or 0,
         "onnxruntime": ort.__version__,
         "threads": threads,

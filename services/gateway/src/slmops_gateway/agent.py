@@ -1,0 +1,112 @@
+"""The gateway agent: registers, reconciles with its desired state, installs, reports.
+
+The desired state (JetStream KV ``slmops-desired-state``, key = gateway id) is the source of
+truth: on connect the agent reads it, so a gateway that was offline catches up; an assignment
+event on its own subject is the notification to reconcile now. Installing is verify → download
+→ load beside the serving model → smoke test → swap; any refusal leaves the running model
+serving and is reported as ``failed`` with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import nats.js.errors
+
+from slmops import hostinfo
+from slmops.events import GatewayAssignment, GatewayReport
+from slmops.service import Check
+from slmops.service.registry_api import RegistryClient
+from slmops_gateway.download import download
+from slmops_gateway.health import HealthWindow
+from slmops_gateway.settings import GatewaySettings
+from slmops_gateway.slots import SessionOptions, Slots, load, smoke_test
+from slmops_gateway.verify import Refused, check_version, vouch
+
+log = logging.getLogger(__name__)
+DESIRED_BUCKET = "slmops-desired-state"
+Publish = Callable[[GatewayReport], Awaitable[None]]
+
+
+@dataclass
+class Agent:
+    settings: GatewaySettings
+    registry: RegistryClient
+    slots: Slots = field(default_factory=Slots)
+    health: HealthWindow = field(default_factory=HealthWindow)
+    generation: int = -1  # the newest assignment handled
+    public_key: str | None = None
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def report(self, kind: str, **fields: Any) -> GatewayReport:
+        return GatewayReport(
+            gateway_id=self.settings.gateway_id, kind=kind,
+            device_class=self.settings.device_class, labels=self.settings.labels, **fields,
+        )  # fmt: skip
+
+    def registration(self) -> GatewayReport:
+        import onnxruntime as ort
+
+        return self.report("registered", capabilities={
+            "arch": hostinfo.arch(), "isa_features": sorted(hostinfo.isa_features()),
+            "execution_providers": ort.get_available_providers(), "ram_mb": hostinfo.ram_mb(),
+        })  # fmt: skip
+
+    async def reconcile(self, kv: Any) -> GatewayReport | None:
+        """Read the desired state and apply it (None: nothing desired yet)."""
+        try:
+            entry = await kv.get(self.settings.gateway_id)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        return await self.apply(GatewayAssignment.model_validate_json(entry.value or b"{}"))
+
+    async def apply(self, assignment: GatewayAssignment) -> GatewayReport | None:
+        """Install what the assignment asks for; the report says applied or failed, and why."""
+        if assignment.gateway_id != self.settings.gateway_id:
+            return None  # not ours (never delivered here; a bad producer would be ignored)
+        async with self._lock:
+            if assignment.generation < self.generation:
+                return None  # an older assignment arriving late
+            desired = assignment.desired
+            common = {"rollout_id": assignment.rollout_id, "variant_id": desired.variant_id,
+                      "generation": assignment.generation}  # fmt: skip
+            active = self.slots.active
+            if active is not None and active.variant_id == desired.variant_id:
+                self.generation = assignment.generation
+                return self.report("applied", **common)  # already serving it: idempotent
+            try:
+                await self._install(assignment)
+            except Refused as exc:
+                log.warning("refused %s: %s", desired.variant_id, exc)
+                self.generation = assignment.generation
+                return self.report("failed", reason=str(exc), **common)
+            self.generation = assignment.generation
+            return self.report("applied", **common)
+
+    async def _install(self, assignment: GatewayAssignment) -> None:
+        desired = assignment.desired
+        running = self.slots.active.version if self.slots.active else None
+        check_version(desired.version, running, rollback=assignment.rollback)
+        if self.public_key is None:
+            self.public_key = await self.registry.public_key_pem()
+        await vouch(desired, registry=self.registry, public_key=self.public_key,
+                    device_class=self.settings.device_class)  # fmt: skip
+        url = await self.registry.download_url(desired.artifact.digest)
+        async with httpx.AsyncClient(timeout=httpx.Timeout(60.0, connect=5.0)) as client:
+            path = await download(url, desired.artifact.digest, desired.artifact.size_bytes,
+                                  self.settings.model_dir, client)  # fmt: skip
+        options = SessionOptions(self.settings.intra_op_threads, self.settings.max_input_tokens)
+        model = await asyncio.to_thread(load, path, desired.variant_id, desired.version, options)
+        await asyncio.to_thread(smoke_test, model, self.slots.active)
+        self.slots.swap_in(model)
+        log.info("now serving %s (%s)", desired.variant_id, desired.version)
+
+    async def check(self) -> Check:
+        active = self.slots.active
+        detail = f"serving {active.variant_id}" if active else "no model assigned yet"
+        return Check(ok=True, detail=detail)

@@ -1,0 +1,116 @@
+"""A real gateway agent (not simulated) against a real registry, NATS and S3: it registers,
+catches up with its desired state on connect, hot-swaps to a newer variant while serving
+requests (none fails), refuses a variant that failed validation (the running one keeps serving)
+and never sees another gateway's assignment."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from slmops.bus import Bus
+from slmops.events import GatewayAssignment, new_event
+from slmops.events.payloads import DesiredModel
+from slmops.service.registry_api import RegistryClient
+from slmops.settings import PlatformSettings
+from slmops.testing.events import await_events, stream_count
+from slmops.testing.models import with_word_tokenizer
+from slmops_gateway.app import create_app
+from slmops_gateway.settings import GatewaySettings
+
+pytestmark = [pytest.mark.integration]
+TEXTS = ["w1 w2 w3", "w7 w8 w9 w10"]
+
+
+@contextlib.asynccontextmanager
+async def _gateway(pipeline: Any, tmp_path: Path, gateway_id: str) -> AsyncIterator[Any]:
+    settings = GatewaySettings(
+        platform=PlatformSettings(), gateway_id=gateway_id, device_class="test-cpu",
+        labels={"site": "lab"}, models_dir=tmp_path / gateway_id, health_interval_s=0.5,
+    )  # fmt: skip
+    app = create_app(settings)
+    app.state.agent.registry = RegistryClient("http://registry", client=pipeline.registry)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as api,
+    ):
+        yield api
+
+
+def _assignment(gateway_id: str, generation: int, desired: DesiredModel) -> GatewayAssignment:
+    return GatewayAssignment(gateway_id=gateway_id, generation=generation, desired=desired)
+
+
+async def _report(bus: Bus, gateway_id: str, kind: str, generation: int | None = None) -> Any:
+    events = await await_events(
+        bus, f"slmops.gateway.report.v1.{gateway_id}", count=1, timeout_s=60,
+        where=lambda e: e.data.kind == kind
+        and (generation is None or e.data.generation == generation),
+    )  # fmt: skip
+    return events[0].data
+
+
+async def test_the_agent_catches_up_hot_swaps_under_load_and_refuses_bad_variants(
+    pipeline: Any, bus: Bus, tiny_onnx: Callable[..., bytes], tmp_path: Path
+) -> None:
+    # setup: two validated versions and one that failed validation; gw-1 should run 1.0.0
+    first = await pipeline.variant(with_word_tokenizer(tiny_onnx()), version="1.0.0")
+    second = await pipeline.variant(with_word_tokenizer(tiny_onnx(seed=8)), version="1.1.0")
+    failed = await pipeline.variant(
+        with_word_tokenizer(tiny_onnx(seed=9)), version="1.2.0", verdict="failed"
+    )
+    desired = await bus.key_value("slmops-desired-state")
+    await desired.put("gw-1", _assignment("gw-1", 1, first).model_dump_json().encode())
+
+    async with _gateway(pipeline, tmp_path, "gw-1") as api:
+        # execute / assert: registered, then caught up with its desired state on connect
+        registered = await _report(bus, "gw-1", "registered")
+        assert registered.capabilities["arch"]
+        assert registered.labels == {"site": "lab"}
+        applied = await _report(bus, "gw-1", "applied", generation=1)
+        assert applied.variant_id == first.variant_id
+
+        # hot swap to 1.1.0 while two clients keep sending requests
+        statuses: list[int] = []
+        served: list[str] = []
+        stop = asyncio.Event()
+
+        async def client() -> None:
+            while not stop.is_set():
+                response = await api.post("/v1/infer", json={"texts": TEXTS})
+                statuses.append(response.status_code)
+                served.append(response.json().get("variant_id", ""))
+
+        clients = [asyncio.create_task(client()) for _ in range(2)]
+        await asyncio.sleep(0.3)
+        await bus.publish(new_event(_assignment("gw-1", 2, second), source="/test"))
+        await _report(bus, "gw-1", "applied", generation=2)
+        await asyncio.sleep(0.3)
+        stop.set()
+        await asyncio.gather(*clients)
+        assert set(statuses) == {200}  # no failed request during the swap
+        assert served[0] == first.variant_id
+        assert served[-1] == second.variant_id
+
+        # another gateway's assignment is never delivered here
+        await bus.publish(new_event(_assignment("gw-2", 3, failed), source="/test"))
+        # a variant that failed validation is refused; 1.1.0 keeps serving
+        await bus.publish(new_event(_assignment("gw-1", 3, failed), source="/test"))
+        refused = await _report(bus, "gw-1", "failed", generation=3)
+        assert "failed validation for test-cpu" in refused.reason
+        slots = (await api.get("/v1/slots")).json()
+        assert slots["active"]["variant_id"] == second.variant_id
+        assert slots["previous"]["variant_id"] == first.variant_id
+        consumer = await bus.js.consumer_info("SLMOPS_ROLLOUT", "gateway-gw-1-rollout")
+        assert consumer.delivered.consumer_seq == 2  # its generations 2 and 3, not gw-2's
+        assert await stream_count(bus, "SLMOPS_ROLLOUT", "slmops.gateway.assignment.v1.gw-2") == 1
+
+        health = await _report(bus, "gw-1", "health")
+        assert health.health.request_count > 0
+        assert health.health.error_rate == 0.0
