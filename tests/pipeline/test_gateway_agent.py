@@ -111,6 +111,33 @@ async def test_the_agent_catches_up_hot_swaps_under_load_and_refuses_bad_variant
         assert consumer.delivered.consumer_seq == 2  # its generations 2 and 3, not gw-2's
         assert await stream_count(bus, "SLMOPS_ROLLOUT", "slmops.gateway.assignment.v1.gw-2") == 1
 
+        # a downgrade needs a rollback the registry signed; a forged one is refused
+        await bus.publish(new_event(_assignment("gw-1", 4, first), source="/test"))
+        downgrade = await _report(bus, "gw-1", "failed", generation=4)
+        assert "downgrade from 1.1.0 to 1.0.0 refused" in downgrade.reason
+        forged = _assignment("gw-1", 5, first).model_copy(
+            update={"rollback": True, "rollout_id": "ro-1", "signature": "Zm9yZ2Vk"}
+        )
+        await bus.publish(new_event(forged, source="/test"))
+        refused_rollback = await _report(bus, "gw-1", "failed", generation=5)
+        assert "without a valid registry signature" in refused_rollback.reason
+        signed = await pipeline.registry.post(
+            f"/v1/variants/{first.variant_id}/rollbacks", json={"rollout_id": "ro-1"}
+        )
+        rollback = _assignment("gw-1", 6, first).model_copy(update={
+            "rollback": True, "rollout_id": "ro-1", "signature": signed.json()["signature"],
+            "overlay": {"max_input_tokens": 2},  # this site's local limit travels along
+        })  # fmt: skip
+        await bus.publish(new_event(rollback, source="/test"))
+        await _report(bus, "gw-1", "applied", generation=6)
+        slots = (await api.get("/v1/slots")).json()
+        assert slots["active"]["variant_id"] == first.variant_id
+        short = (await api.post("/v1/infer", json={"ids": [[1, 2, 3, 4, 5]]})).json()
+        assert short["variant_id"] == first.variant_id
+        # the overlay cut the input to 2 tokens: same answer as the 2-token input
+        two = (await api.post("/v1/infer", json={"ids": [[1, 2]]})).json()
+        assert short["outputs"] == two["outputs"]
+
         health = await _report(bus, "gw-1", "health")
         assert health.health.request_count > 0
         assert health.health.error_rate == 0.0

@@ -20,6 +20,7 @@ import nats.js.errors
 
 from slmops import hostinfo
 from slmops.events import GatewayAssignment, GatewayReport
+from slmops.rollbacks import rollback_is_signed
 from slmops.service import Check
 from slmops.service.registry_api import RegistryClient
 from slmops_gateway.download import download
@@ -72,39 +73,61 @@ class Agent:
         async with self._lock:
             if assignment.generation < self.generation:
                 return None  # an older assignment arriving late
+            self.generation = assignment.generation
             desired = assignment.desired
             common = {"rollout_id": assignment.rollout_id, "variant_id": desired.variant_id,
                       "generation": assignment.generation}  # fmt: skip
-            active = self.slots.active
-            if active is not None and active.variant_id == desired.variant_id:
-                self.generation = assignment.generation
-                return self.report("applied", **common)  # already serving it: idempotent
             try:
-                await self._install(assignment)
+                if not self._serving(assignment):  # already serving it: applied, idempotently
+                    await self._install(assignment)
             except Refused as exc:
                 log.warning("refused %s: %s", desired.variant_id, exc)
-                self.generation = assignment.generation
                 return self.report("failed", reason=str(exc), **common)
-            self.generation = assignment.generation
             return self.report("applied", **common)
+
+    def _serving(self, assignment: GatewayAssignment) -> bool:
+        active = self.slots.active
+        return (
+            active is not None
+            and active.variant_id == assignment.desired.variant_id
+            and active.options == self._options(assignment)
+        )
 
     async def _install(self, assignment: GatewayAssignment) -> None:
         desired = assignment.desired
-        running = self.slots.active.version if self.slots.active else None
-        check_version(desired.version, running, rollback=assignment.rollback)
         if self.public_key is None:
             self.public_key = await self.registry.public_key_pem()
+        running = self.slots.active.version if self.slots.active else None
+        signed_rollback = assignment.rollback and rollback_is_signed(
+            desired.model_name, desired.manifest_digest, assignment.rollout_id,
+            assignment.signature, self.public_key,
+        )  # fmt: skip
+        if assignment.rollback and not signed_rollback:
+            raise Refused("a rollback assignment without a valid registry signature")
+        check_version(desired.version, running, rollback=signed_rollback)
         await vouch(desired, registry=self.registry, public_key=self.public_key,
                     device_class=self.settings.device_class)  # fmt: skip
         url = await self.registry.download_url(desired.artifact.digest)
         async with httpx.AsyncClient(timeout=httpx.Timeout(60.0, connect=5.0)) as client:
             path = await download(url, desired.artifact.digest, desired.artifact.size_bytes,
                                   self.settings.model_dir, client)  # fmt: skip
-        options = SessionOptions(self.settings.intra_op_threads, self.settings.max_input_tokens)
+        options = self._options(assignment)
         model = await asyncio.to_thread(load, path, desired.variant_id, desired.version, options)
         await asyncio.to_thread(smoke_test, model, self.slots.active)
         self.slots.swap_in(model)
         log.info("now serving %s (%s)", desired.variant_id, desired.version)
+
+    def _options(self, assignment: GatewayAssignment) -> SessionOptions:
+        """This site's session options: the gateway's settings, then the assignment's overlay."""
+        base = {"intra_op_threads": self.settings.intra_op_threads,
+                "max_input_tokens": self.settings.max_input_tokens}  # fmt: skip
+        unknown = sorted(set(assignment.overlay) - set(base))
+        if unknown:
+            raise Refused(f"unknown overlay settings {unknown}: known are {sorted(base)}")
+        values = {**base, **assignment.overlay}
+        if min(values.values()) < 1:
+            raise Refused(f"overlay values must be at least 1: {assignment.overlay}")
+        return SessionOptions(**values)
 
     async def check(self) -> Check:
         active = self.slots.active

@@ -10,8 +10,10 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
 
 from slmops.events.payloads import Token
+from slmops.rollbacks import rollback_statement
 from slmops_registry.api import _valid
 from slmops_registry.errors import RegistryError
 from slmops_registry.variants import ReportRequest, VariantRequest, Variants
@@ -52,3 +54,24 @@ async def latest_report(variant_id: str, request: Request) -> dict[str, Any]:
     variant_id = _valid(Token, variant_id, "variant id")
     signed, report = await (await _variants(request)).latest_report(variant_id)
     return {"manifest": signed.model_dump(mode="json"), "report": report}
+
+
+class RollbackRequest(BaseModel):
+    """Sign a rollback of a model to one of its variants (the rollout service asks)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rollout_id: Token | None = Field(None, description="The rollout the rollback belongs to.")
+
+
+@router.post("/{variant_id}/rollbacks", summary="Sign a rollback to this variant")
+async def sign_rollback(variant_id: str, body: RollbackRequest, request: Request) -> dict[str, Any]:
+    variant_id = _valid(Token, variant_id, "variant id")
+    signed = await (await _variants(request)).manifest_of(variant_id)
+    statement = rollback_statement(signed.manifest.model_name, signed.digest, body.rollout_id)
+    signature = request.app.state.registry.signer.sign(statement)
+    return {
+        "statement": statement.decode(),
+        "signature": signature,
+        "manifest_digest": signed.digest,
+    }

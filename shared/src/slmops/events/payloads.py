@@ -292,6 +292,11 @@ class GatewayAssignment(EventPayload):
     desired: DesiredModel
     rollback: bool = False
     signature: str | None = Field(None, description="Ed25519 signature of a rollback, base64.")
+    overlay: dict[str, int] = Field(
+        default_factory=dict,
+        description="Local configuration chosen by label selectors, applied by the agent: "
+        "intra_op_threads, max_input_tokens.",
+    )
 
     def subject_suffix(self) -> str | None:
         return self.gateway_id
