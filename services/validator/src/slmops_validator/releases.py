@@ -12,10 +12,10 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Literal
 
-import nats.js.errors
 from nats.js.kv import KeyValue
 from pydantic import BaseModel, Field
 
+from slmops.bus.kvstate import update_model
 from slmops.events.payloads import ArtifactRef, ReleaseCreated, ReleaseEntry
 from slmops.profiles import DeviceProfile
 
@@ -54,25 +54,10 @@ def tally_key(model_name: str, version: str) -> str:
 
 async def update_tally(kv: KeyValue, model_name: str, version: str, change: Any) -> Tally:
     """Apply ``change(tally)`` with compare-and-set, retrying when another update won."""
-    key = tally_key(model_name, version)
-    for _ in range(50):
-        try:
-            entry = await kv.get(key)
-            tally = Tally.model_validate_json(entry.value or b"{}")
-            revision: int | None = entry.revision
-        except nats.js.errors.KeyNotFoundError:
-            tally, revision = Tally(model_name=model_name, version=version), None
-        change(tally)
-        payload = tally.model_dump_json().encode()
-        try:
-            if revision is None:
-                await kv.create(key, payload)
-            else:
-                await kv.update(key, payload, last=revision)
-            return tally
-        except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.BadRequestError):
-            continue  # someone else updated it first: read again
-    raise RuntimeError(f"could not update the release tally of {model_name} {version}")
+    return await update_model(
+        kv, tally_key(model_name, version), Tally, change,
+        lambda: Tally(model_name=model_name, version=version),
+    )  # fmt: skip
 
 
 def choose(tally: Tally, profiles: dict[str, DeviceProfile]) -> ReleaseCreated:

@@ -1,0 +1,85 @@
+"""Waves: which gateways get a release, in what order, in how many steps.
+
+Targets are the registered gateways of the release's device classes that match the label
+selector. They are ordered by a hash of (rollout id, gateway id): a stable, spread-out canary
+(not always the same first devices, not clustered by name). Wave ``i`` covers the first
+``percent_i`` of them (cumulative), at least one gateway more than the wave before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from slmops.events.payloads import WavePlan
+
+
+class WavePolicy(BaseModel):
+    """How a rollout advances; every field says its unit."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    percents: list[float] = Field(
+        default_factory=lambda: [1.0, 10.0, 50.0, 100.0],
+        min_length=1,
+        description="Cumulative share of the targets per wave, in %, rising to 100.",
+    )
+    success_threshold: float = Field(
+        0.95, gt=0, le=1, description="Share of a wave's gateways that must have applied."
+    )
+    error_threshold: float = Field(
+        0.05, ge=0, le=1, description="Share of failed gateways in a wave that pauses the rollout."
+    )
+    soak_s: float = Field(60.0, ge=0, description="Health gates must hold this long per wave.")
+    max_rate_per_min: int = Field(
+        100_000, ge=1, description="Most assignments sent per minute (throttles large waves)."
+    )
+    silent_timeout_s: float = Field(
+        300.0, gt=0, description="A gateway silent this long no longer blocks its wave."
+    )
+
+    @model_validator(mode="after")
+    def _rising_to_100(self) -> WavePolicy:
+        if any(b <= a for a, b in zip(self.percents, self.percents[1:], strict=False)):
+            raise ValueError(f"percents must rise wave by wave: {self.percents}")
+        if self.percents[-1] != 100 or self.percents[0] <= 0:
+            raise ValueError(f"percents must be above 0 and end at 100: {self.percents}")
+        return self
+
+
+def matches(labels: dict[str, str], selector: dict[str, str]) -> bool:
+    """Every selector key present with the same value (an empty selector matches all)."""
+    return all(labels.get(key) == value for key, value in selector.items())
+
+
+def order(rollout_id: str, gateway_ids: Iterable[str]) -> list[str]:
+    """A stable pseudo-random order of the targets, different per rollout."""
+    return sorted(gateway_ids, key=lambda g: hashlib.sha256(f"{rollout_id}\0{g}".encode()).digest())
+
+
+def plan_waves(rollout_id: str, targets: Iterable[str], policy: WavePolicy) -> list[list[str]]:
+    """The gateways of each wave (each wave lists only the ones new in it)."""
+    ordered = order(rollout_id, targets)
+    waves: list[list[str]] = []
+    done = 0
+    for percent in policy.percents:
+        upto = max(done + 1, math.ceil(len(ordered) * percent / 100.0))
+        upto = min(upto, len(ordered))
+        if upto > done:
+            waves.append(ordered[done:upto])
+            done = upto
+    return waves
+
+
+def wave_plans(waves: list[list[str]], policy: WavePolicy) -> list[WavePlan]:
+    """The waves as ``rollout.started`` announces them."""
+    plans, total = [], sum(len(w) for w in waves)
+    cumulative = 0
+    for index, wave in enumerate(waves):
+        cumulative += len(wave)
+        percent = 100.0 * cumulative / total if total else 100.0
+        plans.append(WavePlan(index=index, percent=percent, target_count=len(wave)))
+    return plans
