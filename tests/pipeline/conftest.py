@@ -111,18 +111,27 @@ def optimizer_overrides() -> dict[str, Any]:
 
 
 @pytest.fixture
+def registry_chunk_min_mb() -> float:
+    """Artifacts from this size (MiB) are also stored as chunks (delta downloads)."""
+    return 64
+
+
+@pytest.fixture
 async def pipeline(
     platform_env: dict[str, str],
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
     bus: Bus,
     optimizer_overrides: dict[str, Any],
+    registry_chunk_min_mb: float,
 ) -> AsyncIterator[Pipeline]:
     for key, value in platform_env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     platform = PlatformSettings()
-    registry_app = create_registry(RegistrySettings(platform=platform, chunk_min_mb=64))
+    registry_app = create_registry(
+        RegistrySettings(platform=platform, chunk_min_mb=registry_chunk_min_mb)
+    )
     overrides = {
         "profiles_dir": PROFILES,
         "ray_mode": "local-testing",

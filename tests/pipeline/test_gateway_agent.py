@@ -28,6 +28,11 @@ pytestmark = [pytest.mark.integration]
 TEXTS = ["w1 w2 w3", "w7 w8 w9 w10"]
 
 
+@pytest.fixture
+def registry_chunk_min_mb() -> float:
+    return 1  # the 8 MB models of the delta test are stored as chunks too
+
+
 @contextlib.asynccontextmanager
 async def _gateway(pipeline: Any, tmp_path: Path, gateway_id: str) -> AsyncIterator[Any]:
     settings = GatewaySettings(
@@ -141,3 +146,44 @@ async def test_the_agent_catches_up_hot_swaps_under_load_and_refuses_bad_variant
         health = await _report(bus, "gw-1", "health")
         assert health.health.request_count > 0
         assert health.health.error_rate == 0.0
+
+
+def _retrained(data: bytes) -> bytes:
+    """The same model with its last layer changed (the embedding table stays as it was)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load_from_string(data)
+    for i, init in enumerate(model.graph.initializer):
+        if init.name == "w2":
+            values = numpy_helper.to_array(init) * np.float32(0.5)
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(values, "w2"))
+    return bytes(model.SerializeToString())
+
+
+async def test_a_new_chunked_variant_downloads_only_what_changed(
+    pipeline: Any, bus: Bus, tmp_path: Path
+) -> None:
+    # setup: an 8 MB model (its embedding table is most of it) and a retrained last layer
+    from slmops.testing.models import tiny_encoder_onnx
+
+    base = with_word_tokenizer(tiny_encoder_onnx(vocab=32768))
+    first = await pipeline.variant(base, version="1.0.0")
+    second = await pipeline.variant(_retrained(base), version="1.1.0")
+    manifest = (await pipeline.registry.get(f"/v1/manifests/{second.manifest_digest}")).json()
+    assert manifest["manifest"]["chunks_digest"] is not None  # stored as chunks
+
+    async with _gateway(pipeline, tmp_path, "gw-delta") as api:
+        await bus.publish(new_event(_assignment("gw-delta", 1, first), source="/test"))
+        await _report(bus, "gw-delta", "applied", generation=1)
+        agent = api._transport.app.state.agent  # the in-process app behind the client
+        assert agent.last_fetch_bytes == first.artifact.size_bytes  # nothing held yet
+
+        # execute
+        await bus.publish(new_event(_assignment("gw-delta", 2, second), source="/test"))
+        await _report(bus, "gw-delta", "applied", generation=2)
+
+        # assert: serving the new variant, fetched a fraction of it
+        assert (await api.get("/v1/slots")).json()["active"]["variant_id"] == second.variant_id
+        assert 0 < agent.last_fetch_bytes < 0.25 * second.artifact.size_bytes

@@ -13,6 +13,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,9 +21,11 @@ import nats.js.errors
 
 from slmops import hostinfo
 from slmops.events import GatewayAssignment, GatewayReport
+from slmops.events.payloads import DesiredModel
 from slmops.rollbacks import rollback_is_signed
 from slmops.service import Check
 from slmops.service.registry_api import RegistryClient
+from slmops_gateway.delta import fetch_by_chunks
 from slmops_gateway.download import download
 from slmops_gateway.health import HealthWindow
 from slmops_gateway.settings import GatewaySettings
@@ -41,6 +44,7 @@ class Agent:
     slots: Slots = field(default_factory=Slots)
     health: HealthWindow = field(default_factory=HealthWindow)
     generation: int = -1  # the newest assignment handled
+    last_fetch_bytes: int = 0  # what the newest install downloaded
     public_key: str | None = None
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -105,17 +109,33 @@ class Agent:
         if assignment.rollback and not signed_rollback:
             raise Refused("a rollback assignment without a valid registry signature")
         check_version(desired.version, running, rollback=signed_rollback)
-        await vouch(desired, registry=self.registry, public_key=self.public_key,
-                    device_class=self.settings.device_class)  # fmt: skip
-        url = await self.registry.download_url(desired.artifact.digest)
+        vouched = await vouch(desired, registry=self.registry, public_key=self.public_key,
+                              device_class=self.settings.device_class)  # fmt: skip
         async with httpx.AsyncClient(timeout=httpx.Timeout(60.0, connect=5.0)) as client:
-            path = await download(url, desired.artifact.digest, desired.artifact.size_bytes,
-                                  self.settings.model_dir, client)  # fmt: skip
+            path = await self._fetch(desired, vouched.manifest.chunks_digest, client)
         options = self._options(assignment)
         model = await asyncio.to_thread(load, path, desired.variant_id, desired.version, options)
         await asyncio.to_thread(smoke_test, model, self.slots.active)
         self.slots.swap_in(model)
         log.info("now serving %s (%s)", desired.variant_id, desired.version)
+
+    async def _fetch(
+        self, desired: DesiredModel, chunks_digest: str | None, client: httpx.AsyncClient
+    ) -> Path:
+        """A chunked artifact is rebuilt from the chunks held plus the missing ones; others
+        come whole (resumed). Either way the bytes are the signed digest's or refused."""
+        folder = self.settings.model_dir
+        if chunks_digest is not None:
+            result = await fetch_by_chunks(
+                chunks_digest, desired.artifact.digest, self.registry, client, folder
+            )
+            self.last_fetch_bytes = result.fetched_bytes
+            return result.path
+        url = await self.registry.download_url(desired.artifact.digest)
+        path = await download(url, desired.artifact.digest, desired.artifact.size_bytes,
+                              folder, client)  # fmt: skip
+        self.last_fetch_bytes = desired.artifact.size_bytes
+        return path
 
     def _options(self, assignment: GatewayAssignment) -> SessionOptions:
         """This site's session options: the gateway's settings, then the assignment's overlay."""

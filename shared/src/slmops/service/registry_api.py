@@ -64,6 +64,12 @@ class RegistryClient:
         response = await self._call("GET", f"/v1/blobs/{digest}/url")
         return str(self._json(response, f"download URL of {digest}")["url"])
 
+    async def download_urls(self, digests: list[str]) -> dict[str, str]:
+        """Short-lived presigned URLs of many blobs (e.g. the chunks a gateway lacks)."""
+        response = await self._call("POST", "/v1/blobs/urls", json={"digests": digests})
+        urls: dict[str, str] = self._json(response, f"{len(digests)} download URLs")["urls"]
+        return urls
+
     async def public_key_pem(self) -> str:
         """The public key that verifies the registry's manifest signatures."""
         response = await self._call("GET", "/v1/keys")
