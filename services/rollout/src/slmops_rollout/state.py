@@ -1,0 +1,126 @@
+"""A rollout's state and the rule that moves it: pure data and pure decisions (no I/O).
+
+The state lives in JetStream KV (``slmops-rollouts``), so a restarted service resumes where it
+was. ``record`` folds a gateway's report in; ``decide`` looks at the current wave and says
+what to do now - wait, advance, complete or pause - with the figures behind it. A gateway that
+has been silent past the policy's timeout stops counting: it never blocks its wave.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from slmops.events.payloads import DesiredModel, GatewayReport
+from slmops_rollout.plans import WavePolicy
+
+GatewayStatus = Literal["pending", "assigned", "applied", "failed"]
+
+
+class GatewayProgress(BaseModel):
+    status: GatewayStatus = "pending"
+    wave: int = Field(ge=0)
+    generation: int | None = None
+    assigned_at: datetime | None = None
+    reason: str = ""
+
+
+class RolloutState(BaseModel):
+    rollout_id: str
+    release_id: str
+    model_name: str
+    version: str
+    desired: dict[str, DesiredModel] = Field(description="Per device class: what to install.")
+    selector: dict[str, str] = Field(default_factory=dict)
+    policy: WavePolicy = Field(default_factory=WavePolicy)
+    waves: list[list[str]]
+    gateways: dict[str, GatewayProgress]
+    wave_index: int = 0
+    wave_started_at: datetime | None = None
+    status: Literal["running", "paused", "completed", "cancelled", "rolled_back"] = "running"
+    reason: str = ""
+
+
+class WaveFigures(BaseModel):
+    """What the gates looked at, for ``decide`` and for ``rollout status``."""
+
+    targets: int
+    applied: int
+    failed: int
+    silent: int
+    waiting: int
+
+    @property
+    def counted(self) -> int:
+        """Gateways that count towards the thresholds (silent ones no longer do)."""
+        return self.targets - self.silent
+
+
+class Decision(BaseModel):
+    action: Literal["wait", "advance", "complete", "pause"]
+    reason: str
+    figures: WaveFigures
+
+
+def record(state: RolloutState, report: GatewayReport) -> bool:
+    """Fold an applied/failed report of this rollout in; False when it is not ours or stale."""
+    progress = state.gateways.get(report.gateway_id)
+    if progress is None or report.rollout_id != state.rollout_id:
+        return False
+    if report.kind not in ("applied", "failed"):
+        return False
+    if progress.generation is not None and (report.generation or 0) < progress.generation:
+        return False  # about an older assignment
+    progress.status = report.kind
+    progress.reason = report.reason
+    return True
+
+
+def figures(state: RolloutState, now: datetime) -> WaveFigures:
+    wave = state.waves[state.wave_index] if state.wave_index < len(state.waves) else []
+    timeout = timedelta(seconds=state.policy.silent_timeout_s)
+    applied = failed = silent = 0
+    for gateway_id in wave:
+        progress = state.gateways[gateway_id]
+        if progress.status == "applied":
+            applied += 1
+        elif progress.status == "failed":
+            failed += 1
+        elif progress.assigned_at is not None and now - progress.assigned_at > timeout:
+            silent += 1
+    waiting = len(wave) - applied - failed - silent
+    return WaveFigures(targets=len(wave), applied=applied, failed=failed, silent=silent,
+                       waiting=waiting)  # fmt: skip
+
+
+def decide(state: RolloutState, now: datetime) -> Decision:
+    """The next step for a running rollout's current wave."""
+    f = figures(state, now)
+    policy = state.policy
+    if state.status != "running":
+        return Decision(action="wait", reason=f"rollout is {state.status}", figures=f)
+    counted = max(f.counted, 1)
+    if f.failed / counted > policy.error_threshold:
+        return Decision(
+            action="pause",
+            reason=f"wave {state.wave_index}: {f.failed} of {f.counted} gateways failed "
+            f"({f.failed / counted:.0%} > {policy.error_threshold:.0%})",
+            figures=f,
+        )
+    if f.counted and f.applied / f.counted < policy.success_threshold:
+        return Decision(action="wait", reason=f"wave {state.wave_index}: {f.applied} of "
+                        f"{f.counted} applied", figures=f)  # fmt: skip
+    started = state.wave_started_at or now
+    soaked_s = (now - started).total_seconds()
+    if soaked_s < policy.soak_s:
+        return Decision(action="wait", reason=f"wave {state.wave_index}: soaking "
+                        f"{soaked_s:.0f}/{policy.soak_s:g} s", figures=f)  # fmt: skip
+    last = state.wave_index + 1 >= len(state.waves)
+    return Decision(
+        action="complete" if last else "advance",
+        reason=f"wave {state.wave_index}: {f.applied} of {f.counted} applied"
+        + (f", {f.silent} silent (timed out)" if f.silent else ""),
+        figures=f,
+    )
