@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from slmops.events import release_id_for
 from slmops.events.payloads import ArtifactRef
 from slmops.profiles import DeviceProfile, load_profiles
-from slmops_validator.releases import Candidate, Tally, choose, release_id_for
+from slmops_validator.releases import Candidate, Tally, choose
 
 PROFILES = Path(__file__).resolve().parents[3] / "tests" / "pipeline" / "profiles-validator"
 

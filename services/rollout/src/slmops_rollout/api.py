@@ -1,19 +1,32 @@
-"""rollout HTTP API: the fleet as reported by its gateways (rollouts themselves come next).
+"""rollout HTTP API: the fleet as its gateways report it, and rollouts (start, status).
 
 Health, readiness and /v1/runtime come from the SDK for every service.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from datetime import UTC, datetime
+from typing import Annotated, Any
 
 import nats.js.errors
 from fastapi import APIRouter, HTTPException, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
 
+from slmops.events import ReleaseCreated, release_id_for
+from slmops.events.payloads import ModelName, Version
+from slmops_rollout.engine import Engine
 from slmops_rollout.fleet import GatewayRecord
-from slmops_rollout.plans import matches
+from slmops_rollout.plans import WavePolicy, matches
+from slmops_rollout.state import RolloutState, figures
 
 router = APIRouter(prefix="/v1", tags=["rollout"])
+
+
+async def _engine(request: Request) -> Engine:
+    engine: Engine | None = await request.app.state.engines()
+    if engine is None:
+        raise HTTPException(503, "not connected to NATS yet: see GET /readyz")
+    return engine
 
 
 @router.get("/gateways", summary="Registered gateways: class, labels, what they run, health")
@@ -22,17 +35,57 @@ async def gateways(
     device_class: Annotated[str | None, Query(description="Only this device class.")] = None,
     selector: Annotated[list[str] | None, Query(description="key=value labels to match.")] = None,
 ) -> list[GatewayRecord]:
-    kv = await request.app.state.gateways()
-    if kv is None:
-        raise HTTPException(503, "not connected to NATS yet: see GET /readyz")
+    engine = await _engine(request)
     wanted = dict(s.split("=", 1) for s in selector or [] if "=" in s)
-    try:
-        keys = await kv.keys()
-    except nats.js.errors.NoKeysError:
-        return []
-    records = [GatewayRecord.model_validate_json((await kv.get(k)).value or b"{}") for k in keys]
+    records = await engine.fleet()
     return sorted(
         (r for r in records
          if (device_class is None or r.device_class == device_class) and matches(r.labels, wanted)),
         key=lambda r: r.gateway_id,
     )  # fmt: skip
+
+
+class StartRollout(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model_name: ModelName
+    version: Version
+    selector: dict[str, str] = Field(default_factory=dict, description="Labels to target.")
+    policy: WavePolicy = Field(default_factory=WavePolicy)
+
+
+@router.post("/rollouts", status_code=201, summary="Start rolling out a model version's release")
+async def start(body: StartRollout, request: Request) -> dict[str, Any]:
+    engine = await _engine(request)
+    release_id = release_id_for(body.model_name, body.version)
+    try:
+        entry = await engine.rollouts.get(f"release.{release_id}")
+    except nats.js.errors.KeyNotFoundError:
+        raise HTTPException(
+            404, f"no release of {body.model_name} {body.version} yet: the validator creates it "
+            "once every candidate is judged"
+        ) from None  # fmt: skip
+    release = ReleaseCreated.model_validate_json(entry.value or b"{}")
+    state = await engine.start(release, body.selector, body.policy)
+    return _status(state)
+
+
+@router.get("/rollouts/{rollout_id}", summary="A rollout: status, waves, current wave figures")
+async def status(rollout_id: str, request: Request) -> dict[str, Any]:
+    state = await (await _engine(request)).get(rollout_id)
+    if state is None:
+        raise HTTPException(404, f"no rollout {rollout_id}")
+    return _status(state)
+
+
+def _status(state: RolloutState) -> dict[str, Any]:
+    counts: dict[str, int] = {}
+    for progress in state.gateways.values():
+        counts[progress.status] = counts.get(progress.status, 0) + 1
+    return {
+        "rollout_id": state.rollout_id, "release_id": state.release_id,
+        "model_name": state.model_name, "version": state.version, "status": state.status,
+        "reason": state.reason, "wave_index": state.wave_index,
+        "waves": [len(w) for w in state.waves], "gateways": counts,
+        "current_wave": figures(state, datetime.now(UTC)).model_dump(),
+    }  # fmt: skip

@@ -2,29 +2,79 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI
-from nats.js.kv import KeyValue
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
 
-from slmops.service import ServiceRuntime, create_service_app, serve
+from fastapi import FastAPI
+
+from slmops.service import Check, ServiceRuntime, create_service_app, serve
 from slmops_rollout.api import router
+from slmops_rollout.engine import Engine
 from slmops_rollout.fleet import GATEWAYS_BUCKET
 from slmops_rollout.handlers import build_handlers
 from slmops_rollout.settings import RolloutSettings
+
+log = logging.getLogger(__name__)
+_BUCKETS = ("slmops-rollouts", "slmops-desired-state", GATEWAYS_BUCKET)
+
+
+class Ticker:
+    """Moves running rollouts on every ``tick_s`` (their state is in KV: a restart resumes)."""
+
+    def __init__(self, engines: Callable[[], Awaitable[Engine | None]], tick_s: float) -> None:
+        self.engines, self.tick_s = engines, tick_s
+        self._task: asyncio.Task[None] | None = None
+        self.last_error = ""
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="rollout ticker")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def check(self) -> Check:
+        return Check(ok=not self.last_error, detail=self.last_error or "ticking")
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick_s)
+            engine = await self.engines()
+            if engine is None:
+                continue
+            try:
+                await engine.tick()
+                self.last_error = ""
+            except Exception as exc:  # the broker is away: the next tick tries again
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("rollout tick failed: %s", self.last_error)
 
 
 def create_app(settings: RolloutSettings | None = None) -> FastAPI:
     settings = settings or RolloutSettings()
     runtime: ServiceRuntime | None = None
+    engine: Engine | None = None
 
-    async def gateways() -> KeyValue | None:
+    async def engines() -> Engine | None:
+        nonlocal engine
         bus = runtime.bus if runtime else None
-        if bus is None or f"kv:{GATEWAYS_BUCKET}" not in bus.declared:
+        if bus is None or any(f"kv:{b}" not in bus.declared for b in _BUCKETS):
             return None
-        return await bus.key_value(GATEWAYS_BUCKET)
+        if engine is None:
+            rollouts, desired, gateways = [await bus.key_value(b) for b in _BUCKETS]
+            engine = Engine(bus, rollouts, desired, gateways)
+        return engine
 
-    runtime = ServiceRuntime("rollout", settings, build_handlers(gateways), uses_object_store=True)
+    runtime = ServiceRuntime(
+        "rollout", settings, build_handlers(engines, settings), uses_object_store=True
+    )
+    runtime.add_dependency("ticker", Ticker(engines, settings.tick_s))
     app = create_service_app(runtime, router, title="slmops rollout")
-    app.state.gateways = gateways
+    app.state.engines = engines
     return app
 
 

@@ -12,3 +12,9 @@ class RolloutSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="SLMOPS_ROLLOUT_", extra="ignore")
 
     port: int = Field(8104, ge=0, le=65535, description="Port of the rollout HTTP API.")
+    auto_models: list[str] = Field(
+        default_factory=list,
+        description="Models rolled out to the whole fleet as soon as a release is created, JSON "
+        '(e.g. ["minilm"]; ["*"]: every model). Others start through the API.',
+    )
+    tick_s: float = Field(1.0, gt=0, description="How often running rollouts are moved on, in s.")

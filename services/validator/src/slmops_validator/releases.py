@@ -9,13 +9,13 @@ the class's objective - smallest, or fastest by host latency - or says why there
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Literal
 
 from nats.js.kv import KeyValue
 from pydantic import BaseModel, Field
 
 from slmops.bus.kvstate import update_model
+from slmops.events import release_id_for
 from slmops.events.payloads import ArtifactRef, ReleaseCreated, ReleaseEntry
 from slmops.profiles import DeviceProfile
 
@@ -42,10 +42,6 @@ class Tally(BaseModel):
     @property
     def complete(self) -> bool:
         return self.planned is not None and all(v in self.judged for v in self.planned)
-
-
-def release_id_for(model_name: str, version: str) -> str:
-    return "rel-" + hashlib.sha256(f"{model_name}\0{version}".encode()).hexdigest()[:20]
 
 
 def tally_key(model_name: str, version: str) -> str:

@@ -5,6 +5,7 @@ from slmops.events.envelope import (
     EventPayload,
     derive_event_id,
     new_event,
+    release_id_for,
     variant_id_for,
 )
 from slmops.events.errors import (
@@ -30,5 +31,6 @@ __all__ = [
     "derive_event_id",
     "new_event",
     "payload_type",
+    "release_id_for",
     "variant_id_for",
 ]

@@ -102,6 +102,11 @@ def variant_id_for(parent_digest: str, recipe: BaseModel, device_class: str) -> 
     return "v-" + digest.hexdigest()[:32]
 
 
+def release_id_for(model_name: str, version: str) -> str:
+    """The deterministic id of a model version's release (one per version)."""
+    return "rel-" + hashlib.sha256(f"{model_name}\0{version}".encode()).hexdigest()[:20]
+
+
 def new_event(
     data: P,
     *,
