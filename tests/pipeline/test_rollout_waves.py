@@ -16,7 +16,7 @@ import pytest
 
 from slmops.bus import Bus
 from slmops.events import GatewayReport, ReleaseCreated, new_event, release_id_for
-from slmops.events.payloads import ReleaseEntry
+from slmops.events.payloads import HealthAggregate, ReleaseEntry
 from slmops.service.registry_api import RegistryClient
 from slmops.settings import PlatformSettings
 from slmops.testing.events import await_events
@@ -28,6 +28,27 @@ from slmops_rollout.settings import RolloutSettings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 LIVE = [f"gw-{i}" for i in range(6)]
+
+
+def _rollout_app(pipeline: Any) -> Any:
+    app = create_rollout(RolloutSettings(platform=PlatformSettings(), tick_s=0.2))
+    app.state.registry = RegistryClient("http://registry", client=pipeline.registry)
+    return app
+
+
+def _release(desired: Any, version: str) -> ReleaseCreated:
+    return ReleaseCreated(
+        release_id=release_id_for("tiny", version), model_name="tiny", version=version,
+        entries=[ReleaseEntry(device_class="test-cpu", variant_id=desired.variant_id,
+                              artifact=desired.artifact, manifest_digest=desired.manifest_digest)],
+    )  # fmt: skip
+
+
+async def _start(rollout: httpx.AsyncClient, version: str, policy: dict[str, Any]) -> str:
+    body = {"model_name": "tiny", "version": version, "selector": {"site": "lab"}, "policy": policy}
+    started = await rollout.post("/v1/rollouts", json=body)
+    assert started.status_code == 201, started.text
+    return str(started.json()["rollout_id"])
 
 
 @contextlib.asynccontextmanager
@@ -59,7 +80,7 @@ async def test_waves_advance_over_a_real_fleet_and_a_silent_gateway_does_not_blo
         entries=[ReleaseEntry(device_class="test-cpu", variant_id=desired.variant_id,
                               artifact=desired.artifact, manifest_digest=desired.manifest_digest)],
     )  # fmt: skip
-    rollout_app = create_rollout(RolloutSettings(platform=PlatformSettings(), tick_s=0.2))
+    rollout_app = _rollout_app(pipeline)
     async with (
         rollout_app.router.lifespan_context(rollout_app),
         httpx.AsyncClient(
@@ -99,3 +120,70 @@ async def test_waves_advance_over_a_real_fleet_and_a_silent_gateway_does_not_blo
         status = (await rollout.get(f"/v1/rollouts/{rollout_id}")).json()
         assert status["status"] == "completed"
         assert status["gateways"] == {"applied": 6, "assigned": 1}
+
+
+async def test_a_latency_regression_on_the_canary_rolls_back_only_its_gateways(
+    pipeline: Any, bus: Bus, tiny_onnx: Callable[..., bytes], tmp_path: Path
+) -> None:
+    # setup: the fleet runs 1.0.0 (a first rollout), each gateway with a healthy baseline
+    old = await pipeline.variant(with_word_tokenizer(tiny_onnx()), version="1.0.0")
+    new = await pipeline.variant(with_word_tokenizer(tiny_onnx(seed=5)), version="1.1.0")
+    rollout_app = _rollout_app(pipeline)
+    async with (
+        rollout_app.router.lifespan_context(rollout_app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=rollout_app), base_url="http://rollout"
+        ) as rollout,  # fmt: skip
+        _fleet(pipeline, tmp_path) as gateways,
+    ):
+        for version, desired in (("1.0.0", old), ("1.1.0", new)):
+            await bus.publish(new_event(_release(desired, version), source="/test"))
+        for _ in range(100):
+            fleet = (await rollout.get("/v1/gateways")).json()
+            if isinstance(fleet, list) and len(fleet) == len(LIVE):
+                break
+            await asyncio.sleep(0.1)
+        await _start(rollout, "1.0.0", {"percents": [100], "soak_s": 0.2})
+        await await_events(bus, "slmops.rollout.completed.v1", count=1, timeout_s=60)
+        for gateway_id in LIVE:
+            await bus.publish(new_event(_health(gateway_id, old.variant_id, p95_ms=4.0),
+                                        source="/test"))  # fmt: skip
+        await asyncio.sleep(0.5)  # the fleet record takes the baselines in
+
+        # execute: roll out 1.1.0; its canary wave gets 10x slower on the new model
+        rollout_id = await _start(rollout, "1.1.0", {"percents": [34, 100], "soak_s": 5})
+        applied = await await_events(
+            bus, "slmops.gateway.report.v1.>", count=3, timeout_s=60,
+            where=lambda e: e.data.kind == "applied" and e.data.rollout_id == rollout_id,
+        )  # fmt: skip
+        canary = sorted(e.data.gateway_id for e in applied)
+        for gateway_id in canary:
+            await bus.publish(new_event(_health(gateway_id, new.variant_id, p95_ms=40.0),
+                                        source="/test"))  # fmt: skip
+        rolled = await await_events(bus, "slmops.rollout.rolled_back.v1", count=1, timeout_s=30)
+
+        # assert: exactly the canary went back to 1.0.0 (signed rollback), the rest never left it
+        assert sorted(rolled[0].data.gateway_ids) == canary
+        assert rolled[0].data.to_variant_id == old.variant_id
+        assert "health gate" in rolled[0].data.reason
+        assert "10.00x the previous model's > 1.5x" in rolled[0].data.reason
+        for _ in range(100):
+            serving = {g: (await c.get("/v1/slots")).json()["active"]["variant_id"]
+                       for g, c in gateways.items()}  # fmt: skip
+            if set(serving.values()) == {old.variant_id}:
+                break
+            await asyncio.sleep(0.1)
+        assert set(serving.values()) == {old.variant_id}
+        status = (await rollout.get(f"/v1/rollouts/{rollout_id}")).json()
+        assert (status["status"], status["wave_index"]) == ("paused", 0)
+        assert status["gateways"] == {"rolled_back": 3, "pending": 3}
+
+
+def _health(gateway_id: str, variant_id: str, *, p95_ms: float) -> GatewayReport:
+    """A health aggregate as the gateway reports it (the injected fault: slow inference)."""
+    return GatewayReport(
+        gateway_id=gateway_id, kind="health", device_class="test-cpu", labels={"site": "lab"},
+        variant_id=variant_id,
+        health=HealthAggregate(window_s=30, request_count=50, error_rate=0.0,
+                               latency_p50_ms=p95_ms / 2, latency_p95_ms=p95_ms),
+    )  # fmt: skip

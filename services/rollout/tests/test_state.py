@@ -75,3 +75,28 @@ def test_the_last_wave_completes_and_foreign_or_stale_reports_are_ignored() -> N
     assert not record(state, _report("gw-unknown", "applied"))
     assert record(state, _report(gw, "applied"))
     assert decide(state, T0 + timedelta(seconds=61)).action == "complete"
+
+
+def test_a_health_gate_breach_rolls_back_only_the_breaching_gateways() -> None:
+    from slmops.events.payloads import HealthAggregate
+
+    state = _state(max_latency_ratio=1.5, health_min_requests=5)
+    state.wave_index = 1
+    wave = state.waves[1]
+    for gw in wave:
+        record(state, _report(gw, "applied"))
+        state.gateways[gw].baseline_p95_ms = 4.0
+
+    def health(p95: float, requests: int = 50, errors: float = 0.0) -> HealthAggregate:
+        return HealthAggregate(window_s=30, request_count=requests, error_rate=errors,
+                               latency_p95_ms=p95)  # fmt: skip
+
+    fine = {gw: health(5.0) for gw in wave}
+    assert decide(state, T0 + timedelta(seconds=61), fine).action == "advance"
+    slow = {**fine, wave[0]: health(40.0), wave[1]: health(40.0, requests=2)}  # 2: too few
+    decision = decide(state, T0 + timedelta(seconds=10), slow)
+    assert decision.action == "rollback"
+    assert decision.breached == [wave[0]]
+    assert "10.00x the previous model's > 1.5x" in decision.reason
+    erring = {**fine, wave[2]: health(4.0, errors=0.2)}
+    assert decide(state, T0, erring).breached == [wave[2]]

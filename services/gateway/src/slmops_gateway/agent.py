@@ -117,6 +117,7 @@ class Agent:
         model = await asyncio.to_thread(load, path, desired.variant_id, desired.version, options)
         await asyncio.to_thread(smoke_test, model, self.slots.active)
         self.slots.swap_in(model)
+        self.health.take()  # a new window: the next health report is about this model only
         log.info("now serving %s (%s)", desired.variant_id, desired.version)
 
     async def _fetch(

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from fastapi import FastAPI
 
 from slmops.service import Check, ServiceRuntime, create_service_app, serve
+from slmops.service.registry_api import RegistryClient
 from slmops_rollout.api import router
 from slmops_rollout.engine import Engine
 from slmops_rollout.fleet import GATEWAYS_BUCKET
@@ -66,7 +67,7 @@ def create_app(settings: RolloutSettings | None = None) -> FastAPI:
             return None
         if engine is None:
             rollouts, desired, gateways = [await bus.key_value(b) for b in _BUCKETS]
-            engine = Engine(bus, rollouts, desired, gateways)
+            engine = Engine(bus, rollouts, desired, gateways, app.state.registry)
         return engine
 
     runtime = ServiceRuntime(
@@ -75,6 +76,7 @@ def create_app(settings: RolloutSettings | None = None) -> FastAPI:
     runtime.add_dependency("ticker", Ticker(engines, settings.tick_s))
     app = create_service_app(runtime, router, title="slmops rollout")
     app.state.engines = engines
+    app.state.registry = RegistryClient(settings.registry_url)  # tests may swap it before start
     return app
 
 

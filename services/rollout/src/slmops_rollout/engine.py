@@ -26,12 +26,14 @@ from slmops.events import (
     ReleaseCreated,
     RolloutCompleted,
     RolloutPaused,
+    RolloutRolledBack,
     RolloutStarted,
     RolloutWaveStarted,
     derive_event_id,
     new_event,
 )
 from slmops.events.payloads import DesiredModel
+from slmops.service.registry_api import RegistryClient
 from slmops_rollout.fleet import GatewayRecord
 from slmops_rollout.plans import WavePolicy, matches, plan_waves, wave_plans
 from slmops_rollout.state import GatewayProgress, RolloutState, decide, record
@@ -46,8 +48,12 @@ def rollout_id_for(release_id: str, selector: dict[str, str]) -> str:
 
 
 class Engine:
-    def __init__(self, bus: Bus, rollouts: KeyValue, desired: KeyValue, gateways: KeyValue):
+    def __init__(
+        self, bus: Bus, rollouts: KeyValue, desired: KeyValue, gateways: KeyValue,
+        registry: RegistryClient,
+    ) -> None:  # fmt: skip
         self.bus, self.rollouts, self.desired, self.gateways = bus, rollouts, desired, gateways
+        self.registry = registry
 
     async def start(
         self, release: ReleaseCreated, selector: dict[str, str], policy: WavePolicy
@@ -95,27 +101,34 @@ class Engine:
         if state is None or index >= len(state.waves):
             return
         now = datetime.now(UTC)
-        generations: dict[str, int] = {}
+        assigned: dict[str, tuple[int, DesiredModel | None, float | None]] = {}
         for gateway_id in state.waves[index]:
-            cls = await self._class_of(gateway_id)
+            record_ = await self._record(gateway_id)
+            previous = await self._current(gateway_id)
+            health = record_.health
+            same = record_.health_variant_id == record_.running_variant_id
+            baseline = health.latency_p95_ms if health and same else None
             assignment = GatewayAssignment(
-                gateway_id=gateway_id, generation=await self._next_generation(gateway_id),
-                rollout_id=rollout_id, desired=state.desired[cls],
+                gateway_id=gateway_id,
+                generation=previous[0] + 1 if previous else 1,
+                rollout_id=rollout_id, desired=state.desired[record_.device_class],
             )  # fmt: skip
             await self.desired.put(gateway_id, assignment.model_dump_json().encode())
-            generations[gateway_id] = assignment.generation
+            assigned[gateway_id] = (assignment.generation,
+                                    previous[1] if previous else None, baseline)  # fmt: skip
             await self.bus.publish(new_event(assignment, source=SOURCE))
 
         def mark(s: RolloutState) -> None:
             s.wave_index, s.wave_started_at = index, now
-            for gateway_id, generation in generations.items():
+            for gateway_id, (generation, before, baseline) in assigned.items():
                 progress = s.gateways[gateway_id]
                 progress.status, progress.generation, progress.assigned_at = (
                     "assigned", generation, now)  # fmt: skip
+                progress.previous, progress.baseline_p95_ms = before, baseline
 
         await update_model(self.rollouts, _key(rollout_id), RolloutState, mark, _missing)
         wave = RolloutWaveStarted(rollout_id=rollout_id, wave_index=index,
-                                  target_count=len(generations))  # fmt: skip
+                                  target_count=len(assigned))  # fmt: skip
         await self._announce(wave, f"wave-{index}")
 
     async def on_report(self, report: GatewayReport) -> None:
@@ -129,11 +142,15 @@ class Engine:
 
     async def tick(self) -> None:
         """Move every running rollout one step if its current wave allows."""
-        for state in await self.all():
-            if state.status != "running" or state.wave_started_at is None:
-                continue
-            decision = decide(state, datetime.now(UTC))
-            if decision.action == "advance":
+        running = [s for s in await self.all() if s.status == "running" and s.wave_started_at]
+        fleet = {r.gateway_id: r for r in await self.fleet()} if running else {}
+        for state in running:
+            wanted = {d.variant_id for d in state.desired.values()}
+            health = {g: r.health for g, r in fleet.items() if r.health_variant_id in wanted}
+            decision = decide(state, datetime.now(UTC), health)
+            if decision.action == "rollback":
+                await self._roll_back(state, decision.breached, decision.reason)
+            elif decision.action == "advance":
                 await self.assign_wave(state.rollout_id, state.wave_index + 1)
             elif decision.action in ("complete", "pause"):
                 status = "completed" if decision.action == "complete" else "paused"
@@ -150,6 +167,39 @@ class Engine:
                     await self._announce(RolloutPaused(rollout_id=state.rollout_id,
                         wave_index=state.wave_index, reason=decision.reason),
                         f"paused-{state.wave_index}")  # fmt: skip
+
+    async def _roll_back(self, state: RolloutState, gateway_ids: list[str], reason: str) -> None:
+        """Signed rollbacks of the breached gateways to what they ran; the rollout pauses."""
+        signatures: dict[str, str] = {}
+        rolled: list[str] = []
+        target = None
+        for gateway_id in gateway_ids:
+            previous = state.gateways[gateway_id].previous
+            if previous is None:
+                continue  # it ran nothing before: there is nothing to go back to
+            if previous.variant_id not in signatures:
+                signed = await self.registry.sign_rollback(previous.variant_id, state.rollout_id)
+                signatures[previous.variant_id] = signed
+            current = await self._current(gateway_id)
+            assignment = GatewayAssignment(
+                gateway_id=gateway_id, generation=(current[0] if current else 0) + 1,
+                rollout_id=state.rollout_id, desired=previous, rollback=True,
+                signature=signatures[previous.variant_id],
+            )  # fmt: skip
+            await self.desired.put(gateway_id, assignment.model_dump_json().encode())
+            await self.bus.publish(new_event(assignment, source=SOURCE))
+            rolled.append(gateway_id)
+            target = previous.variant_id
+
+        def mark(s: RolloutState) -> None:
+            s.status, s.reason = "paused", reason
+            for gateway_id in rolled:
+                s.gateways[gateway_id].status = "rolled_back"
+
+        await update_model(self.rollouts, _key(state.rollout_id), RolloutState, mark, _missing)
+        event = RolloutRolledBack(rollout_id=state.rollout_id, scope="gateways", reason=reason,
+                                  to_variant_id=target, gateway_ids=rolled)  # fmt: skip
+        await self._announce(event, f"rolled-back-{state.wave_index}")
 
     async def _set_status(self, rollout_id: str, status: str, reason: str) -> None:
         def change(s: RolloutState) -> None:
@@ -186,16 +236,18 @@ class Engine:
         entries = await asyncio.gather(*(self.gateways.get(k) for k in keys))
         return [GatewayRecord.model_validate_json(e.value or b"{}") for e in entries]
 
-    async def _class_of(self, gateway_id: str) -> str:
+    async def _record(self, gateway_id: str) -> GatewayRecord:
         entry = await self.gateways.get(gateway_id)
-        return GatewayRecord.model_validate_json(entry.value or b"{}").device_class
+        return GatewayRecord.model_validate_json(entry.value or b"{}")
 
-    async def _next_generation(self, gateway_id: str) -> int:
+    async def _current(self, gateway_id: str) -> tuple[int, DesiredModel] | None:
+        """(generation, desired model) of the gateway's current assignment, if any."""
         try:
             entry = await self.desired.get(gateway_id)
         except nats.js.errors.KeyNotFoundError:
-            return 1
-        return GatewayAssignment.model_validate_json(entry.value or b"{}").generation + 1
+            return None
+        assignment = GatewayAssignment.model_validate_json(entry.value or b"{}")
+        return assignment.generation, assignment.desired
 
 
 def _key(rollout_id: str) -> str:

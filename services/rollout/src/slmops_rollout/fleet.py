@@ -30,6 +30,7 @@ class GatewayRecord(BaseModel):
     last_reason: str = ""
     last_rollout_id: str | None = None
     health: HealthAggregate | None = None
+    health_variant_id: str | None = Field(None, description="The model the health is about.")
     last_seen: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
 
@@ -47,7 +48,7 @@ def fold(record: GatewayRecord, report: GatewayReport, seen: datetime) -> None:
             if report.kind == "applied":
                 record.running_variant_id = report.variant_id
     elif report.kind == "health":
-        record.health = report.health
+        record.health, record.health_variant_id = report.health, report.variant_id
 
 
 async def record_report(kv: KeyValue, report: GatewayReport) -> GatewayRecord:

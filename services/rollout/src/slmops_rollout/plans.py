@@ -40,6 +40,18 @@ class WavePolicy(BaseModel):
     silent_timeout_s: float = Field(
         300.0, gt=0, description="A gateway silent this long no longer blocks its wave."
     )
+    max_error_rate: float = Field(
+        0.05, ge=0, le=1, description="Health gate: inference error rate on the new model."
+    )
+    max_latency_ratio: float = Field(
+        1.5, gt=0, description="Health gate: p95 latency on the new model / before it."
+    )
+    min_shadow_agreement: float | None = Field(
+        None, ge=0, le=1, description="Health gate: agreement with the previous model (shadow)."
+    )
+    health_min_requests: int = Field(
+        5, ge=1, description="Requests a health window needs before its gates are judged."
+    )
 
     @model_validator(mode="after")
     def _rising_to_100(self) -> WavePolicy:

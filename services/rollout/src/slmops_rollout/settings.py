@@ -17,4 +17,7 @@ class RolloutSettings(ServiceSettings):
         description="Models rolled out to the whole fleet as soon as a release is created, JSON "
         '(e.g. ["minilm"]; ["*"]: every model). Others start through the API.',
     )
+    registry_url: str = Field(
+        "http://127.0.0.1:8101", description="Registry HTTP API that signs rollbacks."
+    )
     tick_s: float = Field(1.0, gt=0, description="How often running rollouts are moved on, in s.")

@@ -13,10 +13,10 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from slmops.events.payloads import DesiredModel, GatewayReport
+from slmops.events.payloads import DesiredModel, GatewayReport, HealthAggregate
 from slmops_rollout.plans import WavePolicy
 
-GatewayStatus = Literal["pending", "assigned", "applied", "failed"]
+GatewayStatus = Literal["pending", "assigned", "applied", "failed", "rolled_back"]
 
 
 class GatewayProgress(BaseModel):
@@ -25,6 +25,8 @@ class GatewayProgress(BaseModel):
     generation: int | None = None
     assigned_at: datetime | None = None
     reason: str = ""
+    previous: DesiredModel | None = Field(None, description="What it ran: the rollback target.")
+    baseline_p95_ms: float | None = Field(None, description="Its p95 before the assignment.")
 
 
 class RolloutState(BaseModel):
@@ -59,9 +61,38 @@ class WaveFigures(BaseModel):
 
 
 class Decision(BaseModel):
-    action: Literal["wait", "advance", "complete", "pause"]
+    action: Literal["wait", "advance", "complete", "pause", "rollback"]
     reason: str
     figures: WaveFigures
+    breached: list[str] = Field(default_factory=list, description="Gateways to roll back.")
+
+
+def health_breaches(
+    state: RolloutState, health: dict[str, HealthAggregate | None]
+) -> dict[str, str]:
+    """Applied gateways of the current wave whose health on the new model breaks a gate."""
+    policy, found = state.policy, {}
+    wave = state.waves[state.wave_index] if state.wave_index < len(state.waves) else []
+    for gateway_id in wave:
+        progress, h = state.gateways[gateway_id], health.get(gateway_id)
+        if (
+            progress.status != "applied"
+            or h is None
+            or h.request_count < policy.health_min_requests
+        ):
+            continue
+        if h.error_rate > policy.max_error_rate:
+            found[gateway_id] = f"error rate {h.error_rate:.1%} > {policy.max_error_rate:.1%}"
+        elif h.latency_p95_ms is not None and progress.baseline_p95_ms:
+            ratio = h.latency_p95_ms / progress.baseline_p95_ms
+            if ratio > policy.max_latency_ratio:
+                found[gateway_id] = (f"p95 {h.latency_p95_ms:.1f} ms = {ratio:.2f}x the previous "
+                                     f"model's > {policy.max_latency_ratio:g}x")  # fmt: skip
+        elif (policy.min_shadow_agreement is not None and h.shadow_agreement is not None
+              and h.shadow_agreement < policy.min_shadow_agreement):  # fmt: skip
+            found[gateway_id] = (f"shadow agreement {h.shadow_agreement:.3f} < "
+                                 f"{policy.min_shadow_agreement:g}")  # fmt: skip
+    return found
 
 
 def record(state: RolloutState, report: GatewayReport) -> bool:
@@ -73,6 +104,11 @@ def record(state: RolloutState, report: GatewayReport) -> bool:
         return False
     if progress.generation is not None and (report.generation or 0) < progress.generation:
         return False  # about an older assignment
+    if progress.status == "rolled_back":  # its report about the rollback assignment
+        progress.reason = f"rollback {report.kind}" + (
+            f": {report.reason}" if report.reason else ""
+        )
+        return True
     progress.status = report.kind
     progress.reason = report.reason
     return True
@@ -95,12 +131,20 @@ def figures(state: RolloutState, now: datetime) -> WaveFigures:
                        waiting=waiting)  # fmt: skip
 
 
-def decide(state: RolloutState, now: datetime) -> Decision:
-    """The next step for a running rollout's current wave."""
+def decide(
+    state: RolloutState, now: datetime, health: dict[str, HealthAggregate | None] | None = None
+) -> Decision:
+    """The next step for a running rollout's current wave (``health``: each gateway's latest
+    aggregates; a breached health gate rolls its gateways back, whatever else holds)."""
     f = figures(state, now)
     policy = state.policy
     if state.status != "running":
         return Decision(action="wait", reason=f"rollout is {state.status}", figures=f)
+    breaches = health_breaches(state, health or {})
+    if breaches:
+        why = "; ".join(f"{g}: {r}" for g, r in sorted(breaches.items()))
+        return Decision(action="rollback", reason=f"wave {state.wave_index} health gate: {why}",
+                        figures=f, breached=sorted(breaches))  # fmt: skip
     counted = max(f.counted, 1)
     if f.failed / counted > policy.error_threshold:
         return Decision(
