@@ -187,3 +187,47 @@ def _health(gateway_id: str, variant_id: str, *, p95_ms: float) -> GatewayReport
         health=HealthAggregate(window_s=30, request_count=50, error_rate=0.0,
                                latency_p50_ms=p95_ms / 2, latency_p95_ms=p95_ms),
     )  # fmt: skip
+
+
+async def test_a_paused_rollout_holds_its_wave_until_resumed(
+    pipeline: Any, bus: Bus, tiny_onnx: Callable[..., bytes], tmp_path: Path
+) -> None:
+    desired = await pipeline.variant(with_word_tokenizer(tiny_onnx()), version="1.0.0")
+    rollout_app = _rollout_app(pipeline)
+    async with (
+        rollout_app.router.lifespan_context(rollout_app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=rollout_app), base_url="http://rollout"
+        ) as rollout,  # fmt: skip
+        _fleet(pipeline, tmp_path),
+    ):
+        await bus.publish(new_event(_release(desired, "1.0.0"), source="/test"))
+        for _ in range(100):
+            fleet = (await rollout.get("/v1/gateways")).json()
+            if isinstance(fleet, list) and len(fleet) == len(LIVE):
+                break
+            await asyncio.sleep(0.1)
+        rollout_id = await _start(rollout, "1.0.0", {"percents": [34, 100], "soak_s": 1})
+
+        # execute: pause during the first wave's soak
+        paused = await rollout.post(f"/v1/rollouts/{rollout_id}/pause",
+                                    json={"reason": "operator looks at the canary"})  # fmt: skip
+        await asyncio.sleep(2.5)  # well past the soak: a running rollout would have advanced
+
+        # assert: held in wave 0; a second pause is refused; resumed, it completes
+        assert paused.status_code == 200, paused.text
+        assert paused.json()["status"] == "paused"
+        status = (await rollout.get(f"/v1/rollouts/{rollout_id}")).json()
+        assert (status["status"], status["wave_index"]) == ("paused", 0)
+        assert status["reason"] == "operator looks at the canary"
+        again = await rollout.post(f"/v1/rollouts/{rollout_id}/pause", json={})
+        assert again.status_code == 409
+        assert "cannot pause a rollout that is paused" in again.json()["detail"]
+        resumed = await rollout.post(f"/v1/rollouts/{rollout_id}/resume", json={})
+        assert resumed.json()["status"] == "running"
+        done = await await_events(bus, "slmops.rollout.completed.v1", count=1, timeout_s=60)
+        assert done[0].data.gateways_updated == len(LIVE)
+        kinds = [e.type for e in await await_events(bus, "slmops.rollout.>", count=6)]
+        assert kinds.index("slmops.rollout.paused.v1") < kinds.index("slmops.rollout.resumed.v1")
+        unknown = await rollout.post(f"/v1/rollouts/{rollout_id}/approve", json={})
+        assert unknown.status_code == 404

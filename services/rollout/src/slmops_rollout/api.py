@@ -78,6 +78,25 @@ async def status(rollout_id: str, request: Request) -> dict[str, Any]:
     return _status(state)
 
 
+class Control(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field("", max_length=500, description="Why, for the rollout's record.")
+
+
+@router.post("/rollouts/{rollout_id}/{action}", summary="pause, resume or cancel a rollout")
+async def control(rollout_id: str, action: str, body: Control, request: Request) -> dict[str, Any]:
+    if action not in ("pause", "resume", "cancel"):
+        raise HTTPException(404, f"no action {action!r}: pause, resume or cancel")
+    try:
+        state = await (await _engine(request)).control(rollout_id, action, body.reason)
+    except LookupError as exc:
+        raise HTTPException(404, str(exc)) from None
+    except ValueError as exc:
+        raise HTTPException(409, str(exc)) from None
+    return _status(state)
+
+
 def _status(state: RolloutState) -> dict[str, Any]:
     counts: dict[str, int] = {}
     for progress in state.gateways.values():

@@ -26,6 +26,7 @@ from slmops.events import (
     ReleaseCreated,
     RolloutCompleted,
     RolloutPaused,
+    RolloutResumed,
     RolloutRolledBack,
     RolloutStarted,
     RolloutWaveStarted,
@@ -200,6 +201,31 @@ class Engine:
         event = RolloutRolledBack(rollout_id=state.rollout_id, scope="gateways", reason=reason,
                                   to_variant_id=target, gateway_ids=rolled)  # fmt: skip
         await self._announce(event, f"rolled-back-{state.wave_index}")
+
+    async def control(self, rollout_id: str, action: str, reason: str) -> RolloutState:
+        """pause, resume or cancel on request; raises LookupError / ValueError with the why."""
+        state = await self.get(rollout_id)
+        if state is None:
+            raise LookupError(f"no rollout {rollout_id}")
+        allowed = {"pause": {"running"}, "resume": {"paused"}, "cancel": {"running", "paused"}}
+        if state.status not in allowed[action]:
+            raise ValueError(f"cannot {action} a rollout that is {state.status}")
+        status = {"pause": "paused", "resume": "running", "cancel": "cancelled"}[action]
+
+        def change(s: RolloutState) -> None:
+            s.status, s.reason = status, reason or f"{action} requested"  # type: ignore[assignment]
+            s.controls += 1
+
+        state = await update_model(self.rollouts, _key(rollout_id), RolloutState, change, _missing)
+        what = f"{action}-{state.controls}"  # one event per request, even a repeated one
+        if action == "pause":
+            await self._announce(RolloutPaused(rollout_id=rollout_id, wave_index=state.wave_index,
+                                               reason=state.reason), what)  # fmt: skip
+        elif action == "resume":
+            await self._announce(
+                RolloutResumed(rollout_id=rollout_id, wave_index=state.wave_index), what
+            )
+        return state
 
     async def _set_status(self, rollout_id: str, status: str, reason: str) -> None:
         def change(s: RolloutState) -> None:

@@ -43,6 +43,7 @@ class RolloutState(BaseModel):
     wave_started_at: datetime | None = None
     status: Literal["running", "paused", "completed", "cancelled", "rolled_back"] = "running"
     reason: str = ""
+    controls: int = Field(0, ge=0, description="Pause/resume/cancel requests applied so far.")
 
 
 class WaveFigures(BaseModel):
