@@ -30,10 +30,28 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 LIVE = [f"gw-{i}" for i in range(6)]
 
 
-def _rollout_app(pipeline: Any) -> Any:
+@contextlib.asynccontextmanager
+async def _rollout_service(pipeline: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """The rollout service in-process, its rollbacks signed by the pipeline's registry."""
     app = create_rollout(RolloutSettings(platform=PlatformSettings(), tick_s=0.2))
     app.state.registry = RegistryClient("http://registry", client=pipeline.registry)
-    return app
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://rollout") as client,
+    ):
+        yield client
+
+
+async def _await_fleet(rollout: httpx.AsyncClient, count: int) -> None:
+    """Until the fleet record holds ``count`` gateways (it fills from their registrations)."""
+    fleet: Any = []
+    for _ in range(100):
+        fleet = (await rollout.get("/v1/gateways")).json()
+        if isinstance(fleet, list) and len(fleet) == count:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"expected {count} registered gateways, the rollout service has {fleet}")
 
 
 def _release(desired: Any, version: str) -> ReleaseCreated:
@@ -80,24 +98,15 @@ async def test_waves_advance_over_a_real_fleet_and_a_silent_gateway_does_not_blo
         entries=[ReleaseEntry(device_class="test-cpu", variant_id=desired.variant_id,
                               artifact=desired.artifact, manifest_digest=desired.manifest_digest)],
     )  # fmt: skip
-    rollout_app = _rollout_app(pipeline)
     async with (
-        rollout_app.router.lifespan_context(rollout_app),
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=rollout_app), base_url="http://rollout"
-        ) as rollout,  # fmt: skip
+        _rollout_service(pipeline) as rollout,
         _fleet(pipeline, tmp_path) as gateways,
     ):
         await bus.publish(new_event(release, source="/test"))
         silent = GatewayReport(gateway_id="gw-silent", kind="registered", device_class="test-cpu",
                                labels={"site": "lab"})  # fmt: skip
         await bus.publish(new_event(silent, source="/test"))
-        for _ in range(100):  # the fleet record fills from the registrations
-            fleet = (await rollout.get("/v1/gateways")).json()
-            if isinstance(fleet, list) and len(fleet) == 7:
-                break
-            await asyncio.sleep(0.1)
-        assert len(fleet) == 7
+        await _await_fleet(rollout, len(LIVE) + 1)  # the live ones and the silent one
 
         # execute: two waves (a third, then all), a short soak, silent after 3 s
         policy = {"percents": [34, 100], "soak_s": 0.3, "silent_timeout_s": 3,
@@ -128,21 +137,13 @@ async def test_a_latency_regression_on_the_canary_rolls_back_only_its_gateways(
     # setup: the fleet runs 1.0.0 (a first rollout), each gateway with a healthy baseline
     old = await pipeline.variant(with_word_tokenizer(tiny_onnx()), version="1.0.0")
     new = await pipeline.variant(with_word_tokenizer(tiny_onnx(seed=5)), version="1.1.0")
-    rollout_app = _rollout_app(pipeline)
     async with (
-        rollout_app.router.lifespan_context(rollout_app),
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=rollout_app), base_url="http://rollout"
-        ) as rollout,  # fmt: skip
+        _rollout_service(pipeline) as rollout,
         _fleet(pipeline, tmp_path) as gateways,
     ):
         for version, desired in (("1.0.0", old), ("1.1.0", new)):
             await bus.publish(new_event(_release(desired, version), source="/test"))
-        for _ in range(100):
-            fleet = (await rollout.get("/v1/gateways")).json()
-            if isinstance(fleet, list) and len(fleet) == len(LIVE):
-                break
-            await asyncio.sleep(0.1)
+        await _await_fleet(rollout, len(LIVE))
         await _start(rollout, "1.0.0", {"percents": [100], "soak_s": 0.2})
         await await_events(bus, "slmops.rollout.completed.v1", count=1, timeout_s=60)
         for gateway_id in LIVE:
@@ -193,20 +194,12 @@ async def test_a_paused_rollout_holds_its_wave_until_resumed(
     pipeline: Any, bus: Bus, tiny_onnx: Callable[..., bytes], tmp_path: Path
 ) -> None:
     desired = await pipeline.variant(with_word_tokenizer(tiny_onnx()), version="1.0.0")
-    rollout_app = _rollout_app(pipeline)
     async with (
-        rollout_app.router.lifespan_context(rollout_app),
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=rollout_app), base_url="http://rollout"
-        ) as rollout,  # fmt: skip
+        _rollout_service(pipeline) as rollout,
         _fleet(pipeline, tmp_path),
     ):
         await bus.publish(new_event(_release(desired, "1.0.0"), source="/test"))
-        for _ in range(100):
-            fleet = (await rollout.get("/v1/gateways")).json()
-            if isinstance(fleet, list) and len(fleet) == len(LIVE):
-                break
-            await asyncio.sleep(0.1)
+        await _await_fleet(rollout, len(LIVE))
         rollout_id = await _start(rollout, "1.0.0", {"percents": [34, 100], "soak_s": 1})
 
         # execute: pause during the first wave's soak

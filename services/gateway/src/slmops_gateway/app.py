@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from fastapi import FastAPI
 
 from slmops.events import GatewayReport, new_event
-from slmops.service import Check, ServiceRuntime, create_service_app, serve
+from slmops.service import BackgroundTask, Check, ServiceRuntime, create_service_app, serve
 from slmops.service.registry_api import RegistryClient
 from slmops_gateway.agent import DESIRED_BUCKET, Agent
 from slmops_gateway.api import router
@@ -19,36 +18,28 @@ from slmops_gateway.settings import GatewaySettings
 log = logging.getLogger(__name__)
 
 
-class AgentLoop:
+class AgentLoop(BackgroundTask):
     """On connect: register, then reconcile with the desired state (a gateway that was offline
     catches up); afterwards report health aggregates every ``health_interval_s``."""
 
+    task_name = "gateway agent"
+
     def __init__(self, agent: Agent, runtime: ServiceRuntime) -> None:
+        super().__init__()
         self.agent, self.runtime = agent, runtime
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="gateway agent")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     async def check(self) -> Check:
         return await self.agent.check()
 
     async def _publish(self, report: GatewayReport) -> None:
-        assert self.runtime.bus is not None
+        assert self.runtime.bus is not None  # publishing follows the bucket: connected
         await self.runtime.bus.publish(new_event(report, source=self.runtime.source))
 
-    async def _run(self) -> None:
+    async def run(self) -> None:
         # The runtime connects in the background and retries: poll until the bucket exists.
-        while self.runtime.bus is None or f"kv:{DESIRED_BUCKET}" not in self.runtime.bus.declared:  # noqa: ASYNC110
+        while (kv := await self.runtime.key_value(DESIRED_BUCKET)) is None:  # noqa: ASYNC110
             await asyncio.sleep(0.1)
         await self._publish(self.agent.registration())
-        kv = await self.runtime.bus.key_value(DESIRED_BUCKET)
         while True:
             try:
                 report = await self.agent.reconcile(kv)

@@ -43,9 +43,9 @@ class OptimizerContext:
 
     async def jobs(self) -> JobStore | None:
         """The job store, once NATS is connected and its bucket declared; else None."""
-        bus = self.runtime.bus if self.runtime else None
-        if bus is None or f"kv:{JOBS_BUCKET}" not in bus.declared:
+        kv = await self.runtime.key_value(JOBS_BUCKET) if self.runtime else None
+        if kv is None:
             return None
         if self._jobs is None:
-            self._jobs = JobStore(await bus.key_value(JOBS_BUCKET))
+            self._jobs = JobStore(kv)
         return self._jobs

@@ -35,12 +35,13 @@ class RegistryContext:
     async def publisher(self) -> Publisher | None:
         """The publisher, once NATS is connected and the topology declared; else None."""
         if self._publisher is None:
-            bus = self.runtime.bus if self.runtime else None
-            if bus is None or f"kv:{BUCKET}" not in bus.declared:
+            kv = await self.runtime.key_value(BUCKET) if self.runtime else None
+            if kv is None or self.runtime is None or self.runtime.bus is None:
                 return None
+            bus = self.runtime.bus
             self._publisher = Publisher(
                 store=self.store,
-                catalog=VersionCatalog(await bus.key_value(BUCKET)),
+                catalog=VersionCatalog(kv),
                 signer=self.signer,
                 publish=bus.publish,
                 spool_dir=self.settings.spool_dir,
@@ -51,20 +52,20 @@ class RegistryContext:
     async def variants(self) -> Variants | None:
         """Variant and report registration, once connected; else None."""
         publisher = await self.publisher()
-        bus = self.runtime.bus if self.runtime else None
-        if publisher is None or bus is None or f"kv:{VARIANTS_KV.bucket}" not in bus.declared:
+        kv = await self.runtime.key_value(VARIANTS_KV.bucket) if self.runtime else None
+        if publisher is None or kv is None:
             return None
         if self._variants is None:
-            self._variants = Variants(publisher, await bus.key_value(VARIANTS_KV.bucket))
+            self._variants = Variants(publisher, kv)
         return self._variants
 
     async def lineage(self) -> LineageStore | None:
         """The lineage index, once NATS is connected and its bucket declared; else None."""
-        bus = self.runtime.bus if self.runtime else None
-        if bus is None or f"kv:{LINEAGE_KV.bucket}" not in bus.declared:
+        kv = await self.runtime.key_value(LINEAGE_KV.bucket) if self.runtime else None
+        if kv is None:
             return None
         if self._lineage is None:
-            self._lineage = LineageStore(await bus.key_value(LINEAGE_KV.bucket))
+            self._lineage = LineageStore(kv)
         return self._lineage
 
     async def rebuild_lineage(self) -> dict[str, int]:

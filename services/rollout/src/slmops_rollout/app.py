@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI
 
-from slmops.service import Check, ServiceRuntime, create_service_app, serve
+from slmops.service import BackgroundTask, Check, ServiceRuntime, create_service_app, serve
 from slmops.service.registry_api import RegistryClient
 from slmops_rollout.api import router
 from slmops_rollout.engine import Engine
@@ -21,27 +20,20 @@ log = logging.getLogger(__name__)
 _BUCKETS = ("slmops-rollouts", "slmops-desired-state", GATEWAYS_BUCKET)
 
 
-class Ticker:
+class Ticker(BackgroundTask):
     """Moves running rollouts on every ``tick_s`` (their state is in KV: a restart resumes)."""
 
+    task_name = "rollout ticker"
+
     def __init__(self, engines: Callable[[], Awaitable[Engine | None]], tick_s: float) -> None:
+        super().__init__()
         self.engines, self.tick_s = engines, tick_s
-        self._task: asyncio.Task[None] | None = None
         self.last_error = ""
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="rollout ticker")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     async def check(self) -> Check:
         return Check(ok=not self.last_error, detail=self.last_error or "ticking")
 
-    async def _run(self) -> None:
+    async def run(self) -> None:
         while True:
             await asyncio.sleep(self.tick_s)
             engine = await self.engines()
@@ -62,12 +54,11 @@ def create_app(settings: RolloutSettings | None = None) -> FastAPI:
 
     async def engines() -> Engine | None:
         nonlocal engine
-        bus = runtime.bus if runtime else None
-        if bus is None or any(f"kv:{b}" not in bus.declared for b in _BUCKETS):
-            return None
-        if engine is None:
-            rollouts, desired, gateways = [await bus.key_value(b) for b in _BUCKETS]
-            engine = Engine(bus, rollouts, desired, gateways, app.state.registry)
+        if engine is None and runtime is not None and runtime.bus is not None:
+            rollouts, desired, gateways = [await runtime.key_value(b) for b in _BUCKETS]
+            if rollouts is None or desired is None or gateways is None:
+                return None  # not declared yet
+            engine = Engine(runtime.bus, rollouts, desired, gateways, app.state.registry)
         return engine
 
     runtime = ServiceRuntime(

@@ -144,10 +144,12 @@ class Engine:
     async def tick(self) -> None:
         """Move every running rollout one step if its current wave allows."""
         running = [s for s in await self.all() if s.status == "running" and s.wave_started_at]
-        fleet = {r.gateway_id: r for r in await self.fleet()} if running else {}
         for state in running:
+            # Only the current wave's records: a tick must not read the whole fleet.
+            wave = state.waves[state.wave_index] if state.wave_index < len(state.waves) else []
+            records = await asyncio.gather(*(self._record(g) for g in wave))
             wanted = {d.variant_id for d in state.desired.values()}
-            health = {g: r.health for g, r in fleet.items() if r.health_variant_id in wanted}
+            health = {r.gateway_id: r.health for r in records if r.health_variant_id in wanted}
             decision = decide(state, datetime.now(UTC), health)
             if decision.action == "rollback":
                 await self._roll_back(state, decision.breached, decision.reason)

@@ -58,7 +58,4 @@ class ValidatorContext:
 
     async def state(self) -> KeyValue | None:
         """The state bucket, once NATS is connected and the bucket declared; else None."""
-        bus = self.runtime.bus if self.runtime else None
-        if bus is None or f"kv:{STATE_BUCKET}" not in bus.declared:
-            return None
-        return await bus.key_value(STATE_BUCKET)
+        return await self.runtime.key_value(STATE_BUCKET) if self.runtime else None

@@ -15,6 +15,7 @@ import json
 import resource
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,19 +81,17 @@ def _restrict(feed: dict[str, np.ndarray], session: Any) -> dict[str, np.ndarray
     return {i.name: feed[i.name] for i in session.get_inputs()}
 
 
-class _host_lock:
-    def __init__(self, path: str) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._handle = open(path, "w")  # noqa: SIM115 - closed in __exit__
-
-    def __enter__(self) -> float:
+@contextlib.contextmanager
+def _host_lock(path: str) -> Iterator[float]:
+    """Hold the host's latency lock; yields how long the wait for it was, in seconds."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with Path(path).open("w") as handle:
         started = time.monotonic()
-        fcntl.flock(self._handle, fcntl.LOCK_EX)
-        return time.monotonic() - started
-
-    def __exit__(self, *exc: object) -> None:
-        fcntl.flock(self._handle, fcntl.LOCK_UN)
-        self._handle.close()
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield time.monotonic() - started
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _interleaved(

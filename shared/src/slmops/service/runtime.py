@@ -8,12 +8,15 @@ missing. Stop drains the consumers (running handlers finish and ack) before clos
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from nats.js.kv import KeyValue
 from opentelemetry.sdk.trace import TracerProvider
 
 from slmops.bus.connection import Bus
@@ -66,6 +69,31 @@ class Dependency(Protocol):
     async def check(self) -> Check: ...
 
 
+class BackgroundTask(ABC):
+    """A :class:`Dependency` that runs :meth:`run` for the runtime's lifetime (a gateway's
+    reconcile-and-report loop, the rollout ticker): started with it, cancelled at stop."""
+
+    task_name = "background task"
+
+    def __init__(self) -> None:
+        self._task: asyncio.Task[None] | None = None
+
+    @abstractmethod
+    async def run(self) -> None: ...
+
+    @abstractmethod
+    async def check(self) -> Check: ...
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self.run(), name=self.task_name)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
 class ServiceRuntime:
     """The NATS/JetStream side of one service, plus its object store client."""
 
@@ -103,6 +131,17 @@ class ServiceRuntime:
         self._startup_error = "not started"
         self._starter: asyncio.Task[None] | None = None
         self.dependencies: dict[str, Dependency] = {}
+        self._buckets: dict[str, KeyValue] = {}
+
+    async def key_value(self, bucket: str) -> KeyValue | None:
+        """A KV bucket of the topology (opened once), or None until NATS is connected and the
+        bucket declared - callers answer 503 or retry the event."""
+        bus = self.bus
+        if bus is None or f"kv:{bucket}" not in bus.declared:
+            return None
+        if bucket not in self._buckets:
+            self._buckets[bucket] = await bus.key_value(bucket)
+        return self._buckets[bucket]
 
     def add_dependency(self, name: str, dependency: Dependency) -> None:
         """Run ``dependency`` with this runtime and report it as readiness check ``name``."""
