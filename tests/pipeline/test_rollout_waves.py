@@ -222,5 +222,9 @@ async def test_a_paused_rollout_holds_its_wave_until_resumed(
         assert done[0].data.gateways_updated == len(LIVE)
         kinds = [e.type for e in await await_events(bus, "slmops.rollout.>", count=6)]
         assert kinds.index("slmops.rollout.paused.v1") < kinds.index("slmops.rollout.resumed.v1")
-        unknown = await rollout.post(f"/v1/rollouts/{rollout_id}/approve", json={})
+        late = await rollout.post(f"/v1/rollouts/{rollout_id}/approve", json={})
+        assert late.status_code == 409
+        assert "cannot approve a rollout that is completed" in late.json()["detail"]
+        unknown = await rollout.post(f"/v1/rollouts/{rollout_id}/frobnicate", json={})
         assert unknown.status_code == 404
+        assert "one of pause, resume, cancel, approve, rollback" in unknown.json()["detail"]

@@ -100,3 +100,37 @@ def test_a_health_gate_breach_rolls_back_only_the_breaching_gateways() -> None:
     assert "10.00x the previous model's > 1.5x" in decision.reason
     erring = {**fine, wave[2]: health(4.0, errors=0.2)}
     assert decide(state, T0, erring).breached == [wave[2]]
+
+
+def test_acknowledgements_count_and_approval_holds_the_next_wave() -> None:
+    state = _state(approval_waves=[1])  # type: ignore[arg-type]
+    canary = state.waves[0][0]
+    assert record(state, _report(canary, "acknowledged"))
+    assert state.gateways[canary].status == "acknowledged"
+    assert decide(state, T0).figures.acknowledged == 1
+    assert record(state, _report(canary, "applied"))
+    assert not record(state, _report(canary, "acknowledged"))  # late: never undoes applied
+    held = decide(state, T0 + timedelta(seconds=61))
+    assert (held.action, held.reason) == ("wait", "wave 0 done: wave 1 waits for approval")
+    state.approved_waves.append(1)
+    assert decide(state, T0 + timedelta(seconds=61)).action == "advance"
+
+
+def test_rolled_back_gateways_leave_their_wave_and_do_not_block_a_resume() -> None:
+    state = _state()
+    state.wave_index = 1
+    wave = state.waves[1]
+    state.gateways[wave[0]].status = "rolled_back"
+    for gw in wave[1:]:
+        record(state, _report(gw, "applied"))
+    decision = decide(state, T0 + timedelta(seconds=61))
+    assert decision.action == "advance"
+    assert (decision.figures.rolled_back, decision.figures.counted) == (1, len(wave) - 1)
+
+
+def test_approval_of_the_first_wave_or_beyond_the_last_is_refused() -> None:
+    import pytest
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="approval_waves \\[0, 4\\] are not waves after"):
+        WavePolicy(approval_waves=[0, 4])

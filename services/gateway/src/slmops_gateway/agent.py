@@ -20,7 +20,7 @@ import httpx
 import nats.js.errors
 
 from slmops import hostinfo
-from slmops.events import GatewayAssignment, GatewayReport
+from slmops.events import CloudEvent, GatewayAssignment, GatewayReport, derive_event_id, new_event
 from slmops.events.payloads import DesiredModel
 from slmops.rollbacks import rollback_is_signed
 from slmops.service import Check
@@ -37,6 +37,16 @@ DESIRED_BUCKET = "slmops-desired-state"
 Publish = Callable[[GatewayReport], Awaitable[None]]
 
 
+def report_event(report: GatewayReport) -> CloudEvent[GatewayReport]:
+    """The event of a report; one id per (gateway, generation, outcome), so a redelivered
+    assignment re-sends the same report and JetStream drops the duplicate."""
+    source = f"/slmops/gateway/{report.gateway_id}"
+    if report.generation is None or report.kind not in ("acknowledged", "applied", "failed"):
+        return new_event(report, source=source)
+    key = f"{report.gateway_id}/{report.generation}/{report.kind}"
+    return new_event(report, source=source, event_id=derive_event_id("gateway.report", key))
+
+
 @dataclass
 class Agent:
     settings: GatewaySettings
@@ -46,6 +56,7 @@ class Agent:
     generation: int = -1  # the newest assignment handled
     last_fetch_bytes: int = 0  # what the newest install downloaded
     public_key: str | None = None
+    publish: Publish | None = None  # sends a report at once (acknowledgements)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def report(self, kind: str, **fields: Any) -> GatewayReport:
@@ -81,6 +92,8 @@ class Agent:
             desired = assignment.desired
             common = {"rollout_id": assignment.rollout_id, "variant_id": desired.variant_id,
                       "generation": assignment.generation}  # fmt: skip
+            if self.publish is not None:  # received: the rollout knows at once, the outcome follows
+                await self.publish(self.report("acknowledged", **common))
             try:
                 if not self._serving(assignment):  # already serving it: applied, idempotently
                     await self._install(assignment)

@@ -7,10 +7,10 @@ import logging
 
 from fastapi import FastAPI
 
-from slmops.events import GatewayReport, new_event
+from slmops.events import GatewayReport
 from slmops.service import BackgroundTask, Check, ServiceRuntime, create_service_app, serve
 from slmops.service.registry_api import RegistryClient
-from slmops_gateway.agent import DESIRED_BUCKET, Agent
+from slmops_gateway.agent import DESIRED_BUCKET, Agent, report_event
 from slmops_gateway.api import router
 from slmops_gateway.handlers import build_handlers
 from slmops_gateway.settings import GatewaySettings
@@ -33,12 +33,13 @@ class AgentLoop(BackgroundTask):
 
     async def _publish(self, report: GatewayReport) -> None:
         assert self.runtime.bus is not None  # publishing follows the bucket: connected
-        await self.runtime.bus.publish(new_event(report, source=self.runtime.source))
+        await self.runtime.bus.publish(report_event(report))
 
     async def run(self) -> None:
         # The runtime connects in the background and retries: poll until the bucket exists.
         while (kv := await self.runtime.key_value(DESIRED_BUCKET)) is None:  # noqa: ASYNC110
             await asyncio.sleep(0.1)
+        self.agent.publish = self._publish
         await self._publish(self.agent.registration())
         while True:
             try:

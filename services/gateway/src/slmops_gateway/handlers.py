@@ -11,18 +11,13 @@ import functools
 from typing import Any
 
 from slmops.bus import HandlerResult, Handlers
-from slmops.events import CloudEvent, GatewayAssignment, derive_event_id, new_event
-from slmops_gateway.agent import Agent
+from slmops.events import CloudEvent, GatewayAssignment
+from slmops_gateway.agent import Agent, report_event
 
 
 async def on_assignment(event: CloudEvent[GatewayAssignment], agent: Agent) -> HandlerResult:
     report = await agent.apply(event.data)
-    if report is None:
-        return None
-    # One report per (gateway, generation, outcome): a redelivered assignment re-sends it.
-    key = f"{report.gateway_id}/{report.generation}/{report.kind}"
-    return [new_event(report, source=f"/slmops/gateway/{report.gateway_id}",
-                      event_id=derive_event_id("gateway.report", key))]  # fmt: skip
+    return None if report is None else [report_event(report)]
 
 
 def build_handlers(agent: Agent) -> Handlers:

@@ -16,8 +16,9 @@ from slmops.events import ReleaseCreated, release_id_for
 from slmops.events.payloads import ModelName, Version
 from slmops_rollout.engine import Engine
 from slmops_rollout.fleet import GatewayRecord
-from slmops_rollout.plans import WavePolicy, matches
-from slmops_rollout.state import RolloutState, figures
+from slmops_rollout.plans import Overlay, WavePolicy, matches
+from slmops_rollout.state import RolloutState, decide, figures
+from slmops_rollout.steps import ACTIONS, control, wave_health
 
 router = APIRouter(prefix="/v1", tags=["rollout"])
 
@@ -52,6 +53,9 @@ class StartRollout(BaseModel):
     version: Version
     selector: dict[str, str] = Field(default_factory=dict, description="Labels to target.")
     policy: WavePolicy = Field(default_factory=WavePolicy)
+    overlays: list[Overlay] = Field(
+        default_factory=list, description="Local settings by label selector (later ones win)."
+    )
 
 
 @router.post("/rollouts", status_code=201, summary="Start rolling out a model version's release")
@@ -66,16 +70,33 @@ async def start(body: StartRollout, request: Request) -> dict[str, Any]:
             "once every candidate is judged"
         ) from None  # fmt: skip
     release = ReleaseCreated.model_validate_json(entry.value or b"{}")
-    state = await engine.start(release, body.selector, body.policy)
-    return _status(state)
+    state = await engine.start(release, body.selector, body.policy, body.overlays)
+    return _status(engine, state)
 
 
-@router.get("/rollouts/{rollout_id}", summary="A rollout: status, waves, current wave figures")
+@router.get("/rollouts", summary="Rollouts, newest first; optionally of one model (version)")
+async def list_rollouts(
+    request: Request,
+    model_name: Annotated[str | None, Query(description="Only this model.")] = None,
+    version: Annotated[str | None, Query(description="Only this version.")] = None,
+) -> list[dict[str, Any]]:
+    engine = await _engine(request)
+    found = [
+        s for s in await engine.all()
+        if (model_name is None or s.model_name == model_name)
+        and (version is None or s.version == version)
+    ]  # fmt: skip
+    found.sort(key=lambda s: s.started_at, reverse=True)
+    return [_status(engine, s) for s in found]
+
+
+@router.get("/rollouts/{rollout_id}", summary="A rollout: each wave's progress, gate figures")
 async def status(rollout_id: str, request: Request) -> dict[str, Any]:
-    state = await (await _engine(request)).get(rollout_id)
+    engine = await _engine(request)
+    state = await engine.get(rollout_id)
     if state is None:
         raise HTTPException(404, f"no rollout {rollout_id}")
-    return _status(state)
+    return _status(engine, state)
 
 
 class Control(BaseModel):
@@ -84,27 +105,44 @@ class Control(BaseModel):
     reason: str = Field("", max_length=500, description="Why, for the rollout's record.")
 
 
-@router.post("/rollouts/{rollout_id}/{action}", summary="pause, resume or cancel a rollout")
-async def control(rollout_id: str, action: str, body: Control, request: Request) -> dict[str, Any]:
-    if action not in ("pause", "resume", "cancel"):
-        raise HTTPException(404, f"no action {action!r}: pause, resume or cancel")
+_CONTROL = "pause, resume, cancel, approve (the next wave) or roll back a rollout"
+
+
+@router.post("/rollouts/{rollout_id}/{action}", summary=_CONTROL)
+async def control_rollout(
+    rollout_id: str, action: str, body: Control, request: Request
+) -> dict[str, Any]:
+    if action not in ACTIONS:
+        raise HTTPException(404, f"no action {action!r}: one of {', '.join(ACTIONS)}")
+    engine = await _engine(request)
     try:
-        state = await (await _engine(request)).control(rollout_id, action, body.reason)
+        state = await control(engine, rollout_id, action, body.reason)
     except LookupError as exc:
         raise HTTPException(404, str(exc)) from None
     except ValueError as exc:
         raise HTTPException(409, str(exc)) from None
-    return _status(state)
+    return _status(engine, state)
 
 
-def _status(state: RolloutState) -> dict[str, Any]:
+def _status(engine: Engine, state: RolloutState) -> dict[str, Any]:
     counts: dict[str, int] = {}
+    per_wave: list[dict[str, int]] = [{} for _ in state.waves]
     for progress in state.gateways.values():
         counts[progress.status] = counts.get(progress.status, 0) + 1
+        wave = per_wave[progress.wave]
+        wave[progress.status] = wave.get(progress.status, 0) + 1
+    now = datetime.now(UTC)
+    decision = decide(state, now, wave_health(engine, state))
     return {
         "rollout_id": state.rollout_id, "release_id": state.release_id,
         "model_name": state.model_name, "version": state.version, "status": state.status,
         "reason": state.reason, "wave_index": state.wave_index,
         "waves": [len(w) for w in state.waves], "gateways": counts,
-        "current_wave": figures(state, datetime.now(UTC)).model_dump(),
+        "wave_progress": [{"index": i, "targets": len(w), "gateways": per_wave[i]}
+                          for i, w in enumerate(state.waves)],
+        "current_wave": figures(state, now).model_dump(),
+        "gates": {"next_step": decision.action, "why": decision.reason,
+                  "breached": decision.breached},
+        "policy": state.policy.model_dump(),
+        "approved_waves": state.approved_waves,
     }  # fmt: skip

@@ -15,6 +15,7 @@ from slmops_rollout.engine import Engine
 from slmops_rollout.fleet import GATEWAYS_BUCKET
 from slmops_rollout.handlers import build_handlers
 from slmops_rollout.settings import RolloutSettings
+from slmops_rollout.steps import tick
 
 log = logging.getLogger(__name__)
 _BUCKETS = ("slmops-rollouts", "slmops-desired-state", GATEWAYS_BUCKET)
@@ -40,7 +41,7 @@ class Ticker(BackgroundTask):
             if engine is None:
                 continue
             try:
-                await engine.tick()
+                await tick(engine)
                 self.last_error = ""
             except Exception as exc:  # the broker is away: the next tick tries again
                 self.last_error = f"{type(exc).__name__}: {exc}"

@@ -1,9 +1,11 @@
 """Rollouts doing their work: plan from the fleet, assign wave by wave, follow the reports.
 
-Each step is durable before it is announced: the rollout state is written to KV, every
-gateway's desired state is written to KV (the source of truth a reconnecting gateway reads),
-then the assignment is published as the notification. A restarted service finds the state in
-KV and its ticker carries on from the wave it was in.
+The engine holds every rollout in memory and makes each change durable in KV before it
+answers (``store.py``: header plus shards, group commits). A wave is sent as a background
+task, in chunks, at most ``max_rate_per_min``: for each chunk the gateways' desired states are
+written to KV (the source of truth a reconnecting gateway reads), then their assignments are
+published as the notification, both pipelined. A restarted service loads its rollouts from
+KV; its ticker re-sends whatever of the current wave was never sent and carries on.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import hashlib
 import json
 import logging
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,28 +22,26 @@ import nats.js.errors
 from nats.js.kv import KeyValue
 
 from slmops.bus import Bus
-from slmops.bus.kvstate import update_model
 from slmops.events import (
     GatewayAssignment,
     GatewayReport,
     ReleaseCreated,
-    RolloutCompleted,
-    RolloutPaused,
-    RolloutResumed,
-    RolloutRolledBack,
     RolloutStarted,
     RolloutWaveStarted,
     derive_event_id,
     new_event,
 )
-from slmops.events.payloads import DesiredModel
+from slmops.events.payloads import DesiredModel, HealthAggregate
 from slmops.service.registry_api import RegistryClient
-from slmops_rollout.fleet import GatewayRecord
-from slmops_rollout.plans import WavePolicy, matches, plan_waves, wave_plans
-from slmops_rollout.state import GatewayProgress, RolloutState, decide, record
+from slmops_rollout.fleet import GatewayRecord, overlay_for
+from slmops_rollout.plans import Overlay, WavePolicy, matches, plan_waves, wave_plans
+from slmops_rollout.state import GatewayProgress, RolloutState, record
+from slmops_rollout.store import GroupCommit, RolloutStore
 
 log = logging.getLogger(__name__)
 SOURCE = "/slmops/rollout"
+CHUNK = 1000  # gateways per pipelined burst of KV puts and publishes
+_GENERATION_KEY = "generation"
 
 
 def rollout_id_for(release_id: str, selector: dict[str, str]) -> str:
@@ -55,10 +56,56 @@ class Engine:
     ) -> None:  # fmt: skip
         self.bus, self.rollouts, self.desired, self.gateways = bus, rollouts, desired, gateways
         self.registry = registry
+        self.store = RolloutStore(rollouts)
+        self.live: dict[str, GroupCommit] = {}
+        self.health: dict[str, tuple[str | None, HealthAggregate]] = {}  # latest, per gateway
+        self._sending: dict[str, asyncio.Task[None]] = {}
+        self._loaded = asyncio.Lock()
+        self._is_loaded = False
+
+    # --- reading --------------------------------------------------------------------------
+
+    async def get(self, rollout_id: str) -> RolloutState | None:
+        await self._load()
+        live = self.live.get(rollout_id)
+        return live.state if live else None
+
+    async def all(self) -> list[RolloutState]:
+        await self._load()
+        return [live.state for live in self.live.values()]
+
+    async def _load(self) -> None:
+        """Once per process: every rollout from KV (a restarted service resumes them)."""
+        if self._is_loaded:
+            return
+        async with self._loaded:
+            if self._is_loaded:
+                return
+            for rollout_id in await self.store.ids():
+                state = await self.store.load(rollout_id)
+                if state is not None:
+                    self.live[rollout_id] = GroupCommit(self.store, state)
+            self._is_loaded = True
+
+    async def fleet(self) -> list[GatewayRecord]:
+        try:
+            keys = await self.gateways.keys()
+        except nats.js.errors.NoKeysError:
+            return []
+        records: list[GatewayRecord] = []
+        for start in range(0, len(keys), CHUNK):
+            entries = await asyncio.gather(
+                *(self.gateways.get(k) for k in keys[start : start + CHUNK])
+            )
+            records += [GatewayRecord.model_validate_json(e.value or b"{}") for e in entries]
+        return records
+
+    # --- starting and sending --------------------------------------------------------------
 
     async def start(
-        self, release: ReleaseCreated, selector: dict[str, str], policy: WavePolicy
-    ) -> RolloutState:
+        self, release: ReleaseCreated, selector: dict[str, str], policy: WavePolicy,
+        overlays: Iterable[Overlay] = (),
+    ) -> RolloutState:  # fmt: skip
         """Plan and begin a rollout of ``release`` (the same release and selector: the same
         rollout, returned as it is)."""
         rollout_id = rollout_id_for(release.release_id, selector)
@@ -76,211 +123,152 @@ class Engine:
             for e in release.entries
             if e.variant_id and e.manifest_digest and e.artifact
         }
-        fleet = [r for r in await self.fleet() if r.device_class in desired]
-        targets = [r.gateway_id for r in fleet if matches(r.labels, selector)]
-        waves = plan_waves(rollout_id, targets, policy)
+        overlays = list(overlays)
+        fleet = {
+            r.gateway_id: r
+            for r in await self.fleet()
+            if r.device_class in desired and matches(r.labels, selector)
+        }
+        waves = plan_waves(rollout_id, fleet, policy)
+        progress = {
+            g: _progress(i, fleet[g], overlay_for(fleet[g].labels, overlays))
+            for i, wave in enumerate(waves)
+            for g in wave
+        }
         state = RolloutState(
             rollout_id=rollout_id, release_id=release.release_id,
             model_name=release.model_name, version=release.version, desired=desired,
-            selector=selector, policy=policy, waves=waves,
-            gateways={g: GatewayProgress(wave=i) for i, wave in enumerate(waves) for g in wave},
+            selector=selector, policy=policy, waves=waves, gateways=progress,
             status="running" if waves else "completed",
             reason="" if waves else "no registered gateway matches the release and selector",
         )  # fmt: skip
-        await self.rollouts.create(_key(rollout_id), state.model_dump_json().encode())
+        try:
+            await self.store.create(state)
+        except nats.js.errors.KeyWrongLastSequenceError:  # a concurrent start won
+            self._is_loaded = False
+            return await self.get(rollout_id) or state
+        self.live[rollout_id] = GroupCommit(self.store, state)
         started = RolloutStarted(rollout_id=rollout_id, release_id=release.release_id,
                                  model_name=release.model_name, version=release.version,
                                  waves=wave_plans(waves, policy), selector=selector)  # fmt: skip
-        await self._announce(started, "started")
+        await self.announce(started, "started")
         if waves:
-            await self.assign_wave(rollout_id, 0)
+            await self.begin_wave(rollout_id, 0)
         return state
 
-    async def assign_wave(self, rollout_id: str, index: int) -> None:
-        """Write each gateway's desired state, then notify it (pipelined)."""
-        state = await self.get(rollout_id)
-        if state is None or index >= len(state.waves):
-            return
-        now = datetime.now(UTC)
-        assigned: dict[str, tuple[int, DesiredModel | None, float | None]] = {}
-        for gateway_id in state.waves[index]:
-            record_ = await self._record(gateway_id)
-            previous = await self._current(gateway_id)
-            health = record_.health
-            same = record_.health_variant_id == record_.running_variant_id
-            baseline = health.latency_p95_ms if health and same else None
-            assignment = GatewayAssignment(
-                gateway_id=gateway_id,
-                generation=previous[0] + 1 if previous else 1,
-                rollout_id=rollout_id, desired=state.desired[record_.device_class],
-            )  # fmt: skip
-            await self.desired.put(gateway_id, assignment.model_dump_json().encode())
-            assigned[gateway_id] = (assignment.generation,
-                                    previous[1] if previous else None, baseline)  # fmt: skip
-            await self.bus.publish(new_event(assignment, source=SOURCE))
+    async def begin_wave(self, rollout_id: str, index: int) -> None:
+        """Make ``index`` the current wave (durably) and send it in the background."""
+        live = self.live[rollout_id]
+        state = live.state
+        state.wave_index, state.wave_started_at = index, datetime.now(UTC)
+        await live.commit()
+        wave = RolloutWaveStarted(rollout_id=rollout_id, wave_index=index,
+                                  target_count=len(state.waves[index]))  # fmt: skip
+        await self.announce(wave, f"wave-{index}")
+        self.resume_sending(state)
 
-        def mark(s: RolloutState) -> None:
-            s.wave_index, s.wave_started_at = index, now
-            for gateway_id, (generation, before, baseline) in assigned.items():
-                progress = s.gateways[gateway_id]
+    def resume_sending(self, state: RolloutState) -> None:
+        """Send the current wave's unsent (pending) gateways, unless that is under way."""
+        task = self._sending.get(state.rollout_id)
+        if task is not None and not task.done():
+            return
+        wave = state.waves[state.wave_index] if state.wave_index < len(state.waves) else []
+        pending = [g for g in wave if state.gateways[g].status == "pending"]
+        if pending:
+            self._sending[state.rollout_id] = asyncio.create_task(
+                self._send(state.rollout_id, pending), name=f"send {state.rollout_id}"
+            )
+
+    async def _send(self, rollout_id: str, gateway_ids: list[str]) -> None:
+        live = self.live[rollout_id]
+        state = live.state
+        per_s = state.policy.max_rate_per_min / 60.0
+        chunk = max(1, min(CHUNK, int(per_s)))
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        for offset in range(0, len(gateway_ids), chunk):
+            if state.status != "running":
+                return  # paused or cancelled: the rest waits (resume sends it)
+            wait_s = began + offset / per_s - loop.time()
+            if wait_s > 0:
+                await asyncio.sleep(wait_s)
+            batch = gateway_ids[offset : offset + chunk]
+            generation = await self.next_generation()
+            now = datetime.now(UTC)
+            assignments = []
+            for gateway_id in batch:
+                progress = state.gateways[gateway_id]
                 progress.status, progress.generation, progress.assigned_at = (
                     "assigned", generation, now)  # fmt: skip
-                progress.previous, progress.baseline_p95_ms = before, baseline
+                assignments.append(GatewayAssignment(
+                    gateway_id=gateway_id, generation=generation, rollout_id=rollout_id,
+                    desired=state.desired[progress.device_class], overlay=progress.overlay,
+                ))  # fmt: skip
+            await self.deliver(assignments)
+            await live.commit(batch)
 
-        await update_model(self.rollouts, _key(rollout_id), RolloutState, mark, _missing)
-        wave = RolloutWaveStarted(rollout_id=rollout_id, wave_index=index,
-                                  target_count=len(assigned))  # fmt: skip
-        await self._announce(wave, f"wave-{index}")
+    async def deliver(self, assignments: list[GatewayAssignment]) -> None:
+        """Desired states into KV, then the notifications: each pipelined."""
+        await asyncio.gather(*(
+            self.desired.put(a.gateway_id, a.model_dump_json().encode()) for a in assignments
+        ))  # fmt: skip
+        acks = [await self.bus.publish_nowait(new_event(a, source=SOURCE)) for a in assignments]
+        await asyncio.gather(*acks)
+
+    async def next_generation(self) -> int:
+        """A bucket-wide counter: every gateway sees its assignments' generations rise."""
+        while True:
+            try:
+                entry = await self.rollouts.get(_GENERATION_KEY)
+                value, revision = int(entry.value or b"0") + 1, entry.revision
+                await self.rollouts.update(_GENERATION_KEY, str(value).encode(), last=revision)
+                return value
+            except nats.js.errors.KeyNotFoundError:
+                try:
+                    await self.rollouts.create(_GENERATION_KEY, b"1")
+                    return 1
+                except nats.js.errors.KeyWrongLastSequenceError:
+                    continue
+            except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.BadRequestError):
+                continue
+
+    # --- reports ---------------------------------------------------------------------------
 
     async def on_report(self, report: GatewayReport) -> None:
-        if report.rollout_id is None or await self.get(report.rollout_id) is None:
+        """Fold a gateway's report into its rollout; return once that is durable."""
+        if report.kind == "health" and report.health is not None:
+            self.health[report.gateway_id] = (report.variant_id, report.health)
             return
+        if report.rollout_id is None:
+            return
+        await self._load()
+        live = self.live.get(report.rollout_id)
+        if live is not None and record(live.state, report):
+            await live.commit([report.gateway_id])
 
-        def fold(state: RolloutState) -> None:
-            record(state, report)
-
-        await update_model(self.rollouts, _key(report.rollout_id), RolloutState, fold, _missing)
-
-    async def tick(self) -> None:
-        """Move every running rollout one step if its current wave allows."""
-        running = [s for s in await self.all() if s.status == "running" and s.wave_started_at]
-        for state in running:
-            # Only the current wave's records: a tick must not read the whole fleet.
-            wave = state.waves[state.wave_index] if state.wave_index < len(state.waves) else []
-            records = await asyncio.gather(*(self._record(g) for g in wave))
-            wanted = {d.variant_id for d in state.desired.values()}
-            health = {r.gateway_id: r.health for r in records if r.health_variant_id in wanted}
-            decision = decide(state, datetime.now(UTC), health)
-            if decision.action == "rollback":
-                await self._roll_back(state, decision.breached, decision.reason)
-            elif decision.action == "advance":
-                await self.assign_wave(state.rollout_id, state.wave_index + 1)
-            elif decision.action in ("complete", "pause"):
-                status = "completed" if decision.action == "complete" else "paused"
-                await self._set_status(state.rollout_id, status, decision.reason)
-                if status == "completed":
-                    done = list(state.gateways.values())  # never answered: silent
-                    await self._announce(RolloutCompleted(
-                        rollout_id=state.rollout_id,
-                        gateways_updated=sum(p.status == "applied" for p in done),
-                        gateways_failed=sum(p.status == "failed" for p in done),
-                        gateways_silent=sum(p.status == "assigned" for p in done),
-                    ), "completed")  # fmt: skip
-                else:
-                    await self._announce(RolloutPaused(rollout_id=state.rollout_id,
-                        wave_index=state.wave_index, reason=decision.reason),
-                        f"paused-{state.wave_index}")  # fmt: skip
-
-    async def _roll_back(self, state: RolloutState, gateway_ids: list[str], reason: str) -> None:
-        """Signed rollbacks of the breached gateways to what they ran; the rollout pauses."""
-        signatures: dict[str, str] = {}
-        rolled: list[str] = []
-        target = None
-        for gateway_id in gateway_ids:
-            previous = state.gateways[gateway_id].previous
-            if previous is None:
-                continue  # it ran nothing before: there is nothing to go back to
-            if previous.variant_id not in signatures:
-                signed = await self.registry.sign_rollback(previous.variant_id, state.rollout_id)
-                signatures[previous.variant_id] = signed
-            current = await self._current(gateway_id)
-            assignment = GatewayAssignment(
-                gateway_id=gateway_id, generation=(current[0] if current else 0) + 1,
-                rollout_id=state.rollout_id, desired=previous, rollback=True,
-                signature=signatures[previous.variant_id],
-            )  # fmt: skip
-            await self.desired.put(gateway_id, assignment.model_dump_json().encode())
-            await self.bus.publish(new_event(assignment, source=SOURCE))
-            rolled.append(gateway_id)
-            target = previous.variant_id
-
-        def mark(s: RolloutState) -> None:
-            s.status, s.reason = "paused", reason
-            for gateway_id in rolled:
-                s.gateways[gateway_id].status = "rolled_back"
-
-        await update_model(self.rollouts, _key(state.rollout_id), RolloutState, mark, _missing)
-        event = RolloutRolledBack(rollout_id=state.rollout_id, scope="gateways", reason=reason,
-                                  to_variant_id=target, gateway_ids=rolled)  # fmt: skip
-        await self._announce(event, f"rolled-back-{state.wave_index}")
-
-    async def control(self, rollout_id: str, action: str, reason: str) -> RolloutState:
-        """pause, resume or cancel on request; raises LookupError / ValueError with the why."""
-        state = await self.get(rollout_id)
-        if state is None:
-            raise LookupError(f"no rollout {rollout_id}")
-        allowed = {"pause": {"running"}, "resume": {"paused"}, "cancel": {"running", "paused"}}
-        if state.status not in allowed[action]:
-            raise ValueError(f"cannot {action} a rollout that is {state.status}")
-        status = {"pause": "paused", "resume": "running", "cancel": "cancelled"}[action]
-
-        def change(s: RolloutState) -> None:
-            s.status, s.reason = status, reason or f"{action} requested"  # type: ignore[assignment]
-            s.controls += 1
-
-        state = await update_model(self.rollouts, _key(rollout_id), RolloutState, change, _missing)
-        what = f"{action}-{state.controls}"  # one event per request, even a repeated one
-        if action == "pause":
-            await self._announce(RolloutPaused(rollout_id=rollout_id, wave_index=state.wave_index,
-                                               reason=state.reason), what)  # fmt: skip
-        elif action == "resume":
-            await self._announce(
-                RolloutResumed(rollout_id=rollout_id, wave_index=state.wave_index), what
-            )
-        return state
-
-    async def _set_status(self, rollout_id: str, status: str, reason: str) -> None:
-        def change(s: RolloutState) -> None:
-            s.status, s.reason = status, reason  # type: ignore[assignment]
-
-        await update_model(self.rollouts, _key(rollout_id), RolloutState, change, _missing)
-
-    async def _announce(self, payload: Any, what: str) -> None:
+    async def announce(self, payload: Any, what: str) -> None:
         rollout_id = payload.rollout_id
         event_id = derive_event_id("rollout", f"{rollout_id}/{what}")
         await self.bus.publish(new_event(payload, source=SOURCE, event_id=event_id))
 
-    async def get(self, rollout_id: str) -> RolloutState | None:
-        try:
-            entry = await self.rollouts.get(_key(rollout_id))
-        except nats.js.errors.KeyNotFoundError:
+    async def desired_model(self, variant_id: str) -> DesiredModel | None:
+        """What to install to run ``variant_id`` again, from its signed manifest."""
+        signed = await self.registry.variant(variant_id)
+        if signed is None:
             return None
-        return RolloutState.model_validate_json(entry.value or b"{}")
-
-    async def all(self) -> list[RolloutState]:
-        try:
-            keys = await self.rollouts.keys()
-        except nats.js.errors.NoKeysError:
-            return []
-        ids = [k.removeprefix("rollout.") for k in keys if k.startswith("rollout.")]
-        found = await asyncio.gather(*(self.get(i) for i in ids))
-        return [s for s in found if s is not None]
-
-    async def fleet(self) -> list[GatewayRecord]:
-        try:
-            keys = await self.gateways.keys()
-        except nats.js.errors.NoKeysError:
-            return []
-        entries = await asyncio.gather(*(self.gateways.get(k) for k in keys))
-        return [GatewayRecord.model_validate_json(e.value or b"{}") for e in entries]
-
-    async def _record(self, gateway_id: str) -> GatewayRecord:
-        entry = await self.gateways.get(gateway_id)
-        return GatewayRecord.model_validate_json(entry.value or b"{}")
-
-    async def _current(self, gateway_id: str) -> tuple[int, DesiredModel] | None:
-        """(generation, desired model) of the gateway's current assignment, if any."""
-        try:
-            entry = await self.desired.get(gateway_id)
-        except nats.js.errors.KeyNotFoundError:
-            return None
-        assignment = GatewayAssignment.model_validate_json(entry.value or b"{}")
-        return assignment.generation, assignment.desired
+        manifest = signed["manifest"]
+        return DesiredModel(
+            model_name=manifest["model_name"], version=manifest["version"],
+            variant_id=variant_id, manifest_digest=signed["digest"],
+            artifact=manifest["artifact"],
+        )  # fmt: skip
 
 
-def _key(rollout_id: str) -> str:
-    return f"rollout.{rollout_id}"
-
-
-def _missing() -> RolloutState:
-    raise LookupError("the rollout state vanished from the KV bucket")
+def _progress(wave: int, record_: GatewayRecord, overlay: dict[str, int]) -> GatewayProgress:
+    health = record_.health
+    same = record_.health_variant_id == record_.running_variant_id
+    return GatewayProgress(
+        wave=wave, device_class=record_.device_class, overlay=overlay,
+        previous_variant_id=record_.running_variant_id,
+        baseline_p95_ms=health.latency_p95_ms if health and same else None,
+    )  # fmt: skip

@@ -7,6 +7,7 @@ report refreshes ``last_seen``, so silent gateways can be timed out without bloc
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,6 +16,7 @@ from pydantic import BaseModel, Field
 
 from slmops.bus.kvstate import update_model
 from slmops.events.payloads import GatewayReport, HealthAggregate
+from slmops_rollout.plans import Overlay, matches
 
 GATEWAYS_BUCKET = "slmops-gateways"
 
@@ -49,6 +51,15 @@ def fold(record: GatewayRecord, report: GatewayReport, seen: datetime) -> None:
                 record.running_variant_id = report.variant_id
     elif report.kind == "health":
         record.health, record.health_variant_id = report.health, report.variant_id
+
+
+def overlay_for(labels: dict[str, str], overlays: Iterable[Overlay]) -> dict[str, int]:
+    """The settings of every overlay whose selector matches, later ones winning."""
+    merged: dict[str, int] = {}
+    for overlay in overlays:
+        if matches(labels, overlay.selector):
+            merged.update(overlay.settings)
+    return merged
 
 
 async def record_report(kv: KeyValue, report: GatewayReport) -> GatewayRecord:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterable
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -52,6 +53,16 @@ class WavePolicy(BaseModel):
     health_min_requests: int = Field(
         5, ge=1, description="Requests a health window needs before its gates are judged."
     )
+    rollback_scope: Literal["gateways", "fleet"] = Field(
+        "gateways",
+        description="What a breached health gate rolls back: the breaching gateways, or every "
+        "gateway the rollout reached.",
+    )
+    approval_waves: list[int] = Field(
+        default_factory=list,
+        description="Waves that start only once approved (e.g. [1]: someone looks at the "
+        "canary first).",
+    )
 
     @model_validator(mode="after")
     def _rising_to_100(self) -> WavePolicy:
@@ -59,6 +70,36 @@ class WavePolicy(BaseModel):
             raise ValueError(f"percents must rise wave by wave: {self.percents}")
         if self.percents[-1] != 100 or self.percents[0] <= 0:
             raise ValueError(f"percents must be above 0 and end at 100: {self.percents}")
+        outside = [w for w in self.approval_waves if not 0 < w < len(self.percents)]
+        if outside:
+            raise ValueError(
+                f"approval_waves {outside} are not waves after the first: the waves are "
+                f"0..{len(self.percents) - 1} and wave 0 starts with the rollout"
+            )
+        return self
+
+
+OVERLAY_SETTINGS = ("intra_op_threads", "max_input_tokens")  # what the agent knows
+
+
+class Overlay(BaseModel):
+    """Local settings for the gateways whose labels match: one variant, many sites."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    selector: dict[str, str] = Field(description="Labels a gateway must have (empty: all).")
+    settings: dict[str, int] = Field(
+        description="Agent settings it overrides: intra_op_threads, max_input_tokens."
+    )
+
+    @model_validator(mode="after")
+    def _known_settings(self) -> Overlay:
+        unknown = sorted(set(self.settings) - set(OVERLAY_SETTINGS))
+        if unknown:
+            raise ValueError(f"unknown overlay settings {unknown}: known are {OVERLAY_SETTINGS}")
+        low = {k: v for k, v in self.settings.items() if v < 1}
+        if low:
+            raise ValueError(f"overlay settings must be at least 1: {low}")
         return self
 
 

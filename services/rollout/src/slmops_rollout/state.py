@@ -8,7 +8,7 @@ has been silent past the policy's timeout stops counting: it never blocks its wa
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -16,17 +16,22 @@ from pydantic import BaseModel, Field
 from slmops.events.payloads import DesiredModel, GatewayReport, HealthAggregate
 from slmops_rollout.plans import WavePolicy
 
-GatewayStatus = Literal["pending", "assigned", "applied", "failed", "rolled_back"]
+GatewayStatus = Literal["pending", "assigned", "acknowledged", "applied", "failed", "rolled_back"]
+_WAITING = ("assigned", "acknowledged")
 
 
 class GatewayProgress(BaseModel):
     status: GatewayStatus = "pending"
     wave: int = Field(ge=0)
+    device_class: str = ""
+    overlay: dict[str, int] = Field(default_factory=dict, description="Its local settings.")
     generation: int | None = None
     assigned_at: datetime | None = None
     reason: str = ""
-    previous: DesiredModel | None = Field(None, description="What it ran: the rollback target.")
-    baseline_p95_ms: float | None = Field(None, description="Its p95 before the assignment.")
+    previous_variant_id: str | None = Field(
+        None, description="What it ran when the rollout was planned: the rollback target."
+    )
+    baseline_p95_ms: float | None = Field(None, description="Its p95 before the rollout.")
 
 
 class RolloutState(BaseModel):
@@ -39,26 +44,32 @@ class RolloutState(BaseModel):
     policy: WavePolicy = Field(default_factory=WavePolicy)
     waves: list[list[str]]
     gateways: dict[str, GatewayProgress]
+    started_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     wave_index: int = 0
     wave_started_at: datetime | None = None
     status: Literal["running", "paused", "completed", "cancelled", "rolled_back"] = "running"
     reason: str = ""
-    controls: int = Field(0, ge=0, description="Pause/resume/cancel requests applied so far.")
+    controls: int = Field(0, ge=0, description="Control requests applied so far.")
+    approved_waves: list[int] = Field(
+        default_factory=list, description="Waves of ``policy.approval_waves`` approved so far."
+    )
 
 
 class WaveFigures(BaseModel):
     """What the gates looked at, for ``decide`` and for ``rollout status``."""
 
     targets: int
+    acknowledged: int = Field(description="Answered the assignment (acknowledged or beyond).")
     applied: int
     failed: int
     silent: int
+    rolled_back: int = Field(0, description="Rolled back by a health gate: out of this wave.")
     waiting: int
 
     @property
     def counted(self) -> int:
-        """Gateways that count towards the thresholds (silent ones no longer do)."""
-        return self.targets - self.silent
+        """Gateways that count towards the thresholds (silent and rolled back ones do not)."""
+        return self.targets - self.silent - self.rolled_back
 
 
 class Decision(BaseModel):
@@ -101,10 +112,15 @@ def record(state: RolloutState, report: GatewayReport) -> bool:
     progress = state.gateways.get(report.gateway_id)
     if progress is None or report.rollout_id != state.rollout_id:
         return False
-    if report.kind not in ("applied", "failed"):
+    if report.kind not in ("acknowledged", "applied", "failed"):
         return False
     if progress.generation is not None and (report.generation or 0) < progress.generation:
         return False  # about an older assignment
+    if report.kind == "acknowledged":  # it received the assignment; the outcome follows
+        if progress.status == "assigned":
+            progress.status = "acknowledged"
+            return True
+        return False
     if progress.status == "rolled_back":  # its report about the rollback assignment
         progress.reason = f"rollback {report.kind}" + (
             f": {report.reason}" if report.reason else ""
@@ -118,17 +134,22 @@ def record(state: RolloutState, report: GatewayReport) -> bool:
 def figures(state: RolloutState, now: datetime) -> WaveFigures:
     wave = state.waves[state.wave_index] if state.wave_index < len(state.waves) else []
     timeout = timedelta(seconds=state.policy.silent_timeout_s)
-    applied = failed = silent = 0
+    acknowledged = applied = failed = silent = rolled_back = 0
     for gateway_id in wave:
         progress = state.gateways[gateway_id]
+        acknowledged += progress.status not in ("pending", "assigned")
         if progress.status == "applied":
             applied += 1
         elif progress.status == "failed":
             failed += 1
-        elif progress.assigned_at is not None and now - progress.assigned_at > timeout:
+        elif progress.status == "rolled_back":
+            rolled_back += 1
+        elif (progress.status in _WAITING and progress.assigned_at is not None
+              and now - progress.assigned_at > timeout):  # fmt: skip
             silent += 1
-    waiting = len(wave) - applied - failed - silent
-    return WaveFigures(targets=len(wave), applied=applied, failed=failed, silent=silent,
+    waiting = len(wave) - applied - failed - silent - rolled_back
+    return WaveFigures(targets=len(wave), acknowledged=acknowledged, applied=applied,
+                       failed=failed, silent=silent, rolled_back=rolled_back,
                        waiting=waiting)  # fmt: skip
 
 
@@ -163,6 +184,10 @@ def decide(
         return Decision(action="wait", reason=f"wave {state.wave_index}: soaking "
                         f"{soaked_s:.0f}/{policy.soak_s:g} s", figures=f)  # fmt: skip
     last = state.wave_index + 1 >= len(state.waves)
+    following = state.wave_index + 1
+    if not last and following in policy.approval_waves and following not in state.approved_waves:
+        return Decision(action="wait", reason=f"wave {state.wave_index} done: wave {following} "
+                        "waits for approval", figures=f)  # fmt: skip
     return Decision(
         action="complete" if last else "advance",
         reason=f"wave {state.wave_index}: {f.applied} of {f.counted} applied"

@@ -303,12 +303,13 @@ class GatewayAssignment(EventPayload):
 
 
 class GatewayReport(EventPayload):
-    """From one gateway: registration, applied/failed, or periodic health aggregates."""
+    """From one gateway: registration, an assignment acknowledged (received, being installed),
+    applied/failed, or periodic health aggregates."""
 
     event_type = "slmops.gateway.report.v1"
 
     gateway_id: Token
-    kind: Literal["registered", "applied", "failed", "health"]
+    kind: Literal["registered", "acknowledged", "applied", "failed", "health"]
     device_class: Token
     labels: dict[str, str] = Field(default_factory=dict)
     capabilities: dict[str, object] = Field(default_factory=dict)

@@ -1,0 +1,162 @@
+"""What moves a rollout after it started: the ticker's step, rollbacks, and operator controls.
+
+``tick`` asks the pure rule (``state.decide``) what each running rollout's current wave
+allows and does it: advance, complete, pause, or roll gateways back. Rollbacks are signed by
+the registry (a gateway refuses a lower version otherwise) and go to what each gateway ran when
+the rollout was planned. Operators pause, resume, cancel, approve a wave or roll back the
+whole rollout through the API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Literal
+
+from slmops.events import GatewayAssignment, RolloutCompleted, RolloutPaused, RolloutResumed
+from slmops.events.payloads import DesiredModel, HealthAggregate, RolloutRolledBack
+from slmops_rollout.engine import Engine
+from slmops_rollout.state import RolloutState, decide
+
+Action = Literal["pause", "resume", "cancel", "approve", "rollback"]
+ACTIONS: tuple[Action, ...] = ("pause", "resume", "cancel", "approve", "rollback")
+_ALLOWED: dict[str, set[str]] = {
+    "pause": {"running"},
+    "resume": {"paused"},
+    "cancel": {"running", "paused"},
+    "approve": {"running", "paused"},
+    "rollback": {"running", "paused", "completed"},
+}
+_REACHED = ("assigned", "acknowledged", "applied", "failed")  # got the new model's assignment
+
+
+async def tick(engine: Engine) -> None:
+    """Move every running rollout one step if its current wave allows."""
+    for state in await engine.all():
+        if state.status != "running" or state.wave_started_at is None:
+            continue
+        engine.resume_sending(state)  # after a restart: the unsent rest of the wave
+        decision = decide(state, datetime.now(UTC), wave_health(engine, state))
+        if decision.action == "rollback":
+            scope = state.policy.rollback_scope
+            targets = decision.breached if scope == "gateways" else _reached(state)
+            await roll_back(engine, state, targets, decision.reason, scope=scope)
+        elif decision.action == "advance":
+            await engine.begin_wave(state.rollout_id, state.wave_index + 1)
+        elif decision.action == "complete":
+            await _finish(engine, state, decision.reason)
+        elif decision.action == "pause":
+            await _set(engine, state, "paused", decision.reason)
+            await engine.announce(RolloutPaused(rollout_id=state.rollout_id,
+                                                wave_index=state.wave_index,
+                                                reason=decision.reason),
+                                  f"paused-{state.wave_index}")  # fmt: skip
+
+
+async def _finish(engine: Engine, state: RolloutState, reason: str) -> None:
+    await _set(engine, state, "completed", reason)
+    done = list(state.gateways.values())
+    await engine.announce(RolloutCompleted(
+        rollout_id=state.rollout_id,
+        gateways_updated=sum(p.status == "applied" for p in done),
+        gateways_failed=sum(p.status == "failed" for p in done),
+        gateways_silent=sum(p.status in ("assigned", "acknowledged") for p in done),
+    ), "completed")  # fmt: skip
+
+
+def wave_health(engine: Engine, state: RolloutState) -> dict[str, HealthAggregate | None]:
+    """The latest health of the current wave's gateways on the model being rolled out."""
+    wanted = {d.variant_id for d in state.desired.values()}
+    wave = state.waves[state.wave_index] if state.wave_index < len(state.waves) else []
+    health: dict[str, HealthAggregate | None] = {}
+    for gateway_id in wave:
+        variant_id, aggregate = engine.health.get(gateway_id, (None, None))
+        if variant_id in wanted:
+            health[gateway_id] = aggregate
+    return health
+
+
+def _reached(state: RolloutState) -> list[str]:
+    return sorted(g for g, p in state.gateways.items() if p.status in _REACHED)
+
+
+async def roll_back(
+    engine: Engine, state: RolloutState, gateway_ids: list[str], reason: str,
+    *, scope: Literal["gateways", "fleet"],
+) -> list[str]:  # fmt: skip
+    """Signed rollbacks of ``gateway_ids`` to what each ran before; returns those sent.
+    Gateways scope pauses the rollout; fleet scope ends it as rolled back."""
+    targets: dict[str, tuple[DesiredModel, str] | None] = {}
+    assignments = []
+    generation = await engine.next_generation()
+    for gateway_id in gateway_ids:
+        previous = state.gateways[gateway_id].previous_variant_id
+        if previous is None:
+            continue  # it ran nothing before: there is nothing to go back to
+        if previous not in targets:
+            model = await engine.desired_model(previous)
+            signature = await engine.registry.sign_rollback(previous, state.rollout_id)
+            targets[previous] = (model, signature) if model else None
+        target = targets[previous]
+        if target is None:
+            continue  # the registry no longer knows it
+        assignments.append(GatewayAssignment(
+            gateway_id=gateway_id, generation=generation, rollout_id=state.rollout_id,
+            desired=target[0], rollback=True, signature=target[1],
+        ))  # fmt: skip
+    await engine.deliver(assignments)
+    rolled = [a.gateway_id for a in assignments]
+    for gateway_id in rolled:
+        progress = state.gateways[gateway_id]
+        progress.status, progress.generation = "rolled_back", generation
+    await _set(engine, state, "paused" if scope == "gateways" else "rolled_back", reason, rolled)
+    to_variants = {a.desired.variant_id for a in assignments}
+    event = RolloutRolledBack(
+        rollout_id=state.rollout_id, scope=scope, reason=reason, gateway_ids=rolled,
+        to_variant_id=to_variants.pop() if len(to_variants) == 1 else None,
+    )  # fmt: skip
+    await engine.announce(event, f"rolled-back-{state.wave_index}-{state.controls}")
+    return rolled
+
+
+async def control(engine: Engine, rollout_id: str, action: Action, reason: str) -> RolloutState:
+    """An operator's request; raises LookupError / ValueError with the why."""
+    state = await engine.get(rollout_id)
+    if state is None:
+        raise LookupError(f"no rollout {rollout_id}")
+    if state.status not in _ALLOWED[action]:
+        raise ValueError(f"cannot {action} a rollout that is {state.status}")
+    state.controls += 1
+    what = f"{action}-{state.controls}"  # one event per request, even a repeated one
+    if action == "approve":
+        following = state.wave_index + 1
+        waiting = [w for w in state.policy.approval_waves if w not in state.approved_waves]
+        if following not in waiting:
+            state.controls -= 1
+            raise ValueError(f"nothing to approve: wave {following} needs no approval"
+                             if following < len(state.waves) else "nothing to approve")  # fmt: skip
+        state.approved_waves.append(following)
+        await _set(engine, state, state.status, reason or f"wave {following} approved")
+    elif action == "rollback":
+        why = reason or "rollback requested"
+        await roll_back(engine, state, _reached(state), why, scope="fleet")
+    else:
+        status = {"pause": "paused", "resume": "running", "cancel": "cancelled"}[action]
+        await _set(engine, state, status, reason or f"{action} requested")
+        if action == "pause":
+            await engine.announce(RolloutPaused(rollout_id=rollout_id,
+                                                wave_index=state.wave_index,
+                                                reason=state.reason), what)  # fmt: skip
+        elif action == "resume":
+            engine.resume_sending(state)
+            await engine.announce(
+                RolloutResumed(rollout_id=rollout_id, wave_index=state.wave_index), what
+            )
+    return state
+
+
+async def _set(
+    engine: Engine, state: RolloutState, status: str, reason: str, gateways: Iterable[str] = ()
+) -> None:
+    state.status, state.reason = status, reason  # type: ignore[assignment]
+    await engine.live[state.rollout_id].commit(gateways)
