@@ -29,12 +29,13 @@ from slmops_gateway.delta import fetch_by_chunks
 from slmops_gateway.download import download
 from slmops_gateway.health import HealthWindow
 from slmops_gateway.settings import GatewaySettings
-from slmops_gateway.slots import SessionOptions, Slots, load, smoke_test
-from slmops_gateway.verify import Refused, check_version, vouch
+from slmops_gateway.slots import LoadedModel, SessionOptions, Slots, load, smoke_test
+from slmops_gateway.verify import Refused, Vouched, check_version, vouch
 
 log = logging.getLogger(__name__)
 DESIRED_BUCKET = "slmops-desired-state"
 Publish = Callable[[GatewayReport], Awaitable[None]]
+Installer = Callable[[DesiredModel, "Vouched", SessionOptions], Awaitable["LoadedModel"]]
 
 
 def report_event(report: GatewayReport) -> CloudEvent[GatewayReport]:
@@ -57,6 +58,7 @@ class Agent:
     last_fetch_bytes: int = 0  # what the newest install downloaded
     public_key: str | None = None
     publish: Publish | None = None  # sends a report at once (acknowledgements)
+    installer: Installer | None = None  # None: fetch, load and smoke-test (a simulator swaps it)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def report(self, kind: str, **fields: Any) -> GatewayReport:
@@ -124,14 +126,21 @@ class Agent:
         check_version(desired.version, running, rollback=signed_rollback)
         vouched = await vouch(desired, registry=self.registry, public_key=self.public_key,
                               device_class=self.settings.device_class)  # fmt: skip
-        async with httpx.AsyncClient(timeout=httpx.Timeout(60.0, connect=5.0)) as client:
-            path = await self._fetch(desired, vouched.manifest.chunks_digest, client)
         options = self._options(assignment)
-        model = await asyncio.to_thread(load, path, desired.variant_id, desired.version, options)
-        await asyncio.to_thread(smoke_test, model, self.slots.active)
+        model = await (self.installer or self.fetch_load_and_smoke_test)(desired, vouched, options)
         self.slots.swap_in(model)
         self.health.take()  # a new window: the next health report is about this model only
         log.info("now serving %s (%s)", desired.variant_id, desired.version)
+
+    async def fetch_load_and_smoke_test(
+        self, desired: DesiredModel, vouched: Vouched, options: SessionOptions
+    ) -> LoadedModel:
+        """The device's part of an install: the verified bytes, a second session, its test."""
+        async with httpx.AsyncClient(timeout=httpx.Timeout(60.0, connect=5.0)) as client:
+            path = await self._fetch(desired, vouched.manifest.chunks_digest, client)
+        model = await asyncio.to_thread(load, path, desired.variant_id, desired.version, options)
+        await asyncio.to_thread(smoke_test, model, self.slots.active)
+        return model
 
     async def _fetch(
         self, desired: DesiredModel, chunks_digest: str | None, client: httpx.AsyncClient

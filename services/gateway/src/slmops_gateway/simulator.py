@@ -1,0 +1,249 @@
+"""A simulated fleet: thousands of gateway agents in one process, on one NATS connection.
+
+Each simulated gateway is the real :class:`~slmops_gateway.agent.Agent` - registration,
+reconciling with its desired state in KV, acknowledging, verifying the registry's signatures
+and the validation report for its class, refusing downgrades, reporting applied or failed -
+with the device part (download, ONNX Runtime session, smoke test, inference) simulated. The
+fleet shares what real gateways at one site would share: one connection, one JetStream pull
+consumer for all of its assignment subjects, and one registry cache (manifests are content
+addressed, so caching them changes nothing a gateway verifies: each still checks the
+signatures itself).
+
+Faults are injected into exact shares of the fleet: ``download`` and ``smoke`` make installs
+fail, ``latency`` and ``shadow`` make every model after the first one slower or disagree more
+in the health reports, ``silent`` gateways register and then never answer again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from slmops.bus import Bus, Handlers
+from slmops.bus.consumer import EventConsumer
+from slmops.bus.topology import ConsumerSpec, stream_for_subject
+from slmops.events import CloudEvent, GatewayAssignment, GatewayReport
+from slmops.events.payloads import DesiredModel, HealthAggregate
+from slmops.service.registry_api import RegistryClient
+from slmops.settings import ConsumerSettings
+from slmops_gateway.agent import DESIRED_BUCKET, Agent, report_event
+from slmops_gateway.settings import GatewaySettings
+from slmops_gateway.slots import LoadedModel, SessionOptions
+from slmops_gateway.verify import Refused, Vouched
+
+Fault = Literal["download", "smoke", "latency", "shadow", "silent"]
+FAULTS: tuple[Fault, ...] = ("download", "smoke", "latency", "shadow", "silent")
+_BURST = 1000  # registrations / reconciles / health reports sent at once
+
+
+@dataclass(frozen=True)
+class FleetSpec:
+    """What to simulate: how many gateways, their classes and labels, which faults."""
+
+    count: int
+    classes: dict[str, float] = field(default_factory=lambda: {"x86-avx512-vnni": 1.0})
+    labels: dict[str, list[str]] = field(default_factory=dict)
+    faults: dict[Fault, float] = field(default_factory=dict)
+    prefix: str = "sim"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.count < 1:
+            raise ValueError(f"count must be at least 1, not {self.count}")
+        unknown = sorted(set(self.faults) - set(FAULTS))
+        if unknown:
+            raise ValueError(f"unknown faults {unknown}: known are {', '.join(FAULTS)}")
+        if sum(self.faults.values()) > 1 or min(self.faults.values(), default=0) < 0:
+            raise ValueError(f"fault shares must be >= 0 and add up to at most 1: {self.faults}")
+        if not self.classes or min(self.classes.values()) <= 0:
+            raise ValueError(f"class shares must be positive: {self.classes}")
+
+    def layout(self) -> list[tuple[str, str, dict[str, str], Fault | None]]:
+        """(gateway id, class, labels, fault) per gateway: exact shares, spread by the seed."""
+        ids = [f"{self.prefix}-{i:06d}" for i in range(self.count)]
+        total = sum(self.classes.values())
+        classes: list[str] = []
+        for name, share in self.classes.items():
+            classes += [name] * round(self.count * share / total)
+        classes = (classes + [next(iter(self.classes))] * self.count)[: self.count]
+        faults: list[Fault | None] = []
+        for fault, share in self.faults.items():
+            faults += [fault] * round(self.count * share)
+        faults = (faults + [None] * self.count)[: self.count]
+        rng = random.Random(self.seed)  # noqa: S311 - a reproducible layout, not crypto
+        rng.shuffle(classes)
+        rng.shuffle(faults)
+        return [
+            (gid, classes[i], {k: v[i % len(v)] for k, v in self.labels.items()}, faults[i])
+            for i, gid in enumerate(ids)
+        ]
+
+
+class CachingRegistry(RegistryClient):
+    """One registry client for the whole simulated fleet: each manifest, report and the key is
+    fetched once (concurrent askers wait for the same request)."""
+
+    def __init__(self, base_url: str, client: httpx.AsyncClient | None = None) -> None:
+        super().__init__(base_url, client)
+        self._cache: dict[tuple[str, str], asyncio.Future[Any]] = {}
+
+    async def _once(self, what: str, key: str, fetch: Callable[[], Awaitable[Any]]) -> Any:
+        future = self._cache.get((what, key))
+        if future is None:
+            future = self._cache[(what, key)] = asyncio.ensure_future(fetch())
+        try:
+            return await asyncio.shield(future)
+        except Exception:
+            self._cache.pop((what, key), None)  # a failed fetch is not remembered
+            raise
+
+    async def manifest(self, digest: str) -> dict[str, Any]:
+        fetch = super().manifest
+        return dict(await self._once("manifest", digest, lambda: fetch(digest)))
+
+    async def variant_report(self, variant_id: str) -> dict[str, Any] | None:
+        fetch = super().variant_report
+        found = await self._once("report", variant_id, lambda: fetch(variant_id))
+        return None if found is None else dict(found)
+
+    async def public_key_pem(self) -> str:
+        return str(await self._once("key", "", super().public_key_pem))
+
+
+@dataclass
+class SimulatedGateway:
+    agent: Agent
+    fault: Fault | None
+    first_variant_id: str | None = None
+    base_latency_ms: float = 20.0
+
+    async def install(
+        self, desired: DesiredModel, vouched: Vouched, options: SessionOptions
+    ) -> LoadedModel:
+        """The device's part, simulated: the verified manifest is what it would fetch."""
+        if self.fault == "download":
+            raise Refused(f"download of {desired.artifact.digest} failed: connection reset "
+                          "(simulated fault)")  # fmt: skip
+        if self.fault == "smoke":
+            raise Refused("smoke test: 12 non-finite output values (simulated fault)")
+        if self.first_variant_id is None:
+            self.first_variant_id = desired.variant_id
+        return LoadedModel(desired.variant_id, desired.version, Path(vouched.manifest_digest),
+                           None, "simulated", None, [], options)  # fmt: skip
+
+    def health(self, window_s: float) -> HealthAggregate:
+        """Aggregates as the device would report them; faults degrade models after the first."""
+        active, previous = self.agent.slots.active, self.agent.slots.previous
+        later = active is not None and active.variant_id != self.first_variant_id
+        p50 = self.base_latency_ms * (10.0 if later and self.fault == "latency" else 1.0)
+        shadow = None
+        if previous is not None:
+            shadow = 0.80 if later and self.fault == "shadow" else 0.99
+        return HealthAggregate(window_s=window_s, request_count=60, error_rate=0.0,
+                               latency_p50_ms=p50, latency_p95_ms=p50 * 1.4,
+                               shadow_agreement=shadow)  # fmt: skip
+
+
+class SimulatedFleet:
+    """Start, run health rounds, stop; ``gateways`` holds every simulated agent by id."""
+
+    def __init__(
+        self, bus: Bus, registry: CachingRegistry, spec: FleetSpec, base: GatewaySettings
+    ) -> None:
+        self.bus, self.spec, self.registry = bus, spec, registry
+        self.gateways: dict[str, SimulatedGateway] = {}
+        jitter = random.Random(spec.seed + 1)  # noqa: S311
+        for gateway_id, device_class, labels, fault in spec.layout():
+            identity = {"gateway_id": gateway_id, "device_class": device_class, "labels": labels}
+            settings = base.model_copy(update=identity)
+            agent = Agent(settings, self.registry, publish=self._publish)
+            sim = SimulatedGateway(agent, fault, base_latency_ms=20.0 * jitter.uniform(0.9, 1.1))
+            agent.installer = sim.install
+            self.gateways[gateway_id] = sim
+        self._consumer: EventConsumer | None = None
+        self.durable = f"fleetsim-{spec.prefix}"
+
+    async def _publish(self, report: GatewayReport) -> None:
+        await self.bus.publish(report_event(report))
+
+    async def start(self) -> None:
+        """Listen for assignments, register every gateway, then reconcile each with KV."""
+        subject = f"{GatewayAssignment.event_type}.>"  # ids are one token: no prefix filter
+        stream = stream_for_subject(subject).name
+        spec = ConsumerSpec(stream=stream, durable=self.durable, filter_subjects=(subject,),
+                            ack_wait_s=60.0, max_deliver=5, max_ack_pending=10_000)  # fmt: skip
+        await self.bus.js.add_consumer(stream, ConsumerConfig(
+            durable_name=self.durable, filter_subject=subject, ack_wait=60.0, max_deliver=5,
+            max_ack_pending=10_000, deliver_policy=DeliverPolicy.NEW,  # the past is in KV
+        ))  # fmt: skip
+        handlers = Handlers()
+        handlers.register(GatewayAssignment, self._on_assignment, subject=subject)
+        settings = ConsumerSettings(max_concurrency=1000, fetch_batch=1000)
+        self._consumer = EventConsumer(self.bus, spec, handlers, settings)
+        await self._consumer.start()
+        await self._each(self._register)
+        kv = await self.bus.key_value(DESIRED_BUCKET)
+        await self._each(lambda sim: self._reconcile(sim, kv))
+
+    async def _register(self, sim: SimulatedGateway) -> None:
+        caps = {"simulated": True, "ram_mb": 4096}
+        await self._publish(sim.agent.report("registered", capabilities=caps))
+
+    async def _reconcile(self, sim: SimulatedGateway, kv: Any) -> None:
+        if sim.fault == "silent":
+            return
+        report = await sim.agent.reconcile(kv)
+        if report is not None:
+            await self._publish(report)
+
+    async def _on_assignment(self, event: CloudEvent[GatewayAssignment]) -> Any:
+        sim = self.gateways.get(event.data.gateway_id)
+        if sim is None or sim.fault == "silent":
+            return None  # not one of ours, or gone quiet: the rollout times it out
+        report = await sim.agent.apply(event.data)
+        return None if report is None else [report_event(report)]
+
+    async def report_health(self, window_s: float) -> int:
+        """One round of health reports from every answering gateway with a model."""
+        live = [s for s in self.gateways.values()
+                if s.fault != "silent" and s.agent.slots.active is not None]  # fmt: skip
+
+        async def one(sim: SimulatedGateway) -> None:
+            active = sim.agent.slots.active
+            assert active is not None
+            await self._publish(sim.agent.report("health", variant_id=active.variant_id,
+                                                 health=sim.health(window_s)))  # fmt: skip
+
+        await self._each(one, live)
+        return len(live)
+
+    def serving(self) -> dict[str, int]:
+        """How many gateways run each variant (``"-"``: none yet)."""
+        counts: dict[str, int] = {}
+        for sim in self.gateways.values():
+            active = sim.agent.slots.active
+            key = active.variant_id if active else "-"
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    async def stop(self) -> None:
+        if self._consumer is not None:
+            await self._consumer.stop()
+            self._consumer = None
+        await self.bus.js.delete_consumer(stream_for_subject(
+            f"{GatewayAssignment.event_type}.x").name, self.durable)  # fmt: skip
+
+    async def _each(
+        self, work: Callable[[SimulatedGateway], Awaitable[None]],
+        sims: list[SimulatedGateway] | None = None,
+    ) -> None:  # fmt: skip
+        todo = list(self.gateways.values()) if sims is None else sims
+        for start in range(0, len(todo), _BURST):
+            await asyncio.gather(*(work(s) for s in todo[start : start + _BURST]))

@@ -1,0 +1,93 @@
+"""Rollouts over a simulated fleet (real NATS, moto S3, registry, rollout service): 240
+gateways of two classes run the real agent code path - reconcile, acknowledge, verify the
+registry's signatures and their class's validation report, report - with injected faults."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from slmops.bus import Bus
+from slmops.settings import PlatformSettings
+from slmops.testing.events import await_events
+from slmops.testing.models import with_word_tokenizer
+from slmops_gateway.simulator import CachingRegistry, FleetSpec
+from slmops_rollout.app import create_app as create_rollout
+from slmops_rollout.settings import RolloutSettings
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+CLASSES = {"test-cpu": 0.5, "test-arm": 0.5}
+
+
+@contextlib.asynccontextmanager
+async def rollout_service(pipeline: Any) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_rollout(RolloutSettings(platform=PlatformSettings(), tick_s=0.2))
+    app.state.registry = CachingRegistry("http://registry", client=pipeline.registry)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://r") as api,
+    ):
+        yield api
+
+
+async def await_fleet(api: httpx.AsyncClient, count: int) -> None:
+    for _ in range(300):
+        if len((await api.get("/v1/gateways")).json()) >= count:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"the rollout service never saw {count} registered gateways")
+
+
+async def test_a_rollout_over_240_simulated_gateways_of_two_classes_completes(
+    pipeline: Any, bus: Bus, tiny_onnx: Callable[..., bytes]
+) -> None:
+    # setup: a release with one variant per class; 240 gateways over two sites, 2 whose
+    # downloads fail, 2 that go silent after registering
+    spec = FleetSpec(count=240, classes=CLASSES, labels={"site": ["berlin", "paris"]},
+                     faults={"download": 2 / 240, "silent": 2 / 240})  # fmt: skip
+    variants = await pipeline.release(bus, with_word_tokenizer(tiny_onnx()), CLASSES)
+    async with (
+        rollout_service(pipeline) as api,
+        pipeline.simulated_fleet(bus, spec) as fleet,
+    ):
+        await await_fleet(api, 240)
+
+        # execute: 5% canary, 25%, all; failures tolerated up to 20% per wave
+        policy = {"percents": [5, 25, 100], "soak_s": 0.3, "silent_timeout_s": 3,
+                  "success_threshold": 0.9, "error_threshold": 0.2}  # fmt: skip
+        started = await api.post("/v1/rollouts", json={
+            "model_name": "tiny", "version": "1.0.0", "policy": policy,
+            "overlays": [{"selector": {"site": "paris"}, "settings": {"intra_op_threads": 2}}],
+        })  # fmt: skip
+        assert started.status_code == 201, started.text
+        done = await await_events(bus, "slmops.rollout.completed.v1", count=1, timeout_s=120)
+
+        # assert: the rollout's counts are the fleet's; each class serves its own variant;
+        # the overlay reached the paris gateways only; failures say why
+        rollout_id = started.json()["rollout_id"]
+        assert (done[0].data.gateways_updated, done[0].data.gateways_failed,
+                done[0].data.gateways_silent) == (236, 2, 2)  # fmt: skip
+        waves = await await_events(bus, "slmops.rollout.wave.started.v1", count=3)
+        assert [w.data.target_count for w in waves] == [12, 48, 180]
+        for sim in fleet.gateways.values():
+            active = sim.agent.slots.active
+            if sim.fault is None:
+                assert active is not None, sim.agent.settings.gateway_id
+                assert active.variant_id == variants[sim.agent.settings.device_class].variant_id
+                threads = 2 if sim.agent.settings.labels["site"] == "paris" else 1
+                assert active.options.intra_op_threads == threads
+            else:
+                assert active is None
+        failed = await await_events(
+            bus, "slmops.gateway.report.v1.>", count=2,
+            where=lambda e: e.data.kind == "failed" and e.data.rollout_id == rollout_id,
+        )  # fmt: skip
+        assert all("connection reset (simulated fault)" in e.data.reason for e in failed)
+        status = (await api.get(f"/v1/rollouts/{rollout_id}")).json()
+        assert status["gateways"] == {"applied": 236, "failed": 2, "assigned": 2}
+        assert [w["targets"] for w in status["wave_progress"]] == [12, 48, 180]
