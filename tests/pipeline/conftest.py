@@ -14,7 +14,6 @@ import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +22,12 @@ import pytest
 
 from slmops.bus import Bus
 from slmops.cli.packaging import pack_directory
-from slmops.events import ReleaseCreated, new_event, release_id_for, variant_id_for
-from slmops.events.payloads import ArtifactRef, DesiredModel, PassSpec, Recipe, ReleaseEntry
-from slmops.reports import ValidationReport
+from slmops.events import new_event
+from slmops.events.payloads import ArtifactRef, DesiredModel
 from slmops.service.registry_api import RegistryClient
 from slmops.settings import PlatformSettings
 from slmops.testing.models import tiny_encoder_onnx
+from slmops.testing.registry import register_variant, release_of
 from slmops_gateway.settings import GatewaySettings
 from slmops_gateway.simulator import CachingRegistry, FleetSpec, SimulatedFleet
 from slmops_optimizer.app import create_app as create_optimizer
@@ -65,44 +64,15 @@ class Pipeline:
     ) -> DesiredModel:  # fmt: skip
         """A published ONNX model, one variant of it for ``device_class`` (the model itself)
         and its validation report with ``verdict``: what a gateway is assigned, made by hand."""
-        published = await self.publish(
-            data, model_name="tiny", version=version, format="onnx", task="feature-extraction",
-            device_classes=["not-a-class"],  # the optimizer plans nothing: the variant is ours
-        )  # fmt: skip
-        parent = ArtifactRef.model_validate(published["manifest"]["artifact"])
-        recipe = Recipe(name="as-is", passes=[PassSpec(name="convert")])
-        variant_id = variant_id_for(parent.digest, recipe, device_class)
-        stored = (await self.registry.post("/v1/variants", json={
-            "model_name": "tiny", "version": version, "variant_id": variant_id,
-            "device_class": device_class, "recipe": recipe.model_dump(mode="json"),
-            "artifact_digest": parent.digest,
-        })).json()  # fmt: skip
-        report = ValidationReport(
-            model_name="tiny", version=version, variant_id=variant_id, device_class=device_class,
-            recipe_name="as-is", verdict=verdict, candidate=parent, started_at=datetime.now(UTC),
-            duration_s=0.1, reason="" if verdict == "passed" else "parity.cosine_mean 0.5 < 0.98",
-        )  # fmt: skip
-        blob = (await self.registry.post("/v1/blobs", content=report.to_json())).json()
-        added = await self.registry.post(f"/v1/variants/{variant_id}/reports", json={
-            "report_digest": blob["digest"], "verdict": verdict})  # fmt: skip
-        assert added.status_code == 201, added.text
-        return DesiredModel(
-            model_name="tiny", version=version, variant_id=variant_id,
-            manifest_digest=stored["digest"], artifact=parent,
-        )  # fmt: skip
+        return await register_variant(self.registry, data, version=version,
+                                      device_class=device_class, verdict=verdict)  # fmt: skip
 
     async def release(
         self, bus: Bus, data: bytes, classes: Iterable[str], version: str = "1.0.0"
     ) -> dict[str, DesiredModel]:
         """A validated variant of ``data`` per class, announced as one release."""
         variants = {c: await self.variant(data, version=version, device_class=c) for c in classes}
-        release = ReleaseCreated(
-            release_id=release_id_for("tiny", version), model_name="tiny", version=version,
-            entries=[ReleaseEntry(device_class=c, variant_id=v.variant_id, artifact=v.artifact,
-                                  manifest_digest=v.manifest_digest)
-                     for c, v in variants.items()],
-        )  # fmt: skip
-        await bus.publish(new_event(release, source="/test"))
+        await bus.publish(new_event(release_of(variants), source="/test"))
         return variants
 
     @contextlib.asynccontextmanager

@@ -15,12 +15,13 @@ import httpx
 import pytest
 
 from slmops.bus import Bus
-from slmops.events import GatewayReport, ReleaseCreated, new_event, release_id_for
-from slmops.events.payloads import HealthAggregate, ReleaseEntry
+from slmops.events import GatewayReport, new_event
+from slmops.events.payloads import HealthAggregate
 from slmops.service.registry_api import RegistryClient
 from slmops.settings import PlatformSettings
 from slmops.testing.events import await_events
 from slmops.testing.models import with_word_tokenizer
+from slmops.testing.registry import release_of
 from slmops_gateway.app import create_app as create_gateway
 from slmops_gateway.settings import GatewaySettings
 from slmops_rollout.app import create_app as create_rollout
@@ -54,14 +55,6 @@ async def _await_fleet(rollout: httpx.AsyncClient, count: int) -> None:
     raise AssertionError(f"expected {count} registered gateways, the rollout service has {fleet}")
 
 
-def _release(desired: Any, version: str) -> ReleaseCreated:
-    return ReleaseCreated(
-        release_id=release_id_for("tiny", version), model_name="tiny", version=version,
-        entries=[ReleaseEntry(device_class="test-cpu", variant_id=desired.variant_id,
-                              artifact=desired.artifact, manifest_digest=desired.manifest_digest)],
-    )  # fmt: skip
-
-
 async def _start(rollout: httpx.AsyncClient, version: str, policy: dict[str, Any]) -> str:
     body = {"model_name": "tiny", "version": version, "selector": {"site": "lab"}, "policy": policy}
     started = await rollout.post("/v1/rollouts", json=body)
@@ -93,11 +86,7 @@ async def test_waves_advance_over_a_real_fleet_and_a_silent_gateway_does_not_blo
     # setup: a validated variant and its release; the rollout service; six live agents and
     # one gateway that registered once and then went silent
     desired = await pipeline.variant(with_word_tokenizer(tiny_onnx()), version="1.0.0")
-    release = ReleaseCreated(
-        release_id=release_id_for("tiny", "1.0.0"), model_name="tiny", version="1.0.0",
-        entries=[ReleaseEntry(device_class="test-cpu", variant_id=desired.variant_id,
-                              artifact=desired.artifact, manifest_digest=desired.manifest_digest)],
-    )  # fmt: skip
+    release = release_of({"test-cpu": desired})
     async with (
         _rollout_service(pipeline) as rollout,
         _fleet(pipeline, tmp_path) as gateways,
@@ -141,8 +130,8 @@ async def test_a_latency_regression_on_the_canary_rolls_back_only_its_gateways(
         _rollout_service(pipeline) as rollout,
         _fleet(pipeline, tmp_path) as gateways,
     ):
-        for version, desired in (("1.0.0", old), ("1.1.0", new)):
-            await bus.publish(new_event(_release(desired, version), source="/test"))
+        for desired in (old, new):
+            await bus.publish(new_event(release_of({"test-cpu": desired}), source="/test"))
         await _await_fleet(rollout, len(LIVE))
         await _start(rollout, "1.0.0", {"percents": [100], "soak_s": 0.2})
         await await_events(bus, "slmops.rollout.completed.v1", count=1, timeout_s=60)
@@ -198,7 +187,7 @@ async def test_a_paused_rollout_holds_its_wave_until_resumed(
         _rollout_service(pipeline) as rollout,
         _fleet(pipeline, tmp_path),
     ):
-        await bus.publish(new_event(_release(desired, "1.0.0"), source="/test"))
+        await bus.publish(new_event(release_of({"test-cpu": desired}), source="/test"))
         await _await_fleet(rollout, len(LIVE))
         rollout_id = await _start(rollout, "1.0.0", {"percents": [34, 100], "soak_s": 1})
 
