@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from bench import bus_throughput, optimizer, registry_throughput, validator
+from bench import bus_throughput, fleet, optimizer, registry_throughput, validator
 
 
 def main() -> None:
@@ -12,6 +12,7 @@ def main() -> None:
     registry_throughput.main()
     optimizer.main()
     validator.main()
+    fleet.main()
 
 
 if __name__ == "__main__":

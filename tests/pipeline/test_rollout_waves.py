@@ -44,12 +44,16 @@ async def _rollout_service(pipeline: Any) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-async def _await_fleet(rollout: httpx.AsyncClient, count: int) -> None:
-    """Until the fleet record holds ``count`` gateways (it fills from their registrations)."""
+async def _await_fleet(
+    rollout: httpx.AsyncClient, count: int, *, with_health: bool = False
+) -> None:
+    """Until the fleet record holds ``count`` gateways (it fills from their registrations),
+    each with a health aggregate if ``with_health``."""
     fleet: Any = []
     for _ in range(100):
         fleet = (await rollout.get("/v1/gateways")).json()
-        if isinstance(fleet, list) and len(fleet) == count:
+        complete = isinstance(fleet, list) and len(fleet) == count
+        if complete and (not with_health or all(g["health"] for g in fleet)):
             return
         await asyncio.sleep(0.1)
     raise AssertionError(f"expected {count} registered gateways, the rollout service has {fleet}")
@@ -138,7 +142,7 @@ async def test_a_latency_regression_on_the_canary_rolls_back_only_its_gateways(
         for gateway_id in LIVE:
             await bus.publish(new_event(_health(gateway_id, old.variant_id, p95_ms=4.0),
                                         source="/test"))  # fmt: skip
-        await asyncio.sleep(0.5)  # the fleet record takes the baselines in
+        await _await_fleet(rollout, len(LIVE), with_health=True)  # the baselines are in
 
         # execute: roll out 1.1.0; its canary wave gets 10x slower on the new model
         rollout_id = await _start(rollout, "1.1.0", {"percents": [34, 100], "soak_s": 5})

@@ -59,6 +59,9 @@ class Agent:
     public_key: str | None = None
     publish: Publish | None = None  # sends a report at once (acknowledgements)
     installer: Installer | None = None  # None: fetch, load and smoke-test (a simulator swaps it)
+    # Verdicts of vouch() shared by agents in one process (a simulated fleet): one signature
+    # check per (manifest, variant, class), not one per simulated gateway. None: no sharing.
+    vouched: dict[tuple[str, str, str], Vouched] | None = None
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def report(self, kind: str, **fields: Any) -> GatewayReport:
@@ -124,8 +127,13 @@ class Agent:
         if assignment.rollback and not signed_rollback:
             raise Refused("a rollback assignment without a valid registry signature")
         check_version(desired.version, running, rollback=signed_rollback)
-        vouched = await vouch(desired, registry=self.registry, public_key=self.public_key,
-                              device_class=self.settings.device_class)  # fmt: skip
+        key = (desired.manifest_digest, desired.variant_id, self.settings.device_class)
+        vouched = self.vouched.get(key) if self.vouched is not None else None
+        if vouched is None:
+            vouched = await vouch(desired, registry=self.registry, public_key=self.public_key,
+                                  device_class=self.settings.device_class)  # fmt: skip
+            if self.vouched is not None:
+                self.vouched[key] = vouched
         options = self._options(assignment)
         model = await (self.installer or self.fetch_load_and_smoke_test)(desired, vouched, options)
         self.slots.swap_in(model)

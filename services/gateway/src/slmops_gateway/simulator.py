@@ -159,11 +159,12 @@ class SimulatedFleet:
     ) -> None:
         self.bus, self.spec, self.registry = bus, spec, registry
         self.gateways: dict[str, SimulatedGateway] = {}
+        self._vouched: dict[tuple[str, str, str], Vouched] = {}
         jitter = random.Random(spec.seed + 1)  # noqa: S311
         for gateway_id, device_class, labels, fault in spec.layout():
             identity = {"gateway_id": gateway_id, "device_class": device_class, "labels": labels}
             settings = base.model_copy(update=identity)
-            agent = Agent(settings, self.registry, publish=self._publish)
+            agent = Agent(settings, self.registry, publish=self._publish, vouched=self._vouched)
             sim = SimulatedGateway(agent, fault, base_latency_ms=20.0 * jitter.uniform(0.9, 1.1))
             agent.installer = sim.install
             self.gateways[gateway_id] = sim

@@ -60,6 +60,7 @@ class Engine:
         self.live: dict[str, GroupCommit] = {}
         self.health: dict[str, tuple[str | None, HealthAggregate]] = {}  # latest, per gateway
         self._sending: dict[str, asyncio.Task[None]] = {}
+        self._sent: dict[str, int] = {}  # rollout id -> its wave sent in full
         self._loaded = asyncio.Lock()
         self._is_loaded = False
 
@@ -172,14 +173,19 @@ class Engine:
         task = self._sending.get(state.rollout_id)
         if task is not None and not task.done():
             return
+        if self._sent.get(state.rollout_id) == state.wave_index:
+            return  # all of it went out (the scan below is over the whole wave)
         wave = state.waves[state.wave_index] if state.wave_index < len(state.waves) else []
         pending = [g for g in wave if state.gateways[g].status == "pending"]
         if pending:
             self._sending[state.rollout_id] = asyncio.create_task(
-                self._send(state.rollout_id, pending), name=f"send {state.rollout_id}"
+                self._send(state.rollout_id, state.wave_index, pending),
+                name=f"send {state.rollout_id}",
             )
+        else:
+            self._sent[state.rollout_id] = state.wave_index
 
-    async def _send(self, rollout_id: str, gateway_ids: list[str]) -> None:
+    async def _send(self, rollout_id: str, wave_index: int, gateway_ids: list[str]) -> None:
         live = self.live[rollout_id]
         state = live.state
         per_s = state.policy.max_rate_per_min / 60.0
@@ -206,6 +212,7 @@ class Engine:
                 ))  # fmt: skip
             await self.deliver(assignments)
             await live.commit(batch)
+        self._sent[rollout_id] = wave_index
 
     async def deliver(self, assignments: list[GatewayAssignment]) -> None:
         """Desired states into KV, then the notifications: each pipelined."""

@@ -84,11 +84,12 @@ def health_breaches(
 ) -> dict[str, str]:
     """Applied gateways of the current wave whose health on the new model breaks a gate."""
     policy, found = state.policy, {}
-    wave = state.waves[state.wave_index] if state.wave_index < len(state.waves) else []
-    for gateway_id in wave:
-        progress, h = state.gateways[gateway_id], health.get(gateway_id)
+    for gateway_id, h in health.items():  # only gateways that reported: not the whole wave
+        progress = state.gateways.get(gateway_id)
         if (
-            progress.status != "applied"
+            progress is None
+            or progress.wave != state.wave_index
+            or progress.status != "applied"
             or h is None
             or h.request_count < policy.health_min_requests
         ):
@@ -133,20 +134,23 @@ def record(state: RolloutState, report: GatewayReport) -> bool:
 
 def figures(state: RolloutState, now: datetime) -> WaveFigures:
     wave = state.waves[state.wave_index] if state.wave_index < len(state.waves) else []
-    timeout = timedelta(seconds=state.policy.silent_timeout_s)
+    cutoff = now - timedelta(seconds=state.policy.silent_timeout_s)
     acknowledged = applied = failed = silent = rolled_back = 0
-    for gateway_id in wave:
-        progress = state.gateways[gateway_id]
-        acknowledged += progress.status not in ("pending", "assigned")
-        if progress.status == "applied":
+    gateways = state.gateways
+    for gateway_id in wave:  # on every tick, over waves of up to 100,000: kept tight
+        progress = gateways[gateway_id]
+        status = progress.status
+        if status == "applied":
             applied += 1
-        elif progress.status == "failed":
+        elif status == "failed":
             failed += 1
-        elif progress.status == "rolled_back":
+        elif status == "rolled_back":
             rolled_back += 1
-        elif (progress.status in _WAITING and progress.assigned_at is not None
-              and now - progress.assigned_at > timeout):  # fmt: skip
+        elif (status in _WAITING and progress.assigned_at is not None
+              and progress.assigned_at < cutoff):  # fmt: skip
             silent += 1
+        if status not in ("pending", "assigned"):
+            acknowledged += 1
     waiting = len(wave) - applied - failed - silent - rolled_back
     return WaveFigures(targets=len(wave), acknowledged=acknowledged, applied=applied,
                        failed=failed, silent=silent, rolled_back=rolled_back,

@@ -67,11 +67,10 @@ async def _finish(engine: Engine, state: RolloutState, reason: str) -> None:
 def wave_health(engine: Engine, state: RolloutState) -> dict[str, HealthAggregate | None]:
     """The latest health of the current wave's gateways on the model being rolled out."""
     wanted = {d.variant_id for d in state.desired.values()}
-    wave = state.waves[state.wave_index] if state.wave_index < len(state.waves) else []
     health: dict[str, HealthAggregate | None] = {}
-    for gateway_id in wave:
-        variant_id, aggregate = engine.health.get(gateway_id, (None, None))
-        if variant_id in wanted:
+    for gateway_id, (variant_id, aggregate) in engine.health.items():
+        progress = state.gateways.get(gateway_id)
+        if variant_id in wanted and progress is not None and progress.wave == state.wave_index:
             health[gateway_id] = aggregate
     return health
 

@@ -54,17 +54,28 @@ class RolloutStore:
 
     def __init__(self, kv: KeyValue) -> None:
         self.kv = kv
+        self._layouts: dict[str, list[list[str]]] = {}  # rollout id -> gateway ids per shard
+
+    def _layout(self, state: RolloutState, shard_count: int) -> list[list[str]]:
+        """Which gateways each shard holds (a rollout's gateways never change)."""
+        layout = self._layouts.get(state.rollout_id)
+        if layout is None:
+            layout = [[] for _ in range(shard_count)]
+            for gateway_id in state.gateways:
+                layout[shard_of(gateway_id, shard_count)].append(gateway_id)
+            self._layouts[state.rollout_id] = layout
+        return layout
 
     async def create(self, state: RolloutState) -> None:
         """Store a new rollout; raises ``KeyWrongLastSequenceError`` when it exists."""
-        shard_count = max(1, math.ceil(len(state.gateways) / SHARD_SIZE))
+        shard_count = shard_count_for(state)
         await self._write(state, range(shard_count), shard_count)
         await self.kv.create(_header_key(state.rollout_id), _header(state, shard_count))
 
     async def save(self, state: RolloutState, gateways: Iterable[str]) -> None:
         """Write the header and the shards holding ``gateways``."""
         shard_count = shard_count_for(state)
-        shards = {shard_of(g, shard_count) for g in gateways}
+        shards = {shard_of(g, shard_count) for g in set(gateways)}
         await self._write(state, shards, shard_count)
         await self.kv.put(_header_key(state.rollout_id), _header(state, shard_count))
 
@@ -95,13 +106,11 @@ class RolloutStore:
         return [k.removeprefix("rollout.") for k in keys if k.startswith("rollout.")]
 
     async def _write(self, state: RolloutState, shards: Iterable[int], shard_count: int) -> None:
-        members: dict[int, dict[str, GatewayProgress]] = {n: {} for n in shards}
-        if not members:
+        wanted = set(shards)
+        if not wanted:
             return
-        for gateway_id, progress in state.gateways.items():
-            shard = shard_of(gateway_id, shard_count)
-            if shard in members:
-                members[shard][gateway_id] = progress
+        layout = self._layout(state, shard_count)
+        members = {n: {g: state.gateways[g] for g in layout[n]} for n in wanted}
         await asyncio.gather(*(
             self.kv.put(_shard_key(state.rollout_id, n), _SHARD.dump_json(part, exclude_none=True))
             for n, part in members.items()

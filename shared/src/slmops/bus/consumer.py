@@ -32,6 +32,7 @@ from slmops.settings import ConsumerSettings
 from slmops.tracing import extract_trace_context
 
 log = logging.getLogger(__name__)
+_BATCH_WAIT_S = 0.05  # how long a batch pull may wait for more once messages are flowing
 
 
 @dataclass
@@ -114,7 +115,7 @@ class EventConsumer:
         self._sub = self._advisories = None
 
     async def _run(self, sub: JetStreamContext.PullSubscription) -> None:
-        settings, error_pause_s = self.settings, 0.1
+        settings, error_pause_s, drained = self.settings, 0.1, True
         while not self._stopping.is_set():
             free = settings.max_concurrency - self._busy - self._queue.qsize()
             # Pull again once a quarter of the workers are free: a pull per message would cost
@@ -123,18 +124,24 @@ class EventConsumer:
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
                 continue
+            # nats-py's fetch(n > 1) on an empty stream lingers until n messages came or the
+            # timeout passed: a burst's tail or a lone event would wait up to fetch_timeout_s.
+            # So an idle consumer long-polls for one message (returned on arrival), and a busy
+            # one asks for a batch that returns at once with what is there.
+            want = 1 if drained else min(free, settings.fetch_batch)
+            timeout_s = settings.fetch_timeout_s if drained else _BATCH_WAIT_S
             try:
-                msgs = await sub.fetch(
-                    min(free, settings.fetch_batch), timeout=settings.fetch_timeout_s
-                )
-            except nats.errors.TimeoutError:
+                msgs = await sub.fetch(want, timeout=timeout_s)
+            except (nats.errors.TimeoutError, TimeoutError):  # nothing to fetch (nats-py
+                drained = True  # raises either, depending on where the pull timed out)
                 continue
             except (nats.errors.Error, OSError) as exc:  # broker away: reconnect is automatic
-                log.info("%s: fetch failed (%s); retrying", self.spec.durable, exc)
+                log.info("%s: fetch failed (%r); retrying", self.spec.durable, exc)
                 await asyncio.sleep(error_pause_s)
                 error_pause_s = min(error_pause_s * 2, 2.0)
                 continue
             error_pause_s = 0.1
+            drained = len(msgs) < want
             for msg in msgs:
                 self._queue.put_nowait(msg)
 

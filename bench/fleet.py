@@ -1,0 +1,276 @@
+"""Rollout fan-out to a simulated fleet against a bare nats-py request/ack floor, same run.
+
+Per fleet size, on a fresh nats-server: first the floor - one connection holds a
+subscription per gateway subject and answers each request; another sends one request per
+gateway and waits for every answer (subscriptions are made before the clock starts). Then
+ours: the rollout service as its own process, the registry in this process, and a simulated
+fleet of real gateway agents in this process (one connection, one consumer). The rollout is
+one wave of every gateway, no soak. Times are from ``rollout.wave.started``: until every
+gateway's acknowledgement and every ``applied`` report reached NATS, and until the service
+announced ``rollout.completed`` (it has then folded every report in and stored it in KV).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import nats
+import psutil
+
+from slmops.bus import Bus, Topology
+from slmops.events import new_event
+from slmops.settings import PlatformSettings
+from slmops.testing.models import tiny_encoder_onnx, with_word_tokenizer
+from slmops.testing.natsserver import NatsServerProcess
+from slmops.testing.ports import free_port
+from slmops.testing.registry import register_variant, release_of
+
+SIZES = (10_000, 100_000)
+CLASS = "x86-avx512-vnni"
+
+
+@dataclass
+class Result:
+    count: int
+    floor_s: float
+    plan_s: float = 0.0
+    acked_s: float = 0.0
+    applied_s: float = 0.0
+    completed_s: float = 0.0
+    messages: int = 0
+    service_peak_mb: float = 0.0
+    fleet_rss_mb: float = 0.0
+    register_s: float = 0.0
+
+
+async def floor(url: str, count: int) -> float:
+    """Bare request/ack to ``count`` per-gateway subjects (the fastest a fan-out can be)."""
+    fleet, sender = await nats.connect(url), await nats.connect(url)
+
+    async def answer(msg: Any) -> None:
+        await fleet.publish(msg.reply, b"ack")
+
+    for i in range(count):
+        await fleet.subscribe(f"floor.gw.{i}", cb=answer)
+    await fleet.flush()
+    done, answered = asyncio.Event(), 0
+
+    async def on_ack(msg: Any) -> None:
+        nonlocal answered
+        answered += 1
+        if answered == count:
+            done.set()
+
+    inbox = sender.new_inbox()
+    await sender.subscribe(f"{inbox}.*", cb=on_ack)
+    await sender.flush()
+    start = time.perf_counter()
+    for i in range(count):
+        await sender.publish(f"floor.gw.{i}", b"assign", reply=f"{inbox}.{i}")
+    await sender.flush()
+    await asyncio.wait_for(done.wait(), 600)
+    elapsed = time.perf_counter() - start
+    await fleet.close()
+    await sender.close()
+    return elapsed
+
+
+class PeakRss:
+    """Samples this process's RSS in a thread: the growth while the fleet is alive."""
+
+    def __init__(self) -> None:
+        self.base = self.peak = psutil.Process().memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, me.memory_info().rss)
+
+    def growth_mb(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return (self.peak - self.base) / 2**20
+
+
+@contextlib.contextmanager
+def service_process(name: str, env: dict[str, str]) -> Any:
+    """``slmops_<name>`` as its own process on a free port (killed at the end)."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", f"slmops_{name}"],
+        env={**os.environ, **env, f"SLMOPS_{name.upper()}_PORT": str(port),
+             "SLMOPS_LOG_LEVEL": "warning"},
+    )  # fmt: skip
+    try:
+        yield process, f"http://127.0.0.1:{port}"
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+
+
+def peak_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def ours(bus: Bus, count: int, result: Result) -> None:
+    from slmops_gateway.settings import GatewaySettings
+    from slmops_gateway.simulator import CachingRegistry, FleetSpec, SimulatedFleet
+
+    env = {k: v for k, v in os.environ.items() if k.startswith("SLMOPS_")}
+    with (
+        service_process("registry", env) as (_, registry_url),
+        service_process("rollout", {**env, "SLMOPS_ROLLOUT_TICK_S": "0.1"}) as (rollout, url),
+    ):
+        async with (
+            httpx.AsyncClient(base_url=registry_url, timeout=60) as registry,
+            httpx.AsyncClient(base_url=url, timeout=600) as api,
+        ):
+            await _ready(registry)
+            await _ready(api)
+            model = with_word_tokenizer(tiny_encoder_onnx())
+            variant = await register_variant(registry, model, device_class=CLASS)
+            await bus.publish(new_event(release_of({CLASS: variant}), source="/bench"))
+            rss = PeakRss()
+            spec = FleetSpec(count=count, classes={CLASS: 1.0}, prefix=f"b{count}")
+            cache = CachingRegistry(registry_url)
+            fleet = SimulatedFleet(bus, cache, spec, GatewaySettings(platform=PlatformSettings()))
+            began = time.perf_counter()
+            await fleet.start()
+            await _until_registered(bus, count)
+            result.register_s = time.perf_counter() - began
+            marks = await _watch(bus, count)
+            policy = {"percents": [100], "soak_s": 0, "success_threshold": 1.0,
+                      "max_rate_per_min": 100_000_000, "silent_timeout_s": 3600}  # fmt: skip
+            posted = time.perf_counter()
+            started = await api.post("/v1/rollouts", json={
+                "model_name": "tiny", "version": "1.0.0", "policy": policy})  # fmt: skip
+            assert started.status_code == 201, started.text
+            await asyncio.wait_for(marks["completed"].wait(), 900)
+            wave = marks["wave"]
+            result.plan_s = wave - posted
+            result.acked_s = marks["acked"] - wave
+            result.applied_s = marks["applied"] - wave
+            result.completed_s = marks["completed_at"] - wave
+            result.messages = 4 * count  # desired-state puts, assignments, acks, applied
+            result.fleet_rss_mb = rss.growth_mb()
+            result.service_peak_mb = peak_mb(rollout.pid)
+            serving = fleet.serving()
+            assert serving.get(variant.variant_id) == count, serving
+            await fleet.stop()
+            await cache.close()
+
+
+async def _ready(api: httpx.AsyncClient) -> None:
+    for _ in range(600):
+        with contextlib.suppress(httpx.HTTPError):
+            if (await api.get("/readyz")).status_code == 200:
+                return
+        await asyncio.sleep(0.1)
+    raise RuntimeError("the rollout service never became ready")
+
+
+async def _until_registered(bus: Bus, count: int) -> None:
+    """Until the rollout service's fleet record holds every simulated gateway."""
+    for _ in range(6000):
+        info = await bus.js.stream_info("KV_slmops-gateways")
+        if info.state.messages >= count:
+            return
+        await asyncio.sleep(0.1)
+    raise RuntimeError("the fleet never registered")
+
+
+async def _watch(bus: Bus, count: int) -> dict[str, Any]:
+    """Core subscriptions timing the last acknowledgement, applied report and the events."""
+    marks: dict[str, Any] = {"completed": asyncio.Event()}
+    seen = {"acknowledged": 0, "applied": 0}
+
+    async def on_report(msg: Any) -> None:
+        for kind in seen:
+            if f'"kind":"{kind}"'.encode() in msg.data:
+                seen[kind] += 1
+                if seen[kind] == count:
+                    marks["acked" if kind == "acknowledged" else "applied"] = time.perf_counter()
+
+    async def on_rollout(msg: Any) -> None:
+        if msg.subject.startswith("slmops.rollout.wave.started"):
+            marks["wave"] = time.perf_counter()
+        elif msg.subject.startswith("slmops.rollout.completed"):
+            marks["completed_at"] = time.perf_counter()
+            marks["completed"].set()
+
+    await bus.nc.subscribe("slmops.gateway.report.v1.>", cb=on_report)
+    await bus.nc.subscribe("slmops.rollout.>", cb=on_rollout)
+    await bus.nc.flush()
+    return marks
+
+
+async def measure(count: int) -> Result:
+    from bench.optimizer.jobs import s3_store
+
+    with tempfile.TemporaryDirectory(prefix="slmops-fleet-") as tmp:
+        server = NatsServerProcess(Path(tmp) / "nats")
+        server.start()
+        os.environ["SLMOPS_NATS_URL"] = server.url
+        try:
+            result = Result(count=count, floor_s=await floor(server.url, count))
+            with s3_store(Path(tmp) / "var"):
+                bus = await Bus.connect(server.url, source="/bench")
+                await bus.declare(Topology())
+                await ours(bus, count, result)
+                await bus.close()
+            return result
+        finally:
+            os.environ.pop("SLMOPS_NATS_URL", None)
+            server.stop()
+
+
+def table(results: list[Result]) -> str:
+    lines = [
+        "| gateways | floor: bare request/ack | plan | all acknowledged (ratio to floor) "
+        "| all applied | rollout completed | msgs/s | rollout service peak MB "
+        "| fleet sim RSS growth MB | fleet registered in |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.count:,} | {r.floor_s:.2f} s | {r.plan_s:.2f} s | {r.acked_s:.2f} s "
+            f"({r.acked_s / r.floor_s:.1f}x) | {r.applied_s:.2f} s | {r.completed_s:.2f} s "
+            f"| {r.messages / r.completed_s:,.0f} | {r.service_peak_mb:.0f} "
+            f"| {r.fleet_rss_mb:.0f} | {r.register_s:.1f} s |"
+        )
+    return "\n".join(lines)
+
+
+async def run(sizes: tuple[int, ...]) -> list[Result]:
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    return [await measure(n) for n in sizes]
+
+
+def main() -> None:
+    quick = os.environ.get("SLMOPS_BENCH_QUICK") == "1"
+    sizes = (10_000,) if quick else SIZES
+    results = asyncio.run(run(sizes))
+    print("\n## Rollout fan-out to a simulated fleet (one wave, every gateway)\n")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
