@@ -91,7 +91,7 @@ class PeakRss:
     """Samples this process's RSS in a thread: the growth while the fleet is alive."""
 
     def __init__(self) -> None:
-        self.base = self.peak = psutil.Process().memory_info().rss
+        self.base = self.peak = int(psutil.Process().memory_info().rss)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -104,7 +104,7 @@ class PeakRss:
     def growth_mb(self) -> float:
         self._stop.set()
         self._thread.join()
-        return (self.peak - self.base) / 2**20
+        return float(self.peak - self.base) / 2**20
 
 
 @contextlib.contextmanager
