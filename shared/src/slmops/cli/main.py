@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from slmops.cli import optimizer, registry, report, stack
+from slmops.cli import fleet, optimizer, registry, report, rollout, stack
 
 app = typer.Typer(
     name="slmops",
@@ -19,6 +19,8 @@ schemas_app = typer.Typer(help="Event contracts as JSON Schema.", no_args_is_hel
 app.add_typer(schemas_app, name="schemas")
 jobs_app = typer.Typer(help="Optimization jobs.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(rollout.app, name="rollout")
+app.add_typer(fleet.app, name="fleet")
 
 app.command("up")(stack.up)
 app.command("down")(stack.down)

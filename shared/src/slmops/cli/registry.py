@@ -42,6 +42,10 @@ class CliSettings(BaseSettings):
         "http://127.0.0.1:8102",
         description="Base URL of the optimizer HTTP API (`slmops up` serves it on port 8102).",
     )
+    rollout_url: str = Field(
+        "http://127.0.0.1:8104",
+        description="Base URL of the rollout HTTP API (`slmops up` serves it on port 8104).",
+    )
 
 
 class CliError(Exception):

@@ -1,0 +1,100 @@
+"""`slmops fleet simulate`: thousands of simulated gateways running the real agent code
+(``slmops_gateway.simulator``) against this platform's NATS and registry, until Ctrl-C."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Annotated, Any
+
+import typer
+
+from slmops.cli.registry import CliSettings, RegistryUrl, _fail, _out
+
+app = typer.Typer(help="Simulated gateway fleets.", no_args_is_help=True)
+
+
+def _shares(text: str, what: str) -> dict[str, float]:
+    """``a=0.5,b=0.5`` (or ``a,b``: equal shares)."""
+    shares: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, _, value = part.partition("=")
+        try:
+            shares[key] = float(value) if value else 1.0
+        except ValueError:
+            _fail(f"{what}: {part!r} is not NAME=SHARE")
+    return shares
+
+
+@app.command()
+def simulate(
+    count: Annotated[int, typer.Option(help="How many gateways.")] = 500,
+    classes: Annotated[str, typer.Option(help="Device classes and shares, e.g. "
+                                         "x86-avx512-vnni=0.7,arm64-pi5=0.3.")] = "x86-avx512-vnni",
+    faults: Annotated[str, typer.Option(help="Shares of the fleet with a fault: download, "
+                                        "smoke, latency, shadow, silent (e.g. silent=0.01).")] = "",
+    label: Annotated[list[str], typer.Option(help="KEY=V1,V2: labels spread over the fleet "
+                                             "(repeatable).")] = [],  # noqa: B006
+    prefix: Annotated[str, typer.Option(help="Gateway ids are PREFIX-000000...")] = "sim",
+    health_interval_s: Annotated[float, typer.Option(help="Seconds between health "
+                                                     "reports.")] = 30.0,
+    duration_s: Annotated[float, typer.Option(help="Stop after this long (0: Ctrl-C).")] = 0.0,
+    registry_url: RegistryUrl = None,
+) -> None:  # fmt: skip
+    """Run a simulated fleet: register, reconcile, verify, install (simulated), report."""
+    try:
+        from slmops_gateway.simulator import FleetSpec
+    except ImportError:
+        _fail("the gateway service is not installed here: `make install` installs it")
+    labels: dict[str, list[str]] = {}
+    for item in label:
+        key, _, values = item.partition("=")
+        if not key or not values:
+            _fail(f"--label must be KEY=V1,V2, not {item!r}")
+        labels[key] = values.split(",")
+    try:
+        spec = FleetSpec(
+            count=count,
+            classes=_shares(classes, "--classes"),
+            labels=labels,
+            faults=_shares(faults, "--faults"),
+            prefix=prefix,
+        )
+    except ValueError as exc:
+        _fail(str(exc))
+    url = registry_url or CliSettings().registry_url
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: the fleet stops cleanly
+        asyncio.run(_run(spec, url, health_interval_s, duration_s))
+
+
+async def _run(spec: Any, registry_url: str, health_interval_s: float, duration_s: float) -> None:
+    from slmops.bus import Bus
+    from slmops.settings import PlatformSettings
+    from slmops_gateway.settings import GatewaySettings
+    from slmops_gateway.simulator import CachingRegistry, SimulatedFleet
+
+    platform = PlatformSettings()
+    try:
+        bus = await Bus.connect(platform.nats_url, source="/slmops/fleetsim")
+    except Exception as exc:
+        _fail(f"NATS not reachable at {platform.nats_url} ({exc}): start it with `slmops up`")
+    registry = CachingRegistry(registry_url)
+    fleet = SimulatedFleet(bus, registry, spec, GatewaySettings(platform=platform))
+    started = time.monotonic()
+    await fleet.start()
+    _out.print(f"{spec.count} simulated gateways registered in "
+               f"{time.monotonic() - started:.1f} s; Ctrl-C stops them")  # fmt: skip
+    next_health = time.monotonic() + health_interval_s
+    try:
+        while not duration_s or time.monotonic() - started < duration_s:
+            await asyncio.sleep(min(5.0, duration_s or 5.0))
+            if time.monotonic() >= next_health:
+                await fleet.report_health(health_interval_s)
+                next_health += health_interval_s
+            serving = ", ".join(f"{v}: {n}" for v, n in sorted(fleet.serving().items()))
+            _out.print(f"serving - {serving}")
+    finally:
+        await fleet.stop()
+        await registry.close()
+        await bus.close()

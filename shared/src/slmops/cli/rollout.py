@@ -1,0 +1,180 @@
+"""`slmops rollout start|status|approve|pause|resume|cancel|rollback NAME VERSION`: staged
+rollouts through the rollout service's API, found by model name and version."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from slmops.cli.registry import CliError, CliSettings, RegistryClient, _fail, _out
+from slmops.cli.render import text_row
+
+
+class RolloutClient(RegistryClient):
+    service = "rollout service"
+    env_var = "SLMOPS_ROLLOUT_URL"
+
+    def default_url(self) -> str:
+        return CliSettings().rollout_url
+
+
+app = typer.Typer(help="Staged rollouts to the fleet, gated by on-device health.",
+                  no_args_is_help=True)  # fmt: skip
+Name = Annotated[str, typer.Argument(help="Model name.")]
+Version = Annotated[str, typer.Argument(help="Model version (its release is rolled out).")]
+RolloutUrl = Annotated[
+    str | None,
+    typer.Option("--rollout-url", show_default=False,
+                 help="Rollout service URL (default: $SLMOPS_ROLLOUT_URL, else "
+                 "http://127.0.0.1:8104)."),
+]  # fmt: skip
+JsonOutput = Annotated[bool, typer.Option("--json", help="Print the JSON the service answered.")]
+RolloutId = Annotated[
+    str | None,
+    typer.Option("--rollout-id", help="Which rollout, when the version has several "
+                 "(different selectors)."),
+]  # fmt: skip
+Reason = Annotated[str, typer.Option("--reason", help="Why, kept with the rollout.")]
+
+
+def _pairs(values: list[str], what: str) -> dict[str, str]:
+    bad = [v for v in values if "=" not in v]
+    if bad:
+        _fail(f"{what} must be key=value, not {bad}")
+    return dict(v.split("=", 1) for v in values)
+
+
+@app.command()
+def start(
+    name: Name,
+    version: Version,
+    selector: Annotated[list[str], typer.Option(help="key=value a gateway's labels must "
+                                                "have (repeatable).")] = [],  # noqa: B006
+    percents: Annotated[str, typer.Option(help="Cumulative % per wave.")] = "1,10,50,100",
+    soak_s: Annotated[float, typer.Option(help="Health gates must hold this long per wave.")] = 60,
+    approval_wave: Annotated[list[int], typer.Option(help="A wave that waits for "
+                                                     "`approve` (repeatable).")] = [],  # noqa: B006
+    rollback_scope: Annotated[str, typer.Option(help="gateways or fleet.")] = "gateways",
+    policy: Annotated[str, typer.Option(help="More policy fields as JSON, e.g. "
+                                        '\'{"max_rate_per_min": 1000}\'.')] = "{}",
+    overlay: Annotated[list[str], typer.Option(help="SELECTOR:SETTING=N, e.g. "
+                                               "site=paris:intra_op_threads=2.")] = [],  # noqa: B006
+    json_output: JsonOutput = False,
+    rollout_url: RolloutUrl = None,
+) -> None:  # fmt: skip
+    """Start rolling out a version's release in waves."""
+    try:
+        extra = json.loads(policy)
+        wave_percents = [float(p) for p in percents.split(",")]
+    except ValueError as exc:
+        _fail(f"--policy must be a JSON object and --percents numbers: {exc}")
+    body = {
+        "model_name": name, "version": version, "selector": _pairs(selector, "--selector"),
+        "policy": {"percents": wave_percents, "soak_s": soak_s, "approval_waves": approval_wave,
+                   "rollback_scope": rollback_scope, **extra},
+        "overlays": [_overlay(o) for o in overlay],
+    }  # fmt: skip
+    result = _call("POST", "/v1/rollouts", rollout_url, json=body)
+    if json_output:
+        print(json.dumps(result, indent=2))
+        return
+    _out.print(f"rollout {result['rollout_id']} of {name} {version}: {result['status']}, "
+               f"waves of {result['waves']} gateways")  # fmt: skip
+
+
+def _overlay(text: str) -> dict[str, Any]:
+    labels, _, settings = text.rpartition(":")
+    pairs = _pairs(settings.split(","), "--overlay settings")
+    try:
+        values = {k: int(v) for k, v in pairs.items()}
+    except ValueError:
+        _fail(f"--overlay settings are whole numbers: {text}")
+    return {"selector": _pairs([s for s in labels.split(",") if s], "--overlay selector"),
+            "settings": values}  # fmt: skip
+
+
+@app.command()
+def status(
+    name: Name, version: Version, json_output: JsonOutput = False, rollout_url: RolloutUrl = None
+) -> None:
+    """Each rollout of the version: its waves' progress and what the gates say next."""
+    found = _call("GET", "/v1/rollouts", rollout_url,
+                  params={"model_name": name, "version": version})  # fmt: skip
+    if json_output:
+        print(json.dumps(found, indent=2))
+        return
+    if not found:
+        _fail(f"no rollout of {name} {version}: start one with `slmops rollout start`")
+    for rollout in found:
+        _print_status(rollout)
+
+
+def _print_status(r: dict[str, Any]) -> None:
+    _out.print(f"rollout {r['rollout_id']} of {r['model_name']} {r['version']}: {r['status']}"
+               + (f" ({r['reason']})" if r.get("reason") else ""))  # fmt: skip
+    table = Table(title_justify="left")
+    columns = ("wave", "targets", "pending", "assigned", "acknowledged", "applied", "failed",
+               "rolled back")  # fmt: skip
+    for column in columns:
+        table.add_column(column)
+    for wave in r["wave_progress"]:
+        g = wave["gateways"]
+        marker = " <" if wave["index"] == r["wave_index"] and r["status"] != "completed" else ""
+        table.add_row(*text_row(
+            f"{wave['index']}{marker}", wave["targets"], g.get("pending", 0),
+            g.get("assigned", 0), g.get("acknowledged", 0), g.get("applied", 0),
+            g.get("failed", 0), g.get("rolled_back", 0),
+        ))  # fmt: skip
+    _out.print(table, soft_wrap=False)
+    current, gates = r["current_wave"], r["gates"]
+    _out.print(f"current wave: {current['applied']} applied, {current['failed']} failed, "
+               f"{current['silent']} silent of {current['targets']}; next: "
+               f"{gates['next_step']} - {gates['why']}")  # fmt: skip
+
+
+def _control(action: str) -> Any:
+    def command(
+        name: Name, version: Version, reason: Reason = "", rollout_id: RolloutId = None,
+        json_output: JsonOutput = False, rollout_url: RolloutUrl = None,
+    ) -> None:  # fmt: skip
+        chosen = rollout_id or _only_rollout(name, version, rollout_url)
+        result = _call("POST", f"/v1/rollouts/{chosen}/{action}", rollout_url,
+                       json={"reason": reason})  # fmt: skip
+        if json_output:
+            print(json.dumps(result, indent=2))
+            return
+        _print_status(result)
+
+    command.__doc__ = {
+        "pause": "Hold the rollout in its current wave.",
+        "resume": "Carry on after a pause (or an automatic rollback).",
+        "cancel": "Stop the rollout: nothing more is assigned (gateways keep what they run).",
+        "approve": "Let the next wave start (for waves the policy holds for approval).",
+        "rollback": "Roll every gateway the rollout reached back to what it ran (signed).",
+    }[action]
+    return command
+
+
+for _action in ("approve", "pause", "resume", "cancel", "rollback"):
+    app.command(_action)(_control(_action))
+
+
+def _only_rollout(name: str, version: str, url: str | None) -> str:
+    found = _call("GET", "/v1/rollouts", url, params={"model_name": name, "version": version})
+    if not found:
+        _fail(f"no rollout of {name} {version}: start one with `slmops rollout start`")
+    if len(found) > 1:
+        ids = ", ".join(r["rollout_id"] for r in found)
+        _fail(f"{name} {version} has {len(found)} rollouts ({ids}): choose with --rollout-id")
+    return str(found[0]["rollout_id"])
+
+
+def _call(method: str, path: str, url: str | None, **kwargs: Any) -> Any:
+    try:
+        with RolloutClient(url) as client:
+            return client.call(method, path, **kwargs).json()
+    except CliError as exc:
+        _fail(str(exc))
