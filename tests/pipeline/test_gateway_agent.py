@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 
 from slmops.bus import Bus
@@ -34,10 +35,13 @@ def registry_chunk_min_mb() -> float:
 
 
 @contextlib.asynccontextmanager
-async def _gateway(pipeline: Any, tmp_path: Path, gateway_id: str) -> AsyncIterator[Any]:
+async def _gateway(
+    pipeline: Any, tmp_path: Path, gateway_id: str, **overrides: Any
+) -> AsyncIterator[Any]:
     settings = GatewaySettings(
         platform=PlatformSettings(), gateway_id=gateway_id, device_class="test-cpu",
         labels={"site": "lab"}, models_dir=tmp_path / gateway_id, health_interval_s=0.5,
+        **overrides,
     )  # fmt: skip
     app = create_app(settings)
     app.state.agent.registry = RegistryClient("http://registry", client=pipeline.registry)
@@ -187,3 +191,55 @@ async def test_a_new_chunked_variant_downloads_only_what_changed(
         # assert: serving the new variant, fetched a fraction of it
         assert (await api.get("/v1/slots")).json()["active"]["variant_id"] == second.variant_id
         assert 0 < agent.last_fetch_bytes < 0.25 * second.artifact.size_bytes
+
+
+async def test_after_a_rollout_install_sampled_requests_measure_shadow_agreement(
+    pipeline: Any, bus: Bus, tiny_onnx: Callable[..., bytes], tmp_path: Path
+) -> None:
+    # setup: gw-3 serves 1.0.0; its embeddings of TEXTS are the reference
+    base = with_word_tokenizer(tiny_onnx())
+    first = await pipeline.variant(base, version="1.0.0")
+    second = await pipeline.variant(_nudged(base), version="1.1.0")
+    desired = await bus.key_value("slmops-desired-state")
+    await desired.put("gw-3", _assignment("gw-3", 1, first).model_dump_json().encode())
+    async with _gateway(pipeline, tmp_path, "gw-3", shadow_sample_rate=1.0) as api:
+        await _report(bus, "gw-3", "applied", generation=1)
+        before = (await api.post("/v1/infer", json={"texts": TEXTS})).json()["outputs"]
+
+        # execute: a rollout installs 1.1.0; three requests are served (and shadowed)
+        assignment = GatewayAssignment(gateway_id="gw-3", generation=2, desired=second,
+                                       rollout_id="ro-shadow")  # fmt: skip
+        await bus.publish(new_event(assignment, source="/test"))
+        await _report(bus, "gw-3", "applied", generation=2)
+        after = []
+        for _ in range(3):
+            after = (await api.post("/v1/infer", json={"texts": TEXTS})).json()["outputs"]
+        health = await await_events(
+            bus, "slmops.gateway.report.v1.gw-3", count=1, timeout_s=30,
+            where=lambda e: e.data.kind == "health" and e.data.health.shadow_samples > 0,
+        )  # fmt: skip
+
+        # assert: the agreement is the cosine of old and new embeddings of the same inputs
+        cosines = [
+            float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+            for a, b in zip(after, before, strict=True)
+        ]
+        aggregate = health[0].data.health
+        assert health[0].data.variant_id == second.variant_id
+        assert aggregate.shadow_agreement == pytest.approx(float(np.mean(cosines)), abs=1e-5)
+        assert 0.5 < aggregate.shadow_agreement < 0.9999  # close, and not trivially equal
+
+
+def _nudged(data: bytes) -> bytes:
+    """The same model with noise on its last layer: outputs close to, not equal to, before."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load_from_string(data)
+    noise = np.random.default_rng(0)
+    for i, init in enumerate(model.graph.initializer):
+        if init.name == "w2":
+            values = numpy_helper.to_array(init)
+            values = values + noise.normal(0, 0.3 * values.std(), values.shape).astype(np.float32)
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(values, "w2"))
+    return bytes(model.SerializeToString())

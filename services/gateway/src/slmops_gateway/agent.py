@@ -57,6 +57,7 @@ class Agent:
     generation: int = -1  # the newest assignment handled
     last_fetch_bytes: int = 0  # what the newest install downloaded
     public_key: str | None = None
+    shadowing: bool = False  # sampled requests also run on the previous model
     publish: Publish | None = None  # sends a report at once (acknowledgements)
     installer: Installer | None = None  # None: fetch, load and smoke-test (a simulator swaps it)
     # Verdicts of vouch() shared by agents in one process (a simulated fleet): one signature
@@ -137,6 +138,9 @@ class Agent:
         options = self._options(assignment)
         model = await (self.installer or self.fetch_load_and_smoke_test)(desired, vouched, options)
         self.slots.swap_in(model)
+        # A rollout's new model is compared with the one it replaced on sampled requests
+        # (shadow agreement); a rollback's is not on trial.
+        self.shadowing = assignment.rollout_id is not None and not assignment.rollback
         self.health.take()  # a new window: the next health report is about this model only
         log.info("now serving %s (%s)", desired.variant_id, desired.version)
 

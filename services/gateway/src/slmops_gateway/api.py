@@ -7,6 +7,7 @@ Health, readiness and /v1/runtime come from the SDK for every service.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from typing import Any
 
@@ -15,6 +16,7 @@ from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel, Field, model_validator
 
 from slmops_gateway.agent import Agent
+from slmops_gateway.slots import LoadedModel
 
 router = APIRouter(prefix="/v1", tags=["gateway"])
 
@@ -43,11 +45,46 @@ async def infer(body: InferRequest, request: Request) -> dict[str, Any]:
         agent.health.record((time.perf_counter() - started) * 1000, ok=False)
         raise HTTPException(422, str(exc)) from None
     agent.health.record((time.perf_counter() - started) * 1000, ok=True)
-    if model.task == "text-generation":
-        result: list[Any] = [int(out[0, -1].argmax()) for out in outputs]  # next token ids
-    else:
-        result = [np.asarray(out[0].mean(axis=0)).tolist() for out in outputs]  # embeddings
+    result = summarize(model, outputs)
+    previous = agent.slots.previous
+    rate = agent.settings.shadow_sample_rate
+    if agent.shadowing and previous is not None and random.random() < rate:  # noqa: S311
+        task = asyncio.create_task(_shadow(agent, previous, body, result))  # after the answer
+        _SHADOWS.add(task)
+        task.add_done_callback(_SHADOWS.discard)
     return {"variant_id": model.variant_id, "version": model.version, "outputs": result}
+
+
+_SHADOWS: set[asyncio.Task[None]] = set()  # running shadow comparisons (kept referenced)
+
+
+def summarize(model: LoadedModel, outputs: list[Any]) -> list[Any]:
+    """Per input: the next token id (generation) or the mean-pooled embedding."""
+    if model.task == "text-generation":
+        return [int(out[0, -1].argmax()) for out in outputs]
+    return [np.asarray(out[0].mean(axis=0)).tolist() for out in outputs]
+
+
+def agreement(a: Any, b: Any) -> float:
+    """Same next token (1 or 0), or the cosine of two embeddings clipped to [0, 1]."""
+    if isinstance(a, int) or isinstance(b, int):
+        return float(a == b)
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if x.shape != y.shape:
+        return 0.0
+    norm = float(np.linalg.norm(x) * np.linalg.norm(y))
+    return float(np.clip(x @ y / norm, 0.0, 1.0)) if norm else 0.0
+
+
+async def _shadow(
+    agent: Agent, previous: LoadedModel, body: InferRequest, served: list[Any]
+) -> None:
+    try:
+        before = summarize(previous, await asyncio.to_thread(previous.run, body.texts, body.ids))
+    except Exception:  # the previous model cannot run this input: nothing to compare
+        return
+    for new, old in zip(served, before, strict=False):
+        agent.health.record_shadow(agreement(new, old))
 
 
 @router.get("/slots", summary="The active and previous models")

@@ -18,18 +18,25 @@ class HealthWindow:
         self._started = time.monotonic()
         self._latencies_ms: list[float] = []
         self._errors = 0
+        self._shadow: list[float] = []
 
     def record(self, latency_ms: float, ok: bool) -> None:
         with self._lock:
             self._latencies_ms.append(latency_ms)
             self._errors += 0 if ok else 1
 
+    def record_shadow(self, agreement: float) -> None:
+        """How far the previous model agreed with the serving one on one sampled input."""
+        with self._lock:
+            self._shadow.append(agreement)
+
     def take(self) -> HealthAggregate:
         """The aggregate of the window so far; a new window starts."""
         with self._lock:
-            latencies, errors = self._latencies_ms, self._errors
+            latencies, errors, shadow = self._latencies_ms, self._errors, self._shadow
             window_s = max(time.monotonic() - self._started, 1e-3)
-            self._latencies_ms, self._errors, self._started = [], 0, time.monotonic()
+            self._latencies_ms, self._errors, self._shadow = [], 0, []
+            self._started = time.monotonic()
         count = len(latencies)
         return HealthAggregate(
             window_s=window_s,
@@ -37,4 +44,6 @@ class HealthWindow:
             error_rate=errors / count if count else 0.0,
             latency_p50_ms=float(np.percentile(latencies, 50)) if count else None,
             latency_p95_ms=float(np.percentile(latencies, 95)) if count else None,
+            shadow_agreement=float(np.mean(shadow)) if shadow else None,
+            shadow_samples=len(shadow),
         )

@@ -32,6 +32,11 @@ class GatewaySettings(ServiceSettings):
     )
     intra_op_threads: int = Field(1, ge=1, le=64, description="ONNX Runtime threads per session.")
     max_input_tokens: int = Field(256, ge=1, description="Longest input served, in tokens.")
+    shadow_sample_rate: float = Field(
+        0.1, ge=0, le=1,
+        description="Share of requests also run on the previous model after a rollout's "
+        "install, to report shadow agreement (0: never).",
+    )  # fmt: skip
     health_interval_s: float = Field(
         30.0, gt=0, description="How often it reports health aggregates, in seconds."
     )

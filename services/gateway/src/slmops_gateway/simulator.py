@@ -148,7 +148,8 @@ class SimulatedGateway:
             shadow = 0.80 if later and self.fault == "shadow" else 0.99
         return HealthAggregate(window_s=window_s, request_count=60, error_rate=0.0,
                                latency_p50_ms=p50, latency_p95_ms=p50 * 1.4,
-                               shadow_agreement=shadow)  # fmt: skip
+                               shadow_agreement=shadow,
+                               shadow_samples=6 if shadow is not None else 0)  # fmt: skip
 
 
 class SimulatedFleet:
