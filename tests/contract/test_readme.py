@@ -10,8 +10,11 @@ from pydantic_settings import BaseSettings
 from slmops.cli.registry import CliSettings
 from slmops.settings import ConsumerSettings, PlatformSettings, ServiceSettings
 from slmops.stack.components import StackSettings
+from slmops_gateway.settings import GatewaySettings
 from slmops_optimizer.settings import OptimizerSettings
 from slmops_registry.settings import RegistrySettings
+from slmops_rollout.settings import RolloutSettings
+from slmops_validator.settings import ValidatorSettings
 
 README = (Path(__file__).parents[2] / "README.md").read_text()
 
@@ -24,6 +27,9 @@ README = (Path(__file__).parents[2] / "README.md").read_text()
         StackSettings,
         RegistrySettings,
         OptimizerSettings,
+        ValidatorSettings,
+        RolloutSettings,
+        GatewaySettings,
         CliSettings,
     ],
 )

@@ -58,7 +58,7 @@ def _assignment(gateway_id: str, generation: int, desired: DesiredModel) -> Gate
 
 async def _report(bus: Bus, gateway_id: str, kind: str, generation: int | None = None) -> Any:
     events = await await_events(
-        bus, f"slmops.gateway.report.v1.{gateway_id}", count=1, timeout_s=60,
+        bus, f"slmops.gateway.report.v1.{kind}.{gateway_id}", count=1, timeout_s=60,
         where=lambda e: e.data.kind == kind
         and (generation is None or e.data.generation == generation),
     )  # fmt: skip
@@ -215,7 +215,7 @@ async def test_after_a_rollout_install_sampled_requests_measure_shadow_agreement
         for _ in range(3):
             after = (await api.post("/v1/infer", json={"texts": TEXTS})).json()["outputs"]
         health = await await_events(
-            bus, "slmops.gateway.report.v1.gw-3", count=1, timeout_s=30,
+            bus, "slmops.gateway.report.v1.health.gw-3", count=1, timeout_s=30,
             where=lambda e: e.data.kind == "health" and e.data.health.shadow_samples > 0,
         )  # fmt: skip
 

@@ -17,7 +17,14 @@ from functools import partial
 from typing import Any
 
 from slmops.bus import Handlers
-from slmops.events import CloudEvent, ModelPublished, ModelRejected, TransientError, new_event
+from slmops.events import (
+    CloudEvent,
+    GatewayReport,
+    ModelPublished,
+    ModelRejected,
+    TransientError,
+    new_event,
+)
 from slmops.events.envelope import derive_event_id
 from slmops_registry.errors import RegistryError
 from slmops_registry.projection import PROJECTED, LineageStore, project
@@ -87,5 +94,13 @@ def build_handlers(get_publisher: GetPublisher, get_lineage: GetLineage) -> Hand
     )
     for payload_type in PROJECTED:
         if payload_type is not ModelPublished:
-            handlers.register(payload_type, partial(on_lineage_event, get_lineage=get_lineage))
+            # Of gateway reports, lineage keeps which variant each gateway runs: applied and
+            # failed ones (registrations, acknowledgements and health are not lineage).
+            subjects = (
+                [f"{GatewayReport.event_type}.{kind}.>" for kind in ("applied", "failed")]
+                if payload_type is GatewayReport
+                else None
+            )
+            handler = partial(on_lineage_event, get_lineage=get_lineage)
+            handlers.register(payload_type, handler, subject=subjects)
     return handlers

@@ -30,7 +30,7 @@ def default_subject(payload_type: type[EventPayload]) -> str:
 class Registration:
     payload_type: type[EventPayload]
     handler: Handler
-    subject: str
+    subjects: tuple[str, ...]
 
 
 class Handlers:
@@ -40,14 +40,20 @@ class Handlers:
         self._by_type: dict[str, Registration] = {}
 
     def register(
-        self, payload_type: type[EventPayload], handler: Handler, *, subject: str | None = None
+        self,
+        payload_type: type[EventPayload],
+        handler: Handler,
+        *,
+        subject: str | Sequence[str] | None = None,
     ) -> None:
         """Route ``payload_type`` events to ``handler``; ``subject`` narrows the filter (a
-        gateway takes only ``...assignment.v1.<its id>``)."""
+        gateway takes only ``...assignment.v1.<its id>``; the registry only the gateway
+        reports of kinds ``applied`` and ``failed``)."""
         if payload_type.event_type in self._by_type:
             raise ValueError(f"a handler for {payload_type.event_type} is already registered")
+        subjects = (subject,) if isinstance(subject, str) else tuple(subject or ())
         self._by_type[payload_type.event_type] = Registration(
-            payload_type, handler, subject or default_subject(payload_type)
+            payload_type, handler, subjects or (default_subject(payload_type),)
         )
 
     def on(self, payload_type: type[EventPayload]) -> Callable[[H], H]:
@@ -70,8 +76,9 @@ class Handlers:
         """One durable consumer per stream that holds any of the registered subjects."""
         by_stream: dict[str, list[str]] = {}
         for registration in self._by_type.values():
-            stream = stream_for_subject(registration.subject).name
-            by_stream.setdefault(stream, []).append(registration.subject)
+            for subject in registration.subjects:
+                stream = stream_for_subject(subject).name
+                by_stream.setdefault(stream, []).append(subject)
         return [
             ConsumerSpec(
                 stream=stream,

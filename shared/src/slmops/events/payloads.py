@@ -320,7 +320,9 @@ class GatewayReport(EventPayload):
     health: HealthAggregate | None = None
 
     def subject_suffix(self) -> str | None:
-        return self.gateway_id
+        # ``<kind>.<gateway>``: a consumer that needs only some kinds (the registry's lineage:
+        # applied and failed) filters on the server instead of decoding every report.
+        return f"{self.kind}.{self.gateway_id}"
 
 
 # --- runtime --------------------------------------------------------------------------------
