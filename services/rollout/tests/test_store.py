@@ -12,7 +12,7 @@ from slmops.bus import Bus
 from slmops.events.payloads import ArtifactRef, DesiredModel
 from slmops_rollout.plans import WavePolicy, plan_waves
 from slmops_rollout.state import GatewayProgress, RolloutState
-from slmops_rollout.store import GroupCommit, RolloutStore, shard_of
+from slmops_rollout.store import LiveRollout, RolloutStore, shard_of
 
 pytestmark = [pytest.mark.integration]
 ART = ArtifactRef(digest="sha256:" + "a" * 64, size_bytes=1, uri="s3://b/x")
@@ -71,7 +71,7 @@ async def test_concurrent_commits_share_writes(bus: Bus) -> None:
         await save(s, gateways)  # type: ignore[arg-type]
 
     store.save = counted  # type: ignore[method-assign]
-    commits = GroupCommit(store, state)
+    commits = LiveRollout(store, state)
 
     # execute: 1,000 reports folded and committed at once
     async def report(gateway_id: str) -> None:

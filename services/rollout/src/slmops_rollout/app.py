@@ -53,13 +53,19 @@ def create_app(settings: RolloutSettings | None = None) -> FastAPI:
     runtime: ServiceRuntime | None = None
     engine: Engine | None = None
 
+    creating = asyncio.Lock()
+
     async def engines() -> Engine | None:
+        """The one engine of this process (it holds the rollouts and the fleet in memory)."""
         nonlocal engine
-        if engine is None and runtime is not None and runtime.bus is not None:
-            rollouts, desired, gateways = [await runtime.key_value(b) for b in _BUCKETS]
-            if rollouts is None or desired is None or gateways is None:
-                return None  # not declared yet
-            engine = Engine(runtime.bus, rollouts, desired, gateways, app.state.registry)
+        if engine is not None:
+            return engine
+        async with creating:  # concurrent first callers must not each build one
+            if engine is None and runtime is not None and runtime.bus is not None:
+                rollouts, desired, gateways = [await runtime.key_value(b) for b in _BUCKETS]
+                if rollouts is None or desired is None or gateways is None:
+                    return None  # not declared yet
+                engine = Engine(runtime.bus, rollouts, desired, gateways, app.state.registry)
         return engine
 
     runtime = ServiceRuntime(

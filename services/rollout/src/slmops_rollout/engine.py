@@ -33,10 +33,10 @@ from slmops.events import (
 )
 from slmops.events.payloads import DesiredModel, HealthAggregate
 from slmops.service.registry_api import RegistryClient
-from slmops_rollout.fleet import GatewayRecord, overlay_for
+from slmops_rollout.fleet import Fleet, GatewayRecord, overlay_for
 from slmops_rollout.plans import Overlay, WavePolicy, matches, plan_waves, wave_plans
 from slmops_rollout.state import GatewayProgress, RolloutState, record
-from slmops_rollout.store import GroupCommit, RolloutStore
+from slmops_rollout.store import LiveRollout, RolloutStore
 
 log = logging.getLogger(__name__)
 SOURCE = "/slmops/rollout"
@@ -54,10 +54,11 @@ class Engine:
         self, bus: Bus, rollouts: KeyValue, desired: KeyValue, gateways: KeyValue,
         registry: RegistryClient,
     ) -> None:  # fmt: skip
-        self.bus, self.rollouts, self.desired, self.gateways = bus, rollouts, desired, gateways
+        self.bus, self.rollouts, self.desired = bus, rollouts, desired
+        self.gateways = Fleet(gateways)
         self.registry = registry
         self.store = RolloutStore(rollouts)
-        self.live: dict[str, GroupCommit] = {}
+        self.live: dict[str, LiveRollout] = {}
         self.health: dict[str, tuple[str | None, HealthAggregate]] = {}  # latest, per gateway
         self._sending: dict[str, asyncio.Task[None]] = {}
         self._sent: dict[str, int] = {}  # rollout id -> its wave sent in full
@@ -85,21 +86,11 @@ class Engine:
             for rollout_id in await self.store.ids():
                 state = await self.store.load(rollout_id)
                 if state is not None:
-                    self.live[rollout_id] = GroupCommit(self.store, state)
+                    self.live[rollout_id] = LiveRollout(self.store, state)
             self._is_loaded = True
 
     async def fleet(self) -> list[GatewayRecord]:
-        try:
-            keys = await self.gateways.keys()
-        except nats.js.errors.NoKeysError:
-            return []
-        records: list[GatewayRecord] = []
-        for start in range(0, len(keys), CHUNK):
-            entries = await asyncio.gather(
-                *(self.gateways.get(k) for k in keys[start : start + CHUNK])
-            )
-            records += [GatewayRecord.model_validate_json(e.value or b"{}") for e in entries]
-        return records
+        return await self.gateways.all()
 
     # --- starting and sending --------------------------------------------------------------
 
@@ -148,7 +139,7 @@ class Engine:
         except nats.js.errors.KeyWrongLastSequenceError:  # a concurrent start won
             self._is_loaded = False
             return await self.get(rollout_id) or state
-        self.live[rollout_id] = GroupCommit(self.store, state)
+        self.live[rollout_id] = LiveRollout(self.store, state)
         started = RolloutStarted(rollout_id=rollout_id, release_id=release.release_id,
                                  model_name=release.model_name, version=release.version,
                                  waves=wave_plans(waves, policy), selector=selector)  # fmt: skip

@@ -7,18 +7,21 @@ report refreshes ``last_seen``, so silent gateways can be timed out without bloc
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
+import nats.js.errors
 from nats.js.kv import KeyValue
 from pydantic import BaseModel, Field
 
-from slmops.bus.kvstate import update_model
 from slmops.events.payloads import GatewayReport, HealthAggregate
 from slmops_rollout.plans import Overlay, matches
+from slmops_rollout.store import GroupCommit
 
 GATEWAYS_BUCKET = "slmops-gateways"
+_BURST = 1000  # KV operations in flight at once
 
 
 class GatewayRecord(BaseModel):
@@ -62,10 +65,59 @@ def overlay_for(labels: dict[str, str], overlays: Iterable[Overlay]) -> dict[str
     return merged
 
 
-async def record_report(kv: KeyValue, report: GatewayReport) -> GatewayRecord:
-    seen = datetime.now(UTC)
-    return await update_model(
-        kv, report.gateway_id, GatewayRecord,
-        lambda record: fold(record, report, seen),
-        lambda: GatewayRecord(gateway_id=report.gateway_id, device_class=report.device_class),
-    )  # fmt: skip
+class Fleet:
+    """Every gateway's record, held in memory and written behind to KV.
+
+    Loaded from KV once per process; each report changes the record in memory and its handler
+    returns once the record is in KV (group commits: a burst of registrations or applied
+    reports costs pipelined puts, not a read and a compare-and-set each). One rollout service
+    instance writes the bucket (see ``store.py``).
+    """
+
+    def __init__(self, kv: KeyValue) -> None:
+        self.kv = kv
+        self.records: dict[str, GatewayRecord] = {}
+        self._loaded = False
+        self._loading = asyncio.Lock()
+        self._commits = GroupCommit(self._write)
+
+    async def all(self) -> list[GatewayRecord]:
+        await self._load()
+        return list(self.records.values())
+
+    async def record(self, report: GatewayReport) -> GatewayRecord:
+        """Fold ``report`` into its gateway's record; return once that is durable."""
+        await self._load()
+        record = self.records.get(report.gateway_id)
+        if record is None:
+            record = GatewayRecord(gateway_id=report.gateway_id, device_class=report.device_class)
+            self.records[report.gateway_id] = record
+        fold(record, report, datetime.now(UTC))
+        await self._commits.commit([report.gateway_id])
+        return record
+
+    async def _load(self) -> None:
+        if self._loaded:
+            return
+        async with self._loading:
+            if self._loaded:
+                return
+            try:
+                keys = await self.kv.keys()
+            except nats.js.errors.NoKeysError:
+                keys = []
+            for start in range(0, len(keys), _BURST):
+                batch = keys[start : start + _BURST]
+                entries = await asyncio.gather(*(self.kv.get(k) for k in batch))
+                for entry in entries:
+                    record = GatewayRecord.model_validate_json(entry.value or b"{}")
+                    self.records.setdefault(record.gateway_id, record)  # reports first: newer
+            self._loaded = True
+
+    async def _write(self, gateway_ids: set[str]) -> None:
+        records = [self.records[g] for g in gateway_ids]
+        for start in range(0, len(records), _BURST):
+            await asyncio.gather(*(
+                self.kv.put(r.gateway_id, r.model_dump_json().encode())
+                for r in records[start : start + _BURST]
+            ))  # fmt: skip

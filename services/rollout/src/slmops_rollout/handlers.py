@@ -15,7 +15,6 @@ from typing import Any
 from slmops.bus import HandlerResult, Handlers
 from slmops.events import CloudEvent, GatewayReport, ReleaseCreated, TransientError
 from slmops_rollout.engine import Engine
-from slmops_rollout.fleet import record_report
 from slmops_rollout.plans import WavePolicy
 from slmops_rollout.settings import RolloutSettings
 
@@ -34,7 +33,7 @@ async def on_gateway_report(
 ) -> HandlerResult:
     engine = await _engine(engines)
     if event.data.kind != "acknowledged":  # the hot path of a wave: only its rollout cares
-        await record_report(engine.gateways, event.data)
+        await engine.gateways.record(event.data)
     await engine.on_report(event.data)
     return None
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import math
 import zlib
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 import nats.js.errors
 from nats.js.kv import KeyValue
@@ -128,17 +128,18 @@ def _header(state: RolloutState, shard_count: int) -> bytes:
 
 
 class GroupCommit:
-    """Durable writes of one rollout, shared by everyone who changed it meanwhile."""
+    """Durable writes shared by everyone who changed something meanwhile: ``write`` gets the
+    keys changed since the last write; every ``commit`` returns once a write covering its
+    change is done (or raises that write's error)."""
 
-    def __init__(self, store: RolloutStore, state: RolloutState) -> None:
-        self.store, self.state = store, state
+    def __init__(self, write: Callable[[set[str]], Awaitable[None]]) -> None:
+        self._write = write
         self._dirty: set[str] = set()
         self._waiters: list[asyncio.Future[None]] = []
         self._writer: asyncio.Task[None] | None = None
 
-    async def commit(self, gateways: Iterable[str] = ()) -> None:
-        """Return once the state as it is now - header and ``gateways`` - is in KV."""
-        self._dirty.update(gateways)
+    async def commit(self, keys: Iterable[str] = ()) -> None:
+        self._dirty.update(keys)
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         if self._writer is None or self._writer.done():
@@ -150,7 +151,7 @@ class GroupCommit:
             dirty, waiters = self._dirty, self._waiters
             self._dirty, self._waiters = set(), []
             try:
-                await self.store.save(self.state, dirty)
+                await self._write(dirty)
             except Exception as exc:  # every waiter of this write learns it failed
                 for waiter in waiters:
                     if not waiter.done():
@@ -159,3 +160,11 @@ class GroupCommit:
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(None)
+
+
+class LiveRollout(GroupCommit):
+    """A rollout in memory; ``commit(gateways)`` writes its header and those gateways' shards."""
+
+    def __init__(self, store: RolloutStore, state: RolloutState) -> None:
+        super().__init__(lambda gateways: store.save(state, gateways))
+        self.state = state
