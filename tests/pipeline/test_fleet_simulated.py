@@ -91,3 +91,16 @@ async def test_a_rollout_over_240_simulated_gateways_of_two_classes_completes(
         status = (await api.get(f"/v1/rollouts/{rollout_id}")).json()
         assert status["gateways"] == {"applied": 236, "failed": 2, "assigned": 2}
         assert [w["targets"] for w in status["wave_progress"]] == [12, 48, 180]
+
+        # a late joiner: five new gateways register after the rollout completed and get
+        # their class's variant of it
+        late = FleetSpec(count=5, classes=CLASSES, prefix="late", seed=1)
+        async with pipeline.simulated_fleet(bus, late) as newcomers:
+            for _ in range(100):
+                if "-" not in newcomers.serving():
+                    break
+                await asyncio.sleep(0.1)
+            for sim in newcomers.gateways.values():
+                active = sim.agent.slots.active
+                assert active is not None, sim.agent.settings.gateway_id
+                assert active.variant_id == variants[sim.agent.settings.device_class].variant_id

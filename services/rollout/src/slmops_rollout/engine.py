@@ -244,6 +244,33 @@ class Engine:
         if live is not None and record(live.state, report):
             await live.commit([report.gateway_id])
 
+    async def welcome(self, record_: GatewayRecord) -> None:
+        """A gateway that registered running nothing gets what the newest running or
+        completed rollout for its class and labels installs (its waves are long gone, or it
+        has nothing to regress from); one with a desired state already reconciles itself."""
+        if record_.running_variant_id is not None:
+            return
+        await self._load()
+        candidates = [
+            live.state for live in self.live.values()
+            if live.state.status in ("running", "completed")
+            and record_.device_class in live.state.desired
+            and matches(record_.labels, live.state.selector)
+        ]  # fmt: skip
+        if not candidates:
+            return
+        try:
+            await self.desired.get(record_.gateway_id)
+            return  # it has a desired state: reconciling on connect installs it
+        except nats.js.errors.KeyNotFoundError:
+            pass
+        newest = max(candidates, key=lambda s: s.started_at)
+        log.info("late joiner %s gets %s", record_.gateway_id, newest.rollout_id)
+        await self.deliver([GatewayAssignment(
+            gateway_id=record_.gateway_id, generation=await self.next_generation(),
+            rollout_id=newest.rollout_id, desired=newest.desired[record_.device_class],
+        )])  # fmt: skip
+
     async def announce(self, payload: Any, what: str) -> None:
         rollout_id = payload.rollout_id
         event_id = derive_event_id("rollout", f"{rollout_id}/{what}")

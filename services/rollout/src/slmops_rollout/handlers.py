@@ -33,7 +33,9 @@ async def on_gateway_report(
 ) -> HandlerResult:
     engine = await _engine(engines)
     if event.data.kind != "acknowledged":  # the hot path of a wave: only its rollout cares
-        await engine.gateways.record(event.data)
+        record = await engine.gateways.record(event.data)
+        if event.data.kind == "registered":
+            await engine.welcome(record)
     await engine.on_report(event.data)
     return None
 
