@@ -104,3 +104,57 @@ async def test_a_rollout_over_240_simulated_gateways_of_two_classes_completes(
                 active = sim.agent.slots.active
                 assert active is not None, sim.agent.settings.gateway_id
                 assert active.variant_id == variants[sim.agent.settings.device_class].variant_id
+
+
+async def test_health_faults_on_the_new_model_roll_back_exactly_those_gateways(
+    pipeline: Any, bus: Bus, tiny_onnx: Callable[..., bytes]
+) -> None:
+    # setup: 40 gateways run 1.0.0 and report healthy baselines; on any later model four
+    # get 10x slower, two disagree with the previous model, and two fail every smoke test
+    spec = FleetSpec(count=40, classes={"test-cpu": 1.0}, prefix="hf",
+                     faults={"latency": 0.1, "shadow": 0.05, "smoke": 0.05})  # fmt: skip
+    base = with_word_tokenizer(tiny_onnx())
+    old = await pipeline.release(bus, base, ["test-cpu"], "1.0.0")
+    new = await pipeline.release(bus, with_word_tokenizer(tiny_onnx(seed=4)), ["test-cpu"],
+                                 "1.1.0")  # fmt: skip
+    async with rollout_service(pipeline) as api, pipeline.simulated_fleet(bus, spec) as fleet:
+        await await_fleet(api, 40)
+        body = {"model_name": "tiny", "version": "1.0.0",
+                "policy": {"percents": [100], "soak_s": 0, "error_threshold": 0.1}}  # fmt: skip
+        assert (await api.post("/v1/rollouts", json=body)).status_code == 201
+        await await_events(bus, "slmops.rollout.completed.v1", count=1, timeout_s=60)
+        await fleet.report_health(30.0)
+        for _ in range(100):
+            records = (await api.get("/v1/gateways")).json()
+            if sum(1 for r in records if r["health"]) == 38:  # all but the two smoke failures
+                break
+            await asyncio.sleep(0.1)
+
+        # execute: roll out 1.1.0 with latency and shadow gates; the fleet reports health
+        policy = {"percents": [100], "soak_s": 30, "error_threshold": 0.1,
+                  "max_latency_ratio": 1.5, "min_shadow_agreement": 0.9}  # fmt: skip
+        started = await api.post("/v1/rollouts", json={
+            "model_name": "tiny", "version": "1.1.0", "policy": policy})  # fmt: skip
+        rollout_id = started.json()["rollout_id"]
+        await await_events(
+            bus, "slmops.gateway.report.v1.applied.>", count=38, timeout_s=60,
+            where=lambda e: e.data.rollout_id == rollout_id,
+        )  # fmt: skip
+        await fleet.report_health(30.0)
+        rolled = await await_events(bus, "slmops.rollout.rolled_back.v1", count=1, timeout_s=30)
+
+        # assert: exactly the degraded gateways went back (signed) to 1.0.0; the rest stay
+        degraded = sorted(g for g, s in fleet.gateways.items() if s.fault in ("latency", "shadow"))
+        assert sorted(rolled[0].data.gateway_ids) == degraded
+        assert rolled[0].data.to_variant_id == old["test-cpu"].variant_id
+        assert "shadow agreement 0.800 < 0.9" in rolled[0].data.reason
+        assert "10.00x the previous model's > 1.5x" in rolled[0].data.reason
+        for _ in range(100):
+            if fleet.serving().get(old["test-cpu"].variant_id) == len(degraded):
+                break
+            await asyncio.sleep(0.1)
+        assert fleet.serving() == {old["test-cpu"].variant_id: 6, new["test-cpu"].variant_id: 32,
+                                   "-": 2}  # fmt: skip
+        status = (await api.get(f"/v1/rollouts/{rollout_id}")).json()
+        assert (status["status"], status["gateways"]) == (
+            "paused", {"applied": 32, "rolled_back": 6, "failed": 2})  # fmt: skip

@@ -134,3 +134,17 @@ def test_approval_of_the_first_wave_or_beyond_the_last_is_refused() -> None:
 
     with pytest.raises(ValidationError, match="approval_waves \\[0, 4\\] are not waves after"):
         WavePolicy(approval_waves=[0, 4])
+
+
+def test_every_health_gate_is_judged_even_when_another_passes() -> None:
+    from slmops.events.payloads import HealthAggregate
+
+    state = _state(min_shadow_agreement=0.9)  # type: ignore[arg-type]
+    canary = state.waves[0][0]
+    record(state, _report(canary, "applied"))
+    state.gateways[canary].baseline_p95_ms = 4.0
+    fine_latency_bad_shadow = HealthAggregate(window_s=30, request_count=50, error_rate=0.0,
+                                              latency_p95_ms=4.0, shadow_agreement=0.8)  # fmt: skip
+    decision = decide(state, T0, {canary: fine_latency_bad_shadow})
+    assert decision.breached == [canary]
+    assert "shadow agreement 0.800 < 0.9" in decision.reason

@@ -94,17 +94,20 @@ def health_breaches(
             or h.request_count < policy.health_min_requests
         ):
             continue
+        reasons = []  # every gate on its own: one passing must not hide another's breach
         if h.error_rate > policy.max_error_rate:
-            found[gateway_id] = f"error rate {h.error_rate:.1%} > {policy.max_error_rate:.1%}"
-        elif h.latency_p95_ms is not None and progress.baseline_p95_ms:
+            reasons.append(f"error rate {h.error_rate:.1%} > {policy.max_error_rate:.1%}")
+        if h.latency_p95_ms is not None and progress.baseline_p95_ms:
             ratio = h.latency_p95_ms / progress.baseline_p95_ms
             if ratio > policy.max_latency_ratio:
-                found[gateway_id] = (f"p95 {h.latency_p95_ms:.1f} ms = {ratio:.2f}x the previous "
-                                     f"model's > {policy.max_latency_ratio:g}x")  # fmt: skip
-        elif (policy.min_shadow_agreement is not None and h.shadow_agreement is not None
-              and h.shadow_agreement < policy.min_shadow_agreement):  # fmt: skip
-            found[gateway_id] = (f"shadow agreement {h.shadow_agreement:.3f} < "
-                                 f"{policy.min_shadow_agreement:g}")  # fmt: skip
+                reasons.append(f"p95 {h.latency_p95_ms:.1f} ms = {ratio:.2f}x the previous "
+                               f"model's > {policy.max_latency_ratio:g}x")  # fmt: skip
+        if (policy.min_shadow_agreement is not None and h.shadow_agreement is not None
+                and h.shadow_agreement < policy.min_shadow_agreement):  # fmt: skip
+            reasons.append(f"shadow agreement {h.shadow_agreement:.3f} < "
+                           f"{policy.min_shadow_agreement:g}")  # fmt: skip
+        if reasons:
+            found[gateway_id] = ", ".join(reasons)
     return found
 
 
