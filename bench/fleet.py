@@ -21,7 +21,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ class Result:
     service_peak_mb: float = 0.0
     fleet_rss_mb: float = 0.0
     register_s: float = 0.0
+    cpu_s: dict[str, float] = field(default_factory=dict)  # per process, during the wave
 
 
 async def floor(url: str, count: int) -> float:
@@ -114,7 +115,7 @@ def service_process(name: str, env: dict[str, str]) -> Any:
     process = subprocess.Popen(
         [sys.executable, "-m", f"slmops_{name}"],
         env={**os.environ, **env, f"SLMOPS_{name.upper()}_PORT": str(port),
-             "SLMOPS_LOG_LEVEL": "warning"},
+             f"SLMOPS_{name.upper()}_LOG_LEVEL": "warning"},
     )  # fmt: skip
     try:
         yield process, f"http://127.0.0.1:{port}"
@@ -130,13 +131,18 @@ def peak_mb(pid: int) -> float:
     return 0.0
 
 
-async def ours(bus: Bus, count: int, result: Result) -> None:
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    times = {name: psutil.Process(pid).cpu_times() for name, pid in pids.items()}
+    return {name: t.user + t.system for name, t in times.items()}
+
+
+async def ours(bus: Bus, count: int, result: Result, nats_pid: int) -> None:
     from slmops_gateway.settings import GatewaySettings
     from slmops_gateway.simulator import CachingRegistry, FleetSpec, SimulatedFleet
 
     env = {k: v for k, v in os.environ.items() if k.startswith("SLMOPS_")}
     with (
-        service_process("registry", env) as (_, registry_url),
+        service_process("registry", env) as (registry_process, registry_url),
         service_process("rollout", {**env, "SLMOPS_ROLLOUT_TICK_S": "0.1"}) as (rollout, url),
     ):
         async with (
@@ -159,11 +165,16 @@ async def ours(bus: Bus, count: int, result: Result) -> None:
             marks = await _watch(bus, count)
             policy = {"percents": [100], "soak_s": 0, "success_threshold": 1.0,
                       "max_rate_per_min": 100_000_000, "silent_timeout_s": 3600}  # fmt: skip
+            pids = {"rollout service": rollout.pid, "registry": registry_process.pid,
+                    "nats-server": nats_pid, "fleet simulator": os.getpid()}  # fmt: skip
+            cpu_before = cpu_seconds(pids)
             posted = time.perf_counter()
             started = await api.post("/v1/rollouts", json={
                 "model_name": "tiny", "version": "1.0.0", "policy": policy})  # fmt: skip
             assert started.status_code == 201, started.text
-            await asyncio.wait_for(marks["completed"].wait(), 900)
+            await asyncio.wait_for(marks["completed"].wait(), 1800)
+            cpu_after = cpu_seconds(pids)
+            result.cpu_s = {name: cpu_after[name] - cpu_before[name] for name in pids}
             wave = marks["wave"]
             result.plan_s = wave - posted
             result.acked_s = marks["acked"] - wave
@@ -234,7 +245,8 @@ async def measure(count: int) -> Result:
             with s3_store(Path(tmp) / "var"):
                 bus = await Bus.connect(server.url, source="/bench")
                 await bus.declare(Topology())
-                await ours(bus, count, result)
+                assert server.proc is not None
+                await ours(bus, count, result, server.proc.pid)
                 await bus.close()
             return result
         finally:
@@ -256,6 +268,18 @@ def table(results: list[Result]) -> str:
             f"| {r.messages / r.completed_s:,.0f} | {r.service_peak_mb:.0f} "
             f"| {r.fleet_rss_mb:.0f} | {r.register_s:.1f} s |"
         )
+    lines += [
+        "",
+        "CPU seconds per process from the rollout request until `rollout.completed` "
+        "(this host has 2 cores; the simulated devices share them with the platform):",
+        "",
+        "| gateways | " + " | ".join(results[0].cpu_s) + " | platform CPU ms per gateway |",
+        "|---|" + "---|" * (len(results[0].cpu_s) + 1),
+    ]
+    for r in results:
+        platform = sum(v for k, v in r.cpu_s.items() if k != "fleet simulator")
+        lines.append(f"| {r.count:,} | " + " | ".join(f"{v:.1f}" for v in r.cpu_s.values())
+                     + f" | {1000 * platform / r.count:.2f} |")  # fmt: skip
     return "\n".join(lines)
 
 

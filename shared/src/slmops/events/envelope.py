@@ -7,6 +7,7 @@ so a message with an unknown type or a bad payload is rejected with a precise re
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import uuid
@@ -76,8 +77,10 @@ class CloudEvent(BaseModel, Generic[P]):
         return self.model_dump_json(exclude_none=True).encode()
 
 
+@functools.cache
 def event_model(payload_type: type[P]) -> type[CloudEvent[P]]:
-    """``CloudEvent[payload_type]``: pydantic builds (and caches) the parametrized model."""
+    """``CloudEvent[payload_type]``. Pydantic caches the parametrized model too, but finding it
+    costs ~50 us of typing introspection; this is on every event built."""
     return CloudEvent[payload_type]  # type: ignore[valid-type]
 
 
