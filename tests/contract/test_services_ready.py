@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,14 +13,10 @@ from importlib.metadata import entry_points
 import httpx
 import pytest
 
+from slmops.testing.ports import free_port
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SERVICES = sorted(ep.name for ep in entry_points(group="slmops.services"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture

@@ -17,15 +17,10 @@ import pytest
 
 from slmops.objectstore import ObjectStore
 from slmops.settings import PlatformSettings
+from slmops.testing.ports import free_port
 from slmops.testing.s3 import open_multipart_uploads
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture

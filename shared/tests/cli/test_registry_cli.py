@@ -11,7 +11,6 @@ import io
 import json
 import os
 import re
-import socket
 import struct
 import tarfile
 import time
@@ -26,14 +25,9 @@ from typer.testing import CliRunner, Result
 from slmops.cli.main import app
 from slmops.cli.packaging import PackagingError, infer_format, pack_directory
 from slmops.cli.render import render_lineage
+from slmops.testing.ports import free_port
 
 pytestmark = pytest.mark.integration
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def gguf(tag: bytes) -> bytes:

@@ -2,9 +2,10 @@
 
 One KV value per rollout does not scale: 10,000 gateways of progress are megabytes (over
 NATS's 1 MB message limit), and rewriting all of it per report is quadratic. The header
-(status, wave, policy, what to install) is ``rollout.<id>``; each gateway's progress sits in
-one of ``progress.<id>.<n>``, chosen by a hash of its id, at most ``SHARD_SIZE`` per shard.
-Only the shards a change touched are written.
+(status, wave, policy, what to install) is ``rollout.<id>``; the gateways' progress is cut into
+``progress.<id>.<n>`` of ``SHARD_SIZE`` gateways each, in the order they are sent to. Reports
+come back in roughly that order, so a burst of them dirties one or two shards, and only the
+shards a change touched are written.
 
 Writes are group commits: a report is folded into the in-memory state at once and its handler
 waits until a write that includes it is durable (then its message is acked). Reports that
@@ -15,8 +16,6 @@ costs a handful of KV writes, not 10,000.
 from __future__ import annotations
 
 import asyncio
-import math
-import zlib
 from collections.abc import Awaitable, Callable, Iterable
 
 import nats.js.errors
@@ -37,10 +36,6 @@ class Header(BaseModel):
     wave_count: int = Field(ge=0)
 
 
-def shard_of(gateway_id: str, shard_count: int) -> int:
-    return zlib.crc32(gateway_id.encode()) % shard_count
-
-
 def _header_key(rollout_id: str) -> str:
     return f"rollout.{rollout_id}"
 
@@ -55,28 +50,28 @@ class RolloutStore:
     def __init__(self, kv: KeyValue) -> None:
         self.kv = kv
         self._layouts: dict[str, list[list[str]]] = {}  # rollout id -> gateway ids per shard
+        self._shard_of: dict[str, dict[str, int]] = {}  # rollout id -> gateway id -> shard
 
-    def _layout(self, state: RolloutState, shard_count: int) -> list[list[str]]:
-        """Which gateways each shard holds (a rollout's gateways never change)."""
-        layout = self._layouts.get(state.rollout_id)
-        if layout is None:
-            layout = [[] for _ in range(shard_count)]
-            for gateway_id in state.gateways:
-                layout[shard_of(gateway_id, shard_count)].append(gateway_id)
-            self._layouts[state.rollout_id] = layout
-        return layout
+    def _remember(self, rollout_id: str, layout: list[list[str]]) -> None:
+        self._layouts[rollout_id] = layout
+        self._shard_of[rollout_id] = {g: n for n, ids in enumerate(layout) for g in ids}
+
+    def shard_of(self, rollout_id: str, gateway_id: str) -> int:
+        return self._shard_of[rollout_id][gateway_id]
 
     async def create(self, state: RolloutState) -> None:
         """Store a new rollout; raises ``KeyWrongLastSequenceError`` when it exists."""
-        shard_count = shard_count_for(state)
-        await self._write(state, range(shard_count), shard_count)
-        await self.kv.create(_header_key(state.rollout_id), _header(state, shard_count))
+        order = [g for wave in state.waves for g in wave]  # the order they are sent to
+        layout = [order[i : i + SHARD_SIZE] for i in range(0, len(order), SHARD_SIZE)] or [[]]
+        self._remember(state.rollout_id, layout)
+        await self._write(state, range(len(layout)))
+        await self.kv.create(_header_key(state.rollout_id), _header(state, len(layout)))
 
     async def save(self, state: RolloutState, gateways: Iterable[str]) -> None:
         """Write the header and the shards holding ``gateways``."""
-        shard_count = shard_count_for(state)
-        shards = {shard_of(g, shard_count) for g in set(gateways)}
-        await self._write(state, shards, shard_count)
+        shard_of = self._shard_of[state.rollout_id]
+        await self._write(state, {shard_of[g] for g in gateways})
+        shard_count = len(self._layouts[state.rollout_id])
         await self.kv.put(_header_key(state.rollout_id), _header(state, shard_count))
 
     async def load(self, rollout_id: str) -> RolloutState | None:
@@ -90,12 +85,14 @@ class RolloutStore:
         )
         state = header.state
         state.waves = [[] for _ in range(header.wave_count)]
-        for shard in shards:
-            for gateway_id, progress in _SHARD.validate_json(shard.value or b"{}").items():
+        layout: list[list[str]] = []
+        for shard in shards:  # in send order: each wave's gateways come out in it
+            part = _SHARD.validate_json(shard.value or b"{}")
+            layout.append(list(part))
+            for gateway_id, progress in part.items():
                 state.gateways[gateway_id] = progress
                 state.waves[progress.wave].append(gateway_id)
-        for wave in state.waves:
-            wave.sort()
+        self._remember(rollout_id, layout)
         return state
 
     async def ids(self) -> list[str]:
@@ -105,20 +102,14 @@ class RolloutStore:
             return []
         return [k.removeprefix("rollout.") for k in keys if k.startswith("rollout.")]
 
-    async def _write(self, state: RolloutState, shards: Iterable[int], shard_count: int) -> None:
-        wanted = set(shards)
-        if not wanted:
-            return
-        layout = self._layout(state, shard_count)
-        members = {n: {g: state.gateways[g] for g in layout[n]} for n in wanted}
+    async def _write(self, state: RolloutState, shards: Iterable[int]) -> None:
+        layout = self._layouts[state.rollout_id]
         await asyncio.gather(*(
-            self.kv.put(_shard_key(state.rollout_id, n), _SHARD.dump_json(part, exclude_none=True))
-            for n, part in members.items()
+            self.kv.put(_shard_key(state.rollout_id, n),
+                        _SHARD.dump_json({g: state.gateways[g] for g in layout[n]},
+                                         exclude_none=True))
+            for n in set(shards)
         ))  # fmt: skip
-
-
-def shard_count_for(state: RolloutState) -> int:
-    return max(1, math.ceil(len(state.gateways) / SHARD_SIZE))
 
 
 def _header(state: RolloutState, shard_count: int) -> bytes:
