@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import time
 from typing import Annotated, Any
 
@@ -79,6 +80,9 @@ async def _run(spec: Any, registry_url: str, health_interval_s: float, duration_
         bus = await Bus.connect(platform.nats_url, source="/slmops/fleetsim")
     except Exception as exc:
         _fail(f"NATS not reachable at {platform.nats_url} ({exc}): start it with `slmops up`")
+    stop = asyncio.Event()  # SIGTERM or Ctrl-C: stop cleanly (the fleet's consumer is removed)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(signum, stop.set)
     registry = CachingRegistry(registry_url)
     fleet = SimulatedFleet(bus, registry, spec, GatewaySettings(platform=platform))
     started = time.monotonic()
@@ -87,8 +91,9 @@ async def _run(spec: Any, registry_url: str, health_interval_s: float, duration_
                f"{time.monotonic() - started:.1f} s; Ctrl-C stops them")  # fmt: skip
     next_health = time.monotonic() + health_interval_s
     try:
-        while not duration_s or time.monotonic() - started < duration_s:
-            await asyncio.sleep(min(5.0, duration_s or 5.0))
+        while not stop.is_set() and (not duration_s or time.monotonic() - started < duration_s):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), min(5.0, duration_s or 5.0))
             if time.monotonic() >= next_health:
                 await fleet.report_health(health_interval_s)
                 next_health += health_interval_s
