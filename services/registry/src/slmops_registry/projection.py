@@ -23,6 +23,7 @@ from nats.js.kv import KeyValue
 from pydantic import BaseModel
 
 from slmops.bus import FLEET, LINEAGE_KV, PIPELINE, ROLLOUT, Bus
+from slmops.bus.kvstate import values_matching
 from slmops.events import (
     ChannelMoved,
     CloudEvent,
@@ -151,15 +152,8 @@ class LineageStore:
         )
 
     async def _values(self, pattern: str) -> list[bytes]:
-        """The current values of every key matching a subject ``pattern`` (server-filtered)."""
-        watcher = await self.kv.watch(pattern, ignore_deletes=True)
-        values = []
-        try:
-            while (entry := await watcher.updates(timeout=5)) is not None:  # type: ignore[no-untyped-call]
-                values.append(entry.value or b"")
-        finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]
-        return values
+        """The current values of every key matching a subject ``pattern``."""
+        return await values_matching(self.kv, pattern)
 
     async def all_lineages(self) -> list[Lineage]:
         return [Lineage.model_validate_json(raw) for raw in await self._values("model.*.*")]

@@ -19,6 +19,7 @@ import nats.js.errors
 from nats.js.kv import KeyValue
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
+from slmops.bus.kvstate import values_matching
 from slmops.events import variant_id_for
 from slmops.events.payloads import Digest, ModelFormat, ModelName, Recipe, Token, Version
 from slmops.manifests import Manifest, SignedManifest, manifest_key, sign_manifest
@@ -165,15 +166,8 @@ class Variants:
         return latest, report
 
     async def _values(self, pattern: str) -> list[str]:
-        """The current values of every key matching a subject ``pattern`` (server-filtered)."""
-        watcher = await self.kv.watch(pattern, ignore_deletes=True)
-        values = []
-        try:
-            while (entry := await watcher.updates(timeout=5)) is not None:  # type: ignore[no-untyped-call]
-                values.append((entry.value or b"").decode())
-        finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]
-        return [v for v in values if v]
+        """The current values of every key matching a subject ``pattern``."""
+        return [v.decode() for v in await values_matching(self.kv, pattern) if v]
 
     async def _store(self, manifest: Manifest) -> SignedManifest:
         signed = sign_manifest(manifest, self.publisher.signer)

@@ -44,3 +44,37 @@ async def update_model(
         except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.BadRequestError):
             continue  # another writer won: read its version and apply the change again
     raise RuntimeError(f"could not update {key} in {_ATTEMPTS} attempts: too many writers")
+
+
+async def values_matching(kv: KeyValue, pattern: str) -> list[bytes]:
+    """The current values of every key matching a subject ``pattern`` (deleted keys left out).
+
+    Not ``kv.watch``/``kv.keys``: nats-py decides a watch has caught up from the consumer's
+    pending count, which already reads 0 while the last value is still on its way to the
+    client, so a listing could come back empty under load. A pull consumer's pending count is
+    fixed when it is created: exactly that many messages are fetched.
+    """
+    from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+    # nats-py exposes no public handle on the bucket's stream and subject prefix
+    js = kv._js
+    subject = f"{kv._pre}{pattern}"
+    sub = await js.pull_subscribe(
+        subject, stream=kv._stream,
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+                              ack_policy=AckPolicy.NONE, inactive_threshold=60.0,
+                              mem_storage=True),
+    )  # fmt: skip
+    try:
+        pending = (await sub.consumer_info()).num_pending or 0
+        values: list[bytes] = []
+        seen = 0
+        while seen < pending:
+            for msg in await sub.fetch(min(pending - seen, 256), timeout=5.0):
+                seen += 1
+                operation = (msg.headers or {}).get("KV-Operation")
+                if operation not in ("DEL", "PURGE"):
+                    values.append(msg.data)
+        return values
+    finally:
+        await sub.unsubscribe()
