@@ -87,6 +87,33 @@ class Pipeline:
         finally:
             await fleet.stop()
 
+    @contextlib.asynccontextmanager
+    async def rollout_service(self) -> AsyncIterator[httpx.AsyncClient]:
+        """The rollout service in-process, its rollbacks signed by this registry."""
+        from slmops_rollout.app import create_app as create_rollout
+        from slmops_rollout.settings import RolloutSettings
+
+        app = create_rollout(RolloutSettings(platform=PlatformSettings(), tick_s=0.2))
+        app.state.registry = RegistryClient("http://registry", client=self.registry)
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://r") as api,
+        ):
+            yield api
+
+    @staticmethod
+    async def await_fleet(api: httpx.AsyncClient, count: int, *, with_health: bool = False) -> None:
+        """Until the rollout service's fleet record holds ``count`` gateways (it fills from
+        their registrations), each with a health aggregate if ``with_health``."""
+        fleet: Any = []
+        for _ in range(300):
+            fleet = (await api.get("/v1/gateways")).json()
+            complete = isinstance(fleet, list) and len(fleet) == count
+            if complete and (not with_health or all(g["health"] for g in fleet)):
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"expected {count} registered gateways, the service has {fleet}")
+
     def scratch_files(self) -> list[Path]:
         """Files left in job folders (must be none after a job, whatever its outcome)."""
         jobs = self.settings.scratch_dir / "replicas" / "jobs"

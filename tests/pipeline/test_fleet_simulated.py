@@ -5,42 +5,18 @@ registry's signatures and their class's validation report, report - with injecte
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
-import httpx
 import pytest
 
 from slmops.bus import Bus
-from slmops.settings import PlatformSettings
 from slmops.testing.events import await_events
 from slmops.testing.models import with_word_tokenizer
-from slmops_gateway.simulator import CachingRegistry, FleetSpec
-from slmops_rollout.app import create_app as create_rollout
-from slmops_rollout.settings import RolloutSettings
+from slmops_gateway.simulator import FleetSpec
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 CLASSES = {"test-cpu": 0.5, "test-arm": 0.5}
-
-
-@contextlib.asynccontextmanager
-async def rollout_service(pipeline: Any) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_rollout(RolloutSettings(platform=PlatformSettings(), tick_s=0.2))
-    app.state.registry = CachingRegistry("http://registry", client=pipeline.registry)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://r") as api,
-    ):
-        yield api
-
-
-async def await_fleet(api: httpx.AsyncClient, count: int) -> None:
-    for _ in range(300):
-        if len((await api.get("/v1/gateways")).json()) >= count:
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"the rollout service never saw {count} registered gateways")
 
 
 async def test_a_rollout_over_240_simulated_gateways_of_two_classes_completes(
@@ -52,10 +28,10 @@ async def test_a_rollout_over_240_simulated_gateways_of_two_classes_completes(
                      faults={"download": 2 / 240, "silent": 2 / 240})  # fmt: skip
     variants = await pipeline.release(bus, with_word_tokenizer(tiny_onnx()), CLASSES)
     async with (
-        rollout_service(pipeline) as api,
+        pipeline.rollout_service() as api,
         pipeline.simulated_fleet(bus, spec) as fleet,
     ):
-        await await_fleet(api, 240)
+        await pipeline.await_fleet(api, 240)
 
         # execute: 5% canary, 25%, all; failures tolerated up to 20% per wave
         policy = {"percents": [5, 25, 100], "soak_s": 0.3, "silent_timeout_s": 3,
@@ -117,8 +93,8 @@ async def test_health_faults_on_the_new_model_roll_back_exactly_those_gateways(
     old = await pipeline.release(bus, base, ["test-cpu"], "1.0.0")
     new = await pipeline.release(bus, with_word_tokenizer(tiny_onnx(seed=4)), ["test-cpu"],
                                  "1.1.0")  # fmt: skip
-    async with rollout_service(pipeline) as api, pipeline.simulated_fleet(bus, spec) as fleet:
-        await await_fleet(api, 40)
+    async with pipeline.rollout_service() as api, pipeline.simulated_fleet(bus, spec) as fleet:
+        await pipeline.await_fleet(api, 40)
         body = {"model_name": "tiny", "version": "1.0.0",
                 "policy": {"percents": [100], "soak_s": 0, "error_threshold": 0.1}}  # fmt: skip
         assert (await api.post("/v1/rollouts", json=body)).status_code == 201

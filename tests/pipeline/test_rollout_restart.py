@@ -60,10 +60,7 @@ async def test_a_killed_rollout_service_resumes_mid_wave(
             pipeline.simulated_fleet(bus, spec) as fleet,
             httpx.AsyncClient(base_url=url) as api,
         ):
-            for _ in range(300):
-                if len((await api.get("/v1/gateways")).json()) == 200:
-                    break
-                await asyncio.sleep(0.1)
+            await pipeline.await_fleet(api, 200)
 
             # execute: wave 1 (180 gateways) is sent at 20 per second; kill the service
             # two seconds into it, then start another one

@@ -24,39 +24,9 @@ from slmops.testing.models import with_word_tokenizer
 from slmops.testing.registry import release_of
 from slmops_gateway.app import create_app as create_gateway
 from slmops_gateway.settings import GatewaySettings
-from slmops_rollout.app import create_app as create_rollout
-from slmops_rollout.settings import RolloutSettings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 LIVE = [f"gw-{i}" for i in range(6)]
-
-
-@contextlib.asynccontextmanager
-async def _rollout_service(pipeline: Any) -> AsyncIterator[httpx.AsyncClient]:
-    """The rollout service in-process, its rollbacks signed by the pipeline's registry."""
-    app = create_rollout(RolloutSettings(platform=PlatformSettings(), tick_s=0.2))
-    app.state.registry = RegistryClient("http://registry", client=pipeline.registry)
-    transport = httpx.ASGITransport(app=app)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=transport, base_url="http://rollout") as client,
-    ):
-        yield client
-
-
-async def _await_fleet(
-    rollout: httpx.AsyncClient, count: int, *, with_health: bool = False
-) -> None:
-    """Until the fleet record holds ``count`` gateways (it fills from their registrations),
-    each with a health aggregate if ``with_health``."""
-    fleet: Any = []
-    for _ in range(100):
-        fleet = (await rollout.get("/v1/gateways")).json()
-        complete = isinstance(fleet, list) and len(fleet) == count
-        if complete and (not with_health or all(g["health"] for g in fleet)):
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"expected {count} registered gateways, the rollout service has {fleet}")
 
 
 async def _start(rollout: httpx.AsyncClient, version: str, policy: dict[str, Any]) -> str:
@@ -92,14 +62,14 @@ async def test_waves_advance_over_a_real_fleet_and_a_silent_gateway_does_not_blo
     desired = await pipeline.variant(with_word_tokenizer(tiny_onnx()), version="1.0.0")
     release = release_of({"test-cpu": desired})
     async with (
-        _rollout_service(pipeline) as rollout,
+        pipeline.rollout_service() as rollout,
         _fleet(pipeline, tmp_path) as gateways,
     ):
         await bus.publish(new_event(release, source="/test"))
         silent = GatewayReport(gateway_id="gw-silent", kind="registered", device_class="test-cpu",
                                labels={"site": "lab"})  # fmt: skip
         await bus.publish(new_event(silent, source="/test"))
-        await _await_fleet(rollout, len(LIVE) + 1)  # the live ones and the silent one
+        await pipeline.await_fleet(rollout, len(LIVE) + 1)  # the live ones and the silent one
 
         # execute: two waves (a third, then all), a short soak, silent after 3 s
         policy = {"percents": [34, 100], "soak_s": 0.3, "silent_timeout_s": 3,
@@ -131,18 +101,18 @@ async def test_a_latency_regression_on_the_canary_rolls_back_only_its_gateways(
     old = await pipeline.variant(with_word_tokenizer(tiny_onnx()), version="1.0.0")
     new = await pipeline.variant(with_word_tokenizer(tiny_onnx(seed=5)), version="1.1.0")
     async with (
-        _rollout_service(pipeline) as rollout,
+        pipeline.rollout_service() as rollout,
         _fleet(pipeline, tmp_path) as gateways,
     ):
         for desired in (old, new):
             await bus.publish(new_event(release_of({"test-cpu": desired}), source="/test"))
-        await _await_fleet(rollout, len(LIVE))
+        await pipeline.await_fleet(rollout, len(LIVE))
         await _start(rollout, "1.0.0", {"percents": [100], "soak_s": 0.2})
         await await_events(bus, "slmops.rollout.completed.v1", count=1, timeout_s=60)
         for gateway_id in LIVE:
             await bus.publish(new_event(_health(gateway_id, old.variant_id, p95_ms=4.0),
                                         source="/test"))  # fmt: skip
-        await _await_fleet(rollout, len(LIVE), with_health=True)  # the baselines are in
+        await pipeline.await_fleet(rollout, len(LIVE), with_health=True)  # the baselines are in
 
         # execute: roll out 1.1.0; its canary wave gets 10x slower on the new model
         rollout_id = await _start(rollout, "1.1.0", {"percents": [34, 100], "soak_s": 5})
@@ -188,11 +158,11 @@ async def test_a_paused_rollout_holds_its_wave_until_resumed(
 ) -> None:
     desired = await pipeline.variant(with_word_tokenizer(tiny_onnx()), version="1.0.0")
     async with (
-        _rollout_service(pipeline) as rollout,
+        pipeline.rollout_service() as rollout,
         _fleet(pipeline, tmp_path),
     ):
         await bus.publish(new_event(release_of({"test-cpu": desired}), source="/test"))
-        await _await_fleet(rollout, len(LIVE))
+        await pipeline.await_fleet(rollout, len(LIVE))
         rollout_id = await _start(rollout, "1.0.0", {"percents": [34, 100], "soak_s": 1})
 
         # execute: pause during the first wave's soak

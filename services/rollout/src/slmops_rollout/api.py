@@ -38,7 +38,7 @@ async def gateways(
 ) -> list[GatewayRecord]:
     engine = await _engine(request)
     wanted = dict(s.split("=", 1) for s in selector or [] if "=" in s)
-    records = await engine.fleet()
+    records = await engine.gateways.all()
     return sorted(
         (r for r in records
          if (device_class is None or r.device_class == device_class) and matches(r.labels, wanted)),

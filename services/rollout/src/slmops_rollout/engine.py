@@ -89,9 +89,6 @@ class Engine:
                     self.live[rollout_id] = LiveRollout(self.store, state)
             self._is_loaded = True
 
-    async def fleet(self) -> list[GatewayRecord]:
-        return await self.gateways.all()
-
     # --- starting and sending --------------------------------------------------------------
 
     async def start(
@@ -118,7 +115,7 @@ class Engine:
         overlays = list(overlays)
         fleet = {
             r.gateway_id: r
-            for r in await self.fleet()
+            for r in await self.gateways.all()
             if r.device_class in desired and matches(r.labels, selector)
         }
         waves = plan_waves(rollout_id, fleet, policy)
