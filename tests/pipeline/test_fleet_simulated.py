@@ -34,7 +34,7 @@ async def test_a_rollout_over_240_simulated_gateways_of_two_classes_completes(
         await pipeline.await_fleet(api, 240)
 
         # execute: 5% canary, 25%, all; failures tolerated up to 20% per wave
-        policy = {"percents": [5, 25, 100], "soak_s": 0.3, "silent_timeout_s": 3,
+        policy = {"percents": [5, 25, 100], "soak_s": 0.3, "silent_timeout_s": 8,
                   "success_threshold": 0.9, "error_threshold": 0.2}  # fmt: skip
         started = await api.post("/v1/rollouts", json={
             "model_name": "tiny", "version": "1.0.0", "policy": policy,

@@ -59,6 +59,10 @@ class PlatformSettings(BaseSettings):
         "(the local stack sets it, so traces are kept without a tracing backend).",
     )
 
+    def span_files_dir(self) -> Path:
+        """Where the JSON-lines span files are: ``trace_dir``, else the local stack's."""
+        return self.trace_dir or self.var_dir / "traces"
+
     @model_validator(mode="after")
     def _refuse_placeholder_secrets(self) -> PlatformSettings:
         if self.env != "local" and self.s3_secret_access_key.get_secret_value() in (

@@ -70,9 +70,10 @@ def setup_tracing(
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     if trace_dir is not None:
-        provider.add_span_processor(
-            BatchSpanProcessor(JsonLinesSpanExporter(trace_dir, service_name))
-        )
+        # Written within a second (not the default 5 s): `slmops trace show` right after a
+        # rollout completes should find its last spans.
+        exporter = JsonLinesSpanExporter(trace_dir, service_name)
+        provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=1000))
     if extra_exporter is not None:
         provider.add_span_processor(SimpleSpanProcessor(extra_exporter))
     if not isinstance(trace.get_tracer_provider(), TracerProvider):
@@ -95,6 +96,15 @@ def w3c_trace_headers(span_context: SpanContext) -> dict[str, str]:
     if span_context.trace_state:
         headers["tracestate"] = span_context.trace_state.to_header()
     return headers
+
+
+def current_traceparent() -> str | None:
+    """The ``traceparent`` of the span current here, or None outside any recorded span.
+
+    Work that continues later, away from this call stack (a rollout's next wave, started by a
+    timer), keeps it to join the same trace again with :func:`extract_trace_context`.
+    """
+    return w3c_trace_headers(trace.get_current_span().get_span_context()).get("traceparent")
 
 
 def extract_trace_context(headers: Mapping[str, str] | None) -> otel_context.Context | None:

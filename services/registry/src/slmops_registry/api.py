@@ -24,6 +24,7 @@ from slmops.objectstore import (
     ObjectNotFoundError,
     SizeMismatchError,
 )
+from slmops.tracing import current_traceparent
 from slmops_registry.errors import RegistryError
 from slmops_registry.projection import LineageStore
 from slmops_registry.publishing import SOURCE, Publisher, PublishRequest
@@ -151,10 +152,14 @@ async def complete_upload(upload_id: str, body: UploadDone, request: Request) ->
 async def publish_model(body: PublishRequest, request: Request) -> JSONResponse:
     publisher = await _publisher(request)
     published = await publisher.publish_version(body, created_by="api")
-    return JSONResponse(  # the body is the signed manifest; the event id rides in a header
+    headers = {"X-Event-Id": published.event_id}
+    traceparent = current_traceparent()
+    if published.created and traceparent:  # this request's trace is the model's journey
+        headers["X-Trace-Id"] = traceparent.split("-")[1]
+    return JSONResponse(  # the body is the signed manifest; the ids ride in headers
         published.manifest.model_dump(mode="json"),
         status_code=201 if published.created else 200,
-        headers={"X-Event-Id": published.event_id},
+        headers=headers,
     )
 
 

@@ -70,7 +70,14 @@ async def start(body: StartRollout, request: Request) -> dict[str, Any]:
             "once every candidate is judged"
         ) from None  # fmt: skip
     release = ReleaseCreated.model_validate_json(entry.value or b"{}")
-    state = await engine.start(release, body.selector, body.policy, body.overlays)
+    try:  # the release's trace: the model's journey stays one trace through its rollout
+        traceparent = (await engine.rollouts.get(f"release-trace.{release_id}")).value
+    except nats.js.errors.KeyNotFoundError:
+        traceparent = None
+    state = await engine.start(
+        release, body.selector, body.policy, body.overlays,
+        traceparent=traceparent.decode() if traceparent else None,
+    )  # fmt: skip
     return _status(engine, state)
 
 

@@ -11,10 +11,11 @@ KV; its ticker re-sends whatever of the current wave was never sent and carries 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,6 +34,7 @@ from slmops.events import (
 )
 from slmops.events.payloads import DesiredModel, HealthAggregate
 from slmops.service.registry_api import RegistryClient
+from slmops.tracing import current_traceparent, extract_trace_context
 from slmops_rollout.fleet import Fleet, GatewayRecord, overlay_for
 from slmops_rollout.plans import Overlay, WavePolicy, matches, plan_waves, wave_plans
 from slmops_rollout.state import GatewayProgress, RolloutState, record
@@ -93,10 +95,11 @@ class Engine:
 
     async def start(
         self, release: ReleaseCreated, selector: dict[str, str], policy: WavePolicy,
-        overlays: Iterable[Overlay] = (),
+        overlays: Iterable[Overlay] = (), traceparent: str | None = None,
     ) -> RolloutState:  # fmt: skip
         """Plan and begin a rollout of ``release`` (the same release and selector: the same
-        rollout, returned as it is)."""
+        rollout, returned as it is). ``traceparent`` is the release's trace (default: the
+        current span's): the rollout's work joins it, whoever asked for the rollout."""
         rollout_id = rollout_id_for(release.release_id, selector)
         existing = await self.get(rollout_id)
         if existing is not None:
@@ -130,6 +133,7 @@ class Engine:
             selector=selector, policy=policy, waves=waves, gateways=progress,
             status="running" if waves else "completed",
             reason="" if waves else "no registered gateway matches the release and selector",
+            traceparent=traceparent or current_traceparent(),
         )  # fmt: skip
         try:
             await self.store.create(state)
@@ -144,6 +148,17 @@ class Engine:
         if waves:
             await self.begin_wave(rollout_id, 0)
         return state
+
+    @contextlib.contextmanager
+    def journey(self, rollout_id: str, what: str) -> Iterator[None]:
+        """A span in the trace of the rollout's release, whoever acts (the ticker, an
+        operator's request, a restarted process): the model's journey stays one trace."""
+        live = self.live.get(rollout_id)
+        traceparent = live.state.traceparent if live else None
+        parent = extract_trace_context({"traceparent": traceparent}) if traceparent else None
+        attributes = {"slmops.rollout_id": rollout_id}
+        with self.bus.tracer.start_as_current_span(what, context=parent, attributes=attributes):
+            yield
 
     async def begin_wave(self, rollout_id: str, index: int) -> None:
         """Make ``index`` the current wave (durably) and send it in the background."""
@@ -198,17 +213,30 @@ class Engine:
                     gateway_id=gateway_id, generation=generation, rollout_id=rollout_id,
                     desired=state.desired[progress.device_class], overlay=progress.overlay,
                 ))  # fmt: skip
-            await self.deliver(assignments)
+            try:
+                await self.deliver(assignments)
+            except Exception:  # NATS away or overloaded: pending again, the ticker re-sends
+                log.exception("sending %d assignments of %s failed", len(batch), rollout_id)
+                for gateway_id in batch:
+                    state.gateways[gateway_id].status = "pending"
+                return
             await live.commit(batch)
         self._sent[rollout_id] = wave_index
 
     async def deliver(self, assignments: list[GatewayAssignment]) -> None:
-        """Desired states into KV, then the notifications: each pipelined."""
-        await asyncio.gather(*(
-            self.desired.put(a.gateway_id, a.model_dump_json().encode()) for a in assignments
-        ))  # fmt: skip
-        acks = [await self.bus.publish_nowait(new_event(a, source=SOURCE)) for a in assignments]
-        await asyncio.gather(*acks)
+        """Desired states into KV, then the notifications: each pipelined (in the trace of
+        the rollout's release)."""
+        if not assignments:
+            return
+        with self.journey(
+            assignments[0].rollout_id or "", f"deliver {len(assignments)} assignments"
+        ):
+            await asyncio.gather(*(
+                self.desired.put(a.gateway_id, a.model_dump_json().encode()) for a in assignments
+            ))  # fmt: skip
+            acks = [await self.bus.publish_nowait(new_event(a, source=SOURCE))
+                    for a in assignments]  # fmt: skip
+            await asyncio.gather(*acks)
 
     async def next_generation(self) -> int:
         """A bucket-wide counter: every gateway sees its assignments' generations rise."""
@@ -271,7 +299,8 @@ class Engine:
     async def announce(self, payload: Any, what: str) -> None:
         rollout_id = payload.rollout_id
         event_id = derive_event_id("rollout", f"{rollout_id}/{what}")
-        await self.bus.publish(new_event(payload, source=SOURCE, event_id=event_id))
+        with self.journey(rollout_id, f"rollout {what}"):
+            await self.bus.publish(new_event(payload, source=SOURCE, event_id=event_id))
 
     async def desired_model(self, variant_id: str) -> DesiredModel | None:
         """What to install to run ``variant_id`` again, from its signed manifest."""

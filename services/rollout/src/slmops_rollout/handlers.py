@@ -14,6 +14,7 @@ from typing import Any
 
 from slmops.bus import HandlerResult, Handlers
 from slmops.events import CloudEvent, GatewayReport, ReleaseCreated, TransientError
+from slmops.tracing import current_traceparent
 from slmops_rollout.engine import Engine
 from slmops_rollout.plans import WavePolicy
 from slmops_rollout.settings import RolloutSettings
@@ -46,6 +47,8 @@ async def on_release(
     engine = await _engine(engines)
     release = event.data
     await engine.rollouts.put(f"release.{release.release_id}", release.model_dump_json().encode())
+    if (traceparent := current_traceparent()) is not None:  # a rollout asked for later joins it
+        await engine.rollouts.put(f"release-trace.{release.release_id}", traceparent.encode())
     if "*" in settings.auto_models or release.model_name in settings.auto_models:
         await engine.start(release, {}, WavePolicy())
     return None

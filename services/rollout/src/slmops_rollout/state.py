@@ -53,6 +53,11 @@ class RolloutState(BaseModel):
     approved_waves: list[int] = Field(
         default_factory=list, description="Waves of ``policy.approval_waves`` approved so far."
     )
+    traceparent: str | None = Field(
+        None,
+        description="W3C trace context of the model's journey (the release it rolls out): "
+        "every wave, assignment and announcement of this rollout joins that one trace.",
+    )
 
 
 class WaveFigures(BaseModel):

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from slmops.cli import fleet, optimizer, registry, report, rollout, stack
+from slmops.cli import fleet, optimizer, registry, report, rollout, stack, trace
 
 app = typer.Typer(
     name="slmops",
@@ -21,6 +21,7 @@ jobs_app = typer.Typer(help="Optimization jobs.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(rollout.app, name="rollout")
 app.add_typer(fleet.app, name="fleet")
+app.add_typer(trace.app, name="trace")
 
 app.command("up")(stack.up)
 app.command("down")(stack.down)
