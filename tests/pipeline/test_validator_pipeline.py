@@ -13,6 +13,7 @@ import pytest
 from slmops.bus import Bus
 from slmops.reports import ValidationReport
 from slmops.testing.events import await_events
+from slmops.testing.models import with_word_tokenizer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -105,3 +106,36 @@ async def _report(pipeline: Any, variant_id: str) -> ValidationReport:
     response = await pipeline.registry.get(f"/v1/variants/{variant_id}/report")
     assert response.status_code == 200, response.text
     return ValidationReport.model_validate(response.json()["report"])
+
+
+async def test_the_same_artifact_as_a_new_version_is_judged_and_released_again(
+    pipeline: Any, validator: Any, bus: Bus, tiny_onnx: Callable[..., bytes]
+) -> None:
+    # setup: a small encoder published and released as 1.0.0
+    data = with_word_tokenizer(tiny_onnx())
+    fields = {"model_name": "tiny", "format": "onnx", "task": "feature-extraction",
+              "device_classes": ["test-cpu"]}  # fmt: skip
+    await pipeline.publish(data, **fields)
+    first = await await_events(bus, "slmops.release.created.v1", count=1, timeout_s=300)
+
+    # execute: the very same bytes published as 1.1.0 (its variants are reused, not rebuilt)
+    await pipeline.publish(data, **{**fields, "version": "1.1.0"})
+    releases = await await_events(bus, "slmops.release.created.v1", count=2, timeout_s=300)
+
+    # assert: the new version's outcomes are announced as its own (not dropped as duplicates
+    # of 1.0.0's), with the verdicts 1.0.0 got, and it is released with the same variants
+    def of(version: str) -> Callable[[Any], bool]:
+        return lambda e: e.data.version == version
+
+    planned = (await await_events(bus, "slmops.optimization.planned.v1", count=2))[0]
+    jobs = len(planned.data.jobs)
+    old = await await_events(bus, "slmops.validation.*.v1", count=jobs, where=of("1.0.0"))
+    new = await await_events(bus, "slmops.validation.*.v1", count=jobs, where=of("1.1.0"))
+    completed = await await_events(bus, "slmops.optimization.completed.v1", count=jobs,
+                                   where=of("1.1.0"))  # fmt: skip
+    assert {(e.data.variant_id, e.type) for e in new} == {(e.data.variant_id, e.type) for e in old}
+    assert {e.data.variant_id for e in completed} == {e.data.variant_id for e in old}
+    assert releases[1].data.version == "1.1.0"
+    assert [e.variant_id for e in releases[1].data.entries] == [
+        e.variant_id for e in first[0].data.entries
+    ]

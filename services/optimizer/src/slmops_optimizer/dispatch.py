@@ -149,5 +149,9 @@ async def _publish(
 
 
 def outcome_id_for(payload: OptimizationCompleted | OptimizationFailed) -> str:
-    """One outcome per job: completed and failed share the id, so a repeat is de-duplicated."""
-    return derive_event_id("optimization.outcome", str(payload.variant_id))
+    """One outcome per job: completed and failed share the id, so a repeat is de-duplicated.
+
+    The model version is part of it: a variant reused for a new version (the same artifact
+    published again) is a new announcement, which JetStream must not drop as a duplicate."""
+    job = f"{payload.model_name}/{payload.version}/{payload.variant_id}"
+    return derive_event_id("optimization.outcome", job)

@@ -47,16 +47,18 @@ async def on_completed(
     done = event.data
     kv = await _state(ctx)
     key = f"validator.variant.{done.variant_id}"
-    try:  # judged before (a redelivery, a re-announced reused variant): same outcome again
+    try:  # judged before (a redelivery, a re-announced reused variant): same outcome again,
+        # announced for the version at hand (a reused variant serves a new version too)
         stored = json.loads((await kv.get(key)).value or b"{}")
         kind = ValidationPassed if stored["verdict"] == "passed" else ValidationFailed
-        outcome: Outcome = kind.model_validate(stored["outcome"])
+        outcome: Outcome = kind.model_validate({**stored["outcome"], **_version_of(done)})
     except nats.js.errors.KeyNotFoundError:
         outcome = await _judge(done, ctx)
         verdict = "passed" if isinstance(outcome, ValidationPassed) else "failed"
         record = {"verdict": verdict, "outcome": outcome.model_dump(mode="json")}
         await kv.put(key, json.dumps(record).encode())
-    outcome_id = derive_event_id("validation.outcome", done.variant_id)
+    announced = f"{done.model_name}/{done.version}/{done.variant_id}"
+    outcome_id = derive_event_id("validation.outcome", announced)
     await ctx.bus.publish(new_event(outcome, source=SOURCE, event_id=outcome_id))
     passed = isinstance(outcome, ValidationPassed)
     candidate = Candidate(
@@ -159,13 +161,12 @@ def _failed(
     return ValidationFailed(**_common(done), report=ref, gates=gates, reason=reason)
 
 
+def _version_of(done: OptimizationCompleted) -> dict[str, Any]:
+    return {"model_name": done.model_name, "version": done.version}
+
+
 def _common(done: OptimizationCompleted) -> dict[str, Any]:
-    return {
-        "model_name": done.model_name,
-        "version": done.version,
-        "variant_id": done.variant_id,
-        "device_class": done.device_class,
-    }
+    return {**_version_of(done), "variant_id": done.variant_id, "device_class": done.device_class}
 
 
 def _latency_p50(outcome: Outcome) -> float | None:
