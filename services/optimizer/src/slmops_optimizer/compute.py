@@ -3,7 +3,9 @@
 One deployment, ``OptimizerWorker``, runs jobs; the service calls it through a deployment
 handle with streaming responses, so progress comes back while a job runs and closing the
 stream cancels it. Replicas reserve fractional CPUs and autoscale on ongoing requests, so two
-replicas fit a 2-core box; on a cluster (KubeRay) the same app is attached to by address.
+replicas fit a 2-core box. On a cluster the service attaches by address and either deploys the
+app itself (``ray_mode=cluster``) or, under a KubeRay RayService that deploys it from
+:func:`build_app`, only takes a handle to it (``ray_mode=rayservice``).
 Locally Ray starts in-process on 127.0.0.1 with its files under the project's ``var/``.
 """
 
@@ -96,8 +98,55 @@ def _shutdown_ray() -> None:
     ray_api.shutdown()
 
 
+def worker_app(settings: OptimizerSettings) -> Any:
+    """The Serve application: the job deployment, sized and autoscaled from ``settings``."""
+    import ray.serve
+
+    serve: Any = ray.serve
+    work_dir = settings.scratch_dir
+    work_dir.mkdir(parents=True, exist_ok=True)
+    deployment = serve.deployment(OptimizerWorker).options(
+        name="optimizer-worker",
+        ray_actor_options={"num_cpus": settings.replica_num_cpus},
+        max_ongoing_requests=settings.jobs_per_replica,
+        autoscaling_config={
+            "min_replicas": settings.min_replicas,
+            "initial_replicas": max(1, settings.min_replicas),
+            "max_replicas": settings.max_replicas,
+            "target_ongoing_requests": settings.jobs_per_replica,
+            "upscale_delay_s": 1.0,
+            "downscale_delay_s": 60.0,
+        },
+    )
+    return deployment.bind(str(work_dir / "replicas"))
+
+
+def build_app(args: dict[str, str]) -> Any:
+    """Ray Serve application builder (``import_path: slmops_optimizer.compute:build_app``) for
+    a KubeRay RayService: ``args`` are optimizer settings by field name (e.g. ``max_replicas``),
+    over the ``SLMOPS_OPTIMIZER_*`` environment of the Ray pods."""
+    overrides: dict[str, Any] = dict(args)  # through __init__: the environment is read too
+    return worker_app(OptimizerSettings(**overrides))
+
+
+def _app_handle(serve: Any, timeout_s: float) -> Any:
+    """A handle to the app a RayService deployed, once it exists (it may still be starting)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return serve.get_app_handle(APP_NAME)
+        except Exception:  # RayServeException: the RayService has not deployed it yet
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(2.0)
+
+
 class Compute:
     """Starts (or attaches to) Ray Serve in the background and hands out job streams."""
+
+    first_retry_s = 2.0  # then doubling, up to 30 s
 
     def __init__(self, settings: OptimizerSettings) -> None:
         self.settings = settings
@@ -107,18 +156,31 @@ class Compute:
         self._starter: asyncio.Task[None] | None = None
         self._started_ray = False
         self._own_temp_dir: Path | None = None
+        self._stopping = asyncio.Event()
 
     async def start(self) -> None:
         self._starter = asyncio.create_task(self._start(), name="ray serve start")
 
     async def _start(self) -> None:
-        try:
-            self._handle = await asyncio.to_thread(self._start_sync)
-            self._error = ""
-            self._ready.set()
-        except Exception as exc:  # readiness reports it; jobs wait and are retried
-            self._error = f"{type(exc).__name__}: {exc}"
-            log.exception("Ray Serve did not start")
+        """Start or attach, retrying with backoff: a Ray node that timed out starting on a
+        busy host, or a RayService whose head is not up yet, is not a reason to stay unready
+        until someone restarts the service. Readiness says why meanwhile; jobs wait."""
+        delay_s = self.first_retry_s
+        while not self._stopping.is_set():
+            try:
+                self._handle = await asyncio.to_thread(self._start_sync)
+                self._error = ""
+                self._ready.set()
+                return
+            except Exception as exc:
+                self._error = f"{type(exc).__name__}: {exc} (retrying in {delay_s:.0f} s)"
+                log.exception("Ray Serve did not start; retrying in %.0f s", delay_s)
+                if self.settings.ray_mode != "local-testing":
+                    await asyncio.to_thread(_shutdown_ray)  # a half-started Ray would stay
+                    self._started_ray = False
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay_s)
+                delay_s = min(delay_s * 2, 30.0)
 
     def _start_sync(self) -> Any:
         _quiet_local_ray_env()  # before the first import of ray: some are read at import
@@ -127,27 +189,14 @@ class Compute:
         serve: Any = ray.serve  # Ray's decorators confuse type checkers; keep them untyped here
 
         settings = self.settings
-        work_dir = settings.scratch_dir
-        work_dir.mkdir(parents=True, exist_ok=True)
-        deployment = serve.deployment(OptimizerWorker).options(
-            name="optimizer-worker",
-            ray_actor_options={"num_cpus": settings.replica_num_cpus},
-            max_ongoing_requests=settings.jobs_per_replica,
-            autoscaling_config={
-                "min_replicas": settings.min_replicas,
-                "initial_replicas": max(1, settings.min_replicas),
-                "max_replicas": settings.max_replicas,
-                "target_ongoing_requests": settings.jobs_per_replica,
-                "upscale_delay_s": 1.0,
-                "downscale_delay_s": 60.0,
-            },
-        )
-        app = deployment.bind(str(work_dir / "replicas"))
         if settings.ray_mode == "local-testing":
-            return serve.run(app, name=APP_NAME, route_prefix=None, _local_testing_mode=True)
+            return serve.run(worker_app(settings), name=APP_NAME, route_prefix=None,
+                             _local_testing_mode=True)  # fmt: skip
         self._init_ray()
+        if settings.ray_mode == "rayservice":  # KubeRay deploys the app; only take a handle
+            return _app_handle(serve, settings.ray_start_timeout_s)
         serve.start(proxy_location="Disabled")
-        return serve.run(app, name=APP_NAME, route_prefix=None)
+        return serve.run(worker_app(settings), name=APP_NAME, route_prefix=None)
 
     def _init_ray(self) -> None:
         import ray as ray_module
@@ -181,6 +230,7 @@ class Compute:
         return short
 
     async def stop(self) -> None:
+        self._stopping.set()  # no further start attempt; one under way may finish
         if self._starter is not None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(asyncio.shield(self._starter), 60)

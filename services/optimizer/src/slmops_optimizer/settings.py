@@ -28,10 +28,12 @@ class OptimizerSettings(ServiceSettings):
         description="Ray cluster to attach to (e.g. ray://head:10001); unset: start Ray "
         "in-process on 127.0.0.1.",
     )
-    ray_mode: Literal["cluster", "local-testing"] = Field(
+    ray_mode: Literal["cluster", "rayservice", "local-testing"] = Field(
         "cluster",
-        description="'cluster': real Ray Serve (in-process or attached); 'local-testing': Serve's "
-        "in-process testing mode, no Ray processes (for quick tests only).",
+        description="'cluster': real Ray Serve (in-process, or attached at ray_address), "
+        "deployed by this service; 'rayservice': attach at ray_address to the app a KubeRay "
+        "RayService deployed (import path slmops_optimizer.compute:build_app); "
+        "'local-testing': Serve's in-process testing mode, no Ray processes (quick tests only).",
     )
     ray_num_cpus: float | None = Field(
         None, gt=0, description="CPUs the in-process Ray may use (unset: all of them)."
@@ -67,6 +69,11 @@ class OptimizerSettings(ServiceSettings):
         if self.min_replicas > self.max_replicas:
             raise ValueError(
                 f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})"
+            )
+        if self.ray_mode == "rayservice" and not self.ray_address:
+            raise ValueError(
+                "ray_mode 'rayservice' attaches to the RayService's cluster: set "
+                "SLMOPS_OPTIMIZER_RAY_ADDRESS (e.g. ray://slmops-ray-head-svc:10001)"
             )
         return self
 
