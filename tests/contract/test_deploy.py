@@ -1,0 +1,330 @@
+"""deploy/ agrees with the code: images, ports, settings, consumers, Ray and NATS.
+
+Offline: no image is built, no cluster asked. Manifests are read as data and compared with what
+the code says (entry points, settings classes, the consumers each app declares, Serve app).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import re
+import shlex
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from pydantic import ValidationError
+
+from slmops import __version__
+from slmops.events import GatewayAssignment, GatewayReport
+from slmops.profiles import load_profiles
+from slmops.settings import ConsumerSettings, PlatformSettings, ServiceSettings
+from slmops.stack.binaries import nats_server_binary
+from slmops.stack.components import discover_services, service_module
+from slmops_optimizer import compute
+from slmops_optimizer.settings import OptimizerSettings
+
+DEPLOY = Path(__file__).parents[2] / "deploy"
+SERVICES = discover_services()
+IMAGE = "ghcr.io/slmops/slmops-"
+COMPOSE: dict[str, Any] = yaml.safe_load((DEPLOY / "compose" / "compose.yaml").read_text())
+K8S = [  # every resource (kustomization.yaml is not one)
+    d
+    for p in sorted((DEPLOY / "k8s").glob("*.yaml"))
+    for d in yaml.safe_load_all(p.read_text())
+    if d and "metadata" in d
+]
+LEAF_CONF = (DEPLOY / "nats" / "leaf-edge-site.conf").read_text()
+EnvNames = Callable[..., list[str]]  # the setting_env_names fixture (conftest.py)
+Settings = dict[str, type[ServiceSettings]]  # the service_settings fixture
+
+
+def k8s(kind: str, name: str) -> dict[str, Any]:
+    return next(d for d in K8S if d["kind"] == kind and d["metadata"]["name"] == name)
+
+
+HUB_CONF: str = k8s("ConfigMap", "nats-config")["data"]["nats.conf"]
+
+
+def dockerfile(service: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of deploy/docker/<service>/Dockerfile, continuations joined."""
+    text = (DEPLOY / "docker" / service / "Dockerfile").read_text().replace("\\\n", " ")
+    lines = [line.strip() for line in text.splitlines()]
+    return [(ln.split()[0].upper(), ln.split(None, 1)[1]) for ln in lines if ln and ln[0] != "#"]
+
+
+def docker_env(service: str) -> dict[str, str]:
+    pairs = [p for op, args in dockerfile(service) if op == "ENV" for p in shlex.split(args)]
+    return dict(pair.split("=", 1) for pair in pairs)
+
+
+def image_service(image: str) -> str:
+    return image.removeprefix(IMAGE).split(":")[0]
+
+
+def compose_services() -> Iterator[tuple[str, str]]:
+    """(compose service, slmops service) of each compose service running an slmops image."""
+    for name, spec in COMPOSE["services"].items():
+        if spec.get("image", "").startswith(IMAGE):
+            yield name, image_service(spec["image"])
+
+
+def containers(*kinds: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(service, container) of the k8s workloads (of ``kinds``, default all) that run an slmops
+    image; the RayService's Ray pods run the optimizer's."""
+    for doc in (d for d in K8S if not kinds or d["kind"] in kinds):
+        spec = doc.get("spec", {})
+        spec = spec.get("rayClusterConfig", spec)  # a RayService: its cluster's pods
+        pods = [spec.get("template"), spec.get("headGroupSpec", {}).get("template")]
+        pods += [group["template"] for group in spec.get("workerGroupSpecs", [])]
+        for pod in filter(None, pods):
+            for c in pod["spec"]["containers"]:
+                if c["image"].startswith(IMAGE):
+                    yield image_service(c["image"]), c
+
+
+def k8s_env(container: dict[str, Any]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        kind = "ConfigMap" if "configMapRef" in source else "Secret"
+        doc = k8s(kind, (source.get("configMapRef") or source["secretRef"])["name"])
+        env.update(doc.get("data") or doc["stringData"])
+    # valueFrom: only the gateway id, from the node's name
+    return env | {e["name"]: e.get("value", "edge-node-1") for e in container.get("env", [])}
+
+
+def compose_env(name: str) -> dict[str, str]:
+    """A compose service's environment, ``${VAR:-default}`` as its default, other variables
+    as a stand-in real value."""
+    env = COMPOSE["services"][name].get("environment", {})
+    real = "x-real-value"
+    sub = re.compile(r"\$\{\w+(?::?([-?])([^}]*))?\}")
+    return {k: sub.sub(lambda m: m[2] if m[1] == "-" else real, str(v)) for k, v in env.items()}
+
+
+def test_every_yaml_file_parses() -> None:
+    files = sorted(DEPLOY.rglob("*.y*ml"))
+
+    assert len(files) > 5
+    assert all(list(yaml.safe_load_all(path.read_text())) for path in files)
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_every_service_has_an_image_a_compose_service_and_a_workload(service: str) -> None:
+    # The gateway is an edge agent: a DaemonSet (one per device), the others Deployments.
+    kind = "DaemonSet" if service == "gateway" else "Deployment"
+    compose = COMPOSE["services"][service]
+
+    assert (DEPLOY / "docker" / service / "Dockerfile").is_file()
+    assert compose["build"]["dockerfile"] == f"deploy/docker/{service}/Dockerfile"
+    assert compose["image"] == f"{IMAGE}{service}:${{IMAGE_TAG:-{__version__}}}"
+    assert service in {svc for svc, _ in containers(kind)}
+    images = {c["image"] for svc, c in containers() if svc == service}
+    assert images == {f"{IMAGE}{service}:{__version__}"}
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_dockerfile_is_multi_stage_non_root_and_runs_the_service(
+    service: str, service_settings: Settings
+) -> None:
+    steps = dockerfile(service)
+    args = {op: a for op, a in steps}  # the last of each instruction
+    env = docker_env(service)
+    port = service_settings[service].model_fields["port"].default
+    prefix = f"SLMOPS_{service.upper()}_"
+    health = json.loads(args["HEALTHCHECK"].split(" CMD ", 1)[1])
+    entrypoint = json.loads(args["ENTRYPOINT"])
+
+    assert len([a for op, a in steps if op == "FROM"]) >= 2
+    assert int(args["USER"]) >= 1000  # numeric and not root: runAsNonRoot can verify it
+    assert args["EXPOSE"] == str(port) == env[f"{prefix}PORT"] == health[-2]
+    assert env[f"{prefix}HOST"] == "0.0.0.0"  # a container listens outside
+    assert health[-1] == "/healthz"
+    assert entrypoint == ["python", "-m", service_module(service)]
+    assert importlib.util.find_spec(f"{service_module(service)}.__main__") is not None
+    if "profiles_dir" in service_settings[service].model_fields:  # not the source checkout's
+        copied = [a.split()[-1] for op, a in steps if op == "COPY" and "deploy/profiles" in a]
+        assert copied == [env[f"{prefix}PROFILES_DIR"]]
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_ports_agree_across_compose_and_k8s(service: str, service_settings: Settings) -> None:
+    port = service_settings[service].model_fields["port"].default
+    compose = COMPOSE["services"][service]
+    workloads = containers("Deployment", "DaemonSet")
+    workload_ports = [p for svc, c in workloads if svc == service for p in c["ports"]]
+    svc_ports = k8s("Service", f"slmops-{service}")["spec"]["ports"]
+
+    assert [p.rsplit(":", 1)[1] for p in compose["ports"]] == [str(port)]
+    assert compose["healthcheck"]["test"][-2:] == [str(port), "/readyz"]
+    assert workload_ports == [{"name": "http", "containerPort": port}]
+    assert svc_ports == [{"name": "http", "port": port, "targetPort": "http"}]
+
+
+def test_every_slmops_env_var_is_a_real_setting(
+    service_settings: Settings, setting_env_names: EnvNames
+) -> None:
+    named = [(svc, set(docker_env(svc))) for svc in SERVICES]
+    named += [(svc, set(k8s_env(c))) for svc, c in containers()]
+    named += [(svc, set(compose_env(name))) for name, svc in compose_services()]
+
+    def valid(svc: str) -> set[str]:
+        classes = (PlatformSettings, ConsumerSettings, service_settings[svc])
+        return {name for cls in classes for name in setting_env_names(cls)}
+
+    unknown = {(s, n) for s, names in named for n in names - valid(s) if n.startswith("SLMOPS_")}
+
+    assert len(named) > len(SERVICES) * 2
+    assert unknown == set()
+
+
+def test_settings_accept_the_manifests_and_refuse_their_placeholders(
+    service_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def load(service: str, env: dict[str, str]) -> None:
+        for name in [n for n in os.environ if n.startswith("SLMOPS_")]:
+            monkeypatch.delenv(name)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        service_settings[service]()
+
+    for service, c in containers():
+        env = k8s_env(c)
+        if "SLMOPS_S3_ACCESS_KEY_ID" in env:  # the template's "changeme" fails fast ...
+            with pytest.raises(ValidationError, match="placeholder"):
+                load(service, docker_env(service) | env)
+        load(service, docker_env(service) | {k: v.replace("changeme", "x") for k, v in env.items()})
+    for name, service in compose_services():
+        load(service, docker_env(service) | compose_env(name))
+
+
+def test_gateways_declare_real_device_classes() -> None:
+    classes = load_profiles(DEPLOY / "profiles")
+    for pod in (d["spec"]["template"]["spec"] for d in K8S if d["kind"] == "DaemonSet"):
+        wanted = k8s_env(pod["containers"][0])["SLMOPS_GATEWAY_DEVICE_CLASS"]
+        assert wanted in classes
+        assert pod["nodeSelector"]["slmops.dev/device-class"] == wanted
+    assert compose_env("gateway")["SLMOPS_GATEWAY_DEVICE_CLASS"] in classes
+
+
+@pytest.fixture(scope="module")
+def durables(tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[tuple[str, str]]]:
+    """(stream, durable) of each service's consumers, from the app its entry point builds."""
+    found: dict[str, set[tuple[str, str]]] = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SLMOPS_ENV", "local")
+        mp.setenv("SLMOPS_VAR_DIR", str(tmp_path_factory.mktemp("var")))
+        mp.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
+        for service in SERVICES:
+            app = importlib.import_module(f"{service_module(service)}.app").create_app()
+            found[service] = {(c.stream, c.durable) for c in app.state.runtime.topology.consumers}
+    return found
+
+
+def test_keda_scales_deployments_on_their_real_durable_consumers(
+    durables: dict[str, set[tuple[str, str]]],
+) -> None:
+    scaled = [d for d in K8S if d["kind"] == "ScaledObject"]
+    monitor = {p["name"]: p["port"] for p in k8s("Service", "nats-headless")["spec"]["ports"]}
+
+    assert scaled
+    for obj in scaled:
+        target = k8s("Deployment", obj["spec"]["scaleTargetRef"]["name"])
+        service = target["metadata"]["name"].removeprefix("slmops-")
+        triggers = [t["metadata"] for t in obj["spec"]["triggers"]]
+        assert "replicas" not in target["spec"]  # KEDA owns the count
+        assert {t["type"] for t in obj["spec"]["triggers"]} == {"nats-jetstream"}
+        assert {(t["stream"], t["consumer"]) for t in triggers} == durables[service] != set()
+        for t in triggers:
+            assert t["natsServerMonitoringEndpoint"] == (
+                f"nats-headless.slmops.svc.cluster.local:{monitor['monitor']}"
+            )
+            assert re.search(rf"\b{t['account']}: \{{\s*jetstream: enabled", HUB_CONF)
+
+
+def test_ray_service_deploys_the_optimizer_app_and_the_optimizer_attaches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ray.serve import Application
+    from ray.serve.schema import ServeDeploySchema
+
+    ray = k8s("RayService", "slmops-ray")
+    cluster = ray["spec"]["rayClusterConfig"]
+    head = cluster["headGroupSpec"]
+    serve = ServeDeploySchema.model_validate(yaml.safe_load(ray["spec"]["serveConfigV2"]))
+    [app] = serve.applications
+    module, attr = app.import_path.split(":")
+    builder = getattr(importlib.import_module(module), attr)
+    pins = dict(a.split("=") for op, a in dockerfile("optimizer") if op == "ARG")
+    requires = importlib.metadata.requires("slmops-optimizer") or []
+    needs = {r.name: r for r in map(Requirement, requires)}
+    port = head["rayStartParams"]["ray-client-server-port"]
+    head_container = head["template"]["spec"]["containers"][0]
+    ports = {p["name"]: str(p["containerPort"]) for p in head_container["ports"]}
+    [workers] = cluster["workerGroupSpecs"]
+    worker_cpus = int(workers["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+    optimizer = k8s_env(next(c for _, c in containers() if c["name"] == "optimizer"))
+    compose_head = COMPOSE["services"]["ray-head"]
+    # The builder runs in a Ray pod: its settings read that pod's env, then the args.
+    for name in [n for n in os.environ if n.startswith("SLMOPS_")]:
+        monkeypatch.delenv(name)
+    pod_env = docker_env("optimizer") | k8s_env(head_container)
+    for name, value in pod_env.items():
+        monkeypatch.setenv(name, value.replace("changeme", "x"))
+    monkeypatch.setenv("SLMOPS_VAR_DIR", str(tmp_path))
+    built = builder(app.args)  # what Serve does with import_path and args; Ray is not started
+    deployment = built._bound_deployment
+
+    assert app.name == compute.APP_NAME
+    assert builder is compute.build_app
+    assert set(app.args) <= set(OptimizerSettings.model_fields)
+    assert app.route_prefix is None  # no HTTP route: the service calls it by handle
+    assert isinstance(built, Application)
+    assert deployment.name == "optimizer-worker"
+    # The worker group holds the app at its largest.
+    replicas, cpus = int(app.args["max_replicas"]), deployment.ray_actor_options["num_cpus"]
+    assert replicas * cpus <= workers["maxReplicas"] * worker_cpus
+    assert cluster["rayVersion"] == pins["RAY_VERSION"]
+    assert needs["ray"].specifier.contains(pins["RAY_VERSION"])
+    assert needs["torch"].specifier.contains(pins["TORCH_VERSION"])
+    assert ports["client"] == port
+    assert {"dashboard", "serve"} <= set(ports)  # KubeRay calls the first, requires the second
+    # The optimizer only attaches, at the RayService's stable head service.
+    assert optimizer["SLMOPS_OPTIMIZER_RAY_MODE"] == "rayservice"
+    address = f"ray://{ray['metadata']['name']}-head-svc:{port}"
+    assert optimizer["SLMOPS_OPTIMIZER_RAY_ADDRESS"] == address
+    # Compose has no KubeRay: its one optimizer deploys the app on the Ray head itself.
+    assert f"--ray-client-server-port={port}" in compose_head["entrypoint"]
+    assert compose_env("optimizer")["SLMOPS_OPTIMIZER_RAY_MODE"] == "cluster"
+    assert compose_env("optimizer")["SLMOPS_OPTIMIZER_RAY_ADDRESS"] == f"ray://ray-head:{port}"
+    assert compose_head["image"] == COMPOSE["services"]["optimizer"]["image"]
+
+
+def test_edge_leaf_node_reaches_the_hub(tmp_path: Path) -> None:
+    leaf_port = re.search(r"leafnodes \{\s*listen: [\d.]+:(\d+)", HUB_CONF)
+    hub_domain = re.search(r"jetstream \{[^}]*domain: (\S+)", HUB_CONF)
+    services = {p["name"]: p["port"] for p in k8s("Service", "nats-leafnodes")["spec"]["ports"]}
+    env = {"POD_NAME": "nats-0", "EDGE_SITE": "edge-test-1", "HUB_LEAF_URL": "nats-leaf://h:1"}
+    env |= {f"NATS_{k}_PASSWORD": "pw" for k in ("SLMOPS", "SYS", "EDGE", "GATEWAY")}
+
+    assert leaf_port
+    assert hub_domain
+    assert services["leafnodes"] == int(leaf_port[1])
+    assert f":{leaf_port[1]}" in LEAF_CONF
+    # Gateways' JetStream calls are mapped to the hub's domain: it must be the hub's name.
+    assert re.search(rf"default_js_domain: \{{ SLMOPS: {hub_domain[1]} \}}", LEAF_CONF)
+    assert GatewayAssignment.event_type in LEAF_CONF
+    assert GatewayReport.event_type in LEAF_CONF
+    for name, text in (("hub.conf", HUB_CONF), ("leaf.conf", LEAF_CONF)):  # the real parser
+        (tmp_path / name).write_text(text)
+        check = [str(nats_server_binary()), "-t", "-c", str(tmp_path / name)]
+        result = subprocess.run(check, env=env, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
