@@ -10,7 +10,6 @@ import asyncio
 import importlib.util
 import json
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -46,6 +45,8 @@ from slmops.stack.state import (
     stop_components,
     write_state,
 )
+from slmops.testing.localstack import stack_env_vars
+from slmops.testing.ports import free_ports
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -64,52 +65,15 @@ def _runnable_services() -> list[str]:
 SERVICES = _runnable_services()
 
 
-def _free_ports(count: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(count):
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            socks.append(sock)
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
-
-
-def _free_range(count: int) -> int:
-    """A base port with ``count`` consecutive free ports (below the ephemeral range)."""
-    for _ in range(200):
-        base = random.randint(20_000, 32_000)
-        socks: list[socket.socket] = []
-        try:
-            for port in range(base, base + count):
-                socks.append(socket.socket())
-                socks[-1].bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise RuntimeError("no free port range")
-
-
 @pytest.fixture
 def stack_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
     """Env of the CLI subprocesses; this process gets the same, so its settings match."""
     for key in list(os.environ):
         if key.startswith("SLMOPS_"):
             monkeypatch.delenv(key)
-    nats_port, monitor_port, s3_port = _free_ports(3)
     stack_vars = {
-        "SLMOPS_VAR_DIR": str(tmp_path / "var"),
-        "SLMOPS_STACK_NATS_PORT": str(nats_port),
-        "SLMOPS_STACK_NATS_MONITOR_PORT": str(monitor_port),
-        "SLMOPS_STACK_S3_PORT": str(s3_port),
-        "SLMOPS_STACK_SERVICE_BASE_PORT": str(_free_range(max(1, len(SERVICES)))),
         # the optimizer is ready once its in-process Ray Serve runs (~20 s; more when busy)
-        "SLMOPS_STACK_READY_TIMEOUT_S": "120",
+        **stack_env_vars(tmp_path / "var", ready_timeout_s=120),
         "SLMOPS_STACK_STOP_TIMEOUT_S": "10",
         "SLMOPS_STACK_SERVICES": ",".join(SERVICES),
     }
@@ -268,6 +232,9 @@ def test_plan_gives_services_their_ports_and_platform_env(
     assert zeta.env["SLMOPS_ENV"] == "local"
     assert zeta.env["SLMOPS_TRACE_DIR"] == str(tmp_path.resolve() / "traces")
     assert zeta.ready_url == "http://127.0.0.1:3001/readyz"
+    # every service calls the registry where this stack serves it, not at its default port
+    assert zeta.env["SLMOPS_ZETA_REGISTRY_URL"] == "http://127.0.0.1:3000"
+    assert "REGISTRY_URL" not in zeta.env
     assert [s.name for s in plan_stack(StackSettings(services=""), platform)] == ["nats", "s3"]
     assert [s.name for s in plan_stack(StackSettings(services="zeta"), platform)][-1] == "zeta"
 
@@ -299,7 +266,7 @@ _FAKE_SERVICE = textwrap.dedent(
 def _fake_spec(tmp_path: Path, ready_after_s: float) -> ComponentSpec:
     script = tmp_path / "fake_service.py"
     script.write_text(_FAKE_SERVICE)
-    (port,) = _free_ports(1)
+    (port,) = free_ports(1)
     return ComponentSpec(
         name="fake",
         kind=ComponentKind.SERVICE,
