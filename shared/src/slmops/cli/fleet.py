@@ -1,17 +1,21 @@
 """`slmops fleet simulate`: thousands of simulated gateways running the real agent code
-(``slmops_gateway.simulator``) against this platform's NATS and registry, until Ctrl-C."""
+(``slmops_gateway.simulator``) against this platform's NATS and registry, until Ctrl-C; and
+`slmops fleet list`: the registered gateways, from the rollout service's fleet record."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 import time
 from typing import Annotated, Any
 
 import typer
+from rich.table import Table
 
 from slmops.cli.registry import CliSettings, RegistryUrl, _fail, _out
+from slmops.cli.rollout import JsonOutput, RolloutUrl, _call
 
 app = typer.Typer(help="Simulated gateway fleets.", no_args_is_help=True)
 
@@ -26,6 +30,34 @@ def _shares(text: str, what: str) -> dict[str, float]:
         except ValueError:
             _fail(f"{what}: {part!r} is not NAME=SHARE")
     return shares
+
+
+@app.command("list")
+def list_gateways(
+    device_class: Annotated[str | None, typer.Option("--class", help="Only this class.")] = None,
+    selector: Annotated[list[str], typer.Option(help="key=value labels to match "
+                                                "(repeatable).")] = [],  # noqa: B006
+    json_output: JsonOutput = False,
+    rollout_url: RolloutUrl = None,
+) -> None:  # fmt: skip
+    """Registered gateways, counted by class and by what they run (--json: every gateway)."""
+    params: dict[str, Any] = {"selector": selector}
+    if device_class:
+        params["device_class"] = device_class
+    found = _call("GET", "/v1/gateways", rollout_url, params=params)
+    if json_output:
+        print(json.dumps(found, indent=2))
+        return
+    counts: dict[tuple[str, str], int] = {}
+    for gateway in found:
+        key = (gateway["device_class"], gateway.get("running_variant_id") or "-")
+        counts[key] = counts.get(key, 0) + 1
+    table = Table(title=f"{len(found)} gateways", title_justify="left")
+    for column in ("class", "running", "gateways"):
+        table.add_column(column, no_wrap=True)
+    for (cls, variant), n in sorted(counts.items()):
+        table.add_row(cls, variant, str(n))
+    _out.print(table, soft_wrap=False)
 
 
 @app.command()

@@ -1,5 +1,6 @@
-"""`slmops rollout start|status|approve|pause|resume|cancel|rollback NAME VERSION`: staged
-rollouts through the rollout service's API, found by model name and version."""
+"""`slmops rollout start|status|approve|pause|resume|cancel|rollback NAME VERSION` and
+`slmops rollout list`: staged rollouts through the rollout service's API, found by model name
+and version."""
 
 from __future__ import annotations
 
@@ -110,6 +111,30 @@ def status(
         _fail(f"no rollout of {name} {version}: start one with `slmops rollout start`")
     for rollout in found:
         _print_status(rollout)
+
+
+@app.command("list")
+def list_rollouts(
+    name: Annotated[str | None, typer.Option("--model", help="Only this model.")] = None,
+    json_output: JsonOutput = False,
+    rollout_url: RolloutUrl = None,
+) -> None:
+    """Every rollout, newest first: model, version, status, waves and gateway counts."""
+    found = _call("GET", "/v1/rollouts", rollout_url, params={"model_name": name} if name else {})
+    if json_output:
+        print(json.dumps(found, indent=2))
+        return
+    if not found:
+        _out.print("no rollouts", markup=False)
+        return
+    table = Table(title="rollouts, newest first", title_justify="left")
+    for column in ("rollout", "model", "version", "status", "wave", "gateways"):
+        table.add_column(column, no_wrap=column == "rollout")
+    for r in found:
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(r["gateways"].items()))
+        table.add_row(*text_row(r["rollout_id"], r["model_name"], r["version"], r["status"],
+                                f"{r['wave_index'] + 1}/{len(r['waves'])}", counts))  # fmt: skip
+    _out.print(table, soft_wrap=False)
 
 
 def _print_status(r: dict[str, Any]) -> None:

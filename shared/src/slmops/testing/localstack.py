@@ -1,0 +1,61 @@
+"""The local stack (`slmops up`) as processes on free ports with its own state folder, for
+tests and benchmarks that need the real thing: nats-server, the S3 server, every service."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from slmops.testing.ports import free_port_range, free_ports
+
+STACK = (sys.executable, "-m", "slmops.stack")
+SERVICE_COUNT = 5  # ports reserved from the base port, one per service
+
+
+def stack_env_vars(var_dir: Path, ready_timeout_s: float = 180.0) -> dict[str, str]:
+    """``SLMOPS_*`` variables giving a stack its own folder and free ports."""
+    nats_port, monitor_port, s3_port = free_ports(3)
+    return {
+        "SLMOPS_VAR_DIR": str(var_dir),
+        "SLMOPS_STACK_NATS_PORT": str(nats_port),
+        "SLMOPS_STACK_NATS_MONITOR_PORT": str(monitor_port),
+        "SLMOPS_STACK_S3_PORT": str(s3_port),
+        "SLMOPS_STACK_SERVICE_BASE_PORT": str(free_port_range(SERVICE_COUNT)),
+        "SLMOPS_STACK_READY_TIMEOUT_S": str(ready_timeout_s),
+    }
+
+
+@dataclass(frozen=True)
+class RunningStack:
+    env: dict[str, str]  # the environment every CLI call against this stack needs
+    urls: dict[str, str]  # service name -> base URL; "nats" -> NATS URL
+
+    @property
+    def var_dir(self) -> Path:
+        return Path(self.env["SLMOPS_VAR_DIR"])
+
+
+@contextlib.contextmanager
+def local_stack(var_dir: Path, **extra_env: str) -> Iterator[RunningStack]:
+    """`slmops up --detach` with its own folder and ports; `slmops down` on the way out."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLMOPS_")}
+    env.update({**stack_env_vars(var_dir), "HF_HUB_OFFLINE": "1", **extra_env})
+    try:
+        up = subprocess.run([*STACK, "up", "--detach"], env=env, capture_output=True,
+                            text=True, timeout=600, check=False)  # fmt: skip
+        if up.returncode != 0:
+            raise RuntimeError(f"the local stack did not start:\n{up.stdout}\n{up.stderr}")
+        status = subprocess.run([*STACK, "status", "--json"], env=env, capture_output=True,
+                                text=True, timeout=60, check=True)  # fmt: skip
+        components = json.loads(status.stdout)["components"]
+        urls = {name: c["urls"].get("http", "") for name, c in components.items()}
+        urls["nats"] = components["nats"]["urls"]["nats"]
+        yield RunningStack(env, urls)
+    finally:
+        subprocess.run([*STACK, "down"], env=env, capture_output=True, timeout=180, check=False)
