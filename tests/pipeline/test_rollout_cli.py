@@ -100,6 +100,9 @@ async def test_the_rollout_cli_drives_a_rollout_and_rolls_it_back(
             if fleet.serving() == {old["test-cpu"].variant_id: 20}:
                 break
             await asyncio.sleep(0.1)
+        listed = await slmops(url, "rollout", "list", "--json")
+        table = await slmops(url, "rollout", "list", "--model", "tiny")
+        gateways = await slmops(url, "fleet", "list")
 
         # assert
         assert started.exit_code == 0, started.output
@@ -117,3 +120,8 @@ async def test_the_rollout_cli_drives_a_rollout_and_rolls_it_back(
         assert event[0].data.to_variant_id == old["test-cpu"].variant_id
         assert fleet.serving() == {old["test-cpu"].variant_id: 20}
         assert new["test-cpu"].variant_id != old["test-cpu"].variant_id
+        # the listings: both rollouts, newest first; the fleet by what it runs now
+        assert [(r["version"], r["status"]) for r in json.loads(listed.output)] == [
+            ("1.1.0", "rolled_back"), ("1.0.0", "completed")]  # fmt: skip
+        assert "rolled_back" in table.output
+        assert f"test-cpu │ {old['test-cpu'].variant_id} │ 20" in gateways.output
