@@ -20,8 +20,8 @@ $(STAMP): pyproject.toml shared/pyproject.toml $(foreach s,$(SERVICES),services/
 
 install: $(STAMP) ## Create .venv and install the SDK, every service and the dev tools
 
-run: install ## Start the local stack (NATS, S3, services) in the foreground; Ctrl-C stops it
-	$(BIN)/slmops up
+run: install ## The demo: local stack, SmolLM2 + MiniLM published and rolled out to 500 simulated gateways; Ctrl-C stops
+	$(BIN)/slmops demo
 
 up: install ## Start the local stack in the background
 	$(BIN)/slmops up --detach

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from slmops.cli import fleet, optimizer, registry, report, rollout, stack, trace
+from slmops.cli import demo, fleet, optimizer, registry, report, rollout, stack, trace
 
 app = typer.Typer(
     name="slmops",
@@ -23,6 +23,7 @@ app.add_typer(rollout.app, name="rollout")
 app.add_typer(fleet.app, name="fleet")
 app.add_typer(trace.app, name="trace")
 
+app.command("demo")(demo.demo)
 app.command("up")(stack.up)
 app.command("down")(stack.down)
 app.command("status")(stack.status)

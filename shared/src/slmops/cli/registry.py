@@ -8,6 +8,7 @@ Publishing is the API's two steps: stream the artifact (and evaluation set) to `
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -97,23 +98,44 @@ class RegistryClient(httpx.Client):
             raise HttpError(response.status_code, _detail(response))
         return response
 
-    def upload(self, path: Path, digest: str, size: int, label: str, progress: bool) -> None:
-        """Stream ``path`` to ``POST /v1/blobs`` in 1 MiB chunks, with a progress bar."""
+    def upload(
+        self, path: Path, digest: str, size: int, label: str, progress: bool,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> None:  # fmt: skip
+        """Stream ``path`` to ``POST /v1/blobs`` in 1 MiB chunks, with a progress bar (or
+        ``on_bytes`` told of each chunk, for a caller that shows its own progress)."""
         bar = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
             DownloadColumn(binary_units=True),
             TransferSpeedColumn(),
             console=_err,
-            disable=not progress,
+            disable=not progress or on_bytes is not None,
         )
         headers = {"Content-Length": str(size), "X-Expected-Digest": digest}
         with bar:
             task = bar.add_task(f"uploading {label}", total=size)
-            chunks = pkg.iter_chunks(path, lambda n: bar.advance(task, n))
+            chunks = pkg.iter_chunks(path, on_bytes or (lambda n: bar.advance(task, n)))
             stored = self.call("POST", "/v1/blobs", content=chunks, headers=headers, slow=True)
         if (answer := stored.json().get("digest")) != digest:
             raise CliError(f"the registry stored {label} as {answer}, not {digest}")
+
+    def publish_version(
+        self, path: Path, fmt: str, fields: dict[str, Any], *, eval_set: Path | None = None,
+        progress: bool = False, on_bytes: Callable[[int], None] | None = None,
+    ) -> httpx.Response:  # fmt: skip
+        """Upload the artifact at ``path`` (a folder packed as a tar) and its evaluation set,
+        then ``POST /v1/models`` with ``fields`` (name, version, task, ...) referencing them."""
+        with pkg.prepared_artifact(path, fmt) as artifact:
+            self.upload(artifact.path, artifact.digest, artifact.size_bytes, path.name,
+                        progress, on_bytes)  # fmt: skip
+            eval_digest = None
+            if eval_set is not None:
+                eval_digest, eval_size = pkg.hash_file(eval_set)
+                self.upload(eval_set, eval_digest, eval_size, eval_set.name, progress, on_bytes)
+            body = {**fields, "format": fmt, "artifact_digest": artifact.digest,
+                    "eval_set_digest": eval_digest}  # fmt: skip
+            return self.call("POST", "/v1/models", json=body, slow=True)
 
 
 def _fail(message: str) -> NoReturn:
@@ -194,23 +216,12 @@ def publish(
             _fail(f"pass --task ({', '.join(pkg.TASKS)}): {fmt} models have no default task")
         task = _valid(Task, task, "--task")
         progress = not json_output and _err.is_terminal
-        with RegistryClient(registry_url) as client, pkg.prepared_artifact(path, fmt) as artifact:
-            client.upload(artifact.path, artifact.digest, artifact.size_bytes, path.name, progress)
-            eval_digest = None
-            if eval_set is not None:
-                eval_digest, eval_size = pkg.hash_file(eval_set)
-                client.upload(eval_set, eval_digest, eval_size, eval_set.name, progress)
-            body = {
-                "model_name": name,
-                "version": version,
-                "format": fmt,
-                "task": task,
-                "artifact_digest": artifact.digest,
-                "labels": labels,
-                "device_classes": device_classes,
-                "eval_set_digest": eval_digest,
-            }
-            response = client.call("POST", "/v1/models", json=body, slow=True)
+        fields = {"model_name": name, "version": version, "task": task, "labels": labels,
+                  "device_classes": device_classes}  # fmt: skip
+        with RegistryClient(registry_url) as client:
+            response = client.publish_version(
+                path, fmt, fields, eval_set=eval_set, progress=progress
+            )
     except (CliError, pkg.PackagingError, OSError) as exc:
         _fail(str(exc))
     signed = response.json()
@@ -222,6 +233,8 @@ def publish(
     _out.print(
         f"{name}@{version} manifest {signed.get('digest')} (event {event}{again})", markup=False
     )
+    if trace_id := response.headers.get("X-Trace-Id"):
+        _out.print(f"its journey is trace {trace_id}: `slmops trace show {trace_id}`", markup=False)
 
 
 def models(json_output: JsonOutput = False, registry_url: RegistryUrl = None) -> None:

@@ -1,0 +1,143 @@
+"""`slmops demo` (what `make run` runs): the local stack, real models published, optimized,
+validated, released and rolled out in waves to a simulated fleet, each stage shown, then a
+report and the trace id. The stack stays up for exploring until Ctrl-C."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from slmops.cli.fleet import _shares
+from slmops.cli.registry import _fail
+from slmops.settings import PlatformSettings
+from slmops.stack.status import stack_status, status_json
+
+_out = Console(highlight=False)
+if not _out.is_terminal:  # a log file or CI: room for the progress columns and the report
+    _out.width = 150
+
+
+def _stack_urls(platform: PlatformSettings) -> dict[str, str] | None:
+    """Where the running local stack listens (None: not running, or not all ready)."""
+    document: dict[str, Any] = status_json(stack_status(platform.var_dir))
+    if not document["ready"]:
+        return None
+    urls = {name: c["urls"].get("http", "") for name, c in document["components"].items()}
+    urls["nats"] = document["components"]["nats"]["urls"]["nats"]
+    return urls
+
+
+def _stack(*args: str) -> None:
+    code = subprocess.call([sys.executable, "-m", "slmops.stack", *args])
+    if code != 0:
+        _fail(f"`slmops {' '.join(args)}` failed (exit {code}): see its output above")
+
+
+def demo(
+    models: Annotated[str, typer.Option(help="Models to publish: minilm, smollm2.")] = (
+        "minilm,smollm2"),
+    gateways: Annotated[int, typer.Option(help="Simulated gateways.")] = 500,
+    classes: Annotated[str, typer.Option(help="Device classes of the fleet and their shares; "
+                                         "each model is optimized for each.")] = (
+        "x86-avx512-vnni=0.7,arm64-pi5=0.3"),
+    version: Annotated[str | None, typer.Option(help="Version to publish (default: from the "
+                                                "clock, so every run is a new journey).")] = None,
+    soak_s: Annotated[float, typer.Option(help="Health gates hold this long per wave.")] = 5.0,
+    timeout_s: Annotated[float, typer.Option(help="Give up after this long.")] = 3600.0,
+    wait: Annotated[bool, typer.Option(help="After the report keep the stack and the fleet up "
+                                       "until Ctrl-C (--no-wait: stop at once).")] = True,
+    json_report: Annotated[Path | None, typer.Option(help="Also write the report as JSON.")] = (
+        None),
+) -> None:  # fmt: skip
+    """Run the whole platform on real models: publish -> variants -> validation -> release ->
+    rollout over a simulated fleet, with progress per stage, a final report and the trace."""
+    from slmops.demo.flow import DemoError, DemoOptions
+    from slmops.demo.models import DemoModelMissing, demo_models
+
+    try:
+        located = demo_models([m.strip() for m in models.split(",") if m.strip()])
+        shares = _shares(classes, "--classes")
+    except (ValueError, DemoModelMissing) as exc:
+        _fail(str(exc))
+    platform = PlatformSettings()
+    urls = _stack_urls(platform)
+    started_stack = urls is None
+    if started_stack:
+        _out.print("starting the local stack (NATS, S3, Ray, services)...")
+        _stack("up", "--detach")
+        urls = _stack_urls(platform)
+        if urls is None:
+            _fail("the local stack did not become ready: `slmops status` says why")
+    assert urls is not None
+    options = DemoOptions(
+        models=located, version=version or time.strftime("1.%Y%m%d.%H%M%S", time.gmtime()),
+        run_id=f"r{int(time.time())}", gateways=gateways, classes=shares, soak_s=soak_s,
+        timeout_s=timeout_s, registry_url=urls["registry"], optimizer_url=urls["optimizer"],
+        rollout_url=urls["rollout"],
+    )  # fmt: skip
+    platform = platform.model_copy(update={"nats_url": urls["nats"]})
+    log_file = platform.var_dir / "logs" / "demo.log"  # the simulated agents' own logs
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(filename=log_file, level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")  # fmt: skip
+    try:
+        code = asyncio.run(_main(options, platform, wait, json_report))
+    except DemoError as exc:
+        _out.print(f"error: {exc}", style="red", markup=False)
+        code = 1
+    finally:
+        if started_stack:
+            _out.print("stopping the local stack the demo started")
+            _stack("down")
+    raise typer.Exit(code)
+
+
+async def _main(options: Any, platform: PlatformSettings, wait: bool, json_report: Path | None
+                ) -> int:  # fmt: skip
+    from slmops.demo.flow import platform_bus, run_demo, start_fleet
+    from slmops.demo.report import build_report, render_report
+
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(signum, stop.set)
+    async with platform_bus(platform) as bus:
+        fleet = await start_fleet(bus, options, _out)
+        try:
+            work = asyncio.create_task(run_demo(bus, fleet, options, _out))
+            stopped = asyncio.create_task(stop.wait())
+            await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                work.cancel()
+                _out.print("interrupted")
+                return 130
+            stopped.cancel()
+            run = work.result()
+            report = await build_report(run, options)
+            render_report(report, _out)
+            if json_report is not None:
+                json_report.write_text(json.dumps(report, indent=2, default=str))
+            failed = any(m["rollout"]["outcome"] != "completed" for m in report["models"])
+            if wait:
+                _out.print(f"the stack and {options.gateways} simulated gateways stay up: try "
+                           "`slmops models`, `slmops rollout status`, `slmops lineage NAME "
+                           "VERSION`, `slmops trace list`; Ctrl-C stops everything")  # fmt: skip
+                while not stop.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), 30.0)
+                    if not stop.is_set():
+                        await fleet.report_health(30.0)
+            return 1 if failed else 0
+        finally:
+            await fleet.stop()
+            await fleet.registry.close()

@@ -1,0 +1,293 @@
+"""The demo's run: a simulated fleet, real models published, each stage shown, rollouts.
+
+Everything goes through the platform's public surfaces: the registry's publish API, the
+events on NATS (read, never written, except by the simulated gateways' real agent code), the
+optimizer's job list and the rollout API. The services do the work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from slmops.bus import Bus
+from slmops.cli.registry import RegistryClient
+from slmops.demo.journey import Journey
+from slmops.demo.models import DemoModel
+from slmops.events import EventDecodeError, decode_event
+from slmops.settings import PlatformSettings
+from slmops.tracing import setup_tracing
+
+_NOT_CONVERTED = ("queued", "waiting", "starting", "fetching", "convert")
+_POLL_S = 0.5
+
+
+class DemoError(Exception):
+    """The demo cannot go on; the message says why and what to do."""
+
+
+@dataclass
+class DemoOptions:
+    models: list[DemoModel]
+    version: str
+    run_id: str  # every simulated gateway of this run carries the label run=<run_id>
+    gateways: int = 500
+    classes: dict[str, float] = field(default_factory=lambda: {"x86-avx512-vnni": 1.0})
+    percents: list[float] = field(default_factory=lambda: [1.0, 10.0, 50.0, 100.0])
+    soak_s: float = 5.0
+    health_interval_s: float = 3.0
+    timeout_s: float = 3600.0
+    registry_url: str = "http://127.0.0.1:8101"
+    optimizer_url: str = "http://127.0.0.1:8102"
+    rollout_url: str = "http://127.0.0.1:8104"
+
+
+@dataclass
+class DemoRun:
+    """What the run left behind: the journeys, and the live fleet (until ``stop``)."""
+
+    journeys: dict[str, Journey]
+    rollouts: dict[str, dict[str, Any]] = field(default_factory=dict)  # key -> API answer
+    fleet: Any = None
+
+
+@contextlib.asynccontextmanager
+async def platform_bus(platform: PlatformSettings) -> AsyncIterator[Bus]:
+    """The demo's NATS connection; the simulated gateways' spans go with the services'."""
+    provider = setup_tracing("slmops-fleetsim", trace_dir=platform.span_files_dir())
+    try:
+        bus = await Bus.connect(
+            platform.nats_url, source="/slmops/demo", tracer=provider.get_tracer("slmops.fleetsim")
+        )
+    except Exception as exc:
+        raise DemoError(f"NATS not reachable at {platform.nats_url} ({exc})") from exc
+    try:
+        yield bus
+    finally:
+        await bus.close()
+        provider.shutdown()  # flushes the last spans to the files
+
+
+async def start_fleet(bus: Bus, options: DemoOptions, console: Console) -> Any:
+    """The simulated gateways, registered and listening (``slmops_gateway.simulator``)."""
+    try:
+        from slmops_gateway.settings import GatewaySettings
+        from slmops_gateway.simulator import CachingRegistry, FleetSpec, SimulatedFleet
+    except ImportError as exc:
+        raise DemoError("the gateway service is not installed: `make install`") from exc
+    labels = {"app": [m.app for m in options.models], "run": [options.run_id]}
+    # Ids of their own per run: a gateway id of an earlier run may have had another class,
+    # and its desired state (for that class) is still in KV.
+    spec = FleetSpec(count=options.gateways, classes=options.classes, labels=labels,
+                     prefix=f"demo-{options.run_id}")  # fmt: skip
+    fleet = SimulatedFleet(
+        bus,
+        CachingRegistry(options.registry_url),
+        spec,
+        GatewaySettings(platform=PlatformSettings()),
+    )
+    began = time.monotonic()
+    console.print(
+        f"starting {options.gateways} simulated gateways "
+        f"({', '.join(f'{c} {s:g}' for c, s in options.classes.items())})"
+    )
+    await fleet.start()
+    console.print(f"fleet registered in {time.monotonic() - began:.1f} s")
+    return fleet
+
+
+def publish(model: DemoModel, options: DemoOptions, progress: Progress) -> str | None:
+    """Upload and publish one model (blocking: run it in a thread); its journey's trace id."""
+    size = (
+        sum(f.stat().st_size for f in model.path.rglob("*") if f.is_file())
+        if (model.path.is_dir())
+        else model.path.stat().st_size
+    )
+    task = progress.add_task(f"{model.key} upload", total=size, note=str(model.path.name))
+    fields = {
+        "model_name": model.model_name,
+        "version": options.version,
+        "task": model.task,
+        "device_classes": list(options.classes),
+        "labels": {"demo": options.run_id},
+    }
+    with RegistryClient(options.registry_url) as client:
+        response = client.publish_version(
+            model.path, model.fmt, fields, on_bytes=lambda n: progress.advance(task, n)
+        )
+    progress.update(task, completed=size)
+    trace_id: str | None = response.headers.get("X-Trace-Id")
+    return trace_id
+
+
+class Stages:
+    """The progress bars of one journey, created as its stages become known."""
+
+    def __init__(self, progress: Progress, key: str) -> None:
+        self.progress, self.key = progress, key
+        self.tasks: dict[str, Any] = {}
+
+    def show(self, stage: str, done: float, total: float | None, note: str = "") -> None:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.progress.add_task(f"{self.key} {stage}", total=total, note="")
+        self.progress.update(self.tasks[stage], completed=done, total=total, note=note)
+
+    def update(self, journey: Journey, jobs: list[dict[str, Any]]) -> None:
+        if not journey.planned:
+            self.show("plan", 0, None, "waiting for the optimizer's plan")
+            return
+        self.show(
+            "plan",
+            1,
+            1,
+            f"{len(journey.jobs)} jobs over {len(self.classes(journey))} "
+            "classes" + (f", skipped {journey.skipped}" if journey.skipped else ""),
+        )
+        past = {j["job_id"] for j in jobs if not any(w in j["step"] for w in _NOT_CONVERTED)}
+        converted = len(past | set(journey.optimized))  # a finished job was converted
+        self.show("convert", converted, len(journey.jobs), "to ONNX, per job")
+        for device_class, variants in self.classes(journey).items():
+            done = sum(1 for v in variants if v in journey.optimized)
+            steps = [
+                j["step"]
+                for j in jobs
+                if j["device_class"] == device_class
+                and j["state"] not in ("succeeded", "failed", "reused", "cancelled")
+            ]
+            self.show(f"optimize {device_class}", done, len(variants), "; ".join(steps)[:60])
+        passed = sum(1 for v in journey.judged.values() if v == "passed")
+        self.show("validate", len(journey.judged), journey.to_judge or None, f"{passed} passed")
+        self.show("release", int(journey.pipeline_done), 1, _release_note(journey))
+        if journey.rollout_id is not None:
+            waves = len(journey.waves)
+            note = (
+                f"wave {journey.wave_index + 1}/{waves}, {len(journey.applied)} applied, "
+                f"{len(journey.failed)} failed"
+                + (f" - {journey.outcome}" if journey.outcome else "")
+            )
+            self.show("rollout", len(journey.acknowledged), journey.targets or None, note)
+
+    @staticmethod
+    def classes(journey: Journey) -> dict[str, list[str]]:
+        by_class: dict[str, list[str]] = {}
+        for variant_id, (device_class, _) in journey.jobs.items():
+            by_class.setdefault(device_class, []).append(variant_id)
+        return by_class
+
+
+def _release_note(journey: Journey) -> str:
+    if journey.release is None:
+        return ""
+    return ", ".join(
+        f"{e.device_class}: {'yes' if e.variant_id else 'none'}" for e in journey.release.entries
+    )
+
+
+def new_progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("{task.description:<34}"),
+        BarColumn(bar_width=28),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[note]}"),
+        console=console,
+        refresh_per_second=4,
+    )
+
+
+async def run_demo(bus: Bus, fleet: Any, options: DemoOptions, console: Console) -> DemoRun:
+    """Models published, every stage followed, each release rolled out to its share of
+    ``fleet``; returns once every rollout has an outcome (or raises DemoError)."""
+    journeys = {m.key: Journey(m.model_name, options.version) for m in options.models}
+    run = DemoRun(journeys, fleet=fleet)
+
+    async def on_message(msg: Any) -> None:
+        with contextlib.suppress(EventDecodeError):
+            event = decode_event(msg.data)
+            for journey in journeys.values():
+                journey.fold(event)
+
+    subscription = await bus.nc.subscribe("slmops.>", cb=on_message)
+    try:
+        with new_progress(console) as progress:
+            for model in options.models:
+                trace_id = await asyncio.to_thread(publish, model, options, progress)
+                journeys[model.key].trace_id = trace_id
+            await _follow(run, options, progress)
+    finally:
+        await subscription.unsubscribe()
+    return run
+
+
+async def _follow(run: DemoRun, options: DemoOptions, progress: Progress) -> None:
+    stages = {key: Stages(progress, key) for key in run.journeys}
+    deadline = time.monotonic() + options.timeout_s
+    next_health = time.monotonic()
+    async with httpx.AsyncClient(timeout=30.0) as http:
+        while not all(j.finished for j in run.journeys.values()):
+            if time.monotonic() > deadline:
+                raise DemoError(
+                    f"no outcome within {options.timeout_s:.0f} s: see `slmops "
+                    "jobs list`, `slmops rollout status` and var/logs"
+                )
+            for model in options.models:
+                journey = run.journeys[model.key]
+                jobs = await _jobs(http, options, journey) if not journey.pipeline_done else []
+                if journey.pipeline_done and model.key not in run.rollouts:
+                    started = await _start_rollout(http, options, model, journey)
+                    if started is not None:
+                        run.rollouts[model.key] = started
+                stages[model.key].update(journey, jobs)
+                for line in journey.news:
+                    progress.console.print(line, markup=False, highlight=False)
+                journey.news.clear()
+            if time.monotonic() >= next_health:  # the health gates judge these
+                await run.fleet.report_health(options.health_interval_s)
+                next_health = time.monotonic() + options.health_interval_s
+            await asyncio.sleep(_POLL_S)
+
+
+async def _jobs(http: httpx.AsyncClient, options: DemoOptions, journey: Journey) -> list[Any]:
+    try:
+        answer = await http.get(f"{options.optimizer_url}/v1/jobs",
+                                params={"model": journey.model_name})  # fmt: skip
+    except httpx.HTTPError:
+        return []  # progress only: the events still say when jobs finish
+    jobs = answer.json() if answer.is_success else []
+    ours = (journey.model_name, journey.version)
+    return [j for j in jobs if (j.get("model_name"), j.get("version")) == ours]
+
+
+async def _start_rollout(
+    http: httpx.AsyncClient, options: DemoOptions, model: DemoModel, journey: Journey
+) -> dict[str, Any] | None:
+    """Roll the release out to this model's gateways in waves; a rollout with nothing to do
+    (no class had a passing variant) ends the journey at once, with the service's reason.
+    None: the rollout service has not taken the release in yet (it is an event behind us)."""
+    body = {
+        "model_name": model.model_name,
+        "version": options.version,
+        "selector": {"run": options.run_id, "app": model.app},
+        "policy": {
+            "percents": options.percents,
+            "soak_s": options.soak_s,
+            "silent_timeout_s": 30.0,
+        },
+    }
+    answer = await http.post(f"{options.rollout_url}/v1/rollouts", json=body)
+    if answer.status_code == 404:
+        return None
+    if answer.is_error:
+        raise DemoError(f"the rollout service refused the rollout: {answer.text}")
+    state: dict[str, Any] = answer.json()
+    if state.get("status") == "completed" and not journey.waves:
+        journey.outcome, journey.outcome_reason = "nothing to roll out", state.get("reason", "")
+    return state
