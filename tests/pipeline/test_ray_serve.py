@@ -58,3 +58,20 @@ async def test_jobs_run_on_the_autoscaling_serve_deployment(
     assert 1 <= sum(deployment.replica_states.values()) <= 2
     address = ray.get_runtime_context().gcs_address
     assert address.startswith("127.0.0.1:")  # Ray stays on loopback
+
+    # A second optimizer instance under a KubeRay RayService only takes a handle to the app
+    # the RayService deployed: nothing is redeployed, and it is ready.
+    from slmops.settings import PlatformSettings
+    from slmops_optimizer.compute import APP_NAME, Compute
+    from slmops_optimizer.settings import OptimizerSettings
+
+    deployed_at = serve.status().applications[APP_NAME].last_deployed_time_s
+    attached = Compute(OptimizerSettings(
+        platform=PlatformSettings(), ray_mode="rayservice", ray_address=address,
+        work_dir=pipeline.settings.work_dir,
+    ))  # fmt: skip
+    await attached.start()
+    assert await attached.wait_ready(timeout_s=60), (await attached.check()).detail
+    assert serve.status().applications[APP_NAME].last_deployed_time_s == deployed_at
+    handle = attached._handle  # the handle jobs are streamed through
+    assert (handle.app_name, handle.deployment_name) == (APP_NAME, "optimizer-worker")
