@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from bench import bus_throughput, fleet, optimizer, registry_throughput, validator
+from bench import bus_throughput, e2e, fleet, optimizer, registry_throughput, validator
 
 
 def main() -> None:
@@ -13,6 +13,7 @@ def main() -> None:
     optimizer.main()
     validator.main()
     fleet.main()
+    e2e.main()
 
 
 if __name__ == "__main__":
