@@ -94,6 +94,16 @@ async def test_waves_advance_over_a_real_fleet_and_a_silent_gateway_does_not_blo
         assert status["gateways"] == {"applied": 6, "assigned": 1}
 
 
+async def _rolled_back(bus: Bus, gateways: int) -> list[Any]:
+    """The rollout.rolled_back events, once they have rolled back ``gateways`` in all."""
+    for count in range(1, gateways + 1):
+        rolled = await await_events(bus, "slmops.rollout.rolled_back.v1", count=count,
+                                    timeout_s=30)  # fmt: skip
+        if sum(len(e.data.gateway_ids) for e in rolled) >= gateways:
+            return rolled
+    raise AssertionError(f"fewer than {gateways} gateways rolled back: {rolled}")
+
+
 async def test_a_latency_regression_on_the_canary_rolls_back_only_its_gateways(
     pipeline: Any, bus: Bus, tiny_onnx: Callable[..., bytes], tmp_path: Path
 ) -> None:
@@ -114,20 +124,26 @@ async def test_a_latency_regression_on_the_canary_rolls_back_only_its_gateways(
                                         source="/test"))  # fmt: skip
         await pipeline.await_fleet(rollout, len(LIVE), with_health=True)  # the baselines are in
 
-        # execute: roll out 1.1.0; its canary wave gets 10x slower on the new model
+        # execute: roll out 1.1.0; its canary wave gets 10x slower on the new model, one
+        # gateway's report first (its breach rolls it back and pauses), then the others'
         rollout_id = await _start(rollout, "1.1.0", {"percents": [34, 100], "soak_s": 5})
         applied = await await_events(
             bus, "slmops.gateway.report.v1.>", count=3, timeout_s=60,
             where=lambda e: e.data.kind == "applied" and e.data.rollout_id == rollout_id,
         )  # fmt: skip
         canary = sorted(e.data.gateway_id for e in applied)
-        for gateway_id in canary:
+        for n, gateway_id in enumerate(canary):
             await bus.publish(new_event(_health(gateway_id, new.variant_id, p95_ms=40.0),
                                         source="/test"))  # fmt: skip
-        rolled = await await_events(bus, "slmops.rollout.rolled_back.v1", count=1, timeout_s=30)
+            if n == 0:
+                await await_events(bus, "slmops.rollout.rolled_back.v1", count=1, timeout_s=30)
+        rolled = await _rolled_back(bus, len(canary))
 
-        # assert: exactly the canary went back to 1.0.0 (signed rollback), the rest never left it
-        assert sorted(rolled[0].data.gateway_ids) == canary
+        # assert: exactly the canary went back to 1.0.0 (signed rollback), the rest never left
+        # it; the paused rollout still rolled back the gateways that breached after the pause
+        assert rolled[0].data.gateway_ids == canary[:1]
+        assert sorted(g for e in rolled for g in e.data.gateway_ids) == canary
+        assert all("(while paused)" in e.data.reason for e in rolled[1:])
         assert rolled[0].data.to_variant_id == old.variant_id
         assert "health gate" in rolled[0].data.reason
         assert "10.00x the previous model's > 1.5x" in rolled[0].data.reason

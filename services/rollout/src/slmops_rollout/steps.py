@@ -16,7 +16,7 @@ from typing import Literal
 from slmops.events import GatewayAssignment, RolloutCompleted, RolloutPaused, RolloutResumed
 from slmops.events.payloads import DesiredModel, HealthAggregate, RolloutRolledBack
 from slmops_rollout.engine import Engine
-from slmops_rollout.state import RolloutState, decide
+from slmops_rollout.state import RolloutState, decide, health_breaches
 
 Action = Literal["pause", "resume", "cancel", "approve", "rollback"]
 ACTIONS: tuple[Action, ...] = ("pause", "resume", "cancel", "approve", "rollback")
@@ -33,6 +33,9 @@ _REACHED = ("assigned", "acknowledged", "applied", "failed")  # got the new mode
 async def tick(engine: Engine) -> None:
     """Move every running rollout one step if its current wave allows."""
     for state in await engine.all():
+        if state.status == "paused" and state.policy.rollback_scope == "gateways":
+            await _protect(engine, state)
+            continue
         if state.status != "running" or state.wave_started_at is None:
             continue
         engine.resume_sending(state)  # after a restart: the unsent rest of the wave
@@ -51,6 +54,17 @@ async def tick(engine: Engine) -> None:
                                                 wave_index=state.wave_index,
                                                 reason=decision.reason),
                                   f"paused-{state.wave_index}")  # fmt: skip
+
+
+async def _protect(engine: Engine, state: RolloutState) -> None:
+    """A paused rollout still protects its current wave: a gateway whose health on the new
+    model breaches a gate after the pause (its report came a moment after the others', or
+    an operator paused) is rolled back like the ones before it."""
+    breaches = health_breaches(state, wave_health(engine, state))
+    if breaches:
+        why = "; ".join(f"{g}: {r}" for g, r in sorted(breaches.items()))
+        reason = f"wave {state.wave_index} health gate (while paused): {why}"
+        await roll_back(engine, state, sorted(breaches), reason, scope="gateways")
 
 
 async def _finish(engine: Engine, state: RolloutState, reason: str) -> None:
@@ -114,7 +128,8 @@ async def roll_back(
         rollout_id=state.rollout_id, scope=scope, reason=reason, gateway_ids=rolled,
         to_variant_id=to_variants.pop() if len(to_variants) == 1 else None,
     )  # fmt: skip
-    await engine.announce(event, f"rolled-back-{state.wave_index}-{state.controls}")
+    back = sum(p.status == "rolled_back" for p in state.gateways.values())  # one event each
+    await engine.announce(event, f"rolled-back-{state.wave_index}-{state.controls}-{back}")
     return rolled
 
 
