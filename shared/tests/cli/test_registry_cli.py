@@ -72,7 +72,11 @@ def test_publish_gguf_list_it_show_lineage_and_refuse_other_content(
     table = cli("models", *url)
 
     assert first.exit_code == 0, first.output
-    assert re.fullmatch(r"tiny@1\.0 manifest sha256:[0-9a-f]{64} \(event \S+\)\n", first.stdout)
+    assert re.fullmatch(
+        r"tiny@1\.0 manifest sha256:[0-9a-f]{64} \(event \S+\)\n"
+        r"its journey is trace ([0-9a-f]{32}): `slmops trace show \1`\n",
+        first.stdout,
+    )  # a new version's trace id, to follow it through the services
     assert again.exit_code == 0, again.output
     manifest = json.loads(again.stdout)
     assert manifest["digest"] in first.stdout  # a repeat answers the first manifest

@@ -91,6 +91,11 @@ def _quiet_local_ray_env() -> None:
         os.environ.setdefault(key, value)
 
 
+# At import too: Ray reads some of these when it is first imported, and whoever imports this
+# module (the service, a RayService building the app, a test) may import Ray next.
+_quiet_local_ray_env()
+
+
 def _shutdown_ray() -> None:
     import ray
 
