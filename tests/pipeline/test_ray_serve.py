@@ -75,3 +75,5 @@ async def test_jobs_run_on_the_autoscaling_serve_deployment(
     assert serve.status().applications[APP_NAME].last_deployed_time_s == deployed_at
     handle = attached._handle  # the handle jobs are streamed through
     assert (handle.app_name, handle.deployment_name) == (APP_NAME, "optimizer-worker")
+    await attached.stop()  # attached, not owning Ray: the app stays up for the other instance
+    assert serve.status().applications[APP_NAME].status.value == "RUNNING"
