@@ -21,7 +21,7 @@ from rich.console import Console
 from slmops.cli.fleet import _shares
 from slmops.cli.registry import _fail
 from slmops.settings import PlatformSettings
-from slmops.stack.status import stack_status, status_json
+from slmops.stack.status import stack_status, stack_urls, status_json
 
 _out = Console(highlight=False)
 if not _out.is_terminal:  # a log file or CI: room for the progress columns and the report
@@ -31,11 +31,7 @@ if not _out.is_terminal:  # a log file or CI: room for the progress columns and 
 def _stack_urls(platform: PlatformSettings) -> dict[str, str] | None:
     """Where the running local stack listens (None: not running, or not all ready)."""
     document: dict[str, Any] = status_json(stack_status(platform.var_dir))
-    if not document["ready"]:
-        return None
-    urls = {name: c["urls"].get("http", "") for name, c in document["components"].items()}
-    urls["nats"] = document["components"]["nats"]["urls"]["nats"]
-    return urls
+    return stack_urls(document) if document["ready"] else None
 
 
 def _stack(*args: str) -> None:

@@ -240,7 +240,8 @@ async def _follow(run: DemoRun, options: DemoOptions, progress: Progress) -> Non
                 )
             for model in options.models:
                 journey = run.journeys[model.key]
-                jobs = await _jobs(http, options, journey) if not journey.pipeline_done else []
+                optimizing = journey.planned and len(journey.optimized) < len(journey.jobs)
+                jobs = await _jobs(http, options, journey) if optimizing else []
                 if journey.pipeline_done and model.key not in run.rollouts:
                     started = await _start_rollout(http, options, model, journey)
                     if started is not None:

@@ -60,7 +60,6 @@ class Journey:
     last_ack_at: str | None = None
     outcome: str | None = None  # completed / paused / rolled_back, with its reason
     outcome_reason: str = ""
-    completed: RolloutCompleted | None = None
     news: list[str] = field(default_factory=list)  # milestones not yet shown
 
     def _tell(self, what: str) -> None:
@@ -129,7 +128,7 @@ class Journey:
             elif data.kind == "failed":
                 self.failed.add(data.gateway_id)
         elif isinstance(data, RolloutCompleted):
-            self.outcome, self.completed = "completed", data
+            self.outcome = "completed"
             self._tell(
                 f"rollout completed: {data.gateways_updated} updated, "
                 f"{data.gateways_failed} failed, {data.gateways_silent} silent"

@@ -206,9 +206,12 @@ def plan_stack(stack: StackSettings, platform: PlatformSettings) -> list[Compone
         "SLMOPS_S3_BUCKET": platform.s3_bucket,
     }
     services = stack.selected_services(discover_services())
-    if "registry" in services:  # the others call its HTTP API: where this stack serves it
+    # The other services call the registry's HTTP API: where this stack serves it (a service
+    # without a registry_url setting ignores the variable).
+    registry_url = None
+    if "registry" in services:
         registry_port = stack.service_base_port + services.index("registry")
-        common_env["REGISTRY_URL"] = f"http://{LOCAL_HOST}:{registry_port}"
+        registry_url = f"http://{LOCAL_HOST}:{registry_port}"
     for index, name in enumerate(services):
         _check_runnable(name)
         port = stack.service_base_port + index
@@ -229,22 +232,14 @@ def plan_stack(stack: StackSettings, platform: PlatformSettings) -> list[Compone
                 urls={"http": url, "docs": f"{url}/docs"},
                 ready_url=f"{url}/readyz",
                 env={
-                    **_service_env(common_env, prefix),
+                    **common_env,
+                    **({f"{prefix}REGISTRY_URL": registry_url} if registry_url else {}),
                     f"{prefix}HOST": LOCAL_HOST,
                     f"{prefix}PORT": str(port),
                 },
             )
         )
     return specs
-
-
-def _service_env(common: Mapping[str, str], prefix: str) -> dict[str, str]:
-    """The common environment, with the registry's URL as this service's own setting
-    (``SLMOPS_<SERVICE>_REGISTRY_URL``; services without that setting ignore it)."""
-    env = {k: v for k, v in common.items() if k != "REGISTRY_URL"}
-    if "REGISTRY_URL" in common:
-        env[f"{prefix}REGISTRY_URL"] = common["REGISTRY_URL"]
-    return env
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from slmops.stack.components import ComponentKind, probe
 from slmops.stack.state import (
@@ -101,3 +103,12 @@ def status_json(components: list[ComponentStatus] | None) -> dict[str, object]:
             for item in items
         },
     }
+
+
+def stack_urls(document: Mapping[str, Any]) -> dict[str, str]:
+    """Where a running stack listens, from its `slmops status --json` document: each
+    service's base URL by name, and ``nats``."""
+    components = document["components"]
+    urls = {name: c["urls"].get("http", "") for name, c in components.items()}
+    urls["nats"] = components["nats"]["urls"]["nats"]
+    return urls

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from slmops.stack.status import stack_urls
 from slmops.testing.ports import free_port_range, free_ports
 
 STACK = (sys.executable, "-m", "slmops.stack")
@@ -53,9 +54,6 @@ def local_stack(var_dir: Path, **extra_env: str) -> Iterator[RunningStack]:
             raise RuntimeError(f"the local stack did not start:\n{up.stdout}\n{up.stderr}")
         status = subprocess.run([*STACK, "status", "--json"], env=env, capture_output=True,
                                 text=True, timeout=60, check=True)  # fmt: skip
-        components = json.loads(status.stdout)["components"]
-        urls = {name: c["urls"].get("http", "") for name, c in components.items()}
-        urls["nats"] = components["nats"]["urls"]["nats"]
-        yield RunningStack(env, urls)
+        yield RunningStack(env, stack_urls(json.loads(status.stdout)))
     finally:
         subprocess.run([*STACK, "down"], env=env, capture_output=True, timeout=180, check=False)
