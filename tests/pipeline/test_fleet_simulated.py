@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from slmops.bus import Bus
-from slmops.testing.events import await_events
+from slmops.testing.events import await_events, stream_count
 from slmops.testing.models import with_word_tokenizer
 from slmops_gateway.simulator import FleetSpec
 
@@ -48,7 +48,9 @@ async def test_a_rollout_over_240_simulated_gateways_of_two_classes_completes(
         rollout_id = started.json()["rollout_id"]
         assert (done[0].data.gateways_updated, done[0].data.gateways_failed,
                 done[0].data.gateways_silent) == (236, 2, 2)  # fmt: skip
-        waves = await await_events(bus, "slmops.rollout.wave.started.v1", count=3)
+        wave_subject = "slmops.rollout.wave.started.v1"  # every announcement, duplicates too
+        announced = await stream_count(bus, "SLMOPS_ROLLOUT", wave_subject)
+        waves = await await_events(bus, wave_subject, count=announced)
         assert [w.data.target_count for w in waves] == [12, 48, 180]
         for sim in fleet.gateways.values():
             active = sim.agent.slots.active

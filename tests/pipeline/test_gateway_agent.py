@@ -12,12 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import nats.errors
 import numpy as np
 import pytest
+from nats.js.api import DeliverPolicy
 
 from slmops.bus import Bus
 from slmops.events import GatewayAssignment, new_event
 from slmops.events.payloads import DesiredModel
+from slmops.events.registry import decode_event
 from slmops.service.registry_api import RegistryClient
 from slmops.settings import PlatformSettings
 from slmops.testing.events import await_events, stream_count
@@ -63,6 +66,35 @@ async def _report(bus: Bus, gateway_id: str, kind: str, generation: int | None =
         and (generation is None or e.data.generation == generation),
     )  # fmt: skip
     return events[0].data
+
+
+async def _health_after(
+    bus: Bus, gateway_id: str, *, generation: int, requests: int, timeout_s: float = 60
+) -> list[Any]:
+    """The health reports of ``gateway_id`` after it applied ``generation`` (each install
+    starts a new window), read until they count ``requests`` requests between them."""
+    subject = f"slmops.gateway.report.v1.*.{gateway_id}"
+    sub = await bus.js.subscribe(subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+    installed, health = False, []
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    try:
+        while not installed or sum(h.health.request_count for h in health) < requests:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                raise AssertionError(
+                    f"waited {timeout_s:g} s for health reports of {gateway_id} counting "
+                    f"{requests} requests after generation {generation} was applied; "
+                    f"applied: {installed}, health since: {health}"
+                )
+            with contextlib.suppress(nats.errors.TimeoutError):
+                report = decode_event((await sub.next_msg(timeout=remaining)).data).data
+                if report.kind == "applied" and report.generation == generation:
+                    installed = True
+                elif installed and report.kind == "health":
+                    health.append(report)
+    finally:
+        await sub.unsubscribe()
+    return health
 
 
 async def test_the_agent_catches_up_hot_swaps_under_load_and_refuses_bad_variants(
@@ -147,9 +179,11 @@ async def test_the_agent_catches_up_hot_swaps_under_load_and_refuses_bad_variant
         two = (await api.post("/v1/infer", json={"ids": [[1, 2]]})).json()
         assert short["outputs"] == two["outputs"]
 
-        health = await _report(bus, "gw-1", "health")
-        assert health.health.request_count > 0
-        assert health.health.error_rate == 0.0
+        # the health reports after that install count those two requests, none failed
+        health = await _health_after(bus, "gw-1", generation=6, requests=2)
+        assert {h.variant_id for h in health} == {first.variant_id}
+        assert sum(h.health.request_count for h in health) == 2
+        assert {h.health.error_rate for h in health if h.health.request_count} == {0.0}
 
 
 def _retrained(data: bytes) -> bytes:

@@ -16,13 +16,14 @@ import httpx
 import pytest
 
 from slmops.bus import Bus
-from slmops.testing.events import await_events
+from slmops.testing.events import await_events, stream_count
 from slmops.testing.models import with_word_tokenizer
 from slmops.testing.ports import free_port
 from slmops_gateway.simulator import FleetSpec
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault, pytest.mark.slow]
 CLASSES = ("test-cpu", "test-arm")
+WAVE_STARTED = "slmops.rollout.wave.started.v1"
 
 
 def start_rollout_service(env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
@@ -44,6 +45,17 @@ async def await_ready(url: str, process: subprocess.Popen[bytes]) -> None:
     raise AssertionError("the rollout service never became ready")
 
 
+async def _until_serving(fleet: Any, more_than: int, timeout_s: float = 60) -> None:
+    """Until more than ``more_than`` simulated gateways serve a model."""
+    serving = 0
+    for _ in range(int(timeout_s / 0.05)):
+        serving = sum(n for v, n in fleet.serving().items() if v != "-")
+        if serving > more_than:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{serving} gateways serve after {timeout_s:g} s, expected > {more_than}")
+
+
 async def test_a_killed_rollout_service_resumes_mid_wave(
     pipeline: Any, bus: Bus, platform_env: dict[str, str], tiny_onnx: Callable[..., bytes]
 ) -> None:
@@ -62,14 +74,14 @@ async def test_a_killed_rollout_service_resumes_mid_wave(
         ):
             await pipeline.await_fleet(api, 200)
 
-            # execute: wave 1 (180 gateways) is sent at 20 per second; kill the service
-            # two seconds into it, then start another one
+            # execute: wave 1 (180 gateways) is sent at 20 per second; kill the service once
+            # the first of them serve (mid-wave), then start another one
             policy = {"percents": [10, 100], "soak_s": 0.5, "max_rate_per_min": 1200}
             started = await api.post("/v1/rollouts", json={
                 "model_name": "tiny", "version": "1.0.0", "policy": policy})  # fmt: skip
             assert started.status_code == 201, started.text
-            await await_events(bus, "slmops.rollout.wave.started.v1", count=2, timeout_s=60)
-            await asyncio.sleep(2.0)
+            await await_events(bus, WAVE_STARTED, count=2, timeout_s=60)
+            await _until_serving(fleet, more_than=20)  # wave 0's 20 and some of wave 1
             first.kill()
             first.wait(timeout=10)
             serving_at_kill = sum(n for v, n in fleet.serving().items() if v != "-")
@@ -78,15 +90,19 @@ async def test_a_killed_rollout_service_resumes_mid_wave(
 
             # assert: it was mid-wave; the second process finished it; every gateway serves
             # its class's variant; each wave was announced once
-            assert 20 <= serving_at_kill < 200
+            assert 20 < serving_at_kill < 200
             assert done[0].data.rollout_id == started.json()["rollout_id"]
             assert (done[0].data.gateways_updated, done[0].data.gateways_silent) == (200, 0)
             for sim in fleet.gateways.values():
                 active = sim.agent.slots.active
                 assert active is not None
                 assert active.variant_id == variants[sim.agent.settings.device_class].variant_id
-            waves = await await_events(bus, "slmops.rollout.wave.started.v1", count=2)
-            assert [w.data.wave_index for w in waves] == [0, 1]
+            announced = await stream_count(bus, "SLMOPS_ROLLOUT", WAVE_STARTED)
+            waves = await await_events(bus, WAVE_STARTED, count=announced)
+            assert [(w.data.rollout_id, w.data.wave_index) for w in waves] == [
+                (done[0].data.rollout_id, 0),
+                (done[0].data.rollout_id, 1),
+            ]
     finally:
         for process in (first, second):
             if process is not None and process.poll() is None:

@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -51,6 +51,20 @@ def registry_process(platform_env: dict[str, str]) -> Iterator[str]:
         proc.wait(timeout=30)
 
 
+def _until(what: str, check: Callable[[], None], *, timeout_s: float = 30) -> None:
+    """``check()`` again every 0.1 s until it passes; past ``timeout_s`` its last failure,
+    saying what was awaited."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            check()
+            return
+        except AssertionError as exc:
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"{what}: not so after {timeout_s:g} s: {exc}") from exc
+        time.sleep(0.1)
+
+
 @pytest.mark.parametrize(
     "digest_header",
     ["", f"X-Expected-Digest: sha256:{hashlib.sha256(b'x' * 20_000_000).hexdigest()}\r\n"],
@@ -66,21 +80,32 @@ def test_truncated_upload_stores_nothing_and_leaves_no_temp_file(
         f"Content-Type: application/octet-stream\r\n{digest_header}"
         "Content-Length: 20000000\r\n\r\n"
     )
-
-    with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall(head.encode() + b"x" * 12_000_000)  # more than a part, less than announced
-        time.sleep(0.5)
-    time.sleep(1.5)  # let the server notice the disconnect
-    health = httpx.get(f"{registry_process}/healthz", timeout=5)
-
     settings = PlatformSettings(**{
         k.removeprefix("SLMOPS_").lower(): v for k, v in platform_env.items()
     })  # fmt: skip
     store = ObjectStore.from_settings(settings)
-    assert list(store.list_objects("")) == []
-    assert open_multipart_uploads(settings) == []
-    if digest_header:  # streamed straight into a multipart upload: aborted, never spooled
-        assert not spool.exists()
-    else:  # the upload did start spooling, and the temp file went with the client
-        assert list(spool.iterdir()) == []
+
+    def spooled() -> list[Path]:
+        return list(spool.iterdir()) if spool.exists() else []
+
+    def upload_under_way() -> None:
+        if digest_header:  # streamed: a multipart upload holds the first part
+            assert open_multipart_uploads(settings) != [], "no multipart upload open"
+        else:
+            assert spooled() != [], f"no temp file in {spool}"
+
+    def nothing_left() -> None:
+        assert list(store.list_objects("")) == []
+        assert open_multipart_uploads(settings) == []
+        if digest_header:  # streamed straight into a multipart upload: aborted, never spooled
+            assert not spool.exists()
+        else:  # the upload did start spooling, and the temp file went with the client
+            assert spool.is_dir()
+            assert spooled() == []
+
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(head.encode() + b"x" * 12_000_000)  # more than a part, less than announced
+        _until("the server receives the upload", upload_under_way)
+    _until("the server cleans up after the disconnect", nothing_left)
+    health = httpx.get(f"{registry_process}/healthz", timeout=5)
     assert health.status_code == 200  # the service stays up
