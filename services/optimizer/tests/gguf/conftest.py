@@ -1,14 +1,20 @@
-"""A tiny synthetic llama GGUF (written with gguf.GGUFWriter), its torch model and fp32 export.
+"""A tiny synthetic llama GGUF (written with gguf.GGUFWriter), its torch model, its fp32
+TorchScript export and its onnxruntime-genai builder graph.
 
-vocab 256, hidden 64, 2 layers, 4 heads / 2 KV heads, FFN 256, tied embeddings. Block types
-cover every path of ``gguf_blocks``: Q4_1 (embedding + tied head, most weights), Q4_0, Q8_0 map
-exactly; Q5_1 and a hand-made Q6_K (no quantizer in gguf-py) fall back. Built once per session
-(~3 s with the export).
+vocab 256, hidden 256, 2 layers, 4 heads / 2 KV heads (head 64), FFN 512, tied embeddings:
+256-wide rows so that every K-quant (256-element super-blocks along K) fits. Its tensors cover
+every block type the pass maps - Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K -
+plus an F16 weight that falls back; q/k/v mix types like a Q4_K_M file (the builder packs them
+into one qkv weight: a run of mixed forms in layer 0, one form in layer 1). gguf-py has no
+quantizer for the K-quants: their raw blocks are built here (random codes and sub-block scales,
+float16 super-block scales sized for weights of ~0.08). Built once per session (~3 s with the
+export, ~10 s with the builder).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,17 +22,38 @@ from typing import Any
 import numpy as np
 import pytest
 
-VOCAB, HIDDEN, LAYERS, HEADS, KV_HEADS, FFN = 256, 64, 2, 4, 2, 256
+VOCAB, HIDDEN, LAYERS, HEADS, KV_HEADS, FFN = 256, 256, 2, 4, 2, 512
 
-#: Block type of every 2-D tensor of the tiny model (the rest: Q4_1).
+#: Block type of every 2-D tensor of the tiny model.
 TYPES = {
-    "token_embd.weight": "Q4_1",
+    "token_embd.weight": "Q6_K",  # the tied embedding: split4 / int8 tables with 16-blocks
+    "blk.0.attn_q.weight": "Q4_K",
+    "blk.0.attn_k.weight": "Q4_K",
+    "blk.0.attn_v.weight": "Q6_K",
     "blk.0.attn_output.weight": "Q4_0",
-    "blk.0.attn_v.weight": "Q8_0",
-    "blk.1.ffn_up.weight": "Q5_1",
-    "blk.1.ffn_down.weight": "Q6_K",
+    "blk.0.ffn_gate.weight": "Q5_K",
+    "blk.0.ffn_up.weight": "Q4_1",
+    "blk.0.ffn_down.weight": "Q3_K",
+    "blk.1.attn_q.weight": "Q5_0",
+    "blk.1.attn_k.weight": "Q5_0",
+    "blk.1.attn_v.weight": "Q8_0",
+    "blk.1.attn_output.weight": "Q5_1",
+    "blk.1.ffn_gate.weight": "Q2_K",
+    "blk.1.ffn_up.weight": "F16",  # no block mapping: requantized, or kept fp32
+    "blk.1.ffn_down.weight": "Q4_K",
 }
-EXACT = {"Q4_0", "Q4_1", "Q8_0"}
+MAPPED = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
+
+#: Byte offsets of the float16 fields of a K-quant super-block: (d, dmin or None).
+_K_FIELDS = {
+    "Q2_K": (80, 82),
+    "Q3_K": (108, None),
+    "Q4_K": (0, 2),
+    "Q5_K": (0, 2),
+    "Q6_K": (208, None),
+}
+#: dmin / d that centres a K-quant's values (mean code x mean scale over mean minimum).
+_K_CENTRE = {"Q2_K": 1.5, "Q4_K": 7.5, "Q5_K": 15.5}
 
 
 def tensor_shapes() -> dict[str, tuple[int, ...]]:
@@ -51,14 +78,42 @@ def tensor_shapes() -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def q6_k_blocks(rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
-    """Random but sane Q6_K bytes ``[rows, cols / 256 * 210]``: ql, qh, int8 scales, f16 d."""
-    blocks = rows * cols // 256
-    ql = rng.integers(0, 256, (blocks, 128), dtype=np.uint8)
-    qh = rng.integers(0, 256, (blocks, 64), dtype=np.uint8)
-    scales = rng.integers(-20, 21, (blocks, 16)).astype(np.int8).view(np.uint8)
-    d = np.full((blocks, 1), 2e-4, dtype=np.float16).view(np.uint8)
-    raw = np.concatenate([ql, qh, scales, d], axis=1)
+def random_blocks(
+    kind: str, rows: int, cols: int, rng: np.random.Generator, std: float = 0.08
+) -> np.ndarray:
+    """Valid raw GGUF bytes ``[rows, bytes_per_row]`` of ``kind`` with values of about ``std``.
+
+    The legacy types and F16 through gguf-py's quantizer; the K-quants (gguf-py has none) as
+    random codes and sub-block scales under float16 super-block scales, among them a block with
+    ``d = 0`` and one with a negative ``d``.
+    """
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[kind]
+    if kind not in _K_FIELDS:
+        dense = (std * rng.standard_normal((rows, cols))).astype(np.float32)
+        dense[0, :32] = 0.0  # an all-zero block
+        return np.asarray(gguf.quants.quantize(dense, qtype))
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    n = rows * cols // block_size
+    raw = rng.integers(0, 256, (n, type_size), dtype=np.uint8)
+    if kind == "Q6_K":  # int8 sub-block scales of a realistic size
+        raw[:, 192:208] = rng.integers(-40, 41, (n, 16)).astype(np.int8).view(np.uint8)
+    d_at, dmin_at = _K_FIELDS[kind]
+    centre = _K_CENTRE.get(kind, 0.0)
+
+    def put(d: np.ndarray) -> None:
+        raw[:, d_at : d_at + 2] = d.astype(np.float16).reshape(n, 1).view(np.uint8)
+        if dmin_at is not None:
+            dmin = (np.abs(d) * centre).astype(np.float16).reshape(n, 1).view(np.uint8)
+            raw[:, dmin_at : dmin_at + 2] = dmin
+
+    put(np.ones(n, dtype=np.float32))
+    spread = float(np.std(gguf.quants.dequantize(raw, qtype)))
+    d = np.full(n, std / spread, dtype=np.float32) * rng.uniform(0.5, 1.5, n).astype(np.float32)
+    d[0] = 0.0
+    d[min(1, n - 1)] *= -1.0
+    put(d)
     return raw.reshape(rows, -1)
 
 
@@ -91,15 +146,14 @@ def write_tiny_gguf(path: Path, *, architecture: str = "llama", seed: int = 0) -
         if len(shape) == 1:
             writer.add_tensor(name, (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32))
             continue
-        kind = TYPES.get(name, "Q4_1")
-        qtype = gguf.GGMLQuantizationType[kind]
-        if kind == "Q6_K":
-            raw = q6_k_blocks(*shape, rng)
+        kind = TYPES[name]
+        std = 0.5 if name == "token_embd.weight" else 0.08
+        raw = random_blocks(kind, shape[0], shape[1], rng, std)
+        if kind == "F16":
+            writer.add_tensor(name, raw)
         else:
-            scale = 0.5 if name == "token_embd.weight" else 0.08
-            dense = (scale * rng.standard_normal(shape)).astype(np.float32)
-            raw = gguf.quants.quantize(dense, qtype)
-        writer.add_tensor(name, raw, raw_dtype=qtype)  # shape: from the byte rows
+            qtype = gguf.GGMLQuantizationType[kind]
+            writer.add_tensor(name, raw, raw_dtype=qtype)  # shape: from the byte rows
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -125,14 +179,15 @@ def _bytes_to_unicode() -> dict[int, str]:
 @dataclass(frozen=True)
 class TinyGGUF:
     gguf: Path
-    fp32_onnx: Path  # the fp32 export (never modified by a test)
+    fp32_onnx: Path  # the fp32 TorchScript export (never modified by a test)
     model: Any  # the torch model it was exported from
     tokenizer: Any
 
 
 @dataclass(frozen=True)
 class Layout:
-    """The tiny model's constants, for the tests (pytest cannot import this conftest)."""
+    """The tiny model's constants and helpers, for the tests (pytest cannot import this
+    conftest)."""
 
     vocab: int = VOCAB
     hidden: int = HIDDEN
@@ -140,15 +195,12 @@ class Layout:
     heads: int = HEADS
     kv_heads: int = KV_HEADS
     ffn: int = FFN
+    mapped: frozenset[str] = frozenset(MAPPED)
 
     @property
     def types(self) -> dict[str, str]:
         """GGUF block type of every 2-D tensor."""
-        return {
-            name: TYPES.get(name, "Q4_1")
-            for name, shape in tensor_shapes().items()
-            if len(shape) == 2
-        }
+        return dict(TYPES)
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -157,6 +209,10 @@ class Layout:
     @staticmethod
     def write(path: Path, architecture: str = "llama") -> Path:
         return write_tiny_gguf(path, architecture=architecture)
+
+    @property
+    def random_blocks(self) -> Callable[..., np.ndarray]:
+        return random_blocks
 
 
 @pytest.fixture(scope="session")
@@ -169,12 +225,12 @@ def tiny_gguf_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny GGUF, beside a neighbour (``config.json``) the loader must ignore."""
     folder = tmp_path_factory.mktemp("tiny-gguf")
     (folder / "config.json").write_text("{}")
-    return write_tiny_gguf(folder / "tiny-llama.Q4_1.gguf")
+    return write_tiny_gguf(folder / "tiny-llama.Q4_K_M.gguf")
 
 
 @pytest.fixture(scope="session")
 def tiny_gguf(tiny_gguf_file: Path, tmp_path_factory: pytest.TempPathFactory) -> TinyGGUF:
-    """Loaded into torch and exported to fp32 ONNX, as ``convert`` does."""
+    """Loaded into torch and exported to fp32 ONNX (TorchScript), as ``convert`` did."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     from slmops_optimizer.gguf.export import export_causal_lm_onnx
     from slmops_optimizer.gguf.loader import load_gguf_causal_lm
@@ -183,3 +239,17 @@ def tiny_gguf(tiny_gguf_file: Path, tmp_path_factory: pytest.TempPathFactory) ->
     onnx_path = tmp_path_factory.mktemp("tiny-fp32") / "model.onnx"
     export_causal_lm_onnx(model, onnx_path, 17)
     return TinyGGUF(tiny_gguf_file, onnx_path, model, tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_builder(tiny_gguf_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """onnxruntime-genai's fp32 generation graph of the tiny GGUF (packed qkv, KV cache,
+    ``Gather(Transpose(lm_head))`` for the tied embedding); its folder holds genai_config.json.
+    """
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from slmops_optimizer.generation.build import build_decoder
+    from slmops_optimizer.gguf.loader import save_gguf_as_hf
+
+    root = tmp_path_factory.mktemp("tiny-builder")
+    hf_dir = save_gguf_as_hf(tiny_gguf_file, root / "hf", scratch_dir=root)
+    return build_decoder(hf_dir, root / "fp32", root / "cache")

@@ -1,7 +1,9 @@
-"""``gguf_blocks`` and the GGUF loader on a tiny synthetic llama (see conftest.py)."""
+"""``gguf_blocks`` and the GGUF loader on a tiny synthetic llama (see conftest.py), end to end:
+on the TorchScript export and on onnxruntime-genai's builder graph of the same file."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -9,12 +11,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from slmops_optimizer.gguf.mapping import Rewriter, pack_exact, pack_rtn
-from slmops_optimizer.gguf.reader import split_blocks
 from slmops_optimizer.passes import OnnxModel, PassContext, PassError, SourceModel
 from slmops_optimizer.passes.gguf_blocks import GgufBlocks
-
-EXACT_TYPES = ["Q4_0", "Q4_1", "Q8_0"]
 
 
 def _session(path: Path | bytes) -> Any:
@@ -47,102 +45,6 @@ def _run(tiny: Any, tmp_path: Path, **config: Any) -> tuple[OnnxModel, PassConte
     return out, ctx
 
 
-# -- the mapping, through ONNX Runtime ----------------------------------------------------------
-
-
-@pytest.mark.parametrize("accuracy_level", [0, 4])
-@pytest.mark.parametrize("kind", [*EXACT_TYPES, "RTN4", "RTN8"])
-def test_mapped_blocks_reproduce_the_gguf_values_in_onnxruntime(
-    kind: str, accuracy_level: int
-) -> None:
-    """MatMul(eye, W) and Gather(E, all ids) on the rewritten graph give back the dequantized
-    GGUF values: nibble order, scales, the Q4_1 offsets and the shared table are right (and
-    the fallback's uint8 zero points: RTN4 / RTN8, against their own rounded values)."""
-    import gguf
-    from onnx import TensorProto, helper, numpy_helper
-
-    rows, cols = 40, 96
-    rng = np.random.default_rng(4)
-    weights = (0.2 * rng.standard_normal((rows, cols))).astype(np.float32)
-    if kind.startswith("RTN"):
-        pack = pack_rtn(weights, int(kind[3:]), 32, "Q6_K")
-        dense = pack.dequantize()
-    else:
-        raw = gguf.quants.quantize(weights, gguf.GGMLQuantizationType[kind])
-        dense = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[kind])
-        pack = pack_exact(split_blocks(raw, kind))
-
-    matmul = helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")
-    gather = helper.make_node("Gather", ["table", "ids"], ["e"], name="emb", axis=0)
-    graph = helper.make_graph(
-        [matmul, gather],
-        "g",
-        [
-            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", cols]),
-            helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"]),
-        ],
-        [
-            helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
-            helper.make_tensor_value_info("e", TensorProto.FLOAT, None),
-        ],
-        [numpy_helper.from_array(dense.T.copy(), "w"), numpy_helper.from_array(dense, "table")],
-    )
-    rewriter = Rewriter(graph, accuracy_level)
-    nodes = rewriter.matmul(matmul, pack, "w") + rewriter.gather(gather, pack, "w")
-    del graph.node[:]
-    graph.node.extend(nodes)
-    del graph.initializer[:]
-    graph.initializer.extend(rewriter.initializers)
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
-    )
-    ops = Counter(node.op_type for node in graph.node)
-    assert ops["GatherBlockQuantized"] == 1
-    dense_8bit = pack.bits == 8 and accuracy_level != 4  # dequantized at session load
-    assert ops["MatMulNBits"] == (0 if dense_8bit else 1)
-    codes = [i for i in graph.initializer if i.name.startswith(("w.q4", "w.q8"))]
-    assert len(codes) == 1  # one copy of the codes for the MatMul and the Gather
-
-    ids = np.arange(rows, dtype=np.int64).reshape(2, rows // 2)
-    y, e = _session(model.SerializeToString()).run(
-        None, {"x": np.eye(cols, dtype=np.float32), "ids": ids}
-    )
-    np.testing.assert_allclose(y, dense.T, rtol=0, atol=1e-5)  # eye: int8 activations exact
-    np.testing.assert_allclose(e.reshape(rows, cols), dense, rtol=0, atol=1e-5)
-
-
-def test_weights_are_matched_by_content_through_transposes_and_row_permutations(
-    tiny_gguf_file: Path, layout: Any
-) -> None:
-    from slmops_optimizer.gguf.mapping import Candidate, llama_qk_order, match_weights
-    from slmops_optimizer.gguf.reader import read_gguf
-
-    file = read_gguf(tiny_gguf_file)
-    q = file.tensors["blk.0.attn_q.weight"].dequantize()
-    k = file.tensors["blk.1.attn_k.weight"].dequantize()
-    k_order = llama_qk_order(k.shape[0], layout.kv_heads)
-    shuffled = np.random.default_rng(5).permutation(q.shape[0])
-    embedding = file.tensors["token_embd.weight"].dequantize()
-    candidates = [
-        Candidate("q_t", "matmul", np.ascontiguousarray(q[shuffled].T)),  # exact: row hashing
-        # not bit-exact: the llama q/k interleave is tried with a tolerance
-        Candidate("k_t", "matmul", np.ascontiguousarray((k[k_order] + 1e-7).T)),
-        Candidate("table", "gather", embedding),  # a tied embedding...
-        Candidate("head", "matmul", np.ascontiguousarray(embedding.T)),  # ...and its LM head
-        Candidate("noise", "matmul", np.ones((layout.hidden, layout.hidden), np.float32)),
-    ]
-    found = {m.initializer: m for m in match_weights(candidates, file)}
-    assert set(found) == {"q_t", "k_t", "table", "head"}
-    assert found["q_t"].tensor == "blk.0.attn_q.weight"
-    assert np.array_equal(found["q_t"].order, shuffled)
-    assert found["k_t"].tensor == "blk.1.attn_k.weight"
-    assert np.array_equal(found["k_t"].order, k_order)
-    assert found["table"].tensor == found["head"].tensor == "token_embd.weight"
-    assert found["table"].order is None
-    assert (found["table"].orientation, found["head"].orientation) == ("gather", "matmul")
-
-
 # -- loader --------------------------------------------------------------------------------------
 
 
@@ -173,49 +75,87 @@ def tiny(tiny_gguf: Any) -> Any:
     return tiny_gguf
 
 
+def _ops(path: Path) -> Counter[str]:
+    import onnx
+
+    return Counter(node.op_type for node in onnx.load(str(path)).graph.node)
+
+
+def _attrs(path: Path, op: str, name: str) -> Counter[int]:
+    import onnx
+
+    return Counter(
+        a.i
+        for n in onnx.load(str(path)).graph.node
+        if n.op_type == op
+        for a in n.attribute
+        if a.name == name
+    )
+
+
 def test_exact_mapping_computes_what_the_fp32_export_computes(
     tiny: Any, tmp_path: Path, layout: Any
 ) -> None:
     out, ctx = _run(tiny, tmp_path, quantize_fallback=False)
-    exact = {n for n, kind in layout.types.items() if kind in {"Q4_0", "Q4_1", "Q8_0"}}
-    assert ctx.metrics["mapped_tensors"] == len(exact)
+    mapped = {n for n, kind in layout.types.items() if kind in layout.mapped}
+    assert ctx.metrics["mapped_tensors"] == len(mapped) == 14
     assert ctx.metrics["fallback_tensors"] == 0
-    assert ctx.metrics["fp32_weights"] == 2  # the Q5_1 and Q6_K weights, as asked
-    assert ctx.metrics["mapping_max_abs_error"] <= 1e-5
+    assert ctx.metrics["fp32_weights"] == 1  # the F16 weight, as asked
+    assert ctx.metrics["mapping_max_abs_error"] <= 1e-6
     assert [p.name for p in out.path.parent.iterdir()] == ["model.onnx"]
-    reference, mapped = _logits(tiny.fp32_onnx, _ids()), _logits(out.path, _ids())
-    np.testing.assert_allclose(mapped, reference, rtol=0, atol=1e-4 * np.abs(reference).max())
+    reference, mapped_logits = _logits(tiny.fp32_onnx, _ids()), _logits(out.path, _ids())
+    scale = np.abs(reference).max()
+    np.testing.assert_allclose(mapped_logits, reference, rtol=0, atol=1e-5 * scale)
     assert any("quantize_fallback=false" in line for line in ctx.log)
 
 
-def test_default_config_requantizes_what_does_not_map_and_says_so(
-    tiny: Any, tmp_path: Path
+def test_default_config_maps_every_block_type_and_records_the_tensor_map(
+    tiny: Any, tmp_path: Path, layout: Any
 ) -> None:
     import onnx
 
     out, ctx = _run(tiny, tmp_path)
-    assert ctx.metrics["fallback_tensors"] == 2
+    assert ctx.metrics["fallback_tensors"] == 1
     assert ctx.metrics["fp32_weights"] == 0
-    note = next(line for line in ctx.log if "requantized" in line)
-    assert "blk.1.ffn_down.weight (Q6_K)" in note
-    assert "blk.1.ffn_up.weight (Q5_1)" in note
-    assert "token_embd.weight" in next(line for line in ctx.log if "mapped exactly" in line)
+    assert "blk.1.ffn_up.weight (F16)" in next(line for line in ctx.log if "requantized" in line)
+    mapped_note = next(line for line in ctx.log if "mapped exactly" in line)
+    assert "Q6_K x2" in mapped_note
+    assert "token_embd.weight" in mapped_note
 
+    entries = {e["tensor"]: e for e in ctx.details["tensor_map"]}
+    assert json.loads(json.dumps(ctx.details["tensor_map"])) == ctx.details["tensor_map"]
+    assert set(entries) == set(layout.types)
+    for name, kind in layout.types.items():
+        entry = entries[name]
+        assert entry["type"] == kind
+        if kind == "F16":
+            assert (entry["form"], entry["container"], entry["bits"]) == ("rtn", "dense", 8)
+            continue
+        wide = kind in {"Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0"}
+        assert entry["form"] == ("split4" if wide else "int4")
+        assert (entry["bits"], entry["planes"]) == (4, 2 if wide else 1)
+        assert entry["block_size"] == (16 if kind in {"Q2_K", "Q3_K", "Q6_K"} else 32)
+        assert entry["max_abs_error"] <= entry["error_bound"]
+        assert (entry["error_bound"] > 0) == (kind in {"Q4_1", "Q4_K"})
+        assert entry["uses"] == (
+            ["gather", "matmul"] if name == "token_embd.weight" else ["matmul"]
+        )
+
+    ops = _ops(out.path)
+    assert ops["GatherBlockQuantized"] == 2  # the Q6_K table's two planes
+    # 2 layers x 7 weights + the tied LM head: 7 int4 tensors (one node), 7 split4 (two), and
+    # the F16 fallback expanded to fp32 at load (8-bit, accuracy_level 0)
+    assert ops["MatMulNBits"] == 7 + 2 * 7
     graph = onnx.load(str(out.path)).graph
-    ops = Counter(node.op_type for node in graph.node)
-    assert ops["GatherBlockQuantized"] == 1
-    # 2 layers x 7 weights + the tied LM head, minus the 8-bit ones (dequantized at load):
-    # the Q8_0 attn_v and the two 8-bit fallbacks
-    assert ops["MatMulNBits"] == 2 * 7 + 1 - 3
     exported = [  # 2-D weights under the exporter's names: none is left
         i.name
         for i in graph.initializer
         if len(i.dims) == 2 and i.name.startswith(("onnx::MatMul", "inner."))
     ]
     assert exported == []
-    gather = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
-    head = next(n for n in graph.node if n.op_type == "MatMulNBits" and "token_embd" in n.name)
-    assert gather.input[0] == head.input[1]  # embedding and LM head read one table
+    gathers = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
+    heads = [n for n in graph.node if n.op_type == "MatMulNBits" and "token_embd" in n.name]
+    assert sorted(g.input[0] for g in gathers) == sorted(h.input[1] for h in heads)  # one copy
     assert out.size_bytes < OnnxModel(tiny.fp32_onnx).size_bytes / 3
 
     reference, got = _logits(tiny.fp32_onnx, _ids()), _logits(out.path, _ids())
@@ -224,31 +164,99 @@ def test_default_config_requantizes_what_does_not_map_and_says_so(
 
 
 def test_int8_activations_and_unshared_head(tiny: Any, tmp_path: Path) -> None:
+    out, ctx = _run(tiny, tmp_path, accuracy_level=4, wide_codes="int8", share_tied_lm_head=False)
+    assert set(_attrs(out.path, "MatMulNBits", "accuracy_level")) == {4}
+    # 8-bit: the six wide tensors, the LM head and the F16 fallback
+    assert _attrs(out.path, "MatMulNBits", "bits") == Counter({4: 7, 8: 8})
+    assert _attrs(out.path, "GatherBlockQuantized", "bits") == Counter({8: 1})
     import onnx
 
-    out, ctx = _run(tiny, tmp_path, accuracy_level=4, share_tied_lm_head=False)
     graph = onnx.load(str(out.path)).graph
-    levels = {
-        a.i
-        for n in graph.node
-        if n.op_type == "MatMulNBits"
-        for a in n.attribute
-        if a.name == "accuracy_level"
-    }
-    assert levels == {4}
-    bits = Counter(
-        a.i
-        for n in graph.node
-        if n.op_type == "MatMulNBits"
-        for a in n.attribute
-        if a.name == "bits"
-    )
-    assert bits[8] == 3  # Q8_0 attn_v and the two 8-bit fallbacks run as 8-bit MatMulNBits
-    tables = [i for i in graph.initializer if i.name.startswith("gguf.token_embd.q4")]
+    tables = [i for i in graph.initializer if i.name.startswith("gguf.token_embd.q8")]
     assert len(tables) == 2
     assert not any("one copy" in line for line in ctx.log)
+    entries = [e for e in ctx.details["tensor_map"] if e["tensor"] == "token_embd.weight"]
+    assert sorted(e["uses"][0] for e in entries) == ["gather", "matmul"]
     reference, got = _logits(tiny.fp32_onnx, _ids()), _logits(out.path, _ids())
     np.testing.assert_allclose(got, reference, rtol=0, atol=0.1 * np.abs(reference).max())
+
+
+# -- onnxruntime-genai's builder graph -------------------------------------------------------------
+
+
+def _builder_logits(path: Path, ids: np.ndarray, builder_dir: Path) -> np.ndarray:
+    """All positions' logits of a generation graph, its past keys and values empty."""
+    config = json.loads((builder_dir / "genai_config.json").read_text())["model"]["decoder"]
+    session = _session(path)
+    feed: dict[str, np.ndarray] = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    for spec in session.get_inputs():
+        if spec.name.startswith("past_key_values"):
+            shape = (ids.shape[0], config["num_key_value_heads"], 0, config["head_size"])
+            feed[spec.name] = np.zeros(shape, dtype=np.float32)
+    return np.asarray(session.run(["logits"], feed)[0])
+
+
+@pytest.mark.parametrize("wide_codes", ["split4", "int8", "dense"])
+def test_builder_graph_packed_qkv_and_tied_transpose_gather_map_exactly(
+    wide_codes: str, tiny_gguf_file: Path, tiny_builder: Path, tmp_path: Path, layout: Any
+) -> None:
+    """The builder's qkv_proj (q, k, v of mixed types in one weight) is matched segment by
+    segment; its tied embedding ``Gather(Transpose(lm_head))`` reads the LM head's codes; the
+    mapped model computes what the fp32 graph does (int8: with int8 activations)."""
+    import onnx
+
+    ctx = _context(tmp_path, tiny_gguf_file)
+    config = {"wide_codes": wide_codes, "quantize_fallback": False}
+    out = GgufBlocks.from_config(config).run(OnnxModel(tiny_builder), ctx)
+    assert ctx.metrics["mapped_tensors"] == 14
+    assert ctx.metrics["fp32_weights"] == 1  # the F16 up_proj
+    entries = {e["tensor"]: e for e in ctx.details["tensor_map"]}
+    assert entries["token_embd.weight"]["uses"] == ["gather", "matmul"]
+    assert all(entries[f"blk.{i}.attn_{x}.weight"] for i in (0, 1) for x in "qkv")
+
+    graph = onnx.load(str(out.path)).graph
+    assert not any(n.name == "/model/embed_tokens/Transpose" for n in graph.node)
+    fp32_weights = [i.name for i in graph.initializer if i.name.endswith("MatMul.weight")]
+    assert fp32_weights == ["model.layers.1.mlp.up_proj.MatMul.weight"]  # F16, kept
+    gathers = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
+    readers = {n.input[1] for n in graph.node if n.op_type == "MatMulNBits"}
+    readers |= {n.input[0] for n in graph.node if n.op_type == "Cast"}  # dense: expanded
+    assert gathers
+    assert all(g.input[0] in readers for g in gathers)
+    # layer 1's q, k (Q5_0) and v (Q8_0) share one form: one node (pair) over the three
+    merged = [n for n in graph.node if n.name.startswith("gguf.blk.1.attn_q+attn_k+attn_v")]
+    assert merged
+
+    ids = np.random.default_rng(3).integers(0, layout.vocab, size=(1, 24)).astype(np.int64)
+    reference = _builder_logits(tiny_builder, ids, tiny_builder.parent)
+    got = _builder_logits(out.path, ids, tiny_builder.parent)
+    scale = float(np.abs(reference).max())
+    if wide_codes == "int8":
+        assert (reference.argmax(-1) == got.argmax(-1)).mean() >= 0.9
+        np.testing.assert_allclose(got, reference, rtol=0, atol=0.05 * scale)
+    else:
+        np.testing.assert_allclose(got, reference, rtol=0, atol=1e-5 * scale)
+
+
+def test_builder_graph_without_embeddings_keeps_the_transposed_table(
+    tiny_gguf_file: Path, tiny_builder: Path, tmp_path: Path
+) -> None:
+    """embeddings=false: the LM head is mapped, the Gather keeps reading the fp32 table through
+    the builder's Transpose (which therefore stays)."""
+    import onnx
+
+    ctx = _context(tmp_path, tiny_gguf_file)
+    out = GgufBlocks.from_config({"embeddings": False}).run(OnnxModel(tiny_builder), ctx)
+    graph = onnx.load(str(out.path)).graph
+    assert any(n.name == "/model/embed_tokens/Transpose" for n in graph.node)
+    assert any(i.name == "lm_head.MatMul.weight" for i in graph.initializer)
+    assert not any(n.op_type == "GatherBlockQuantized" for n in graph.node)
+    assert any(n.op_type == "MatMulNBits" and "token_embd" in n.name for n in graph.node)
+    assert any("embeddings=false" in line for line in ctx.log)
+    ids = np.arange(3, 19, dtype=np.int64).reshape(1, 16)
+    reference = _builder_logits(tiny_builder, ids, tiny_builder.parent)
+    got = _builder_logits(out.path, ids, tiny_builder.parent)
+    assert (reference.argmax(-1) == got.argmax(-1)).mean() >= 0.9
 
 
 def test_a_source_that_is_not_gguf_is_refused(tiny: Any, tmp_path: Path) -> None:
@@ -280,16 +288,20 @@ def test_config_is_strict_and_refinements_get_more_conservative(tmp_path: Path) 
         GgufBlocks.from_config({"fallback_block_size": 48})
     with pytest.raises(PassError, match="invalid config"):
         GgufBlocks.from_config({"bits": 4})
-    step = GgufBlocks.from_config({"accuracy_level": 4, "fallback_bits": 4})
+    with pytest.raises(PassError, match="wide_codes"):
+        GgufBlocks.from_config({"wide_codes": "int5"})
+    step = GgufBlocks.from_config({"accuracy_level": 4, "wide_codes": "int8", "fallback_bits": 4})
     ctx = _context(tmp_path, tmp_path / "x.gguf")
     ladder = step.refinements(OnnxModel(tmp_path / "model.onnx"), ctx)
     assert [r.description for r in ladder] == [
         "accuracy_level 0 (fp32 activations)",
+        "wide codes split4 (fp32 activations)",
         "8-bit fallback",
         "fallback weights kept fp32",
     ]
     last = ladder[-1].config
-    assert (last.accuracy_level, last.fallback_bits, last.quantize_fallback) == (0, 8, False)
+    assert (last.accuracy_level, last.wide_codes) == (0, "split4")
+    assert (last.fallback_bits, last.quantize_fallback) == (8, False)
     default = GgufBlocks.from_config({})
     assert [r.description for r in default.refinements(OnnxModel(tmp_path / "m"), ctx)] == [
         "fallback weights kept fp32"

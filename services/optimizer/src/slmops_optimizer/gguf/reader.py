@@ -2,21 +2,11 @@
 
 A GGUF tensor is stored row by row (the numpy shape is the reverse of ggml's ``ne``; a linear
 weight is ``[out, in]``) and each row is a run of fixed-size blocks along the input dimension.
-The three block types that map exactly onto ONNX Runtime's block-quantized operators are split
-here into numpy arrays, 32 elements per block:
-
-======  ======================  ===================================
-type    block bytes             value of element ``i`` of a block
-======  ======================  ===================================
-Q4_0    d:f16, qs[16]           ``d * (q_i - 8)``      q in 0..15
-Q4_1    d:f16, m:f16, qs[16]    ``d * q_i + m``        q in 0..15
-Q8_0    d:f16, qs[32]:int8      ``d * q_i``            q in -128..127
-======  ======================  ===================================
-
-In the 4-bit types byte ``j`` of ``qs`` holds element ``j`` in its low nibble and element
-``j + 16`` in its high nibble (ONNX Runtime packs elements ``2j`` and ``2j + 1`` instead; the
-pass repacks). Every other type (K-quants, Q5_x, IQ*, F16...) is only dequantized, with the
-``gguf`` package, for the caller to requantize.
+The block types whose values are ``scale * (code - zero) + offset`` per (sub-)block - Q4_0,
+Q4_1, Q5_0, Q5_1, Q8_0 and the K-quants Q2_K..Q6_K - map exactly onto ONNX Runtime's
+block-quantized operators; :mod:`slmops_optimizer.gguf.blocks` splits their bytes into codes,
+scales and offsets. Every other type (IQ*, F16...) is only dequantized, with the ``gguf``
+package, for the caller to requantize.
 """
 
 from __future__ import annotations
@@ -28,63 +18,35 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from slmops_optimizer.gguf.blocks import TYPE_SIZES, GGUFBlocks, split_blocks
 from slmops_optimizer.passes.base import PassError
 
+__all__ = [
+    "EXACT_TYPES",
+    "SUPPORTED_ARCHITECTURES",
+    "GGUFBlocks",
+    "GGUFFile",
+    "GGUFTensor",
+    "read_architecture",
+    "read_gguf",
+    "require_supported",
+    "split_blocks",
+]
+
 #: Architectures whose GGUF files the loader and the block mapping handle (transformers' GGUF
-#: loader must know them too). Only ``llama`` is exercised by the tests and the probe.
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3")
+#: loader must know them too); services/optimizer/tests/archs runs each through the real path.
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
+    "llama",  # llama.cpp writes Mistral models as llama too
+    "qwen2",
+    "qwen3",
+    "gemma2",
+    "gemma3",
+    "phi3",
+)
 
 #: GGUF block types that map exactly (same codes, same scales) onto MatMulNBits and
 #: GatherBlockQuantized.
-EXACT_TYPES: frozenset[str] = frozenset({"Q4_0", "Q4_1", "Q8_0"})
-
-#: Elements per block of the exact types.
-BLOCK_ELEMENTS = 32
-
-
-@dataclass(frozen=True)
-class GGUFBlocks:
-    """The blocks of a Q4_0, Q4_1 or Q8_0 tensor, one row of blocks per tensor row.
-
-    ``codes`` is ``[rows, n_blocks, 32]``: uint8 0..15 for Q4_0/Q4_1, int8 for Q8_0, in element
-    order. ``scales`` (``d``) and ``mins`` (``m``, Q4_1 only) are float32 ``[rows, n_blocks]``,
-    exactly the float16 values of the file.
-    """
-
-    ggml_type: str
-    codes: np.ndarray
-    scales: np.ndarray
-    mins: np.ndarray | None = None
-
-    @property
-    def rows(self) -> int:
-        return int(self.codes.shape[0])
-
-    @property
-    def n_blocks(self) -> int:
-        return int(self.codes.shape[1])
-
-    def dequantize(self) -> np.ndarray:
-        """float32 ``[rows, n_blocks * 32]``, computed as the ``gguf`` package does."""
-        q = self.codes.astype(np.float32)
-        d = self.scales[..., None]
-        if self.ggml_type == "Q4_0":
-            values = d * (q - np.float32(8))
-        elif self.ggml_type == "Q4_1":
-            assert self.mins is not None
-            values = d * q + self.mins[..., None]
-        else:
-            values = q * d
-        return np.asarray(values.reshape(self.rows, -1), dtype=np.float32)
-
-    def permute_rows(self, order: np.ndarray) -> GGUFBlocks:
-        """The same blocks with row ``i`` taken from row ``order[i]``."""
-        return GGUFBlocks(
-            self.ggml_type,
-            self.codes[order],
-            self.scales[order],
-            None if self.mins is None else self.mins[order],
-        )
+EXACT_TYPES: frozenset[str] = frozenset(TYPE_SIZES)
 
 
 @dataclass(frozen=True)
@@ -101,16 +63,18 @@ class GGUFTensor:
         """Whether the blocks map exactly onto ONNX Runtime's block-quantized operators."""
         return self.ggml_type in EXACT_TYPES and len(self.shape) == 2
 
-    def dequantize(self) -> np.ndarray:
-        """float32 values in ``shape``, exactly as transformers' GGUF loader computes them."""
+    def dequantize(self, rows: slice | None = None) -> np.ndarray:
+        """float32 values in ``shape`` (or the rows ``rows`` of a 2-D tensor), exactly as
+        transformers' GGUF loader computes them."""
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
 
-        values = dequantize(self.raw, GGMLQuantizationType[self.ggml_type])
-        return np.asarray(values, dtype=np.float32).reshape(self.shape)
+        raw = self.raw if rows is None else self.raw[rows]
+        values = np.asarray(dequantize(raw, GGMLQuantizationType[self.ggml_type]), np.float32)
+        return values.reshape(self.shape if rows is None else (-1, *self.shape[1:]))
 
     def blocks(self) -> GGUFBlocks:
-        """The blocks split into codes/scales/mins; only for the :data:`EXACT_TYPES`."""
+        """The blocks split into codes, scales and offsets; only for the :data:`EXACT_TYPES`."""
         if not self.exact:
             raise ValueError(f"{self.name}: {self.ggml_type} blocks do not map exactly")
         return split_blocks(self.raw, self.ggml_type, rows=self.shape[0])
@@ -127,33 +91,6 @@ class GGUFFile:
         """An integer field of the architecture (``block_count``) or a full key."""
         value = self.metadata.get(key, self.metadata.get(f"{self.architecture}.{key}"))
         return int(value) if isinstance(value, int | float | np.integer) else None
-
-
-_TYPE_SIZES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
-
-
-def split_blocks(raw: np.ndarray, ggml_type: str, *, rows: int | None = None) -> GGUFBlocks:
-    """Split raw Q4_0 / Q4_1 / Q8_0 bytes (``[rows, bytes_per_row]`` or flat) into arrays."""
-    if ggml_type not in _TYPE_SIZES:
-        raise ValueError(f"{ggml_type} is not one of {sorted(_TYPE_SIZES)}")
-    type_size = _TYPE_SIZES[ggml_type]
-    data = np.ascontiguousarray(raw).view(np.uint8)
-    n_rows = rows if rows is not None else (data.shape[0] if data.ndim > 1 else 1)
-    blocks = data.reshape(n_rows, -1, type_size)
-
-    def f16(offset: int) -> np.ndarray:
-        pair = np.ascontiguousarray(blocks[..., offset : offset + 2])
-        return pair.view(np.float16)[..., 0].astype(np.float32)
-
-    scales = f16(0)
-    if ggml_type == "Q8_0":
-        codes = np.ascontiguousarray(blocks[..., 2:]).view(np.int8)
-        return GGUFBlocks(ggml_type, codes, scales)
-    start = 2 if ggml_type == "Q4_0" else 4
-    qs = blocks[..., start : start + BLOCK_ELEMENTS // 2]
-    codes = np.concatenate([qs & np.uint8(0x0F), qs >> np.uint8(4)], axis=-1)
-    mins = f16(2) if ggml_type == "Q4_1" else None
-    return GGUFBlocks(ggml_type, codes, scales, mins)
 
 
 # GGUF value types: fixed sizes of the scalar ones; 8 = string, 9 = array.

@@ -66,6 +66,7 @@ class PassContext:
     samples: Any = None  # slmops_optimizer.samples.SampleSet; convert builds it
     tokenizer: Any = None  # a transformers tokenizer, when the source has one
     reference: Any = None  # slmops.objectstore.BlobRef of the stored fp32 conversion
+    generation: Any = None  # slmops.generation.GenerationSpec of a decoder; convert sets it
     texts: list[str] = field(default_factory=list)  # sample texts (eval set or built-in)
     texts_origin: str = "built-in"
     sample_size: int = 32  # texts (encoders) or windows (decoders) in the sample set
@@ -73,6 +74,8 @@ class PassContext:
     log: list[str] = field(default_factory=list)
     is_cancelled: Callable[[], bool] = lambda: False
     metrics: dict[str, float] = field(default_factory=dict)
+    #: Structured facts for the variant's manifest (JSON-ready), e.g. gguf_blocks' tensor_map.
+    details: dict[str, Any] = field(default_factory=dict)
     _steps: int = 0
 
     def note(self, message: str) -> None:

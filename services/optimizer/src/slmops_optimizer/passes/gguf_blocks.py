@@ -4,27 +4,46 @@ Why exact mapping beats dequantize + requantize: a GGUF file is already block-qu
 ``convert`` dequantizes it to fp32. Quantizing that graph again (round to nearest, 4 or 8 bits)
 puts a second rounding error on top of the first, on a grid that almost never lines up with the
 file's: on SmolLM2, INT4 RTN of the dequantized weights kept only ~0.61 top-1 agreement. The
-blocks that were rounded once fit ONNX Runtime's block-quantized operators as they are (Q4_0,
-Q4_1 and Q8_0: 32 elements, one float16 scale, for Q4_1 one minimum), so mapping them gives
-back the very weights the fp32 model computes with (float rounding only), needs no calibration
-and keeps the file about as small as the GGUF. Measured on SmolLM2-135M Q4_1 (probe script
-``services/optimizer/scripts/gguf_probe.py``): 106.8 MB vs 652.6 MB fp32, top-1 agreement 1.0.
+blocks that were rounded once fit ONNX Runtime's block-quantized operators as they are, so
+mapping them gives back the very weights the fp32 model computes with (float rounding at most),
+needs no calibration and keeps the file about as small as the GGUF.
 
-- MatMul weights → MatMulNBits (com.microsoft): 4 bits for Q4_0/Q4_1, block 32, ONNX Runtime's
-  default zero point; a Q4_1 block's minimum becomes an exact correction term. 8-bit weights
-  (Q8_0) use 8-bit MatMulNBits with ``accuracy_level`` 4, else an fp32 MatMul whose weight is
-  expanded from the 8-bit codes when the session loads (:mod:`slmops_optimizer.gguf.mapping`).
-- The embedding Gather → GatherBlockQuantized (com.microsoft) on the same codes and scales as a
-  tied LM head: one copy of the table in the file.
-- Block types that do not map (K-quants, Q5_x, IQ*, F16...) fall back to dequantize + round to
-  nearest (``fallback_bits``, ``fallback_block_size``); the log names every such tensor.
+Every block type whose value is ``scale * (code - zero) + offset`` per (sub-)block maps: Q4_0,
+Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K - what Q4_K_M / Q5_K_M / Q8_0 files are
+made of (:mod:`slmops_optimizer.gguf.blocks`, :mod:`slmops_optimizer.gguf.mapping`):
 
-Speed: on a 2-core AVX2 host (no VNNI) MatMulNBits is no faster than ONNX Runtime's fp32 GEMM
-for 64-token inputs (ratio ~1.0 at accuracy_level 0, ~1.1 at 4); it pays off for short inputs
-(1 token: ~0.87x at level 0, ~0.45x at level 4), where the weights' memory traffic dominates.
+- MatMul weights → MatMulNBits (com.microsoft) with ONNX Runtime's default zero point, never
+  float zero points (no prepacking: ~100x slower); a block offset (Q4_1's ``m``, a K-quant's
+  ``-dmin * min``) becomes an exact correction ``blocksum(x) @ c^T``. Codes of at most 4 bits
+  are one 4-bit MatMulNBits (``accuracy_level`` as configured). Wider codes (Q5_x, Q6_K, Q8_0)
+  take the form ``wide_codes`` says: ``split4`` (two 4-bit planes, fp32 activations, exact),
+  ``int8`` (one 8-bit MatMulNBits with int8 activations, accuracy_level 4 - the only level at
+  which ONNX Runtime's 8-bit kernel is fast) or ``dense`` (an fp32 weight expanded from the
+  8-bit codes when the session loads).
+- A weight packing several GGUF tensors (onnxruntime-genai's ``qkv_proj``) is matched segment by
+  segment and becomes one MatMulNBits over the concatenated codes, or one per run + Concat.
+- The embedding Gather → GatherBlockQuantized on the same codes and scales as a tied LM head
+  (the builder's ``Gather(Transpose(lm_head))`` included): one copy of the table in the file.
+- Block types that do not map (IQ*, F16...) fall back to dequantize + round to nearest
+  (``fallback_bits``, ``fallback_block_size``); the log names every such tensor.
 
-The input must be the fp32 export of the very GGUF file the job started from: weights are
-matched to GGUF tensors by content, not by name.
+Measured on onnxruntime-genai builder graphs (2 threads, an AVX2 host without VNNI, plain ONNX
+Runtime; ``services/optimizer/scripts/gguf_forms_bench.py``): files 1.01x the GGUF for
+SmolLM2-135M Q4_1, 1.08x for Gemma 3 270M Q4_K_M (plus the builder's own 67 MB rotary caches).
+With the default (4-bit at accuracy_level 0, wide codes split4) top-1 agreement with the fp32
+graph is 1.000 and greedy text identical; a one-token decode step is 1.25-1.55x faster than
+fp32, a 64-token prefill 1.3-2.1x slower (4-bit MatMulNBits with fp32 activations is no
+faster than the fp32 GEMM for 64 rows, and split4 runs two). ``wide_codes=int8`` runs
+Gemma's decode step 2.2x faster than fp32 and its prefill at fp32's speed, at top-1 agreement
+0.97-0.98 (int8 activations, like llama.cpp's): the speed choice.
+
+``ctx.details["tensor_map"]`` records, per GGUF tensor, its block type, the form, bits, block
+size and the mapping's largest difference from the ``gguf`` package's own dequantization (0,
+or within the float32 rounding bound it also records).
+
+The input must be the fp32 graph of the very GGUF file the job started from (a TorchScript
+export or onnxruntime-genai's builder graph): weights are matched to GGUF tensors by content,
+not by name.
 """
 
 from __future__ import annotations
@@ -46,12 +65,14 @@ from slmops_optimizer.passes.base import (
 )
 
 if TYPE_CHECKING:
-    from slmops_optimizer.gguf.mapping import Candidate, Match, Orientation, WeightPack
+    from slmops_optimizer.gguf.mapping import WeightPack
+    from slmops_optimizer.gguf.matching import Candidate, Match, Orientation, Use
     from slmops_optimizer.gguf.reader import GGUFFile, GGUFTensor
 
 #: Above this an ONNX file must keep its weights as external data (protobuf's 2 GB limit).
 _SINGLE_FILE_LIMIT = 1_800_000_000
-#: Largest error (relative to the weight's largest magnitude) an exact mapping may show.
+#: Largest error (relative to the weight's largest magnitude) an exact mapping may show; the
+#: mapping's own bound is far below (0, or float32 rounding of the correction term).
 _EXACT_TOLERANCE = 1e-5
 
 
@@ -62,6 +83,15 @@ class GgufBlocksConfig(PassConfig):
     share_tied_lm_head: bool = Field(
         True, description="A tied LM head reads the embedding's quantized table (one copy)."
     )
+    wide_codes: Literal["split4", "int8", "dense"] = Field(
+        "split4",
+        description="How codes wider than 4 bits (Q5_0, Q5_1, Q5_K, Q6_K, Q8_0) run. split4: "
+        "two 4-bit MatMulNBits (code = 16 high + low), exact weights with fp32 activations on "
+        "the fast 4-bit kernels. int8: one 8-bit MatMulNBits, always accuracy_level 4 (int8 "
+        "activations, like llama.cpp's own dot products; ONNX Runtime's 8-bit kernel is ~100x "
+        "slower at other levels). dense: an fp32 weight expanded from the 8-bit codes when the "
+        "session loads (fp32 memory, 8-bit file).",
+    )
     fallback_bits: Literal[4, 8] = Field(
         8, description="Bits of the round-to-nearest fallback for block types that do not map."
     )
@@ -71,11 +101,12 @@ class GgufBlocksConfig(PassConfig):
     )
     accuracy_level: Literal[0, 1, 2, 3, 4] | None = Field(
         0,
-        description="MatMulNBits accuracy_level. 0 (default): fp32 activations, the mapped "
-        "model computes what the fp32 one does (SmolLM2 top-1 agreement 1.0). 4: int8 "
-        "activations, ~2x faster for 1-token inputs but agreement fell to 0.953 on SmolLM2. "
-        "Below 4, 8-bit weights are expanded to fp32 when the session loads (ONNX Runtime "
-        "has no fast fp32-activation 8-bit kernel).",
+        description="accuracy_level of the 4-bit MatMulNBits (codes of at most 4 bits and the "
+        "split4 planes). 0 (default): fp32 activations, the mapped model computes what the "
+        "fp32 one does (SmolLM2 top-1 agreement 1.0). 4: int8 activations, ~2x faster for "
+        "1-token inputs but agreement fell to 0.953 on SmolLM2. 8-bit fallback weights run "
+        "as 8-bit MatMulNBits at level 4 or with wide_codes int8, else are expanded to fp32 "
+        "when the session loads.",
     )
 
     @field_validator("fallback_block_size")
@@ -92,13 +123,16 @@ class GgufBlocks(Pass[GgufBlocksConfig]):
     config_class = GgufBlocksConfig
 
     def refinements(self, model: OnnxModel, ctx: PassContext) -> list[Refinement]:
-        """accuracy_level 0 (fp32 activations), then an 8-bit fallback, then fallback kept fp32;
-        the exactly mapped blocks never change (they already are the source's weights)."""
+        """accuracy_level 0 (fp32 activations), wide codes split4 (fp32 activations), an 8-bit
+        fallback, then fallback kept fp32; the mapped weights never change (they already are
+        the source's weights)."""
         ladder: list[Refinement] = []
         config = self.config
         steps: list[tuple[str, dict[str, Any]]] = []
         if config.accuracy_level not in (None, 0):
             steps.append(("accuracy_level 0 (fp32 activations)", {"accuracy_level": 0}))
+        if config.wide_codes == "int8":
+            steps.append(("wide codes split4 (fp32 activations)", {"wide_codes": "split4"}))
         if config.quantize_fallback and config.fallback_bits == 4:
             steps.append(("8-bit fallback", {"fallback_bits": 8}))
         if config.quantize_fallback:
@@ -121,8 +155,8 @@ class GgufBlocks(Pass[GgufBlocksConfig]):
             )
         import onnx
 
-        from slmops_optimizer.gguf.mapping import MS_DOMAIN, Rewriter
         from slmops_optimizer.gguf.reader import read_gguf
+        from slmops_optimizer.gguf.rewrite import MS_DOMAIN, Rewriter
 
         gguf_file = read_gguf(ctx.source.path)
         try:
@@ -142,18 +176,22 @@ class GgufBlocks(Pass[GgufBlocksConfig]):
         rewriter = Rewriter(proto.graph, self.config.accuracy_level)
         nodes: list[Any] = []
         for node in proto.graph.node:
-            target = plan.node_targets.get(node.output[0]) if node.output else None
+            first = node.output[0] if node.output else None
+            if first in plan.dropped:
+                continue
+            target = plan.node_targets.get(first) if first else None
             if target is None:
                 kept = onnx.NodeProto()
                 kept.CopyFrom(node)
                 nodes.append(kept)
                 continue
-            kind, key = target
-            pack, base = plan.packs[key], plan.bases[key]
+            kind, keys = target
+            packs = [plan.packs[key] for key in keys]
+            bases = [plan.bases[key] for key in keys]
             nodes.extend(
-                rewriter.matmul(node, pack, base)
+                rewriter.matmul(node, packs, bases)
                 if kind == "matmul"
-                else rewriter.gather(node, pack, base)
+                else rewriter.gather(node, packs[0], bases[0])
             )
         del proto.graph.node[:]
         proto.graph.node.extend(nodes)
@@ -161,167 +199,210 @@ class GgufBlocks(Pass[GgufBlocksConfig]):
         if not any(o.domain == MS_DOMAIN for o in proto.opset_import):
             proto.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
 
+        head_size = _head_size(proto.graph, ctx, model.path.parent)
         out_dir = ctx.output_dir("gguf_blocks")
         out = out_dir / "model.onnx"
         _save(proto, out)
         del proto
-        _self_check(out, ctx)
+        _self_check(out, ctx, head_size)
         _report(plan, ctx)
         return OnnxModel(out)
 
 
 # ------------------------------------------------------------------------------------------------
 
+PackKey = tuple[str, ...]
+
 
 class _Plan:
-    """Which pack each replaced node uses, and what happened to every weight."""
+    """Which packs each replaced node uses, and what happened to every weight."""
 
     def __init__(self) -> None:
-        self.packs: dict[tuple[str, ...], WeightPack] = {}
-        self.bases: dict[tuple[str, ...], str] = {}
-        # first output of a replaced node → (how it uses the weight, pack key)
-        self.node_targets: dict[str, tuple[Orientation, tuple[str, ...]]] = {}
-        self.exact: dict[str, str] = {}  # GGUF tensor mapped exactly → its block type
-        self.fallback: dict[str, str] = {}  # GGUF tensor requantized → its block type
-        self.kept: list[str] = []  # initializers left fp32 on purpose, with why
+        self.packs: dict[PackKey, WeightPack] = {}
+        self.bases: dict[PackKey, str] = {}
+        # first output of a replaced node → (how it uses the weight, pack keys in row order)
+        self.node_targets: dict[str, tuple[Orientation, tuple[PackKey, ...]]] = {}
+        self.dropped: set[str] = set()  # first outputs of nodes removed (a tied table's Transpose)
+        self.entries: dict[PackKey, dict[str, Any]] = {}  # the tensor map, one entry per pack
+        self.kept: list[str] = []  # weights left fp32 on purpose, with why
         self.unmatched = 0  # 2-D MatMul/Gather weights that no GGUF tensor holds
-        self.max_error = 0.0  # largest |mapped - exported| weight difference
-        self.tied: list[str] = []  # GGUF tensors read by both a Gather and a MatMul
+        self.max_error = 0.0  # largest |mapped - gguf| weight difference of the exact packs
+
+    @property
+    def exact(self) -> dict[str, str]:
+        """GGUF tensor mapped exactly → its block type."""
+        return {e["tensor"]: e["type"] for e in self.entries.values() if e["form"] != "rtn"}
+
+    @property
+    def fallback(self) -> dict[str, str]:
+        """GGUF tensor requantized → its block type."""
+        return {e["tensor"]: e["type"] for e in self.entries.values() if e["form"] == "rtn"}
+
+    @property
+    def tied(self) -> list[str]:
+        """GGUF tensors whose one pack a Gather and a MatMul both read."""
+        return sorted({e["tensor"] for e in self.entries.values() if len(e["uses"]) > 1})
 
 
 def _plan(graph: Any, gguf_file: GGUFFile, config: GgufBlocksConfig, ctx: PassContext) -> _Plan:
-    from slmops_optimizer.gguf.mapping import match_weights, tensor_base_name
+    from slmops_optimizer.gguf.matching import find_candidates, match_weights
 
-    consumers: dict[str, list[tuple[Any, int]]] = {}
-    for node in graph.node:
-        for index, name in enumerate(node.input):
-            consumers.setdefault(name, []).append((node, index))
-    for name in _subgraph_reads(graph):  # a weight an If/Loop body reads stays as it is
-        consumers.setdefault(name, []).append((None, -1))
-    candidates = _candidates(graph, consumers)
+    candidates, uses = find_candidates(graph)
     matches = match_weights(candidates, gguf_file)
     by_name = {c.name: c for c in candidates}
-    plan = _Plan()
-    plan.unmatched = len(candidates) - len({m.initializer for m in matches})
-    orientations: dict[tuple[str, ...], set[str]] = {}
+    by_initializer: dict[str, list[Match]] = {}
     for match in matches:
-        ctx.check_cancelled()
-        tensor = gguf_file.tensors[match.tensor]
-        if match.orientation == "gather" and not config.embeddings:
-            plan.kept.append(f"{match.tensor} (an embedding; embeddings=false)")
-            continue
-        key: tuple[str, ...] = (match.tensor, match.order_key)
-        if not config.share_tied_lm_head:
-            key = (*key, match.orientation)
-        if key not in plan.packs:
-            pack = _pack(tensor, match, by_name[match.initializer].rows(), config, plan)
-            if pack is None:
+        by_initializer.setdefault(match.initializer, []).append(match)
+    plan = _Plan()
+    plan.unmatched = len(candidates) - len(by_initializer)
+    for name, found in by_initializer.items():
+        found.sort(key=lambda m: m.segment or (0, 0))
+        for use in uses[name]:
+            ctx.check_cancelled()
+            keys = _use_keys(use, found, by_name[name], gguf_file, config, plan)
+            if keys is None:
                 continue
-            plan.packs[key] = pack
-            plan.bases[key] = tensor_base_name(tensor)
-        orientations.setdefault(key, set()).add(match.orientation)
-        for node, index in consumers[match.initializer]:
-            kind = _use_kind(node, index)
-            assert kind is not None  # candidates have only MatMul / Gather uses
-            plan.node_targets[node.output[0]] = (kind, key)
-    plan.tied = sorted({key[0] for key, kinds in orientations.items() if len(kinds) > 1})
+            plan.node_targets[use.node.output[0]] = (use.kind, keys)
+            if use.transpose is not None:
+                plan.dropped.add(use.transpose.output[0])
     return plan
 
 
-def _candidates(graph: Any, consumers: dict[str, list[tuple[Any, int]]]) -> list[Candidate]:
-    """2-D float initializers used only as MatMul weights, or only as Gather tables."""
-    from onnx import TensorProto, numpy_helper
+def _use_keys(
+    use: Use,
+    found: list[Match],
+    cand: Candidate,
+    gguf_file: GGUFFile,
+    config: GgufBlocksConfig,
+    plan: _Plan,
+) -> tuple[PackKey, ...] | None:
+    """The packs one node reads (made on first use), or None when it stays as it is."""
+    from slmops_optimizer.gguf.rewrite import tensor_base_name
 
-    from slmops_optimizer.gguf.mapping import Candidate
-
-    found: list[Candidate] = []
-    for init in graph.initializer:
-        if len(init.dims) != 2 or init.data_type != TensorProto.FLOAT:
+    tensors = ", ".join(m.tensor for m in found)
+    if use.kind == "gather" and not config.embeddings:
+        plan.kept.append(f"{tensors} (an embedding; embeddings=false)")
+        return None
+    if use.kind == "gather" and len(found) > 1:
+        plan.kept.append(f"{tensors} (an embedding table packing several tensors)")
+        return None
+    keys: list[PackKey] = []
+    made: dict[PackKey, tuple[GGUFTensor, WeightPack, float]] = {}
+    for match in found:
+        key: PackKey = (match.tensor, match.order_key)
+        if not config.share_tied_lm_head:
+            key = (*key, use.kind)
+        keys.append(key)
+        if key in plan.packs:
             continue
-        kinds = {_use_kind(node, index) for node, index in consumers.get(init.name, [])}
-        if len(kinds) != 1:
-            continue
-        kind = kinds.pop()
-        if kind is None:
-            continue
-        if init.raw_data:  # read-only, one copy of the bytes (to_array would make two)
-            array = np.frombuffer(init.raw_data, dtype="<f4").reshape(tuple(init.dims))
-        else:
-            array = numpy_helper.to_array(init)
-        found.append(Candidate(init.name, kind, array))
-    return found
+        tensor = gguf_file.tensors[match.tensor]
+        rows = cand.rows()
+        if match.segment is not None:
+            rows = rows[match.segment[0] : match.segment[1]]
+        packed = _pack(tensor, match, rows, use.kind, config, plan)
+        if packed is None:  # one segment stays fp32: so does the whole weight
+            return None
+        made[key] = (tensor, *packed)
+    for key, (tensor, pack, error) in made.items():
+        plan.packs[key] = pack
+        plan.bases[key] = tensor_base_name(tensor)
+        plan.entries[key] = _entry(tensor, pack, error, config)
+        if pack.exact:
+            plan.max_error = max(plan.max_error, error)
+    for key in keys:
+        if use.kind not in plan.entries[key]["uses"]:
+            plan.entries[key]["uses"].append(use.kind)
+    return tuple(keys)
 
 
 def _pack(
     tensor: GGUFTensor,
     match: Match,
     rows: np.ndarray,
+    kind: Orientation,
     config: GgufBlocksConfig,
     plan: _Plan,
-) -> WeightPack | None:
-    """The blocks of ``tensor`` for the weight ``rows`` (``[N, K]``), exact or requantized;
-    None when the weight stays fp32."""
-    from slmops_optimizer.gguf.mapping import pack_exact, pack_rtn
+) -> tuple[WeightPack, float] | None:
+    """The blocks of ``tensor`` for the weight ``rows`` (``[N, K]``), exact or requantized,
+    and their largest difference from the file's values; None when the weight stays fp32."""
+    from slmops_optimizer.gguf.mapping import form_for, pack_blocks, pack_rtn
 
     if tensor.exact:
         blocks = tensor.blocks()
         if match.order is not None:
             blocks = blocks.permute_rows(match.order)
-        pack = pack_exact(blocks)
-        error = float(np.abs(pack.dequantize() - rows).max())
-        if error > _EXACT_TOLERANCE * (float(np.abs(rows).max()) or 1.0):
+        pack = pack_blocks(blocks, form_for(blocks, config.wide_codes))
+        error = _max_error(pack, tensor, match.order)
+        allowed = max(pack.rounding_bound(), _EXACT_TOLERANCE * float(np.abs(rows).max() or 1.0))
+        if error > allowed:
             raise PassError(
                 f"gguf_blocks: the mapped blocks of {match.tensor} ({tensor.ggml_type}) differ "
-                f"from the exported weights by {error:.3g}: the model does not hold this file's "
-                "values; export it from the same GGUF file (convert) and retry"
+                f"from the file's values by {error:.3g} (at most {allowed:.3g} expected): the "
+                f"{tensor.ggml_type} block layout is misread; report the file"
             )
-        plan.max_error = max(plan.max_error, error)
-        plan.exact[match.tensor] = tensor.ggml_type
-        return pack
+        return pack, error
     if not config.quantize_fallback:
         plan.kept.append(f"{match.tensor} ({tensor.ggml_type}; quantize_fallback=false)")
         return None
-    if match.orientation == "gather" and rows.shape[1] % config.fallback_block_size:
+    if kind == "gather" and rows.shape[1] % config.fallback_block_size:
         plan.kept.append(
             f"{match.tensor} (an embedding {rows.shape[1]} wide, not a multiple of "
             f"fallback_block_size {config.fallback_block_size})"
         )
         return None
-    plan.fallback[match.tensor] = tensor.ggml_type
-    return pack_rtn(rows, config.fallback_bits, config.fallback_block_size, tensor.ggml_type)
+    int8 = config.wide_codes == "int8" or config.accuracy_level == 4
+    form: Literal["int8", "dense"] = "int8" if int8 else "dense"
+    pack = pack_rtn(rows, config.fallback_bits, config.fallback_block_size, tensor.ggml_type, form)
+    return pack, float(np.abs(pack.dequantize() - rows).max(initial=0.0))
 
 
-def _subgraph_reads(graph: Any) -> set[str]:
-    """Every value name read inside the subgraphs (If / Loop / Scan bodies) of ``graph``."""
-    from onnx import AttributeProto
-
-    names: set[str] = set()
-    for node in graph.node:
-        for attr in node.attribute:
-            bodies = [attr.g] if attr.type == AttributeProto.GRAPH else []
-            bodies += list(attr.graphs) if attr.type == AttributeProto.GRAPHS else []
-            for body in bodies:
-                names.update(name for inner in body.node for name in inner.input)
-                names.update(_subgraph_reads(body))
-    return names
+def _max_error(pack: WeightPack, tensor: GGUFTensor, order: np.ndarray | None) -> float:
+    """Largest ``|pack - gguf|`` over the weight, against the ``gguf`` package's own
+    dequantization (row-permuted like the pack), a slice of rows at a time."""
+    reference = None if order is None else tensor.dequantize()[order]
+    step = max(1, (1 << 22) // max(1, pack.k))
+    worst = 0.0
+    for start in range(0, pack.n, step):
+        rows = slice(start, min(pack.n, start + step))
+        expected = tensor.dequantize(rows) if reference is None else reference[rows]
+        worst = max(worst, float(np.abs(pack.dequantize(rows) - expected).max(initial=0.0)))
+    return worst
 
 
-def _use_kind(node: Any, index: int) -> Orientation | None:
-    """How a node uses an initializer: as a MatMul weight, a Gather table, or otherwise."""
-    if node is None or node.domain not in ("", "ai.onnx"):
-        return None
-    if node.op_type == "MatMul" and index == 1:
-        return "matmul"
-    if node.op_type == "Gather" and index == 0:
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-        return "gather" if axis == 0 else None
-    return None
+def _entry(
+    tensor: GGUFTensor, pack: WeightPack, error: float, config: GgufBlocksConfig
+) -> dict[str, Any]:
+    """The tensor map's record of one pack (JSON-ready)."""
+    level: int | None
+    if pack.form == "int8":
+        level = 4
+    elif pack.form == "dense":
+        level = None
+    else:
+        level = config.accuracy_level
+    return {
+        "tensor": tensor.name,
+        "type": tensor.ggml_type,
+        "shape": [pack.n, pack.k],
+        "form": pack.form if pack.exact else "rtn",
+        "container": pack.form,
+        "bits": pack.bits,
+        "planes": len(pack.planes),
+        "block_size": pack.block_size,
+        "accuracy_level": level,
+        "max_abs_error": error,
+        "error_bound": pack.rounding_bound() if pack.exact else None,
+        "bytes": pack.nbytes,
+        "uses": [],
+    }
 
 
 def _replace_initializers(graph: Any, added: list[Any]) -> None:
     """Add the new initializers and drop every initializer no node reads any more."""
+    from slmops_optimizer.gguf.matching import subgraph_reads
+
     graph.initializer.extend(added)
-    read = {name for node in graph.node for name in node.input} | _subgraph_reads(graph)
+    read = {name for node in graph.node for name in node.input} | subgraph_reads(graph)
     read.update(o.name for o in graph.output)
     keep = [init for init in graph.initializer if init.name in read]
     dropped = {init.name for init in graph.initializer} - {init.name for init in keep}
@@ -342,7 +423,7 @@ def _save(proto: Any, out: Path) -> None:
         onnx.save(proto, str(out))
 
 
-def _self_check(path: Path, ctx: PassContext) -> None:
+def _self_check(path: Path, ctx: PassContext, head_size: int | None) -> None:
     """ONNX Runtime loads the model and one small inference gives finite logits."""
     import onnxruntime as ort
 
@@ -352,14 +433,7 @@ def _self_check(path: Path, ctx: PassContext) -> None:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise PassError(f"gguf_blocks produced a model ONNX Runtime cannot load: {exc}") from exc
-    names = [i.name for i in session.get_inputs()]
-    feed: dict[str, Any] | None = None
-    if ctx.samples is not None:
-        feeds = ctx.samples.for_inputs(names)
-        feed = {k: v[:1, :16] for k, v in feeds[0].items()} if feeds else None
-    if feed is None:
-        ids = np.arange(1, 9, dtype=np.int64).reshape(1, 8)
-        feed = {n: (ids if n == "input_ids" else np.ones_like(ids)) for n in names}
+    feed = _check_feed(session.get_inputs(), ctx, head_size)
     try:
         outputs = session.run(None, feed)
     except Exception as exc:
@@ -368,25 +442,69 @@ def _self_check(path: Path, ctx: PassContext) -> None:
         raise PassError("gguf_blocks produced a model whose outputs are not finite")
 
 
+def _check_feed(inputs: list[Any], ctx: PassContext, head_size: int | None) -> dict[str, Any]:
+    """A sample window (or 8 token ids) and, for a generation graph, empty past keys/values."""
+    names = [i.name for i in inputs]
+    if ctx.samples is not None:
+        feeds = ctx.samples.for_inputs(names)
+        if feeds and set(feeds[0]) == set(names):
+            return {k: v[:1, :16] for k, v in feeds[0].items()}
+    ids = np.arange(1, 9, dtype=np.int64).reshape(1, 8)
+    feed: dict[str, Any] = {}
+    for spec in inputs:
+        if spec.name.startswith("past_key_values"):
+            heads = spec.shape[1] if isinstance(spec.shape[1], int) else 1
+            feed[spec.name] = np.zeros((1, heads, 0, head_size or 1), dtype=np.float32)
+        elif spec.name == "position_ids":
+            feed[spec.name] = np.arange(ids.shape[1], dtype=np.int64).reshape(1, -1)
+        else:
+            feed[spec.name] = ids if spec.name == "input_ids" else np.ones_like(ids)
+    return feed
+
+
+def _head_size(graph: Any, ctx: PassContext, model_dir: Path) -> int | None:
+    """Head size of a generation graph's past keys (the inputs declare it symbolically): from
+    the job's generation spec, the builder's genai_config.json, or the rotary cache."""
+    import json
+
+    if not any(i.name.startswith("past_key_values") for i in graph.input):
+        return None
+    if ctx.generation is not None:
+        return int(ctx.generation.head_size)
+    try:
+        config = json.loads((model_dir / "genai_config.json").read_text())
+        return int(config["model"]["decoder"]["head_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    caches = {i.name: tuple(i.dims) for i in graph.initializer if i.name == "cos_cache"}
+    return 2 * int(caches["cos_cache"][1]) if caches else None
+
+
 def _report(plan: _Plan, ctx: PassContext) -> None:
     ctx.metrics["mapped_tensors"] = float(len(plan.exact))
     ctx.metrics["fallback_tensors"] = float(len(plan.fallback))
     ctx.metrics["fp32_weights"] = float(len(plan.kept) + plan.unmatched)
     ctx.metrics["mapping_max_abs_error"] = plan.max_error
-    by_type: dict[str, int] = {}
-    for kind in plan.exact.values():
-        by_type[kind] = by_type.get(kind, 0) + 1
-    types = ", ".join(f"{kind} x{count}" for kind, count in sorted(by_type.items()))
+    ctx.details["tensor_map"] = sorted(plan.entries.values(), key=lambda e: str(e["tensor"]))
+    types = _counted(plan.exact.values())
+    forms = _counted(str(e["form"]) for e in plan.entries.values() if e["form"] != "rtn")
     tied = f"; one copy for the embedding and the tied LM head: {', '.join(plan.tied)}"
     ctx.note(
-        f"gguf_blocks: {len(plan.exact)} GGUF tensors mapped exactly ({types or 'none'}, max "
-        f"weight error {plan.max_error:.1e}){tied if plan.tied else ''}"
+        f"gguf_blocks: {len(plan.exact)} GGUF tensors mapped exactly ({types or 'none'}; forms "
+        f"{forms or 'none'}; max weight error {plan.max_error:.1e}){tied if plan.tied else ''}"
     )
     if plan.fallback:
         listed = ", ".join(f"{name} ({kind})" for name, kind in sorted(plan.fallback.items()))
         ctx.note(f"gguf_blocks: requantized (round to nearest), blocks that do not map: {listed}")
-    kept = list(plan.kept)
+    kept = list(dict.fromkeys(plan.kept))
     if plan.unmatched:
         kept.append(f"{plan.unmatched} MatMul/Gather weights not found in the GGUF file")
     if kept:
         ctx.note(f"gguf_blocks: weights left fp32: {'; '.join(kept)}")
+
+
+def _counted(values: Any) -> str:
+    counts: dict[str, int] = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    return ", ".join(f"{value} x{count}" for value, count in sorted(counts.items()))
