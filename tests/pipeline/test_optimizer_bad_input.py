@@ -34,9 +34,9 @@ def _onnx_with_dangling_input() -> bytes:
     from onnx import TensorProto, helper
 
     node = helper.make_node("Relu", ["nowhere"], ["y"])
-    graph = helper.make_graph(
-        [node], "broken", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])]
-    )
+    # Declared as token embeddings: the registry's output check passes, the graph is broken.
+    declared = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "sequence", 8])
+    graph = helper.make_graph([node], "broken", [], [declared])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
 
 

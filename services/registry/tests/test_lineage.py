@@ -17,6 +17,7 @@ from slmops.events import (
     OptimizationCompleted,
     OptimizationFailed,
     ReleaseCreated,
+    ReleaseFailed,
     RolloutCompleted,
     RolloutStarted,
     RolloutWaveStarted,
@@ -208,3 +209,31 @@ async def test_channels_move_with_releases_rollouts_and_the_api(
     assert "no variant v-arm for x86-vnni" in refused.json()["detail"]
     assert rebuilt == after_api
     assert all(b["device_class"] != "arm64" for b in after_api)  # arm64 had nothing released
+
+
+async def test_a_failed_release_is_in_the_lineage_as_no_release_and_moves_no_channel(
+    registry: RegistryUnderTest, bus: Bus
+) -> None:
+    # setup: a version whose every candidate failed validation, then its release.failed
+    digest = (await registry.upload(gguf_bytes())).json()["digest"]
+    assert (await registry.publish(digest)).status_code == 201
+    common = {"model_name": NAME, "version": VERSION}
+    failed = ReleaseFailed(**common, release_id="rel-1", entries=[
+        ReleaseEntry(device_class="x86-vnni", reason="no variant passed validation (int8: ...)"),
+        ReleaseEntry(device_class="npu", reason="no candidates: no recipe for gguf"),
+    ])  # fmt: skip
+
+    # execute
+    await bus.publish(new_event(failed, source="/slmops/test"))
+    live = await lineage_when(registry.client, lambda doc: doc["release_failed"] is not None)
+    await registry.client.post("/v1/admin/lineage/rebuild")
+    rebuilt = await lineage_when(registry.client, lambda doc: doc["release_failed"] is not None)
+
+    # assert: kept apart from releases, with the reason per class; replayed the same
+    assert live["releases"] == []
+    reasons = {e["device_class"]: e["reason"] for e in live["release_failed"]["entries"]}
+    assert reasons == {"x86-vnni": "no variant passed validation (int8: ...)",
+                       "npu": "no candidates: no recipe for gguf"}  # fmt: skip
+    assert live["release_failed"]["release_id"] == "rel-1"
+    assert rebuilt == live
+    assert (await registry.client.get(f"/v1/channels/{NAME}")).json() == []  # no canary moved

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from slmops.events import release_id_for
-from slmops.events.payloads import ArtifactRef
+from slmops.events.payloads import ArtifactRef, ReleaseCreated, ReleaseFailed
 from slmops.profiles import DeviceProfile, load_profiles
 from slmops_validator.releases import Candidate, Tally, choose
 
@@ -38,6 +38,7 @@ def test_fastest_class_takes_the_lowest_p50_and_smallest_class_the_smallest(
     }
     release = choose(tally, profiles)
     chosen = {e.device_class: e.variant_id for e in release.entries}
+    assert isinstance(release, ReleaseCreated)
     assert chosen == {"test-cpu": "v-b", "test-npu": "v-d"}
     assert release.release_id == release_id_for("m", "1")
 
@@ -52,7 +53,7 @@ def test_fastest_without_host_latency_falls_back_to_smallest_and_says_so(
     assert "latency is not measurable" in entry.reason
 
 
-def test_a_class_with_no_passing_variant_or_no_candidates_is_named_with_why(
+def test_nothing_to_ship_in_any_class_is_a_failed_release_naming_each_class_with_why(
     profiles: dict[str, DeviceProfile],
 ) -> None:
     tally = Tally(model_name="m", version="1", planned={"v-a": "test-cpu", "v-b": "test-cpu"},
@@ -63,12 +64,33 @@ def test_a_class_with_no_passing_variant_or_no_candidates_is_named_with_why(
         "v-b": Candidate(variant_id="v-b", device_class="test-cpu", recipe_name="int4",
                          verdict="optimization_failed", reason="optimization failed: OOM"),
     }  # fmt: skip
-    entries = {e.device_class: e for e in choose(tally, profiles).entries}
+    release = choose(tally, profiles)
+    entries = {e.device_class: e for e in release.entries}
+    assert isinstance(release, ReleaseFailed)  # not a release: nothing to roll out
+    assert release.release_id == release_id_for("m", "1")  # the id a release would have had
     assert entries["test-cpu"].variant_id is None
     assert "int8: parity.cosine_mean 0.9 < 0.98" in entries["test-cpu"].reason
     assert "int4: optimization failed: OOM" in entries["test-cpu"].reason
     assert entries["jetson"].variant_id is None
     assert entries["jetson"].reason == "no candidates: no recipe for gguf"
+
+
+def test_a_release_with_one_class_to_ship_is_created_and_keeps_the_others_reasons(
+    profiles: dict[str, DeviceProfile],
+) -> None:
+    tally = Tally(model_name="m", version="1", planned={"v-a": "test-cpu", "v-b": "test-npu"})
+    tally.judged = {
+        "v-a": _passed("v-a", "test-cpu", 10),
+        "v-b": Candidate(variant_id="v-b", device_class="test-npu", recipe_name="qdq",
+                         verdict="failed", reason="structure.static_qdq 0 < 1"),
+    }  # fmt: skip
+    release = choose(tally, profiles)
+    entries = {e.device_class: e for e in release.entries}
+    assert isinstance(release, ReleaseCreated)
+    assert entries["test-cpu"].variant_id == "v-a"
+    assert entries["test-npu"].variant_id is None
+    why = "no variant passed validation (qdq: structure.static_qdq 0 < 1)"
+    assert entries["test-npu"].reason == why
 
 
 def test_a_tally_is_complete_only_when_every_planned_job_is_judged() -> None:

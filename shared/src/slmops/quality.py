@@ -5,14 +5,15 @@ validator's parity gate and the benchmarks all call these, so "cosine 0.99" mean
 thing in a search trail, a report and a table. Pure numpy; no runtime is loaded here.
 
 - Encoders: sentence embeddings are the attention-masked mean of the last hidden states (as
-  sentence-transformers pools all-MiniLM-L6-v2); quality is their cosine to the parent's.
+  sentence-transformers pools all-MiniLM-L6-v2), or whatever the model's embedding output and
+  pooling are (``slmops.embeddings`` chooses them); quality is their cosine to the parent's.
 - Decoders: top-1 next-token agreement over every non-padding position, and perplexity of the
   window's own next tokens under each model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,8 @@ import numpy.typing as npt
 
 FloatArray = npt.NDArray[np.floating]
 IntArray = npt.NDArray[np.integer]
+#: One model output on one batch + its attention mask → one vector per text.
+Pool = Callable[[FloatArray, IntArray], npt.NDArray[np.float64]]
 
 
 def mean_pooled(hidden: FloatArray, attention_mask: IntArray) -> npt.NDArray[np.float64]:
@@ -56,11 +59,20 @@ class DecoderParity:
 
 
 def encoder_parity(
-    parent: Sequence[FloatArray], candidate: Sequence[FloatArray], masks: Sequence[IntArray]
+    parent: Sequence[FloatArray],
+    candidate: Sequence[FloatArray],
+    masks: Sequence[IntArray],
+    *,
+    pool: Pool = mean_pooled,
 ) -> EncoderParity:
-    """Cosine of pooled embeddings, batch by batch (outputs are last hidden states)."""
+    """Cosine of pooled embeddings, batch by batch.
+
+    ``pool`` turns one output into one vector per text: the masked mean of last hidden states
+    by default; ``EmbeddingChoice.pooled`` for the output ``slmops.embeddings`` chose (a
+    pooled output is used as is, so its cosine is the model's own sentence vectors').
+    """
     cosines = [
-        cosine_rows(mean_pooled(p, m), mean_pooled(c, m))
+        cosine_rows(pool(p, m), pool(c, m))
         for p, c, m in zip(parent, candidate, masks, strict=True)
     ]
     flat = np.concatenate(cosines)

@@ -128,7 +128,8 @@ def test_publish_hf_folder_refusing_symlinks_before_any_upload(
     args: list[str | Path] = [
         "publish", folder, "--name", "encoder", "--version", "2024.1",
         "--task", "feature-extraction", "--eval", eval_set, "--classes", "cpu-small, npu",
-        "--label", "team=search", "--label", "note=a=b", "--json", "--registry-url", registry_url,
+        "--label", "team=search", "--label", "note=a=b", "--pooling", "cls", "--json",
+        "--registry-url", registry_url,
     ]  # fmt: skip
 
     linked = cli(*args)
@@ -145,6 +146,7 @@ def test_publish_hf_folder_refusing_symlinks_before_any_upload(
     assert manifest["format"] == "hf-safetensors"  # inferred from config.json + *.safetensors
     assert manifest["device_classes"] == ["cpu-small", "npu"]
     assert manifest["labels"] == {"team": "search", "note": "a=b"}
+    assert manifest["details"] == {"pooling": "cls"}  # the encoder's pooling, signed
     expected_eval = "sha256:" + hashlib.sha256(eval_set.read_bytes()).hexdigest()
     assert manifest["eval_set"]["digest"] == expected_eval
     packed = io.BytesIO()
@@ -171,11 +173,17 @@ def test_bad_arguments_fail_before_contacting_the_registry(tmp_path: Path) -> No
     bad_task = cli(
         "publish", onnx, "--name", "m", "--version", "1", "--task", "chat", "--registry-url", closed
     )
+    bad_pooling = cli(
+        "publish", onnx, "--name", "m", "--version", "1", "--task", "feature-extraction",
+        "--pooling", "max", "--registry-url", closed,
+    )  # fmt: skip
 
     assert bad_version.exit_code == 1
     assert "invalid --version '1 0': String should match pattern" in bad_version.output
     assert bad_task.exit_code == 1
     assert "invalid --task 'chat'" in bad_task.output
+    assert bad_pooling.exit_code == 1
+    assert "invalid --pooling 'max'" in bad_pooling.output
     assert unknown.exit_code == 1
     assert "pass --format (onnx | hf-safetensors | gguf)" in unknown.output
     assert no_task.exit_code == 1

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from slmops.events.payloads import ArtifactRef, ModelFormat, Recipe, Task
+from slmops.events.payloads import ArtifactRef, ModelFormat, Pooling, Recipe, Task
 from slmops.profiles import ALL_PRECISIONS, Precision, QualityFloors, SearchBudget
 
 
@@ -33,6 +33,10 @@ class JobSpec(BaseModel):
         description="Weight precisions the class runs: the search keeps no weight in fp32 "
         "where fp32 is not one of them.",
     )
+    embedding_output: str | None = Field(
+        None, description="Encoders: the output the publisher named; None = by shape and name."
+    )
+    pooling: Pooling | None = Field(None, description="Encoders: the publisher's pooling hint.")
     max_source_size_mb: float = Field(gt=0, description="Larger sources fail fast.")
     intra_op_threads: int = Field(1, ge=1, description="ONNX Runtime threads per job.")
 

@@ -40,6 +40,8 @@ def plan_jobs(
                     format=published.format,
                     parent=published.artifact,
                     eval_set=published.eval_set,
+                    embedding_output=published.embedding_output,
+                    pooling=published.pooling,
                     recipe=recipe,
                     floors=profile.quality,
                     search=profile.search,

@@ -3,7 +3,10 @@ device class's quality floor is met or the budget of tries is spent.
 
 The quick score uses the job's sample set (eval set or built-in texts): cosine of pooled
 embeddings for encoders, top-1 next-token agreement for decoders (``slmops.quality``, the same
-definitions the validator's parity gate uses). When a candidate misses the floor, the last pass
+definitions the validator's parity gate uses). An encoder is scored on the output that holds
+its embeddings, chosen once per job on the fp32 model by ``slmops.embeddings`` (a publisher's
+hint wins; an export whose outputs leave it open fails the job with the reason, not a numpy
+broadcasting error). When a candidate misses the floor, the last pass
 that offers refinements (a quantizer) is re-run with its next, more conservative config —
 asymmetric, smaller blocks, sensitive nodes kept in higher precision — and the passes after it
 re-run on top. Every attempt lands in the trail, which the variant manifest keeps.
@@ -15,9 +18,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from slmops.embeddings import (
+    EmbeddingChoice,
+    EmbeddingChoiceError,
+    choose_embedding_output,
+    outputs_from_onnx,
+)
 from slmops.events.payloads import PassSpec, Recipe
 from slmops.profiles import ALL_PRECISIONS, QualityFloors
-from slmops.quality import decoder_parity, encoder_parity
+from slmops.quality import decoder_parity, encoder_parity, mean_pooled
 from slmops_optimizer.jobspec import TrailEntry
 from slmops_optimizer.passes import OnnxModel, Pass, PassContext, PassError
 
@@ -29,8 +38,24 @@ class Score:
     extra: dict[str, float]
 
 
-def model_outputs(model: OnnxModel, ctx: PassContext) -> list[Any]:
-    """First output of ``model`` on every sample batch (ONNX Runtime, CPU)."""
+def embedding_choice(
+    model: OnnxModel, task: str, name: str | None, pooling: str | None
+) -> EmbeddingChoice | None:
+    """Encoders: the output holding the embeddings, from the graph's declared outputs (no
+    weights loaded) and the publisher's hints; None for other tasks. PassError if unclear."""
+    if task != "feature-extraction":
+        return None
+    import onnx
+
+    graph = onnx.load(str(model.path), load_external_data=False).graph
+    try:
+        return choose_embedding_output(outputs_from_onnx(graph.output), name=name, pooling=pooling)
+    except EmbeddingChoiceError as exc:
+        raise PassError(str(exc)) from exc
+
+
+def model_outputs(model: OnnxModel, ctx: PassContext, output: str | None = None) -> list[Any]:
+    """The output named ``output`` (default: the first) on every sample batch (ORT, CPU)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -40,10 +65,22 @@ def model_outputs(model: OnnxModel, ctx: PassContext) -> list[Any]:
     except Exception as exc:
         raise PassError(f"the candidate does not load in ONNX Runtime: {exc}") from exc
     names = [i.name for i in session.get_inputs()]
-    return [session.run(None, feed)[0] for feed in ctx.samples.for_inputs(names)]
+    declared = [o.name for o in session.get_outputs()]
+    if output is not None and output not in declared:
+        raise PassError(
+            f"the candidate has no output {output!r} (the fp32 model's embeddings), only "
+            f"{', '.join(declared)}: a pass dropped or renamed it"
+        )
+    wanted = [output or declared[0]]
+    return [session.run(wanted, feed)[0] for feed in ctx.samples.for_inputs(names)]
 
 
-def score(reference: list[Any], candidate: list[Any], ctx: PassContext) -> Score:
+def score(
+    reference: list[Any],
+    candidate: list[Any],
+    ctx: PassContext,
+    choice: EmbeddingChoice | None = None,
+) -> Score:
     import numpy as np
 
     feeds = ctx.samples.feeds
@@ -65,7 +102,12 @@ def score(reference: list[Any], candidate: list[Any], ctx: PassContext) -> Score
         )
         total = sum(int(r.shape[0]) for r in reference)
         return Score("label_agreement", agree / max(total, 1), {})
-    enc = encoder_parity(reference, candidate, masks)
+    try:
+        enc = encoder_parity(
+            reference, candidate, masks, pool=choice.pooled if choice else mean_pooled
+        )
+    except EmbeddingChoiceError as exc:  # the graph returned another shape than it declared
+        raise PassError(str(exc)) from exc
     return Score("cosine_mean", enc.cosine_mean, {"cosine_min": enc.cosine_min})
 
 
@@ -94,9 +136,14 @@ def search(
     max_tries: int,
     progress: Callable[[str], None],
     allowed_precisions: Sequence[str] = ALL_PRECISIONS,
+    choice: EmbeddingChoice | None = None,
 ) -> tuple[Candidate, list[TrailEntry]]:
-    """Run ``passes[1:]`` (the first, convert, already gave ``converted``) and refine."""
-    reference = model_outputs(converted, ctx) if len(passes) > 1 else []
+    """Run ``passes[1:]`` (the first, convert, already gave ``converted``) and refine.
+
+    ``choice``: an encoder's embedding output (:func:`embedding_choice`); None scores the
+    first output (decoders, classifiers)."""
+    output = choice.output if choice else None
+    reference = model_outputs(converted, ctx, output) if len(passes) > 1 else []
     inputs: list[OnnxModel] = [converted]
     for index, step in enumerate(passes[1:], start=1):
         ctx.check_cancelled()
@@ -110,7 +157,7 @@ def search(
             result = Score("identity", 1.0, {})
         else:
             progress(f"quick quality score ({ctx.samples.count} samples)")
-            result = score(reference, model_outputs(model, ctx), ctx)
+            result = score(reference, model_outputs(model, ctx, output), ctx, choice)
         floor = floor_for(result.metric, floors)
         meets = result.metric != "nan" and (floor is None or result.value >= floor)
         trail.append(

@@ -29,7 +29,7 @@ from typing import Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field
 
 from slmops.events.payloads import ModelFormat
-from slmops_registry.protowire import OnnxWalker, check_onnx_tar
+from slmops_registry.protowire import GraphOutput, OnnxWalker, check_onnx_tar
 from slmops_registry.tarsafety import ArtifactFormatError, safe_member_name, scan_members
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "ArtifactFormatError",
     "ArtifactInfo",
     "FileEntry",
+    "GraphOutput",
     "inspect_artifact",
     "safe_member_name",
 ]
@@ -68,6 +69,8 @@ class ArtifactInfo(BaseModel):
     files: list[FileEntry]
     onnx_model_file: str | None = None
     external_data_files: list[str] = Field(default_factory=list)
+    #: ONNX: the main graph's declared outputs (what an encoder's embedding choice reads).
+    onnx_outputs: list[GraphOutput] = Field(default_factory=list)
     gguf_version: int | None = None
     gguf_tensor_count: int | None = None
     gguf_kv_count: int | None = None
@@ -195,9 +198,13 @@ def _inspect_tar(path: Path, fmt: str, *, gzip: bool, max_members: int) -> Artif
                 files=files,
             )
             if fmt == "onnx":
-                model, external = check_onnx_tar(tf, members)
+                model, external, outputs = check_onnx_tar(tf, members)
                 return info.model_copy(
-                    update={"onnx_model_file": model, "external_data_files": external}
+                    update={
+                        "onnx_model_file": model,
+                        "external_data_files": external,
+                        "onnx_outputs": outputs,
+                    }
                 )
             _check_hf_tar(members)
             return info
@@ -232,7 +239,8 @@ def _check_hf_tar(files: dict[str, tarfile.TarInfo]) -> None:
 
 def _inspect_onnx_file(path: Path, size: int) -> ArtifactInfo:
     with path.open("rb") as fp:
-        refs = OnnxWalker(fp, size, path.name).run()
+        walker = OnnxWalker(fp, size, path.name)
+        refs = walker.run()
     if refs:
         raise ArtifactFormatError(
             f"ONNX model references external data ({refs[0].location!r} for tensor "
@@ -243,4 +251,5 @@ def _inspect_onnx_file(path: Path, size: int) -> ArtifactInfo:
         container="file",
         files=[FileEntry(name=path.name, size_bytes=size, offset_bytes=0)],
         onnx_model_file=path.name,
+        onnx_outputs=walker.outputs,
     )

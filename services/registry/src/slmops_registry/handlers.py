@@ -5,9 +5,10 @@ index (see :mod:`slmops_registry.projection`).
 
 A ``model.published`` event that carries no manifest is a request from an upstream system to
 record a model whose artifact it put in the store itself: the registry verifies the object
-(it must exist, hash to its digest and have the announced size), then records and signs it and
-emits its own ``model.published`` with the manifest - the fact downstream services act on. If
-the object is missing or wrong, it emits ``model.rejected`` with the reason instead of failing.
+(it must exist, hash to its digest and have the announced size; an encoder must say which
+output holds its embeddings), then records and signs it and emits its own ``model.published``
+with the manifest - the fact downstream services act on. If the object is missing or wrong, it
+emits ``model.rejected`` with the reason instead of failing.
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ async def on_model_published(
             labels=data.labels,
             device_classes=data.device_classes,
             eval_set_digest=data.eval_set.digest if data.eval_set else None,
+            embedding_output=data.embedding_output or None,  # "" from a producer: no hint
+            pooling=data.pooling,
         )
         await publisher.publish_version(request, created_by=event.source)
     except RegistryError as exc:

@@ -20,6 +20,7 @@ from slmops.events import (
     OptimizationCompleted,
     OptimizationFailed,
     ReleaseCreated,
+    ReleaseFailed,
     RolloutStarted,
     ValidationFailed,
     ValidationPassed,
@@ -82,6 +83,14 @@ class Release(Stamp):
     entries: list[ReleaseEntry]
 
 
+class FailedRelease(Stamp):
+    """``release.failed``: every candidate was judged and no class has a variant to ship - not
+    a release, so it is kept apart from ``releases`` (nothing may read it as one to roll out)."""
+
+    release_id: str
+    entries: list[ReleaseEntry]
+
+
 class RolloutStep(Stamp):
     type: str
     detail: dict[str, Any] = Field(default_factory=dict)
@@ -116,6 +125,7 @@ class Lineage(BaseModel):
     variants: dict[str, Variant] = Field(default_factory=dict)
     optimization_failures: list[OptimizationFailure] = Field(default_factory=list)
     releases: dict[str, Release] = Field(default_factory=dict)
+    release_failed: FailedRelease | None = None
     rollouts: dict[str, Rollout] = Field(default_factory=dict)
 
     def to_api(self, gateways: list[GatewayState]) -> dict[str, Any]:
@@ -132,6 +142,9 @@ class Lineage(BaseModel):
                 f.model_dump(mode="json") for f in self.optimization_failures
             ],
             "releases": [r.model_dump(mode="json") for _, r in sorted(self.releases.items())],
+            "release_failed": (
+                self.release_failed.model_dump(mode="json") if self.release_failed else None
+            ),
             "rollouts": [
                 {**r.model_dump(mode="json"), "state": r.state}
                 for _, r in sorted(self.rollouts.items())
@@ -206,6 +219,10 @@ def apply_event(lineage: Lineage, event: CloudEvent[Any]) -> bool:
         lineage.releases[data.release_id] = Release(
             **_stamp(event), release_id=data.release_id, entries=data.entries
         )
+    elif isinstance(data, ReleaseFailed):
+        failed = FailedRelease(**_stamp(event), release_id=data.release_id, entries=data.entries)
+        if lineage.release_failed is None or failed.key() > lineage.release_failed.key():
+            lineage.release_failed = failed
     elif event.type.startswith("slmops.rollout."):
         rollout = lineage.rollouts.setdefault(data.rollout_id, Rollout(rollout_id=data.rollout_id))
         if isinstance(data, RolloutStarted):

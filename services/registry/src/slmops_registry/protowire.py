@@ -5,7 +5,9 @@ registry dependency, and parsing a multi-GB model with them would load it into m
 walker instead reads tags and lengths only, seeks past every payload it does not need (raw tensor
 data included) and descends just along the paths where tensors live, to collect the tensors whose
 data is stored outside the model file. ``check_onnx_tar`` then resolves those references against
-the members of an ONNX tar, so a model is never accepted without the data files it needs.
+the members of an ONNX tar, so a model is never accepted without the data files it needs. The
+walker also reads the main graph's declared outputs (name, element type, shape): enough for the
+registry to tell an encoder's embedding output (``slmops.embeddings``) without loading weights.
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ _MAX_PROTO_DEPTH = 100  # nested ONNX messages (graph > node > attribute > subgr
 _MAX_PROTO_STRING = 4096  # external_data keys/values; real ones are short paths and integers
 
 
-def check_onnx_tar(tf: tarfile.TarFile, files: dict[str, tarfile.TarInfo]) -> tuple[str, list[str]]:
-    """Return the model member and the external-data members its tensors reference."""
+def check_onnx_tar(
+    tf: tarfile.TarFile, files: dict[str, tarfile.TarInfo]
+) -> tuple[str, list[str], list[GraphOutput]]:
+    """Return the model member, the external-data members its tensors reference and the
+    outputs its graph declares."""
     models = [name for name in files if name.lower().endswith(".onnx")]
     if len(models) != 1:
         found = f"found {len(models)}: {', '.join(models[:10])}" if models else "found none"
@@ -30,7 +35,8 @@ def check_onnx_tar(tf: tarfile.TarFile, files: dict[str, tarfile.TarInfo]) -> tu
     model = models[0]
     fp = tf.extractfile(files[model])
     assert fp is not None  # a regular member always has a file object
-    refs = OnnxWalker(fp, files[model].size, model).run()
+    walker = OnnxWalker(fp, files[model].size, model)
+    refs = walker.run()
     base = posixpath.dirname(model)
     external: list[str] = []
     for ref in refs:
@@ -50,7 +56,7 @@ def check_onnx_tar(tf: tarfile.TarFile, files: dict[str, tarfile.TarInfo]) -> tu
             )
         if name not in external:
             external.append(name)
-    return model, external
+    return model, external, walker.outputs
 
 
 class _Field(NamedTuple):
@@ -66,6 +72,16 @@ class ExternalRef(NamedTuple):
     location: str
     offset: int
     length: int | None
+
+
+class GraphOutput(NamedTuple):
+    """A declared output of the main graph: ``elem_type`` is the TensorProto.DataType code
+    (None: not a tensor), ``shape`` None when the rank is unknown; a dim is a value, a
+    symbolic name or None."""
+
+    name: str
+    elem_type: int | None
+    shape: tuple[int | str | None, ...] | None
 
 
 # Message -> {field number: child message}, only along the paths where tensors live (the same
@@ -86,6 +102,7 @@ class OnnxWalker:
     def __init__(self, fp: IO[bytes], size: int, what: str) -> None:
         self.fp, self.size, self.what = fp, size, what
         self.refs: list[ExternalRef] = []
+        self.outputs: list[GraphOutput] = []
 
     def run(self) -> list[ExternalRef]:
         graphs = 0
@@ -95,6 +112,7 @@ class OnnxWalker:
             if field.number == 7:
                 self._expect_bytes(field, "ModelProto.graph")
                 self._walk("graph", field.start, field.end, depth=1)
+                self.outputs += self._graph_outputs(field.start, field.end)
                 graphs += 1
         if not graphs:
             raise self._error("it has no graph (ModelProto field 7)")
@@ -150,6 +168,51 @@ class OnnxWalker:
                 f"tensor {name!r} has an external offset/length that is not an integer >= 0"
             ) from exc
         self.refs.append(ExternalRef(name, entries["location"], offset, length))
+
+    def _graph_outputs(self, start: int, end: int) -> list[GraphOutput]:
+        """GraphProto.output (12): ValueInfoProto {1: name, 2: TypeProto {1: tensor_type
+        {1: elem_type, 2: TensorShapeProto {1: dim {1: dim_value, 2: dim_param}}}}}."""
+        outputs = []
+        for field in self._fields(start, end):
+            if field.number != 12:
+                continue
+            self._expect_bytes(field, "GraphProto.output")
+            name, elem, shape = "", None, None
+            for value in self._fields(field.start, field.end):
+                if value.number == 1 and value.wire_type == 2:
+                    name = self._string(value, "an output name")
+                elif value.number == 2 and value.wire_type == 2:
+                    for kind in self._fields(value.start, value.end):
+                        if kind.number == 1 and kind.wire_type == 2:  # tensor_type
+                            elem, shape = self._tensor_type(kind.start, kind.end)
+            outputs.append(GraphOutput(name, elem, shape))
+        return outputs
+
+    def _tensor_type(self, start: int, end: int) -> tuple[int, tuple[int | str | None, ...] | None]:
+        elem, shape = 0, None
+        for field in self._fields(start, end):
+            if field.number == 1 and field.wire_type == 0:
+                elem = field.value
+            elif field.number == 2 and field.wire_type == 2:
+                shape = tuple(
+                    self._dim(d.start, d.end)
+                    for d in self._fields(field.start, field.end)
+                    if d.number == 1 and d.wire_type == 2
+                )
+        return elem, shape
+
+    def _dim(self, start: int, end: int) -> int | str | None:
+        for field in self._fields(start, end):
+            if field.number == 1 and field.wire_type == 0:  # int64: two's complement
+                return field.value - (1 << 64) if field.value >= 1 << 63 else field.value
+            if field.number == 2 and field.wire_type == 2:
+                return self._string(field, "a dimension name")
+        return None
+
+    def _string(self, field: _Field, what: str) -> str:
+        if field.value > _MAX_PROTO_STRING:
+            raise self._error(f"{what} is longer than {_MAX_PROTO_STRING} bytes")
+        return self._read(field, cap=field.value).decode("utf-8", "replace")
 
     def _expect_bytes(self, field: _Field, label: str) -> None:
         if field.wire_type != 2:

@@ -4,6 +4,12 @@ The order makes every step safe to repeat and nothing visible before it is whole
 manifests are content-addressed (writing one twice is harmless, an unclaimed one is invisible
 and garbage-collected), the version claim is atomic, and the ``model.published`` event has an
 id derived from the version and manifest, so a retried publish is de-duplicated by JetStream.
+
+An encoder (``feature-extraction``) is refused up front when nobody could tell which output
+holds its embeddings (``slmops.embeddings``, the rule every service applies): an ONNX graph's
+declared outputs are read without loading weights, and the publisher's hints
+(``embedding_output``, ``pooling``) are checked against them, then recorded in the signed
+manifest's ``details`` and passed on in ``model.published``.
 """
 
 from __future__ import annotations
@@ -17,14 +23,30 @@ import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from slmops.chunking import chunk_file
+from slmops.embeddings import (
+    EmbeddingChoiceError,
+    OutputInfo,
+    choose_embedding_output,
+    onnx_type_name,
+)
 from slmops.events import CloudEvent, ModelPublished, derive_event_id, new_event
-from slmops.events.payloads import ArtifactRef, Digest, ModelFormat, ModelName, Task, Token, Version
+from slmops.events.payloads import (
+    ArtifactRef,
+    Digest,
+    ModelFormat,
+    ModelName,
+    Pooling,
+    Task,
+    Token,
+    Version,
+)
 from slmops.manifests import Manifest, SignedManifest, manifest_key, sign_manifest
 from slmops.objectstore import BlobRef, CorruptObjectError, ObjectStore
 from slmops_registry.boundaries import tensor_boundaries
@@ -36,6 +58,9 @@ from slmops_registry.signing import RegistrySigner
 
 SOURCE = "/slmops/registry"
 Publish = Callable[[CloudEvent[Any]], Awaitable[object]]
+_HINTS = ("embedding_output", "pooling")
+#: How the optimizer's ``convert`` exports a Hugging Face encoder: hints are checked against it.
+_HF_ENCODER_OUTPUTS = [OutputInfo("last_hidden_state", ("batch", "sequence", None), "float")]
 
 
 class PublishRequest(BaseModel):
@@ -51,10 +76,29 @@ class PublishRequest(BaseModel):
     labels: dict[str, str] = Field(default_factory=dict)
     device_classes: list[Token] = Field(default_factory=list, description="Empty = every class.")
     eval_set_digest: Digest | None = Field(None, description="An uploaded JSONL evaluation set.")
+    embedding_output: str | None = Field(
+        None,
+        min_length=1,
+        max_length=4096,
+        description="Encoders: the graph output holding the embeddings; default: chosen by "
+        "shape and name (an ambiguous model is refused, naming its outputs).",
+    )
+    pooling: Pooling | None = Field(
+        None,
+        description="Encoders: mean or cls (token embeddings), none (already one vector per "
+        "text); default: by the output's shape.",
+    )
 
     def request_digest(self) -> str:
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        # Hints left out are not part of the digest: publishes from before they existed match.
+        unset = {k for k in _HINTS if getattr(self, k) is None}
+        body = self.model_dump(mode="json", exclude=unset)
+        canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
         return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+    def hints(self) -> dict[str, Any]:
+        """The embedding hints given, as the manifest's ``details`` record them."""
+        return {k: getattr(self, k) for k in _HINTS if getattr(self, k) is not None}
 
 
 @dataclass(frozen=True)
@@ -75,7 +119,9 @@ class Publisher:
 
     async def publish_version(self, request: PublishRequest, *, created_by: str) -> Published:
         artifact = await self.existing_blob(request.artifact_digest, "artifact")
-        chunks_digest = await self.inspect_and_chunk(artifact, request.format)
+        chunks_digest = await self.inspect_and_chunk(
+            artifact, request.format, check=partial(check_embedding_output, request)
+        )
         eval_set = None
         if request.eval_set_digest is not None:
             eval_set = await self.existing_blob(request.eval_set_digest, "evaluation set")
@@ -92,6 +138,7 @@ class Publisher:
             device_classes=request.device_classes,
             eval_set=artifact_ref(eval_set, "application/x-ndjson") if eval_set else None,
             chunks_digest=chunks_digest,
+            details=request.hints(),
             created_at=datetime.now(UTC),
             created_by=created_by,
         )
@@ -140,13 +187,21 @@ class Publisher:
             raise
         return path
 
-    async def inspect_and_chunk(self, blob: BlobRef, declared_format: str) -> str | None:
-        """Check the artifact's format; store large ones also as chunks (for delta downloads).
+    async def inspect_and_chunk(
+        self,
+        blob: BlobRef,
+        declared_format: str,
+        check: Callable[[ArtifactInfo], None] | None = None,
+    ) -> str | None:
+        """Check the artifact's format (and ``check`` it, which may raise RegistryError); store
+        large ones also as chunks (for delta downloads).
 
         Returns the digest of the chunk manifest, or None for a blob below the threshold."""
         path = await self._local_copy(blob)
         try:
             info = await asyncio.to_thread(inspect_artifact, path, declared_format)
+            if check is not None:
+                check(info)
             if blob.size_bytes < self.chunk_threshold_bytes:
                 return None
             return await asyncio.to_thread(self._store_chunks, path, info)
@@ -188,6 +243,38 @@ def artifact_ref(blob: BlobRef, media_type: str) -> ArtifactRef:
     )
 
 
+def check_embedding_output(request: PublishRequest, info: ArtifactInfo) -> None:
+    """Refuse (422) an encoder whose embedding output the services could not tell, or hints
+    that do not fit it; hints on another task are refused too (they would be ignored)."""
+    if request.task != "feature-extraction":
+        if request.hints():
+            raise RegistryError(
+                422,
+                f"embedding_output and pooling describe an encoder's output; a {request.task} "
+                "model has none: leave them out",
+            )
+        return
+    if info.format == "onnx":
+        outputs = [
+            OutputInfo(o.name, o.shape, "non-tensor" if o.elem_type is None else
+                       onnx_type_name(o.elem_type))
+            for o in info.onnx_outputs
+        ]  # fmt: skip
+    elif info.format == "hf-safetensors":
+        outputs = _HF_ENCODER_OUTPUTS
+    else:
+        return
+    try:
+        choose_embedding_output(outputs, name=request.embedding_output, pooling=request.pooling)
+    except EmbeddingChoiceError as exc:
+        raise RegistryError(422, f"embedding output: {exc}") from exc
+
+
+def _hint(manifest: Manifest, key: str) -> Any:
+    value = manifest.details.get(key) if manifest.kind == "model" else None
+    return value if isinstance(value, str) else None
+
+
 def published_event(signed: SignedManifest) -> CloudEvent[ModelPublished]:
     m = signed.manifest
     payload = ModelPublished(
@@ -200,6 +287,8 @@ def published_event(signed: SignedManifest) -> CloudEvent[ModelPublished]:
         labels=m.labels,
         device_classes=m.device_classes,
         eval_set=m.eval_set,
+        embedding_output=_hint(m, "embedding_output"),
+        pooling=_hint(m, "pooling"),
     )
     event_id = derive_event_id("model.published", m.model_name, m.version, signed.digest)
     return new_event(

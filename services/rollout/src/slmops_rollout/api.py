@@ -8,17 +8,17 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-import nats.js.errors
 from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from slmops.events import ReleaseCreated, release_id_for
 from slmops.events.payloads import ModelName, Version
 from slmops_rollout.engine import Engine
 from slmops_rollout.fleet import GatewayRecord
 from slmops_rollout.plans import Overlay, WavePolicy, matches
+from slmops_rollout.releases import UnknownRelease, find
 from slmops_rollout.state import RolloutState, decide, figures
 from slmops_rollout.steps import ACTIONS, control, wave_health
+from slmops_rollout.targets import NotRollable
 
 router = APIRouter(prefix="/v1", tags=["rollout"])
 
@@ -60,24 +60,19 @@ class StartRollout(BaseModel):
 
 @router.post("/rollouts", status_code=201, summary="Start rolling out a model version's release")
 async def start(body: StartRollout, request: Request) -> dict[str, Any]:
+    """404: nothing decided for the version yet. 409 (the request is well-formed; what the
+    platform knows forbids it - 422 stays "fix your request"): the version's release failed,
+    or no registered gateway matches; the detail is ``{message, reasons}``, reasons per class."""
     engine = await _engine(request)
-    release_id = release_id_for(body.model_name, body.version)
     try:
-        entry = await engine.rollouts.get(f"release.{release_id}")
-    except nats.js.errors.KeyNotFoundError:
-        raise HTTPException(
-            404, f"no release of {body.model_name} {body.version} yet: the validator creates it "
-            "once every candidate is judged"
-        ) from None  # fmt: skip
-    release = ReleaseCreated.model_validate_json(entry.value or b"{}")
-    try:  # the release's trace: the model's journey stays one trace through its rollout
-        traceparent = (await engine.rollouts.get(f"release-trace.{release_id}")).value
-    except nats.js.errors.KeyNotFoundError:
-        traceparent = None
-    state = await engine.start(
-        release, body.selector, body.policy, body.overlays,
-        traceparent=traceparent.decode() if traceparent else None,
-    )  # fmt: skip
+        release, traceparent = await find(engine.rollouts, body.model_name, body.version)
+        state = await engine.start(
+            release, body.selector, body.policy, body.overlays, traceparent=traceparent
+        )
+    except UnknownRelease as exc:
+        raise HTTPException(404, str(exc)) from None
+    except NotRollable as exc:
+        raise HTTPException(409, {"message": str(exc), "reasons": exc.reasons}) from None
     return _status(engine, state)
 
 
@@ -143,7 +138,8 @@ def _status(engine: Engine, state: RolloutState) -> dict[str, Any]:
     return {
         "rollout_id": state.rollout_id, "release_id": state.release_id,
         "model_name": state.model_name, "version": state.version, "status": state.status,
-        "reason": state.reason, "wave_index": state.wave_index,
+        "reason": state.reason, "skipped_classes": state.skipped,
+        "wave_index": state.wave_index,
         "waves": [len(w) for w in state.waves], "gateways": counts,
         "wave_progress": [{"index": i, "targets": len(w), "gateways": per_wave[i]}
                           for i, w in enumerate(state.waves)],

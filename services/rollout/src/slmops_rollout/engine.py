@@ -5,7 +5,9 @@ answers (``store.py``: header plus shards, group commits). A wave is sent as a b
 task, in chunks, at most ``max_rate_per_min``: for each chunk the gateways' desired states are
 written to KV (the source of truth a reconnecting gateway reads), then their assignments are
 published as the notification, both pipelined. A restarted service loads its rollouts from
-KV; its ticker re-sends whatever of the current wave was never sent and carries on.
+KV; its ticker re-sends whatever of the current wave was never sent and carries on. A rollout
+that would reach no gateway is refused (``targets.NoTargets``), or, started automatically,
+waits for gateways (``start_waiting``) - it is never "completed" having reached none.
 """
 
 from __future__ import annotations
@@ -35,10 +37,11 @@ from slmops.events import (
 from slmops.events.payloads import DesiredModel, HealthAggregate
 from slmops.service.registry_api import RegistryClient
 from slmops.tracing import current_traceparent, extract_trace_context
-from slmops_rollout.fleet import Fleet, GatewayRecord, overlay_for
-from slmops_rollout.plans import Overlay, WavePolicy, matches, plan_waves, wave_plans
-from slmops_rollout.state import GatewayProgress, RolloutState, record
+from slmops_rollout.fleet import Fleet, GatewayRecord
+from slmops_rollout.plans import Overlay, WavePolicy, matches, wave_plans
+from slmops_rollout.state import RolloutState, record
 from slmops_rollout.store import LiveRollout, RolloutStore
+from slmops_rollout.targets import NoTargets, desired_models, plan, waiting_reason, without_variant
 
 log = logging.getLogger(__name__)
 SOURCE = "/slmops/rollout"
@@ -95,59 +98,63 @@ class Engine:
 
     async def start(
         self, release: ReleaseCreated, selector: dict[str, str], policy: WavePolicy,
-        overlays: Iterable[Overlay] = (), traceparent: str | None = None,
+        overlays: Iterable[Overlay] = (), traceparent: str | None = None, *, wait: bool = False,
     ) -> RolloutState:  # fmt: skip
         """Plan and begin a rollout of ``release`` (the same release and selector: the same
         rollout, returned as it is). ``traceparent`` is the release's trace (default: the
-        current span's): the rollout's work joins it, whoever asked for the rollout."""
+        current span's): the rollout's work joins it, whoever asked for the rollout.
+
+        Raises ``NoVariant`` when no class has a variant, and ``NoTargets`` when no registered
+        gateway of a class with one matches ``selector`` - unless ``wait``: then the rollout is
+        ``waiting`` and the ticker starts it once such gateways register (an automatic
+        rollout's release may come before the fleet)."""
         rollout_id = rollout_id_for(release.release_id, selector)
         existing = await self.get(rollout_id)
         if existing is not None:
             return existing
-        desired = {
-            e.device_class: DesiredModel(
-                model_name=release.model_name,
-                version=release.version,
-                variant_id=e.variant_id,
-                manifest_digest=e.manifest_digest,
-                artifact=e.artifact,
-            )
-            for e in release.entries
-            if e.variant_id and e.manifest_digest and e.artifact
-        }
-        overlays = list(overlays)
-        fleet = {
-            r.gateway_id: r
-            for r in await self.gateways.all()
-            if r.device_class in desired and matches(r.labels, selector)
-        }
-        waves = plan_waves(rollout_id, fleet, policy)
-        progress = {
-            g: _progress(i, fleet[g], overlay_for(fleet[g].labels, overlays))
-            for i, wave in enumerate(waves)
-            for g in wave
-        }
         state = RolloutState(
             rollout_id=rollout_id, release_id=release.release_id,
-            model_name=release.model_name, version=release.version, desired=desired,
-            selector=selector, policy=policy, waves=waves, gateways=progress,
-            status="running" if waves else "completed",
-            reason="" if waves else "no registered gateway matches the release and selector",
+            model_name=release.model_name, version=release.version,
+            desired=desired_models(release), selector=selector, policy=policy,
+            overlays=list(overlays), skipped=without_variant(release), waves=[], gateways={},
             traceparent=traceparent or current_traceparent(),
         )  # fmt: skip
+        if not plan(state, await self.gateways.all()):
+            if not wait:
+                raise NoTargets(state)
+            state.status, state.reason = "waiting", waiting_reason(state)
         try:
             await self.store.create(state)
         except nats.js.errors.KeyWrongLastSequenceError:  # a concurrent start won
             self._is_loaded = False
             return await self.get(rollout_id) or state
         self.live[rollout_id] = LiveRollout(self.store, state)
-        started = RolloutStarted(rollout_id=rollout_id, release_id=release.release_id,
-                                 model_name=release.model_name, version=release.version,
-                                 waves=wave_plans(waves, policy), selector=selector)  # fmt: skip
-        await self.announce(started, "started")
-        if waves:
-            await self.begin_wave(rollout_id, 0)
+        if state.status == "waiting":
+            log.warning("rollout %s of %s %s %s", rollout_id, state.model_name, state.version,
+                        state.reason)  # fmt: skip
+        else:
+            await self._launch(state)
         return state
+
+    async def start_waiting(self, state: RolloutState) -> None:
+        """A waiting rollout, once gateways it targets have registered: planned over the fleet
+        as it is now and started (gateways registering later are welcomed as late joiners)."""
+        if not plan(state, await self.gateways.all()):
+            return
+        await self.store.replace(state)  # still waiting: a crash here plans it again
+        if state.status == "waiting":  # not cancelled meanwhile
+            log.info("rollout %s found %d gateways: starting", state.rollout_id,
+                     len(state.gateways))  # fmt: skip
+            await self._launch(state)
+
+    async def _launch(self, state: RolloutState) -> None:
+        started = RolloutStarted(rollout_id=state.rollout_id, release_id=state.release_id,
+                                 model_name=state.model_name, version=state.version,
+                                 waves=wave_plans(state.waves, state.policy),
+                                 selector=state.selector)  # fmt: skip
+        await self.announce(started, "started")
+        state.status, state.reason = "running", ""
+        await self.begin_wave(state.rollout_id, 0)
 
     @contextlib.contextmanager
     def journey(self, rollout_id: str, what: str) -> Iterator[None]:
@@ -272,24 +279,25 @@ class Engine:
     async def welcome(self, record_: GatewayRecord) -> None:
         """A gateway that registered running nothing gets what the newest running or
         completed rollout for its class and labels installs (its waves are long gone, or it
-        has nothing to regress from); one with a desired state already reconciles itself."""
+        has nothing to regress from) - unless the newest is waiting for gateways: the ticker
+        plans that one with it in its waves. One with a desired state reconciles itself."""
         if record_.running_variant_id is not None:
             return
         await self._load()
         candidates = [
             live.state for live in self.live.values()
-            if live.state.status in ("running", "completed")
+            if live.state.status in ("waiting", "running", "completed")
             and record_.device_class in live.state.desired
             and matches(record_.labels, live.state.selector)
         ]  # fmt: skip
-        if not candidates:
+        newest = max(candidates, key=lambda s: s.started_at, default=None)
+        if newest is None or newest.status == "waiting":
             return
         try:
             await self.desired.get(record_.gateway_id)
             return  # it has a desired state: reconciling on connect installs it
         except nats.js.errors.KeyNotFoundError:
             pass
-        newest = max(candidates, key=lambda s: s.started_at)
         log.info("late joiner %s gets %s", record_.gateway_id, newest.rollout_id)
         await self.deliver([GatewayAssignment(
             gateway_id=record_.gateway_id, generation=await self.next_generation(),
@@ -313,13 +321,3 @@ class Engine:
             variant_id=variant_id, manifest_digest=signed["digest"],
             artifact=manifest["artifact"],
         )  # fmt: skip
-
-
-def _progress(wave: int, record_: GatewayRecord, overlay: dict[str, int]) -> GatewayProgress:
-    health = record_.health
-    same = record_.health_variant_id == record_.running_variant_id
-    return GatewayProgress(
-        wave=wave, device_class=record_.device_class, overlay=overlay,
-        previous_variant_id=record_.running_variant_id,
-        baseline_p95_ms=health.latency_p95_ms if health and same else None,
-    )  # fmt: skip

@@ -25,7 +25,9 @@ class RolloutSettings(ServiceSettings):
     auto_models: list[str] = Field(
         default_factory=list,
         description="Models rolled out to the whole fleet as soon as a release is created, JSON "
-        '(e.g. ["minilm"]; ["*"]: every model). Others start through the API.',
+        '(e.g. ["minilm"]; ["*"]: every model); with no gateway of its classes registered yet, '
+        "the rollout waits (status waiting) and starts once one registers. Others start "
+        "through the API.",
     )
     registry_url: str = Field(
         "http://127.0.0.1:8101", description="Registry HTTP API that signs rollbacks."

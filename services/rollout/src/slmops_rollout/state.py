@@ -3,7 +3,9 @@
 The state lives in JetStream KV (``slmops-rollouts``), so a restarted service resumes where it
 was. ``record`` folds a gateway's report in; ``decide`` looks at the current wave and says
 what to do now - wait, advance, complete or pause - with the figures behind it. A gateway that
-has been silent past the policy's timeout stops counting: it never blocks its wave.
+has been silent past the policy's timeout stops counting: it never blocks its wave. A
+``waiting`` rollout (an automatic one whose release came before any gateway it targets) has no
+waves yet: the ticker plans it once such gateways register.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from slmops.events.payloads import DesiredModel, GatewayReport, HealthAggregate
-from slmops_rollout.plans import WavePolicy
+from slmops_rollout.plans import Overlay, WavePolicy
 
 GatewayStatus = Literal["pending", "assigned", "acknowledged", "applied", "failed", "rolled_back"]
 _WAITING = ("assigned", "acknowledged")
@@ -42,12 +44,22 @@ class RolloutState(BaseModel):
     desired: dict[str, DesiredModel] = Field(description="Per device class: what to install.")
     selector: dict[str, str] = Field(default_factory=dict)
     policy: WavePolicy = Field(default_factory=WavePolicy)
+    overlays: list[Overlay] = Field(
+        default_factory=list, description="As asked for: a waiting rollout applies them later."
+    )
+    skipped: dict[str, str] = Field(
+        default_factory=dict,
+        description="Device classes of the release this rollout gives nothing, and why: no "
+        "variant, or no registered gateway matching the selector.",
+    )
     waves: list[list[str]]
     gateways: dict[str, GatewayProgress]
     started_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     wave_index: int = 0
     wave_started_at: datetime | None = None
-    status: Literal["running", "paused", "completed", "cancelled", "rolled_back"] = "running"
+    status: Literal["waiting", "running", "paused", "completed", "cancelled", "rolled_back"] = (
+        "running"
+    )
     reason: str = ""
     controls: int = Field(0, ge=0, description="Control requests applied so far.")
     approved_waves: list[int] = Field(

@@ -23,7 +23,7 @@ ACTIONS: tuple[Action, ...] = ("pause", "resume", "cancel", "approve", "rollback
 _ALLOWED: dict[str, set[str]] = {
     "pause": {"running"},
     "resume": {"paused"},
-    "cancel": {"running", "paused"},
+    "cancel": {"waiting", "running", "paused"},
     "approve": {"running", "paused"},
     "rollback": {"running", "paused", "completed"},
 }
@@ -31,8 +31,12 @@ _REACHED = ("assigned", "acknowledged", "applied", "failed")  # got the new mode
 
 
 async def tick(engine: Engine) -> None:
-    """Move every running rollout one step if its current wave allows."""
+    """Move every running rollout one step if its current wave allows; start waiting ones
+    whose gateways have registered."""
     for state in await engine.all():
+        if state.status == "waiting":  # for gateways to register: planned once they have
+            await engine.start_waiting(state)
+            continue
         if state.status == "paused" and state.policy.rollback_scope == "gateways":
             await _protect(engine, state)
             continue

@@ -61,11 +61,21 @@ class RolloutStore:
 
     async def create(self, state: RolloutState) -> None:
         """Store a new rollout; raises ``KeyWrongLastSequenceError`` when it exists."""
+        layout = await self._write_all(state)
+        await self.kv.create(_header_key(state.rollout_id), _header(state, len(layout)))
+
+    async def replace(self, state: RolloutState) -> None:
+        """Store a rollout whose waves were planned anew (a waiting one, once its gateways
+        registered): every shard, then the header that points at them."""
+        layout = await self._write_all(state)
+        await self.kv.put(_header_key(state.rollout_id), _header(state, len(layout)))
+
+    async def _write_all(self, state: RolloutState) -> list[list[str]]:
         order = [g for wave in state.waves for g in wave]  # the order they are sent to
         layout = [order[i : i + SHARD_SIZE] for i in range(0, len(order), SHARD_SIZE)] or [[]]
         self._remember(state.rollout_id, layout)
         await self._write(state, range(len(layout)))
-        await self.kv.create(_header_key(state.rollout_id), _header(state, len(layout)))
+        return layout
 
     async def save(self, state: RolloutState, gateways: Iterable[str]) -> None:
         """Write the header and the shards holding ``gateways``."""

@@ -3,7 +3,8 @@
 ``optimization.completed`` → the variant judged against its class → report stored through the
 registry → ``validation.passed``/``failed`` (one id per variant: a redelivery re-sends the same
 event, it does not judge again). ``optimization.planned`` and ``optimization.failed`` feed the
-version's tally; the handler whose event completes it also returns ``release.created``.
+version's tally; the handler whose event completes it also publishes the decision:
+``release.created``, or ``release.failed`` when no class has a variant to ship.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import nats.js.errors
 
@@ -24,6 +25,7 @@ from slmops.events import (
     OptimizationCompleted,
     OptimizationFailed,
     OptimizationPlanned,
+    ReleaseCreated,
     TransientError,
     ValidationFailed,
     ValidationPassed,
@@ -170,9 +172,10 @@ def _common(done: OptimizationCompleted) -> dict[str, Any]:
 
 
 def _latency_p50(outcome: Outcome) -> float | None:
-    """The candidate's host p50, when latency was measured (the 'fastest' objective)."""
+    """The candidate's host p50 - per inference, or per output token of a decoder - when
+    latency was measured (the 'fastest' objective)."""
     for gate in outcome.gates:
-        if gate.name == "latency.p50_ms" and gate.value is not None:
+        if gate.name in ("latency.p50_ms", "generation.tpot_p50_ms") and gate.value is not None:
             return gate.value
     return None
 
@@ -193,14 +196,20 @@ async def _update(ctx: ValidatorContext, model_name: str, version: str, change: 
     if not tally.complete or tally.released:
         return
     release = choose(tally, ctx.profiles)
+    created = isinstance(release, ReleaseCreated)
+    outcome: Literal["created", "failed"] = "created" if created else "failed"
+    if not created:
+        why = "; ".join(f"{e.device_class}: {e.reason}" for e in release.entries)
+        log.warning("%s %s: no release, no class has a variant (%s)", model_name, version, why)
     # Published before the tally says "released": a crash in between re-sends it on
-    # redelivery under the same id, which JetStream de-duplicates.
+    # redelivery under the same id, which JetStream de-duplicates. One decision per version,
+    # so one id whichever way it went.
     await ctx.bus.publish(
         new_event(release, source=SOURCE, event_id=derive_event_id("release", release.release_id))
     )
 
     def mark(t: Tally) -> None:
-        t.released = True
+        t.released, t.outcome = True, outcome
 
     await update_tally(kv, model_name, version, mark)
 

@@ -4,7 +4,9 @@ The tally of a version lives in JetStream KV (``slmops-jobs``, key ``validator.r
 the jobs the optimizer planned, and each job's end (validation passed or failed, or the
 optimization failed). Updates are compare-and-set, so handlers running at once never lose one.
 When the last planned job lands, ``release.created`` names per class the best passing variant by
-the class's objective - smallest, or fastest by host latency - or says why there is none.
+the class's objective - smallest, or fastest by host latency - or says why there is none. A
+version with nothing to ship in any class is not a release: ``release.failed`` says per class
+why, so nothing downstream (a rollout, a channel) mistakes it for something to roll out.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pydantic import BaseModel, Field
 
 from slmops.bus.kvstate import update_model
 from slmops.events import release_id_for
-from slmops.events.payloads import ArtifactRef, ReleaseCreated, ReleaseEntry
+from slmops.events.payloads import ArtifactRef, ReleaseCreated, ReleaseEntry, ReleaseFailed
 from slmops.profiles import DeviceProfile
 
 
@@ -37,7 +39,10 @@ class Tally(BaseModel):
     planned: dict[str, str] | None = Field(None, description="variant id -> device class")
     skipped: dict[str, str] = Field(default_factory=dict)
     judged: dict[str, Candidate] = Field(default_factory=dict)
-    released: bool = False
+    released: bool = Field(False, description="The decision was announced (created or failed).")
+    outcome: Literal["created", "failed"] | None = Field(
+        None, description="release.created, or release.failed: no class had a variant to ship."
+    )
 
     @property
     def complete(self) -> bool:
@@ -56,8 +61,9 @@ async def update_tally(kv: KeyValue, model_name: str, version: str, change: Any)
     )  # fmt: skip
 
 
-def choose(tally: Tally, profiles: dict[str, DeviceProfile]) -> ReleaseCreated:
-    """The release of a complete tally: per class, the best passing variant or why none."""
+def choose(tally: Tally, profiles: dict[str, DeviceProfile]) -> ReleaseCreated | ReleaseFailed:
+    """The release of a complete tally: per class, the best passing variant or why none; a
+    ``ReleaseFailed`` with the same entries when no class has one."""
     classes = sorted(set((tally.planned or {}).values()) | set(tally.skipped))
     entries = []
     for device_class in classes:
@@ -89,7 +95,8 @@ def choose(tally: Tally, profiles: dict[str, DeviceProfile]) -> ReleaseCreated:
                 reason=why,
             )
         )
-    return ReleaseCreated(
+    kind = ReleaseCreated if any(e.variant_id for e in entries) else ReleaseFailed
+    return kind(
         release_id=release_id_for(tally.model_name, tally.version),
         model_name=tally.model_name,
         version=tally.version,

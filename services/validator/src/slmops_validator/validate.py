@@ -54,6 +54,7 @@ async def validate(
     structure, proto = await asyncio.to_thread(StructureCheck().run, candidate, profile)
     checks.append(structure)
     inputs: EvalInputs | None = None
+    metadata: dict[str, str] = {}
     if proto is not None:
         metadata = {p.key: p.value for p in proto.metadata_props}
         vocab = _vocab_size(proto)
@@ -83,7 +84,7 @@ async def validate(
         checks += [probed.runtime, probed.latency]
         if probed.loaded and reference is not None:
             parity = await asyncio.to_thread(
-                parity_check, candidate, reference, inputs, profile, settings.threads
+                parity_check, candidate, reference, inputs, profile, settings.threads, metadata
             )
             if inputs.info.truncated:
                 parity.notes.append(

@@ -22,7 +22,7 @@ from rich.table import Table
 
 from slmops.cli import packaging as pkg
 from slmops.cli.render import local_time, render_lineage, short_digest, text_row
-from slmops.events.payloads import ModelFormat, ModelName, Task, Token, Version
+from slmops.events.payloads import ModelFormat, ModelName, Pooling, Task, Token, Version
 
 _out = Console(highlight=False, soft_wrap=True)
 _err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -68,6 +68,10 @@ def _detail(response: httpx.Response) -> str:
         detail = "; ".join(
             f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in detail
         )
+    if isinstance(detail, dict):  # a refusal with its reasons, e.g. one per device class
+        reasons = detail.get("reasons") or {}
+        lines = "".join(f"\n  {key}: {why}" for key, why in sorted(reasons.items()))
+        return f"{detail.get('message', '')} (HTTP {response.status_code}){lines}"
     return f"{detail} (HTTP {response.status_code})"
 
 
@@ -197,6 +201,22 @@ def publish(
     label: Annotated[
         list[str] | None, typer.Option("--label", help="key=value label; repeatable.")
     ] = None,
+    output: Annotated[
+        str | None,
+        typer.Option(
+            "--output",
+            help="Encoders: the ONNX output holding the embeddings (default: chosen by shape "
+            "and name; the registry refuses a model where that is ambiguous).",
+        ),
+    ] = None,
+    pooling: Annotated[
+        str | None,
+        typer.Option(
+            "--pooling",
+            help="Encoders: mean | cls (token embeddings) | none (already one vector per text)"
+            " (default: by the output's shape).",
+        ),
+    ] = None,
     json_output: JsonOutput = False,
     registry_url: RegistryUrl = None,
 ) -> None:
@@ -209,6 +229,13 @@ def publish(
     names = [c.strip() for c in (classes or "").split(",") if c.strip()]
     device_classes = [_valid(Token, c, "device class") for c in names]
     labels = _labels(label or [])
+    hints: dict[str, str] = {}
+    if output is not None:
+        if not output.strip():
+            _fail("--output needs the name of a graph output")
+        hints["embedding_output"] = output
+    if pooling is not None:
+        hints["pooling"] = _valid(Pooling, pooling, "--pooling")
     try:
         fmt = _valid(ModelFormat, model_format or pkg.infer_format(path), "--format")
         task = task or ("text-generation" if fmt == "gguf" else None)
@@ -217,7 +244,7 @@ def publish(
         task = _valid(Task, task, "--task")
         progress = not json_output and _err.is_terminal
         fields = {"model_name": name, "version": version, "task": task, "labels": labels,
-                  "device_classes": device_classes}  # fmt: skip
+                  "device_classes": device_classes, **hints}  # fmt: skip
         with RegistryClient(registry_url) as client:
             response = client.publish_version(
                 path, fmt, fields, eval_set=eval_set, progress=progress

@@ -112,6 +112,11 @@ def render_lineage(doc: dict[str, Any]) -> Tree:
             for e in _dicts(release.get("entries")):
                 why = f": {e['reason']}" if e.get("reason") else ""
                 child.add(Text(f"{e.get('device_class')} -> {e.get('variant_id') or 'none'}{why}"))
+    if no_release := _dict(doc.get("release_failed")):  # judged in full, nothing to ship
+        when = f" ({local_time(no_release['time'])})" if no_release.get("time") else ""
+        node = tree.add(Text(f"no release{when}: no device class has a variant"))
+        for e in _dicts(no_release.get("entries")):
+            node.add(Text(f"{e.get('device_class')}: {e.get('reason') or 'no reason given'}"))
     if rollouts := _dicts(doc.get("rollouts")):
         node = tree.add(Text("rollouts"))
         for r in rollouts:

@@ -83,7 +83,10 @@ def start(
         print(json.dumps(result, indent=2))
         return
     _out.print(f"rollout {result['rollout_id']} of {name} {version}: {result['status']}, "
-               f"waves of {result['waves']} gateways")  # fmt: skip
+               f"waves of {result['waves']} gateways"
+               + (f" ({result['reason']})" if result.get("reason") else ""),
+               markup=False)  # fmt: skip
+    _print_skipped(result)
 
 
 def _overlay(text: str) -> dict[str, Any]:
@@ -132,14 +135,24 @@ def list_rollouts(
         table.add_column(column, no_wrap=column == "rollout")
     for r in found:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(r["gateways"].items()))
+        wave = f"{r['wave_index'] + 1}/{len(r['waves'])}" if r["waves"] else "-"
         table.add_row(*text_row(r["rollout_id"], r["model_name"], r["version"], r["status"],
-                                f"{r['wave_index'] + 1}/{len(r['waves'])}", counts))  # fmt: skip
+                                wave, counts))  # fmt: skip
     _out.print(table, soft_wrap=False)
+
+
+def _print_skipped(r: dict[str, Any]) -> None:
+    """The classes of the release this rollout gives nothing, and why."""
+    for device_class, why in sorted((r.get("skipped_classes") or {}).items()):
+        _out.print(f"  {device_class}: nothing rolled out - {why}", markup=False)
 
 
 def _print_status(r: dict[str, Any]) -> None:
     _out.print(f"rollout {r['rollout_id']} of {r['model_name']} {r['version']}: {r['status']}"
-               + (f" ({r['reason']})" if r.get("reason") else ""))  # fmt: skip
+               + (f" ({r['reason']})" if r.get("reason") else ""), markup=False)  # fmt: skip
+    _print_skipped(r)
+    if not r.get("wave_progress"):
+        return  # waiting for gateways: no waves yet
     table = Table(title_justify="left")
     columns = ("wave", "targets", "pending", "assigned", "acknowledged", "applied", "failed",
                "rolled back")  # fmt: skip

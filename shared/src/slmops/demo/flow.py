@@ -242,7 +242,8 @@ async def _follow(run: DemoRun, options: DemoOptions, progress: Progress) -> Non
                 journey = run.journeys[model.key]
                 optimizing = journey.planned and len(journey.optimized) < len(journey.jobs)
                 jobs = await _jobs(http, options, journey) if optimizing else []
-                if journey.pipeline_done and model.key not in run.rollouts:
+                ready = journey.release is not None and not journey.finished
+                if ready and model.key not in run.rollouts:
                     started = await _start_rollout(http, options, model, journey)
                     if started is not None:
                         run.rollouts[model.key] = started
@@ -270,9 +271,10 @@ async def _jobs(http: httpx.AsyncClient, options: DemoOptions, journey: Journey)
 async def _start_rollout(
     http: httpx.AsyncClient, options: DemoOptions, model: DemoModel, journey: Journey
 ) -> dict[str, Any] | None:
-    """Roll the release out to this model's gateways in waves; a rollout with nothing to do
-    (no class had a passing variant) ends the journey at once, with the service's reason.
-    None: the rollout service has not taken the release in yet (it is an event behind us)."""
+    """Roll the release out to this model's gateways in waves; a refused rollout (none of this
+    model's gateways has a class with a variant) ends the journey at once, with the service's
+    reasons per class. None: the rollout service has not taken the release in yet (it is an
+    event behind us)."""
     body = {
         "model_name": model.model_name,
         "version": options.version,
@@ -286,9 +288,13 @@ async def _start_rollout(
     answer = await http.post(f"{options.rollout_url}/v1/rollouts", json=body)
     if answer.status_code == 404:
         return None
+    if answer.status_code == 409:  # nothing to roll out to these gateways: why, per class
+        detail = answer.json().get("detail", {})
+        reasons = detail.get("reasons", {}) if isinstance(detail, dict) else {}
+        why = "; ".join(f"{c}: {r}" for c, r in sorted(reasons.items())) or str(detail)
+        journey.outcome, journey.outcome_reason = "nothing to roll out", why
+        return {"status": "refused", "reason": why}
     if answer.is_error:
         raise DemoError(f"the rollout service refused the rollout: {answer.text}")
     state: dict[str, Any] = answer.json()
-    if state.get("status") == "completed" and not journey.waves:
-        journey.outcome, journey.outcome_reason = "nothing to roll out", state.get("reason", "")
     return state

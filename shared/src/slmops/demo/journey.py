@@ -18,6 +18,7 @@ from slmops.events import (
     OptimizationFailed,
     OptimizationPlanned,
     ReleaseCreated,
+    ReleaseFailed,
     RolloutCompleted,
     RolloutPaused,
     RolloutRolledBack,
@@ -34,6 +35,7 @@ _PIPELINE = (
     ValidationPassed,
     ValidationFailed,
     ReleaseCreated,
+    ReleaseFailed,
 )
 
 
@@ -111,6 +113,10 @@ class Journey:
             chosen = ", ".join(f"{e.device_class} -> {self._recipe(e.variant_id)}"
                                for e in data.entries)  # fmt: skip
             self._tell(f"release {data.release_id}: {chosen}")
+        elif isinstance(data, ReleaseFailed):  # nothing to ship: the journey ends here
+            why = "; ".join(f"{e.device_class}: {e.reason}" for e in data.entries)
+            self.outcome, self.outcome_reason = "no release", why
+            self._tell(f"no release: no device class has a variant ({why[:160]})")
 
     def _recipe(self, variant_id: str | None) -> str:
         return self.jobs.get(variant_id, ("", "?"))[1] if variant_id else "none"
@@ -149,7 +155,7 @@ class Journey:
 
     @property
     def pipeline_done(self) -> bool:
-        return self.release is not None
+        return self.release is not None or self.outcome == "no release"
 
     @property
     def targets(self) -> int:

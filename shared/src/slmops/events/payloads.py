@@ -20,6 +20,9 @@ ModelName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,127}$")]
 Version = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")]
 ModelFormat = Literal["onnx", "hf-safetensors", "gguf"]
 Task = Literal["feature-extraction", "text-generation", "text-classification"]
+#: How token embeddings become one vector per text: masked mean, the first token, or none (the
+#: chosen output is already one vector per text).
+Pooling = Literal["mean", "cls", "none"]
 
 
 class _Part(BaseModel):
@@ -73,6 +76,13 @@ class HealthAggregate(_Part):
     latency_p95_ms: float | None = Field(None, ge=0)
     shadow_agreement: float | None = Field(None, ge=0, le=1)
     shadow_samples: int = Field(0, ge=0)
+    ttft_p50_ms: float | None = Field(
+        None, ge=0, description="Generation: time to the first streamed token, median."
+    )
+    ttft_p95_ms: float | None = Field(None, ge=0)
+    decode_tokens_per_s: float | None = Field(
+        None, ge=0, description="Generation: tokens after the first, per second of decoding."
+    )
 
 
 # --- pipeline -------------------------------------------------------------------------------
@@ -90,6 +100,14 @@ class ModelPublished(EventPayload):
     labels: dict[str, str] = Field(default_factory=dict)
     device_classes: list[Token] = Field(default_factory=list, description="Empty = all classes.")
     eval_set: ArtifactRef | None = None
+    embedding_output: str | None = Field(
+        None,
+        description="Encoders: the graph output holding the embeddings, as the publisher named "
+        "it; null = chosen by shape and name.",
+    )
+    pooling: Pooling | None = Field(
+        None, description="Encoders: how that output becomes one vector per text; null = by shape."
+    )
 
 
 class ModelRejected(EventPayload):
@@ -186,6 +204,18 @@ class ReleaseEntry(_Part):
 
 class ReleaseCreated(EventPayload):
     event_type = "slmops.release.created.v1"
+
+    release_id: Token
+    model_name: ModelName
+    version: Version
+    entries: list[ReleaseEntry]
+
+
+class ReleaseFailed(EventPayload):
+    """Every candidate of a version was judged and no device class has a variant to ship: not a
+    release. ``entries`` say, per class, why there is none."""
+
+    event_type = "slmops.release.failed.v1"
 
     release_id: Token
     model_name: ModelName
@@ -357,6 +387,7 @@ CORE_EVENT_TYPES: tuple[type[EventPayload], ...] = (
     ValidationPassed,
     ValidationFailed,
     ReleaseCreated,
+    ReleaseFailed,
     ChannelMoved,
     RolloutStarted,
     RolloutWaveStarted,

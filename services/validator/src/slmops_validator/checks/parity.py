@@ -1,6 +1,10 @@
 """Parity: how close the variant's outputs are to its fp32 reference on the evaluation set.
 
-Encoders: cosine of mean-pooled embeddings (mean and min). Decoders: top-1 next-token
+Encoders: cosine of pooled embeddings (mean and min), on the output that holds them: the one
+the optimizer stamped into the variant (``slmops.embedding_output``, ``slmops.pooling``), else
+chosen on the reference by ``slmops.embeddings`` - never blindly output 0, which for a
+sentence-transformers export is already pooled. A model whose outputs leave the choice open
+fails the ``parity.embedding_output`` gate with the reason. Decoders: top-1 next-token
 agreement and perplexity increase. With labels (or topics): task accuracy of both models -
 nearest-centroid, leave-one-out, on the embeddings for encoders; argmax for classifiers - and
 the drop in points. The definitions are the SDK's (``slmops.quality``), the ones the
@@ -16,35 +20,85 @@ from typing import Any
 
 import numpy as np
 
+from slmops.embeddings import (
+    EmbeddingChoice,
+    EmbeddingChoiceError,
+    choose_embedding_output,
+    hints_from_metadata,
+    outputs_from_ort,
+)
 from slmops.events.payloads import GateResult
 from slmops.profiles import DeviceProfile
-from slmops.quality import decoder_parity, encoder_parity, mean_pooled
+from slmops.quality import decoder_parity, encoder_parity
 from slmops.reports import CheckOutcome
-from slmops_validator.checks.base import judged
+from slmops_validator.checks.base import judged, verdict_gate
 from slmops_validator.evalinputs import EvalInputs, restrict
 
 
-def run_outputs(path: Path, feeds: Sequence[dict[str, np.ndarray]], threads: int) -> list[Any]:
-    """The first output of the model on every batch."""
+def open_session(path: Path, threads: int) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_outputs(
+    session: Any, feeds: Sequence[dict[str, np.ndarray]], output: str | None = None
+) -> list[Any]:
+    """The output named ``output`` (default: the first) on every batch."""
     names = [i.name for i in session.get_inputs()]
-    first = session.get_outputs()[0].name
-    return [session.run([first], restrict(feed, names))[0] for feed in feeds]
+    wanted = output or session.get_outputs()[0].name
+    return [session.run([wanted], restrict(feed, names))[0] for feed in feeds]
+
+
+def embedding_choice(reference: Any, metadata: dict[str, str]) -> EmbeddingChoice:
+    """The variant's stamped choice, checked against the reference's outputs; without a stamp
+    (a hand-made variant, an older optimizer) chosen on the reference as the optimizer does."""
+    name, pooling = hints_from_metadata(metadata)
+    outputs = outputs_from_ort(reference.get_outputs())
+    return choose_embedding_output(outputs, name=name, pooling=pooling)
 
 
 def parity_check(
-    candidate: Path, reference: Path, inputs: EvalInputs, profile: DeviceProfile, threads: int
+    candidate: Path,
+    reference: Path,
+    inputs: EvalInputs,
+    profile: DeviceProfile,
+    threads: int,
+    metadata: dict[str, str] | None = None,
 ) -> CheckOutcome:
+    """``metadata``: the variant's ONNX metadata (its embedding output and pooling)."""
     started = time.monotonic()
-    ref_out = run_outputs(reference, inputs.feeds, threads)
-    cand_out = run_outputs(candidate, inputs.feeds, threads)
     outcome = CheckOutcome(name="parity")
+    ref_session, cand_session = open_session(reference, threads), open_session(candidate, threads)
+    choice = None
+    if inputs.task == "feature-extraction":
+        try:
+            choice = embedding_choice(ref_session, metadata or {})
+        except EmbeddingChoiceError as exc:
+            outcome.gates.append(
+                verdict_gate("parity.embedding_output", False, value=0, detail=str(exc))
+            )
+            return _not_comparable(outcome, started)
+        present = [o.name for o in cand_session.get_outputs()]
+        if choice.output not in present:
+            outcome.gates.append(
+                verdict_gate(
+                    "parity.embedding_output",
+                    False,
+                    value=0,
+                    detail=f"the variant has no output {choice.output!r} (the reference's "
+                    f"embeddings); its outputs: {', '.join(present)}",
+                )
+            )
+            return _not_comparable(outcome, started)
+    output = choice.output if choice else None
+    ref_out = run_outputs(ref_session, inputs.feeds, output)
+    cand_out = run_outputs(cand_session, inputs.feeds, output)
+    del ref_session, cand_session
     shapes = [(r.shape, c.shape) for r, c in zip(ref_out, cand_out, strict=True)]
     mismatched = [(r, c) for r, c in shapes if r != c]
     outcome.gates.append(
@@ -70,9 +124,7 @@ def parity_check(
         )
     )
     if mismatched or non_finite:
-        outcome.notes.append("parity not computed: the outputs are not comparable")
-        outcome.duration_s = time.monotonic() - started
-        return outcome
+        return _not_comparable(outcome, started)
     masks = [feed["attention_mask"] for feed in inputs.feeds]
     floors = profile.quality
     if inputs.task == "text-generation":
@@ -95,15 +147,21 @@ def parity_check(
                 detail=f"perplexity {dec.perplexity_parent:.3f} -> {dec.perplexity_candidate:.3f}",
             ),
         ]
-    elif ref_out[0].ndim == 3:  # hidden states: sentence embeddings
-        enc = encoder_parity(ref_out, cand_out, masks)
+    elif choice is not None:  # an encoder: its pooled embeddings
+        try:
+            enc = encoder_parity(ref_out, cand_out, masks, pool=choice.pooled)
+        except EmbeddingChoiceError as exc:  # another shape at run time than declared
+            outcome.gates.append(
+                verdict_gate("parity.embedding_output", False, value=0, detail=str(exc))
+            )
+            return _not_comparable(outcome, started)
         outcome.gates += [
             judged(
                 "parity.cosine_mean",
                 enc.cosine_mean,
                 floors.min_cosine,
                 bound="min",
-                detail=f"pooled embeddings of {enc.count} texts",
+                detail=f"{_pooled(choice)} of {enc.count} texts",
             ),
             judged(
                 "parity.cosine_min",
@@ -114,8 +172,8 @@ def parity_check(
             ),
         ]
         if inputs.labels is not None:
-            ref_emb = _embeddings(ref_out, masks)
-            cand_emb = _embeddings(cand_out, masks)
+            ref_emb = _embeddings(ref_out, masks, choice)
+            cand_emb = _embeddings(cand_out, masks, choice)
             outcome.gates.append(
                 _accuracy_gate(
                     centroid_accuracy(ref_emb, inputs.labels),
@@ -150,8 +208,19 @@ def parity_check(
     return outcome
 
 
-def _embeddings(outputs: list[Any], masks: list[np.ndarray]) -> np.ndarray:
-    return np.concatenate([mean_pooled(o, m) for o, m in zip(outputs, masks, strict=True)])
+def _not_comparable(outcome: CheckOutcome, started: float) -> CheckOutcome:
+    outcome.notes.append("parity not computed: the outputs are not comparable")
+    outcome.duration_s = time.monotonic() - started
+    return outcome
+
+
+def _pooled(choice: EmbeddingChoice) -> str:
+    how = {"mean": "mean-pooled", "cls": "first-token", "none": "the model's own"}[choice.pooling]
+    return f"{how} embeddings ({choice.output!r})"
+
+
+def _embeddings(outputs: list[Any], masks: list[np.ndarray], choice: EmbeddingChoice) -> np.ndarray:
+    return np.concatenate([choice.pooled(o, m) for o, m in zip(outputs, masks, strict=True)])
 
 
 def _accuracy_gate(ref: float, cand: float, budget: float | None, source: str) -> GateResult:
