@@ -104,7 +104,7 @@ def test_candidates_are_filtered_by_source_format_and_task() -> None:
     hf_encoder = [r.name for r in x86.candidates("hf-safetensors", "feature-extraction")]
 
     # a GGUF keeps its own blocks (no INT4 requantization); decoders skip dynamic INT8
-    assert gguf_decoder == ["gguf-exact-blocks", "int8-weight-only"]
+    assert gguf_decoder == ["gguf-exact-blocks"]
     assert hf_encoder == ["int8-dynamic-per-channel", "int8-weight-only", "int4-weight-only"]
     assert profiles["npu-qdq-int8"].candidates("gguf", "text-generation") == []
     assert x86.candidates("gguf", "text-generation")[0].recipe().model_dump() == {

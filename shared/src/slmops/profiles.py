@@ -38,7 +38,16 @@ class Budgets(_Strict):
         None, gt=0, description="p95 latency budget for one inference, in ms (null: none)."
     )
     max_latency_ratio: float | None = Field(
-        None, gt=0, description="p95 latency relative to the fp32 parent on the same host."
+        None,
+        gt=0,
+        description="p95 latency relative to the fp32 parent on the same host (decoders: time "
+        "to first token, and time per decoded token).",
+    )
+    max_ttft_ms: float | None = Field(
+        None, gt=0, description="Decoders: time to first token at the class's prompt length, ms."
+    )
+    min_decode_tokens_per_s: float | None = Field(
+        None, gt=0, description="Decoders: tokens per second after the first (greedy), lowest."
     )
 
 
@@ -55,6 +64,27 @@ class QualityFloors(_Strict):
     max_accuracy_drop_pct: float | None = Field(
         None, ge=0, description="Labelled sets: highest task accuracy drop, in points."
     )
+    min_greedy_identical_share: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Decoders: lowest share of evaluation prompts whose first "
+        "generation.agreement_tokens greedy tokens equal the fp32 reference's.",
+    )
+
+
+class GenerationLoad(_Strict):
+    """How a decoder is exercised when it is judged: the shape of a typical request here."""
+
+    prompt_tokens: int = Field(64, ge=1, description="Prompt length of the TTFT measurement.")
+    new_tokens: int = Field(64, ge=2, description="Tokens decoded per speed measurement.")
+    context_tokens: int = Field(
+        2048, ge=16, description="Context the peak memory is measured at (KV cache included)."
+    )
+    agreement_tokens: int = Field(
+        32, ge=1, description="Greedy tokens compared with the fp32 reference per prompt."
+    )
+    agreement_prompts: int = Field(16, ge=1, description="Evaluation prompts compared.")
 
 
 class SearchBudget(_Strict):
@@ -107,6 +137,7 @@ class DeviceProfile(_Strict):
         "smallest", description="How the release picks among passing variants."
     )
     search: SearchBudget = Field(default_factory=SearchBudget)
+    generation: GenerationLoad = Field(default_factory=GenerationLoad)
     recipes: Annotated[list[CandidateRecipe], Field(min_length=1)] = Field(
         description="Candidate recipes, in order of preference."
     )

@@ -117,6 +117,7 @@ def variant_request(spec: JobSpec, result: JobResult) -> dict[str, Any]:
             "search_trail": [t.model_dump(mode="json") for t in result.trail],
             "pass_log": result.log,
             "reference": result.reference.model_dump(mode="json") if result.reference else None,
+            **result.details,
         },
     }
 

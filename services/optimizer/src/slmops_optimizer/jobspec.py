@@ -4,7 +4,7 @@ same models cross a Ray deployment handle, the job store in JetStream KV and the
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -70,6 +70,11 @@ class JobResult(BaseModel):
     )
     trail: list[TrailEntry] = Field(default_factory=list)
     log: list[str] = Field(default_factory=list)
+    details: dict[str, Any] = Field(
+        default_factory=dict,
+        description="What the passes report for the manifest (gguf_blocks: tensor_map, per GGUF "
+        "tensor its block type, form and max error).",
+    )
 
 
 JobState = Literal["queued", "running", "succeeded", "reused", "failed", "cancelled"]

@@ -12,13 +12,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from slmops.embeddings import EmbeddingChoice
 from slmops.evaldata import default_texts, parse_eval_jsonl
 from slmops.events.payloads import ArtifactRef, Recipe
 from slmops.objectstore import BlobRef, ObjectStore
 from slmops_optimizer.jobspec import JobResult, JobSpec
 from slmops_optimizer.passes import OnnxModel, Pass, PassContext, PassError, create_pass
 from slmops_optimizer.samples import build_samples, synthetic_samples
-from slmops_optimizer.search import search
+from slmops_optimizer.search import embedding_choice, search
 from slmops_optimizer.workspace import Workspace, load_converted, save_converted
 
 Progress = Callable[[float, str], None]
@@ -59,12 +60,16 @@ class JobRunner:
             )
             step(f"pass 1/{len(passes)}: convert")
             converted = self._convert(passes[0], spec, ctx)
+            choice = embedding_choice(converted, spec.task, spec.embedding_output, spec.pooling)
+            if choice is not None:
+                ctx.note(f"embeddings: output {choice.output!r}, pooling {choice.pooling} "
+                         f"({choice.reason})")  # fmt: skip
             best, trail = search(
                 passes, spec.recipe, converted, ctx, spec.floors, spec.search.max_tries, step,
-                allowed_precisions=spec.precisions,
+                allowed_precisions=spec.precisions, choice=choice,
             )  # fmt: skip
             ctx.check_cancelled()
-            final = _finalize(best.model, ctx, spec, work)
+            final = _finalize(best.model, ctx, spec, work, choice)
             step("storing the variant")
             blob = self.store.put_file(final)
         metrics = {k: float(v) for k, v in ctx.metrics.items()}
@@ -89,6 +94,7 @@ class JobRunner:
             reference=_artifact(ctx.reference) if ctx.reference else None,
             trail=trail,
             log=[*ctx.log, f"samples: {ctx.samples.count} from {ctx.samples.origin}"],
+            details=dict(ctx.details),
         )
 
     def _texts(self, spec: JobSpec) -> tuple[list[str], str]:
@@ -107,28 +113,35 @@ class JobRunner:
             if kept is not None:
                 model_path, ctx.tokenizer, convert_metrics = kept
                 ctx.metrics.update(convert_metrics)
+                ctx.generation = load_generation_spec(model_path.parent)
                 ctx.note("convert: reused this replica's earlier conversion of the source")
                 model = OnnxModel(model_path)
             else:
                 model = convert.run(None, ctx)
                 save_converted(keep, model.path, ctx.tokenizer, dict(ctx.metrics))
                 model = OnnxModel(keep / "model" / model.path.name)
-            ctx.reference = self._reference(model, keep)
+            ctx.reference = self._reference(model, keep, ctx)
         if ctx.samples is None:
             ctx.samples = self._samples(model, ctx, spec)
         return model
 
-    def _reference(self, model: OnnxModel, keep: Path) -> BlobRef | None:
+    def _reference(self, model: OnnxModel, keep: Path, ctx: PassContext) -> BlobRef | None:
         """Store the fp32 conversion once per source: the baseline a validator judges the
-        variant against (it runs the same graph the variant was derived from)."""
+        variant against (it runs the same graph the variant was derived from). A decoder's
+        reference is generation-ready like its variants (the same spec and tokenizer)."""
         marker = keep / "reference.json"
         if marker.is_file():
             return BlobRef.model_validate_json(marker.read_text())
         single = model.path
-        if any(p.name != model.path.name for p in model.path.parent.iterdir()):
-            import onnx  # external data: the reference travels as one self-contained file
+        external = any(
+            p.name != model.path.name and p.suffix == ".data" for p in model.path.parent.iterdir()
+        )
+        if external or ctx.generation is not None:
+            import onnx  # the reference travels as one self-contained file
 
             proto = onnx.load(str(model.path), load_external_data=True)
+            if ctx.generation is not None:
+                stamp_generation(proto, ctx)
             if proto.ByteSize() > _SINGLE_FILE_LIMIT_BYTES:
                 return None  # over the protobuf limit: the validator says it has no baseline
             single = keep / "reference.onnx"
@@ -140,8 +153,9 @@ class JobRunner:
     def _samples(self, model: OnnxModel, ctx: PassContext, spec: JobSpec) -> Any:
         if ctx.tokenizer is not None:
             return build_samples(
-                ctx.tokenizer, spec.task, ctx.texts, origin=ctx.texts_origin, size=ctx.sample_size
-            )
+                ctx.tokenizer, spec.task, ctx.texts, origin=ctx.texts_origin,
+                size=ctx.sample_size, generation=ctx.generation,
+            )  # fmt: skip
         ctx.note("samples: the ONNX source has no tokenizer; quality scored on random token ids")
         return synthetic_samples(spec.task, vocab_size=_vocab_size(model.path), count=16)
 
@@ -156,8 +170,11 @@ def _plan(recipe: Recipe) -> list[Pass[Any]]:
     return passes
 
 
-def _finalize(model: OnnxModel, ctx: PassContext, spec: JobSpec, work: Path) -> Path:
-    """One self-describing ONNX file: task, tokenizer and lineage in its metadata."""
+def _finalize(
+    model: OnnxModel, ctx: PassContext, spec: JobSpec, work: Path, choice: EmbeddingChoice | None
+) -> Path:
+    """One self-describing ONNX file: task, tokenizer, lineage and (encoders) the embedding
+    output and its pooling in its metadata, so validators and gateways pool as scored here."""
     import onnx
 
     proto = onnx.load(str(model.path), load_external_data=True)
@@ -170,6 +187,8 @@ def _finalize(model: OnnxModel, ctx: PassContext, spec: JobSpec, work: Path) -> 
             "slmops.device_class": spec.device_class,
         }
     )
+    if choice is not None:
+        props.update(choice.metadata())
     tokenizer = getattr(ctx.tokenizer, "backend_tokenizer", None)
     if tokenizer is not None:
         props["slmops.tokenizer"] = tokenizer.to_str()
@@ -179,11 +198,35 @@ def _finalize(model: OnnxModel, ctx: PassContext, spec: JobSpec, work: Path) -> 
     del proto.metadata_props[:]
     for key, value in sorted(props.items()):
         proto.metadata_props.add(key=key, value=value)
+    if ctx.generation is not None:
+        stamp_generation(proto, ctx)
     if proto.ByteSize() > _SINGLE_FILE_LIMIT_BYTES:
         raise PassError("the variant is over 2 GB; variants with external data are not supported")
     out = work / "variant.onnx"
     onnx.save(proto, str(out))
     return out
+
+
+def stamp_generation(proto: Any, ctx: PassContext) -> None:
+    """A decoder's generation spec and tokenizer into ``proto``'s metadata."""
+    from slmops_optimizer.generation.metadata import stamp
+
+    tokenizer = getattr(ctx.tokenizer, "backend_tokenizer", None)
+    if tokenizer is None:
+        raise PassError("a generation-ready variant needs the source's tokenizer")
+    stamp(proto, ctx.generation, tokenizer.to_str())
+
+
+def load_generation_spec(folder: Path) -> Any:
+    """The spec a decoder's conversion kept beside its graph (None for other models)."""
+    from slmops_optimizer.generation.metadata import SPEC_FILE
+
+    path = folder / SPEC_FILE
+    if not path.is_file():
+        return None
+    from slmops.generation import GenerationSpec
+
+    return GenerationSpec.model_validate_json(path.read_text())
 
 
 def _artifact(blob: BlobRef) -> ArtifactRef:

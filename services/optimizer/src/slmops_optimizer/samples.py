@@ -8,6 +8,7 @@ tokenizer gets synthetic token ids: enough for calibration and agreement, said i
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,11 +30,19 @@ class SampleSet:
     feeds: list[dict[str, np.ndarray]]
     origin: str  # "eval-set", "built-in", "synthetic"
     truncated: int = 0  # texts cut to the maximum length
+    generation: Any = None  # GenerationSpec of a generation graph: its feeds get empty pasts
 
     def for_inputs(self, input_names: Sequence[str]) -> list[dict[str, np.ndarray]]:
-        """The feeds restricted to the inputs a given graph declares."""
+        """The feeds restricted to the inputs a given graph declares (a generation graph's
+        past keys and values empty: the whole window runs in one step)."""
         wanted = set(input_names)
-        return [{k: v for k, v in feed.items() if k in wanted} for feed in self.feeds]
+        feeds = []
+        for feed in self.feeds:
+            full = dict(feed)
+            if self.generation is not None:
+                full.update(self.generation.empty_past(int(feed["input_ids"].shape[0])))
+            feeds.append({k: v for k, v in full.items() if k in wanted})
+        return feeds
 
     @property
     def count(self) -> int:
@@ -100,11 +109,19 @@ def synthetic_samples(task: TaskKind, *, vocab_size: int, count: int, seed: int 
 
 
 def build_samples(
-    tokenizer: Any, task: TaskKind, texts: Sequence[str], *, origin: str, size: int
+    tokenizer: Any,
+    task: TaskKind,
+    texts: Sequence[str],
+    *,
+    origin: str,
+    size: int,
+    generation: Any = None,
 ) -> SampleSet:
-    """``size`` texts (encoders) or windows (decoders) from ``texts``."""
+    """``size`` texts (encoders) or windows (decoders) from ``texts``; ``generation`` is the
+    spec of a generation graph (its feeds then carry empty past keys and values)."""
     if task == "text-generation":
-        return decoder_samples(tokenizer, texts, origin=origin, windows=size)
+        samples = decoder_samples(tokenizer, texts, origin=origin, windows=size)
+        return dataclasses.replace(samples, generation=generation)
     return encoder_samples(tokenizer, list(texts)[:size], origin=origin)
 
 

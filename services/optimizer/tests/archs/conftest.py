@@ -114,7 +114,21 @@ def tiny_archs() -> ModuleType:
     return TINY
 
 
-@pytest.fixture(scope="session", params=sorted(TINY.ARCHS))
-def arch_case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> ArchCase:
+@pytest.fixture(scope="session")
+def arch_cases(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], ArchCase]:
+    """The one :class:`ArchCase` of an architecture, by name: what ``arch_case`` gives too, for
+    a test about one architecture (its stages are built once either way)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return ArchCase(request.param, tmp_path_factory.mktemp(f"arch-{request.param}"))
+    cases: dict[str, ArchCase] = {}
+
+    def case(name: str) -> ArchCase:
+        if name not in cases:
+            cases[name] = ArchCase(name, tmp_path_factory.mktemp(f"arch-{name}"))
+        return cases[name]
+
+    return case
+
+
+@pytest.fixture(scope="session", params=sorted(TINY.ARCHS))
+def arch_case(request: pytest.FixtureRequest, arch_cases: Callable[[str], ArchCase]) -> ArchCase:
+    return arch_cases(request.param)

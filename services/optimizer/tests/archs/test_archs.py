@@ -1,12 +1,13 @@
 """Every architecture small models ship in, through the platform's real decoder path.
 
-For each tiny GGUF (``tiny_archs.py``: llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3,
-written as llama.cpp writes them): transformers' GGUF loader gives back the model the file
-holds; onnxruntime-genai's builder makes a generation graph whose logits over whole windows
-(empty past) are torch's; the stamped file generates torch's greedy tokens through
-:class:`~slmops.generation.DecoderEngine`; its chat template renders; ``gguf_blocks`` maps the
-file's own blocks into the graph. Files transformers would silently load as another model
-(rope scaling it does not read) are refused with the reason.
+For each tiny GGUF (``tiny_archs.py``: llama, llama3 (rope scaling as ``rope_freqs``),
+mistral, qwen2, qwen3, gemma2, gemma3, phi3, written as llama.cpp writes them): transformers'
+GGUF loader gives back the model the file holds; onnxruntime-genai's builder makes a generation
+graph whose logits over whole windows (empty past) are torch's; the stamped file generates
+torch's greedy tokens through :class:`~slmops.generation.DecoderEngine`; its chat template
+renders; ``gguf_blocks`` maps the file's own blocks into the graph. Files transformers would
+silently load as another model (rope scaling it does not read and the loader cannot give back)
+are refused with the reason.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ pytestmark = pytest.mark.slow
 #: one architecture without a sliding window), so it comes back as a Llama.
 LOADS_AS = {
     "llama": "LlamaForCausalLM",
+    "llama3": "LlamaForCausalLM",
     "mistral": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
@@ -250,9 +252,9 @@ def test_chat_template_renders_with_the_models_control_tokens(arch_case: Any) ->
 # -- gguf_blocks on the builder graph ------------------------------------------------------------
 
 
-def test_gguf_blocks_maps_the_files_blocks_into_the_graph(
-    arch_case: Any, tmp_path: Path, request: pytest.FixtureRequest
-) -> None:
+def test_gguf_blocks_maps_the_files_blocks_into_the_graph(arch_case: Any, tmp_path: Path) -> None:
+    """Every quantized tensor of the file is mapped exactly and no weight stays fp32: phi3's
+    fused ``ffn_up``, which the builder splits into gate and up MatMuls, as two row ranges."""
     from slmops_optimizer.passes.gguf_blocks import GgufBlocks
 
     tiny = arch_case.tiny()
@@ -264,17 +266,59 @@ def test_gguf_blocks_maps_the_files_blocks_into_the_graph(
     expected = _torch_logits(tiny.model, ids, mask)
     assert _relative_error(actual, expected, mask) < GENERATION_MAX_RELATIVE_ERROR
     entries = {e["tensor"] for e in ctx.details["tensor_map"]}
-    if arch_case.name == "phi3":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="phi3's fused ffn_up (gate_up_proj) is split by the builder into gate and "
-                "up MatMuls; the matcher maps whole tensors or concatenations, not row slices, "
-                "so both stay fp32",
-            )
-        )
     assert ctx.metrics["fp32_weights"] == 0, ctx.log
     assert entries == {n for n, kind in tiny.types.items() if kind != "F32"}
+    assert ctx.metrics["mapped_tensors"] == len(entries)
+    assert all(e["form"] != "rtn" for e in ctx.details["tensor_map"])
+
+
+# -- Llama 3 rope scaling -----------------------------------------------------------------------
+
+
+def test_llama3_rope_scaling_is_recovered_from_rope_freqs(
+    arch_cases: Any, tiny_archs: Any, tmp_path: Path
+) -> None:
+    """llama.cpp writes Llama 3 rope scaling only as the ``rope_freqs`` factors; the loader
+    recovers the exact llama3 parameters from them (a set it has to fit), and the builder's
+    graph - also with its context capped below the original 8192 - rotates like torch.
+
+    The same weights with plain rope give logits far outside every tolerance the llama3 case
+    is held to, so a loader or graph that dropped the scaling would fail those tests."""
+    import copy
+
+    import gguf
+    import torch
+    import transformers
+
+    from slmops_optimizer.generation.build import build_decoder
+
+    case = arch_cases("llama3")
+    tiny = case.tiny()
+    reader = gguf.GGUFReader(tiny.path)
+    assert "rope_freqs.weight" in {t.name for t in reader.tensors}
+    assert not [key for key in reader.fields if key.startswith("llama.rope.scaling.")]
+    model, _ = case.loaded()
+    assert model.config.rope_parameters == tiny_archs.LLAMA3_ROPE
+
+    plain_config = copy.deepcopy(tiny.model.config)
+    plain_config.rope_parameters = {"rope_type": "default", "rope_theta": 500000.0}
+    plain = transformers.AutoModelForCausalLM.from_config(
+        plain_config, attn_implementation="eager", dtype=torch.float32
+    )
+    plain.load_state_dict(tiny.model.state_dict())
+    plain.tie_weights()
+    plain.eval()
+    ids, mask = _windows(len(tiny.vocab.tokens))
+    expected = _torch_logits(tiny.model, ids, mask)
+    assert _relative_error(_torch_logits(plain, ids, mask), expected, mask) > 0.01
+
+    capped = build_decoder(
+        case.hf_dir(), tmp_path / "capped", tmp_path / "cache", max_context_tokens=64
+    )
+    actual = _run_graph(capped, case.generation_spec(), ids, mask)
+    assert _relative_error(actual, expected, mask) < GENERATION_MAX_RELATIVE_ERROR
+    config = json.loads((capped.parent / "genai_config.json").read_text())
+    assert config["model"]["context_length"] == 64
 
 
 # -- what the platform refuses or repairs --------------------------------------------------------
@@ -283,7 +327,10 @@ def test_gguf_blocks_maps_the_files_blocks_into_the_graph(
 @pytest.mark.parametrize(
     ("arch", "change", "extra", "reason"),
     [
-        ("llama", {}, {"rope_freqs.weight": np.linspace(1, 32, 32)}, "Llama 3 rope scaling"),
+        (
+            "llama", {}, {"rope_freqs.weight": np.linspace(1, 32, 32)},
+            r"Llama 3 rope scaling \(rope_freqs\) whose factors fit no llama3 rope parameters",
+        ),
         (
             "phi3",
             {"max_position_embeddings": 131072},
@@ -294,7 +341,7 @@ def test_gguf_blocks_maps_the_files_blocks_into_the_graph(
         ("gemma3", {"rope.scaling.type": "linear", "rope.scaling.factor": 8.0}, {},
          "linear rope scaling"),
     ],
-    ids=["llama3-rope-freqs", "phi3-longrope", "gemma3-linear-rope"],
+    ids=["rope-freqs-fitting-no-llama3", "phi3-longrope", "gemma3-linear-rope"],
 )  # fmt: skip
 def test_rope_scaling_transformers_would_drop_is_refused(
     tiny_archs: Any, tmp_path: Path, arch: str, change: dict[str, Any],
@@ -302,7 +349,8 @@ def test_rope_scaling_transformers_would_drop_is_refused(
 ) -> None:  # fmt: skip
     """transformers' GGUF loader reads no rope scaling (tensors nor keys) and would build a
     plain-rope model; the export check compares against that same model, so only the loader
-    can notice: it refuses the file, naming what it would drop."""
+    can notice: it refuses the file, naming what it would drop - unless it can give the scaling
+    back (``rope_freqs`` factors that fit llama3 parameters, see the llama3 case)."""
     from slmops_optimizer.gguf.loader import load_gguf_causal_lm
 
     spec = tiny_archs.ARCHS[arch]

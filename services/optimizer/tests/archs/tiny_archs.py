@@ -13,6 +13,8 @@ is exercised on each architecture's quirks:
 - llama's q/k row permutation (llama.cpp's ``LlamaModel.permute``; transformers reverses it for
   ``llama`` files only), gemma's ``norm + 1`` (every ``*norm.weight``, q/k norms included);
 - phi3's fused ``qkv_proj`` (``attn_qkv``) and ``gate_up_proj`` (``ffn_up``);
+- llama3 rope scaling as llama.cpp writes it: only the ``rope_freqs`` tensor of per-frequency
+  factors (``LlamaModel.generate_extra_tensors``), no ``llama.rope.scaling.*`` key;
 - a small tokenizer trained on the built-in texts, in the format the architecture's files use
   (byte-level BPE with merges for llama/qwen; SentencePiece with byte tokens and scores for
   gemma/phi3), with the chat format's control tokens and a chat template in
@@ -60,6 +62,16 @@ PHI3_TEMPLATE = (
     "{{ '<|' + message['role'] + '|>' + '\n' + message['content'] + '<|end|>' + '\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    " + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% endif %}"
 )
 
 
@@ -117,6 +129,30 @@ PHI3 = Chat(
     unk="<unk>",
 )
 
+LLAMA3 = Chat(
+    LLAMA3_TEMPLATE,
+    ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+     "<|eot_id|>"),
+    bos="<|begin_of_text|>",
+    eos="<|eot_id|>",
+    pad="<|end_of_text|>",
+    add_bos=True,
+    markers=(
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n", "<|eot_id|>",
+        "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    ),
+)  # fmt: skip
+
+#: The llama3 rope scaling of the tiny Llama 3: llama.cpp's original context (8192, the value
+#: its converter uses for every Llama 3.x) and Llama 3.2's factor 32, with the smoothing band
+#: moved to wavelengths 16..128 (published sets put it at 2048..8192) so that the scaling
+#: changes the rotation within the tests' 24-token windows: most of the 32 frequencies are
+#: divided by 32, five interpolated. Not a published set: the loader has to fit it.
+LLAMA3_ROPE = {
+    "rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 64.0,
+    "high_freq_factor": 512.0, "original_max_position_embeddings": 8192,
+}  # fmt: skip
+
 
 @dataclass(frozen=True)
 class ArchSpec:
@@ -164,6 +200,13 @@ ARCHS: dict[str, ArchSpec] = {
         ArchSpec(
             "llama", "llama", "llama", {"tie_word_embeddings": True}, CHATML,
             pre="smollm", permute_qk=True, writes_rope_dims=True,
+        ),
+        ArchSpec(
+            "llama3", "llama", "llama",
+            {"tie_word_embeddings": True, "rope_parameters": LLAMA3_ROPE,
+             "max_position_embeddings": 16384},
+            LLAMA3, pre="llama-bpe", permute_qk=True, writes_rope_dims=True,
+            general_name="Llama 3.2 Tiny Instruct",
         ),
         ArchSpec(
             "mistral", "llama", "mistral", {"sliding_window": None}, CHATML,
@@ -528,7 +571,8 @@ def write_tiny_gguf(
     it with its weights replaced by the file's (dequantized, transforms undone).
 
     ``extra_tensors`` (F32) are written too, for files llama.cpp writes with tensors the torch
-    model has no parameter for (``rope_freqs``, ``rope_factors_long``...)."""
+    model has no parameter for (``rope_factors_long``...), after those llama.cpp itself adds
+    for the config (:func:`llama_cpp_extra_tensors`: ``rope_freqs``)."""
     import gguf
     import torch
 
@@ -568,7 +612,7 @@ def write_tiny_gguf(
         if spec.norm_offset and hf_name.endswith("norm.weight"):
             back = back - np.float32(spec.norm_offset)
         held[hf_name] = torch.from_numpy(np.ascontiguousarray(back))
-    for name, values in (extra_tensors or {}).items():
+    for name, values in {**llama_cpp_extra_tensors(spec, config), **(extra_tensors or {})}.items():
         writer.add_tensor(name, np.ascontiguousarray(values, dtype=np.float32))
         types[name] = "F32"
     writer.write_header_to_file()
@@ -580,6 +624,46 @@ def write_tiny_gguf(
         model.tie_weights()
     model.eval()
     return TinyGGUF(spec, path, model, vocab, types)
+
+
+def llama_cpp_extra_tensors(spec: ArchSpec, config: Any) -> dict[str, np.ndarray]:
+    """What llama.cpp's ``LlamaModel.generate_extra_tensors`` adds for a llama with llama3 rope
+    scaling: ``rope_freqs``, one float32 divisor per rotary frequency, computed as its code
+    does (torch float32 step by step, ``original_max_position_embeddings`` read from the top of
+    the config, 8192 when absent - as for every Llama 3.x config)."""
+    import math
+
+    import torch
+
+    hparams = config.to_dict()
+    rope_params = hparams.get("rope_parameters") or hparams.get("rope_scaling") or {}
+    rope_params = rope_params.get("full_attention", rope_params)
+    if spec.gguf_arch != "llama" or str(rope_params.get("rope_type", "")).lower() != "llama3":
+        return {}
+    base = rope_params.get("rope_theta", 10000.0)
+    if (dim := hparams.get("head_dim")) is None:
+        dim = hparams["hidden_size"] // hparams["num_attention_heads"]
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor = rope_params.get("factor", 8.0)
+    low_freq_factor = rope_params.get("low_freq_factor", 1.0)
+    high_freq_factor = rope_params.get("high_freq_factor", 4.0)
+    old_context_len = hparams.get("original_max_position_embeddings", 8192)
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    rope_factors: list[Any] = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_freq_wavelen:
+            rope_factors.append(1)
+        elif wavelen > low_freq_wavelen:
+            rope_factors.append(factor)
+        else:
+            smooth = (old_context_len / wavelen - low_freq_factor) / (
+                high_freq_factor - low_freq_factor
+            )
+            rope_factors.append(1 / ((1 - smooth) / factor + smooth))
+    factors = torch.tensor(rope_factors, dtype=torch.float32).numpy()
+    return {"rope_freqs.weight": np.asarray(factors, dtype=np.float32)}
 
 
 def _write_metadata(writer: Any, spec: ArchSpec, config: Any, vocab: Vocabulary) -> None:

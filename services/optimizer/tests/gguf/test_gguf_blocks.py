@@ -259,6 +259,60 @@ def test_builder_graph_without_embeddings_keeps_the_transposed_table(
     assert (reference.argmax(-1) == got.argmax(-1)).mean() >= 0.9
 
 
+def test_a_fused_tensor_split_into_two_matmuls_maps_as_two_row_ranges(
+    tiny_gguf_file: Path, tmp_path: Path
+) -> None:
+    """phi3's gate_up as the builder writes it: one GGUF tensor (here blk.0.ffn_up, Q4_1),
+    its first half the gate MatMul's weight, its second the up MatMul's. Each becomes a
+    MatMulNBits on its own rows' blocks, exactly; together they store the tensor once."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from slmops_optimizer.gguf.reader import read_gguf
+
+    file = read_gguf(tiny_gguf_file)
+    table = file.tensors["token_embd.weight"].dequantize()
+    fused = file.tensors["blk.0.ffn_up.weight"].dequantize()
+    half = fused.shape[0] // 2
+    nodes = [
+        helper.make_node("Gather", ["table", "input_ids"], ["x"], name="embed", axis=0),
+        helper.make_node("MatMul", ["x", "gate_w"], ["gate"], name="gate_proj"),
+        helper.make_node("MatMul", ["x", "up_w"], ["up"], name="up_proj"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "gate_up",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("gate", "up")],
+        [
+            numpy_helper.from_array(table, "table"),
+            numpy_helper.from_array(np.ascontiguousarray(fused[:half].T), "gate_w"),
+            numpy_helper.from_array(np.ascontiguousarray(fused[half:].T), "up_w"),
+        ],
+    )
+    source = tmp_path / "gate_up.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), source)
+
+    ctx = _context(tmp_path, tiny_gguf_file)
+    out = GgufBlocks.from_config({}).run(OnnxModel(source), ctx)
+    assert ctx.metrics["fp32_weights"] == 0
+    assert ctx.metrics["mapping_max_abs_error"] <= 1e-6
+    halves = [e for e in ctx.details["tensor_map"] if e["tensor"] == "blk.0.ffn_up.weight"]
+    assert [e["shape"] for e in halves] == [[half, fused.shape[1]]] * 2
+    assert all(e["form"] == "int4" for e in halves)
+    mapped = onnx.load(str(out.path)).graph
+    assert _ops(out.path)["MatMulNBits"] == 2
+    codes = [i for i in mapped.initializer if i.name.startswith("gguf.blk.0.ffn_up.q4")]
+    assert sum(int(np.prod(i.dims)) for i in codes) == fused.size // 2  # 4-bit: the tensor once
+
+    ids = np.arange(12, dtype=np.int64).reshape(2, 6)
+    reference = _session(source).run(None, {"input_ids": ids})
+    got = _session(out.path).run(None, {"input_ids": ids})
+    for expected, actual in zip(reference, got, strict=True):
+        scale = float(np.abs(expected).max())
+        np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-5 * scale)
+
+
 def test_a_source_that_is_not_gguf_is_refused(tiny: Any, tmp_path: Path) -> None:
     ctx = _context(tmp_path, tiny.fp32_onnx, kind="onnx")
     with pytest.raises(PassError, match=r"gguf_blocks needs a GGUF source.*weight_only"):

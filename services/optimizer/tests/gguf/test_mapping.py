@@ -1,6 +1,7 @@
 """Every GGUF block type in every form, against the ``gguf`` package's own dequantization: as
 numpy packs, then through ONNX Runtime (MatMulNBits / GatherBlockQuantized), one tensor or a
-packed qkv of several; and matching weights to GGUF tensors by content (no torch)."""
+packed qkv of several, or a row range of one; and matching weights to GGUF tensors by content,
+whole, in segments or as row ranges (no torch)."""
 
 from __future__ import annotations
 
@@ -242,3 +243,90 @@ def test_weights_are_matched_by_content_whole_or_in_segments(
     assert found["table"][0].tensor == found["head"][0].tensor == "token_embd.weight"
     assert (found["table"][0].orientation, found["head"][0].orientation) == ("gather", "matmul")
     assert all(m.segment is None for name in ("up_t", "table", "head") for m in found[name])
+
+
+def test_a_weight_holding_a_row_range_of_a_tensor_is_matched_to_that_range(
+    tiny_gguf_file: Any, layout: Any
+) -> None:
+    """phi3's fused ffn_up (gate rows, then up rows), split by the builder into two weights:
+    each is a row range of the one tensor. A range is found wherever it starts, in order or
+    permuted within it; one shaped like other tensors (attn_q, attn_output, token_embd are
+    [256, 256] too) or as wide as another tensor of the same shape (the other layer's ffn_down)
+    is not taken for them; nor is a range whose sums agree but whose rows do not (two values
+    swapped) or one that runs across two tensors; a whole tensor still matches whole."""
+    from slmops_optimizer.gguf.matching import Candidate, match_weights
+    from slmops_optimizer.gguf.reader import read_gguf
+
+    file = read_gguf(tiny_gguf_file)
+
+    def dense(name: str) -> np.ndarray:
+        return np.asarray(file.tensors[name].dequantize())
+
+    up = dense("blk.0.ffn_up.weight")  # [512, 256] Q4_1: gate rows then up rows, as in phi3
+    gate = dense("blk.1.ffn_gate.weight")  # [512, 256] Q2_K
+    down = dense("blk.1.ffn_down.weight")  # [256, 512]: blk.0.ffn_down has the same shape
+    shuffled = np.random.default_rng(7).permutation(128)
+    almost = up[128:384].copy()  # two values of a row swapped: the same sums, other rows
+    column = int(np.flatnonzero(almost[5] != almost[5, 0])[0])
+    almost[5, [0, column]] = almost[5, [column, 0]]
+    across = np.concatenate([up[448:], gate[:64]])  # the end of one tensor, the start of another
+
+    def matmul(name: str, rows: np.ndarray) -> Candidate:
+        return Candidate(name, "matmul", np.ascontiguousarray(rows.T))
+
+    candidates = [
+        matmul("gate_t", up[:256]),
+        matmul("up_t", up[256:]),
+        Candidate("middle", "gather", np.ascontiguousarray(gate[100:356])),  # unaligned start
+        matmul("shuffled_t", gate[200:328][shuffled]),
+        matmul("down_rows_t", down[64:192]),
+        matmul("whole_t", dense("blk.0.attn_output.weight")),
+        matmul("almost_t", almost),
+        matmul("across_t", across),
+    ]
+    found = {m.initializer: m for m in match_weights(candidates, file)}
+    assert set(found) == {"gate_t", "up_t", "middle", "shuffled_t", "down_rows_t", "whole_t"}
+    expected = {
+        "gate_t": ("blk.0.ffn_up.weight", (0, 256)),
+        "up_t": ("blk.0.ffn_up.weight", (256, 512)),
+        "middle": ("blk.1.ffn_gate.weight", (100, 356)),
+        "shuffled_t": ("blk.1.ffn_gate.weight", (200, 328)),
+        "down_rows_t": ("blk.1.ffn_down.weight", (64, 192)),
+        "whole_t": ("blk.0.attn_output.weight", None),
+    }
+    for name, (tensor, rows) in expected.items():
+        match = found[name]
+        assert (match.tensor, match.tensor_rows, match.segment) == (tensor, rows, None), name
+        if rows is None:
+            assert match.order is None
+        elif name == "shuffled_t":
+            assert np.array_equal(match.order, 200 + shuffled)
+        else:
+            assert np.array_equal(match.order, np.arange(*rows))
+    assert found["middle"].orientation == "gather"
+    assert found["gate_t"].order_key != found["up_t"].order_key  # two packs of one tensor
+
+
+@pytest.mark.parametrize(
+    ("kind", "form"), [("Q4_K", "int4"), ("Q4_1", "int4"), ("Q6_K", "split4"), ("Q5_0", "int8")]
+)
+def test_a_row_range_of_blocks_reproduces_those_rows_in_onnxruntime(
+    kind: str, form: Any, layout: Any
+) -> None:
+    """The blocks of rows [13, 29) of a tensor (what a weight holding that row range gets:
+    GGUF blocks run along K, so a row range of blocks is exact) give back exactly those rows
+    through MatMulNBits and GatherBlockQuantized, offsets and corrections included."""
+    rows, cols, start, stop = 40, 512, 13, 29
+    raw = _raw(layout, kind, rows, cols)
+    blocks = split_blocks(raw, kind).permute_rows(np.arange(start, stop))
+    pack = pack_blocks(blocks, form)
+    expected = _reference(raw, kind)[start:stop]
+    assert (pack.n, pack.k) == (stop - start, cols)
+    np.testing.assert_allclose(pack.dequantize(), expected, rtol=0, atol=pack.rounding_bound())
+    model, _ = _rewrite([pack], 0)
+    ids = np.arange(stop - start, dtype=np.int64).reshape(1, -1)
+    y, e = _session(model).run(None, {"x": np.eye(cols, dtype=np.float32), "ids": ids})
+    scale = float(np.abs(expected).max())
+    tolerance = 1e-6 * scale if form == "int8" else pack.rounding_bound() + 1e-7 * scale
+    np.testing.assert_allclose(y, expected.T, rtol=0, atol=tolerance)
+    np.testing.assert_allclose(e.reshape(stop - start, cols), expected, rtol=0, atol=tolerance)

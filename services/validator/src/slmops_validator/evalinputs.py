@@ -9,6 +9,7 @@ texts. A model without a tokenizer (an ONNX source) is fed seeded random token i
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from slmops.evaldata import DEFAULT_EVAL_SET_NAME, EvalRecord
+from slmops.generation import GenerationSpec
 from slmops.reports import EvalSetInfo
 from slmops_validator.settings import ValidatorSettings
 
@@ -35,6 +37,8 @@ class EvalInputs:
     label_source: str  # "label", "topic" or ""
     latency_feed: Feed  # one row of ``latency_tokens`` tokens
     info: EvalSetInfo
+    prompts: list[list[int]] = dataclasses.field(default_factory=list)  # decoders: one per text
+    generation: GenerationSpec | None = None  # a generation-ready decoder's spec
 
 
 def build_inputs(
@@ -59,7 +63,10 @@ def build_inputs(
     tokenizer.no_truncation()
     model_max = _model_max_length(metadata)
     if task == "text-generation":
-        return _decoder(tokenizer, records, settings, origin, set_name, set_digest)
+        inputs = _decoder(tokenizer, records, settings, origin, set_name, set_digest)
+        prompts = [e.ids for e in tokenizer.encode_batch([r.text for r in records])]
+        inputs = dataclasses.replace(inputs, prompts=[p for p in prompts if p])
+        return _with_empty_past(inputs, GenerationSpec.from_metadata(metadata))
     max_tokens = min(settings.eval_max_tokens, model_max or settings.eval_max_tokens)
     full = [e.ids for e in tokenizer.encode_batch([r.text for r in records])]
     truncated = sum(1 for ids in full if len(ids) > max_tokens)
@@ -104,6 +111,23 @@ def _decoder(
     )
     latency_len = min(settings.latency_tokens, len(stream))
     return EvalInputs("text-generation", feeds, None, "", _row(stream, latency_len), info)
+
+
+def _with_empty_past(inputs: EvalInputs, spec: GenerationSpec | None) -> EvalInputs:
+    """A generation graph (KV cache in and out) runs each window in one step from an empty
+    cache: every feed gets zero-length past keys and values."""
+    if spec is None:
+        return inputs
+
+    def full(feed: Feed) -> Feed:
+        return {**feed, **spec.empty_past(int(feed["input_ids"].shape[0]))}
+
+    return dataclasses.replace(
+        inputs,
+        feeds=[full(f) for f in inputs.feeds],
+        latency_feed=full(inputs.latency_feed),
+        generation=spec,
+    )
 
 
 def _synthetic(task: str, settings: ValidatorSettings, vocab_size: int) -> EvalInputs:

@@ -44,6 +44,16 @@ class ValidatorSettings(ServiceSettings):
     latency_runs: int = Field(
         40, ge=5, description="Timed runs per model (candidate and baseline interleaved)."
     )
+    latency_max_rounds: int = Field(
+        3,
+        ge=1,
+        le=10,
+        description="Rounds of timed runs while a ratio to the fp32 reference is within noise of "
+        "its budget (each round adds latency_runs, or generation_runs, pairs).",
+    )
+    generation_runs: int = Field(
+        8, ge=2, description="Timed generations per model per round (decoders, interleaved)."
+    )
     latency_tokens: int = Field(
         128, ge=1, le=8192, description="Input length of a latency run, in tokens (batch 1)."
     )

@@ -9,7 +9,12 @@ is seen here as ``[N, K]`` rows (outputs first, like the GGUF tensor) and matche
 - whole: a permutation- and transpose-invariant signature, then the rows themselves (equal, a
   row permutation found by hashing, or the llama q/k interleave within a tolerance);
 - else in segments: consecutive row ranges that are whole GGUF tensors with the same ``K``
-  (q, then k, then v), found with prefix sums of the same signature.
+  (q, then k, then v), found with prefix sums of the same signature;
+- else as a row range of one GGUF tensor with the same ``K``: the builder splits phi3's fused
+  ``ffn_up`` (gate rows, then up rows) into two MatMuls. GGUF blocks run along ``K``, so the
+  blocks of a row range are exactly that weight's blocks. Found with window sums over the
+  tensor's row prefix sums, confirmed on the rows (a weight of the same shape as some other
+  tensor is never taken for it: the signature and then the rows must agree).
 
 :func:`find_candidates` lists the weights worth matching: 2-D float initializers read only as
 MatMul weights and Gather tables (a Transpose feeding Gathers counts as a table read, the
@@ -38,13 +43,18 @@ _CHUNK = 1 << 24  # elements per step of a signature sum (bounds the float64 tem
 class Match:
     """ONNX initializer ``initializer`` holds GGUF tensor ``tensor``: with ``rows`` the
     initializer as ``[N, K]`` (transposed for a MatMul weight), ``rows[a + i] ==
-    gguf[order[i]]`` for ``segment = (a, b)`` (None: all rows; ``order`` None: same order)."""
+    gguf[order[i]]`` for ``segment = (a, b)`` (None: all rows; ``order`` None: same order).
+
+    ``tensor_rows = (start, stop)``: the initializer holds only that row range of the tensor
+    (``order`` then indexes the tensor's rows within it), None: every row. Whoever takes the
+    tensor's blocks in ``order`` (``GGUFBlocks.permute_rows``) gets exactly the range's."""
 
     tensor: str
     initializer: str
     orientation: Orientation
     order: np.ndarray | None = field(default=None, compare=False)
     segment: tuple[int, int] | None = None
+    tensor_rows: tuple[int, int] | None = None
 
     @property
     def order_key(self) -> str:
@@ -216,8 +226,9 @@ def subgraph_reads(graph: Any) -> set[str]:
 
 def match_weights(candidates: list[Candidate], gguf_file: GGUFFile) -> list[Match]:
     """Which GGUF tensor(s) each candidate holds. A GGUF tensor may match several candidates
-    (the TorchScript exporter stores a tied embedding twice); a candidate matches one tensor, or
-    consecutive segments of several (a packed qkv weight)."""
+    (the TorchScript exporter stores a tied embedding twice; a fused gate_up holds the builder's
+    gate and up weights as two row ranges); a candidate matches one tensor, consecutive segments
+    of several (a packed qkv weight), or a row range of one."""
     heads = {
         h
         for h in (
@@ -228,8 +239,10 @@ def match_weights(candidates: list[Candidate], gguf_file: GGUFFile) -> list[Matc
     }
     widths = {cand.rows_shape[1] for cand in candidates}
     by_shape: dict[tuple[int, int], list[tuple[Candidate, tuple[float, float]]]] = {}
+    cand_signatures: dict[str, tuple[float, float]] = {}
     for cand in candidates:
-        by_shape.setdefault(cand.rows_shape, []).append((cand, _signature(cand.array)))
+        cand_signatures[cand.name] = _signature(cand.array)
+        by_shape.setdefault(cand.rows_shape, []).append((cand, cand_signatures[cand.name]))
     matches: list[Match] = []
     taken: set[str] = set()
     signatures: dict[str, tuple[float, float]] = {}
@@ -253,7 +266,17 @@ def match_weights(candidates: list[Candidate], gguf_file: GGUFFile) -> list[Matc
         del dense
     for cand in candidates:
         if cand.name not in taken:
-            matches.extend(_segments(cand, gguf_file, signatures, heads))
+            segments = _segments(cand, gguf_file, signatures, heads)
+            matches.extend(segments)
+            if segments:
+                taken.add(cand.name)
+    prefixes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for cand in candidates:
+        if cand.name not in taken:
+            own = cand_signatures[cand.name]
+            ranged = _row_range(cand, own, gguf_file, signatures, heads, prefixes)
+            if ranged is not None:
+                matches.append(ranged)
     return matches
 
 
@@ -298,6 +321,57 @@ def _segments(
         found.append(hit)
         start += gguf_file.tensors[hit.tensor].shape[0]
     return found if len(found) > 1 else []
+
+
+def _row_range(
+    cand: Candidate,
+    cand_signature: tuple[float, float],
+    gguf_file: GGUFFile,
+    signatures: dict[str, tuple[float, float]],
+    heads: set[int],
+    prefixes: dict[str, tuple[np.ndarray, np.ndarray]],
+) -> Match | None:
+    """The candidate's rows as a contiguous row range of one GGUF tensor with the same ``K``
+    and more rows (in order, or permuted within the range), else None.
+
+    A range's signature is a difference of the tensor's row prefix sums, so every start is
+    checked at once; only starts whose sums agree are compared row by row. ``prefixes`` keeps
+    the prefix sums of the tensors already scanned (the gate and up weights share one tensor).
+    """
+    n, width = cand.rows_shape
+    for name, signature in signatures.items():
+        tensor = gguf_file.tensors[name]
+        total = tensor.shape[0]
+        if tensor.shape[1] != width or total <= n:
+            continue
+        pairs = zip(cand_signature, signature, strict=True)
+        if any(part > whole * (1 + 1e-6) for part, whole in pairs):
+            continue  # a part of the tensor cannot outweigh the whole
+        if name not in prefixes:
+            prefixes[name] = _row_prefix_sums(tensor.dequantize())
+        abs_prefix, sq_prefix = prefixes[name]
+        window_abs = abs_prefix[n:] - abs_prefix[:-n]
+        window_sq = sq_prefix[n:] - sq_prefix[:-n]
+        agree = _close_all(window_abs, cand_signature[0]) & _close_all(window_sq, cand_signature[1])
+        rows = None
+        for start in np.flatnonzero(agree).tolist():
+            if rows is None:
+                rows = cand.rows()
+            order = _row_order(rows, tensor.dequantize(slice(start, start + n)), heads)
+            if order is False:
+                continue
+            within = np.arange(n, dtype=np.int64) if order is None else order
+            return Match(
+                name, cand.name, cand.orientation, start + within, None, (start, start + n)
+            )
+    return None
+
+
+def _close_all(values: np.ndarray, target: float) -> np.ndarray:
+    """:func:`_close`, one value against many."""
+    scale = np.maximum(np.maximum(np.abs(values), abs(target)), 1e-12)
+    agree: np.ndarray = np.abs(values - target) <= 1e-6 * scale
+    return agree
 
 
 def _row_prefix_sums(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -4,8 +4,9 @@
   TorchScript exporter (``dynamo=False``: it handles these models at fp32 with 1e-7 error and
   needs no onnxscript), then run in ONNX Runtime on the job's sample inputs and compared with
   the torch outputs; an export that drifts fails the job instead of shipping a wrong model.
-- GGUF file: dequantized into a ``LlamaForCausalLM`` (``slmops_optimizer.gguf.loader``) and
-  exported the same way. ``gguf_blocks`` later maps the original blocks back exactly.
+- Decoders (a GGUF file or a Hugging Face folder): a generation-ready graph with a KV cache
+  from onnxruntime-genai's builder (``slmops_optimizer.generation.convert``); ``gguf_blocks``
+  later maps a GGUF file's own blocks back into it exactly.
 - ONNX: passes through after a load + shape-inference check (external data is followed).
 
 The tokenizer found here is kept in the context: the job stamps it into the final model's
@@ -38,6 +39,18 @@ class ConvertConfig(PassConfig):
         "auto", description="Store weights beside the graph: 'auto' only past 2 GB."
     )
     check_batches: int = Field(2, ge=1, le=64, description="Sample batches the check runs.")
+    max_context_tokens: int | None = Field(
+        8192,
+        ge=16,
+        description="Decoders: longest context the generation graph supports (rotary caches "
+        "are sized by it); None = the model's own. Edge devices allocate far less.",
+    )
+    decoder_max_relative_error: float = Field(
+        1e-3,
+        ge=0,
+        description="The same bound for a decoder's generation graph: its fused attention "
+        "kernels sum in another order than torch's eager attention.",
+    )
 
 
 @register
@@ -48,6 +61,15 @@ class Convert(Pass[ConvertConfig]):
 
     def run(self, model: OnnxModel | None, ctx: PassContext) -> OnnxModel:
         source = ctx.source
+        if source.task == "text-generation":
+            from slmops_optimizer.generation.convert import convert_decoder
+
+            return convert_decoder(
+                ctx,
+                max_relative_error=self.config.decoder_max_relative_error,
+                batches=self.config.check_batches,
+                max_context_tokens=self.config.max_context_tokens,
+            )
         if source.kind == "onnx":
             return self._pass_through(ctx)
         torch_model, tokenizer = _load_torch(source.kind, source.path, source.task, ctx.work_dir)
@@ -132,19 +154,14 @@ def _load_torch(kind: str, path: Path, task: str, scratch: Path) -> tuple[Any, A
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # air-gapped: never ask a model hub
-    if kind == "gguf":
-        from slmops_optimizer.gguf.loader import load_gguf_causal_lm
-
-        if task != "text-generation":
-            raise PassError(f"a GGUF source must be a text-generation model, not {task}")
-        return load_gguf_causal_lm(path, scratch_dir=scratch)
+    if kind == "gguf":  # decoders take convert_decoder's path
+        raise PassError(f"a GGUF source must be a text-generation model, not {task}")
     import transformers
 
     if not (path / "config.json").is_file():
         raise PassError("the Hugging Face folder has no config.json at its top level")
     classes = {
         "feature-extraction": transformers.AutoModel,
-        "text-generation": transformers.AutoModelForCausalLM,
         "text-classification": transformers.AutoModelForSequenceClassification,
     }
     try:
@@ -155,19 +172,11 @@ def _load_torch(kind: str, path: Path, task: str, scratch: Path) -> tuple[Any, A
     except Exception as exc:  # transformers raises many types for a broken folder
         raise PassError(f"cannot load the Hugging Face model: {_short(exc)}") from exc
     model.eval()
-    if task == "text-generation":
-        model.config.use_cache = False
     return model, tokenizer
 
 
 def _export(model: Any, task: str, out: Path, opset: int) -> None:
     import torch
-
-    if task == "text-generation":
-        from slmops_optimizer.gguf.export import export_causal_lm_onnx
-
-        export_causal_lm_onnx(model, out, opset)
-        return
 
     class ByName(torch.nn.Module):
         """Positional graph inputs → keyword arguments (forward signatures differ by version)."""

@@ -69,6 +69,10 @@ class Fp16(Pass[Fp16Config]):
                     raise PassError(
                         f"{self.name}: float16 conversion failed: {explain_ort_error(exc)}"
                     ) from exc
+                # The converter appends the Casts of fp32 graph inputs (a generation graph's
+                # past keys and values) after the nodes that read them: ONNX requires
+                # topological order, and onnx.checker refuses the graph without it.
+                wrapper.topological_sort()
             result = save_model(wrapper.model, out)
             del wrapper, proto
             self_check(self.name, result, ctx)

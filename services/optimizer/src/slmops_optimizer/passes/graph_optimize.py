@@ -4,9 +4,8 @@
    the shape arithmetic of a TorchScript export so the fusion patterns below can match.
 2. Transformer fusion (``onnxruntime.transformers.optimizer.optimize_model`` at ``opt_level=0``,
    pure Python, no torch import): Attention, SkipLayerNormalization, BiasGelu and
-   EmbedLayerNormalization for BERT-like encoders. Decoders are skipped under ``auto``: ORT's
-   GPT-2/LLaMA fusions expect the graphs of ORT's own exporters and match nothing on a generic
-   TorchScript export of a modern decoder.
+   EmbedLayerNormalization for BERT-like encoders. A decoder's generation graph comes fused from
+   onnxruntime-genai's builder and passes through unchanged.
 3. ORT optimization at ``level`` once more on the fused graph, saved with
    ``optimized_model_filepath``.
 
@@ -95,6 +94,12 @@ class GraphOptimize(Pass[GraphOptimizeConfig]):
 
     def run(self, model: OnnxModel | None, ctx: PassContext) -> OnnxModel:
         source = require_input(self.name, model)
+        if ctx.generation is not None:
+            # onnxruntime-genai's builder writes the fused graph (GroupQueryAttention,
+            # SkipSimplifiedLayerNormalization): re-optimizing it offline gains nothing and
+            # would bake host-specific choices into it. ONNX Runtime still optimizes at load.
+            ctx.note(f"{self.name}: generation graph, already fused by its builder: unchanged")
+            return source
         model_type = self._model_type(ctx)
         with producing(ctx, self.name) as out:
             with quantizer_sandbox(ctx, self.name) as tmp:
