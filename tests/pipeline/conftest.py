@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -201,8 +202,16 @@ class Validator:
 
 
 @pytest.fixture
+def validator_overrides() -> dict[str, Any]:
+    return {}
+
+
+@pytest.fixture
 async def validator(
-    pipeline: Pipeline, tmp_path: Path, optimizer_overrides: dict[str, Any]
+    pipeline: Pipeline,
+    tmp_path: Path,
+    optimizer_overrides: dict[str, Any],
+    validator_overrides: dict[str, Any],
 ) -> AsyncIterator[Validator]:
     """The validator beside the pipeline's registry and optimizer, judging with the same
     profiles; few latency runs (the figures are checked for presence, not speed)."""
@@ -210,8 +219,7 @@ async def validator(
         platform=PlatformSettings(),
         profiles_dir=optimizer_overrides.get("profiles_dir", PROFILES),
         work_dir=tmp_path / f"validator-{uuid.uuid4().hex[:6]}",
-        latency_runs=10,
-        latency_warmup_runs=2,
+        **{"latency_runs": 10, "latency_warmup_runs": 2, **validator_overrides},
     )
     app = create_validator(settings)
     context: ValidatorContext = app.state.validator
@@ -235,3 +243,84 @@ def minilm_folder() -> Path:
 def tiny_onnx() -> Callable[..., bytes]:
     """A small encoder-shaped ONNX graph (Gather → MatMul → Relu → MatMul) as bytes."""
     return tiny_encoder_onnx
+
+
+@dataclass
+class Gateway:
+    """A real gateway app on uvicorn and a client of its HTTP API."""
+
+    api: httpx.AsyncClient
+    app: Any
+    url: str
+
+    @property
+    def agent(self) -> Any:
+        return self.app.state.agent
+
+
+@dataclass
+class Gateways:
+    """Real gateway agents for a pipeline test, served on free 127.0.0.1 ports (streams arrive
+    as they are generated, a client can hang up), and reading their OpenAI-style answers."""
+
+    pipeline: Pipeline
+    tmp_path: Path
+
+    @contextlib.asynccontextmanager
+    async def serve(self, gateway_id: str, **overrides: Any) -> AsyncIterator[Gateway]:
+        """A gateway of class ``test-cpu`` with its own NATS consumer, using the pipeline's
+        registry."""
+        import socket
+
+        import uvicorn
+
+        from slmops.testing.polling import until
+        from slmops_gateway.app import create_app
+
+        defaults: dict[str, Any] = {"device_class": "test-cpu", "health_interval_s": 0.5}
+        settings = GatewaySettings(
+            platform=PlatformSettings(), gateway_id=gateway_id,
+            models_dir=self.tmp_path / gateway_id, **{**defaults, **overrides},
+        )  # fmt: skip
+        app = create_app(settings)
+        app.state.agent.registry = RegistryClient("http://registry", client=self.pipeline.registry)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="warning"))
+        serving = asyncio.create_task(server.serve(sockets=[sock]))
+        await until(lambda: server.started or serving.done(), "uvicorn to start")
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        try:
+            async with httpx.AsyncClient(base_url=url, timeout=120) as api:
+                yield Gateway(api, app, url)
+        finally:
+            server.should_exit = True
+            await serving
+            sock.close()
+
+    @staticmethod
+    async def sse(api: httpx.AsyncClient, path: str, body: dict[str, Any]) -> list[Any]:
+        """The chunks of a streamed answer, checking OpenAI's framing on the way."""
+        async with api.stream("POST", path, json={**body, "stream": True}) as response:
+            raw = (await response.aread()).decode()
+            assert response.status_code == 200, raw
+            assert response.headers["content-type"].startswith("text/event-stream")
+        blocks = raw.split("\n\n")
+        assert blocks[-2:] == ["data: [DONE]", ""], raw[-300:]
+        assert all(b.startswith("data: ") for b in blocks[:-2]), raw
+        chunks = [json.loads(b.removeprefix("data: ")) for b in blocks[:-2]]
+        assert len({c["id"] for c in chunks}) == 1
+        return chunks
+
+    @staticmethod
+    def streamed_text(chunks: list[Any]) -> str:
+        key = "delta" if chunks[0]["object"] == "chat.completion.chunk" else None
+        return "".join(
+            (c["choices"][0][key].get("content") or "") if key else c["choices"][0]["text"]
+            for c in chunks if c["choices"]
+        )  # fmt: skip
+
+
+@pytest.fixture
+def gateways(pipeline: Pipeline, tmp_path: Path) -> Gateways:
+    return Gateways(pipeline, tmp_path)

@@ -29,8 +29,10 @@ WAVE_STARTED = "slmops.rollout.wave.started.v1"
 def start_rollout_service(env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "slmops_rollout"],
+        # A report the killed process had fetched but not acked comes back after ack_wait: short
+        # here, so the test sees it land within seconds.
         env={**os.environ, **env, "SLMOPS_ROLLOUT_PORT": str(port), "SLMOPS_ROLLOUT_TICK_S": "0.2",
-             "SLMOPS_LOG_LEVEL": "warning"},
+             "SLMOPS_LOG_LEVEL": "warning", "SLMOPS_CONSUMER_ACK_WAIT_S": "5"},
     )  # fmt: skip
 
 
@@ -91,8 +93,23 @@ async def test_a_killed_rollout_service_resumes_mid_wave(
             # assert: it was mid-wave; the second process finished it; every gateway serves
             # its class's variant; each wave was announced once
             assert 20 < serving_at_kill < 200
-            assert done[0].data.rollout_id == started.json()["rollout_id"]
-            assert (done[0].data.gateways_updated, done[0].data.gateways_silent) == (200, 0)
+            rollout_id = started.json()["rollout_id"]
+            assert done[0].data.rollout_id == rollout_id
+            # the wave may complete a moment before a report the killed process held comes
+            # back (its success threshold is met), but no report is lost: all 200 land
+            updated = done[0].data.gateways_updated
+            assert updated + done[0].data.gateways_silent == 200
+            assert updated >= 190
+
+            async def applied() -> int:
+                status = (await api.get(f"/v1/rollouts/{rollout_id}")).json()
+                return int(status["gateways"].get("applied", 0))
+
+            for _ in range(150):
+                if await applied() == 200:
+                    break
+                await asyncio.sleep(0.2)
+            assert await applied() == 200
             for sim in fleet.gateways.values():
                 active = sim.agent.slots.active
                 assert active is not None

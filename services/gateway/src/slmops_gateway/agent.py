@@ -150,7 +150,11 @@ class Agent:
         """The device's part of an install: the verified bytes, a second session, its test."""
         async with httpx.AsyncClient(timeout=httpx.Timeout(60.0, connect=5.0)) as client:
             path = await self._fetch(desired, vouched.manifest.chunks_digest, client)
-        model = await asyncio.to_thread(load, path, desired.variant_id, desired.version, options)
+        model = await asyncio.to_thread(
+            load, path, desired.variant_id, desired.version, options,
+            model_name=desired.model_name,
+            runtime_dir=self.settings.model_dir / "runtime" / desired.variant_id,
+        )  # fmt: skip
         await asyncio.to_thread(smoke_test, model, self.slots.active)
         return model
 
@@ -182,7 +186,10 @@ class Agent:
         values = {**base, **assignment.overlay}
         if min(values.values()) < 1:
             raise Refused(f"overlay values must be at least 1: {assignment.overlay}")
-        return SessionOptions(**values)
+        # A decoder's prompt is limited by its context, and by max_input_tokens only when the
+        # overlay sets it for this site (see SessionOptions.max_prompt_tokens).
+        explicit = assignment.overlay.get("max_input_tokens")
+        return SessionOptions(**values, max_prompt_tokens=explicit)
 
     async def check(self) -> Check:
         active = self.slots.active

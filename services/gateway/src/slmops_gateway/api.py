@@ -38,6 +38,11 @@ async def infer(body: InferRequest, request: Request) -> dict[str, Any]:
     model = agent.slots.active  # read once: the request finishes on this model
     if model is None:
         raise HTTPException(503, "no model installed yet: the gateway waits for an assignment")
+    if model.engine is not None:
+        raise HTTPException(
+            400, f"the active model {model.model_id} is a generation-ready decoder: use "
+            "POST /v1/chat/completions (or /v1/completions)",
+        )  # fmt: skip
     started = time.perf_counter()
     try:
         outputs = await asyncio.to_thread(model.run, body.texts, body.ids)

@@ -13,6 +13,8 @@ from slmops.service.registry_api import RegistryClient
 from slmops_gateway.agent import DESIRED_BUCKET, Agent, report_event
 from slmops_gateway.api import router
 from slmops_gateway.handlers import build_handlers
+from slmops_gateway.openai_api import router as openai_router
+from slmops_gateway.pool import GenerationPool
 from slmops_gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -66,8 +68,11 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         consumer_name=f"gateway-{settings.gateway_id}",
     )  # fmt: skip
     runtime.add_dependency("agent", AgentLoop(agent, runtime))
-    app = create_service_app(runtime, router, title="slmops gateway")
+    pool = GenerationPool(settings.max_concurrent_generations, settings.queue_timeout_s)
+    runtime.add_dependency("generation", pool)  # /readyz shows its load; stopping cancels runs
+    app = create_service_app(runtime, router, openai_router, title="slmops gateway")
     app.state.agent = agent
+    app.state.generation_pool = pool
     return app
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from slmops.settings import ServiceSettings
@@ -31,12 +31,37 @@ class GatewaySettings(ServiceSettings):
         None, description="Verified model files (unset: <var_dir>/gateway/<gateway_id>)."
     )
     intra_op_threads: int = Field(1, ge=1, le=64, description="ONNX Runtime threads per session.")
-    max_input_tokens: int = Field(256, ge=1, description="Longest input served, in tokens.")
+    max_input_tokens: int = Field(
+        256, ge=1,
+        description="Longest encoder input served, in tokens (longer ones are cut); decoders "
+        "take prompts up to their context length unless an assignment's overlay sets it.",
+    )  # fmt: skip
     shadow_sample_rate: float = Field(
         0.1, ge=0, le=1,
         description="Share of requests also run on the previous model after a rollout's "
         "install, to report shadow agreement (0: never).",
     )  # fmt: skip
+    shadow_tokens: int = Field(
+        16, ge=1, le=256,
+        description="Decoders: leading greedy tokens of the previous and the new model compared "
+        "per shadowed request (agreement: identical leading tokens / this).",
+    )  # fmt: skip
+    max_concurrent_generations: int = Field(
+        2, ge=1, le=64,
+        description="Generations (and embedding requests) running at once, each in its own "
+        "thread with its own KV cache; more wait for a turn.",
+    )  # fmt: skip
+    queue_timeout_s: float = Field(
+        30.0, ge=0,
+        description="How long a request waits for a turn when max_concurrent_generations are "
+        "running, in seconds; then 503.",
+    )  # fmt: skip
+    api_key: SecretStr | None = Field(
+        None,
+        description="If set, the OpenAI-compatible routes (/v1/chat/completions, /v1/completions, "
+        "/v1/embeddings, /v1/models) require `Authorization: Bearer <key>`; unset or empty: they "
+        "answer local callers without credentials.",
+    )
     health_interval_s: float = Field(
         30.0, gt=0, description="How often it reports health aggregates, in seconds."
     )
