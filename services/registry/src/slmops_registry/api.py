@@ -34,7 +34,7 @@ from slmops_registry.uploads import pipe_upload, spool_upload
 router = APIRouter(prefix="/v1", tags=["registry"])
 
 
-def _valid(kind: Any, value: str, what: str) -> str:
+def validated(kind: Any, value: str, what: str) -> str:
     """Path parameters share the event contract's patterns (no traversal, no odd characters)."""
     try:
         return str(TypeAdapter(kind).validate_python(value))
@@ -68,7 +68,7 @@ async def upload_blob(
     settings = registry.settings
     limit = settings.max_upload_mb * 1024 * 1024
     if x_expected_digest is not None:  # stream straight into the store while receiving
-        _valid(Digest, x_expected_digest, "X-Expected-Digest")
+        validated(Digest, x_expected_digest, "X-Expected-Digest")
         store = partial(
             registry.store.put_stream,
             expected_digest=x_expected_digest,
@@ -176,7 +176,7 @@ async def list_models(request: Request) -> list[dict[str, Any]]:
 
 @router.get("/models/{name}", summary="The versions of one model")
 async def list_versions(name: str, request: Request) -> list[dict[str, Any]]:
-    name = _valid(ModelName, name, "model name")
+    name = validated(ModelName, name, "model name")
     records = await (await _publisher(request)).catalog.list(name)
     if not records:
         raise RegistryError(404, f"no model {name}")
@@ -185,7 +185,7 @@ async def list_versions(name: str, request: Request) -> list[dict[str, Any]]:
 
 @router.get("/models/{name}/{version}", summary="The signed manifest of a model version")
 async def get_version(name: str, version: str, request: Request) -> dict[str, Any]:
-    name, version = _valid(ModelName, name, "model name"), _valid(Version, version, "version")
+    name, version = validated(ModelName, name, "model name"), validated(Version, version, "version")
     publisher = await _publisher(request)
     record = await publisher.catalog.get(name, version)
     if record is None:
@@ -196,7 +196,7 @@ async def get_version(name: str, version: str, request: Request) -> dict[str, An
 
 @router.get("/manifests/{digest}", summary="A signed manifest by its digest")
 async def get_manifest(digest: str, request: Request) -> dict[str, Any]:
-    digest = _valid(Digest, digest, "digest")
+    digest = validated(Digest, digest, "digest")
     try:
         signed = await (await _publisher(request)).manifest(digest)
     except ObjectNotFoundError as exc:
@@ -206,7 +206,7 @@ async def get_manifest(digest: str, request: Request) -> dict[str, Any]:
 
 @router.get("/blobs/{digest}/url", summary="A short-lived download URL for a blob")
 async def download_url(digest: str, request: Request) -> dict[str, Any]:
-    digest = _valid(Digest, digest, "digest")
+    digest = validated(Digest, digest, "digest")
     registry = request.app.state.registry
     blob = await asyncio.to_thread(registry.store.stat, digest)
     if blob is None:
@@ -241,7 +241,7 @@ async def keys(request: Request) -> dict[str, Any]:
 
 @router.get("/models/{name}/{version}/lineage", summary="Variants, reports, releases, rollouts")
 async def lineage(name: str, version: str, request: Request) -> dict[str, Any]:
-    name, version = _valid(ModelName, name, "model name"), _valid(Version, version, "version")
+    name, version = validated(ModelName, name, "model name"), validated(Version, version, "version")
     store = await _lineage(request)
     found = await store.get(name, version)
     if found is None:
@@ -279,7 +279,7 @@ class ChannelMove(BaseModel):
 
 @router.get("/channels/{name}", summary="Channels of a model per device class, with history")
 async def channels(name: str, request: Request) -> list[dict[str, Any]]:
-    name = _valid(ModelName, name, "model name")
+    name = validated(ModelName, name, "model name")
     store = await _lineage(request)
     books = sorted(await store.channel_books(name), key=lambda b: b.device_class)
     return [book.to_api() for book in books]
@@ -293,10 +293,10 @@ async def channels(name: str, request: Request) -> list[dict[str, Any]]:
 async def move_channel(
     name: str, device_class: str, channel: str, body: ChannelMove, request: Request
 ) -> dict[str, Any]:
-    name = _valid(ModelName, name, "model name")
+    name = validated(ModelName, name, "model name")
     device_class, channel = (
-        _valid(Token, device_class, "device class"),
-        _valid(Token, channel, "channel"),
+        validated(Token, device_class, "device class"),
+        validated(Token, channel, "channel"),
     )
     store = await _lineage(request)
     lineage = await store.get(name, body.version)

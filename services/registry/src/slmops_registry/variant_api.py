@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from slmops.events.payloads import Token
 from slmops.rollbacks import rollback_statement
-from slmops_registry.api import _valid
+from slmops_registry.api import validated
 from slmops_registry.errors import RegistryError
 from slmops_registry.variants import ReportRequest, VariantRequest, Variants
 
@@ -36,14 +36,14 @@ async def register_variant(body: VariantRequest, request: Request) -> JSONRespon
 
 @router.get("/{variant_id}", summary="The signed manifest of a variant")
 async def get_variant(variant_id: str, request: Request) -> dict[str, Any]:
-    variant_id = _valid(Token, variant_id, "variant id")
+    variant_id = validated(Token, variant_id, "variant id")
     signed = await (await _variants(request)).manifest_of(variant_id)
     return signed.model_dump(mode="json")
 
 
 @router.post("/{variant_id}/reports", status_code=201, summary="Store a validation report")
 async def add_report(variant_id: str, body: ReportRequest, request: Request) -> dict[str, Any]:
-    variant_id = _valid(Token, variant_id, "variant id")
+    variant_id = validated(Token, variant_id, "variant id")
     signed = await (await _variants(request)).add_report(variant_id, body, created_by="api")
     return signed.model_dump(mode="json")
 
@@ -51,7 +51,7 @@ async def add_report(variant_id: str, body: ReportRequest, request: Request) -> 
 @router.get("/{variant_id}/report", summary="The newest validation report of a variant")
 async def latest_report(variant_id: str, request: Request) -> dict[str, Any]:
     """``{"manifest": <signed report manifest>, "report": <the report JSON>}``."""
-    variant_id = _valid(Token, variant_id, "variant id")
+    variant_id = validated(Token, variant_id, "variant id")
     signed, report = await (await _variants(request)).latest_report(variant_id)
     return {"manifest": signed.model_dump(mode="json"), "report": report}
 
@@ -66,7 +66,7 @@ class RollbackRequest(BaseModel):
 
 @router.post("/{variant_id}/rollbacks", summary="Sign a rollback to this variant")
 async def sign_rollback(variant_id: str, body: RollbackRequest, request: Request) -> dict[str, Any]:
-    variant_id = _valid(Token, variant_id, "variant id")
+    variant_id = validated(Token, variant_id, "variant id")
     signed = await (await _variants(request)).manifest_of(variant_id)
     statement = rollback_statement(signed.manifest.model_name, signed.digest, body.rollout_id)
     signature = request.app.state.registry.signer.sign(statement)

@@ -14,13 +14,13 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from slmops.cli.registry import CliSettings, RegistryUrl, _fail, _out
-from slmops.cli.rollout import JsonOutput, RolloutUrl, _call
+from slmops.cli.registry import CliSettings, RegistryUrl, console_out, fail
+from slmops.cli.rollout import JsonOutput, RolloutUrl, call_api
 
 app = typer.Typer(help="Simulated gateway fleets.", no_args_is_help=True)
 
 
-def _shares(text: str, what: str) -> dict[str, float]:
+def parse_shares(text: str, what: str) -> dict[str, float]:
     """``a=0.5,b=0.5`` (or ``a,b``: equal shares)."""
     shares: dict[str, float] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
@@ -28,7 +28,7 @@ def _shares(text: str, what: str) -> dict[str, float]:
         try:
             shares[key] = float(value) if value else 1.0
         except ValueError:
-            _fail(f"{what}: {part!r} is not NAME=SHARE")
+            fail(f"{what}: {part!r} is not NAME=SHARE")
     return shares
 
 
@@ -44,7 +44,7 @@ def list_gateways(
     params: dict[str, Any] = {"selector": selector}
     if device_class:
         params["device_class"] = device_class
-    found = _call("GET", "/v1/gateways", rollout_url, params=params)
+    found = call_api("GET", "/v1/gateways", rollout_url, params=params)
     if json_output:
         print(json.dumps(found, indent=2))
         return
@@ -57,7 +57,7 @@ def list_gateways(
         table.add_column(column, no_wrap=True)
     for (cls, variant), n in sorted(counts.items()):
         table.add_row(cls, variant, str(n))
-    _out.print(table, soft_wrap=False)
+    console_out.print(table, soft_wrap=False)
 
 
 @app.command()
@@ -79,23 +79,23 @@ def simulate(
     try:
         from slmops_gateway.simulator import FleetSpec
     except ImportError:
-        _fail("the gateway service is not installed here: `make install` installs it")
+        fail("the gateway service is not installed here: `make install` installs it")
     labels: dict[str, list[str]] = {}
     for item in label:
         key, _, values = item.partition("=")
         if not key or not values:
-            _fail(f"--label must be KEY=V1,V2, not {item!r}")
+            fail(f"--label must be KEY=V1,V2, not {item!r}")
         labels[key] = values.split(",")
     try:
         spec = FleetSpec(
             count=count,
-            classes=_shares(classes, "--classes"),
+            classes=parse_shares(classes, "--classes"),
             labels=labels,
-            faults=_shares(faults, "--faults"),
+            faults=parse_shares(faults, "--faults"),
             prefix=prefix,
         )
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     url = registry_url or CliSettings().registry_url
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: the fleet stops cleanly
         asyncio.run(_run(spec, url, health_interval_s, duration_s))
@@ -111,7 +111,7 @@ async def _run(spec: Any, registry_url: str, health_interval_s: float, duration_
     try:
         bus = await Bus.connect(platform.nats_url, source="/slmops/fleetsim")
     except Exception as exc:
-        _fail(f"NATS not reachable at {platform.nats_url} ({exc}): start it with `slmops up`")
+        fail(f"NATS not reachable at {platform.nats_url} ({exc}): start it with `slmops up`")
     stop = asyncio.Event()  # SIGTERM or Ctrl-C: stop cleanly (the fleet's consumer is removed)
     for signum in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(signum, stop.set)
@@ -119,7 +119,7 @@ async def _run(spec: Any, registry_url: str, health_interval_s: float, duration_
     fleet = SimulatedFleet(bus, registry, spec, GatewaySettings(platform=platform))
     started = time.monotonic()
     await fleet.start()
-    _out.print(f"{spec.count} simulated gateways registered in "
+    console_out.print(f"{spec.count} simulated gateways registered in "
                f"{time.monotonic() - started:.1f} s; Ctrl-C stops them")  # fmt: skip
     next_health = time.monotonic() + health_interval_s
     try:
@@ -130,7 +130,7 @@ async def _run(spec: Any, registry_url: str, health_interval_s: float, duration_
                 await fleet.report_health(health_interval_s)
                 next_health += health_interval_s
             serving = ", ".join(f"{v}: {n}" for v, n in sorted(fleet.serving().items()))
-            _out.print(f"serving - {serving}")
+            console_out.print(f"serving - {serving}")
     finally:
         await fleet.stop()
         await registry.close()

@@ -14,9 +14,9 @@ from slmops.cli.registry import (
     JsonOutput,
     RegistryClient,
     RegistryUrl,
-    _err,
-    _fail,
-    _out,
+    console_err,
+    console_out,
+    fail,
     fetch_lineage,
 )
 from slmops.cli.render import local_time, text_row, variants_table
@@ -52,11 +52,11 @@ def variants(
         print(json.dumps(doc.get("variants", []), indent=2))
         return
     if not doc.get("variants"):
-        _err.print(f"{name} {version} has no variants yet (see `slmops jobs`)")
+        console_err.print(f"{name} {version} has no variants yet (see `slmops jobs`)")
     else:
-        _out.print(variants_table(doc), soft_wrap=False)
+        console_out.print(variants_table(doc), soft_wrap=False)
     for failure in doc.get("optimization_failures") or []:
-        _out.print(
+        console_out.print(
             f"failed: {failure.get('device_class')} / {failure.get('recipe_name')}: "
             f"{failure.get('reason')}",
             markup=False,
@@ -75,7 +75,7 @@ def jobs(
         with OptimizerClient(optimizer_url) as client:
             records = client.call("GET", "/v1/jobs", params=params).json()
     except CliError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if json_output:
         print(json.dumps(records, indent=2))
         return
@@ -96,7 +96,7 @@ def jobs(
                 f"{step} ({local_time(r.get('updated_at'))})",
             )
         )
-    _out.print(table, soft_wrap=False)
+    console_out.print(table, soft_wrap=False)
 
 
 def cancel(
@@ -108,5 +108,5 @@ def cancel(
         with OptimizerClient(optimizer_url) as client:
             record = client.call("POST", f"/v1/jobs/{job_id}/cancel").json()
     except CliError as exc:
-        _fail(str(exc))
-    _out.print(f"cancel requested for {record.get('job_id')} (state {record.get('state')})")
+        fail(str(exc))
+    console_out.print(f"cancel requested for {record.get('job_id')} (state {record.get('state')})")

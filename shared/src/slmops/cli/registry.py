@@ -24,8 +24,8 @@ from slmops.cli import packaging as pkg
 from slmops.cli.render import local_time, render_lineage, short_digest, text_row
 from slmops.events.payloads import ModelFormat, ModelName, Pooling, Task, Token, Version
 
-_out = Console(highlight=False, soft_wrap=True)
-_err = Console(stderr=True, highlight=False, soft_wrap=True)
+console_out = Console(highlight=False, soft_wrap=True)
+console_err = Console(stderr=True, highlight=False, soft_wrap=True)
 _TIMEOUT = httpx.Timeout(30.0, connect=5.0)
 _SLOW = httpx.Timeout(30.0, connect=5.0, read=3600.0)  # the registry checks big artifacts
 
@@ -113,7 +113,7 @@ class RegistryClient(httpx.Client):
             BarColumn(),
             DownloadColumn(binary_units=True),
             TransferSpeedColumn(),
-            console=_err,
+            console=console_err,
             disable=not progress or on_bytes is not None,
         )
         headers = {"Content-Length": str(size), "X-Expected-Digest": digest}
@@ -142,8 +142,8 @@ class RegistryClient(httpx.Client):
             return self.call("POST", "/v1/models", json=body, slow=True)
 
 
-def _fail(message: str) -> NoReturn:
-    _err.print(f"error: {message}", markup=False, style="red")
+def fail(message: str) -> NoReturn:
+    console_err.print(f"error: {message}", markup=False, style="red")
     raise typer.Exit(1)
 
 
@@ -158,12 +158,12 @@ RegistryUrl = Annotated[
 JsonOutput = Annotated[bool, typer.Option("--json", help="Print the JSON the registry answered.")]
 
 
-def _valid(kind: Any, value: str, what: str) -> str:
+def validated(kind: Any, value: str, what: str) -> str:
     """``value`` checked against the registry's own pattern, before uploading anything."""
     try:
         return str(TypeAdapter(kind).validate_python(value))
     except ValidationError as exc:
-        _fail(f"invalid {what} {value!r}: {exc.errors()[0]['msg']}")
+        fail(f"invalid {what} {value!r}: {exc.errors()[0]['msg']}")
 
 
 def _labels(pairs: list[str]) -> dict[str, str]:
@@ -171,7 +171,7 @@ def _labels(pairs: list[str]) -> dict[str, str]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            _fail(f"--label {pair!r} is not key=value")
+            fail(f"--label {pair!r} is not key=value")
         labels[key.strip()] = value
     return labels
 
@@ -222,27 +222,27 @@ def publish(
 ) -> None:
     """Upload a model artifact (a folder is packed as a tar) and publish it as NAME@VERSION."""
     if not path.exists():
-        _fail(f"no such file or folder: {path}")
+        fail(f"no such file or folder: {path}")
     if eval_set is not None and not eval_set.is_file():
-        _fail(f"--eval {eval_set} is not a file")
-    name, version = _valid(ModelName, name, "--name"), _valid(Version, version, "--version")
+        fail(f"--eval {eval_set} is not a file")
+    name, version = validated(ModelName, name, "--name"), validated(Version, version, "--version")
     names = [c.strip() for c in (classes or "").split(",") if c.strip()]
-    device_classes = [_valid(Token, c, "device class") for c in names]
+    device_classes = [validated(Token, c, "device class") for c in names]
     labels = _labels(label or [])
     hints: dict[str, str] = {}
     if output is not None:
         if not output.strip():
-            _fail("--output needs the name of a graph output")
+            fail("--output needs the name of a graph output")
         hints["embedding_output"] = output
     if pooling is not None:
-        hints["pooling"] = _valid(Pooling, pooling, "--pooling")
+        hints["pooling"] = validated(Pooling, pooling, "--pooling")
     try:
-        fmt = _valid(ModelFormat, model_format or pkg.infer_format(path), "--format")
+        fmt = validated(ModelFormat, model_format or pkg.infer_format(path), "--format")
         task = task or ("text-generation" if fmt == "gguf" else None)
         if task is None:
-            _fail(f"pass --task ({', '.join(pkg.TASKS)}): {fmt} models have no default task")
-        task = _valid(Task, task, "--task")
-        progress = not json_output and _err.is_terminal
+            fail(f"pass --task ({', '.join(pkg.TASKS)}): {fmt} models have no default task")
+        task = validated(Task, task, "--task")
+        progress = not json_output and console_err.is_terminal
         fields = {"model_name": name, "version": version, "task": task, "labels": labels,
                   "device_classes": device_classes, **hints}  # fmt: skip
         with RegistryClient(registry_url) as client:
@@ -250,18 +250,20 @@ def publish(
                 path, fmt, fields, eval_set=eval_set, progress=progress
             )
     except (CliError, pkg.PackagingError, OSError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     signed = response.json()
     if json_output:
         print(json.dumps(signed, indent=2))
         return
     event = response.headers.get("X-Event-Id", "?")
     again = "" if response.status_code == 201 else "; unchanged, this exact version existed"
-    _out.print(
+    console_out.print(
         f"{name}@{version} manifest {signed.get('digest')} (event {event}{again})", markup=False
     )
     if trace_id := response.headers.get("X-Trace-Id"):
-        _out.print(f"its journey is trace {trace_id}: `slmops trace show {trace_id}`", markup=False)
+        console_out.print(
+            f"its journey is trace {trace_id}: `slmops trace show {trace_id}`", markup=False
+        )
 
 
 def models(json_output: JsonOutput = False, registry_url: RegistryUrl = None) -> None:
@@ -270,12 +272,12 @@ def models(json_output: JsonOutput = False, registry_url: RegistryUrl = None) ->
         with RegistryClient(registry_url) as client:
             listing = client.call("GET", "/v1/models").json()
     except CliError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if json_output:
         print(json.dumps(listing, indent=2))
         return
     if not listing:
-        _out.print("no models published", markup=False)
+        console_out.print("no models published", markup=False)
         return
     table = Table(title="published models", title_justify="left")
     for column in ("name", "version", "artifact", "published_at"):
@@ -287,7 +289,7 @@ def models(json_output: JsonOutput = False, registry_url: RegistryUrl = None) ->
                 local_time(item.get("published_at")),
             )
             table.add_row(*text_row(model.get("model_name"), item.get("version"), digest, when))
-    _out.print(table, soft_wrap=False)
+    console_out.print(table, soft_wrap=False)
 
 
 def fetch_lineage(registry_url: str | None, name: str, version: str) -> dict[str, Any]:
@@ -304,10 +306,10 @@ def fetch_lineage(registry_url: str | None, name: str, version: str) -> dict[str
                 try:  # a 404 from a registry without the endpoint: say so, not "no model"
                     client.call("GET", f"/v1/models/{name}/{version}")
                 except HttpError:
-                    _fail(f"no model {name} {version}")
+                    fail(f"no model {name} {version}")
                 raise
     except CliError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     return document
 
 
@@ -322,4 +324,4 @@ def lineage(
     if json_output:
         print(json.dumps(document, indent=2))
     else:
-        _out.print(render_lineage(document), soft_wrap=False)
+        console_out.print(render_lineage(document), soft_wrap=False)

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
-from slmops.cli.registry import CliError, RegistryClient, RegistryUrl, _fail, _valid
+from slmops.cli.registry import CliError, RegistryClient, RegistryUrl, fail, validated
 from slmops.events.payloads import Token
 from slmops.reports import ValidationReport, render_markdown
 
@@ -21,18 +21,18 @@ def report(
     registry_url: RegistryUrl = None,
 ) -> None:
     """Show the newest validation report of a variant: verdict, then every gate vs its budget."""
-    variant_id = _valid(Token, variant_id, "variant id")
+    variant_id = validated(Token, variant_id, "variant id")
     try:
         with RegistryClient(registry_url) as client:
             body: dict[str, Any] = client.call("GET", f"/v1/variants/{variant_id}/report").json()
     except CliError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if json_output:
         print(json.dumps(body["report"], indent=2))
         return
     try:
         parsed = ValidationReport.model_validate(body["report"])
     except ValidationError as exc:
-        _fail(f"the stored report of {variant_id} is not a validation report: {exc}")
+        fail(f"the stored report of {variant_id} is not a validation report: {exc}")
     print(render_markdown(parsed), end="")
     print(f"\nSigned report manifest: {body['manifest'].get('digest')}")

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from slmops.cli.registry import CliError, CliSettings, RegistryClient, _fail, _out
+from slmops.cli.registry import CliError, CliSettings, RegistryClient, console_out, fail
 from slmops.cli.render import text_row
 
 
@@ -44,7 +44,7 @@ Reason = Annotated[str, typer.Option("--reason", help="Why, kept with the rollou
 def _pairs(values: list[str], what: str) -> dict[str, str]:
     bad = [v for v in values if "=" not in v]
     if bad:
-        _fail(f"{what} must be key=value, not {bad}")
+        fail(f"{what} must be key=value, not {bad}")
     return dict(v.split("=", 1) for v in values)
 
 
@@ -71,18 +71,18 @@ def start(
         extra = json.loads(policy)
         wave_percents = [float(p) for p in percents.split(",")]
     except ValueError as exc:
-        _fail(f"--policy must be a JSON object and --percents numbers: {exc}")
+        fail(f"--policy must be a JSON object and --percents numbers: {exc}")
     body = {
         "model_name": name, "version": version, "selector": _pairs(selector, "--selector"),
         "policy": {"percents": wave_percents, "soak_s": soak_s, "approval_waves": approval_wave,
                    "rollback_scope": rollback_scope, **extra},
         "overlays": [_overlay(o) for o in overlay],
     }  # fmt: skip
-    result = _call("POST", "/v1/rollouts", rollout_url, json=body)
+    result = call_api("POST", "/v1/rollouts", rollout_url, json=body)
     if json_output:
         print(json.dumps(result, indent=2))
         return
-    _out.print(f"rollout {result['rollout_id']} of {name} {version}: {result['status']}, "
+    console_out.print(f"rollout {result['rollout_id']} of {name} {version}: {result['status']}, "
                f"waves of {result['waves']} gateways"
                + (f" ({result['reason']})" if result.get("reason") else ""),
                markup=False)  # fmt: skip
@@ -95,7 +95,7 @@ def _overlay(text: str) -> dict[str, Any]:
     try:
         values = {k: int(v) for k, v in pairs.items()}
     except ValueError:
-        _fail(f"--overlay settings are whole numbers: {text}")
+        fail(f"--overlay settings are whole numbers: {text}")
     return {"selector": _pairs([s for s in labels.split(",") if s], "--overlay selector"),
             "settings": values}  # fmt: skip
 
@@ -105,13 +105,13 @@ def status(
     name: Name, version: Version, json_output: JsonOutput = False, rollout_url: RolloutUrl = None
 ) -> None:
     """Each rollout of the version: its waves' progress and what the gates say next."""
-    found = _call("GET", "/v1/rollouts", rollout_url,
+    found = call_api("GET", "/v1/rollouts", rollout_url,
                   params={"model_name": name, "version": version})  # fmt: skip
     if json_output:
         print(json.dumps(found, indent=2))
         return
     if not found:
-        _fail(f"no rollout of {name} {version}: start one with `slmops rollout start`")
+        fail(f"no rollout of {name} {version}: start one with `slmops rollout start`")
     for rollout in found:
         _print_status(rollout)
 
@@ -123,12 +123,13 @@ def list_rollouts(
     rollout_url: RolloutUrl = None,
 ) -> None:
     """Every rollout, newest first: model, version, status, waves and gateway counts."""
-    found = _call("GET", "/v1/rollouts", rollout_url, params={"model_name": name} if name else {})
+    params = {"model_name": name} if name else {}
+    found = call_api("GET", "/v1/rollouts", rollout_url, params=params)
     if json_output:
         print(json.dumps(found, indent=2))
         return
     if not found:
-        _out.print("no rollouts", markup=False)
+        console_out.print("no rollouts", markup=False)
         return
     table = Table(title="rollouts, newest first", title_justify="left")
     for column in ("rollout", "model", "version", "status", "wave", "gateways"):
@@ -138,18 +139,18 @@ def list_rollouts(
         wave = f"{r['wave_index'] + 1}/{len(r['waves'])}" if r["waves"] else "-"
         table.add_row(*text_row(r["rollout_id"], r["model_name"], r["version"], r["status"],
                                 wave, counts))  # fmt: skip
-    _out.print(table, soft_wrap=False)
+    console_out.print(table, soft_wrap=False)
 
 
 def _print_skipped(r: dict[str, Any]) -> None:
     """The classes of the release this rollout gives nothing, and why."""
     for device_class, why in sorted((r.get("skipped_classes") or {}).items()):
-        _out.print(f"  {device_class}: nothing rolled out - {why}", markup=False)
+        console_out.print(f"  {device_class}: nothing rolled out - {why}", markup=False)
 
 
 def _print_status(r: dict[str, Any]) -> None:
-    _out.print(f"rollout {r['rollout_id']} of {r['model_name']} {r['version']}: {r['status']}"
-               + (f" ({r['reason']})" if r.get("reason") else ""), markup=False)  # fmt: skip
+    head = f"rollout {r['rollout_id']} of {r['model_name']} {r['version']}: {r['status']}"
+    console_out.print(head + (f" ({r['reason']})" if r.get("reason") else ""), markup=False)
     _print_skipped(r)
     if not r.get("wave_progress"):
         return  # waiting for gateways: no waves yet
@@ -166,9 +167,9 @@ def _print_status(r: dict[str, Any]) -> None:
             g.get("assigned", 0), g.get("acknowledged", 0), g.get("applied", 0),
             g.get("failed", 0), g.get("rolled_back", 0),
         ))  # fmt: skip
-    _out.print(table, soft_wrap=False)
+    console_out.print(table, soft_wrap=False)
     current, gates = r["current_wave"], r["gates"]
-    _out.print(f"current wave: {current['applied']} applied, {current['failed']} failed, "
+    console_out.print(f"current wave: {current['applied']} applied, {current['failed']} failed, "
                f"{current['silent']} silent of {current['targets']}; next: "
                f"{gates['next_step']} - {gates['why']}")  # fmt: skip
 
@@ -179,7 +180,7 @@ def _control(action: str) -> Any:
         json_output: JsonOutput = False, rollout_url: RolloutUrl = None,
     ) -> None:  # fmt: skip
         chosen = rollout_id or _only_rollout(name, version, rollout_url)
-        result = _call("POST", f"/v1/rollouts/{chosen}/{action}", rollout_url,
+        result = call_api("POST", f"/v1/rollouts/{chosen}/{action}", rollout_url,
                        json={"reason": reason})  # fmt: skip
         if json_output:
             print(json.dumps(result, indent=2))
@@ -201,18 +202,18 @@ for _action in ("approve", "pause", "resume", "cancel", "rollback"):
 
 
 def _only_rollout(name: str, version: str, url: str | None) -> str:
-    found = _call("GET", "/v1/rollouts", url, params={"model_name": name, "version": version})
+    found = call_api("GET", "/v1/rollouts", url, params={"model_name": name, "version": version})
     if not found:
-        _fail(f"no rollout of {name} {version}: start one with `slmops rollout start`")
+        fail(f"no rollout of {name} {version}: start one with `slmops rollout start`")
     if len(found) > 1:
         ids = ", ".join(r["rollout_id"] for r in found)
-        _fail(f"{name} {version} has {len(found)} rollouts ({ids}): choose with --rollout-id")
+        fail(f"{name} {version} has {len(found)} rollouts ({ids}): choose with --rollout-id")
     return str(found[0]["rollout_id"])
 
 
-def _call(method: str, path: str, url: str | None, **kwargs: Any) -> Any:
+def call_api(method: str, path: str, url: str | None, **kwargs: Any) -> Any:
     try:
         with RolloutClient(url) as client:
             return client.call(method, path, **kwargs).json()
     except CliError as exc:
-        _fail(str(exc))
+        fail(str(exc))

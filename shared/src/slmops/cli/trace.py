@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from slmops.cli.registry import _fail, _out
+from slmops.cli.registry import console_out, fail
 from slmops.settings import PlatformSettings
 from slmops.traceview import normal_trace_id, read_spans, render_waterfall, summarize_traces
 
@@ -33,7 +33,7 @@ JsonOutput = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 def _folder(trace_dir: Path | None) -> Path:
     folder = trace_dir or PlatformSettings().span_files_dir()
     if not folder.is_dir():
-        _fail(f"no span files in {folder}: run `slmops up` (it keeps spans there) or pass "
+        fail(f"no span files in {folder}: run `slmops up` (it keeps spans there) or pass "
               "--trace-dir")  # fmt: skip
     return folder
 
@@ -46,16 +46,16 @@ def show(
 ) -> None:
     """Print one trace as a waterfall: every service's spans, alike ones grouped (Nx)."""
     if not _TRACE_ID.fullmatch(trace_id.strip()):
-        _fail(f"{trace_id!r} is not a trace id (32 hex digits, as `slmops trace list` shows)")
+        fail(f"{trace_id!r} is not a trace id (32 hex digits, as `slmops trace list` shows)")
     folder = _folder(trace_dir)
     spans = read_spans(folder, trace_id)
     if not spans:
-        _fail(f"no spans of trace {normal_trace_id(trace_id)} in {folder} (spans are "
+        fail(f"no spans of trace {normal_trace_id(trace_id)} in {folder} (spans are "
               "written a second after they end; `slmops trace list` shows those kept)")  # fmt: skip
     if json_output:
         print(json.dumps([asdict(s) for s in spans], indent=2))
         return
-    _out.print(render_waterfall(spans), markup=False, soft_wrap=True)
+    console_out.print(render_waterfall(spans), markup=False, soft_wrap=True)
 
 
 @app.command("list")
@@ -79,4 +79,4 @@ def list_traces(
     for t in found:
         table.add_row(t["trace_id"], t["root"], ",".join(t["services"]), str(t["spans"]),
                       f"{t['duration_s']:.2f}")  # fmt: skip
-    _out.print(table, soft_wrap=False)
+    console_out.print(table, soft_wrap=False)
