@@ -60,8 +60,14 @@ def model_outputs(model: OnnxModel, ctx: PassContext, output: str | None = None)
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = ctx.intra_op_threads
+    providers = ["CPUExecutionProvider"]
     try:
-        session = ort.InferenceSession(str(model.path), options, providers=["CPUExecutionProvider"])
+        if ctx.generation is not None:  # score every position, not only the served last one
+            from slmops.generation.windows import window_session
+
+            session = window_session(model.path, options, providers)
+        else:
+            session = ort.InferenceSession(str(model.path), options, providers=providers)
     except Exception as exc:
         raise PassError(f"the candidate does not load in ONNX Runtime: {exc}") from exc
     names = [i.name for i in session.get_inputs()]

@@ -75,13 +75,16 @@ def _relative_error(actual: np.ndarray, expected: np.ndarray, mask: np.ndarray) 
 
 
 def _run_graph(path: Path, spec: Any, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The graph over whole windows in a plain ONNX Runtime session (empty past)."""
+    """The graph over whole windows in a plain ONNX Runtime session (empty past; every
+    position's logits, as the optimizer and validator score)."""
     import onnxruntime as ort
+
+    from slmops.generation.windows import window_session
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = window_session(path, options, ["CPUExecutionProvider"])
     feed = {"input_ids": ids, "attention_mask": mask, **spec.empty_past(ids.shape[0])}
     names = {i.name for i in session.get_inputs()}
     assert names <= set(feed), f"inputs the test does not feed: {sorted(names - set(feed))}"

@@ -186,8 +186,14 @@ def test_int8_activations_and_unshared_head(tiny: Any, tmp_path: Path) -> None:
 
 def _builder_logits(path: Path, ids: np.ndarray, builder_dir: Path) -> np.ndarray:
     """All positions' logits of a generation graph, its past keys and values empty."""
+    import onnxruntime as ort
+
+    from slmops.generation.windows import window_session
+
     config = json.loads((builder_dir / "genai_config.json").read_text())["model"]["decoder"]
-    session = _session(path)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    session = window_session(path, options, ["CPUExecutionProvider"])
     feed: dict[str, np.ndarray] = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
     for spec in session.get_inputs():
         if spec.name.startswith("past_key_values"):

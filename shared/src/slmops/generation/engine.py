@@ -12,25 +12,23 @@ turns token by token (correct, not parallel); on a small device the ONNX Runtime
 one step use the cores anyway.
 
 The runtime reads a folder (``genai_config.json`` + the graph): :meth:`DecoderEngine.load`
-writes one beside the variant with a link to it, the config taken from the variant's metadata
-and the threads from the caller.
+writes one, the graph and its weights split out of the variant once (``layout``), the config
+taken from the variant's metadata and the threads from the caller.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from slmops.generation.layout import ensure_layout
 from slmops.generation.spec import TOKENIZER_KEY, GenerationSpec
 from slmops.generation.text import Codec
 from slmops.onnxmeta import read_metadata
-
-_GRAPH_NAME = "model.onnx"
 
 
 class NotGenerationReady(ValueError):
@@ -169,20 +167,15 @@ class DecoderEngine:
 def write_runtime_folder(
     model_path: Path, runtime_dir: Path, spec: GenerationSpec, *, threads: int
 ) -> Path:
-    """``runtime_dir`` with the runtime's config and a link named as it expects to the graph."""
+    """``runtime_dir`` with the runtime's config and the variant's graph and weights laid out
+    as the runtime loads them best (``slmops.generation.layout``)."""
     runtime_dir.mkdir(parents=True, exist_ok=True)
+    graph = ensure_layout(model_path, runtime_dir)
     config = json.loads(json.dumps(spec.runtime_config))  # a deep copy
     decoder = config["model"]["decoder"]
-    decoder["filename"] = _GRAPH_NAME
+    decoder["filename"] = graph.name
     session = decoder.setdefault("session_options", {})
     session.update(intra_op_num_threads=threads, inter_op_num_threads=1, log_severity_level=3)
     config.setdefault("search", {})["max_length"] = spec.context_length
-    link = runtime_dir / _GRAPH_NAME
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    try:
-        link.symlink_to(Path(model_path).resolve())
-    except OSError:  # a file system without symlinks
-        os.link(Path(model_path).resolve(), link)
     (runtime_dir / "genai_config.json").write_text(json.dumps(config, indent=1))
     return runtime_dir

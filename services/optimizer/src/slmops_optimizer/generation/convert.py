@@ -113,8 +113,10 @@ def _check(
     options = ort.SessionOptions()
     options.intra_op_num_threads = ctx.intra_op_threads
     options.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(str(built.path), options, providers=["CPUExecutionProvider"])
+    try:  # every position's logits (the served graph computes the last one only)
+        from slmops.generation.windows import window_session
+
+        session = window_session(built.path, options, ["CPUExecutionProvider"])
     except Exception as exc:
         raise PassError(f"the built decoder does not load in ONNX Runtime: {exc}") from exc
     names = [i.name for i in session.get_inputs()]

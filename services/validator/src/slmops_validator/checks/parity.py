@@ -35,14 +35,21 @@ from slmops_validator.checks.base import judged, verdict_gate
 from slmops_validator.evalinputs import EvalInputs, restrict
 
 
-def open_session(path: Path, threads: int) -> Any:
+def open_session(path: Path, threads: int, *, windows: bool = False) -> Any:
+    """A session of ``path``; ``windows``: a generation graph scoring every position (its
+    served form computes the last position's logits only, see ``slmops.generation.windows``)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    providers = ["CPUExecutionProvider"]
+    if windows:
+        from slmops.generation.windows import window_session
+
+        return window_session(path, options, providers)
+    return ort.InferenceSession(str(path), options, providers=providers)
 
 
 def run_outputs(
@@ -73,7 +80,9 @@ def parity_check(
     """``metadata``: the variant's ONNX metadata (its embedding output and pooling)."""
     started = time.monotonic()
     outcome = CheckOutcome(name="parity")
-    ref_session, cand_session = open_session(reference, threads), open_session(candidate, threads)
+    windows = inputs.generation is not None
+    ref_session = open_session(reference, threads, windows=windows)
+    cand_session = open_session(candidate, threads, windows=windows)
     choice = None
     if inputs.task == "feature-extraction":
         try:
