@@ -43,6 +43,7 @@ test: lint ## Lint, then every test tier (unit, integration, e2e, fault)
 	$(BIN)/pytest
 
 bench: install ## Benchmarks (not tests): prints tables with ratios measured side by side
+	$(BIN)/python -m bench.install_llama_cpp
 	$(BIN)/python -m bench
 
 schemas: install ## Rewrite the event JSON Schema snapshots (after a compatible change)

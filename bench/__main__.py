@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
-from bench import bus_throughput, e2e, fleet, optimizer, registry_throughput, validator
+from bench import bus_throughput, e2e, fleet, generation, optimizer, registry_throughput, validator
 
 
 def main() -> None:
     asyncio.run(bus_throughput.main())
     registry_throughput.main()
+    generation.main()
     optimizer.main()
     validator.main()
     fleet.main()

@@ -18,8 +18,8 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from slmops.cli.fleet import _shares
-from slmops.cli.registry import _fail
+from slmops.cli.fleet import parse_shares
+from slmops.cli.registry import fail
 from slmops.settings import PlatformSettings
 from slmops.stack.status import stack_status, stack_urls, status_json
 
@@ -37,12 +37,12 @@ def _stack_urls(platform: PlatformSettings) -> dict[str, str] | None:
 def _stack(*args: str) -> None:
     code = subprocess.call([sys.executable, "-m", "slmops.stack", *args])
     if code != 0:
-        _fail(f"`slmops {' '.join(args)}` failed (exit {code}): see its output above")
+        fail(f"`slmops {' '.join(args)}` failed (exit {code}): see its output above")
 
 
 def demo(
-    models: Annotated[str, typer.Option(help="Models to publish: minilm, smollm2.")] = (
-        "minilm,smollm2"),
+    models: Annotated[str, typer.Option(help="Models to publish, in this order (the chat model "
+                                        "first: its answer comes sooner).")] = "smollm2,minilm",
     gateways: Annotated[int, typer.Option(help="Simulated gateways.")] = 500,
     classes: Annotated[str, typer.Option(help="Device classes of the fleet and their shares; "
                                          "each model is optimized for each.")] = (
@@ -53,6 +53,8 @@ def demo(
     timeout_s: Annotated[float, typer.Option(help="Give up after this long.")] = 3600.0,
     wait: Annotated[bool, typer.Option(help="After the report keep the stack and the fleet up "
                                        "until Ctrl-C (--no-wait: stop at once).")] = True,
+    chat: Annotated[bool, typer.Option(help="Start a real gateway for the chat model and ask "
+                                       "it a question once its rollout is done.")] = True,
     json_report: Annotated[Path | None, typer.Option(help="Also write the report as JSON.")] = (
         None),
 ) -> None:  # fmt: skip
@@ -63,9 +65,9 @@ def demo(
 
     try:
         located = demo_models([m.strip() for m in models.split(",") if m.strip()])
-        shares = _shares(classes, "--classes")
+        shares = parse_shares(classes, "--classes")
     except (ValueError, DemoModelMissing) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     platform = PlatformSettings()
     urls = _stack_urls(platform)
     started_stack = urls is None
@@ -74,7 +76,7 @@ def demo(
         _stack("up", "--detach")
         urls = _stack_urls(platform)
         if urls is None:
-            _fail("the local stack did not become ready: `slmops status` says why")
+            fail("the local stack did not become ready: `slmops status` says why")
     assert urls is not None
     options = DemoOptions(
         models=located, version=version or time.strftime("1.%Y%m%d.%H%M%S", time.gmtime()),
@@ -88,7 +90,7 @@ def demo(
     logging.basicConfig(filename=log_file, level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")  # fmt: skip
     try:
-        code = asyncio.run(_main(options, platform, wait, json_report))
+        code = asyncio.run(_main(options, platform, wait, json_report, chat))
     except DemoError as exc:
         _out.print(f"error: {exc}", style="red", markup=False)
         code = 1
@@ -99,18 +101,28 @@ def demo(
     raise typer.Exit(code)
 
 
-async def _main(options: Any, platform: PlatformSettings, wait: bool, json_report: Path | None
-                ) -> int:  # fmt: skip
+async def _main(options: Any, platform: PlatformSettings, wait: bool, json_report: Path | None,
+                chat: bool) -> int:  # fmt: skip
+    from slmops.demo.chat import start_chat_gateway
     from slmops.demo.flow import platform_bus, run_demo, start_fleet
     from slmops.demo.report import build_report, render_report
 
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(signum, stop.set)
+    talker = None
     async with platform_bus(platform) as bus:
         fleet = await start_fleet(bus, options, _out)
         try:
-            work = asyncio.create_task(run_demo(bus, fleet, options, _out))
+            chat_app = next((m.app for m in options.models if m.app == "chat"), None)
+            if chat and chat_app:
+                talker = await start_chat_gateway(
+                    run_id=options.run_id, app=chat_app, nats_url=platform.nats_url,
+                    registry_url=options.registry_url, var_dir=platform.var_dir,
+                )  # fmt: skip
+                _out.print(f"a real gateway for the chat model: {talker.gateway_id} at "
+                           f"{talker.url} (its log: {talker.log_path})")  # fmt: skip
+            work = asyncio.create_task(run_demo(bus, fleet, options, _out, talker))
             stopped = asyncio.create_task(stop.wait())
             await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
             if not work.done():
@@ -135,5 +147,7 @@ async def _main(options: Any, platform: PlatformSettings, wait: bool, json_repor
                         await fleet.report_health(30.0)
             return 1 if failed else 0
         finally:
+            if talker is not None:
+                talker.stop()
             await fleet.stop()
             await fleet.registry.close()

@@ -57,6 +57,8 @@ class DemoRun:
     journeys: dict[str, Journey]
     rollouts: dict[str, dict[str, Any]] = field(default_factory=dict)  # key -> API answer
     fleet: Any = None
+    talker: Any = None  # slmops.demo.chat.ChatGateway: a real gateway for the chat model
+    chat: dict[str, Any] | None = None  # its streamed answer, once asked
 
 
 @contextlib.asynccontextmanager
@@ -203,11 +205,14 @@ def new_progress(console: Console) -> Progress:
     )
 
 
-async def run_demo(bus: Bus, fleet: Any, options: DemoOptions, console: Console) -> DemoRun:
+async def run_demo(
+    bus: Bus, fleet: Any, options: DemoOptions, console: Console, talker: Any = None
+) -> DemoRun:
     """Models published, every stage followed, each release rolled out to its share of
-    ``fleet``; returns once every rollout has an outcome (or raises DemoError)."""
+    ``fleet`` (and to ``talker``, a real gateway, which is then asked a question); returns
+    once every rollout has an outcome (or raises DemoError)."""
     journeys = {m.key: Journey(m.model_name, options.version) for m in options.models}
-    run = DemoRun(journeys, fleet=fleet)
+    run = DemoRun(journeys, fleet=fleet, talker=talker)
 
     async def on_message(msg: Any) -> None:
         with contextlib.suppress(EventDecodeError):
@@ -218,13 +223,26 @@ async def run_demo(bus: Bus, fleet: Any, options: DemoOptions, console: Console)
     subscription = await bus.nc.subscribe("slmops.>", cb=on_message)
     try:
         with new_progress(console) as progress:
-            for model in options.models:
-                trace_id = await asyncio.to_thread(publish, model, options, progress)
-                journeys[model.key].trace_id = trace_id
             await _follow(run, options, progress)
     finally:
         await subscription.unsubscribe()
     return run
+
+
+async def _publish_next(run: DemoRun, options: DemoOptions, progress: Progress) -> None:
+    """Models are published one after another, the next once the previous one's journey has
+    an outcome (and the chat question was asked): on two cores the first model (the chat
+    model) would otherwise share them with the second's jobs and validations, its answer
+    would come minutes later and be timed on a busy machine."""
+    for index, model in enumerate(options.models):
+        journey = run.journeys[model.key]
+        if journey.published:
+            continue
+        previous = run.journeys[options.models[index - 1].key] if index else None
+        if previous is None or previous.finished:
+            journey.trace_id = await asyncio.to_thread(publish, model, options, progress)
+            journey.published = True
+        return
 
 
 async def _follow(run: DemoRun, options: DemoOptions, progress: Progress) -> None:
@@ -233,6 +251,8 @@ async def _follow(run: DemoRun, options: DemoOptions, progress: Progress) -> Non
     next_health = time.monotonic()
     async with httpx.AsyncClient(timeout=30.0) as http:
         while not all(j.finished for j in run.journeys.values()):
+            await _chat_when_served(run, options, progress)  # before the next model's jobs
+            await _publish_next(run, options, progress)
             if time.monotonic() > deadline:
                 raise DemoError(
                     f"no outcome within {options.timeout_s:.0f} s: see `slmops "
@@ -255,6 +275,36 @@ async def _follow(run: DemoRun, options: DemoOptions, progress: Progress) -> Non
                 await run.fleet.report_health(options.health_interval_s)
                 next_health = time.monotonic() + options.health_interval_s
             await asyncio.sleep(_POLL_S)
+        await _chat_when_served(run, options, progress)
+
+
+async def _chat_when_served(run: DemoRun, options: DemoOptions, progress: Progress) -> None:
+    """Once the chat model's rollout is done and the real gateway serves it: one question,
+    its answer streamed to the console (as early as possible: the other models go on)."""
+    if run.talker is None or run.chat is not None:
+        return
+    chat_model = next((m for m in options.models if m.app == "chat"), None)
+    journey = run.journeys[chat_model.key] if chat_model else None
+    if journey is None or not journey.finished:
+        return
+    from slmops.demo.chat import ask, until_serving
+
+    entry = next(
+        (e for e in (journey.release.entries if journey.release else [])
+         if e.device_class == run.talker.device_class),
+        None,
+    )  # fmt: skip
+    if journey.outcome != "completed" or entry is None or entry.variant_id is None:
+        why = entry.reason if entry else journey.outcome_reason or journey.outcome
+        run.chat = {"error": f"its class {run.talker.device_class} got no variant to serve: {why}"}
+        progress.console.print(f"no chat: {run.chat['error']}", markup=False)
+        return
+    try:
+        await until_serving(run.talker, entry.variant_id)
+        run.chat = await ask(run.talker, progress.console)
+    except Exception as exc:  # the demo goes on: the answer is one stage of many
+        run.chat = {"error": str(exc)}
+        progress.console.print(f"the chat request failed: {exc}", markup=False)
 
 
 async def _jobs(http: httpx.AsyncClient, options: DemoOptions, journey: Journey) -> list[Any]:

@@ -46,6 +46,7 @@ class Journey:
     model_name: str
     version: str
     trace_id: str | None = None
+    published: bool = False
     jobs: dict[str, tuple[str, str]] = field(default_factory=dict)  # variant -> class, recipe
     planned: bool = False
     skipped: dict[str, str] = field(default_factory=dict)

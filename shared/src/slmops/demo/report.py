@@ -4,17 +4,24 @@ run what (the registry's lineage), and the trace to look at."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 import httpx
 from rich.console import Console
 from rich.table import Table
 
-from slmops.cli.render import _dicts
+from slmops.cli.render import as_dicts
 from slmops.demo.flow import DemoOptions, DemoRun
 from slmops.demo.journey import Journey
 
-_QUALITY = ("parity.cosine_mean", "parity.top1_agreement", "parity.perplexity_increase_pct")
+_QUALITY = (
+    "parity.cosine_mean",
+    "parity.top1_agreement",
+    "parity.perplexity_increase_pct",
+    "generation.greedy_identical_share",
+)
 
 
 def _gates(report: dict[str, Any]) -> dict[str, Any]:
@@ -27,10 +34,22 @@ def _evidence(report: dict[str, Any], check: str) -> dict[str, Any]:
 
 
 def variant_figures(report: dict[str, Any]) -> dict[str, Any]:
-    """Size, latency and quality of a variant beside its fp32 reference."""
+    """Size, latency and quality of a variant beside its fp32 reference (a decoder's latency:
+    time to first token and decode tokens/s, from its generation check)."""
     size, latency, gates = _evidence(report, "size"), _evidence(report, "latency"), _gates(report)
-    notes = [n for c in report.get("checks", []) if c.get("name") == "latency" for n in c["notes"]]
+    timing = ("latency", "generation")
+    notes = [n for c in report.get("checks", []) if c.get("name") in timing for n in c["notes"]]
+    generation = _evidence(report, "generation")
+    decoding: dict[str, Any] = {}
+    if generation.get("candidate_ttft_p50_ms") is not None:
+        decoding = {
+            "ttft_ms": generation["candidate_ttft_p50_ms"],
+            "fp32_ttft_ms": generation.get("reference_ttft_p50_ms"),
+            "decode_tokens_per_s": 1000.0 / generation["candidate_tpot_p50_ms"],
+            "fp32_decode_tokens_per_s": 1000.0 / generation["reference_tpot_p50_ms"],
+        }
     return {
+        **decoding,
         "recipe": report.get("recipe_name"),
         "verdict": report.get("verdict"),
         "size_mb": size.get("size_mb"),
@@ -56,19 +75,14 @@ async def build_report(run: DemoRun, options: DemoOptions) -> dict[str, Any]:
         for key, journey in run.journeys.items():
             models.append(await _model_report(http, options, key, journey))
     return {"version": options.version, "run": options.run_id, "gateways": options.gateways,
-            "classes": options.classes, "models": models}  # fmt: skip
+            "classes": options.classes, "models": models, "chat": run.chat}  # fmt: skip
 
 
 async def _model_report(
     http: httpx.AsyncClient, options: DemoOptions, key: str, journey: Journey
 ) -> dict[str, Any]:
     registry = options.registry_url
-    lineage = await _get(http, f"{registry}/v1/models/{journey.model_name}/{journey.version}"
-                         "/lineage")  # fmt: skip
-    running: dict[str, int] = {}
-    for gateway in _dicts(lineage.get("gateways")):  # by gateway id
-        if gateway.get("state") == "applied":
-            running[gateway["variant_id"]] = running.get(gateway["variant_id"], 0) + 1
+    running = await _running(http, registry, journey)
     classes = []
     for entry in journey.release.entries if journey.release else []:
         row: dict[str, Any] = {"device_class": entry.device_class, "variant_id": entry.variant_id,
@@ -97,6 +111,24 @@ async def _model_report(
     }  # fmt: skip
 
 
+async def _running(
+    http: httpx.AsyncClient, registry: str, journey: Journey, settle_s: float = 15.0
+) -> dict[str, int]:
+    """Gateways running each variant, from the registry's lineage - read until it holds every
+    ``applied`` report the demo saw (the registry projects them a moment after they pass)."""
+    url = f"{registry}/v1/models/{journey.model_name}/{journey.version}/lineage"
+    deadline = time.monotonic() + settle_s
+    while True:
+        lineage = await _get(http, url)
+        running: dict[str, int] = {}
+        for gateway in as_dicts(lineage.get("gateways")):  # by gateway id
+            if gateway.get("state") == "applied":
+                running[gateway["variant_id"]] = running.get(gateway["variant_id"], 0) + 1
+        if sum(running.values()) >= len(journey.applied) or time.monotonic() > deadline:
+            return running
+        await asyncio.sleep(0.5)
+
+
 def _vs(value: Any, reference: Any, unit: str) -> str:
     if value is None:
         return "not measured here"  # e.g. latency of another CPU's class: its canary decides
@@ -107,7 +139,14 @@ def _vs(value: Any, reference: Any, unit: str) -> str:
 def render_report(report: dict[str, Any], console: Console) -> None:
     for model in report["models"]:
         table = Table(title=f"{model['model_name']} {model['version']}", title_justify="left")
-        for column in ("class", "variant", "size", "p50 latency", "quality vs fp32", "gateways"):
+        for column in (
+            "class",
+            "variant",
+            "size",
+            "latency / speed",
+            "quality vs fp32",
+            "gateways",
+        ):
             table.add_column(column)
         for row in model["classes"]:
             if not row.get("variant_id"):
@@ -115,9 +154,12 @@ def render_report(report: dict[str, Any], console: Console) -> None:
                 continue
             quality = ", ".join(f"{k.removeprefix('parity.')} {v:.3f}"
                                 for k, v in row["quality"].items())  # fmt: skip
+            speed = _vs(row["p50_ms"], row["fp32_p50_ms"], "ms")
+            if row.get("ttft_ms") is not None:  # a decoder: what a chat user feels
+                rate = _vs(row["decode_tokens_per_s"], row["fp32_decode_tokens_per_s"], "tok/s")
+                speed = f"TTFT {_vs(row['ttft_ms'], row['fp32_ttft_ms'], 'ms')}\n{rate}"
             table.add_row(row["device_class"], f"{row['recipe']}\n{row['variant_id'][:16]}",
-                          _vs(row["size_mb"], row["fp32_size_mb"], "MB"),
-                          _vs(row["p50_ms"], row["fp32_p50_ms"], "ms"), quality,
+                          _vs(row["size_mb"], row["fp32_size_mb"], "MB"), speed, quality,
                           str(row["gateways_running"]))  # fmt: skip
         console.print(table)
         r = model["rollout"]
@@ -130,3 +172,11 @@ def render_report(report: dict[str, Any], console: Console) -> None:
         if model["trace_id"]:
             console.print(f"trace {model['trace_id']}: `slmops trace show {model['trace_id']}`",
                           markup=False)  # fmt: skip
+    chat = report.get("chat")
+    if chat and "answer" in chat:
+        rate = chat.get("decode_tokens_per_s")
+        console.print(f"chat on a real gateway: {chat['question']!r} -> {chat['answer']!r} "
+                      f"(first token {chat['ttft_ms']:.0f} ms"
+                      + (f", {rate:.1f} tokens/s" if rate else "") + ")", markup=False)  # fmt: skip
+    elif chat:
+        console.print(f"chat on a real gateway failed: {chat.get('error')}", markup=False)
