@@ -102,6 +102,30 @@ class Pipeline:
         ):
             yield api
 
+    @contextlib.asynccontextmanager
+    async def served_rollout_service(self) -> AsyncIterator[str]:
+        """The rollout service on a real 127.0.0.1 port (for the CLI, which speaks HTTP),
+        rollbacks signed by this registry; yields its base URL."""
+        import uvicorn
+
+        from slmops.testing.ports import free_port
+        from slmops_rollout.app import create_app as create_rollout
+        from slmops_rollout.settings import RolloutSettings
+
+        app = create_rollout(RolloutSettings(platform=PlatformSettings(), tick_s=0.2))
+        app.state.registry = RegistryClient("http://registry", client=self.registry)
+        port = free_port()
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+        server = uvicorn.Server(config)
+        task = asyncio.create_task(server.serve())
+        while not server.started:
+            await asyncio.sleep(0.05)
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.should_exit = True
+            await task
+
     @staticmethod
     async def await_fleet(api: httpx.AsyncClient, count: int, *, with_health: bool = False) -> None:
         """Until the rollout service's fleet record holds ``count`` gateways (it fills from

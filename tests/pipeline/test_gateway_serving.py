@@ -35,7 +35,7 @@ from slmops.events.payloads import ArtifactRef, DesiredModel, PassSpec, Recipe
 from slmops.generation import DecoderEngine, Sampling, render_chat
 from slmops.reports import ValidationReport
 from slmops.testing.events import await_events
-from slmops.testing.models import with_word_tokenizer
+from slmops.testing.models import byte_level_symbols, with_word_tokenizer
 from slmops.testing.polling import until
 
 pytestmark = [pytest.mark.integration]
@@ -56,15 +56,6 @@ TEMPLATE = (
 )
 
 
-def _byte_symbols() -> dict[int, str]:
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]  # fmt: skip
-    mapping = {b: chr(b) for b in printable}
-    for extra, b in enumerate(b for b in range(256) if b not in mapping):
-        mapping[b] = chr(256 + extra)
-    return mapping
-
-
 def write_tiny_gguf(path: Path, *, seed: int, template: str | None) -> Path:
     """A tiny llama (byte-level BPE, context 128) as GGUF. Unlike the optimizer tests' tiny
     model its weights are F32 and its head is untied, so its continuations vary with the
@@ -83,7 +74,7 @@ def write_tiny_gguf(path: Path, *, seed: int, template: str | None) -> Path:
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_rope_freq_base(10000.0)
     writer.add_vocab_size(VOCAB)
-    symbols = _byte_symbols()
+    symbols = byte_level_symbols()
     th = symbols[ord("t")] + symbols[ord("h")]
     writer.add_tokenizer_model("gpt2")
     writer.add_token_list([symbols[b] for b in range(VOCAB - 1)] + [th])

@@ -14,13 +14,11 @@ HTTP for the CLI, simulated gateways):
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from rich.console import Console
 from typer.testing import CliRunner, Result
 
@@ -29,34 +27,12 @@ from slmops.cli.main import app as cli
 from slmops.cli.render import render_lineage
 from slmops.events import new_event
 from slmops.events.payloads import ReleaseEntry
-from slmops.service.registry_api import RegistryClient
-from slmops.settings import PlatformSettings
 from slmops.testing.events import await_events, stream_count
 from slmops.testing.models import with_word_tokenizer
-from slmops.testing.ports import free_port
 from slmops.testing.registry import release_of
 from slmops_gateway.simulator import FleetSpec
-from slmops_rollout.app import create_app as create_rollout
-from slmops_rollout.settings import RolloutSettings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-@contextlib.asynccontextmanager
-async def served_rollout_service(pipeline: Any) -> AsyncIterator[str]:
-    """The rollout service on a real port (the CLI speaks HTTP)."""
-    app = create_rollout(RolloutSettings(platform=PlatformSettings(), tick_s=0.2))
-    app.state.registry = RegistryClient("http://registry", client=pipeline.registry)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
 
 
 async def slmops(url: str, *args: object) -> Result:
@@ -80,7 +56,7 @@ async def test_a_version_whose_every_candidate_failed_is_no_release_and_is_refus
     pipeline: Any, validator: Any, bus: Bus, tiny_onnx: Callable[..., bytes]
 ) -> None:
     # setup: a model with an operator no runtime can run - its one planned job fails
-    async with served_rollout_service(pipeline) as url, httpx.AsyncClient(base_url=url) as api:
+    async with pipeline.served_rollout_service() as url, httpx.AsyncClient(base_url=url) as api:
         await pipeline.publish(tiny_onnx(op_domain="com.example.custom"), model_name="broken",
                                format="onnx", task="feature-extraction")  # fmt: skip
 
@@ -139,7 +115,7 @@ async def test_no_matching_gateway_is_refused_and_a_partial_release_reaches_its_
     release.entries.append(ReleaseEntry(device_class="test-npu", reason=why))
     spec = FleetSpec(count=6, classes={"test-cpu": 0.5, "test-npu": 0.5}, prefix="part")
     async with (
-        served_rollout_service(pipeline) as url,
+        pipeline.served_rollout_service() as url,
         httpx.AsyncClient(base_url=url) as api,
         pipeline.simulated_fleet(bus, spec) as fleet,
     ):

@@ -6,46 +6,21 @@ through registry-signed rollbacks."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from typer.testing import CliRunner, Result
 
 from slmops.bus import Bus
 from slmops.cli.main import app as cli
-from slmops.service.registry_api import RegistryClient
-from slmops.settings import PlatformSettings
 from slmops.testing.events import await_events
 from slmops.testing.models import with_word_tokenizer
-from slmops.testing.ports import free_port
 from slmops_gateway.simulator import FleetSpec
-from slmops_rollout.app import create_app as create_rollout
-from slmops_rollout.settings import RolloutSettings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-@contextlib.asynccontextmanager
-async def served_rollout_service(pipeline: Any) -> AsyncIterator[str]:
-    """The rollout service on a real port (the CLI speaks HTTP), rollbacks signed by the
-    pipeline's registry."""
-    app = create_rollout(RolloutSettings(platform=PlatformSettings(), tick_s=0.2))
-    app.state.registry = RegistryClient("http://registry", client=pipeline.registry)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
 
 
 async def slmops(url: str, *args: object) -> Result:
@@ -73,7 +48,7 @@ async def test_the_rollout_cli_drives_a_rollout_and_rolls_it_back(
                                  "1.1.0")  # fmt: skip
     spec = FleetSpec(count=20, classes={"test-cpu": 1.0}, prefix="cli")
     async with (
-        served_rollout_service(pipeline) as url,
+        pipeline.served_rollout_service() as url,
         pipeline.simulated_fleet(bus, spec) as fleet,
     ):
         async with httpx.AsyncClient(base_url=url) as api:

@@ -39,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from slmops.testing.models import byte_level_symbols
+
 QK_K = 256
 #: Every K-quant super-block is 256 values; the rest are blocks of 32.
 K_TYPES = frozenset({"Q4_K", "Q5_K", "Q6_K"})
@@ -401,22 +403,6 @@ def block_type(name: str, shape: tuple[int, ...]) -> str:
 # Tokenizer
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte → printable character table (what byte-level BPE vocabularies spell in)."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    mapping = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in mapping:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    return mapping
-
-
 @dataclass(frozen=True)
 class Vocabulary:
     tokens: list[str]
@@ -467,7 +453,7 @@ def train_vocabulary(chat: Chat, merges: int = 32) -> Vocabulary:
         scores = [0.0] * (len(head) + 256) + [-float(i) for i in range(len(learned))]
         scores += [0.0] * len(chat.specials)
         return Vocabulary(tokens, [], scores, types)
-    symbols = bytes_to_unicode()
+    symbols = byte_level_symbols()
     byte_tokens = [symbols[b] for b in range(256)]  # ids 0-255 in byte order, stable
     merged = [t for t in learned if t not in set(byte_tokens)]
     tokens = [*byte_tokens, *merged, *chat.specials]

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from slmops.testing.models import byte_level_symbols
+
 VOCAB, HIDDEN, LAYERS, HEADS, KV_HEADS, FFN = 256, 256, 2, 4, 2, 512
 
 #: Block type of every 2-D tensor of the tiny model.
@@ -133,7 +135,7 @@ def write_tiny_gguf(path: Path, *, architecture: str = "llama", seed: int = 0) -
     writer.add_rope_freq_base(10000.0)
     writer.add_vocab_size(VOCAB)
     # A byte-level BPE vocabulary: 255 byte symbols and one merge ("th" replaces byte 0xff).
-    byte_symbols = _bytes_to_unicode()
+    byte_symbols = byte_level_symbols()
     tokens = [byte_symbols[b] for b in range(VOCAB - 1)]
     tokens.append(byte_symbols[ord("t")] + byte_symbols[ord("h")])
     writer.add_tokenizer_model("gpt2")
@@ -159,21 +161,6 @@ def write_tiny_gguf(path: Path, *, architecture: str = "llama", seed: int = 0) -
     writer.write_tensors_to_file()
     writer.close()
     return path
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    mapping = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in mapping:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    return mapping
 
 
 @dataclass(frozen=True)

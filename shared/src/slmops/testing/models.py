@@ -57,3 +57,17 @@ def with_word_tokenizer(data: bytes, *, max_length: int | None = None, words: in
     if max_length is not None:
         model.metadata_props.add(key="slmops.max_length", value=str(max_length))
     return bytes(model.SerializeToString())
+
+
+def byte_level_symbols() -> dict[int, str]:
+    """GPT-2's byte -> printable character table: the alphabet byte-level BPE vocabularies
+    spell their tokens in (for tests that write tiny tokenizers, e.g. into GGUF files)."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    mapping = {b: chr(b) for b in printable}
+    for extra, b in enumerate(b for b in range(256) if b not in mapping):
+        mapping[b] = chr(256 + extra)
+    return mapping
