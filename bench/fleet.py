@@ -29,6 +29,7 @@ import httpx
 import nats
 import psutil
 
+from slmops.auth import BearerToken, Scope, ensure_local_credentials
 from slmops.bus import Bus, Topology
 from slmops.events import new_event
 from slmops.settings import PlatformSettings
@@ -141,13 +142,17 @@ async def ours(bus: Bus, count: int, result: Result, nats_pid: int) -> None:
     from slmops_gateway.simulator import CachingRegistry, FleetSpec, SimulatedFleet
 
     env = {k: v for k, v in os.environ.items() if k.startswith("SLMOPS_")}
+    # Credentials as `slmops up` mints them (the services find them under SLMOPS_VAR_DIR); the
+    # bench itself plays the optimizer, the validator and an operator: every scope.
+    creds = ensure_local_credentials(PlatformSettings().var_dir)
+    bench_auth = BearerToken(creds.issuer().mint("bench:fleet", frozenset(Scope), 3600))
     with (
         service_process("registry", env) as (registry_process, registry_url),
         service_process("rollout", {**env, "SLMOPS_ROLLOUT_TICK_S": "0.1"}) as (rollout, url),
     ):
         async with (
-            httpx.AsyncClient(base_url=registry_url, timeout=60) as registry,
-            httpx.AsyncClient(base_url=url, timeout=600) as api,
+            httpx.AsyncClient(base_url=registry_url, timeout=60, auth=bench_auth) as registry,
+            httpx.AsyncClient(base_url=url, timeout=600, auth=bench_auth) as api,
         ):
             await _ready(registry)
             await _ready(api)
@@ -156,7 +161,7 @@ async def ours(bus: Bus, count: int, result: Result, nats_pid: int) -> None:
             await bus.publish(new_event(release_of({CLASS: variant}), source="/bench"))
             rss = PeakRss()
             spec = FleetSpec(count=count, classes={CLASS: 1.0}, prefix=f"b{count}")
-            cache = CachingRegistry(registry_url)
+            cache = CachingRegistry(registry_url, auth=BearerToken(creds.token("simulator")))
             fleet = SimulatedFleet(bus, cache, spec, GatewaySettings(platform=PlatformSettings()))
             began = time.perf_counter()
             await fleet.start()

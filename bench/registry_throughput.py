@@ -42,6 +42,7 @@ import httpx
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
+from slmops.auth import BearerToken, ensure_local_credentials
 from slmops.chunking import ChunkManifest, chunk_file, plan_fetch
 from slmops.objectstore import ObjectStore
 from slmops.settings import LOCAL_S3_ACCESS_KEY, LOCAL_S3_SECRET_KEY
@@ -245,6 +246,7 @@ def measure_with_nats(tmp: Path, procs: Processes, nats_url: str) -> dict[str, l
     store = ObjectStore(s3_url, REGION, BUCKET, LOCAL_S3_ACCESS_KEY, LOCAL_S3_SECRET_KEY)
     store.ensure_bucket()
     store.close()
+    creds = ensure_local_credentials(tmp / "var")  # the registry verifies with its keys
     procs.start(
         "registry",
         [sys.executable, "-m", "slmops_registry"],
@@ -277,7 +279,8 @@ def measure_with_nats(tmp: Path, procs: Processes, nats_url: str) -> dict[str, l
     results: dict[str, list[float]] = {k: [] for k in ("raw_up", "reg_up", "raw_down", "reg_down")}
     raw_key, digest = "", ""
     timeout = httpx.Timeout(300.0, connect=10.0)
-    with httpx.Client(timeout=timeout, trust_env=False) as client:
+    auth = BearerToken(creds.token("admin"))
+    with httpx.Client(timeout=timeout, trust_env=False, auth=auth) as client:
         for i in range(ROUNDS):
             remark(path, f"raw-{i}")  # same preparation as the registry side
             raw_key = f"raw/{i}"

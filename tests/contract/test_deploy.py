@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from slmops import __version__
 from slmops.events import GatewayAssignment, GatewayReport
 from slmops.profiles import load_profiles
-from slmops.settings import ConsumerSettings, PlatformSettings, ServiceSettings
+from slmops.settings import AuthSettings, ConsumerSettings, PlatformSettings, ServiceSettings
 from slmops.stack.binaries import nats_server_binary
 from slmops.stack.components import discover_services, service_module
 from slmops_optimizer import compute
@@ -177,7 +177,7 @@ def test_every_slmops_env_var_is_a_real_setting(
     named += [(svc, set(compose_env(name))) for name, svc in compose_services()]
 
     def valid(svc: str) -> set[str]:
-        classes = (PlatformSettings, ConsumerSettings, service_settings[svc])
+        classes = (PlatformSettings, AuthSettings, ConsumerSettings, service_settings[svc])
         return {name for cls in classes for name in setting_env_names(cls)}
 
     unknown = {(s, n) for s, names in named for n in names - valid(s) if n.startswith("SLMOPS_")}

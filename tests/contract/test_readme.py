@@ -9,7 +9,7 @@ import pytest
 from pydantic_settings import BaseSettings
 
 from slmops.cli.registry import CliSettings
-from slmops.settings import ConsumerSettings, PlatformSettings
+from slmops.settings import AuthSettings, ConsumerSettings, PlatformSettings
 from slmops.stack.components import StackSettings
 from slmops_gateway.settings import GatewaySettings
 from slmops_optimizer.settings import OptimizerSettings
@@ -25,6 +25,7 @@ EnvNames = Callable[..., list[str]]  # the setting_env_names fixture (conftest.p
     "settings",
     [
         PlatformSettings,
+        AuthSettings,
         ConsumerSettings,
         StackSettings,
         RegistrySettings,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from importlib.metadata import entry_points
 import httpx
 import pytest
 
+from slmops.auth import LocalCredentials, scopes_of_role
 from slmops.testing.ports import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -60,7 +62,10 @@ def test_all_five_services_are_installed() -> None:
 
 @pytest.mark.parametrize("service", SERVICES)
 def test_service_becomes_ready_with_nats_and_s3(
-    service: str, platform_env: dict[str, str], run_service: object
+    service: str,
+    platform_env: dict[str, str],
+    run_service: object,
+    credentials: LocalCredentials,
 ) -> None:
     base = run_service(service, platform_env)  # type: ignore[operator]
 
@@ -70,7 +75,11 @@ def test_service_becomes_ready_with_nats_and_s3(
     )
     ready = ready.json()
     alive = httpx.get(f"{base}/healthz").json()
-    runtime = httpx.get(f"{base}/v1/runtime").json()
+    anonymous = httpx.get(f"{base}/v1/runtime")
+    viewer = credentials.issuer().mint("user:viewer", scopes_of_role("viewer"), ttl_s=60)
+    runtime = httpx.get(f"{base}/v1/runtime", headers={"Authorization": f"Bearer {viewer}"})
+    assert (anonymous.status_code, runtime.status_code) == (401, 200), anonymous.text
+    runtime = runtime.json()
 
     assert alive == {"status": "alive", "service": service, "version": "0.1.0"}
     assert ready["ready"] is True
@@ -88,7 +97,7 @@ def test_readiness_names_the_missing_dependencies(
     closed = free_port()  # nothing listens there
     env = {
         **platform_env,
-        "SLMOPS_NATS_URL": f"nats://127.0.0.1:{closed}",
+        "SLMOPS_NATS_URL": f"nats://someone:s3cret@127.0.0.1:{closed}",
         "SLMOPS_S3_ENDPOINT_URL": f"http://127.0.0.1:{closed}",
     }
     base = run_service("registry", env)  # type: ignore[operator]
@@ -98,5 +107,7 @@ def test_readiness_names_the_missing_dependencies(
 
     assert alive.json()["status"] == "alive"
     assert set(not_ready["not_ready"]) == {"nats", "topology", "consumers", "object_store"}
-    assert f"127.0.0.1:{closed}" in not_ready["checks"]["nats"]["detail"]
+    assert not_ready["checks"]["nats"]["detail"].startswith("not connected")
     assert f"127.0.0.1:{closed}" in not_ready["checks"]["object_store"]["detail"]
+    # readiness answers anyone: it never echoes a URL's credentials
+    assert "s3cret" not in json.dumps(not_ready)

@@ -49,6 +49,7 @@ class Pipeline:
     optimizer: httpx.AsyncClient
     context: OptimizerContext
     settings: OptimizerSettings
+    auth: httpx.Auth  # every scope: these tests are about the pipeline, not authorization
 
     async def publish(self, data: bytes, **fields: Any) -> dict[str, Any]:
         uploaded = await self.registry.post("/v1/blobs", content=data)
@@ -98,7 +99,9 @@ class Pipeline:
         app.state.registry = RegistryClient("http://registry", client=self.registry)
         async with (
             app.router.lifespan_context(app),
-            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://r") as api,
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://r", auth=self.auth
+            ) as api,
         ):
             yield api
 
@@ -176,6 +179,7 @@ async def pipeline(
     bus: Bus,
     optimizer_overrides: dict[str, Any],
     registry_chunk_min_mb: float,
+    everything_auth: httpx.Auth,
 ) -> AsyncIterator[Pipeline]:
     for key, value in platform_env.items():
         monkeypatch.setenv(key, value)
@@ -196,19 +200,23 @@ async def pipeline(
     async with (
         registry_app.router.lifespan_context(registry_app),
         httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=registry_app), base_url="http://registry"
+            transport=httpx.ASGITransport(app=registry_app),
+            base_url="http://registry",
+            auth=everything_auth,
         ) as registry,
     ):
         context.registry = RegistryClient("http://registry", client=registry)
         async with (
             optimizer_app.router.lifespan_context(optimizer_app),
             httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=optimizer_app), base_url="http://optimizer"
+                transport=httpx.ASGITransport(app=optimizer_app),
+                base_url="http://optimizer",
+                auth=everything_auth,
             ) as optimizer,
         ):
             await registry_app.state.runtime.wait_started(timeout_s=20)
             await optimizer_app.state.runtime.wait_started(timeout_s=20)
-            yield Pipeline(registry, optimizer, context, settings)
+            yield Pipeline(registry, optimizer, context, settings, everything_auth)
 
 
 @dataclass
@@ -250,7 +258,9 @@ async def validator(
     context.registry = RegistryClient("http://registry", client=pipeline.registry)
     async with (
         app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://v") as api,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://v", auth=pipeline.auth
+        ) as api,
     ):
         await app.state.runtime.wait_started(timeout_s=20)
         yield Validator(api, context)
@@ -315,7 +325,7 @@ class Gateways:
         await until(lambda: server.started or serving.done(), "uvicorn to start")
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         try:
-            async with httpx.AsyncClient(base_url=url, timeout=120) as api:
+            async with httpx.AsyncClient(base_url=url, timeout=120, auth=self.pipeline.auth) as api:
                 yield Gateway(api, app, url)
         finally:
             server.should_exit = True

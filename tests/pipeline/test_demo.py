@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
+from slmops.auth import BearerTokenFile, local_credentials
 from slmops.profiles import load_profile
 from slmops.testing.localstack import local_stack
 from slmops.traceview import SpanRecord, read_spans
@@ -86,6 +87,13 @@ class DemoRun:
     urls: dict[str, str]
 
     @property
+    def auth(self) -> httpx.Auth:
+        """The local stack's admin credentials, as the CLI uses them."""
+        return BearerTokenFile(
+            local_credentials(Path(self.env["SLMOPS_VAR_DIR"])).token_file("admin")
+        )
+
+    @property
     def model(self) -> dict[str, Any]:
         (model,) = self.report["models"]
         return dict(model)
@@ -148,9 +156,10 @@ def test_lineage_shows_which_gateways_run_which_variant(demo: DemoRun) -> None:
         # the registry projects the gateways' reports into the lineage as they come: read
         # until it holds every gateway of the run
         lineage = httpx.get(f"{demo.urls['registry']}/v1/models/{model['model_name']}/"
-                            f"{model['version']}/lineage").json()  # fmt: skip
+                            f"{model['version']}/lineage", auth=demo.auth).json()  # fmt: skip
         fleet = httpx.get(f"{demo.urls['rollout']}/v1/gateways",
-                          params={"selector": [f"run={demo.report['run']}"]}).json()  # fmt: skip
+                          params={"selector": [f"run={demo.report['run']}"]},
+                          auth=demo.auth).json()  # fmt: skip
         classes = {g["gateway_id"]: g["device_class"] for g in fleet}
 
         # every gateway of the run runs its own class's variant, as the registry records it

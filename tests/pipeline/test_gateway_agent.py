@@ -50,7 +50,9 @@ async def _gateway(
     app.state.agent.registry = RegistryClient("http://registry", client=pipeline.registry)
     async with (
         app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as api,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://gw", auth=pipeline.auth
+        ) as api,
     ):
         yield api
 

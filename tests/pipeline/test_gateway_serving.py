@@ -584,17 +584,25 @@ async def test_embeddings_from_an_encoder_behind_an_api_key(
         expected.append(mean / np.linalg.norm(mean))
     key = {"Authorization": "Bearer local-secret"}
 
-    async with gateways.serve("gw-embed", api_key="local-secret") as gw:
+    async with (
+        gateways.serve("gw-embed", api_key="local-secret") as gw,
+        httpx.AsyncClient(base_url=gw.url, timeout=120) as api,  # a local app: no platform token
+    ):
         await _install(bus, "gw-embed", 1, desired)
-        api = gw.api
+        platform = gw.api  # an operator's client, with a platform token
 
-        # the key: 401 without it or with another one, the management routes unaffected
+        # the key: 401 without it or with another one (a platform token is not the key);
+        # management routes take platform tokens, never the inference key
         body = {"input": texts, "model": "whatever"}
         assert (await api.post("/v1/embeddings", json=body)).status_code == 401
         wrong = await api.post("/v1/embeddings", json=body, headers={"Authorization": "Bearer x"})
         assert (wrong.status_code, wrong.json()["error"]["code"]) == (401, "invalid_api_key")
-        assert (await api.get("/v1/slots")).status_code == 200
-        assert (await api.post("/v1/infer", json={"texts": texts})).status_code == 200
+        assert (await platform.post("/v1/embeddings", json=body)).status_code == 401
+        assert (await api.post("/v1/infer", json={"texts": texts})).status_code == 401
+        assert (await api.post("/v1/infer", json={"texts": texts}, headers=key)).status_code == 200
+        assert (await platform.get("/v1/slots")).status_code == 200
+        assert (await api.get("/v1/slots", headers=key)).status_code == 401
+        assert (await api.get("/v1/slots")).status_code == 401
 
         # execute
         answer = await api.post("/v1/embeddings", json=body, headers=key)

@@ -56,7 +56,10 @@ async def test_a_version_whose_every_candidate_failed_is_no_release_and_is_refus
     pipeline: Any, validator: Any, bus: Bus, tiny_onnx: Callable[..., bytes]
 ) -> None:
     # setup: a model with an operator no runtime can run - its one planned job fails
-    async with pipeline.served_rollout_service() as url, httpx.AsyncClient(base_url=url) as api:
+    async with (
+        pipeline.served_rollout_service() as url,
+        httpx.AsyncClient(base_url=url, auth=pipeline.auth) as api,
+    ):
         await pipeline.publish(tiny_onnx(op_domain="com.example.custom"), model_name="broken",
                                format="onnx", task="feature-extraction")  # fmt: skip
 
@@ -116,7 +119,7 @@ async def test_no_matching_gateway_is_refused_and_a_partial_release_reaches_its_
     spec = FleetSpec(count=6, classes={"test-cpu": 0.5, "test-npu": 0.5}, prefix="part")
     async with (
         pipeline.served_rollout_service() as url,
-        httpx.AsyncClient(base_url=url) as api,
+        httpx.AsyncClient(base_url=url, auth=pipeline.auth) as api,
         pipeline.simulated_fleet(bus, spec) as fleet,
     ):
         await bus.publish(new_event(release, source="/test"))

@@ -51,7 +51,7 @@ async def test_the_rollout_cli_drives_a_rollout_and_rolls_it_back(
         pipeline.served_rollout_service() as url,
         pipeline.simulated_fleet(bus, spec) as fleet,
     ):
-        async with httpx.AsyncClient(base_url=url) as api:
+        async with httpx.AsyncClient(base_url=url, auth=pipeline.auth) as api:
             for _ in range(100):
                 if len((await api.get("/v1/gateways")).json()) == 20:
                     break
@@ -90,7 +90,7 @@ async def test_the_rollout_cli_drives_a_rollout_and_rolls_it_back(
         assert refused.exit_code == 1
         assert "cannot pause a rollout that is completed" in refused.output
         assert rolled.exit_code == 0, rolled.output
-        assert "rolled_back (drill)" in rolled.output
+        assert "rolled_back (rollback by user:admin: drill)" in rolled.output  # who and why
         assert (event[0].data.scope, len(event[0].data.gateway_ids)) == ("fleet", 20)
         assert event[0].data.to_variant_id == old["test-cpu"].variant_id
         assert fleet.serving() == {old["test-cpu"].variant_id: 20}

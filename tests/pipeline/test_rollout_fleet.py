@@ -24,14 +24,19 @@ pytestmark = [pytest.mark.integration]
 
 @pytest.fixture
 async def rollout(
-    platform_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, bus: Bus
+    platform_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    bus: Bus,
+    everything_auth: httpx.Auth,
 ) -> AsyncIterator[httpx.AsyncClient]:
     for key, value in platform_env.items():
         monkeypatch.setenv(key, value)
     app = create_app(RolloutSettings(platform=PlatformSettings()))
     async with (
         app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://r") as api,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://r", auth=everything_auth
+        ) as api,
     ):
         await app.state.runtime.wait_started(timeout_s=20)
         yield api

@@ -72,7 +72,7 @@ async def test_a_killed_rollout_service_resumes_mid_wave(
         variants = await pipeline.release(bus, with_word_tokenizer(tiny_onnx()), CLASSES)
         async with (
             pipeline.simulated_fleet(bus, spec) as fleet,
-            httpx.AsyncClient(base_url=url) as api,
+            httpx.AsyncClient(base_url=url, auth=pipeline.auth) as api,
         ):
             await pipeline.await_fleet(api, 200)
 

@@ -49,7 +49,9 @@ async def _fleet(pipeline: Any, tmp_path: Path) -> AsyncIterator[dict[str, httpx
             await stack.enter_async_context(app.router.lifespan_context(app))
             transport = httpx.ASGITransport(app=app)
             clients[gateway_id] = await stack.enter_async_context(
-                httpx.AsyncClient(transport=transport, base_url=f"http://{gateway_id}")
+                httpx.AsyncClient(
+                    transport=transport, base_url=f"http://{gateway_id}", auth=pipeline.auth
+                )
             )
         yield clients
 
@@ -193,7 +195,7 @@ async def test_a_paused_rollout_holds_its_wave_until_resumed(
         assert paused.json()["status"] == "paused"
         status = (await rollout.get(f"/v1/rollouts/{rollout_id}")).json()
         assert (status["status"], status["wave_index"]) == ("paused", 0)
-        assert status["reason"] == "operator looks at the canary"
+        assert status["reason"] == "pause by test:everything: operator looks at the canary"
         again = await rollout.post(f"/v1/rollouts/{rollout_id}/pause", json={})
         assert again.status_code == 409
         assert "cannot pause a rollout that is paused" in again.json()["detail"]

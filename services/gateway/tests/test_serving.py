@@ -16,6 +16,7 @@ import httpx
 import pytest
 from pydantic import SecretStr, ValidationError
 
+from slmops.auth import LocalCredentials, scopes_of_role
 from slmops.generation import Codec, GenerationSpec, Sampling
 from slmops.settings import PlatformSettings
 from slmops_gateway.app import create_app
@@ -334,9 +335,9 @@ def test_the_api_key_is_required_only_when_configured() -> None:
 
 
 async def test_routes_answer_in_openai_error_shape_before_a_model_is_installed(
-    tmp_path: Path,
+    tmp_path: Path, credentials: LocalCredentials
 ) -> None:
-    settings = GatewaySettings(platform=PlatformSettings(var_dir=tmp_path), api_key="k")
+    settings = GatewaySettings(platform=PlatformSettings(var_dir=tmp_path / "var"), api_key="k")
     app = create_app(settings)
     auth = {"Authorization": "Bearer k"}
     transport = httpx.ASGITransport(app=app)
@@ -361,7 +362,11 @@ async def test_routes_answer_in_openai_error_shape_before_a_model_is_installed(
             **auth, "Content-Type": "application/json"})  # fmt: skip
         assert broken.status_code == 400
         assert broken.json()["error"]["param"] is None
-        assert (await api.get("/v1/slots")).status_code == 200  # management: no key needed
+        # management: a platform token, not the inference key
+        assert (await api.get("/v1/slots", headers=auth)).status_code == 401
+        viewer = credentials.issuer().mint("user:v", scopes_of_role("viewer"), ttl_s=60)
+        slots = await api.get("/v1/slots", headers={"Authorization": f"Bearer {viewer}"})
+        assert slots.status_code == 200
 
 
 def test_generation_failures_are_server_errors() -> None:

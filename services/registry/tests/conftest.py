@@ -36,7 +36,7 @@ def registry_settings(
 
 @pytest.fixture
 async def registry(
-    registry_settings: RegistrySettings, bus: Bus
+    registry_settings: RegistrySettings, bus: Bus, everything_auth: httpx.Auth
 ) -> AsyncIterator[RegistryUnderTest]:
     app = create_app(registry_settings)
     context: RegistryContext = app.state.registry
@@ -44,5 +44,7 @@ async def registry(
         assert context.runtime is not None
         await context.runtime.wait_started(timeout_s=20)
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://registry") as client:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://registry", auth=everything_auth
+        ) as client:
             yield RegistryUnderTest(app, client, context, registry_settings)

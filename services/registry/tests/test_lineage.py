@@ -201,7 +201,7 @@ async def test_channels_move_with_releases_rollouts_and_the_api(
     pinned = x86(after_api)["channels"]["pinned"]
     assert (pinned["variant_id"], pinned["moved_by"], pinned["reason"]) == (
         "v-x86",
-        "api",
+        "test:everything",  # the principal that moved it: the audit trail
         "field test",
     )
     assert [m["channel"] for m in x86(after_api)["history"]] == ["canary", "stable", "pinned"]

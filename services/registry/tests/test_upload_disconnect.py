@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from slmops.auth import LocalCredentials
 from slmops.objectstore import ObjectStore
 from slmops.settings import PlatformSettings
 from slmops.testing.ports import free_port
@@ -71,12 +72,16 @@ def _until(what: str, check: Callable[[], None], *, timeout_s: float = 30) -> No
     ids=["spooled", "streamed-to-store"],
 )
 def test_truncated_upload_stores_nothing_and_leaves_no_temp_file(
-    registry_process: str, platform_env: dict[str, str], digest_header: str
+    registry_process: str,
+    platform_env: dict[str, str],
+    digest_header: str,
+    credentials: LocalCredentials,
 ) -> None:
     port = int(registry_process.rsplit(":", 1)[1])
     spool = Path(platform_env["SLMOPS_VAR_DIR"]) / "registry" / "spool"
     head = (
         "POST /v1/blobs HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {credentials.token('admin')}\r\n"
         f"Content-Type: application/octet-stream\r\n{digest_header}"
         "Content-Length: 20000000\r\n\r\n"
     )

@@ -7,34 +7,18 @@ from datetime import UTC, datetime
 
 import pytest
 
-from slmops.events import variant_id_for
-from slmops.events.payloads import ArtifactRef, GateResult, PassSpec, Recipe
+from slmops.events.payloads import ArtifactRef, GateResult
 from slmops.manifests import SignedManifest, verify_manifest
 from slmops.reports import CheckOutcome, ValidationReport
-from slmops_registry.testing import RegistryUnderTest, gguf_bytes
+from slmops_registry.testing import (
+    RECIPE,
+    RegistryUnderTest,
+    gguf_bytes,
+    published_parent,
+    variant_body,
+)
 
 pytestmark = pytest.mark.integration
-RECIPE = Recipe(name="q8", passes=[PassSpec(name="weight_only", config={"bits": 8})])
-
-
-async def published_parent(registry: RegistryUnderTest) -> str:
-    digest = (await registry.upload(gguf_bytes(padding=b"parent"))).json()["digest"]
-    assert (await registry.publish(digest)).status_code == 201
-    return str(digest)
-
-
-def variant_body(parent: str, artifact: str, **overrides: object) -> dict[str, object]:
-    return {
-        "model_name": "smollm2-135m",
-        "version": "1.0.0",
-        "variant_id": variant_id_for(parent, RECIPE, "arm64"),
-        "device_class": "arm64",
-        "recipe": RECIPE.model_dump(mode="json"),
-        "format": "gguf",
-        "artifact_digest": artifact,
-        "metrics": {"size_mb": 0.1},
-        **overrides,
-    }
 
 
 async def test_variant_gets_a_signed_manifest_and_a_repeat_reuses_it(

@@ -20,6 +20,30 @@ LOCAL_S3_SECRET_KEY = "slmops-local-secret"  # noqa: S105 - a documented local-o
 _PLACEHOLDER_SECRETS = {"", "changeme", "change-me", "minioadmin", "secret", LOCAL_S3_SECRET_KEY}
 
 
+class AuthSettings(BaseSettings):
+    """How a process proves who it is and checks who calls it. Env prefix ``SLMOPS_AUTH_``."""
+
+    model_config = SettingsConfigDict(env_prefix="SLMOPS_AUTH_", extra="ignore")
+
+    keys_file: Path | None = Field(
+        None,
+        description="JWKS file of the public keys that verify bearer tokens (unset: the local "
+        "stack's <var_dir>/auth/jwks.json).",
+    )
+    token_file: Path | None = Field(
+        None,
+        description="File holding this process's own bearer token, sent to the other services "
+        "(unset: the CLI uses the local stack's admin token; the local stack sets one per "
+        "service).",
+    )
+    issuer: str = Field("slmops", description="Expected `iss` of tokens.")
+    audience: str = Field("slmops", description="Expected `aud` of tokens.")
+
+    def token_path(self, var_dir: Path, local_name: str) -> Path:
+        """``token_file``, else the local stack's token ``local_name`` under ``var_dir``."""
+        return self.token_file or var_dir / "auth" / "tokens" / f"{local_name}.jwt"
+
+
 class PlatformSettings(BaseSettings):
     """Where the shared infrastructure is. Env prefix ``SLMOPS_``."""
 
@@ -58,6 +82,16 @@ class PlatformSettings(BaseSettings):
         description="If set, finished spans are also appended as JSON lines under this directory "
         "(the local stack sets it, so traces are kept without a tracing backend).",
     )
+
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+
+    def auth_keys_file(self) -> Path:
+        """The token verification keys: ``auth.keys_file``, else the local stack's."""
+        return self.auth.keys_file or self.var_dir / "auth" / "jwks.json"
+
+    def auth_token_file(self, local_name: str) -> Path:
+        """This process's token: ``auth.token_file``, else the local stack's ``local_name``."""
+        return self.auth.token_path(self.var_dir, local_name)
 
     def span_files_dir(self) -> Path:
         """Where the JSON-lines span files are: ``trace_dir``, else the local stack's."""

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from slmops.auth import LocalCredentials
 from slmops.testing.ports import free_port
 
 
@@ -50,3 +51,9 @@ def registry_url(platform_env: dict[str, str], tmp_path: Path) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@pytest.fixture(autouse=True)
+def cli_credentials(monkeypatch: pytest.MonkeyPatch, credentials: LocalCredentials) -> None:
+    """The CLI calls as the local stack's admin, as it does after `slmops up`."""
+    monkeypatch.setenv("SLMOPS_AUTH_TOKEN_FILE", str(credentials.token_file("admin")))

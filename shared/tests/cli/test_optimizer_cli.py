@@ -9,6 +9,7 @@ import socket
 import struct
 from pathlib import Path
 
+import httpx
 import pytest
 from typer.testing import CliRunner, Result
 
@@ -26,10 +27,8 @@ def cli(*args: str | Path) -> Result:
     return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
 
 
-async def _lineage_has_variant(registry_url: str, path: str) -> None:
-    import httpx
-
-    async with httpx.AsyncClient(base_url=registry_url) as client:
+async def _lineage_has_variant(registry_url: str, path: str, auth: httpx.Auth) -> None:
+    async with httpx.AsyncClient(base_url=registry_url, auth=auth) as client:
         for _ in range(100):
             doc = (await client.get(path)).json()
             if doc.get("variants") and doc.get("optimization_failures"):
@@ -39,7 +38,7 @@ async def _lineage_has_variant(registry_url: str, path: str) -> None:
 
 
 async def test_variants_lists_class_recipe_size_and_quality(
-    registry_url: str, bus: Bus, tmp_path: Path
+    registry_url: str, bus: Bus, tmp_path: Path, everything_auth: httpx.Auth
 ) -> None:
     model = tmp_path / "m.gguf"
     model.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 2, 0) + b"\0" * 64)
@@ -69,7 +68,7 @@ async def test_variants_lists_class_recipe_size_and_quality(
     )
     for payload in (completed, failed):
         await bus.publish(new_event(payload, source="/slmops/optimizer"))
-    await _lineage_has_variant(registry_url, "/v1/models/smol/1.0.0/lineage")
+    await _lineage_has_variant(registry_url, "/v1/models/smol/1.0.0/lineage", everything_auth)
 
     table = await asyncio.to_thread(
         cli, "variants", "smol", "1.0.0", "--registry-url", registry_url

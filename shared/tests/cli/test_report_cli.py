@@ -54,7 +54,9 @@ def failed_report(variant_id: str, candidate: ArtifactRef) -> ValidationReport:
     )
 
 
-def store_variant_with_report(registry_url: str, tmp_path: Path) -> ValidationReport:
+def store_variant_with_report(
+    registry_url: str, tmp_path: Path, auth: httpx.Auth
+) -> ValidationReport:
     model = tmp_path / "m.gguf"
     model.write_bytes(gguf(b"\0" * 64))
     published = cli(
@@ -64,7 +66,7 @@ def store_variant_with_report(registry_url: str, tmp_path: Path) -> ValidationRe
     assert published.exit_code == 0, published.output
     parent = json.loads(published.stdout)["manifest"]["artifact"]["digest"]
     variant_id = variant_id_for(parent, RECIPE, "x86-avx2")
-    with httpx.Client(base_url=registry_url, timeout=30) as client:
+    with httpx.Client(base_url=registry_url, timeout=30, auth=auth) as client:
         blob = client.post("/v1/blobs", content=gguf(b"variant")).raise_for_status().json()
         client.post(
             "/v1/variants",
@@ -89,9 +91,9 @@ def store_variant_with_report(registry_url: str, tmp_path: Path) -> ValidationRe
 
 
 def test_report_prints_the_verdict_and_each_gate_against_its_budget(
-    registry_url: str, tmp_path: Path
+    registry_url: str, tmp_path: Path, everything_auth: httpx.Auth
 ) -> None:
-    report = store_variant_with_report(registry_url, tmp_path)
+    report = store_variant_with_report(registry_url, tmp_path, everything_auth)
 
     shown = cli("report", report.variant_id, "--registry-url", registry_url)
     as_json = cli("report", report.variant_id, "--json", "--registry-url", registry_url)

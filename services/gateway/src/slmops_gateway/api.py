@@ -9,13 +9,17 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, Depends, Header, HTTPException, Request
 from pydantic import BaseModel, Field, model_validator
 
+from slmops.auth import Scope
+from slmops.service.auth import require
 from slmops_gateway.agent import Agent
+from slmops_gateway.errors import Unauthorized
+from slmops_gateway.serving import check_api_key
 from slmops_gateway.slots import LoadedModel
 
 router = APIRouter(prefix="/v1", tags=["gateway"])
@@ -32,7 +36,21 @@ class InferRequest(BaseModel):
         return self
 
 
-@router.post("/infer", summary="Run the active model on local inputs")
+async def local_caller(
+    request: Request, authorization: Annotated[str | None, Header()] = None
+) -> None:
+    """Inference answers local callers, with the gateway's API key when one is set."""
+    try:
+        check_api_key(authorization, request.app.state.agent.settings.api_key)
+    except Unauthorized as exc:
+        raise HTTPException(401, str(exc), headers={"WWW-Authenticate": "Bearer"}) from None
+
+
+@router.post(
+    "/infer",
+    summary="Run the active model on local inputs",
+    dependencies=[Depends(local_caller)],
+)
 async def infer(body: InferRequest, request: Request) -> dict[str, Any]:
     agent: Agent = request.app.state.agent
     model = agent.slots.active  # read once: the request finishes on this model
@@ -92,7 +110,11 @@ async def _shadow(
         agent.health.record_shadow(agreement(new, old))
 
 
-@router.get("/slots", summary="The active and previous models")
+@router.get(
+    "/slots",
+    summary="The active and previous models (management: a platform token)",
+    dependencies=[Depends(require(Scope.READ))],
+)
 async def slots(request: Request) -> dict[str, Any]:
     agent: Agent = request.app.state.agent
 

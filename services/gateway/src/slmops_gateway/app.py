@@ -62,7 +62,10 @@ class AgentLoop(BackgroundTask):
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
-    agent = Agent(settings, RegistryClient(settings.registry_url))
+    registry = RegistryClient.with_identity(
+        settings.registry_url, settings.platform, f"gateway-{settings.gateway_id}"
+    )
+    agent = Agent(settings, registry)
     runtime = ServiceRuntime(
         "gateway", settings, build_handlers(agent), uses_object_store=False,
         consumer_name=f"gateway-{settings.gateway_id}",

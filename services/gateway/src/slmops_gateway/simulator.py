@@ -90,8 +90,12 @@ class CachingRegistry(RegistryClient):
     """One registry client for the whole simulated fleet: each manifest, report and the key is
     fetched once (concurrent askers wait for the same request)."""
 
-    def __init__(self, base_url: str, client: httpx.AsyncClient | None = None) -> None:
-        super().__init__(base_url, client)
+    def __init__(
+        self, base_url: str, client: httpx.AsyncClient | None = None,
+        auth: httpx.Auth | None = None,
+    ) -> None:  # fmt: skip
+        """``auth``: the simulator's one identity (the local stack's ``simulator`` token)."""
+        super().__init__(base_url, client, auth)
         self._cache: dict[tuple[str, str], asyncio.Future[Any]] = {}
 
     async def _once(self, what: str, key: str, fetch: Callable[[], Awaitable[Any]]) -> Any:

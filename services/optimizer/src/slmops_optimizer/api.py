@@ -7,13 +7,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
 
+from slmops.auth import Scope
+from slmops.service.auth import require
 from slmops_optimizer.context import OptimizerContext
 from slmops_optimizer.jobs import JobNotFound, JobStore
 from slmops_optimizer.jobspec import TERMINAL_STATES, JobRecord, JobState
 
-router = APIRouter(prefix="/v1", tags=["optimizer"])
+router = APIRouter(prefix="/v1", tags=["optimizer"], dependencies=[Depends(require(Scope.READ))])
 
 
 def _context(request: Request) -> OptimizerContext:
@@ -45,7 +47,12 @@ async def get_job(job_id: str, request: Request) -> JobRecord:
         raise HTTPException(404, f"no job {job_id}") from None
 
 
-@router.post("/jobs/{job_id}/cancel", status_code=202, summary="Cancel a queued or running job")
+@router.post(
+    "/jobs/{job_id}/cancel",
+    status_code=202,
+    summary="Cancel a queued or running job",
+    dependencies=[Depends(require(Scope.OPERATE))],
+)
 async def cancel_job(job_id: str, request: Request) -> JobRecord:
     jobs = await _jobs(request)
     try:

@@ -21,7 +21,9 @@ def create_app(settings: OptimizerSettings | None = None) -> FastAPI:
         settings=settings,
         profiles=load_profiles(settings.profiles_dir),  # fails fast on a bad profile
         compute=Compute(settings),
-        registry=RegistryClient(settings.registry_url),
+        registry=RegistryClient.with_identity(
+            settings.registry_url, settings.platform, "service-optimizer"
+        ),
     )
     runtime = ServiceRuntime("optimizer", settings, build_handlers(context), uses_object_store=True)
     runtime.add_dependency("ray_serve", context.compute)

@@ -12,10 +12,11 @@ import re
 from functools import partial
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
+from slmops.auth import Principal, Scope
 from slmops.events import ChannelMoved, new_event
 from slmops.events.payloads import Digest, ModelName, Token, Version
 from slmops.objectstore import (
@@ -24,14 +25,26 @@ from slmops.objectstore import (
     ObjectNotFoundError,
     SizeMismatchError,
 )
+from slmops.service.auth import Reader, require
 from slmops.tracing import current_traceparent
+from slmops_registry.context import MaintenanceBusy, RegistryContext
 from slmops_registry.errors import RegistryError
 from slmops_registry.projection import LineageStore
 from slmops_registry.publishing import SOURCE, Publisher, PublishRequest
-from slmops_registry.retention import collect_garbage
+from slmops_registry.retention import MinAgeTooLow
 from slmops_registry.uploads import pipe_upload, spool_upload
 
 router = APIRouter(prefix="/v1", tags=["registry"])
+
+#: Who may put bytes in: publishers, and the services that store variants and reports.
+Uploader = Annotated[
+    Principal, Depends(require(Scope.PUBLISH, Scope.VARIANTS_WRITE, Scope.REPORTS_WRITE))
+]
+PublishingPrincipal = Annotated[Principal, Depends(require(Scope.PUBLISH))]
+#: What a gateway needs to install: manifests, reports, download URLs, keys.
+Installer = Annotated[Principal, Depends(require(Scope.READ, Scope.GATEWAY))]
+Operator = Annotated[Principal, Depends(require(Scope.OPERATE))]
+Admin = Annotated[Principal, Depends(require(Scope.ADMIN))]
 
 
 def validated(kind: Any, value: str, what: str) -> str:
@@ -59,6 +72,7 @@ async def _lineage(request: Request) -> LineageStore:
 @router.post("/blobs", status_code=201, summary="Upload an artifact or evaluation set")
 async def upload_blob(
     request: Request,
+    _: Uploader,
     content_length: Annotated[int | None, Header()] = None,
     x_expected_digest: Annotated[str | None, Header(description="sha256:<hex>")] = None,
 ) -> dict[str, Any]:
@@ -110,7 +124,7 @@ class UploadDone(BaseModel):
 
 
 @router.post("/uploads", status_code=201, summary="A presigned URL to upload a large file")
-async def start_upload(body: UploadIntent, request: Request) -> dict[str, Any]:
+async def start_upload(body: UploadIntent, request: Request, _: Uploader) -> dict[str, Any]:
     """For files too large to stream through the registry: PUT the file to ``url`` with the
     given headers, then ``POST /v1/uploads/{upload_id}/complete`` with its digest."""
     registry = request.app.state.registry
@@ -129,7 +143,9 @@ async def start_upload(body: UploadIntent, request: Request) -> dict[str, Any]:
 
 
 @router.post("/uploads/{upload_id}/complete", status_code=201, summary="Turn an upload into a blob")
-async def complete_upload(upload_id: str, body: UploadDone, request: Request) -> dict[str, Any]:
+async def complete_upload(
+    upload_id: str, body: UploadDone, request: Request, _: Uploader
+) -> dict[str, Any]:
     if not re.fullmatch(r"[0-9a-f]{32}", upload_id):
         raise RegistryError(422, f"invalid upload id {upload_id!r}")
     store = request.app.state.registry.store
@@ -149,9 +165,11 @@ async def complete_upload(upload_id: str, body: UploadDone, request: Request) ->
 
 
 @router.post("/models", summary="Publish a model version whose artifact is uploaded")
-async def publish_model(body: PublishRequest, request: Request) -> JSONResponse:
+async def publish_model(
+    body: PublishRequest, request: Request, principal: PublishingPrincipal
+) -> JSONResponse:
     publisher = await _publisher(request)
-    published = await publisher.publish_version(body, created_by="api")
+    published = await publisher.publish_version(body, created_by=principal.subject)
     headers = {"X-Event-Id": published.event_id}
     traceparent = current_traceparent()
     if published.created and traceparent:  # this request's trace is the model's journey
@@ -164,7 +182,7 @@ async def publish_model(body: PublishRequest, request: Request) -> JSONResponse:
 
 
 @router.get("/models", summary="Every published model with its versions")
-async def list_models(request: Request) -> list[dict[str, Any]]:
+async def list_models(request: Request, _: Reader) -> list[dict[str, Any]]:
     records = await (await _publisher(request)).catalog.list()
     by_name: dict[str, list[dict[str, Any]]] = {}
     for record in records:
@@ -175,7 +193,7 @@ async def list_models(request: Request) -> list[dict[str, Any]]:
 
 
 @router.get("/models/{name}", summary="The versions of one model")
-async def list_versions(name: str, request: Request) -> list[dict[str, Any]]:
+async def list_versions(name: str, request: Request, _: Reader) -> list[dict[str, Any]]:
     name = validated(ModelName, name, "model name")
     records = await (await _publisher(request)).catalog.list(name)
     if not records:
@@ -184,7 +202,7 @@ async def list_versions(name: str, request: Request) -> list[dict[str, Any]]:
 
 
 @router.get("/models/{name}/{version}", summary="The signed manifest of a model version")
-async def get_version(name: str, version: str, request: Request) -> dict[str, Any]:
+async def get_version(name: str, version: str, request: Request, _: Reader) -> dict[str, Any]:
     name, version = validated(ModelName, name, "model name"), validated(Version, version, "version")
     publisher = await _publisher(request)
     record = await publisher.catalog.get(name, version)
@@ -195,7 +213,7 @@ async def get_version(name: str, version: str, request: Request) -> dict[str, An
 
 
 @router.get("/manifests/{digest}", summary="A signed manifest by its digest")
-async def get_manifest(digest: str, request: Request) -> dict[str, Any]:
+async def get_manifest(digest: str, request: Request, _: Installer) -> dict[str, Any]:
     digest = validated(Digest, digest, "digest")
     try:
         signed = await (await _publisher(request)).manifest(digest)
@@ -205,7 +223,7 @@ async def get_manifest(digest: str, request: Request) -> dict[str, Any]:
 
 
 @router.get("/blobs/{digest}/url", summary="A short-lived download URL for a blob")
-async def download_url(digest: str, request: Request) -> dict[str, Any]:
+async def download_url(digest: str, request: Request, _: Installer) -> dict[str, Any]:
     digest = validated(Digest, digest, "digest")
     registry = request.app.state.registry
     blob = await asyncio.to_thread(registry.store.stat, digest)
@@ -221,7 +239,7 @@ class UrlRequest(BaseModel):
 
 
 @router.post("/blobs/urls", summary="Short-lived download URLs for many blobs (e.g. chunks)")
-async def download_urls(body: UrlRequest, request: Request) -> dict[str, Any]:
+async def download_urls(body: UrlRequest, request: Request, _: Installer) -> dict[str, Any]:
     registry = request.app.state.registry
     wanted = sorted(set(body.digests))
     present = await asyncio.gather(*(asyncio.to_thread(registry.store.exists, d) for d in wanted))
@@ -234,13 +252,13 @@ async def download_urls(body: UrlRequest, request: Request) -> dict[str, Any]:
 
 
 @router.get("/keys", summary="The public key that verifies manifest signatures")
-async def keys(request: Request) -> dict[str, Any]:
+async def keys(request: Request, _: Installer) -> dict[str, Any]:
     signer = request.app.state.registry.signer
     return {"keys": [signer.public_jwk()], "pem": signer.public_key_pem()}
 
 
 @router.get("/models/{name}/{version}/lineage", summary="Variants, reports, releases, rollouts")
-async def lineage(name: str, version: str, request: Request) -> dict[str, Any]:
+async def lineage(name: str, version: str, request: Request, _: Reader) -> dict[str, Any]:
     name, version = validated(ModelName, name, "model name"), validated(Version, version, "version")
     store = await _lineage(request)
     found = await store.get(name, version)
@@ -252,22 +270,30 @@ async def lineage(name: str, version: str, request: Request) -> dict[str, Any]:
 
 @router.post("/admin/gc", summary="Garbage-collect unreferenced blobs (dry-run by default)")
 async def garbage_collect(
-    request: Request, dry_run: bool = True, min_age_s: float | None = None
+    request: Request, _: Admin, dry_run: bool = True, min_age_s: float | None = None
 ) -> dict[str, Any]:
-    registry = request.app.state.registry
-    report = await collect_garbage(
-        registry.store,
-        (await _publisher(request)).catalog,
-        await _lineage(request),
-        min_age_s=registry.settings.gc_min_age_s if min_age_s is None else min_age_s,
-        dry_run=dry_run,
-    )
+    """Keeps everything a live version needs (manifests, reports, every chunk); objects
+    younger than ``min_age_s`` (default the registry's setting, never below a day) stay."""
+    registry: RegistryContext = request.app.state.registry
+    await _publisher(request), await _lineage(request)  # 503 until connected
+    try:
+        report = await registry.collect_garbage(
+            min_age_s=registry.settings.gc_min_age_s if min_age_s is None else min_age_s,
+            dry_run=dry_run,
+        )
+    except MinAgeTooLow as exc:
+        raise RegistryError(422, str(exc)) from None
+    except MaintenanceBusy as exc:
+        raise RegistryError(409, str(exc)) from None
     return report.to_api()
 
 
 @router.post("/admin/lineage/rebuild", summary="Wipe the lineage index and replay the streams")
-async def rebuild_lineage(request: Request) -> dict[str, Any]:
-    counts = await request.app.state.registry.rebuild_lineage()
+async def rebuild_lineage(request: Request, _: Admin) -> dict[str, Any]:
+    try:
+        counts = await request.app.state.registry.rebuild_lineage()
+    except MaintenanceBusy as exc:
+        raise RegistryError(409, str(exc)) from None
     return {"replayed": counts}
 
 
@@ -278,7 +304,7 @@ class ChannelMove(BaseModel):
 
 
 @router.get("/channels/{name}", summary="Channels of a model per device class, with history")
-async def channels(name: str, request: Request) -> list[dict[str, Any]]:
+async def channels(name: str, request: Request, _: Reader) -> list[dict[str, Any]]:
     name = validated(ModelName, name, "model name")
     store = await _lineage(request)
     books = sorted(await store.channel_books(name), key=lambda b: b.device_class)
@@ -291,7 +317,12 @@ async def channels(name: str, request: Request) -> list[dict[str, Any]]:
     summary="Point a channel at a variant (published as channel.moved, applied by projection)",
 )
 async def move_channel(
-    name: str, device_class: str, channel: str, body: ChannelMove, request: Request
+    name: str,
+    device_class: str,
+    channel: str,
+    body: ChannelMove,
+    request: Request,
+    principal: Operator,
 ) -> dict[str, Any]:
     name = validated(ModelName, name, "model name")
     device_class, channel = (
@@ -312,7 +343,7 @@ async def move_channel(
         version=body.version,
         variant_id=body.variant_id,
         reason=body.reason,
-        moved_by="api",
+        moved_by=principal.subject,
     )
     event = new_event(moved, source=SOURCE)
     await (await _publisher(request)).publish(event)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from slmops.bus import LINEAGE_KV, VARIANTS_KV
 from slmops.objectstore import ObjectStore
@@ -10,9 +14,14 @@ from slmops.service import ServiceRuntime
 from slmops_registry.catalog import BUCKET, VersionCatalog
 from slmops_registry.projection import LineageStore, rebuild
 from slmops_registry.publishing import Publisher
+from slmops_registry.retention import GcReport, collect_garbage
 from slmops_registry.settings import RegistrySettings
 from slmops_registry.signing import RegistrySigner
 from slmops_registry.variants import Variants
+
+
+class MaintenanceBusy(Exception):
+    """Another maintenance task (GC, lineage rebuild) is running; try again later."""
 
 
 @dataclass
@@ -23,6 +32,9 @@ class RegistryContext:
     runtime: ServiceRuntime | None = None
     _publisher: Publisher | None = field(default=None, init=False)
     _lineage: LineageStore | None = field(default=None, init=False)
+    # GC and lineage rebuild exclude each other (GC reads the lineage to know what lives).
+    _maintenance: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
+    _maintenance_by: str = field(default="", init=False)
     _variants: Variants | None = field(default=None, init=False)
 
     @property
@@ -72,6 +84,29 @@ class RegistryContext:
         bus = self.runtime.bus if self.runtime else None
         if bus is None:
             raise RuntimeError("not connected")
-        counts = await rebuild(bus)
-        self._lineage = None  # the bucket was recreated: take a fresh handle
+        async with self._exclusive("a lineage rebuild"):
+            counts = await rebuild(bus)
+            self._lineage = None  # the bucket was recreated: take a fresh handle
         return counts
+
+    async def collect_garbage(
+        self, *, min_age_s: float, dry_run: bool, now: datetime | None = None
+    ) -> GcReport:
+        """Garbage collection, never while the lineage (what it keeps alive) is rebuilt."""
+        publisher, variants = await self.publisher(), await self.variants()
+        lineage = await self.lineage()
+        if publisher is None or variants is None or lineage is None:
+            raise RuntimeError("not connected")
+        async with self._exclusive("garbage collection"):
+            return await collect_garbage(
+                publisher.store, publisher.catalog, lineage, min_age_s=min_age_s,
+                dry_run=dry_run, indexed=await variants.indexed_manifests(), now=now,
+            )  # fmt: skip
+
+    @contextlib.asynccontextmanager
+    async def _exclusive(self, what: str) -> AsyncIterator[None]:
+        if self._maintenance.locked():
+            raise MaintenanceBusy(f"{what} waits: {self._maintenance_by} is running")
+        async with self._maintenance:
+            self._maintenance_by = what
+            yield

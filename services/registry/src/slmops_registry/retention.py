@@ -1,19 +1,24 @@
 """Garbage collection: delete blobs and manifests nothing refers to, once they are old enough.
 
-What is alive: every published version's manifest (the catalog) and what it references; every
-blob and manifest the lineage names (variants, validation reports, published artifacts). Old
-``staging/`` leftovers of interrupted uploads go too. A minimum age protects an upload whose
-version is being published right now. Dry-run is the default: it reports, deletes nothing.
+What is alive: every published version's manifest (the catalog); every variant and report
+manifest the registry signed (its index) and every blob and manifest the lineage names; and
+what each of those manifests references - artifact, evaluation set, report blob, the chunk
+manifest and *every chunk it lists* (gateways fetch deltas by chunk). Old ``staging/``
+leftovers of interrupted uploads go too. A minimum age, never below
+:data:`MIN_AGE_FLOOR_S`, protects an upload whose version is being published right now.
+Dry-run is the default: it reports, deletes nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Collection
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel, Field
 
+from slmops.chunking import ChunkManifest
 from slmops.manifests import MANIFEST_PREFIX, SignedManifest, manifest_key
 from slmops.objectstore import (
     BLOB_PREFIX,
@@ -21,9 +26,17 @@ from slmops.objectstore import (
     ObjectNotFoundError,
     ObjectStore,
     StoredObject,
+    blob_key,
 )
 from slmops_registry.catalog import VersionCatalog
 from slmops_registry.projection import LineageStore
+
+#: No caller may ask for a younger minimum age: a day covers any publish in flight.
+MIN_AGE_FLOOR_S = 86_400.0
+
+
+class MinAgeTooLow(ValueError):
+    pass
 
 
 class GcReport(BaseModel):
@@ -42,11 +55,13 @@ class GcReport(BaseModel):
 
 
 async def live_digests(
-    store: ObjectStore, catalog: VersionCatalog, lineage: LineageStore
-) -> tuple[set[str], set[str]]:
-    """(blob digests, manifest digests) that something still refers to."""
+    store: ObjectStore, catalog: VersionCatalog, lineage: LineageStore,
+    indexed: Collection[str] = (),
+) -> tuple[set[str], set[str]]:  # fmt: skip
+    """(blob digests, manifest digests) that something still refers to; ``indexed`` are the
+    manifests the registry's own index names (variants and reports)."""
     blobs: set[str] = set()
-    manifests: set[str] = set()
+    manifests: set[str] = set(indexed)
     for record in await catalog.list():
         manifests.add(record.manifest_digest)
         blobs.add(record.artifact_digest)
@@ -72,7 +87,17 @@ async def live_digests(
         for digest_field in (manifest.validation_report_digest, manifest.chunks_digest):
             if digest_field:
                 blobs.add(digest_field)
+        if manifest.chunks_digest:
+            blobs.update(await _chunks_of(store, manifest.chunks_digest))
     return blobs, manifests
+
+
+async def _chunks_of(store: ObjectStore, chunks_digest: str) -> set[str]:
+    try:
+        raw = await asyncio.to_thread(store.get_bytes, blob_key(chunks_digest))
+    except ObjectNotFoundError:
+        return set()
+    return {chunk.digest for chunk in ChunkManifest.from_json(raw).chunks}
 
 
 async def collect_garbage(
@@ -82,9 +107,17 @@ async def collect_garbage(
     *,
     min_age_s: float,
     dry_run: bool = True,
+    indexed: Collection[str] = (),
+    now: datetime | None = None,
 ) -> GcReport:
-    live_blobs, live_manifests = await live_digests(store, catalog, lineage)
-    cutoff = datetime.now(UTC) - timedelta(seconds=min_age_s)
+    """``now`` is for tests (the API never passes it: a caller cannot age objects)."""
+    if min_age_s < MIN_AGE_FLOOR_S:
+        raise MinAgeTooLow(
+            f"min_age_s={min_age_s:g} is below the floor of {MIN_AGE_FLOOR_S:g} s: garbage "
+            "collection never touches objects younger than a day"
+        )
+    live_blobs, live_manifests = await live_digests(store, catalog, lineage, indexed)
+    cutoff = (now or datetime.now(UTC)) - timedelta(seconds=min_age_s)
 
     def dead(obj: StoredObject) -> bool:
         if obj.last_modified > cutoff:

@@ -40,9 +40,9 @@ class RegistrySettings(ServiceSettings):
     )
     gc_min_age_s: float = Field(
         7 * 86_400,
-        ge=0,
+        ge=86_400,
         description="Garbage collection deletes unreferenced blobs only when older than this, "
-        "in seconds (protects uploads whose version is being published).",
+        "in seconds (protects uploads whose version is being published); at least a day.",
     )
 
     @property

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import httpx
 from fastapi import FastAPI
 
+from slmops.events import variant_id_for
+from slmops.events.payloads import PassSpec, Recipe
 from slmops_registry.context import RegistryContext
 from slmops_registry.settings import RegistrySettings
 
@@ -37,3 +39,28 @@ class RegistryUnderTest:
             **overrides,
         }
         return await self.client.post("/v1/models", json=body)
+
+
+RECIPE = Recipe(name="q8", passes=[PassSpec(name="weight_only", config={"bits": 8})])
+
+
+async def published_parent(registry: RegistryUnderTest) -> str:
+    """The digest of a published GGUF model (version 1.0.0 of ``smollm2-135m``)."""
+    digest = (await registry.upload(gguf_bytes(padding=b"parent"))).json()["digest"]
+    assert (await registry.publish(digest)).status_code == 201
+    return str(digest)
+
+
+def variant_body(parent: str, artifact: str, **overrides: object) -> dict[str, object]:
+    """A ``POST /v1/variants`` request for an arm64 variant of ``parent``."""
+    return {
+        "model_name": "smollm2-135m",
+        "version": "1.0.0",
+        "variant_id": variant_id_for(parent, RECIPE, "arm64"),
+        "device_class": "arm64",
+        "recipe": RECIPE.model_dump(mode="json"),
+        "format": "gguf",
+        "artifact_digest": artifact,
+        "metrics": {"size_mb": 0.1},
+        **overrides,
+    }

@@ -6,19 +6,26 @@ validator stores its report about it the same way; the CLI and people read the n
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from slmops.auth import Principal, Scope
 from slmops.events.payloads import Token
 from slmops.rollbacks import rollback_statement
-from slmops_registry.api import validated
+from slmops.service.auth import require
+from slmops_registry.api import Installer, validated
 from slmops_registry.errors import RegistryError
 from slmops_registry.variants import ReportRequest, VariantRequest, Variants
 
 router = APIRouter(prefix="/v1/variants", tags=["registry"])
+
+# What only a service may do is in no person's token (see slmops.auth.principals).
+VariantWriter = Annotated[Principal, Depends(require(Scope.VARIANTS_WRITE))]
+ReportWriter = Annotated[Principal, Depends(require(Scope.REPORTS_WRITE))]
+RollbackSigner = Annotated[Principal, Depends(require(Scope.ROLLBACKS_SIGN))]
 
 
 async def _variants(request: Request) -> Variants:
@@ -29,27 +36,33 @@ async def _variants(request: Request) -> Variants:
 
 
 @router.post("", summary="Store an optimized variant (artifact uploaded first)")
-async def register_variant(body: VariantRequest, request: Request) -> JSONResponse:
-    signed, created = await (await _variants(request)).register(body, created_by="api")
+async def register_variant(
+    body: VariantRequest, request: Request, principal: VariantWriter
+) -> JSONResponse:
+    variants = await _variants(request)
+    signed, created = await variants.register(body, created_by=principal.subject)
     return JSONResponse(signed.model_dump(mode="json"), status_code=201 if created else 200)
 
 
 @router.get("/{variant_id}", summary="The signed manifest of a variant")
-async def get_variant(variant_id: str, request: Request) -> dict[str, Any]:
+async def get_variant(variant_id: str, request: Request, _: Installer) -> dict[str, Any]:
     variant_id = validated(Token, variant_id, "variant id")
     signed = await (await _variants(request)).manifest_of(variant_id)
     return signed.model_dump(mode="json")
 
 
 @router.post("/{variant_id}/reports", status_code=201, summary="Store a validation report")
-async def add_report(variant_id: str, body: ReportRequest, request: Request) -> dict[str, Any]:
+async def add_report(
+    variant_id: str, body: ReportRequest, request: Request, principal: ReportWriter
+) -> dict[str, Any]:
     variant_id = validated(Token, variant_id, "variant id")
-    signed = await (await _variants(request)).add_report(variant_id, body, created_by="api")
+    variants = await _variants(request)
+    signed = await variants.add_report(variant_id, body, created_by=principal.subject)
     return signed.model_dump(mode="json")
 
 
 @router.get("/{variant_id}/report", summary="The newest validation report of a variant")
-async def latest_report(variant_id: str, request: Request) -> dict[str, Any]:
+async def latest_report(variant_id: str, request: Request, _: Installer) -> dict[str, Any]:
     """``{"manifest": <signed report manifest>, "report": <the report JSON>}``."""
     variant_id = validated(Token, variant_id, "variant id")
     signed, report = await (await _variants(request)).latest_report(variant_id)
@@ -65,7 +78,9 @@ class RollbackRequest(BaseModel):
 
 
 @router.post("/{variant_id}/rollbacks", summary="Sign a rollback to this variant")
-async def sign_rollback(variant_id: str, body: RollbackRequest, request: Request) -> dict[str, Any]:
+async def sign_rollback(
+    variant_id: str, body: RollbackRequest, request: Request, _: RollbackSigner
+) -> dict[str, Any]:
     variant_id = validated(Token, variant_id, "variant id")
     signed = await (await _variants(request)).manifest_of(variant_id)
     statement = rollback_statement(signed.manifest.model_name, signed.digest, body.rollout_id)

@@ -165,6 +165,13 @@ class Variants:
             raise RegistryError(500, f"report blob {digest} is not a JSON object")
         return latest, report
 
+    async def indexed_manifests(self) -> set[str]:
+        """Digests of every variant and report manifest this registry signed and indexed
+        (garbage collection keeps them and what they reference)."""
+        variants = await self._values("variant.*")
+        reports = await self._values("report.*.*")
+        return set(variants) | set(reports)
+
     async def _values(self, pattern: str) -> list[str]:
         """The current values of every key matching a subject ``pattern``."""
         return [v.decode() for v in await values_matching(self.kv, pattern) if v]

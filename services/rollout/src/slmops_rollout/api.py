@@ -8,10 +8,12 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from slmops.auth import Principal, Scope
 from slmops.events.payloads import ModelName, Version
+from slmops.service.auth import Reader, require
 from slmops_rollout.engine import Engine
 from slmops_rollout.fleet import GatewayRecord
 from slmops_rollout.plans import Overlay, WavePolicy, matches
@@ -21,6 +23,8 @@ from slmops_rollout.steps import ACTIONS, control, wave_health
 from slmops_rollout.targets import NotRollable
 
 router = APIRouter(prefix="/v1", tags=["rollout"])
+
+Operator = Annotated[Principal, Depends(require(Scope.OPERATE))]
 
 
 async def _engine(request: Request) -> Engine:
@@ -33,6 +37,7 @@ async def _engine(request: Request) -> Engine:
 @router.get("/gateways", summary="Registered gateways: class, labels, what they run, health")
 async def gateways(
     request: Request,
+    _: Reader,
     device_class: Annotated[str | None, Query(description="Only this device class.")] = None,
     selector: Annotated[list[str] | None, Query(description="key=value labels to match.")] = None,
 ) -> list[GatewayRecord]:
@@ -59,7 +64,7 @@ class StartRollout(BaseModel):
 
 
 @router.post("/rollouts", status_code=201, summary="Start rolling out a model version's release")
-async def start(body: StartRollout, request: Request) -> dict[str, Any]:
+async def start(body: StartRollout, request: Request, _: Operator) -> dict[str, Any]:
     """404: nothing decided for the version yet. 409 (the request is well-formed; what the
     platform knows forbids it - 422 stays "fix your request"): the version's release failed,
     or no registered gateway matches; the detail is ``{message, reasons}``, reasons per class."""
@@ -79,6 +84,7 @@ async def start(body: StartRollout, request: Request) -> dict[str, Any]:
 @router.get("/rollouts", summary="Rollouts, newest first; optionally of one model (version)")
 async def list_rollouts(
     request: Request,
+    _: Reader,
     model_name: Annotated[str | None, Query(description="Only this model.")] = None,
     version: Annotated[str | None, Query(description="Only this version.")] = None,
 ) -> list[dict[str, Any]]:
@@ -93,7 +99,7 @@ async def list_rollouts(
 
 
 @router.get("/rollouts/{rollout_id}", summary="A rollout: each wave's progress, gate figures")
-async def status(rollout_id: str, request: Request) -> dict[str, Any]:
+async def status(rollout_id: str, request: Request, _: Reader) -> dict[str, Any]:
     engine = await _engine(request)
     state = await engine.get(rollout_id)
     if state is None:
@@ -112,13 +118,15 @@ _CONTROL = "pause, resume, cancel, approve (the next wave) or roll back a rollou
 
 @router.post("/rollouts/{rollout_id}/{action}", summary=_CONTROL)
 async def control_rollout(
-    rollout_id: str, action: str, body: Control, request: Request
+    rollout_id: str, action: str, body: Control, request: Request, principal: Operator
 ) -> dict[str, Any]:
     if action not in ACTIONS:
         raise HTTPException(404, f"no action {action!r}: one of {', '.join(ACTIONS)}")
     engine = await _engine(request)
     try:
-        state = await control(engine, rollout_id, action, body.reason)
+        # The rollout's record says who acted (the audit trail), then why.
+        why = f"{action} by {principal.subject}" + (f": {body.reason}" if body.reason else "")
+        state = await control(engine, rollout_id, action, why)
     except LookupError as exc:
         raise HTTPException(404, str(exc)) from None
     except ValueError as exc:

@@ -80,7 +80,9 @@ def create_app(settings: RolloutSettings | None = None) -> FastAPI:
     runtime.add_dependency("ticker", Ticker(engines, settings.tick_s))
     app = create_service_app(runtime, router, title="slmops rollout")
     app.state.engines = engines
-    app.state.registry = RegistryClient(settings.registry_url)  # tests may swap it before start
+    app.state.registry = RegistryClient.with_identity(  # tests may swap it before start
+        settings.registry_url, settings.platform, "service-rollout"
+    )
     return app
 
 

@@ -10,12 +10,14 @@ import json
 from typing import Any
 
 import nats.js.errors
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Request
 
+from slmops.auth import Scope
+from slmops.service.auth import require
 from slmops_validator.context import ValidatorContext
 from slmops_validator.releases import Tally, tally_key
 
-router = APIRouter(prefix="/v1", tags=["validator"])
+router = APIRouter(prefix="/v1", tags=["validator"], dependencies=[Depends(require(Scope.READ))])
 
 
 async def _get(request: Request, key: str, missing: str) -> bytes:

@@ -19,7 +19,9 @@ def create_app(settings: ValidatorSettings | None = None) -> FastAPI:
     context = ValidatorContext(
         settings=settings,
         profiles=load_profiles(settings.profiles_dir),  # fails fast on a bad profile
-        registry=RegistryClient(settings.registry_url),
+        registry=RegistryClient.with_identity(
+            settings.registry_url, settings.platform, "service-validator"
+        ),
     )
     runtime = ServiceRuntime("validator", settings, build_handlers(context), uses_object_store=True)
     context.runtime = runtime

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from slmops.cli.registry import CliSettings, RegistryUrl, console_out, fail
+from slmops.cli.registry import CliSettings, RegistryUrl, cli_auth, console_out, fail
 from slmops.cli.rollout import JsonOutput, RolloutUrl, call_api
 
 app = typer.Typer(help="Simulated gateway fleets.", no_args_is_help=True)
@@ -115,7 +115,7 @@ async def _run(spec: Any, registry_url: str, health_interval_s: float, duration_
     stop = asyncio.Event()  # SIGTERM or Ctrl-C: stop cleanly (the fleet's consumer is removed)
     for signum in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(signum, stop.set)
-    registry = CachingRegistry(registry_url)
+    registry = CachingRegistry(registry_url, auth=cli_auth("simulator"))
     fleet = SimulatedFleet(bus, registry, spec, GatewaySettings(platform=platform))
     started = time.monotonic()
     await fleet.start()

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from slmops.cli import demo, fleet, optimizer, registry, report, rollout, stack, trace
+from slmops.cli import auth, demo, fleet, optimizer, registry, report, rollout, stack, trace
 
 app = typer.Typer(
     name="slmops",
@@ -22,6 +22,7 @@ app.add_typer(jobs_app, name="jobs")
 app.add_typer(rollout.app, name="rollout")
 app.add_typer(fleet.app, name="fleet")
 app.add_typer(trace.app, name="trace")
+app.add_typer(auth.app, name="auth")
 
 app.command("demo")(demo.demo)
 app.command("up")(stack.up)

@@ -20,9 +20,11 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
+from slmops.auth import BearerTokenFile, MissingTokenError
 from slmops.cli import packaging as pkg
 from slmops.cli.render import local_time, render_lineage, short_digest, text_row
 from slmops.events.payloads import ModelFormat, ModelName, Pooling, Task, Token, Version
+from slmops.settings import AuthSettings
 
 console_out = Console(highlight=False, soft_wrap=True)
 console_err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -47,6 +49,15 @@ class CliSettings(BaseSettings):
         "http://127.0.0.1:8104",
         description="Base URL of the rollout HTTP API (`slmops up` serves it on port 8104).",
     )
+    var_dir: Path = Field(Path("var"), description="The local stack's state folder.")
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+
+
+def cli_auth(local_name: str = "admin") -> BearerTokenFile:
+    """The CLI's credentials: SLMOPS_AUTH_TOKEN_FILE, else the local stack's ``local_name``
+    token (``admin``; the fleet simulator uses ``simulator``)."""
+    settings = CliSettings()
+    return BearerTokenFile(settings.auth.token_path(settings.var_dir, local_name))
 
 
 class CliError(Exception):
@@ -83,7 +94,7 @@ class RegistryClient(httpx.Client):
 
     def __init__(self, url: str | None) -> None:
         self.url = (url or self.default_url()).rstrip("/")
-        super().__init__(base_url=self.url, timeout=_TIMEOUT)
+        super().__init__(base_url=self.url, timeout=_TIMEOUT, auth=cli_auth())
 
     def default_url(self) -> str:
         return CliSettings().registry_url
@@ -98,6 +109,8 @@ class RegistryClient(httpx.Client):
             ) from exc
         except httpx.HTTPError as exc:
             raise CliError(f"{self.service} at {self.url} failed: {exc!r}") from exc
+        except MissingTokenError as exc:
+            raise CliError(str(exc)) from None
         if response.is_error:
             raise HttpError(response.status_code, _detail(response))
         return response

@@ -25,6 +25,8 @@ import httpx
 from rich.console import Console
 
 from slmops import hostinfo
+from slmops.auth import local_credentials
+from slmops.cli.registry import cli_auth
 
 QUESTION = "What is the capital of France? Answer in one short sentence."
 
@@ -72,6 +74,9 @@ async def start_chat_gateway(
         "SLMOPS_GATEWAY_REGISTRY_URL": registry_url,
         "SLMOPS_GATEWAY_INTRA_OP_THREADS": str(min(2, os.cpu_count() or 1)),
         "SLMOPS_GATEWAY_HEALTH_INTERVAL_S": "3",
+        # Its own identity: a gateway token for this id, minted as enrolment would.
+        "SLMOPS_AUTH_TOKEN_FILE": str(local_credentials(var_dir).mint_gateway(gateway_id)),
+        "SLMOPS_AUTH_KEYS_FILE": str(local_credentials(var_dir).keys_file),
     }
     log_path = var_dir / "logs" / f"{gateway_id}.log"
     process = _spawn(env, log_path)  # starts at once; readiness is awaited below
@@ -96,7 +101,7 @@ async def start_chat_gateway(
 async def until_serving(gateway: ChatGateway, variant_id: str, timeout_s: float = 120.0) -> None:
     """Until the gateway's active slot holds ``variant_id`` (installed and smoke-tested)."""
     deadline = time.monotonic() + timeout_s
-    async with httpx.AsyncClient(timeout=5.0) as http:
+    async with httpx.AsyncClient(timeout=5.0, auth=cli_auth()) as http:
         while time.monotonic() < deadline:
             try:
                 slots = (await http.get(f"{gateway.url}/v1/slots")).json()

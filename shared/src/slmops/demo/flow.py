@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from slmops.bus import Bus
-from slmops.cli.registry import RegistryClient
+from slmops.cli.registry import RegistryClient, cli_auth
 from slmops.demo.journey import Journey
 from slmops.demo.models import DemoModel
 from slmops.events import EventDecodeError, decode_event
@@ -92,7 +92,7 @@ async def start_fleet(bus: Bus, options: DemoOptions, console: Console) -> Any:
                      prefix=f"demo-{options.run_id}")  # fmt: skip
     fleet = SimulatedFleet(
         bus,
-        CachingRegistry(options.registry_url),
+        CachingRegistry(options.registry_url, auth=cli_auth("simulator")),
         spec,
         GatewaySettings(platform=PlatformSettings()),
     )
@@ -249,7 +249,7 @@ async def _follow(run: DemoRun, options: DemoOptions, progress: Progress) -> Non
     stages = {key: Stages(progress, key) for key in run.journeys}
     deadline = time.monotonic() + options.timeout_s
     next_health = time.monotonic()
-    async with httpx.AsyncClient(timeout=30.0) as http:
+    async with httpx.AsyncClient(timeout=30.0, auth=cli_auth()) as http:
         while not all(j.finished for j in run.journeys.values()):
             await _chat_when_served(run, options, progress)  # before the next model's jobs
             await _publish_next(run, options, progress)

@@ -12,6 +12,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from slmops.cli.registry import cli_auth
 from slmops.cli.render import as_dicts
 from slmops.demo.flow import DemoOptions, DemoRun
 from slmops.demo.journey import Journey
@@ -71,7 +72,7 @@ async def _get(http: httpx.AsyncClient, url: str) -> dict[str, Any]:
 async def build_report(run: DemoRun, options: DemoOptions) -> dict[str, Any]:
     """The report as JSON (``--json-report``; also what the table shows)."""
     models = []
-    async with httpx.AsyncClient(timeout=30.0) as http:
+    async with httpx.AsyncClient(timeout=30.0, auth=cli_auth()) as http:
         for key, journey in run.journeys.items():
             models.append(await _model_report(http, options, key, journey))
     return {"version": options.version, "run": options.run_id, "gateways": options.gateways,

@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, Depends, FastAPI
 from fastapi.responses import JSONResponse
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
 from slmops import __version__
+from slmops.auth import Scope, TokenVerifier
+from slmops.service.auth import require
 from slmops.service.runtime import ServiceRuntime
 from slmops.settings import ServiceSettings
 
@@ -30,7 +32,11 @@ def health_router(runtime: ServiceRuntime) -> APIRouter:
         report = await runtime.readiness()
         return JSONResponse(report.as_dict(), status_code=200 if report.ready else 503)
 
-    @router.get("/v1/runtime", summary="The service's consumers and what they have handled")
+    @router.get(
+        "/v1/runtime",
+        summary="The service's consumers and what they have handled",
+        dependencies=[Depends(require(Scope.READ))],
+    )
     async def runtime_info() -> dict[str, object]:
         return {
             "service": runtime.name,
@@ -51,9 +57,14 @@ def health_router(runtime: ServiceRuntime) -> APIRouter:
 
 
 def create_service_app(runtime: ServiceRuntime, *routers: APIRouter, title: str) -> FastAPI:
-    """A FastAPI app whose lifespan runs ``runtime``, with health routes and tracing."""
+    """A FastAPI app whose lifespan runs ``runtime``, with health routes, tracing and the
+    token verifier every route's credentials check uses."""
     app = FastAPI(title=title, version=__version__, lifespan=runtime.lifespan)
     app.state.runtime = runtime
+    platform = runtime.settings.platform
+    app.state.token_verifier = TokenVerifier(
+        platform.auth_keys_file(), issuer=platform.auth.issuer, audience=platform.auth.audience
+    )
     app.include_router(health_router(runtime))
     for router in routers:
         app.include_router(router)

@@ -12,14 +12,30 @@ from typing import Any
 
 import httpx
 
+from slmops.auth import BearerTokenFile, MissingTokenError
 from slmops.events import PermanentError, TransientError
+from slmops.settings import PlatformSettings
 
 _TIMEOUT = httpx.Timeout(60.0, connect=5.0)
 
 
 class RegistryClient:
-    def __init__(self, base_url: str, client: httpx.AsyncClient | None = None) -> None:
-        self._client = client or httpx.AsyncClient(base_url=base_url.rstrip("/"), timeout=_TIMEOUT)
+    def __init__(
+        self, base_url: str, client: httpx.AsyncClient | None = None,
+        auth: httpx.Auth | None = None,
+    ) -> None:  # fmt: skip
+        """``auth`` is the calling service's credentials (``BearerTokenFile``)."""
+        self._client = client or httpx.AsyncClient(
+            base_url=base_url.rstrip("/"), timeout=_TIMEOUT, auth=auth
+        )
+
+    @classmethod
+    def with_identity(
+        cls, base_url: str, platform: PlatformSettings, local_name: str
+    ) -> RegistryClient:
+        """A client sending this process's token (``SLMOPS_AUTH_TOKEN_FILE``, else the local
+        stack's token file ``local_name``, e.g. ``service-optimizer``)."""
+        return cls(base_url, auth=BearerTokenFile(platform.auth_token_file(local_name)))
 
     async def close(self) -> None:
         await self._client.aclose()
@@ -87,11 +103,18 @@ class RegistryClient:
             return await self._client.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
             raise TransientError(f"registry unreachable ({exc!r}); will retry") from exc
+        except MissingTokenError as exc:
+            raise TransientError(f"{exc}; will retry") from None
 
     @staticmethod
     def _json(response: httpx.Response, what: str) -> dict[str, Any]:
         if response.status_code >= 500:
             raise TransientError(f"registry answered {response.status_code} for {what}")
+        if response.status_code in (401, 403):  # credentials: fixed by whoever runs us, so retry
+            raise TransientError(
+                f"registry refused this service's credentials for {what}: "
+                f"{response.text[:300]} ({response.status_code}); will retry"
+            )
         if response.is_error:
             try:
                 detail = response.json().get("detail", response.text)

@@ -225,9 +225,8 @@ class ServiceRuntime:
         connected = bus is not None and bus.connected
         report.checks["nats"] = Check(
             connected,
-            f"connected to {self.settings.platform.nats_url}"
-            if connected
-            else f"not connected to {self.settings.platform.nats_url}: {self._startup_error}",
+            # No URL here: readiness answers anonymous callers, and a URL may carry secrets.
+            "connected" if connected else f"not connected: {self._startup_error}",
         )
         wanted = {f"stream:{s.name}" for s in self.topology.streams}
         wanted |= {f"kv:{b.bucket}" for b in self.topology.kv_buckets}

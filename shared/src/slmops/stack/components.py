@@ -13,11 +13,13 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 
 import httpx
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from slmops.auth.local import LOCAL_GATEWAY_ID, local_credentials
 from slmops.settings import PlatformSettings
 from slmops.stack.binaries import venv_binary
 
@@ -204,6 +206,7 @@ def plan_stack(stack: StackSettings, platform: PlatformSettings) -> list[Compone
         "SLMOPS_S3_ACCESS_KEY_ID": platform.s3_access_key_id.get_secret_value(),
         "SLMOPS_S3_SECRET_ACCESS_KEY": platform.s3_secret_access_key.get_secret_value(),
         "SLMOPS_S3_BUCKET": platform.s3_bucket,
+        "SLMOPS_AUTH_KEYS_FILE": str(local_credentials(var_dir).keys_file),
     }
     services = stack.selected_services(discover_services())
     # The other services call the registry's HTTP API: where this stack serves it (a service
@@ -236,10 +239,22 @@ def plan_stack(stack: StackSettings, platform: PlatformSettings) -> list[Compone
                     **({f"{prefix}REGISTRY_URL": registry_url} if registry_url else {}),
                     f"{prefix}HOST": LOCAL_HOST,
                     f"{prefix}PORT": str(port),
+                    **_identity_env(name, prefix, var_dir),
                 },
             )
         )
     return specs
+
+
+def _identity_env(name: str, prefix: str, var_dir: Path) -> dict[str, str]:
+    """Each service calls the others as itself (tokens minted by ``slmops.auth.local``)."""
+    creds = local_credentials(var_dir)
+    if name == "gateway":
+        return {
+            f"{prefix}GATEWAY_ID": LOCAL_GATEWAY_ID,
+            "SLMOPS_AUTH_TOKEN_FILE": str(creds.token_file(f"gateway-{LOCAL_GATEWAY_ID}")),
+        }
+    return {"SLMOPS_AUTH_TOKEN_FILE": str(creds.token_file(f"service-{name}"))}
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psutil
 
+from slmops.auth import ensure_local_credentials
 from slmops.settings import PlatformSettings
 from slmops.stack.components import ComponentKind, ComponentSpec, StackError, StackSettings, probe
 from slmops.stack.preflight import check_ports, clear_stale_state, startup_lock
@@ -230,6 +231,7 @@ def start_stack(
     with startup_lock(var_dir):
         clear_stale_state(var_dir, report)
         check_ports(specs)
+        ensure_local_credentials(var_dir)  # before the services that verify and send tokens
         try:
             for spec in specs:
                 report(f"starting {spec.name}")

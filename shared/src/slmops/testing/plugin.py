@@ -4,7 +4,9 @@ Installed with the SDK (entry point ``pytest11``), so every service's tests get 
 ``nats_server`` (a real ``nats-server`` with JetStream on a free port and a temp store, one per
 test: it starts in ~20 ms, so tests never share broker state), ``bus`` (a connected
 :class:`~slmops.bus.Bus` with the topology declared), ``span_exporter`` (in-memory spans),
-``s3_server`` / ``object_store`` (moto's threaded S3 server), and :func:`await_events`.
+``s3_server`` / ``object_store`` (moto's threaded S3 server), ``credentials`` (the local
+stack's token set minted into the test's ``var/``, plus an ``everything`` token holding every
+scope, for tests about something other than authorization), and :func:`await_events`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from slmops.auth import BearerToken, LocalCredentials, Scope, ensure_local_credentials
 from slmops.bus.connection import Bus
 from slmops.bus.topology import Topology
 from slmops.testing.consumers import start_consumer
@@ -47,9 +50,26 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServerProcess]:
 
 
 @pytest.fixture
-def platform_env(nats_server: NatsServerProcess, s3_server: str, tmp_path: Path) -> dict[str, str]:
-    """``SLMOPS_*`` variables pointing a service process at this test's NATS and S3."""
+def credentials(tmp_path: Path) -> LocalCredentials:
+    """Token keys and tokens in ``<tmp_path>/var/auth``, as `slmops up` mints them."""
+    creds = ensure_local_credentials(tmp_path / "var")
+    creds.mint("everything", "test:everything", frozenset(Scope))
+    return creds
+
+
+@pytest.fixture
+def everything_auth(credentials: LocalCredentials) -> BearerToken:
+    """httpx auth with every scope: for tests whose subject is not authorization."""
+    return BearerToken(credentials.token("everything"))
+
+
+@pytest.fixture
+def platform_env(
+    nats_server: NatsServerProcess, s3_server: str, tmp_path: Path, credentials: LocalCredentials
+) -> dict[str, str]:
+    """``SLMOPS_*`` variables pointing a service process at this test's NATS, S3 and keys."""
     return {
+        "SLMOPS_AUTH_KEYS_FILE": str(credentials.keys_file),
         "SLMOPS_ENV": "local",
         "SLMOPS_NATS_URL": nats_server.url,
         "SLMOPS_S3_ENDPOINT_URL": s3_server,

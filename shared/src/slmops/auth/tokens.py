@@ -1,0 +1,119 @@
+"""Bearer tokens: JWTs signed with Ed25519 (JWS ``alg: Ed25519``, RFC 9864) through joserfc.
+
+The issuer's private key signs; every service verifies with the public key set (a JWKS file),
+which may hold several keys during a rotation: a token names its key (``kid``), a new key is
+added before tokens are minted with it, and the old one is removed once its tokens expired.
+Verifiers re-read the file when it changes, so a rotation needs no restart.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from joserfc import jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import KeySet, OKPKey
+from joserfc.jwt import JWTClaimsRegistry
+
+from slmops.auth.principals import Principal, Scope
+
+ALGORITHM = "Ed25519"
+ISSUER = "slmops"
+AUDIENCE = "slmops"
+_LEEWAY_S = 30  # clock skew tolerated between the issuer and a verifier
+
+
+class TokenError(Exception):
+    """A token that must not be trusted; the message says why (never echoes the token)."""
+
+
+class NoKeysError(TokenError):
+    """The verifier has no keys to check tokens with (a configuration problem)."""
+
+
+def generate_signing_key() -> OKPKey:
+    """A new Ed25519 issuer key whose ``kid`` is a random id."""
+    return OKPKey.generate_key("Ed25519", parameters={"kid": secrets.token_hex(8)})
+
+
+def public_jwk(key: OKPKey) -> dict[str, Any]:
+    return dict(key.as_dict(private=False))
+
+
+@dataclass(frozen=True)
+class TokenIssuer:
+    key: OKPKey
+    issuer: str = ISSUER
+    audience: str = AUDIENCE
+
+    @classmethod
+    def from_file(cls, path: Path) -> TokenIssuer:
+        return cls(OKPKey.import_key(json.loads(path.read_text())))
+
+    def mint(self, subject: str, scopes: frozenset[Scope], ttl_s: float) -> str:
+        now = int(time.time())
+        claims = {
+            "iss": self.issuer, "aud": self.audience, "sub": subject,
+            "iat": now, "nbf": now, "exp": now + int(ttl_s),
+            "jti": secrets.token_hex(12), "scope": " ".join(sorted(scopes)),
+        }  # fmt: skip
+        header = {"alg": ALGORITHM, "kid": self.key.kid, "typ": "JWT"}
+        return jwt.encode(header, claims, self.key, algorithms=[ALGORITHM])
+
+
+class TokenVerifier:
+    """Checks signature, issuer, audience and expiry against a JWKS file it re-reads on change."""
+
+    def __init__(self, keys_file: Path, issuer: str = ISSUER, audience: str = AUDIENCE) -> None:
+        self.keys_file = keys_file
+        self._claims = JWTClaimsRegistry(
+            leeway=_LEEWAY_S,
+            iss={"essential": True, "value": issuer},
+            aud={"essential": True, "value": audience},
+            sub={"essential": True},
+            exp={"essential": True},
+        )
+        self._lock = threading.Lock()
+        self._stamp: tuple[float, int] | None = None
+        self._keys: KeySet | None = None
+
+    def _key_set(self) -> KeySet:
+        try:
+            stat = self.keys_file.stat()
+        except OSError:
+            raise NoKeysError(f"no token verification keys at {self.keys_file}") from None
+        stamp = (stat.st_mtime, stat.st_size)
+        with self._lock:
+            if self._keys is None or stamp != self._stamp:
+                try:
+                    self._keys = KeySet.import_key_set(json.loads(self.keys_file.read_text()))
+                except (OSError, ValueError, JoseError) as exc:
+                    raise NoKeysError(f"unreadable key set {self.keys_file}: {exc}") from None
+                self._stamp = stamp
+            return self._keys
+
+    def verify(self, token: str) -> Principal:
+        keys = self._key_set()
+        try:
+            decoded = jwt.decode(token, keys, algorithms=[ALGORITHM])
+            self._claims.validate(decoded.claims)
+        except (JoseError, ValueError) as exc:
+            raise TokenError(f"invalid token: {_reason(exc)}") from None
+        claims = decoded.claims
+        known = {s.value for s in Scope}
+        scopes = frozenset(Scope(s) for s in str(claims.get("scope", "")).split() if s in known)
+        return Principal(
+            subject=str(claims["sub"]), scopes=scopes,
+            token_id=str(claims.get("jti", "")), expires_at=int(claims["exp"]),
+        )  # fmt: skip
+
+
+def _reason(exc: Exception) -> str:
+    description = getattr(exc, "description", None) or str(exc) or type(exc).__name__
+    return str(description)

@@ -1,0 +1,118 @@
+"""``slmops auth``: mint tokens for people, scrapers and gateways; show who the CLI is.
+
+Minting needs the issuer key (``<var_dir>/auth/issuer.jwk`` on the local stack, mode 0600):
+whoever can read it is an admin of the platform's identities.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from slmops.auth import (
+    ROLES,
+    UnknownRoleError,
+    ensure_local_credentials,
+    local_credentials,
+    scopes_of_role,
+)
+from slmops.cli.registry import CliSettings, console_out, fail
+
+app = typer.Typer(help="Credentials: tokens per principal, scoped and expiring.",
+                  no_args_is_help=True)  # fmt: skip
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration_s(text: str) -> float:
+    """``90s``, ``15m``, ``8h``, ``30d`` (or plain seconds) as seconds."""
+    text = text.strip().lower()
+    unit = _UNITS.get(text[-1:], 0)
+    try:
+        value = float(text[:-1] if unit else text)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a duration like 15m, 8h or 30d") from None
+    seconds = value * (unit or 1)
+    if seconds <= 0:
+        raise typer.BadParameter("a token must live a positive time")
+    return seconds
+
+
+@app.command("init")
+def init() -> None:
+    """Create the issuer key and key set under ``<var_dir>/auth`` (once) and mint a token per
+    service, the admin, the simulator and a scraper (again each time): what `slmops up` does,
+    for deployments that mint on a trusted host and ship each file to its one consumer."""
+    creds = ensure_local_credentials(CliSettings().var_dir)
+    names = sorted(p.stem for p in (creds.root / "tokens").glob("*.jwt"))
+    console_out.print(f"issuer key {creds.issuer_key_file} (keep it here), public key set "
+                      f"{creds.keys_file}, tokens: {', '.join(names)}", markup=False)  # fmt: skip
+
+
+@app.command("token")
+def token(
+    role: Annotated[str, typer.Option(help=f"One of: {', '.join(sorted(ROLES))}.")],
+    subject: Annotated[str, typer.Option(help="Who: user:alice, scraper:prometheus, ...")],
+    ttl: Annotated[str, typer.Option(help="Lifetime: 15m, 8h, 30d.")] = "8h",
+    out: Annotated[Path | None, typer.Option(help="Write the token to this file (0600).")] = None,
+) -> None:
+    """Mint a token for ``subject`` with ``role``'s scopes (printed, or written to --out)."""
+    try:
+        scopes = scopes_of_role(role)
+    except UnknownRoleError as exc:
+        fail(str(exc))
+    creds = local_credentials(CliSettings().var_dir)
+    if not creds.issuer_key_file.exists():
+        fail(f"no issuer key at {creds.issuer_key_file}: start the local stack (`slmops up`)")
+    minted = creds.issuer().mint(subject, scopes, parse_duration_s(ttl))
+    if out is None:
+        console_out.print(minted, markup=False)
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.touch(mode=0o600)
+    out.write_text(minted + "\n")
+    console_out.print(f"{subject} ({role}: {' '.join(sorted(scopes))}) -> {out}", markup=False)
+
+
+@app.command("enroll")
+def enroll(
+    gateway_id: Annotated[str, typer.Argument(help="The gateway's id.")],
+    ttl: Annotated[str, typer.Option(help="Lifetime: 30d, 365d.")] = "30d",
+) -> None:
+    """A gateway's own identity on the local stack: its token file, to hand to the device."""
+    creds = local_credentials(CliSettings().var_dir)
+    if not creds.issuer_key_file.exists():
+        fail(f"no issuer key at {creds.issuer_key_file}: start the local stack (`slmops up`)")
+    path = creds.mint_gateway(gateway_id, parse_duration_s(ttl))
+    console_out.print(f"gateway:{gateway_id} -> {path} (set SLMOPS_AUTH_TOKEN_FILE to it on the "
+                      f"device; verification keys: {creds.keys_file})", markup=False)  # fmt: skip
+
+
+@app.command("whoami")
+def whoami() -> None:
+    """The principal, scopes and expiry of the CLI's own token (as it claims them; the services
+    check the signature)."""
+    settings = CliSettings()
+    path = settings.auth.token_path(settings.var_dir, "admin")
+    try:
+        claims = _claims(path.read_text().strip())
+    except OSError:
+        fail(f"no token at {path}: start the local stack or set SLMOPS_AUTH_TOKEN_FILE")
+    except ValueError:
+        fail(f"{path} does not hold a token")
+    left_s = int(claims.get("exp", 0)) - time.time()
+    state = f"expires in {left_s / 3600:.1f} h" if left_s > 0 else "EXPIRED"
+    console_out.print(f"{claims.get('sub')}  scopes: {claims.get('scope')}  {state}  ({path})",
+                      markup=False)  # fmt: skip
+
+
+def _claims(token: str) -> dict[str, Any]:
+    payload = token.split(".")[1]
+    padded = payload + "=" * (-len(payload) % 4)
+    decoded: dict[str, Any] = json.loads(base64.urlsafe_b64decode(padded))
+    return decoded

@@ -1,0 +1,52 @@
+"""`slmops auth`: tokens minted per role and subject, gateways enrolled, the CLI's identity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from slmops.auth import LocalCredentials, Scope, TokenVerifier
+from slmops.cli.main import app
+
+
+def cli(creds: LocalCredentials, *args: str) -> object:
+    env = {"SLMOPS_VAR_DIR": str(creds.root.parent), "COLUMNS": "200"}
+    return CliRunner().invoke(app, list(args), env=env)
+
+
+def test_token_for_a_role_verifies_with_that_roles_scopes(
+    credentials: LocalCredentials, tmp_path: Path
+) -> None:
+    out = tmp_path / "bob.jwt"
+    minted = cli(credentials, "auth", "token", "--role", "operator", "--subject", "user:bob",
+                 "--ttl", "15m", "--out", str(out))  # fmt: skip
+    assert minted.exit_code == 0, minted.output  # type: ignore[attr-defined]
+    principal = TokenVerifier(credentials.keys_file).verify(out.read_text().strip())
+    assert (principal.subject, principal.scopes) == ("user:bob", {Scope.READ, Scope.OPERATE})
+    assert oct(out.stat().st_mode & 0o777) == "0o600"
+
+
+def test_unknown_role_and_bad_ttl_are_clear_errors(credentials: LocalCredentials) -> None:
+    role = cli(credentials, "auth", "token", "--role", "root", "--subject", "user:x")
+    assert role.exit_code == 1  # type: ignore[attr-defined]
+    assert "unknown role 'root'; roles: admin," in role.output  # type: ignore[attr-defined]
+    ttl = cli(credentials, "auth", "token", "--role", "viewer", "--subject", "u", "--ttl", "soon")
+    assert ttl.exit_code == 2
+    assert "15m, 8h or 30d" in ttl.output
+
+
+def test_enroll_gives_a_gateway_its_own_identity(credentials: LocalCredentials) -> None:
+    enrolled = cli(credentials, "auth", "enroll", "gw-berlin-7")
+    assert enrolled.exit_code == 0, enrolled.output  # type: ignore[attr-defined]
+    principal = TokenVerifier(credentials.keys_file).verify(
+        credentials.token("gateway-gw-berlin-7")
+    )
+    assert principal.gateway_id == "gw-berlin-7"
+    assert principal.scopes == {Scope.GATEWAY}
+
+
+def test_whoami_names_the_clis_principal(credentials: LocalCredentials) -> None:
+    who = cli(credentials, "auth", "whoami")
+    assert who.exit_code == 0, who.output  # type: ignore[attr-defined]
+    assert who.output.startswith("user:admin  scopes: admin metrics operate publish read")  # type: ignore[attr-defined]
