@@ -230,7 +230,9 @@ async def _register(
         duration_s=0.1,
     )  # fmt: skip
     blob = (await registry.post("/v1/blobs", content=report.to_json())).json()
-    verdict = {"report_digest": blob["digest"], "verdict": "passed"}
+    verdict = {"report_digest": blob["digest"], "verdict": "passed",
+               "variant_manifest_digest": stored.json()["digest"],
+               "artifact_digest": parent.digest}  # fmt: skip
     added = await registry.post(f"/v1/variants/{variant_id}/reports", json=verdict)
     assert added.status_code == 201, added.text
     return DesiredModel(model_name=name, version=version, variant_id=variant_id,

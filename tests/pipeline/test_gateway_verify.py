@@ -14,12 +14,14 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from slmops.manifests import SignedManifest, sign_manifest
 from slmops.objectstore import blob_key
 from slmops.service.registry_api import RegistryClient
 from slmops.settings import PlatformSettings
 from slmops.testing.s3 import raw_s3_client
 from slmops_gateway.download import download
 from slmops_gateway.verify import Refused, check_version, vouch
+from slmops_registry.signing import RegistrySigner
 
 pytestmark = [pytest.mark.integration]
 
@@ -104,3 +106,49 @@ def test_a_downgrade_needs_a_rollback() -> None:
     check_version("1.10.0", "1.9.0", rollback=False)  # an upgrade (1.10 > 1.9)
     check_version("2026-01-10", "2026-01-9", rollback=False)  # natural order when not PEP 440
     check_version("1.0.0", None, rollback=False)  # nothing running yet
+
+
+class _ReportAbout(RegistryClient):
+    """The pipeline's registry, except its report of a variant comes signed by ``signer`` and
+    says it judged ``judged`` (manifest digest, artifact digest): a registry that signs a report
+    about other bytes, or a report swapped in transit."""
+
+    def __init__(self, pipeline: Any, signer: Any, judged: tuple[str, str]) -> None:
+        super().__init__("http://registry", client=pipeline.registry)
+        self.signer, self.judged = signer, judged
+
+    async def manifest(self, digest: str) -> dict[str, Any]:
+        genuine = SignedManifest.model_validate(await super().manifest(digest))
+        return sign_manifest(genuine.manifest, self.signer).model_dump(mode="json")
+
+    async def variant_report(self, variant_id: str) -> dict[str, Any] | None:
+        body = await super().variant_report(variant_id)
+        assert body is not None
+        genuine = SignedManifest.model_validate(body["manifest"]).manifest
+        forged = genuine.model_copy(update={"subject_manifest_digest": self.judged[0],
+                                            "subject_artifact_digest": self.judged[1]})  # fmt: skip
+        return {**body, "manifest": sign_manifest(forged, self.signer).model_dump(mode="json")}
+
+
+async def test_a_report_about_other_bytes_is_refused(
+    pipeline: Any, tiny_onnx: Callable[..., bytes]
+) -> None:
+    # setup: a validated variant; a signer the gateway trusts in this test
+    desired = await pipeline.variant(tiny_onnx())
+    signer = RegistrySigner(Ed25519PrivateKey.generate())
+    key = signer.public_key_pem()
+    signed_variant = sign_manifest(
+        SignedManifest.model_validate(await _registry(pipeline).manifest(desired.manifest_digest))
+        .manifest, signer,
+    )  # fmt: skip
+    other = await pipeline.variant(tiny_onnx(hidden=32), version="2.0.0")
+
+    # execute / assert: the same report signed honestly passes; about other bytes it is refused
+    honest = _ReportAbout(pipeline, signer, (signed_variant.digest, desired.artifact.digest))
+    vouched = await vouch(desired, registry=honest, public_key=key, device_class="test-cpu")
+    assert vouched.manifest_digest == signed_variant.digest
+    for judged in ((signed_variant.digest, other.artifact.digest),
+                   (other.manifest_digest, desired.artifact.digest)):  # fmt: skip
+        swapped = _ReportAbout(pipeline, signer, judged)
+        with pytest.raises(Refused, match="judged manifest"):
+            await vouch(desired, registry=swapped, public_key=key, device_class="test-cpu")

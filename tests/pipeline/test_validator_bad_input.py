@@ -43,10 +43,10 @@ async def _publish_reference(pipeline: Any, data: bytes, **fields: Any) -> Artif
     return ArtifactRef.model_validate(published["manifest"]["artifact"])
 
 
-async def _announce(
-    pipeline: Any, bus: Bus, reference: ArtifactRef, data: bytes, recipe: str
-) -> Any:
-    """Store a crafted variant through the registry and announce it; return its outcome."""
+async def _store_crafted(
+    pipeline: Any, reference: ArtifactRef, data: bytes, recipe: str
+) -> OptimizationCompleted:
+    """Store a crafted variant through the registry; the completion an optimizer would send."""
     uploaded = (await pipeline.registry.post("/v1/blobs", content=data)).json()
     recipe_obj = Recipe(name=recipe, passes=[PassSpec(name="convert")])
     variant_id = variant_id_for(reference.digest, recipe_obj, "test-cpu")
@@ -56,12 +56,20 @@ async def _announce(
         "artifact_digest": uploaded["digest"],
     })  # fmt: skip
     assert stored.status_code == 201, stored.text
-    artifact = ArtifactRef.model_validate(stored.json()["manifest"]["artifact"])
-    completed = OptimizationCompleted(
+    return OptimizationCompleted(
         model_name="tiny", version="1.0.0", variant_id=variant_id, device_class="test-cpu",
-        parent_digest=reference.digest, recipe=recipe_obj, artifact=artifact,
+        parent_digest=reference.digest, recipe=recipe_obj,
+        artifact=ArtifactRef.model_validate(stored.json()["manifest"]["artifact"]),
         manifest_digest=stored.json()["digest"], duration_s=0.1, reference=reference,
     )  # fmt: skip
+
+
+async def _announce(
+    pipeline: Any, bus: Bus, reference: ArtifactRef, data: bytes, recipe: str
+) -> Any:
+    """Store a crafted variant through the registry and announce it; return its outcome."""
+    completed = await _store_crafted(pipeline, reference, data, recipe)
+    variant_id = completed.variant_id
     await bus.publish(new_event(completed, source="/test"))
     outcomes = await await_events(bus, "slmops.validation.*.v1", count=1, timeout_s=120,
                                   where=lambda e: e.data.variant_id == variant_id)  # fmt: skip
@@ -196,3 +204,29 @@ def _with_nan(data: bytes) -> bytes:
             values[0, :] = np.nan
             model.graph.initializer[i].CopyFrom(numpy_helper.from_array(values, "w1"))
     return model.SerializeToString()
+
+
+async def test_a_forged_completion_naming_other_bytes_is_refused_not_judged(
+    pipeline: Any, validator: Any, bus: Bus, tiny_onnx: Callable[..., bytes]
+) -> None:
+    # setup: a genuine variant in the registry, and other bytes (a different model) in the store
+    reference = await _publish_reference(pipeline, tiny_onnx())
+    genuine = await _store_crafted(pipeline, reference, tiny_onnx(), "genuine")
+    other = await validator.put_blob(tiny_onnx(hidden=48))
+
+    # execute: completions with the genuine id and manifest, but other bytes or another baseline
+    for forged in (
+        genuine.model_copy(update={"artifact": other}),
+        genuine.model_copy(update={"reference": other}),
+    ):  # a baseline it would pass
+        await bus.publish(new_event(forged, source="/test"))
+
+    # assert: both dead-lettered with the reason; no verdict, no report for the variant
+    letters = await await_events(bus, "slmops.deadletter.>", count=2, timeout_s=60)
+    reasons = sorted(letter.data.reason for letter in letters)
+    assert all("disagrees with the variant's signed manifest" in r for r in reasons), reasons
+    assert any(f"artifact {other.digest}" in r for r in reasons), reasons
+    assert any(f"reference {other.digest}" in r for r in reasons), reasons
+    assert await stream_count(bus, "SLMOPS_PIPELINE", "slmops.validation.*.v1") == 0
+    report = await pipeline.registry.get(f"/v1/variants/{genuine.variant_id}/report")
+    assert report.status_code == 404

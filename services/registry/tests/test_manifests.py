@@ -195,6 +195,8 @@ ALTERNATIVES: dict[str, Any] = {
     "details": {"search_trail": [{"attempt": 2, "change": "asymmetric"}]},
     "validation_report_digest": D2,
     "chunks_digest": None,
+    "subject_manifest_digest": D2,
+    "subject_artifact_digest": D3,
     "created_at": datetime(2025, 1, 2, 3, 4, 5, 1, tzinfo=UTC),
     "created_by": "someone-else",
 }

@@ -62,15 +62,16 @@ async def test_gc_keeps_everything_a_released_variant_needs(registry: RegistryUn
     payload = random.Random(7).randbytes(3 * 1024 * 1024)  # above chunk_min_mb: chunked
     artifact = (await registry.upload(gguf_bytes(padding=payload))).json()["digest"]
     body = variant_body(parent, artifact)
-    assert (await registry.client.post("/v1/variants", json=body)).status_code == 201
+    stored = await registry.client.post("/v1/variants", json=body)
+    assert stored.status_code == 201
+    variant = stored.json()
     report_blob = (await registry.upload(b'{"verdict": "passed", "gates": []}')).json()["digest"]
-    added = await registry.client.post(
-        f"/v1/variants/{body['variant_id']}/reports",
-        json={"report_digest": report_blob, "verdict": "passed"},
-    )
+    added = await registry.client.post(f"/v1/variants/{body['variant_id']}/reports", json={
+        "report_digest": report_blob, "verdict": "passed",
+        "variant_manifest_digest": variant["digest"], "artifact_digest": artifact,
+    })  # fmt: skip
     assert added.status_code == 201, added.text
     orphan = (await registry.upload(gguf_bytes(padding=b"orphan"))).json()["digest"]
-    variant = (await registry.client.get(f"/v1/variants/{body['variant_id']}")).json()
     store = registry.context.store
     chunks = ChunkManifest.from_json(
         store.get_bytes(blob_key(variant["manifest"]["chunks_digest"]))

@@ -69,24 +69,37 @@ async def test_report_is_stored_with_its_own_signed_manifest(registry: RegistryU
     parent = await published_parent(registry)
     artifact = (await registry.upload(gguf_bytes(padding=b"variant"))).json()["digest"]
     body = variant_body(parent, artifact)
-    await registry.client.post("/v1/variants", json=body)
+    variant = (await registry.client.post("/v1/variants", json=body)).json()
     report = json.dumps({"verdict": "passed", "gates": []}).encode()
     report_digest = (await registry.upload(report)).json()["digest"]
+    judged = {"variant_manifest_digest": variant["digest"], "artifact_digest": artifact}
+    other_bytes = (await registry.upload(gguf_bytes(padding=b"other"))).json()["digest"]
 
     response = await registry.client.post(
         f"/v1/variants/{body['variant_id']}/reports",
-        json={"report_digest": report_digest, "verdict": "passed"},
+        json={"report_digest": report_digest, "verdict": "passed", **judged},
     )
     unknown = await registry.client.post(
-        "/v1/variants/v-nope/reports", json={"report_digest": report_digest, "verdict": "passed"}
+        "/v1/variants/v-nope/reports",
+        json={"report_digest": report_digest, "verdict": "passed", **judged},
     )
+    # a report about other bytes than the variant's is not signed for it
+    mismatched = await registry.client.post(
+        f"/v1/variants/{body['variant_id']}/reports",
+        json={"report_digest": report_digest, "verdict": "passed", **judged,
+              "artifact_digest": other_bytes},
+    )  # fmt: skip
 
     assert response.status_code == 201
     manifest = response.json()["manifest"]
     assert manifest["kind"] == "report"
     assert manifest["artifact"]["digest"] == report_digest
     assert manifest["labels"] == {"verdict": "passed", "variant_id": body["variant_id"]}
+    assert manifest["subject_manifest_digest"] == variant["digest"]
+    assert manifest["subject_artifact_digest"] == artifact
     assert unknown.status_code == 404
+    assert mismatched.status_code == 409
+    assert "the report judged manifest" in mismatched.json()["detail"]
 
 
 def validation_report(variant_id: str, artifact: str, verdict: str) -> ValidationReport:
@@ -115,7 +128,7 @@ async def test_latest_report_of_a_variant_is_served_with_its_manifest(
     body = variant_body(parent, artifact)
     variant_id = str(body["variant_id"])
     path = f"/v1/variants/{variant_id}/report"
-    await registry.client.post("/v1/variants", json=body)
+    variant = (await registry.client.post("/v1/variants", json=body)).json()
     before = await registry.client.get(path)
     stored = []
     for verdict in ("failed", "passed"):
@@ -123,8 +136,9 @@ async def test_latest_report_of_a_variant_is_served_with_its_manifest(
         digest = (await registry.upload(report.to_json())).json()["digest"]
         posted = await registry.client.post(
             f"/v1/variants/{variant_id}/reports",
-            json={"report_digest": digest, "verdict": verdict},
-        )
+            json={"report_digest": digest, "verdict": verdict,
+                  "variant_manifest_digest": variant["digest"], "artifact_digest": artifact},
+        )  # fmt: skip
         assert posted.status_code == 201
         stored.append((report, posted.json()["digest"]))
         fetched = await registry.client.get(path)

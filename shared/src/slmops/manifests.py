@@ -97,6 +97,12 @@ class Manifest(BaseModel):
     chunks_digest: Digest | None = Field(
         None, description="Digest of the chunk manifest, for chunked (delta) downloads."
     )
+    subject_manifest_digest: Digest | None = Field(
+        None, description="Reports only: the signed variant manifest the validator judged."
+    )
+    subject_artifact_digest: Digest | None = Field(
+        None, description="Reports only: the artifact bytes the validator judged."
+    )
     created_at: datetime = Field(
         default_factory=lambda: datetime.now(UTC), description="Creation time, UTC."
     )

@@ -68,7 +68,7 @@ def store_variant_with_report(
     variant_id = variant_id_for(parent, RECIPE, "x86-avx2")
     with httpx.Client(base_url=registry_url, timeout=30, auth=auth) as client:
         blob = client.post("/v1/blobs", content=gguf(b"variant")).raise_for_status().json()
-        client.post(
+        variant = client.post(
             "/v1/variants",
             json={
                 "model_name": "smol",
@@ -85,7 +85,12 @@ def store_variant_with_report(
         stored = client.post("/v1/blobs", content=report.to_json()).raise_for_status().json()
         client.post(
             f"/v1/variants/{variant_id}/reports",
-            json={"report_digest": stored["digest"], "verdict": report.verdict},
+            json={
+                "report_digest": stored["digest"],
+                "verdict": report.verdict,
+                "variant_manifest_digest": variant.json()["digest"],
+                "artifact_digest": blob["digest"],
+            },
         ).raise_for_status()
     return report
 

@@ -2,7 +2,8 @@
 
 1. The variant's manifest is signed by the registry (Ed25519, the registry's public key), names
    the assignment's artifact and targets this gateway's device class.
-2. The variant has a signed validation report that passed, for this gateway's class.
+2. The variant has a signed validation report that passed, for this gateway's class, about
+   exactly this variant manifest and these artifact bytes.
 3. The model's version is not lower than the running one, unless the assignment is a rollback.
 4. The downloaded bytes hash to the manifest's digest (``download.py`` checks while it writes).
 
@@ -71,6 +72,12 @@ async def vouch(
     labels = report.manifest.labels
     if labels.get("variant_id") != desired.variant_id:
         raise Refused(f"the report {report.digest} is about {labels.get('variant_id')}")
+    judged = (report.manifest.subject_manifest_digest, report.manifest.subject_artifact_digest)
+    if judged != (variant.digest, manifest.artifact.digest):
+        raise Refused(
+            f"the report {report.digest} judged manifest {judged[0]} / artifact {judged[1]}, "
+            f"not this variant's {variant.digest} / {manifest.artifact.digest}"
+        )
     if device_class not in report.manifest.device_classes:
         raise Refused(
             f"variant {desired.variant_id} was not validated for {device_class} "

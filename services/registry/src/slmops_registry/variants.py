@@ -55,6 +55,9 @@ class ReportRequest(BaseModel):
     report_digest: Digest
     verdict: str = Field(pattern=r"^(passed|failed)$")
     metrics: dict[str, float] = Field(default_factory=dict)
+    # What the validator judged: it must be the variant as the registry signed it.
+    variant_manifest_digest: Digest = Field(description="The variant manifest it verified.")
+    artifact_digest: Digest = Field(description="The artifact bytes it judged.")
 
 
 @dataclass
@@ -118,6 +121,12 @@ class Variants:
         if variant_digest is None:
             raise RegistryError(404, f"no variant {variant_id}")
         variant = (await self.publisher.manifest(variant_digest)).manifest
+        judged = (request.variant_manifest_digest, request.artifact_digest)
+        if judged != (variant_digest, variant.artifact.digest):
+            raise RegistryError(
+                409, f"the report judged manifest {judged[0]} / artifact {judged[1]}, but variant "
+                f"{variant_id} is manifest {variant_digest} / artifact {variant.artifact.digest}",
+            )  # fmt: skip
         report = await self.publisher.existing_blob(request.report_digest, "report")
         manifest = Manifest(
             kind="report",
@@ -128,6 +137,8 @@ class Variants:
             labels={"verdict": request.verdict, "variant_id": variant_id},
             device_classes=[variant.device_class] if variant.device_class else [],
             metrics=request.metrics,
+            subject_manifest_digest=variant_digest,
+            subject_artifact_digest=variant.artifact.digest,
             created_at=datetime.now(UTC),
             created_by=created_by,
         )

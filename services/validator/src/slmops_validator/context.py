@@ -27,6 +27,13 @@ class ValidatorContext:
     runtime: ServiceRuntime | None = None
     _cache: ModelCache | None = field(default=None, init=False)
     _slots: asyncio.Semaphore | None = field(default=None, init=False)
+    _registry_key: str | None = field(default=None, init=False)
+
+    async def registry_key(self) -> str:
+        """The registry's manifest-signing public key (PEM), fetched once."""
+        if self._registry_key is None:
+            self._registry_key = await self.registry.public_key_pem()
+        return self._registry_key
 
     @property
     def bus(self) -> Bus:

@@ -34,6 +34,7 @@ from slmops.events import (
 )
 from slmops.events.payloads import ArtifactRef
 from slmops.reports import ValidationReport, render_markdown
+from slmops_validator.binding import bound_to_manifest
 from slmops_validator.context import ValidatorContext
 from slmops_validator.releases import Candidate, Tally, choose, update_tally
 from slmops_validator.validate import Subject, validate
@@ -115,6 +116,7 @@ async def _judge(done: OptimizationCompleted, ctx: ValidatorContext) -> Outcome:
             None,
             f"no profile for device class {done.device_class!r} in {ctx.settings.profiles_dir}",
         )
+    done, variant = await bound_to_manifest(done, ctx.registry, await ctx.registry_key())
     version = await ctx.registry.model_version(done.model_name, done.version)
     manifest = version["manifest"]
     eval_set = (
@@ -123,7 +125,7 @@ async def _judge(done: OptimizationCompleted, ctx: ValidatorContext) -> Outcome:
     subject = Subject(done, manifest.get("task") or "feature-extraction", eval_set)
     async with ctx.slots:
         report = await validate(subject, profile, ctx.models, ctx.settings)
-    ref = await _store_report(report, ctx)
+    ref = await _store_report(report, variant.digest, ctx)
     log.info(
         "%s %s for %s: %s",
         done.variant_id,
@@ -136,7 +138,9 @@ async def _judge(done: OptimizationCompleted, ctx: ValidatorContext) -> Outcome:
     return _failed(done, ref, report.reason, report)
 
 
-async def _store_report(report: ValidationReport, ctx: ValidatorContext) -> ArtifactRef:
+async def _store_report(
+    report: ValidationReport, variant_manifest_digest: str, ctx: ValidatorContext
+) -> ArtifactRef:
     """The report as a blob, then recorded (signed) by the registry against the variant."""
     report = report.model_copy(update={"markdown": render_markdown(report)})
     with tempfile.TemporaryDirectory(dir=ctx.settings.scratch_dir) as tmp:
@@ -146,7 +150,13 @@ async def _store_report(report: ValidationReport, ctx: ValidatorContext) -> Arti
     metrics = {g.name: g.value for g in report.gates if g.value is not None}
     await ctx.registry.add_report(
         report.variant_id,
-        {"report_digest": blob.digest, "verdict": report.verdict, "metrics": metrics},
+        {
+            "report_digest": blob.digest,
+            "verdict": report.verdict,
+            "metrics": metrics,
+            "variant_manifest_digest": variant_manifest_digest,
+            "artifact_digest": report.candidate.digest,
+        },
     )
     return ArtifactRef(
         digest=blob.digest, size_bytes=blob.size_bytes, uri=blob.uri, media_type="application/json"

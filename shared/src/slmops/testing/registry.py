@@ -42,7 +42,12 @@ async def register_variant(
         reason="" if verdict == "passed" else "parity.cosine_mean 0.5 < 0.98",
     )  # fmt: skip
     blob = (await registry.post("/v1/blobs", content=report.to_json())).json()
-    body = {"report_digest": blob["digest"], "verdict": verdict}
+    body = {
+        "report_digest": blob["digest"],
+        "verdict": verdict,
+        "variant_manifest_digest": stored.json()["digest"],
+        "artifact_digest": parent.digest,
+    }
     added = await registry.post(f"/v1/variants/{variant_id}/reports", json=body)
     assert added.status_code == 201, added.text
     return DesiredModel(model_name=model_name, version=version, variant_id=variant_id,
