@@ -156,6 +156,16 @@ def test_up_status_down_keeps_s3_and_jetstream_data(stack_env: dict[str, str]) -
     document = _assert_ready(stack_env)
     for name in SERVICES:
         assert document["components"][name]["url"].startswith("http://127.0.0.1:")
+    # every stream and bucket the services declared, each with a cap, none near it
+    storage = {use["name"]: use for use in document["storage"]}
+    assert {"SLMOPS_PIPELINE", "SLMOPS_FLEET", "KV_slmops-desired-state"} <= set(storage)
+    assert all(use["max_bytes"] > 0 for use in storage.values()), storage
+    assert document["warnings"] == []
+    # the credentials `up` minted: the CLI is the admin, each service has its own token
+    tokens = Path(stack_env["SLMOPS_VAR_DIR"]) / "auth" / "tokens"
+    assert {f"service-{name}.jwt" for name in SERVICES if name != "gateway"} <= {
+        p.name for p in tokens.iterdir()
+    }
 
     again = _cli(stack_env, "up", "--detach", timeout=30)
     assert again.returncode != 0
@@ -208,7 +218,13 @@ def test_down_and_status_with_nothing_running(stack_env: dict[str, str]) -> None
     assert "nothing running" in down.stdout
     status = _cli(stack_env, "status", "--json", timeout=30)
     assert status.returncode == 1
-    assert json.loads(status.stdout) == {"running": False, "ready": False, "components": {}}
+    assert json.loads(status.stdout) == {
+        "running": False,
+        "ready": False,
+        "components": {},
+        "storage": [],
+        "warnings": [],
+    }
 
 
 def test_plan_gives_services_their_ports_and_platform_env(

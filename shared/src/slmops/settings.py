@@ -84,6 +84,15 @@ class PlatformSettings(BaseSettings):
     )
 
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    jetstream_replicas: int = Field(
+        1, ge=1, le=5,
+        description="Replicas of every stream and KV bucket (3 on a 3-node NATS cluster).",
+    )  # fmt: skip
+    stream_max_gb: dict[str, float] = Field(
+        default_factory=dict,
+        description='Size caps of streams in GiB by name, JSON (e.g. {"SLMOPS_FLEET": 32}); '
+        "unset streams keep theirs (pipeline 4, rollout 4, fleet 8, dead letters 1).",
+    )
 
     def auth_keys_file(self) -> Path:
         """The token verification keys: ``auth.keys_file``, else the local stack's."""

@@ -18,6 +18,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from nats.js.api import (
     ConsumerConfig,
+    DiscardPolicy,
     KeyValueConfig,
     PubAck,
     StorageType,
@@ -128,7 +129,10 @@ class Bus:
             storage=StorageType.FILE,
             max_age=spec.max_age_s,
             max_bytes=spec.max_bytes,
+            max_msgs_per_subject=spec.max_msgs_per_subject,
+            discard=DiscardPolicy.NEW if spec.discard_new else DiscardPolicy.OLD,
             duplicate_window=spec.duplicate_window_s,
+            num_replicas=spec.replicas,
         )
         try:
             await self.js.add_stream(config)
@@ -139,15 +143,29 @@ class Bus:
         self.declared.add(f"stream:{spec.name}")
 
     async def declare_kv(self, spec: KvSpec) -> KeyValue:
-        kv = await self.js.create_key_value(
-            KeyValueConfig(
-                bucket=spec.bucket,
-                description=spec.description,
-                history=spec.history,
-                ttl=spec.ttl_s or None,
-                storage=StorageType.FILE,
+        try:
+            kv = await self.js.create_key_value(
+                KeyValueConfig(
+                    bucket=spec.bucket,
+                    description=spec.description,
+                    history=spec.history,
+                    ttl=spec.ttl_s or None,
+                    storage=StorageType.FILE,
+                    max_bytes=spec.max_bytes,
+                    replicas=spec.replicas,
+                )
             )
-        )
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code not in _ALREADY_EXISTS_CODES:
+                raise
+            # The bucket exists with other bounds (declared by an older release): update its
+            # stream in place, keeping every entry.
+            info = await self.js.stream_info(f"KV_{spec.bucket}")
+            await self.js.update_stream(info.config.evolve(
+                description=spec.description, max_msgs_per_subject=spec.history,
+                max_bytes=spec.max_bytes, num_replicas=spec.replicas,
+            ))  # fmt: skip
+            kv = await self.js.key_value(spec.bucket)
         self.declared.add(f"kv:{spec.bucket}")
         return kv
 

@@ -7,19 +7,27 @@ place (never by delete + create, which would lose messages or consumer positions
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 DAY_S = 86_400.0
+GIB = 1 << 30
 
 
 @dataclass(frozen=True)
 class StreamSpec:
+    """A stream and its bounds. Every stream has a size cap: the event log refuses new events
+    at its cap (``discard_new``: losing history would break lineage rebuilds; `slmops status`
+    warns well before), the others drop their oldest messages."""
+
     name: str
     subjects: tuple[str, ...]
     description: str
-    max_age_s: float = 0.0  # 0 = keep until limits; fleet reports are bounded by age
-    max_bytes: int = -1
+    max_bytes: int
+    max_age_s: float = 0.0  # 0 = bounded by size only
+    max_msgs_per_subject: int = -1  # e.g. per gateway and report kind on the fleet stream
+    discard_new: bool = False
     duplicate_window_s: float = 600.0  # how long a Nats-Msg-Id is remembered for de-duplication
+    replicas: int = 1
 
 
 @dataclass(frozen=True)
@@ -28,6 +36,8 @@ class KvSpec:
     description: str
     history: int = 1
     ttl_s: float = 0.0  # 0 = entries never expire
+    max_bytes: int = GIB
+    replicas: int = 1
 
 
 @dataclass(frozen=True)
@@ -53,22 +63,31 @@ PIPELINE = StreamSpec(
         "slmops.channel.>",
     ),
     "Model lifecycle: published, optimized, validated, released, channels moved.",
+    max_bytes=4 * GIB,
+    discard_new=True,
 )
 ROLLOUT = StreamSpec(
     "SLMOPS_ROLLOUT",
     ("slmops.rollout.>", "slmops.gateway.assignment.>"),
     "Rollout progress and per-gateway assignments (desired state).",
+    max_bytes=4 * GIB,
+    max_age_s=90 * DAY_S,
 )
 FLEET = StreamSpec(
     "SLMOPS_FLEET",
     ("slmops.gateway.report.>",),
     "Gateway reports: registration, applied/failed, health aggregates.",
+    max_bytes=8 * GIB,
     max_age_s=7 * DAY_S,
+    # A gateway's subject per report kind keeps its newest 100: one chatty gateway cannot
+    # fill the stream, and 10,000 gateways every 30 s stay within the byte cap.
+    max_msgs_per_subject=100,
 )
 DEAD_LETTER = StreamSpec(
     "SLMOPS_DLQ",
     ("slmops.deadletter.>",),
     "Messages a consumer could not handle, with the reason and the original bytes.",
+    max_bytes=1 * GIB,
     max_age_s=30 * DAY_S,
 )
 STREAMS: tuple[StreamSpec, ...] = (PIPELINE, ROLLOUT, FLEET, DEAD_LETTER)
@@ -116,3 +135,17 @@ class Topology:
     streams: tuple[StreamSpec, ...] = STREAMS
     kv_buckets: tuple[KvSpec, ...] = KV_BUCKETS
     consumers: list[ConsumerSpec] = field(default_factory=list)
+
+    def sized(self, replicas: int, stream_max_gb: dict[str, float]) -> Topology:
+        """The same topology with ``replicas`` for every stream and bucket, and the byte caps
+        of the streams named in ``stream_max_gb`` (GiB) replaced."""
+        unknown = set(stream_max_gb) - {s.name for s in self.streams}
+        if unknown:
+            raise ValueError(f"no stream {', '.join(sorted(unknown))} to size")
+        streams = tuple(
+            replace(s, replicas=replicas,
+                    max_bytes=int(stream_max_gb.get(s.name, s.max_bytes / GIB) * GIB))
+            for s in self.streams
+        )  # fmt: skip
+        buckets = tuple(replace(b, replicas=replicas) for b in self.kv_buckets)
+        return Topology(streams, buckets, list(self.consumers))

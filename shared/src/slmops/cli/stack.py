@@ -17,7 +17,13 @@ from slmops.settings import PlatformSettings
 from slmops.stack.components import ComponentKind, StackError, StackSettings, plan_stack
 from slmops.stack.launcher import ComponentFailedError, RunningStack, run_up
 from slmops.stack.signals import Signals
-from slmops.stack.status import stack_status, status_json, stop_stack
+from slmops.stack.status import (
+    StorageUse,
+    stack_status,
+    status_json,
+    stop_stack,
+    storage_use,
+)
 
 _out = Console(highlight=False, soft_wrap=True)
 _err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -137,7 +143,8 @@ def status(
         components = stack_status(platform.var_dir)
     except StackError as exc:
         raise _fail(str(exc)) from exc
-    document = status_json(components)
+    storage = storage_use(components) if components else []
+    document = status_json(components, storage)
     if json_output:
         print(json.dumps(document, indent=2))
     elif components is None:
@@ -156,4 +163,22 @@ def status(
                 item.detail.replace("[", "\\["),
             )
         _out.print(table)
+        _print_storage(storage)
     raise typer.Exit(0 if document["ready"] else 1)
+
+
+def _print_storage(storage: list[StorageUse]) -> None:
+    if not storage:
+        return
+    table = Table(title="storage (JetStream)", title_justify="left")
+    for column in ("stream", "messages", "size MiB", "cap MiB", "used", "replicas"):
+        table.add_column(column, justify="left" if column == "stream" else "right")
+    for use in storage:
+        cap = f"{use.max_bytes / 2**20:,.0f}" if use.max_bytes > 0 else "none"
+        used = f"{use.share:.1%}" if use.share is not None else "-"
+        table.add_row(use.name, f"{use.messages:,}", f"{use.bytes / 2**20:,.1f}", cap, used,
+                      str(use.replicas))  # fmt: skip
+    _out.print(table)
+    for use in storage:
+        if (warning := use.warning()) is not None:
+            _out.print(f"warning: {warning}", style="yellow", markup=False)

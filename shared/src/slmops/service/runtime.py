@@ -118,13 +118,14 @@ class ServiceRuntime:
         )
         self.store = ObjectStore.from_settings(settings.platform) if uses_object_store else None
         consumer = settings.consumer
+        platform = settings.platform
         self.topology = Topology(
             consumers=self.handlers.consumer_specs(
                 consumer_name or name,
                 ack_wait_s=consumer.ack_wait_s,
                 max_deliver=consumer.max_deliver,
             )
-        )
+        ).sized(platform.jetstream_replicas, platform.stream_max_gb)
         self.bus: Bus | None = None
         self.consumers: list[EventConsumer] = []
         self.bucket_ready = False

@@ -82,12 +82,70 @@ def stack_status(var_dir: Path, timeout_s: float = 2.0) -> list[ComponentStatus]
     return result
 
 
-def status_json(components: list[ComponentStatus] | None) -> dict[str, object]:
+#: `slmops status` warns when a stream or bucket holds this share of its size cap.
+WARN_SHARE = 0.8
+
+
+@dataclass(frozen=True)
+class StorageUse:
+    """One JetStream stream (KV buckets are streams ``KV_<bucket>``) against its cap."""
+
+    name: str
+    bytes: int
+    max_bytes: int  # -1: no cap
+    messages: int
+    replicas: int
+
+    @property
+    def share(self) -> float | None:
+        return self.bytes / self.max_bytes if self.max_bytes > 0 else None
+
+    def warning(self) -> str | None:
+        share = self.share
+        if share is None:
+            return f"{self.name} has no size cap"
+        if share >= WARN_SHARE:
+            return (f"{self.name} holds {share:.0%} of its {self.max_bytes / 2**30:g} GiB cap: "
+                    "raise SLMOPS_STREAM_MAX_GB or its retention will drop (or, for the event "
+                    "log, refuse) messages")  # fmt: skip
+        return None
+
+
+def storage_use(components: list[ComponentStatus], timeout_s: float = 2.0) -> list[StorageUse]:
+    """Every stream's size and cap from NATS's monitoring endpoint (``/jsz``); empty when NATS
+    is not part of the stack or not answering."""
+    import httpx
+
+    monitor = next((c.urls.get("monitor") for c in components if c.name == "nats"), None)
+    if not monitor:
+        return []
+    try:
+        answer = httpx.get(f"{monitor}/jsz", params={"streams": "true", "config": "true"},
+                           timeout=timeout_s, trust_env=False)  # fmt: skip
+        details = answer.json().get("account_details") or []
+    except (httpx.HTTPError, ValueError):
+        return []
+    return sorted(
+        (StorageUse(name=s["name"], bytes=s["state"]["bytes"],
+                    max_bytes=s["config"].get("max_bytes", -1),
+                    messages=s["state"]["messages"],
+                    replicas=s["config"].get("num_replicas", 1))
+         for account in details for s in account.get("stream_detail") or []),
+        key=lambda use: use.name,
+    )  # fmt: skip
+
+
+def status_json(
+    components: list[ComponentStatus] | None, storage: list[StorageUse] | None = None
+) -> dict[str, object]:
     """The `slmops status --json` document."""
     items = components or []
+    uses = storage or []
     return {
         "running": components is not None,
         "ready": bool(items) and all(item.ready for item in items),
+        "storage": [{**vars(u), "share": u.share} for u in uses],
+        "warnings": [w for u in uses if (w := u.warning())],
         "components": {
             item.name: {
                 "kind": item.kind.value,

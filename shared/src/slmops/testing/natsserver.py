@@ -24,6 +24,7 @@ class NatsServerProcess:
         self.port = port
         self.start_timeout_s = start_timeout_s
         self.proc: subprocess.Popen[bytes] | None = None
+        self.monitor_url = ""  # its HTTP monitoring endpoint (/jsz, /healthz), on a free port
 
     @property
     def url(self) -> str:
@@ -43,6 +44,8 @@ class NatsServerProcess:
                 "-js",
                 "-sd",
                 str(self.store_dir / "jetstream"),
+                "-m",
+                "-1",
                 "--ports_file_dir",
                 str(ports_dir),
             ],
@@ -61,6 +64,7 @@ class NatsServerProcess:
                     time.sleep(0.01)
                     continue
                 self.port = int(ports["nats"][0].rsplit(":", 1)[1])
+                self.monitor_url = ports["monitoring"][0]
                 return
             time.sleep(0.01)
         self.stop()
