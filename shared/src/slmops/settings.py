@@ -90,8 +90,9 @@ class PlatformSettings(BaseSettings):
     )  # fmt: skip
     stream_max_gb: dict[str, float] = Field(
         default_factory=dict,
-        description='Size caps of streams in GiB by name, JSON (e.g. {"SLMOPS_FLEET": 32}); '
-        "unset streams keep theirs (pipeline 4, rollout 4, fleet 8, dead letters 1).",
+        description='Size caps of streams in GiB by name, JSON (e.g. {"SLMOPS_FLEET": 32}; a KV '
+        "bucket by its stream, KV_<bucket>); unset ones keep theirs (pipeline, rollout, fleet "
+        "1; dead letters 0.25; desired state and gateways 0.5; other buckets 0.0625).",
     )
 
     def auth_keys_file(self) -> Path:

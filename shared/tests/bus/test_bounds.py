@@ -24,10 +24,12 @@ def test_every_stream_and_bucket_has_a_size_cap() -> None:
 
 
 def test_sizing_sets_replicas_and_named_caps_and_refuses_unknown_streams() -> None:
-    sized = Topology().sized(3, {"SLMOPS_FLEET": 32})
+    sized = Topology().sized(3, {"SLMOPS_FLEET": 32, "KV_slmops-desired-state": 2})
     caps = {s.name: s.max_bytes for s in sized.streams}
+    caps |= {b.stream: b.max_bytes for b in sized.kv_buckets}
     assert caps["SLMOPS_FLEET"] == 32 * GIB
-    assert caps["SLMOPS_PIPELINE"] == 4 * GIB  # unnamed streams keep theirs
+    assert caps["KV_slmops-desired-state"] == 2 * GIB
+    assert caps["SLMOPS_PIPELINE"] == 1 * GIB  # unnamed streams keep theirs
     assert {s.replicas for s in sized.streams} | {b.replicas for b in sized.kv_buckets} == {3}
     with pytest.raises(ValueError, match="no stream SLMOPS_NOPE"):
         Topology().sized(1, {"SLMOPS_NOPE": 1})
@@ -66,7 +68,7 @@ async def test_status_reports_each_streams_fill_and_warns_near_its_cap(
     uses = {u.name: u for u in storage_use([nats])}
 
     assert set(uses) >= {s.name for s in STREAMS} | {f"KV_{b.bucket}" for b in KV_BUCKETS}
-    assert uses["SLMOPS_FLEET"].max_bytes == 8 * GIB
+    assert uses["SLMOPS_FLEET"].max_bytes == 1 * GIB
     assert uses["SLMOPS_FLEET"].warning() is None
     dlq = uses["SLMOPS_DLQ"]
     assert dlq.share is not None

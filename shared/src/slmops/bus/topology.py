@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 DAY_S = 86_400.0
+MIB = 1 << 20
 GIB = 1 << 30
 
 
@@ -36,8 +37,13 @@ class KvSpec:
     description: str
     history: int = 1
     ttl_s: float = 0.0  # 0 = entries never expire
-    max_bytes: int = GIB
+    max_bytes: int = 64 * MIB
     replicas: int = 1
+
+    @property
+    def stream(self) -> str:
+        """The stream JetStream keeps the bucket in."""
+        return f"KV_{self.bucket}"
 
 
 @dataclass(frozen=True)
@@ -63,21 +69,21 @@ PIPELINE = StreamSpec(
         "slmops.channel.>",
     ),
     "Model lifecycle: published, optimized, validated, released, channels moved.",
-    max_bytes=4 * GIB,
+    max_bytes=1 * GIB,
     discard_new=True,
 )
 ROLLOUT = StreamSpec(
     "SLMOPS_ROLLOUT",
     ("slmops.rollout.>", "slmops.gateway.assignment.>"),
     "Rollout progress and per-gateway assignments (desired state).",
-    max_bytes=4 * GIB,
+    max_bytes=1 * GIB,
     max_age_s=90 * DAY_S,
 )
 FLEET = StreamSpec(
     "SLMOPS_FLEET",
     ("slmops.gateway.report.>",),
     "Gateway reports: registration, applied/failed, health aggregates.",
-    max_bytes=8 * GIB,
+    max_bytes=1 * GIB,
     max_age_s=7 * DAY_S,
     # A gateway's subject per report kind keeps its newest 100: one chatty gateway cannot
     # fill the stream, and 10,000 gateways every 30 s stay within the byte cap.
@@ -87,7 +93,7 @@ DEAD_LETTER = StreamSpec(
     "SLMOPS_DLQ",
     ("slmops.deadletter.>",),
     "Messages a consumer could not handle, with the reason and the original bytes.",
-    max_bytes=1 * GIB,
+    max_bytes=256 * MIB,
     max_age_s=30 * DAY_S,
 )
 STREAMS: tuple[StreamSpec, ...] = (PIPELINE, ROLLOUT, FLEET, DEAD_LETTER)
@@ -99,8 +105,17 @@ VARIANTS_KV = KvSpec("slmops-variants", "Registered variants: variant id -> mani
 LINEAGE_KV = KvSpec("slmops-lineage", "Lineage index: a projection of the event log (registry).")
 KV_BUCKETS: tuple[KvSpec, ...] = (
     KvSpec("slmops-rollouts", "Rollout state machines, so a restarted service resumes.", 5),
-    KvSpec("slmops-desired-state", "Desired model per gateway: the source of truth.", 3),
-    KvSpec("slmops-gateways", "Registered gateways: class, labels, capabilities, last seen."),
+    KvSpec(
+        "slmops-desired-state",
+        "Desired model per gateway: the source of truth.",
+        3,
+        max_bytes=512 * MIB,
+    ),
+    KvSpec(
+        "slmops-gateways",
+        "Registered gateways: class, labels, capabilities, last seen.",
+        max_bytes=512 * MIB,
+    ),
     KvSpec("slmops-jobs", "Optimization and validation job states and progress.", 3),
     MODEL_VERSIONS_KV,
     VARIANTS_KV,
@@ -138,14 +153,19 @@ class Topology:
 
     def sized(self, replicas: int, stream_max_gb: dict[str, float]) -> Topology:
         """The same topology with ``replicas`` for every stream and bucket, and the byte caps
-        of the streams named in ``stream_max_gb`` (GiB) replaced."""
-        unknown = set(stream_max_gb) - {s.name for s in self.streams}
+        of the streams named in ``stream_max_gb`` (GiB; a bucket by its stream ``KV_<name>``)
+        replaced. JetStream reserves each cap on disk, so the defaults are modest: a fleet of
+        100,000 gateways wants its fleet, rollout and desired-state caps raised."""
+        names = {s.name for s in self.streams} | {b.stream for b in self.kv_buckets}
+        unknown = set(stream_max_gb) - names
         if unknown:
             raise ValueError(f"no stream {', '.join(sorted(unknown))} to size")
-        streams = tuple(
-            replace(s, replicas=replicas,
-                    max_bytes=int(stream_max_gb.get(s.name, s.max_bytes / GIB) * GIB))
-            for s in self.streams
-        )  # fmt: skip
-        buckets = tuple(replace(b, replicas=replicas) for b in self.kv_buckets)
+
+        def cap(name: str, default: int) -> int:
+            return int(stream_max_gb[name] * GIB) if name in stream_max_gb else default
+
+        streams = tuple(replace(s, replicas=replicas, max_bytes=cap(s.name, s.max_bytes))
+                        for s in self.streams)  # fmt: skip
+        buckets = tuple(replace(b, replicas=replicas, max_bytes=cap(b.stream, b.max_bytes))
+                        for b in self.kv_buckets)  # fmt: skip
         return Topology(streams, buckets, list(self.consumers))
