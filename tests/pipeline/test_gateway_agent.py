@@ -158,21 +158,31 @@ async def test_the_agent_catches_up_hot_swaps_under_load_and_refuses_bad_variant
         await bus.publish(new_event(_assignment("gw-1", 4, first), source="/test"))
         downgrade = await _report(bus, "gw-1", "failed", generation=4)
         assert "downgrade from 1.1.0 to 1.0.0 refused" in downgrade.reason
-        forged = _assignment("gw-1", 5, first).model_copy(
+        # ... also when the (unsigned) assignment claims a higher version for the old variant
+        claimed = first.model_copy(update={"version": "99"})
+        await bus.publish(new_event(_assignment("gw-1", 5, claimed), source="/test"))
+        lying = await _report(bus, "gw-1", "failed", generation=5)
+        assert "downgrade from 1.1.0 to 1.0.0 refused" in lying.reason
+        # another model's name on this model's variant: cross-assigned
+        crossed = first.model_copy(update={"model_name": "someone-else"})
+        await bus.publish(new_event(_assignment("gw-1", 6, crossed), source="/test"))
+        cross = await _report(bus, "gw-1", "failed", generation=6)
+        assert "refused as cross-assigned" in cross.reason
+        forged = _assignment("gw-1", 7, first).model_copy(
             update={"rollback": True, "rollout_id": "ro-1", "signature": "Zm9yZ2Vk"}
         )
         await bus.publish(new_event(forged, source="/test"))
-        refused_rollback = await _report(bus, "gw-1", "failed", generation=5)
+        refused_rollback = await _report(bus, "gw-1", "failed", generation=7)
         assert "without a valid registry signature" in refused_rollback.reason
         signed = await pipeline.registry.post(
             f"/v1/variants/{first.variant_id}/rollbacks", json={"rollout_id": "ro-1"}
         )
-        rollback = _assignment("gw-1", 6, first).model_copy(update={
+        rollback = _assignment("gw-1", 8, first).model_copy(update={
             "rollback": True, "rollout_id": "ro-1", "signature": signed.json()["signature"],
             "overlay": {"max_input_tokens": 2},  # this site's local limit travels along
         })  # fmt: skip
         await bus.publish(new_event(rollback, source="/test"))
-        await _report(bus, "gw-1", "applied", generation=6)
+        await _report(bus, "gw-1", "applied", generation=8)
         slots = (await api.get("/v1/slots")).json()
         assert slots["active"]["variant_id"] == first.variant_id
         short = (await api.post("/v1/infer", json={"ids": [[1, 2, 3, 4, 5]]})).json()
@@ -182,7 +192,7 @@ async def test_the_agent_catches_up_hot_swaps_under_load_and_refuses_bad_variant
         assert short["outputs"] == two["outputs"]
 
         # the health reports after that install count those two requests, none failed
-        health = await _health_after(bus, "gw-1", generation=6, requests=2)
+        health = await _health_after(bus, "gw-1", generation=8, requests=2)
         assert {h.variant_id for h in health} == {first.variant_id}
         assert sum(h.health.request_count for h in health) == 2
         assert {h.health.error_rate for h in health if h.health.request_count} == {0.0}

@@ -30,7 +30,7 @@ from slmops_gateway.download import download
 from slmops_gateway.health import HealthWindow
 from slmops_gateway.settings import GatewaySettings
 from slmops_gateway.slots import LoadedModel, SessionOptions, Slots, load, smoke_test
-from slmops_gateway.verify import Refused, Vouched, check_version, vouch
+from slmops_gateway.verify import Refused, Vouched, check_assignment, check_version, vouch
 
 log = logging.getLogger(__name__)
 DESIRED_BUCKET = "slmops-desired-state"
@@ -120,14 +120,14 @@ class Agent:
         desired = assignment.desired
         if self.public_key is None:
             self.public_key = await self.registry.public_key_pem()
-        running = self.slots.active.version if self.slots.active else None
+        active = self.slots.active
+        running = (active.signed_version or active.version) if active else None
         signed_rollback = assignment.rollback and rollback_is_signed(
             desired.model_name, desired.manifest_digest, assignment.rollout_id,
             assignment.signature, self.public_key,
         )  # fmt: skip
         if assignment.rollback and not signed_rollback:
             raise Refused("a rollback assignment without a valid registry signature")
-        check_version(desired.version, running, rollback=signed_rollback)
         key = (desired.manifest_digest, desired.variant_id, self.settings.device_class)
         vouched = self.vouched.get(key) if self.vouched is not None else None
         if vouched is None:
@@ -135,8 +135,12 @@ class Agent:
                                   device_class=self.settings.device_class)  # fmt: skip
             if self.vouched is not None:
                 self.vouched[key] = vouched
+        # Judged on what is signed: the assignment's own version is nobody's word.
+        check_assignment(desired, vouched.manifest)
+        check_version(vouched.manifest.version, running, rollback=signed_rollback)
         options = self._options(assignment)
         model = await (self.installer or self.fetch_load_and_smoke_test)(desired, vouched, options)
+        model.signed_version = vouched.manifest.version
         self.slots.swap_in(model)
         # A rollout's new model is compared with the one it replaced on sampled requests
         # (shadow agreement); a rollback's is not on trial.

@@ -66,6 +66,9 @@ class LoadedModel:
     embedding: EmbeddingChoice | None = None  # an encoder's embedding output and pooling
     embedding_error: str = ""  # why an encoder has no embedding choice (its outputs are unclear)
     model_name: str | None = None
+    # The version its signed variant manifest names (``version`` is the release's, which may be
+    # later for a reused variant): downgrades are judged on this one, which nobody can forge.
+    signed_version: str | None = None
 
     @property
     def model_id(self) -> str:

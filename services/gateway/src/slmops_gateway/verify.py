@@ -4,7 +4,9 @@
    the assignment's artifact and targets this gateway's device class.
 2. The variant has a signed validation report that passed, for this gateway's class, about
    exactly this variant manifest and these artifact bytes.
-3. The model's version is not lower than the running one, unless the assignment is a rollback.
+3. The assignment's model is the signed manifest's, its version is not older than the signed
+   one (a release may reuse a variant made for an earlier version, never a later one), and the
+   signed version is not lower than the running model's, unless a signed rollback says so.
 4. The downloaded bytes hash to the manifest's digest (``download.py`` checks while it writes).
 
 Any failure is a :class:`Refused` with a reason the gateway reports as ``failed``.
@@ -90,6 +92,20 @@ async def vouch(
             + (f": {reason}" if reason else "")
         )
     return Vouched(manifest, variant.digest, report.digest)
+
+
+def check_assignment(desired: DesiredModel, manifest: Manifest) -> None:
+    """Check 3a: the unsigned assignment agrees with what the registry signed."""
+    if manifest.model_name != desired.model_name:
+        raise Refused(
+            f"the assignment says model {desired.model_name}, but variant {desired.variant_id} "
+            f"is signed for {manifest.model_name}: refused as cross-assigned"
+        )
+    if version_key(desired.version) < version_key(manifest.version):
+        raise Refused(
+            f"the assignment says version {desired.version}, but variant {desired.variant_id} is "
+            f"signed for the later version {manifest.version}"
+        )
 
 
 def check_version(desired_version: str, running_version: str | None, *, rollback: bool) -> None:
