@@ -50,6 +50,7 @@ class Pipeline:
     context: OptimizerContext
     settings: OptimizerSettings
     auth: httpx.Auth  # every scope: these tests are about the pipeline, not authorization
+    registry_context: Any  # the registry's RegistryContext (GC with a turned clock)
 
     async def publish(self, data: bytes, **fields: Any) -> dict[str, Any]:
         uploaded = await self.registry.post("/v1/blobs", content=data)
@@ -216,7 +217,8 @@ async def pipeline(
         ):
             await registry_app.state.runtime.wait_started(timeout_s=20)
             await optimizer_app.state.runtime.wait_started(timeout_s=20)
-            yield Pipeline(registry, optimizer, context, settings, everything_auth)
+            yield Pipeline(registry, optimizer, context, settings, everything_auth,
+                           registry_app.state.registry)  # fmt: skip
 
 
 @dataclass

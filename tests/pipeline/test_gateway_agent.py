@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from slmops.bus import Bus
 from slmops.events import GatewayAssignment, new_event
 from slmops.events.payloads import DesiredModel
 from slmops.events.registry import decode_event
+from slmops.objectstore import blob_key
 from slmops.service.registry_api import RegistryClient
 from slmops.settings import PlatformSettings
 from slmops.testing.events import await_events, stream_count
@@ -237,6 +239,35 @@ async def test_a_new_chunked_variant_downloads_only_what_changed(
         # assert: serving the new variant, fetched a fraction of it
         assert (await api.get("/v1/slots")).json()["active"]["variant_id"] == second.variant_id
         assert 0 < agent.last_fetch_bytes < 0.25 * second.artifact.size_bytes
+
+
+async def test_after_gc_a_late_joining_gateway_still_installs_the_release_from_chunks(
+    pipeline: Any, bus: Bus, tmp_path: Path
+) -> None:
+    # setup: a released, chunked variant with its signed report; an orphan upload
+    from slmops.testing.models import tiny_encoder_onnx
+    from slmops_registry.retention import MIN_AGE_FLOOR_S
+
+    released = await pipeline.variant(with_word_tokenizer(tiny_encoder_onnx(vocab=32768)))
+    manifest = (await pipeline.registry.get(f"/v1/manifests/{released.manifest_digest}")).json()
+    assert manifest["manifest"]["chunks_digest"] is not None  # gateways fetch it by chunks
+    orphan = (await pipeline.registry.post("/v1/blobs", content=b"nobody's")).json()["digest"]
+
+    # execute: GC with the smallest age callers may ask for, run two days from now (every
+    # object is old enough; the API itself has no clock to turn)
+    report = await pipeline.registry_context.collect_garbage(
+        min_age_s=MIN_AGE_FLOOR_S, dry_run=False,
+        now=datetime.now(UTC) + timedelta(days=2),
+    )  # fmt: skip
+
+    # assert: only the orphan went; a gateway joining now installs from chunks and verifies
+    assert [c.key for c in report.candidates] == [blob_key(orphan)]
+    async with _gateway(pipeline, tmp_path, "gw-late") as api:
+        await bus.publish(new_event(_assignment("gw-late", 1, released), source="/test"))
+        await _report(bus, "gw-late", "applied", generation=1)
+        agent = api._transport.app.state.agent
+        assert agent.last_fetch_bytes == released.artifact.size_bytes  # every chunk fetched
+        assert (await api.get("/v1/slots")).json()["active"]["variant_id"] == released.variant_id
 
 
 async def test_after_a_rollout_install_sampled_requests_measure_shadow_agreement(
