@@ -20,6 +20,7 @@ from slmops.auth import (
     TokenIssuer,
     TokenVerifier,
     ensure_local_credentials,
+    revoke,
     scopes_of_role,
 )
 from slmops.auth.tokens import generate_signing_key, public_jwk
@@ -133,3 +134,32 @@ def test_a_client_sends_the_token_from_its_file_and_follows_changes(tmp_path: Pa
         token_file.write_text("second-token\n")  # re-minted while the client runs
         client.get("http://svc/x")
     assert seen == ["Bearer first", "Bearer second-token"]
+
+
+def test_a_revoked_subjects_tokens_are_refused_until_it_is_enrolled_again(
+    tmp_path: Path,
+) -> None:
+    issuer = TokenIssuer(generate_signing_key())
+    keys = tmp_path / "jwks.json"
+    write_keys(keys, issuer)
+    verifier = TokenVerifier(keys)
+    stolen = issuer.mint("gateway:gw-7", scopes_of_role("gateway"), 600)
+    other = issuer.mint("gateway:gw-8", scopes_of_role("gateway"), 600)
+    assert verifier.verify(stolen).gateway_id == "gw-7"
+
+    revoke(keys, "gateway:gw-7")
+
+    with pytest.raises(TokenError, match="credentials of gateway:gw-7 were revoked"):
+        verifier.verify(stolen)
+    assert verifier.verify(other).gateway_id == "gw-8"  # only that subject
+    time.sleep(1.1)  # tokens carry whole seconds: a re-enrolment is minted in a later one
+    enrolled_again = issuer.mint("gateway:gw-7", scopes_of_role("gateway"), 600)
+    assert verifier.verify(enrolled_again).gateway_id == "gw-7"
+
+
+def test_an_unreadable_revocation_list_trusts_nobody(tmp_path: Path) -> None:
+    issuer = TokenIssuer(generate_signing_key())
+    write_keys(tmp_path / "jwks.json", issuer)
+    (tmp_path / "revoked.json").write_text("{not json")
+    with pytest.raises(TokenError, match="revocation list"):
+        TokenVerifier(tmp_path / "jwks.json").verify(issuer.mint("user:a", frozenset(), 60))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 from typer.testing import CliRunner
 
 from slmops.auth import LocalCredentials, Scope, TokenVerifier
@@ -50,3 +51,21 @@ def test_whoami_names_the_clis_principal(credentials: LocalCredentials) -> None:
     who = cli(credentials, "auth", "whoami")
     assert who.exit_code == 0, who.output  # type: ignore[attr-defined]
     assert who.output.startswith("user:admin  scopes: admin metrics operate publish read")  # type: ignore[attr-defined]
+
+
+def test_revoke_stops_a_stolen_gateway_token_on_a_running_service(
+    credentials: LocalCredentials, registry_url: str
+) -> None:
+    credentials.mint_gateway("gw-stolen")
+    token = credentials.token("gateway-gw-stolen")
+    headers = {"Authorization": f"Bearer {token}"}
+    assert httpx.get(f"{registry_url}/v1/keys", headers=headers).status_code == 200
+
+    revoked = cli(credentials, "auth", "revoke", "gateway:gw-stolen")
+
+    assert revoked.exit_code == 0, revoked.output  # type: ignore[attr-defined]
+    refused = httpx.get(f"{registry_url}/v1/keys", headers=headers)
+    assert refused.status_code == 401
+    assert "credentials of gateway:gw-stolen were revoked" in refused.json()["detail"]
+    admin = {"Authorization": f"Bearer {credentials.token('admin')}"}
+    assert httpx.get(f"{registry_url}/v1/keys", headers=admin).status_code == 200

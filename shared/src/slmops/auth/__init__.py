@@ -16,7 +16,7 @@ from slmops.auth.principals import (
     UnknownRoleError,
     scopes_of_role,
 )
-from slmops.auth.tokens import NoKeysError, TokenError, TokenIssuer, TokenVerifier
+from slmops.auth.tokens import NoKeysError, TokenError, TokenIssuer, TokenVerifier, revoke
 
 __all__ = [
     "ROLES",
@@ -34,5 +34,6 @@ __all__ = [
     "UnknownRoleError",
     "ensure_local_credentials",
     "local_credentials",
+    "revoke",
     "scopes_of_role",
 ]

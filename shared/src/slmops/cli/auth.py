@@ -19,6 +19,7 @@ from slmops.auth import (
     UnknownRoleError,
     ensure_local_credentials,
     local_credentials,
+    revoke,
     scopes_of_role,
 )
 from slmops.cli.registry import CliSettings, console_out, fail
@@ -91,6 +92,25 @@ def enroll(
     path = creds.mint_gateway(gateway_id, parse_duration_s(ttl))
     console_out.print(f"gateway:{gateway_id} -> {path} (set SLMOPS_AUTH_TOKEN_FILE to it on the "
                       f"device; verification keys: {creds.keys_file})", markup=False)  # fmt: skip
+
+
+@app.command("revoke")
+def revoke_subject(
+    subject: Annotated[str, typer.Argument(help="gateway:<id>, service:<name>, user:<name>.")],
+    keys_file: Annotated[
+        Path | None,
+        typer.Option(help="The key set whose revocation list to write (default: the local "
+                     "stack's); services read revoked.json beside it."),
+    ] = None,
+) -> None:  # fmt: skip
+    """Refuse every token of SUBJECT issued until now, on every service, at once (a stolen
+    gateway or service credential); tokens minted afterwards work."""
+    path = keys_file or local_credentials(CliSettings().var_dir).keys_file
+    if not path.exists():
+        fail(f"no key set at {path}: start the local stack (`slmops up`) or pass --keys-file")
+    written = revoke(path, subject)
+    console_out.print(f"{subject}: every token issued until now is refused ({written})",
+                      markup=False)  # fmt: skip
 
 
 @app.command("whoami")
