@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,6 +28,7 @@ from slmops.service.registry_api import RegistryClient
 from slmops.settings import PlatformSettings
 from slmops.testing.events import await_events, stream_count
 from slmops.testing.models import with_word_tokenizer
+from slmops.testing.polling import until
 from slmops_gateway.app import create_app
 from slmops_gateway.settings import GatewaySettings
 
@@ -170,21 +172,39 @@ async def test_the_agent_catches_up_hot_swaps_under_load_and_refuses_bad_variant
         await bus.publish(new_event(_assignment("gw-1", 6, crossed), source="/test"))
         cross = await _report(bus, "gw-1", "failed", generation=6)
         assert "refused as cross-assigned" in cross.reason
-        forged = _assignment("gw-1", 7, first).model_copy(
-            update={"rollback": True, "rollout_id": "ro-1", "signature": "Zm9yZ2Vk"}
-        )
+        forged = _assignment("gw-1", 7, first).model_copy(update={
+            "rollback": True, "rollout_id": "ro-1", "signature": "Zm9yZ2Vk",
+            "signature_expires_at": int(time.time()) + 600,
+        })  # fmt: skip
         await bus.publish(new_event(forged, source="/test"))
         refused_rollback = await _report(bus, "gw-1", "failed", generation=7)
         assert "without a valid registry signature" in refused_rollback.reason
-        signed = await pipeline.registry.post(
+        # a genuine statement replayed after it expired, or with its expiry pushed out
+        short_lived = (await pipeline.registry.post(
+            f"/v1/variants/{first.variant_id}/rollbacks", json={"rollout_id": "ro-1", "ttl_s": 1}
+        )).json()  # fmt: skip
+        await until(lambda: time.time() > short_lived["expires_at"] + 0.1, "the statement expiry")
+        stale = {"rollback": True, "rollout_id": "ro-1", "signature": short_lived["signature"],
+                 "signature_expires_at": short_lived["expires_at"]}  # fmt: skip
+        await bus.publish(new_event(_assignment("gw-1", 8, first).model_copy(update=stale),
+                                    source="/test"))  # fmt: skip
+        expired = await _report(bus, "gw-1", "failed", generation=8)
+        assert "rollback statement that expired" in expired.reason
+        pushed = {**stale, "signature_expires_at": short_lived["expires_at"] + 86_400}
+        await bus.publish(new_event(_assignment("gw-1", 9, first).model_copy(update=pushed),
+                                    source="/test"))  # fmt: skip
+        extended = await _report(bus, "gw-1", "failed", generation=9)
+        assert "without a valid registry signature" in extended.reason
+        signed = (await pipeline.registry.post(
             f"/v1/variants/{first.variant_id}/rollbacks", json={"rollout_id": "ro-1"}
-        )
-        rollback = _assignment("gw-1", 8, first).model_copy(update={
-            "rollback": True, "rollout_id": "ro-1", "signature": signed.json()["signature"],
+        )).json()  # fmt: skip
+        rollback = _assignment("gw-1", 10, first).model_copy(update={
+            "rollback": True, "rollout_id": "ro-1", "signature": signed["signature"],
+            "signature_expires_at": signed["expires_at"],
             "overlay": {"max_input_tokens": 2},  # this site's local limit travels along
         })  # fmt: skip
         await bus.publish(new_event(rollback, source="/test"))
-        await _report(bus, "gw-1", "applied", generation=8)
+        await _report(bus, "gw-1", "applied", generation=10)
         slots = (await api.get("/v1/slots")).json()
         assert slots["active"]["variant_id"] == first.variant_id
         short = (await api.post("/v1/infer", json={"ids": [[1, 2, 3, 4, 5]]})).json()
@@ -194,7 +214,7 @@ async def test_the_agent_catches_up_hot_swaps_under_load_and_refuses_bad_variant
         assert short["outputs"] == two["outputs"]
 
         # the health reports after that install count those two requests, none failed
-        health = await _health_after(bus, "gw-1", generation=8, requests=2)
+        health = await _health_after(bus, "gw-1", generation=10, requests=2)
         assert {h.variant_id for h in health} == {first.variant_id}
         assert sum(h.health.request_count for h in health) == 2
         assert {h.health.error_rate for h in health if h.health.request_count} == {0.0}

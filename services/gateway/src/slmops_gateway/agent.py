@@ -22,7 +22,7 @@ import nats.js.errors
 from slmops import hostinfo
 from slmops.events import CloudEvent, GatewayAssignment, GatewayReport, derive_event_id, new_event
 from slmops.events.payloads import DesiredModel
-from slmops.rollbacks import rollback_is_signed
+from slmops.rollbacks import RollbackRefused, check_rollback
 from slmops.service import Check
 from slmops.service.registry_api import RegistryClient
 from slmops_gateway.delta import fetch_by_chunks
@@ -122,12 +122,15 @@ class Agent:
             self.public_key = await self.registry.public_key_pem()
         active = self.slots.active
         running = (active.signed_version or active.version) if active else None
-        signed_rollback = assignment.rollback and rollback_is_signed(
-            desired.model_name, desired.manifest_digest, assignment.rollout_id,
-            assignment.signature, self.public_key,
-        )  # fmt: skip
-        if assignment.rollback and not signed_rollback:
-            raise Refused("a rollback assignment without a valid registry signature")
+        if assignment.rollback:
+            try:
+                check_rollback(
+                    desired.model_name, desired.manifest_digest, assignment.rollout_id,
+                    assignment.signature, assignment.signature_expires_at, self.public_key,
+                )  # fmt: skip
+            except RollbackRefused as exc:
+                raise Refused(str(exc)) from None
+        signed_rollback = assignment.rollback
         key = (desired.manifest_digest, desired.variant_id, self.settings.device_class)
         vouched = self.vouched.get(key) if self.vouched is not None else None
         if vouched is None:

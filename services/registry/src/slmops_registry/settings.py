@@ -38,6 +38,12 @@ class RegistrySettings(ServiceSettings):
         description="Artifacts at least this large (MiB) are also stored as content-defined "
         "chunks cut at tensor starts, so gateways can fetch only what changed.",
     )
+    rollback_ttl_s: float = Field(
+        7 * 86_400,
+        gt=0,
+        description="How long a signed rollback statement holds, in seconds: a gateway offline "
+        "longer needs a new one (a statement replayed later is refused).",
+    )
     gc_min_age_s: float = Field(
         7 * 86_400,
         ge=86_400,

@@ -6,6 +6,7 @@ validator stores its report about it the same way; the CLI and people read the n
 
 from __future__ import annotations
 
+import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -75,6 +76,11 @@ class RollbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     rollout_id: Token | None = Field(None, description="The rollout the rollback belongs to.")
+    ttl_s: float | None = Field(
+        None, gt=0,
+        description="How long the statement holds, in seconds (at most the registry's "
+        "rollback_ttl_s, its default).",
+    )  # fmt: skip
 
 
 @router.post("/{variant_id}/rollbacks", summary="Sign a rollback to this variant")
@@ -83,10 +89,15 @@ async def sign_rollback(
 ) -> dict[str, Any]:
     variant_id = validated(Token, variant_id, "variant id")
     signed = await (await _variants(request)).manifest_of(variant_id)
-    statement = rollback_statement(signed.manifest.model_name, signed.digest, body.rollout_id)
-    signature = request.app.state.registry.signer.sign(statement)
+    registry = request.app.state.registry
+    ttl_s = min(body.ttl_s or registry.settings.rollback_ttl_s, registry.settings.rollback_ttl_s)
+    expires_at = int(time.time() + ttl_s)
+    statement = rollback_statement(
+        signed.manifest.model_name, signed.digest, body.rollout_id, expires_at
+    )
     return {
         "statement": statement.decode(),
-        "signature": signature,
+        "signature": registry.signer.sign(statement),
         "manifest_digest": signed.digest,
+        "expires_at": expires_at,
     }

@@ -103,7 +103,7 @@ async def roll_back(
 ) -> list[str]:  # fmt: skip
     """Signed rollbacks of ``gateway_ids`` to what each ran before; returns those sent.
     Gateways scope pauses the rollout; fleet scope ends it as rolled back."""
-    targets: dict[str, tuple[DesiredModel, str] | None] = {}
+    targets: dict[str, tuple[DesiredModel, str, int] | None] = {}
     assignments = []
     generation = await engine.next_generation()
     for gateway_id in gateway_ids:
@@ -112,14 +112,15 @@ async def roll_back(
             continue  # it ran nothing before: there is nothing to go back to
         if previous not in targets:
             model = await engine.desired_model(previous)
-            signature = await engine.registry.sign_rollback(previous, state.rollout_id)
-            targets[previous] = (model, signature) if model else None
+            signature, expires_at = await engine.registry.sign_rollback(previous, state.rollout_id)
+            targets[previous] = (model, signature, expires_at) if model else None
         target = targets[previous]
         if target is None:
             continue  # the registry no longer knows it
         assignments.append(GatewayAssignment(
             gateway_id=gateway_id, generation=generation, rollout_id=state.rollout_id,
             desired=target[0], rollback=True, signature=target[1],
+            signature_expires_at=target[2],
         ))  # fmt: skip
     await engine.deliver(assignments)
     rolled = [a.gateway_id for a in assignments]

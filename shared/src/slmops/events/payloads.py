@@ -322,6 +322,9 @@ class GatewayAssignment(EventPayload):
     desired: DesiredModel
     rollback: bool = False
     signature: str | None = Field(None, description="Ed25519 signature of a rollback, base64.")
+    signature_expires_at: int | None = Field(
+        None, description="Unix seconds after which the rollback statement is refused."
+    )
     overlay: dict[str, int] = Field(
         default_factory=dict,
         description="Local configuration chosen by label selectors, applied by the agent: "

@@ -86,12 +86,14 @@ class RegistryClient:
         urls: dict[str, str] = self._json(response, f"{len(digests)} download URLs")["urls"]
         return urls
 
-    async def sign_rollback(self, variant_id: str, rollout_id: str | None) -> str:
-        """The registry's signature allowing gateways to roll back to ``variant_id``."""
+    async def sign_rollback(self, variant_id: str, rollout_id: str | None) -> tuple[str, int]:
+        """The registry's signature allowing gateways to roll back to ``variant_id``, and when
+        it expires (unix seconds)."""
         response = await self._call(
             "POST", f"/v1/variants/{variant_id}/rollbacks", json={"rollout_id": rollout_id}
         )
-        return str(self._json(response, f"rollback to {variant_id}")["signature"])
+        body = self._json(response, f"rollback to {variant_id}")
+        return str(body["signature"]), int(body["expires_at"])
 
     async def public_key_pem(self) -> str:
         """The public key that verifies the registry's manifest signatures."""
