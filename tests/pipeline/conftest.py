@@ -322,7 +322,9 @@ class Gateways:
         app.state.agent.registry = RegistryClient("http://registry", client=self.pipeline.registry)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.bind(("127.0.0.1", 0))
-        server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="warning"))
+        server = uvicorn.Server(
+            uvicorn.Config(app, lifespan="on", log_level="warning", timeout_graceful_shutdown=10)
+        )  # as serve()
         serving = asyncio.create_task(server.serve(sockets=[sock]))
         await until(lambda: server.started or serving.done(), "uvicorn to start")
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"

@@ -81,4 +81,7 @@ def serve(app: FastAPI, settings: ServiceSettings) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    # A connection that never ends (a stream whose client vanished without a FIN) must not hold
+    # a stopping service forever: past the consumers' drain time it is cut.
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=int(settings.consumer.drain_timeout_s))  # fmt: skip
