@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
+import httpx
 import pytest
 
+from slmops.auth import LocalCredentials, scopes_of_role
 from slmops.events.payloads import ArtifactRef, GateResult
 from slmops.manifests import SignedManifest, verify_manifest
 from slmops.reports import CheckOutcome, ValidationReport
@@ -174,3 +176,43 @@ async def test_versions_of_a_model_are_listed(registry: RegistryUnderTest) -> No
 
     assert [v["version"] for v in versions] == ["1.0.0"]
     assert missing.status_code == 404
+
+
+async def test_a_gateway_reads_only_what_was_made_for_its_class(
+    registry: RegistryUnderTest, credentials: LocalCredentials
+) -> None:
+    # setup: an arm64 variant with its report; gateways enrolled for arm64 and for x86
+    parent = await published_parent(registry)
+    artifact = (await registry.upload(gguf_bytes(padding=b"variant"))).json()["digest"]
+    body = variant_body(parent, artifact)
+    variant = (await registry.client.post("/v1/variants", json=body)).json()
+    report_digest = (await registry.upload(b'{"verdict": "passed"}')).json()["digest"]
+    await registry.client.post(f"/v1/variants/{body['variant_id']}/reports", json={
+        "report_digest": report_digest, "verdict": "passed",
+        "variant_manifest_digest": variant["digest"], "artifact_digest": artifact,
+    })  # fmt: skip
+    issuer = credentials.issuer()
+    gateway = scopes_of_role("gateway")
+    paths = [f"/v1/variants/{body['variant_id']}", f"/v1/variants/{body['variant_id']}/report",
+             f"/v1/manifests/{variant['digest']}"]  # fmt: skip
+
+    def as_(token: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {token}"}
+
+    # execute
+    own = as_(issuer.mint("gateway:pi-1", gateway, 60, device_class="arm64"))
+    other = as_(issuer.mint("gateway:nuc-1", gateway, 60, device_class="x86-avx2"))
+    transport = httpx.ASGITransport(app=registry.app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://registry") as bare:
+        statuses = {
+            who: [(await bare.get(p, headers=headers)).status_code for p in paths]
+            for who, headers in (("own class", own), ("other class", other))
+        }
+        refusal = await bare.get(paths[0], headers=other)
+
+    # assert
+    assert statuses == {"own class": [200, 200, 200], "other class": [403, 403, 403]}
+    assert (
+        "gateway:nuc-1 (class x86-avx2) may not read a variant made for arm64"
+        in (refusal.json()["detail"])
+    )

@@ -38,12 +38,13 @@ def test_unknown_role_and_bad_ttl_are_clear_errors(credentials: LocalCredentials
 
 
 def test_enroll_gives_a_gateway_its_own_identity(credentials: LocalCredentials) -> None:
-    enrolled = cli(credentials, "auth", "enroll", "gw-berlin-7")
+    enrolled = cli(credentials, "auth", "enroll", "gw-berlin-7", "--class", "arm64-pi5")
     assert enrolled.exit_code == 0, enrolled.output  # type: ignore[attr-defined]
     principal = TokenVerifier(credentials.keys_file).verify(
         credentials.token("gateway-gw-berlin-7")
     )
     assert principal.gateway_id == "gw-berlin-7"
+    assert principal.device_class == "arm64-pi5"
     assert principal.scopes == {Scope.GATEWAY}
 
 

@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from slmops.auth import Principal, Scope
 from slmops.events import ChannelMoved, new_event
 from slmops.events.payloads import Digest, ModelName, Token, Version
+from slmops.manifests import Manifest
 from slmops.objectstore import (
     STAGING_PREFIX,
     DigestMismatchError,
@@ -53,6 +54,16 @@ def validated(kind: Any, value: str, what: str) -> str:
         return str(TypeAdapter(kind).validate_python(value))
     except ValidationError as exc:
         raise RegistryError(422, f"invalid {what} {value!r}: {exc.errors()[0]['msg']}") from exc
+
+
+def check_readable(principal: Principal, manifest: Manifest) -> None:
+    """A gateway enrolled for a class reads only manifests made for it (403 otherwise)."""
+    classes = [manifest.device_class] if manifest.device_class else manifest.device_classes
+    if not principal.may_read_class(classes):
+        raise RegistryError(
+            403, f"{principal.subject} (class {principal.device_class}) may not read a "
+            f"{manifest.kind} made for {', '.join(classes)}",
+        )  # fmt: skip
 
 
 async def _publisher(request: Request) -> Publisher:
@@ -213,12 +224,13 @@ async def get_version(name: str, version: str, request: Request, _: Reader) -> d
 
 
 @router.get("/manifests/{digest}", summary="A signed manifest by its digest")
-async def get_manifest(digest: str, request: Request, _: Installer) -> dict[str, Any]:
+async def get_manifest(digest: str, request: Request, principal: Installer) -> dict[str, Any]:
     digest = validated(Digest, digest, "digest")
     try:
         signed = await (await _publisher(request)).manifest(digest)
     except ObjectNotFoundError as exc:
         raise RegistryError(404, f"no manifest {digest}") from exc
+    check_readable(principal, signed.manifest)
     return signed.model_dump(mode="json")
 
 

@@ -17,7 +17,7 @@ from slmops.auth import Principal, Scope
 from slmops.events.payloads import Token
 from slmops.rollbacks import rollback_statement
 from slmops.service.auth import require
-from slmops_registry.api import Installer, validated
+from slmops_registry.api import Installer, check_readable, validated
 from slmops_registry.errors import RegistryError
 from slmops_registry.variants import ReportRequest, VariantRequest, Variants
 
@@ -46,9 +46,10 @@ async def register_variant(
 
 
 @router.get("/{variant_id}", summary="The signed manifest of a variant")
-async def get_variant(variant_id: str, request: Request, _: Installer) -> dict[str, Any]:
+async def get_variant(variant_id: str, request: Request, principal: Installer) -> dict[str, Any]:
     variant_id = validated(Token, variant_id, "variant id")
     signed = await (await _variants(request)).manifest_of(variant_id)
+    check_readable(principal, signed.manifest)
     return signed.model_dump(mode="json")
 
 
@@ -63,10 +64,11 @@ async def add_report(
 
 
 @router.get("/{variant_id}/report", summary="The newest validation report of a variant")
-async def latest_report(variant_id: str, request: Request, _: Installer) -> dict[str, Any]:
+async def latest_report(variant_id: str, request: Request, principal: Installer) -> dict[str, Any]:
     """``{"manifest": <signed report manifest>, "report": <the report JSON>}``."""
     variant_id = validated(Token, variant_id, "variant id")
     signed, report = await (await _variants(request)).latest_report(variant_id)
+    check_readable(principal, signed.manifest)
     return {"manifest": signed.model_dump(mode="json"), "report": report}
 
 

@@ -44,15 +44,19 @@ class LocalCredentials:
         return TokenIssuer.from_file(self.issuer_key_file)
 
     def mint(
-        self, name: str, subject: str, scopes: frozenset[Scope], ttl_s: float = LOCAL_TOKEN_TTL_S
-    ) -> Path:
+        self, name: str, subject: str, scopes: frozenset[Scope], ttl_s: float = LOCAL_TOKEN_TTL_S,
+        device_class: str | None = None,
+    ) -> Path:  # fmt: skip
         """Mint a token for ``subject`` into ``tokens/<name>.jwt`` (mode 0600)."""
-        return _write_private(self.token_file(name), self.issuer().mint(subject, scopes, ttl_s))
+        token = self.issuer().mint(subject, scopes, ttl_s, device_class)
+        return _write_private(self.token_file(name), token)
 
-    def mint_gateway(self, gateway_id: str, ttl_s: float = LOCAL_TOKEN_TTL_S) -> Path:
-        return self.mint(
-            f"gateway-{gateway_id}", f"gateway:{gateway_id}", scopes_of_role("gateway"), ttl_s
-        )
+    def mint_gateway(
+        self, gateway_id: str, ttl_s: float = LOCAL_TOKEN_TTL_S, device_class: str | None = None
+    ) -> Path:
+        """A gateway's own token; with ``device_class`` it reads only that class's variants."""
+        return self.mint(f"gateway-{gateway_id}", f"gateway:{gateway_id}",
+                         scopes_of_role("gateway"), ttl_s, device_class)  # fmt: skip
 
 
 def local_credentials(var_dir: Path) -> LocalCredentials:

@@ -66,6 +66,14 @@ class Principal:
     scopes: frozenset[Scope]
     token_id: str = ""
     expires_at: int = 0  # unix seconds
+    device_class: str | None = None  # a gateway's class: it reads only what was made for it
+
+    def may_read_class(self, classes: list[str] | tuple[str, ...]) -> bool:
+        """Whether this principal may read a manifest made for ``classes`` (empty: all).
+        Readers may read anything; a gateway enrolled for a class only that class's."""
+        if Scope.READ in self.scopes or self.device_class is None or not classes:
+            return True
+        return self.device_class in classes
 
     def holds_any(self, accepted: frozenset[Scope]) -> bool:
         return not self.scopes.isdisjoint(accepted)

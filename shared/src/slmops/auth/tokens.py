@@ -61,13 +61,20 @@ class TokenIssuer:
     def from_file(cls, path: Path) -> TokenIssuer:
         return cls(OKPKey.import_key(json.loads(path.read_text())))
 
-    def mint(self, subject: str, scopes: frozenset[Scope], ttl_s: float) -> str:
+    def mint(
+        self, subject: str, scopes: frozenset[Scope], ttl_s: float,
+        device_class: str | None = None,
+    ) -> str:  # fmt: skip
+        """``device_class``: a gateway's class (claim ``cls``); its token reads only what was
+        made for that class."""
         now = int(time.time())
-        claims = {
+        claims: dict[str, Any] = {
             "iss": self.issuer, "aud": self.audience, "sub": subject,
             "iat": now, "nbf": now, "exp": now + int(ttl_s),
             "jti": secrets.token_hex(12), "scope": " ".join(sorted(scopes)),
         }  # fmt: skip
+        if device_class is not None:
+            claims["cls"] = device_class
         header = {"alg": ALGORITHM, "kid": self.key.kid, "typ": "JWT"}
         return jwt.encode(header, claims, self.key, algorithms=[ALGORITHM])
 
@@ -160,6 +167,7 @@ class TokenVerifier:
         return Principal(
             subject=str(claims["sub"]), scopes=scopes,
             token_id=str(claims.get("jti", "")), expires_at=int(claims["exp"]),
+            device_class=str(claims["cls"]) if claims.get("cls") else None,
         )  # fmt: skip
 
 

@@ -83,13 +83,16 @@ def token(
 @app.command("enroll")
 def enroll(
     gateway_id: Annotated[str, typer.Argument(help="The gateway's id.")],
+    device_class: Annotated[
+        str, typer.Option("--class", help="Its device class: it reads only that class's variants.")
+    ],
     ttl: Annotated[str, typer.Option(help="Lifetime: 30d, 365d.")] = "30d",
 ) -> None:
     """A gateway's own identity on the local stack: its token file, to hand to the device."""
     creds = local_credentials(CliSettings().var_dir)
     if not creds.issuer_key_file.exists():
         fail(f"no issuer key at {creds.issuer_key_file}: start the local stack (`slmops up`)")
-    path = creds.mint_gateway(gateway_id, parse_duration_s(ttl))
+    path = creds.mint_gateway(gateway_id, parse_duration_s(ttl), device_class)
     console_out.print(f"gateway:{gateway_id} -> {path} (set SLMOPS_AUTH_TOKEN_FILE to it on the "
                       f"device; verification keys: {creds.keys_file})", markup=False)  # fmt: skip
 

@@ -75,7 +75,9 @@ async def start_chat_gateway(
         "SLMOPS_GATEWAY_INTRA_OP_THREADS": str(min(2, os.cpu_count() or 1)),
         "SLMOPS_GATEWAY_HEALTH_INTERVAL_S": "3",
         # Its own identity: a gateway token for this id, minted as enrolment would.
-        "SLMOPS_AUTH_TOKEN_FILE": str(local_credentials(var_dir).mint_gateway(gateway_id)),
+        "SLMOPS_AUTH_TOKEN_FILE": str(
+            local_credentials(var_dir).mint_gateway(gateway_id, device_class=host_class())
+        ),
         "SLMOPS_AUTH_KEYS_FILE": str(local_credentials(var_dir).keys_file),
     }
     log_path = var_dir / "logs" / f"{gateway_id}.log"
