@@ -6,11 +6,12 @@ its content never appears in a log or an error message.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Generator
 from pathlib import Path
 
 import httpx
+
+from slmops.auth.watched import WatchedFile
 
 
 class MissingTokenError(Exception):
@@ -20,23 +21,16 @@ class MissingTokenError(Exception):
 class BearerTokenFile(httpx.Auth):
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._lock = threading.Lock()
-        self._stamp: tuple[float, int] | None = None
-        self._token = ""
+        self._file = WatchedFile(path, str.strip)
 
     def token(self) -> str:
-        try:
-            stat = self.path.stat()
-        except OSError:
+        token = self._file.read()
+        if token is None:
             raise MissingTokenError(
                 f"no credentials at {self.path}: start the local stack (`slmops up`) or set "
                 "SLMOPS_AUTH_TOKEN_FILE to a token file"
-            ) from None
-        stamp = (stat.st_mtime, stat.st_size)
-        with self._lock:
-            if stamp != self._stamp:
-                self._token, self._stamp = self.path.read_text().strip(), stamp
-            return self._token
+            )
+        return token
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         request.headers["Authorization"] = f"Bearer {self.token()}"

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from joserfc.jwk import KeySet, OKPKey
 from joserfc.jwt import JWTClaimsRegistry
 
 from slmops.auth.principals import Principal, Scope
+from slmops.auth.watched import WatchedFile
 
 ALGORITHM = "Ed25519"
 ISSUER = "slmops"
@@ -79,27 +79,6 @@ class TokenIssuer:
         return jwt.encode(header, claims, self.key, algorithms=[ALGORITHM])
 
 
-class _WatchedJson:
-    """A JSON file parsed again only when its mtime or size changes (thread-safe)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-        self._stamp: tuple[float, int] | None = None
-        self._value: Any = None
-
-    def read(self, missing: Any) -> Any:
-        try:
-            stat = self.path.stat()
-        except OSError:
-            return missing
-        stamp = (stat.st_mtime, stat.st_size)
-        with self._lock:
-            if stamp != self._stamp:
-                self._value, self._stamp = json.loads(self.path.read_text()), stamp
-            return self._value
-
-
 def revocations_file_for(keys_file: Path) -> Path:
     return keys_file.with_name("revoked.json")
 
@@ -121,7 +100,8 @@ class TokenVerifier:
 
     def __init__(self, keys_file: Path, issuer: str = ISSUER, audience: str = AUDIENCE) -> None:
         self.keys_file = keys_file
-        self._revoked = _WatchedJson(revocations_file_for(keys_file))
+        self._keys = WatchedFile(keys_file, lambda text: KeySet.import_key_set(json.loads(text)))
+        self._revoked = WatchedFile(revocations_file_for(keys_file), json.loads)
         self._claims = JWTClaimsRegistry(
             leeway=_LEEWAY_S,
             iss={"essential": True, "value": issuer},
@@ -129,24 +109,15 @@ class TokenVerifier:
             sub={"essential": True},
             exp={"essential": True},
         )
-        self._lock = threading.Lock()
-        self._stamp: tuple[float, int] | None = None
-        self._keys: KeySet | None = None
 
     def _key_set(self) -> KeySet:
         try:
-            stat = self.keys_file.stat()
-        except OSError:
-            raise NoKeysError(f"no token verification keys at {self.keys_file}") from None
-        stamp = (stat.st_mtime, stat.st_size)
-        with self._lock:
-            if self._keys is None or stamp != self._stamp:
-                try:
-                    self._keys = KeySet.import_key_set(json.loads(self.keys_file.read_text()))
-                except (OSError, ValueError, JoseError) as exc:
-                    raise NoKeysError(f"unreadable key set {self.keys_file}: {exc}") from None
-                self._stamp = stamp
-            return self._keys
+            keys = self._keys.read()
+        except (OSError, ValueError, JoseError) as exc:
+            raise NoKeysError(f"unreadable key set {self.keys_file}: {exc}") from None
+        if keys is None:
+            raise NoKeysError(f"no token verification keys at {self.keys_file}")
+        return keys
 
     def verify(self, token: str) -> Principal:
         keys = self._key_set()
@@ -157,7 +128,8 @@ class TokenVerifier:
             raise TokenError(f"invalid token: {_reason(exc)}") from None
         claims = decoded.claims
         try:
-            revoked_at = self._revoked.read({}).get("subjects", {}).get(str(claims["sub"]))
+            revoked = self._revoked.read() or {}
+            revoked_at = revoked.get("subjects", {}).get(str(claims["sub"]))
         except (OSError, ValueError) as exc:  # fail closed: an unreadable list trusts nobody
             raise TokenError(f"cannot read the revocation list: {exc}") from None
         if revoked_at is not None and int(claims.get("iat", 0)) <= float(revoked_at):
