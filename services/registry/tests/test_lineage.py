@@ -7,6 +7,7 @@ import hashlib
 from typing import Any
 
 import httpx
+import nats.js.errors
 import pytest
 
 from slmops.bus import LINEAGE_KV, Bus
@@ -131,6 +132,28 @@ async def test_lineage_follows_the_events_and_a_replay_rebuilds_it_identically(
     assert live["gateways"]["gw-2"] == {**live["gateways"]["gw-2"], "state": "failed",
                                         "reason": "smoke test failed"}  # fmt: skip
     assert live["published"]["artifact"]["digest"] == digest
+
+
+async def test_a_rebuild_swaps_into_the_live_index_without_wiping_it(
+    registry: RegistryUnderTest, bus: Bus
+) -> None:
+    digest = (await registry.upload(gguf_bytes())).json()["digest"]
+    await registry.publish(digest)
+    live = await lineage_when(registry.client, lambda lineage: lineage["published"] is not None)
+    index = await bus.js.key_value(LINEAGE_KV.bucket)
+    await index.put("model.ghost.1-0-0", b'{"stale": true}')  # nothing in the log made it
+    created = (await bus.js.stream_info(LINEAGE_KV.stream)).created
+
+    rebuilt = await registry.client.post("/v1/admin/lineage/rebuild")
+
+    assert rebuilt.status_code == 200
+    assert (await bus.js.stream_info(LINEAGE_KV.stream)).created == created  # never wiped
+    with pytest.raises(nats.js.errors.KeyNotFoundError):
+        await index.get("model.ghost.1-0-0")
+    with pytest.raises(nats.js.errors.NotFoundError):  # the aside bucket is gone
+        await bus.js.stream_info(f"KV_{LINEAGE_KV.bucket}-next")
+    after = (await registry.client.get(f"/v1/models/{NAME}/{VERSION}/lineage")).json()
+    assert after == live
 
 
 async def test_wiped_index_is_empty_until_replayed(registry: RegistryUnderTest, bus: Bus) -> None:

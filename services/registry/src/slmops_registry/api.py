@@ -300,7 +300,9 @@ async def garbage_collect(
     return report.to_api()
 
 
-@router.post("/admin/lineage/rebuild", summary="Wipe the lineage index and replay the streams")
+@router.post(
+    "/admin/lineage/rebuild", summary="Rebuild the lineage index aside from the streams, swap it in"
+)
 async def rebuild_lineage(request: Request, _: Admin) -> dict[str, Any]:
     try:
         counts = await request.app.state.registry.rebuild_lineage()

@@ -12,8 +12,9 @@ from slmops.bus import LINEAGE_KV, VARIANTS_KV
 from slmops.objectstore import ObjectStore
 from slmops.service import ServiceRuntime
 from slmops_registry.catalog import BUCKET, VersionCatalog
-from slmops_registry.projection import LineageStore, rebuild
+from slmops_registry.projection import LineageStore
 from slmops_registry.publishing import Publisher
+from slmops_registry.rebuild import rebuild
 from slmops_registry.retention import GcReport, collect_garbage
 from slmops_registry.settings import RegistrySettings
 from slmops_registry.signing import RegistrySigner
@@ -82,12 +83,11 @@ class RegistryContext:
 
     async def rebuild_lineage(self) -> dict[str, int]:
         bus = self.runtime.bus if self.runtime else None
-        if bus is None:
+        live = await self.lineage()
+        if bus is None or live is None:
             raise RuntimeError("not connected")
         async with self._exclusive("a lineage rebuild"):
-            counts = await rebuild(bus)
-            self._lineage = None  # the bucket was recreated: take a fresh handle
-        return counts
+            return await rebuild(bus, live)
 
     async def collect_garbage(
         self, *, min_age_s: float, dry_run: bool, now: datetime | None = None

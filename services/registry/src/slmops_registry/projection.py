@@ -10,7 +10,6 @@ parallel handlers never lose each other's changes.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from collections.abc import Callable
@@ -18,11 +17,9 @@ from typing import Any, TypeVar
 
 import nats.errors
 import nats.js.errors
-from nats.js.api import DeliverPolicy
 from nats.js.kv import KeyValue
 from pydantic import BaseModel
 
-from slmops.bus import FLEET, LINEAGE_KV, PIPELINE, ROLLOUT, Bus
 from slmops.bus.kvstate import values_matching
 from slmops.events import (
     ChannelMoved,
@@ -42,9 +39,7 @@ from slmops.events import (
     TransientError,
     ValidationFailed,
     ValidationPassed,
-    decode_event,
 )
-from slmops.events.errors import EventDecodeError
 from slmops_registry.catalog import token
 from slmops_registry.channels import CANARY, STABLE, ChannelBook, Move
 from slmops_registry.lineage import GatewayState, Lineage, apply_event, gateway_state
@@ -249,41 +244,3 @@ async def _move_after_rollout(
         variant = lineage.variants[data.to_variant_id]
         move = _move(event, CANARY, version, variant.variant_id, f"rolled back: {data.reason}")
         await store.move_channels(name, variant.device_class, [move])
-
-
-async def rebuild(bus: Bus) -> dict[str, int]:
-    """Wipe the index and replay every stream the registry projects, in stream order."""
-    with contextlib.suppress(nats.js.errors.NotFoundError):
-        await bus.js.delete_key_value(LINEAGE_KV.bucket)
-    store = LineageStore(await bus.declare_kv(LINEAGE_KV))
-    counts: dict[str, int] = {}
-    for stream in (PIPELINE, ROLLOUT, FLEET):  # model and variant ids are indexed first
-        counts[stream.name] = await _replay(bus, store, stream.name)
-    return counts
-
-
-async def _replay(bus: Bus, store: LineageStore, stream: str) -> int:
-    info = await bus.js.stream_info(stream)
-    last_seq, replayed = info.state.last_seq, 0
-    if info.state.messages == 0:
-        return 0
-    sub = await bus.js.subscribe(
-        ">", stream=stream, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
-    )
-    try:
-        while True:
-            msg = await sub.next_msg(timeout=10)
-            try:
-                event = decode_event(msg.data)
-            except EventDecodeError:
-                event = None  # poison is in the dead-letter stream already; not lineage
-            if event is not None and isinstance(event.data, PROJECTED):
-                await project(store, event)
-                replayed += 1
-            if msg.metadata.sequence.stream >= last_seq:
-                return replayed
-    except nats.errors.TimeoutError:
-        log.warning("replay of %s stopped early at a gap before seq %s", stream, last_seq)
-        return replayed
-    finally:
-        await sub.unsubscribe()

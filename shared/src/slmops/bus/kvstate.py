@@ -47,7 +47,12 @@ async def update_model(
 
 
 async def values_matching(kv: KeyValue, pattern: str) -> list[bytes]:
-    """The current values of every key matching a subject ``pattern`` (deleted keys left out).
+    """The current values of every key matching a subject ``pattern`` (deleted keys left out)."""
+    return list((await entries_matching(kv, pattern)).values())
+
+
+async def entries_matching(kv: KeyValue, pattern: str) -> dict[str, bytes]:
+    """Key -> current value of every key matching a subject ``pattern`` (deleted keys left out).
 
     Not ``kv.watch``/``kv.keys``: nats-py decides a watch has caught up from the consumer's
     pending count, which already reads 0 while the last value is still on its way to the
@@ -67,14 +72,14 @@ async def values_matching(kv: KeyValue, pattern: str) -> list[bytes]:
     )  # fmt: skip
     try:
         pending = (await sub.consumer_info()).num_pending or 0
-        values: list[bytes] = []
+        entries: dict[str, bytes] = {}
         seen = 0
         while seen < pending:
             for msg in await sub.fetch(min(pending - seen, 256), timeout=5.0):
                 seen += 1
                 operation = (msg.headers or {}).get("KV-Operation")
                 if operation not in ("DEL", "PURGE"):
-                    values.append(msg.data)
-        return values
+                    entries[msg.subject.removeprefix(kv._pre)] = msg.data
+        return entries
     finally:
         await sub.unsubscribe()
