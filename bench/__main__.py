@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import asyncio
 
-from bench import bus_throughput, e2e, fleet, generation, optimizer, registry_throughput, validator
+from bench import (
+    bus_throughput,
+    e2e,
+    fleet,
+    generation,
+    optimizer,
+    registry_throughput,
+    validator,
+    verification,
+)
 
 
 def main() -> None:
@@ -13,6 +22,7 @@ def main() -> None:
     generation.main()
     optimizer.main()
     validator.main()
+    verification.main()
     fleet.main()
     e2e.main()
 

@@ -24,6 +24,8 @@ import psutil
 import pytest
 from botocore.config import Config
 
+from slmops.auth.bususers import local_bus_users
+from slmops.bus.credentials import NatsCredentials
 from slmops.settings import PlatformSettings
 from slmops.stack import (
     ComponentFailedError,
@@ -125,7 +127,15 @@ def _s3(env: dict[str, str]) -> Any:
 async def _jetstream(env: dict[str, str], create: bool) -> list[str]:
     import nats
 
-    client = await nats.connect(f"nats://127.0.0.1:{env['SLMOPS_STACK_NATS_PORT']}")
+    # As the admin: the stack's NATS refuses anonymous clients, and only the admin may
+    # create streams.
+    admin = NatsCredentials.from_seed_file(
+        local_bus_users(Path(env["SLMOPS_VAR_DIR"])).seed_file("admin")
+    )
+    client = await nats.connect(
+        f"nats://127.0.0.1:{env['SLMOPS_STACK_NATS_PORT']}",
+        nkeys_seed_str=admin.nkey_seed, inbox_prefix=admin.inbox_prefix,
+    )  # fmt: skip
     try:
         js = client.jetstream()
         if create:

@@ -24,6 +24,7 @@ from packaging.requirements import Requirement
 from pydantic import ValidationError
 
 from slmops import __version__
+from slmops.auth.bususers import ensure_local_bus_users
 from slmops.events import GatewayAssignment, GatewayReport
 from slmops.profiles import load_profiles
 from slmops.settings import AuthSettings, ConsumerSettings, PlatformSettings, ServiceSettings
@@ -313,7 +314,12 @@ def test_edge_leaf_node_reaches_the_hub(tmp_path: Path) -> None:
     hub_domain = re.search(r"jetstream \{[^}]*domain: (\S+)", HUB_CONF)
     services = {p["name"]: p["port"] for p in k8s("Service", "nats-leafnodes")["spec"]["ports"]}
     env = {"POD_NAME": "nats-0", "EDGE_SITE": "edge-test-1", "HUB_LEAF_URL": "nats-leaf://h:1"}
-    env |= {f"NATS_{k}_PASSWORD": "pw" for k in ("SLMOPS", "SYS", "EDGE", "GATEWAY")}
+    env |= {f"NATS_{k}_PASSWORD": "pw" for k in ("SYS", "EDGE_BERLIN_1")}
+    # Both include the NATS users `slmops auth init` / `enroll` write (public keys only).
+    users = ensure_local_bus_users(tmp_path / "var", ("edge-gw-1",))
+    for where in (tmp_path / "users.conf", tmp_path / "users" / "users.conf"):
+        where.parent.mkdir(exist_ok=True)
+        where.write_text(users.users_conf_file.read_text())
 
     assert leaf_port
     assert hub_domain
@@ -323,6 +329,7 @@ def test_edge_leaf_node_reaches_the_hub(tmp_path: Path) -> None:
     assert re.search(rf"default_js_domain: \{{ SLMOPS: {hub_domain[1]} \}}", LEAF_CONF)
     assert GatewayAssignment.event_type in LEAF_CONF
     assert GatewayReport.event_type in LEAF_CONF
+    assert "no_auth_user" not in HUB_CONF + LEAF_CONF  # no anonymous client anywhere
     for name, text in (("hub.conf", HUB_CONF), ("leaf.conf", LEAF_CONF)):  # the real parser
         (tmp_path / name).write_text(text)
         check = [str(nats_server_binary()), "-t", "-c", str(tmp_path / name)]

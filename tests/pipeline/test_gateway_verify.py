@@ -19,11 +19,17 @@ from slmops.objectstore import blob_key
 from slmops.service.registry_api import RegistryClient
 from slmops.settings import PlatformSettings
 from slmops.testing.s3 import raw_s3_client
+from slmops.trust import KeyRole, TrustedKey, TrustedKeys
 from slmops_gateway.download import download
 from slmops_gateway.verify import Refused, check_version, vouch
 from slmops_registry.signing import RegistrySigner
 
 pytestmark = [pytest.mark.integration]
+
+
+def _trusting(public_key_pem: str) -> TrustedKeys:
+    """What a trust root vouching for ``public_key_pem`` as the manifest key yields."""
+    return TrustedKeys({KeyRole.MANIFESTS: (TrustedKey.of(public_key_pem),)})
 
 
 def _registry(pipeline: Any) -> RegistryClient:
@@ -37,10 +43,10 @@ async def test_a_validated_variant_is_vouched_for_and_downloaded_resumed(
     data = tiny_onnx()
     desired = await pipeline.variant(data)
     registry = _registry(pipeline)
-    key = await registry.public_key_pem()
+    key = _trusting(await registry.public_key_pem())
 
     # execute: vouch, then a download that resumes after half the bytes
-    vouched = await vouch(desired, registry=registry, public_key=key, device_class="test-cpu")
+    vouched = await vouch(desired, registry=registry, keys=key, device_class="test-cpu")
     hex_digest = desired.artifact.digest.removeprefix("sha256:")
     (tmp_path / f"{hex_digest}.partial").write_bytes(data[: len(data) // 2])
     fetched: list[int] = []
@@ -82,21 +88,26 @@ async def test_bad_signature_other_class_and_failed_validation_are_refused(
 ) -> None:
     desired = await pipeline.variant(tiny_onnx())
     registry = _registry(pipeline)
-    key = await registry.public_key_pem()
+    key = _trusting(await registry.public_key_pem())
     rogue = (
         Ed25519PrivateKey.generate()
         .public_key()
         .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
 
+    with pytest.raises(Refused, match="trust root does not vouch for"):
+        await vouch(desired, registry=registry, keys=_trusting(rogue.decode()),
+                    device_class="test-cpu")  # fmt: skip
+    real = key.current(KeyRole.MANIFESTS)  # the registry's key id, with another key's bytes
+    substituted = TrustedKeys({KeyRole.MANIFESTS: (TrustedKey(real.key_id, rogue.decode()),)})
     with pytest.raises(Refused, match="signature does not verify"):
-        await vouch(desired, registry=registry, public_key=rogue, device_class="test-cpu")
+        await vouch(desired, registry=registry, keys=substituted, device_class="test-cpu")
     with pytest.raises(Refused, match="built for test-cpu, this gateway is test-npu"):
-        await vouch(desired, registry=registry, public_key=key, device_class="test-npu")
+        await vouch(desired, registry=registry, keys=key, device_class="test-npu")
 
     failed = await pipeline.variant(tiny_onnx(hidden=32), verdict="failed", version="2.0.0")
     with pytest.raises(Refused, match=r"failed validation for test-cpu: parity.cosine_mean"):
-        await vouch(failed, registry=registry, public_key=key, device_class="test-cpu")
+        await vouch(failed, registry=registry, keys=key, device_class="test-cpu")
 
 
 def test_a_downgrade_needs_a_rollback() -> None:
@@ -136,7 +147,7 @@ async def test_a_report_about_other_bytes_is_refused(
     # setup: a validated variant; a signer the gateway trusts in this test
     desired = await pipeline.variant(tiny_onnx())
     signer = RegistrySigner(Ed25519PrivateKey.generate())
-    key = signer.public_key_pem()
+    key = _trusting(signer.public_key_pem())
     signed_variant = sign_manifest(
         SignedManifest.model_validate(await _registry(pipeline).manifest(desired.manifest_digest))
         .manifest, signer,
@@ -145,10 +156,10 @@ async def test_a_report_about_other_bytes_is_refused(
 
     # execute / assert: the same report signed honestly passes; about other bytes it is refused
     honest = _ReportAbout(pipeline, signer, (signed_variant.digest, desired.artifact.digest))
-    vouched = await vouch(desired, registry=honest, public_key=key, device_class="test-cpu")
+    vouched = await vouch(desired, registry=honest, keys=key, device_class="test-cpu")
     assert vouched.manifest_digest == signed_variant.digest
     for judged in ((signed_variant.digest, other.artifact.digest),
                    (other.manifest_digest, desired.artifact.digest)):  # fmt: skip
         swapped = _ReportAbout(pipeline, signer, judged)
         with pytest.raises(Refused, match="judged manifest"):
-            await vouch(desired, registry=swapped, public_key=key, device_class="test-cpu")
+            await vouch(desired, registry=swapped, keys=key, device_class="test-cpu")

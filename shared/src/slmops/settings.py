@@ -59,6 +59,18 @@ class PlatformSettings(BaseSettings):
     nats_url: str = Field(
         "nats://127.0.0.1:4222", description="NATS server URL(s), comma separated for a cluster."
     )
+    nats_nkey_file: Path | None = Field(
+        None,
+        description="File holding this process's NATS user nkey seed (unset: the local "
+        "stack's <var_dir>/auth/nats/<name>.nk if `slmops up` made one, else no credentials).",
+    )
+    nats_tls_ca_file: Path | None = Field(
+        None, description="CA bundle that verifies the NATS server's TLS certificate."
+    )
+    nats_tls_cert_file: Path | None = Field(
+        None, description="Client certificate for NATS TLS (mutual TLS), PEM."
+    )
+    nats_tls_key_file: Path | None = Field(None, description="Key of the client certificate.")
     nats_connect_timeout_s: float = Field(
         2.0, gt=0, description="Timeout of one connection attempt to NATS, in seconds."
     )

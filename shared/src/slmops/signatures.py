@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -38,6 +39,12 @@ def load_public_key(key: PublicKeyLike) -> Ed25519PublicKey:
     if isinstance(key, Ed25519PublicKey):
         return key
     data = key.encode("ascii", errors="replace") if isinstance(key, str) else key
+    return _load_public_key(data)
+
+
+@functools.lru_cache(maxsize=256)
+def _load_public_key(data: bytes) -> Ed25519PublicKey:
+    """Parsing PEM costs more than the signature check: a verifier sees few keys, many times."""
     try:
         if len(data) == _RAW_PUBLIC_KEY_BYTES and not data.startswith(b"-----"):
             return Ed25519PublicKey.from_public_bytes(data)

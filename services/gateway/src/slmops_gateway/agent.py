@@ -20,11 +20,14 @@ import httpx
 import nats.js.errors
 
 from slmops import hostinfo
+from slmops.assignments import StatementRefused, check_statement
 from slmops.events import CloudEvent, GatewayAssignment, GatewayReport, derive_event_id, new_event
 from slmops.events.payloads import DesiredModel
 from slmops.rollbacks import RollbackRefused, check_rollback
 from slmops.service import Check
 from slmops.service.registry_api import RegistryClient
+from slmops.trust import KeyRole, TrustedKey, TrustedKeys
+from slmops.trust.client import TrustClient, TrustError
 from slmops_gateway.delta import fetch_by_chunks
 from slmops_gateway.download import download
 from slmops_gateway.health import HealthWindow
@@ -56,7 +59,11 @@ class Agent:
     health: HealthWindow = field(default_factory=HealthWindow)
     generation: int = -1  # the newest assignment handled
     last_fetch_bytes: int = 0  # what the newest install downloaded
-    public_key: str | None = None
+    # The pinned trust root's keys (None: the local stack without one, where the registry's
+    # key is taken on first use and a warning says so; settings refuse that elsewhere).
+    trust: TrustClient | None = None
+    generation_file: Path | None = None  # where the newest generation is kept (None: memory)
+    _first_use_keys: TrustedKeys | None = None
     shadowing: bool = False  # sampled requests also run on the previous model
     publish: Publish | None = None  # sends a report at once (acknowledgements)
     installer: Installer | None = None  # None: fetch, load and smoke-test (a simulator swaps it)
@@ -93,11 +100,18 @@ class Agent:
             return None  # not ours (never delivered here; a bad producer would be ignored)
         async with self._lock:
             if assignment.generation < self.generation:
-                return None  # an older assignment arriving late
-            self.generation = assignment.generation
+                return None  # an older assignment arriving late, or replayed
             desired = assignment.desired
             common = {"rollout_id": assignment.rollout_id, "variant_id": desired.variant_id,
                       "generation": assignment.generation}  # fmt: skip
+            try:
+                # Before its generation counts: a forged statement must not make the gateway
+                # ignore the real ones that follow.
+                await self._check_statement(assignment)
+            except Refused as exc:
+                log.warning("refused assignment %s: %s", assignment.generation, exc)
+                return self.report("failed", reason=str(exc), **common)
+            self._remember_generation(assignment.generation)
             if self.publish is not None:  # received: the rollout knows at once, the outcome follows
                 await self.publish(self.report("acknowledged", **common))
             try:
@@ -107,6 +121,33 @@ class Agent:
                 log.warning("refused %s: %s", desired.variant_id, exc)
                 return self.report("failed", reason=str(exc), **common)
             return self.report("applied", **common)
+
+    async def _check_statement(self, assignment: GatewayAssignment) -> None:
+        """With a trust root that names assignment keys, only a statement signed by one, for
+        this gateway and not expired, is acted on."""
+        keys = await self.trusted_keys()
+        if not keys.roles.get(KeyRole.ASSIGNMENTS):
+            return  # the local stack without a pinned root: nothing to check against
+        try:
+            check_statement(assignment, keys, self.settings.gateway_id)
+        except StatementRefused as exc:
+            raise Refused(str(exc)) from None
+
+    def _remember_generation(self, generation: int) -> None:
+        """The newest generation acted on, kept across restarts (replays stay refused)."""
+        if generation == self.generation:
+            return
+        self.generation = generation
+        if self.generation_file is not None:
+            self.generation_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.generation_file.with_name(f".{self.generation_file.name}.tmp")
+            tmp.write_text(str(generation))
+            tmp.replace(self.generation_file)
+
+    def remembered_generation(self) -> int:
+        if self.generation_file is None or not self.generation_file.exists():
+            return -1
+        return int(self.generation_file.read_text().strip() or -1)
 
     def _serving(self, assignment: GatewayAssignment) -> bool:
         active = self.slots.active
@@ -118,23 +159,16 @@ class Agent:
 
     async def _install(self, assignment: GatewayAssignment) -> None:
         desired = assignment.desired
-        if self.public_key is None:
-            self.public_key = await self.registry.public_key_pem()
+        keys = await self.trusted_keys()
         active = self.slots.active
         running = (active.signed_version or active.version) if active else None
         if assignment.rollback:
-            try:
-                check_rollback(
-                    desired.model_name, desired.manifest_digest, assignment.rollout_id,
-                    assignment.signature, assignment.signature_expires_at, self.public_key,
-                )  # fmt: skip
-            except RollbackRefused as exc:
-                raise Refused(str(exc)) from None
+            self._check_rollback(assignment, keys)
         signed_rollback = assignment.rollback
         key = (desired.manifest_digest, desired.variant_id, self.settings.device_class)
         vouched = self.vouched.get(key) if self.vouched is not None else None
         if vouched is None:
-            vouched = await vouch(desired, registry=self.registry, public_key=self.public_key,
+            vouched = await vouch(desired, registry=self.registry, keys=keys,
                                   device_class=self.settings.device_class)  # fmt: skip
             if self.vouched is not None:
                 self.vouched[key] = vouched
@@ -150,6 +184,35 @@ class Agent:
         self.shadowing = assignment.rollout_id is not None and not assignment.rollback
         self.health.take()  # a new window: the next health report is about this model only
         log.info("now serving %s (%s)", desired.variant_id, desired.version)
+
+    async def trusted_keys(self) -> TrustedKeys:
+        """The manifest keys the pinned trust root vouches for now."""
+        if self.trust is not None:
+            try:
+                return await self.trust.keys()
+            except TrustError as exc:
+                raise Refused(str(exc)) from None
+        if self._first_use_keys is None:
+            log.warning("no pinned trust root: trusting the registry's key on first use "
+                        "(SLMOPS_ENV=local only; set SLMOPS_GATEWAY_TRUST_ROOT_FILE)")  # fmt: skip
+            pem = await self.registry.public_key_pem()
+            self._first_use_keys = TrustedKeys({KeyRole.MANIFESTS: (TrustedKey.of(pem),)})
+        return self._first_use_keys
+
+    @staticmethod
+    def _check_rollback(assignment: GatewayAssignment, keys: TrustedKeys) -> None:
+        """A rollback proves itself with a statement signed by a trusted manifest key."""
+        desired, reason = assignment.desired, "no trusted manifest key"
+        for public_key in keys.valid(KeyRole.MANIFESTS):
+            try:
+                check_rollback(
+                    desired.model_name, desired.manifest_digest, assignment.rollout_id,
+                    assignment.signature, assignment.signature_expires_at, public_key,
+                )  # fmt: skip
+                return
+            except RollbackRefused as exc:
+                reason = str(exc)
+        raise Refused(reason)
 
     async def fetch_load_and_smoke_test(
         self, desired: DesiredModel, vouched: Vouched, options: SessionOptions

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from slmops.events import GatewayReport
 from slmops.service import BackgroundTask, Check, ServiceRuntime, create_service_app, serve
 from slmops.service.registry_api import RegistryClient
+from slmops.trust.client import TrustClient
 from slmops_gateway.agent import DESIRED_BUCKET, Agent, report_event
 from slmops_gateway.api import router
 from slmops_gateway.handlers import build_handlers
@@ -65,10 +66,17 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     registry = RegistryClient.with_identity(
         settings.registry_url, settings.platform, f"gateway-{settings.gateway_id}"
     )
-    agent = Agent(settings, registry)
+    agent = Agent(settings, registry, generation_file=settings.model_dir / "generation")
+    agent.generation = agent.remembered_generation()
+    if settings.trust_root_file is not None:
+        agent.trust = TrustClient(
+            settings.trust_root_file, settings.model_dir / "trust", settings.registry_url,
+            auth=registry.auth, refresh_interval_s=settings.trust_refresh_s,
+        )  # fmt: skip
     runtime = ServiceRuntime(
         "gateway", settings, build_handlers(agent), uses_object_store=False,
-        consumer_name=f"gateway-{settings.gateway_id}",
+        consumer_name=f"gateway-{settings.gateway_id}", identity=f"gateway-{settings.gateway_id}",
+        buckets=(DESIRED_BUCKET,),
     )  # fmt: skip
     runtime.add_dependency("agent", AgentLoop(agent, runtime))
     pool = GenerationPool(settings.max_concurrent_generations, settings.queue_timeout_s)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from slmops.settings import ServiceSettings
@@ -65,6 +65,25 @@ class GatewaySettings(ServiceSettings):
     health_interval_s: float = Field(
         30.0, gt=0, description="How often it reports health aggregates, in seconds."
     )
+    trust_root_file: Path | None = Field(
+        None,
+        description="The pinned TUF root.json it was enrolled with: the only source of the keys "
+        "it believes (unset: none; allowed with SLMOPS_ENV=local only, where the registry's key "
+        "is then taken on first use).",
+    )
+    trust_refresh_s: float = Field(
+        60.0, gt=0, description="How often the trust root's keys are refreshed, in seconds."
+    )
+
+    @model_validator(mode="after")
+    def _require_trust_root(self) -> GatewaySettings:
+        if self.trust_root_file is None and self.platform.env != "local":
+            raise ValueError(
+                f"SLMOPS_GATEWAY_TRUST_ROOT_FILE is unset but SLMOPS_ENV={self.platform.env!r}: "
+                "a gateway believes only keys its pinned trust root vouches for (give it the "
+                "root.json of `slmops auth enroll`)"
+            )
+        return self
 
     @property
     def model_dir(self) -> Path:

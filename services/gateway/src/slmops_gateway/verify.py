@@ -1,7 +1,8 @@
 """Everything a gateway checks before it lets a model near its inference slot.
 
-1. The variant's manifest is signed by the registry (Ed25519, the registry's public key), names
-   the assignment's artifact and targets this gateway's device class.
+1. The variant's manifest is signed by the registry with a key the pinned trust root vouches for
+   (``slmops.trust``: TUF, keys.json), names the assignment's artifact and targets this
+   gateway's device class.
 2. The variant has a signed validation report that passed, for this gateway's class, about
    exactly this variant manifest and these artifact bytes.
 3. The assignment's model is the signed manifest's, its version is not older than the signed
@@ -18,6 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from slmops.events import PermanentError
 from slmops.events.payloads import DesiredModel
 from slmops.manifests import (
     Manifest,
@@ -27,7 +29,7 @@ from slmops.manifests import (
     verify_manifest,
 )
 from slmops.service.registry_api import RegistryClient
-from slmops.signatures import PublicKeyLike
+from slmops.trust import KeyRole, TrustedKeys, UntrustedKeyError
 
 
 class Refused(Exception):
@@ -47,11 +49,15 @@ async def vouch(
     desired: DesiredModel,
     *,
     registry: RegistryClient,
-    public_key: PublicKeyLike,
+    keys: TrustedKeys,
     device_class: str,
 ) -> Vouched:
     """Checks 1 and 2: the signed manifest and the signed, passed report for this class."""
-    variant = _verified(await registry.manifest(desired.manifest_digest), public_key, "manifest")
+    try:
+        raw = await registry.manifest(desired.manifest_digest)
+    except PermanentError as exc:  # e.g. no such manifest: the assignment names nothing real
+        raise Refused(str(exc)) from None
+    variant = _verified(raw, keys, "manifest")
     manifest = variant.manifest
     if variant.digest != desired.manifest_digest:
         raise Refused(
@@ -70,7 +76,7 @@ async def vouch(
     body = await registry.variant_report(desired.variant_id)
     if body is None:
         raise Refused(f"variant {desired.variant_id} has no validation report")
-    report = _verified(body["manifest"], public_key, "validation report")
+    report = _verified(body["manifest"], keys, "validation report")
     labels = report.manifest.labels
     if labels.get("variant_id") != desired.variant_id:
         raise Refused(f"the report {report.digest} is about {labels.get('variant_id')}")
@@ -130,10 +136,15 @@ def version_key(version: str) -> tuple[Any, ...]:
         return (0, tuple(int(p) if p.isdigit() else p for p in parts))
 
 
-def _verified(raw: dict[str, Any], public_key: PublicKeyLike, what: str) -> SignedManifest:
+def _verified(raw: dict[str, Any], keys: TrustedKeys, what: str) -> SignedManifest:
     try:
         signed = SignedManifest.model_validate(raw)
+        public_key = keys.key(KeyRole.MANIFESTS, signed.signature.key_id)
         verify_manifest(signed, public_key)
+    except UntrustedKeyError as exc:
+        raise Refused(
+            f"the {what} is signed by a key the trust root does not vouch for: {exc}"
+        ) from None
     except (ManifestFormatError, ValueError) as exc:
         raise Refused(f"the {what} is malformed: {str(exc)[:300]}") from None
     except ManifestSignatureError as exc:

@@ -6,7 +6,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from slmops.service import ServiceRuntime, create_service_app, serve
-from slmops_registry import variant_api
+from slmops_registry import trust_api, variant_api
 from slmops_registry.api import router
 from slmops_registry.context import RegistryContext
 from slmops_registry.errors import RegistryError
@@ -22,7 +22,9 @@ def create_app(settings: RegistrySettings | None = None) -> FastAPI:
         "registry", settings, build_handlers(context.publisher, context.lineage)
     )
     context.runtime = runtime
-    app = create_service_app(runtime, router, variant_api.router, title="slmops registry")
+    app = create_service_app(
+        runtime, router, variant_api.router, trust_api.router, title="slmops registry"
+    )
     app.state.registry = context
 
     @app.exception_handler(RegistryError)

@@ -51,6 +51,15 @@ class RegistrySettings(ServiceSettings):
         "in seconds (protects uploads whose version is being published); at least a day.",
     )
 
+    trust_dir: Path | None = Field(
+        None,
+        description="The trust root's TUF repository whose metadata/ and targets/ the registry "
+        "serves to gateways (unset: the local stack's <var_dir>/auth/tuf).",
+    )
+
+    def trust_root_dir(self) -> Path:
+        return self.trust_dir or self.platform.var_dir / "auth" / "tuf"
+
     @property
     def spool_dir(self) -> Path:
         """Where uploads are received before they are checked and stored."""

@@ -25,6 +25,7 @@ from slmops.signatures import (
     raw_public_key,
     verify,
 )
+from slmops.trust.local import LOCAL_MANIFEST_KEY_RELPATH
 from slmops_registry.settings import RegistrySettings
 
 __all__ = [
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 
 KEY_ENV = "SLMOPS_REGISTRY_SIGNING_KEY"
 KEY_FILE_ENV = "SLMOPS_REGISTRY_SIGNING_KEY_FILE"
-LOCAL_KEY_RELPATH = Path("registry") / "signing-key.pem"
+LOCAL_KEY_RELPATH = LOCAL_MANIFEST_KEY_RELPATH  # `slmops up` creates it first (trust root)
 
 
 class RegistrySigner:

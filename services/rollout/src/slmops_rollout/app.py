@@ -56,6 +56,7 @@ class Ticker(BackgroundTask):
 
 def create_app(settings: RolloutSettings | None = None) -> FastAPI:
     settings = settings or RolloutSettings()
+    signer = settings.assignment_signer()  # fails fast without a key outside local
     runtime: ServiceRuntime | None = None
     engine: Engine | None = None
 
@@ -71,7 +72,8 @@ def create_app(settings: RolloutSettings | None = None) -> FastAPI:
                 rollouts, desired, gateways = [await runtime.key_value(b) for b in _BUCKETS]
                 if rollouts is None or desired is None or gateways is None:
                     return None  # not declared yet
-                engine = Engine(runtime.bus, rollouts, desired, gateways, app.state.registry)
+                engine = Engine(runtime.bus, rollouts, desired, gateways, app.state.registry,
+                                signer)  # fmt: skip
         return engine
 
     runtime = ServiceRuntime(

@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 import nats.js.errors
 from nats.js.kv import KeyValue
 
+from slmops.assignments import AssignmentSigner
 from slmops.bus import Bus
 from slmops.events import (
     GatewayAssignment,
@@ -57,9 +59,12 @@ def rollout_id_for(release_id: str, selector: dict[str, str]) -> str:
 class Engine:
     def __init__(
         self, bus: Bus, rollouts: KeyValue, desired: KeyValue, gateways: KeyValue,
-        registry: RegistryClient,
+        registry: RegistryClient, signer: AssignmentSigner | None = None,
     ) -> None:  # fmt: skip
+        """``signer`` signs every assignment's statement (None: unsigned, for tests of the
+        engine alone; gateways with a trust root refuse them)."""
         self.bus, self.rollouts, self.desired = bus, rollouts, desired
+        self.signer = signer
         self.gateways = Fleet(gateways)
         self.registry = registry
         self.store = RolloutStore(rollouts)
@@ -235,6 +240,8 @@ class Engine:
         the rollout's release)."""
         if not assignments:
             return
+        if self.signer is not None:
+            assignments = [self.signer.sign(a) for a in assignments]
         with self.journey(
             assignments[0].rollout_id or "", f"deliver {len(assignments)} assignments"
         ):
@@ -281,6 +288,7 @@ class Engine:
         completed rollout for its class and labels installs (its waves are long gone, or it
         has nothing to regress from) - unless the newest is waiting for gateways: the ticker
         plans that one with it in its waves. One with a desired state reconciles itself."""
+        await self.renew_statement(record_.gateway_id)
         if record_.running_variant_id is not None:
             return
         await self._load()
@@ -303,6 +311,22 @@ class Engine:
             gateway_id=record_.gateway_id, generation=await self.next_generation(),
             rollout_id=newest.rollout_id, desired=newest.desired[record_.device_class],
         )])  # fmt: skip
+
+    async def renew_statement(self, gateway_id: str) -> None:
+        """A gateway back after a long time finds its desired state's statement signed again
+        (same generation, a new expiry) once half its lifetime has passed."""
+        if self.signer is None:
+            return
+        try:
+            entry = await self.desired.get(gateway_id)
+        except nats.js.errors.KeyNotFoundError:
+            return
+        current = GatewayAssignment.model_validate_json(entry.value or b"{}")
+        left_s = (current.statement_expires_at or 0) - time.time()
+        if left_s > self.signer.ttl_s / 2:
+            return
+        log.info("signing the desired state of %s again (%.0f s left)", gateway_id, left_s)
+        await self.deliver([current])
 
     async def announce(self, payload: Any, what: str) -> None:
         rollout_id = payload.rollout_id

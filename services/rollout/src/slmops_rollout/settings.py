@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from slmops.assignments import AssignmentSigner
+from slmops.secretfiles import ensure_ed25519_key
 from slmops.settings import ConsumerSettings, ServiceSettings
+from slmops.trust.local import LOCAL_ASSIGNMENT_KEY_RELPATH
 
 
 def _consumer() -> ConsumerSettings:
@@ -33,3 +38,28 @@ class RolloutSettings(ServiceSettings):
         "http://127.0.0.1:8101", description="Registry HTTP API that signs rollbacks."
     )
     tick_s: float = Field(1.0, gt=0, description="How often running rollouts are moved on, in s.")
+    assignment_key_file: Path | None = Field(
+        None,
+        description="Ed25519 private key (PKCS8 PEM) that signs assignment statements, the trust "
+        "root's `assignments` role (unset: with SLMOPS_ENV=local, <var_dir>/rollout/"
+        "assignment-key.pem, made by `slmops up`; elsewhere startup fails).",
+    )
+    assignment_ttl_s: float = Field(
+        30 * 86_400, gt=0,
+        description="How long a signed assignment statement holds, in seconds.",
+    )  # fmt: skip
+
+    def assignment_signer(self) -> AssignmentSigner:
+        """The statement signer: the configured key, or the local stack's."""
+        path = self.assignment_key_file
+        if path is None:
+            if self.platform.env != "local":
+                raise ValueError(
+                    f"SLMOPS_ROLLOUT_ASSIGNMENT_KEY_FILE is unset but SLMOPS_ENV="
+                    f"{self.platform.env!r}: gateways accept only signed assignments"
+                )
+            return AssignmentSigner(
+                ensure_ed25519_key(self.platform.var_dir / LOCAL_ASSIGNMENT_KEY_RELPATH),
+                self.assignment_ttl_s,
+            )
+        return AssignmentSigner.from_file(path, self.assignment_ttl_s)

@@ -10,12 +10,14 @@ for a scraper, ``gateway-<id>.jwt`` per enrolled gateway. Tokens are minted agai
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from slmops.auth.bususers import ensure_local_bus_users
 from slmops.auth.principals import SERVICES, Scope, scopes_of_role
 from slmops.auth.tokens import TokenIssuer, generate_signing_key, public_jwk
+from slmops.secretfiles import write_private
+from slmops.trust.local import ensure_local_trust
 
 LOCAL_TOKEN_TTL_S = 30 * 24 * 3600.0
 #: The id of the gateway `slmops up` runs beside the services.
@@ -49,7 +51,7 @@ class LocalCredentials:
     ) -> Path:  # fmt: skip
         """Mint a token for ``subject`` into ``tokens/<name>.jwt`` (mode 0600)."""
         token = self.issuer().mint(subject, scopes, ttl_s, device_class)
-        return _write_private(self.token_file(name), token)
+        return write_private(self.token_file(name), token)
 
     def mint_gateway(
         self, gateway_id: str, ttl_s: float = LOCAL_TOKEN_TTL_S, device_class: str | None = None
@@ -68,10 +70,10 @@ def ensure_local_credentials(var_dir: Path) -> LocalCredentials:
     creds = local_credentials(var_dir)
     if not creds.issuer_key_file.exists():
         key = generate_signing_key()
-        _write_private(creds.issuer_key_file, json.dumps(key.as_dict(private=True)))
+        write_private(creds.issuer_key_file, json.dumps(key.as_dict(private=True)))
         keys = _read_key_set(creds.keys_file)
         keys.append(public_jwk(key))
-        _write_private(creds.keys_file, json.dumps({"keys": keys}, indent=1), mode=0o644)
+        write_private(creds.keys_file, json.dumps({"keys": keys}, indent=1), mode=0o644)
     creds.mint("admin", "user:admin", scopes_of_role("admin"))
     creds.mint("metrics", "scraper:metrics", scopes_of_role("metrics"))
     creds.mint("simulator", "simulator:fleet", scopes_of_role("gateway"))
@@ -79,6 +81,8 @@ def ensure_local_credentials(var_dir: Path) -> LocalCredentials:
         role = f"service:{service}"
         creds.mint(f"service-{service}", role, scopes_of_role(role))
     creds.mint_gateway(LOCAL_GATEWAY_ID)
+    ensure_local_bus_users(var_dir, (LOCAL_GATEWAY_ID,))
+    ensure_local_trust(var_dir)
     return creds
 
 
@@ -87,14 +91,3 @@ def _read_key_set(path: Path) -> list[dict[str, object]]:
         return []
     keys: list[dict[str, object]] = json.loads(path.read_text()).get("keys", [])
     return keys
-
-
-def _write_private(path: Path, text: str, mode: int = 0o600) -> Path:
-    """Write ``text`` atomically with ``mode`` from the start (never world-readable on the way)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as out:
-        out.write(text + "\n")
-    os.replace(tmp, path)
-    return path

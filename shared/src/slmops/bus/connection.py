@@ -28,6 +28,7 @@ from nats.js.kv import KeyValue
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Tracer
 
+from slmops.bus.credentials import NatsCredentials
 from slmops.bus.topology import ConsumerSpec, KvSpec, StreamSpec, Topology
 from slmops.events.envelope import CloudEvent
 from slmops.tracing import w3c_trace_headers
@@ -77,8 +78,10 @@ class Bus:
         tracer: Tracer | None = None,
         connect_timeout_s: float = 2.0,
         request_timeout_s: float = 5.0,
+        credentials: NatsCredentials | None = None,
     ) -> Bus:
         """Connect, reconnecting forever afterwards; the first connect fails fast."""
+        credentials = credentials or NatsCredentials()
 
         async def on_disconnect() -> None:
             if not (nc.is_closed or nc.is_draining):  # an intended close is not news
@@ -90,7 +93,11 @@ class Bus:
             )
 
         async def on_error(exc: Exception) -> None:
-            log.debug("nats: %s", exc)
+            # A refused subject is a bug in the permissions or an attack: always worth a line.
+            if "permissions violation" in str(exc).lower() or "authoriz" in str(exc).lower():
+                log.warning("nats: %s", exc)
+            else:
+                log.debug("nats: %s", exc)
 
         nc = await nats.connect(
             servers=[u.strip() for u in url.split(",")],
@@ -103,6 +110,9 @@ class Bus:
             disconnected_cb=on_disconnect,
             reconnected_cb=on_reconnect,
             error_cb=on_error,
+            nkeys_seed_str=credentials.nkey_seed,
+            inbox_prefix=credentials.inbox_prefix,
+            tls=credentials.tls,
         )
         return cls(nc, source=source, tracer=tracer, request_timeout_s=request_timeout_s)
 
@@ -122,6 +132,8 @@ class Bus:
             await self.declare_consumer(consumer)
 
     async def declare_stream(self, spec: StreamSpec) -> None:
+        """Create the stream, or update it if its bounds changed. Reads first: a service
+        whose identity may not create or change streams finds it declared by the admin."""
         config = StreamConfig(
             name=spec.name,
             description=spec.description,
@@ -134,46 +146,72 @@ class Bus:
             duplicate_window=spec.duplicate_window_s,
             num_replicas=spec.replicas,
         )
-        try:
-            await self.js.add_stream(config)
-        except nats.js.errors.BadRequestError as exc:
-            if exc.err_code not in _ALREADY_EXISTS_CODES:
-                raise
+        current = await self._stream_config(spec.name)
+        if current is None:
+            try:
+                await self.js.add_stream(config)
+            except nats.js.errors.BadRequestError as exc:
+                if exc.err_code not in _ALREADY_EXISTS_CODES:
+                    raise
+                await self.js.update_stream(config)
+        elif _differs(current, config):
             await self.js.update_stream(config)
         self.declared.add(f"stream:{spec.name}")
 
-    async def declare_kv(self, spec: KvSpec) -> KeyValue:
+    async def _stream_config(self, name: str) -> StreamConfig | None:
         try:
-            kv = await self.js.create_key_value(
-                KeyValueConfig(
-                    bucket=spec.bucket,
-                    description=spec.description,
-                    history=spec.history,
-                    ttl=spec.ttl_s or None,
-                    storage=StorageType.FILE,
-                    max_bytes=spec.max_bytes,
-                    replicas=spec.replicas,
-                )
+            return (await self.js.stream_info(name)).config
+        except nats.js.errors.NotFoundError:
+            return None
+
+    async def declare_kv(self, spec: KvSpec) -> KeyValue:
+        """Create the bucket (direct gets on: a key can then be read by a subject naming it,
+        which is what lets a gateway's permissions name its own key only), or update its
+        stream in place if its bounds changed, keeping every entry."""
+        current = await self._stream_config(spec.stream)
+        if current is None:
+            try:
+                return await self._create_kv(spec)
+            except nats.js.errors.BadRequestError as exc:
+                if exc.err_code not in _ALREADY_EXISTS_CODES:
+                    raise
+                current = await self._stream_config(spec.stream)
+        assert current is not None
+        wanted = current.evolve(
+            description=spec.description, max_msgs_per_subject=spec.history,
+            max_bytes=spec.max_bytes, num_replicas=spec.replicas, allow_direct=True,
+        )  # fmt: skip
+        if _differs(current, wanted):
+            await self.js.update_stream(wanted)
+        self.declared.add(f"kv:{spec.bucket}")
+        return await self.js.key_value(spec.bucket)
+
+    async def _create_kv(self, spec: KvSpec) -> KeyValue:
+        kv = await self.js.create_key_value(
+            KeyValueConfig(
+                bucket=spec.bucket,
+                description=spec.description,
+                history=spec.history,
+                ttl=spec.ttl_s or None,
+                storage=StorageType.FILE,
+                max_bytes=spec.max_bytes,
+                replicas=spec.replicas,
+                direct=True,
             )
-        except nats.js.errors.BadRequestError as exc:
-            if exc.err_code not in _ALREADY_EXISTS_CODES:
-                raise
-            # The bucket exists with other bounds (declared by an older release): update its
-            # stream in place, keeping every entry.
-            info = await self.js.stream_info(f"KV_{spec.bucket}")
-            await self.js.update_stream(info.config.evolve(
-                description=spec.description, max_msgs_per_subject=spec.history,
-                max_bytes=spec.max_bytes, num_replicas=spec.replicas,
-            ))  # fmt: skip
-            kv = await self.js.key_value(spec.bucket)
+        )
         self.declared.add(f"kv:{spec.bucket}")
         return kv
 
     async def declare_consumer(self, spec: ConsumerSpec) -> None:
+        # Named (not only durable): with one filter subject the create request's subject
+        # names the filter, so a permission can allow a consumer on that subject alone.
+        single = len(spec.filter_subjects) == 1
         config = ConsumerConfig(
+            name=spec.durable,
             durable_name=spec.durable,
             description=spec.description or None,
-            filter_subjects=list(spec.filter_subjects),
+            filter_subject=spec.filter_subjects[0] if single else None,
+            filter_subjects=None if single else list(spec.filter_subjects),
             ack_wait=spec.ack_wait_s,
             max_deliver=spec.max_deliver,
             max_ack_pending=spec.max_ack_pending,
@@ -237,3 +275,32 @@ class Bus:
                 await self.nc.drain()
             except (nats.errors.ConnectionClosedError, nats.errors.FlushTimeoutError):
                 await self.nc.close()
+
+
+_COMPARED = ("description", "subjects", "max_age", "max_bytes", "max_msgs_per_subject",
+             "discard", "duplicate_window", "num_replicas", "allow_direct")  # fmt: skip
+
+
+def _differs(current: StreamConfig, wanted: StreamConfig) -> bool:
+    """Whether ``wanted`` changes a bound ``current`` has (fields left unset are not)."""
+    for name in _COMPARED:
+        value = getattr(wanted, name)
+        if value is None:
+            continue
+        have = getattr(current, name)
+        if isinstance(value, float) or isinstance(have, float):
+            if abs(float(have or 0) - float(value)) > 1e-3:
+                return True
+        elif have != value:
+            return True
+    return False
+
+
+async def declare_topology(url: str, topology: Topology, credentials: NatsCredentials) -> None:
+    """Declare ``topology`` as ``credentials`` (the admin: services may read streams and
+    buckets but not create or change them) and disconnect."""
+    bus = await Bus.connect(url, source="/slmops/admin", credentials=credentials)
+    try:
+        await bus.declare(topology)
+    finally:
+        await bus.close()

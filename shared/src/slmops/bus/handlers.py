@@ -82,7 +82,7 @@ class Handlers:
         return [
             ConsumerSpec(
                 stream=stream,
-                durable=f"{service}-{stream.lower().removeprefix('slmops_')}",
+                durable=durable_name(service, stream),
                 filter_subjects=tuple(sorted(subjects)),
                 ack_wait_s=ack_wait_s,
                 max_deliver=max_deliver,
@@ -90,3 +90,8 @@ class Handlers:
             )
             for stream, subjects in sorted(by_stream.items())
         ]
+
+
+def durable_name(consumer: str, stream: str) -> str:
+    """The durable consumer ``consumer`` (a service, or ``gateway-<id>``) has on ``stream``."""
+    return f"{consumer}-{stream.lower().removeprefix('slmops_')}"

@@ -151,6 +151,16 @@ class Topology:
     kv_buckets: tuple[KvSpec, ...] = KV_BUCKETS
     consumers: list[ConsumerSpec] = field(default_factory=list)
 
+    def narrowed(self, buckets: tuple[str, ...]) -> Topology:
+        """Only the streams this process's consumers read and the ``buckets`` it uses: what a
+        least-privileged process (a gateway) declares, being allowed to see nothing else."""
+        used = {c.stream for c in self.consumers}
+        return Topology(
+            tuple(s for s in self.streams if s.name in used),
+            tuple(b for b in self.kv_buckets if b.bucket in buckets),
+            list(self.consumers),
+        )
+
     def sized(self, replicas: int, stream_max_gb: dict[str, float]) -> Topology:
         """The same topology with ``replicas`` for every stream and bucket, and the byte caps
         of the streams named in ``stream_max_gb`` (GiB; a bucket by its stream ``KV_<name>``)

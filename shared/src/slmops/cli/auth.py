@@ -19,10 +19,11 @@ from slmops.auth import (
     UnknownRoleError,
     ensure_local_credentials,
     local_credentials,
-    revoke,
     scopes_of_role,
 )
 from slmops.cli.registry import CliSettings, console_out, fail
+from slmops.stack import identities
+from slmops.stack.identities import enroll_gateway
 
 app = typer.Typer(help="Credentials: tokens per principal, scoped and expiring.",
                   no_args_is_help=True)  # fmt: skip
@@ -88,17 +89,23 @@ def enroll(
     ],
     ttl: Annotated[str, typer.Option(help="Lifetime: 30d, 365d.")] = "30d",
 ) -> None:
-    """A gateway's own identity on the local stack: its token file, to hand to the device."""
-    creds = local_credentials(CliSettings().var_dir)
+    """A gateway's own identity on the local stack: its API token and its NATS user (allowed
+    its own reports, desired state and assignments only), files to hand to the device."""
+    var_dir = CliSettings().var_dir
+    creds = local_credentials(var_dir)
     if not creds.issuer_key_file.exists():
         fail(f"no issuer key at {creds.issuer_key_file}: start the local stack (`slmops up`)")
-    path = creds.mint_gateway(gateway_id, parse_duration_s(ttl), device_class)
-    console_out.print(f"gateway:{gateway_id} -> {path} (set SLMOPS_AUTH_TOKEN_FILE to it on the "
-                      f"device; verification keys: {creds.keys_file})", markup=False)  # fmt: skip
+    enrolled = enroll_gateway(var_dir, gateway_id, device_class, parse_duration_s(ttl))
+    console_out.print(
+        f"gateway:{gateway_id}: SLMOPS_AUTH_TOKEN_FILE={enrolled.token_file} "
+        f"SLMOPS_NATS_NKEY_FILE={enrolled.nkey_file} "
+        f"SLMOPS_GATEWAY_TRUST_ROOT_FILE={enrolled.trust_root_file} (hand the three to the "
+        f"device; the first two are its secrets)", markup=False,
+    )  # fmt: skip
 
 
 @app.command("revoke")
-def revoke_subject(
+def revoke_command(
     subject: Annotated[str, typer.Argument(help="gateway:<id>, service:<name>, user:<name>.")],
     keys_file: Annotated[
         Path | None,
@@ -106,14 +113,15 @@ def revoke_subject(
                      "stack's); services read revoked.json beside it."),
     ] = None,
 ) -> None:  # fmt: skip
-    """Refuse every token of SUBJECT issued until now, on every service, at once (a stolen
-    gateway or service credential); tokens minted afterwards work."""
-    path = keys_file or local_credentials(CliSettings().var_dir).keys_file
+    """Refuse SUBJECT everywhere at once (a stolen gateway or service credential): every
+    token issued until now, on every service, and its NATS user, whose connection is closed.
+    Tokens minted afterwards work; on the bus it needs enrolling again."""
+    var_dir = CliSettings().var_dir
+    path = keys_file or local_credentials(var_dir).keys_file
     if not path.exists():
         fail(f"no key set at {path}: start the local stack (`slmops up`) or pass --keys-file")
-    written = revoke(path, subject)
-    console_out.print(f"{subject}: every token issued until now is refused ({written})",
-                      markup=False)  # fmt: skip
+    done = identities.revoke_subject(var_dir, subject, path)
+    console_out.print(f"{subject}: {'; '.join(done)}", markup=False)
 
 
 @app.command("whoami")

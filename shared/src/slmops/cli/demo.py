@@ -104,15 +104,15 @@ def demo(
 async def _main(options: Any, platform: PlatformSettings, wait: bool, json_report: Path | None,
                 chat: bool) -> int:  # fmt: skip
     from slmops.demo.chat import start_chat_gateway
-    from slmops.demo.flow import platform_bus, run_demo, start_fleet
+    from slmops.demo.flow import platform_buses, run_demo, start_fleet
     from slmops.demo.report import build_report, render_report
 
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(signum, stop.set)
     talker = None
-    async with platform_bus(platform) as bus:
-        fleet = await start_fleet(bus, options, _out)
+    async with platform_buses(platform) as buses:
+        fleet = await start_fleet(buses.fleet, options, _out)
         try:
             chat_app = next((m.app for m in options.models if m.app == "chat"), None)
             if chat and chat_app:
@@ -122,7 +122,7 @@ async def _main(options: Any, platform: PlatformSettings, wait: bool, json_repor
                 )  # fmt: skip
                 _out.print(f"a real gateway for the chat model: {talker.gateway_id} at "
                            f"{talker.url} (its log: {talker.log_path})")  # fmt: skip
-            work = asyncio.create_task(run_demo(bus, fleet, options, _out, talker))
+            work = asyncio.create_task(run_demo(buses.watch, fleet, options, _out, talker))
             stopped = asyncio.create_task(stop.wait())
             await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
             if not work.done():

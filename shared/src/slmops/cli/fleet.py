@@ -103,13 +103,18 @@ def simulate(
 
 async def _run(spec: Any, registry_url: str, health_interval_s: float, duration_s: float) -> None:
     from slmops.bus import Bus
+    from slmops.bus.credentials import NatsCredentials
     from slmops.settings import PlatformSettings
     from slmops_gateway.settings import GatewaySettings
     from slmops_gateway.simulator import CachingRegistry, SimulatedFleet
 
     platform = PlatformSettings()
     try:
-        bus = await Bus.connect(platform.nats_url, source="/slmops/fleetsim")
+        bus = await Bus.connect(
+            platform.nats_url,
+            source="/slmops/fleetsim",
+            credentials=NatsCredentials.from_settings(platform, "simulator"),
+        )
     except Exception as exc:
         fail(f"NATS not reachable at {platform.nats_url} ({exc}): start it with `slmops up`")
     stop = asyncio.Event()  # SIGTERM or Ctrl-C: stop cleanly (the fleet's consumer is removed)

@@ -7,7 +7,19 @@ from typing import Annotated
 
 import typer
 
-from slmops.cli import auth, demo, fleet, optimizer, registry, report, rollout, stack, trace
+from slmops.cli import (
+    auth,
+    bus,
+    demo,
+    fleet,
+    optimizer,
+    registry,
+    report,
+    rollout,
+    stack,
+    trace,
+    trust,
+)
 
 app = typer.Typer(
     name="slmops",
@@ -23,6 +35,8 @@ app.add_typer(rollout.app, name="rollout")
 app.add_typer(fleet.app, name="fleet")
 app.add_typer(trace.app, name="trace")
 app.add_typer(auth.app, name="auth")
+app.add_typer(bus.app, name="bus")
+app.add_typer(trust.app, name="trust")
 
 app.command("demo")(demo.demo)
 app.command("up")(stack.up)

@@ -27,6 +27,7 @@ from rich.console import Console
 from slmops import hostinfo
 from slmops.auth import local_credentials
 from slmops.cli.registry import cli_auth
+from slmops.stack.identities import enroll_gateway
 
 QUESTION = "What is the capital of France? Answer in one short sentence."
 
@@ -63,6 +64,7 @@ async def start_chat_gateway(
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = int(probe.getsockname()[1])
+    enrolled = enroll_gateway(var_dir, gateway_id, host_class())
     env = {
         **os.environ,
         "SLMOPS_NATS_URL": nats_url,
@@ -74,10 +76,10 @@ async def start_chat_gateway(
         "SLMOPS_GATEWAY_REGISTRY_URL": registry_url,
         "SLMOPS_GATEWAY_INTRA_OP_THREADS": str(min(2, os.cpu_count() or 1)),
         "SLMOPS_GATEWAY_HEALTH_INTERVAL_S": "3",
-        # Its own identity: a gateway token for this id, minted as enrolment would.
-        "SLMOPS_AUTH_TOKEN_FILE": str(
-            local_credentials(var_dir).mint_gateway(gateway_id, device_class=host_class())
-        ),
+        # Its own identity, enrolled: a gateway token for its class and its own NATS user.
+        "SLMOPS_AUTH_TOKEN_FILE": str(enrolled.token_file),
+        "SLMOPS_NATS_NKEY_FILE": str(enrolled.nkey_file),
+        "SLMOPS_GATEWAY_TRUST_ROOT_FILE": str(enrolled.trust_root_file),
         "SLMOPS_AUTH_KEYS_FILE": str(local_credentials(var_dir).keys_file),
     }
     log_path = var_dir / "logs" / f"{gateway_id}.log"

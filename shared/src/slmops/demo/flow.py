@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from slmops.bus import Bus
+from slmops.bus.credentials import NatsCredentials
 from slmops.cli.registry import RegistryClient, cli_auth
 from slmops.demo.journey import Journey
 from slmops.demo.models import DemoModel
@@ -61,20 +62,34 @@ class DemoRun:
     chat: dict[str, Any] | None = None  # its streamed answer, once asked
 
 
+@dataclass
+class DemoBuses:
+    """The demo's two NATS connections: the simulated fleet's (the simulator identity, as
+    narrow as a fleet of gateways) and the journey watcher's (the admin's: it sees all events)."""
+
+    fleet: Bus
+    watch: Bus
+
+
 @contextlib.asynccontextmanager
-async def platform_bus(platform: PlatformSettings) -> AsyncIterator[Bus]:
-    """The demo's NATS connection; the simulated gateways' spans go with the services'."""
+async def platform_buses(platform: PlatformSettings) -> AsyncIterator[DemoBuses]:
+    """The demo's NATS connections; the simulated gateways' spans go with the services'."""
     provider = setup_tracing("slmops-fleetsim", trace_dir=platform.span_files_dir())
+    buses: list[Bus] = []
     try:
-        bus = await Bus.connect(
-            platform.nats_url, source="/slmops/demo", tracer=provider.get_tracer("slmops.fleetsim")
-        )
-    except Exception as exc:
-        raise DemoError(f"NATS not reachable at {platform.nats_url} ({exc})") from exc
-    try:
-        yield bus
+        for identity in ("simulator", "admin"):
+            try:
+                buses.append(await Bus.connect(
+                    platform.nats_url, source="/slmops/demo",
+                    tracer=provider.get_tracer("slmops.fleetsim"),
+                    credentials=NatsCredentials.from_settings(platform, identity),
+                ))  # fmt: skip
+            except Exception as exc:
+                raise DemoError(f"NATS not reachable at {platform.nats_url} ({exc})") from exc
+        yield DemoBuses(*buses)
     finally:
-        await bus.close()
+        for bus in buses:
+            await bus.close()
         provider.shutdown()  # flushes the last spans to the files
 
 

@@ -330,6 +330,16 @@ class GatewayAssignment(EventPayload):
         description="Local configuration chosen by label selectors, applied by the agent: "
         "intra_op_threads, max_input_tokens.",
     )
+    statement_signature: str | None = Field(
+        None,
+        description="Ed25519 signature (base64) of the assignment statement "
+        "(slmops.assignments): gateway, generation, rollout, rollback, model, version, variant, "
+        "digests, overlay, expiry; by the rollout service's assignments key.",
+    )
+    statement_key_id: str | None = Field(None, description="The key that signed the statement.")
+    statement_expires_at: int | None = Field(
+        None, description="Unix seconds after which the statement is refused."
+    )
 
     def subject_suffix(self) -> str | None:
         return self.gateway_id

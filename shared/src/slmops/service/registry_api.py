@@ -25,6 +25,7 @@ class RegistryClient:
         auth: httpx.Auth | None = None,
     ) -> None:  # fmt: skip
         """``auth`` is the calling service's credentials (``BearerTokenFile``)."""
+        self.auth = auth
         self._client = client or httpx.AsyncClient(
             base_url=base_url.rstrip("/"), timeout=_TIMEOUT, auth=auth
         )

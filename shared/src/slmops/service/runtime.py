@@ -21,6 +21,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from slmops.bus.connection import Bus
 from slmops.bus.consumer import EventConsumer
+from slmops.bus.credentials import NatsCredentials
 from slmops.bus.handlers import Handlers
 from slmops.bus.topology import Topology
 from slmops.objectstore import ObjectStore, ObjectStoreError
@@ -106,11 +107,16 @@ class ServiceRuntime:
         uses_object_store: bool = True,
         tracer_provider: TracerProvider | None = None,
         consumer_name: str | None = None,
+        identity: str | None = None,
+        buckets: tuple[str, ...] | None = None,
     ) -> None:
         """``consumer_name`` names the durable consumers (default: the service's name); a
         process that must not share a consumer with its peers (a gateway: its own assignments
-        only) gives its own."""
+        only) gives its own. ``identity`` names the local stack's credentials the process
+        uses (default ``service-<name>``). With ``buckets`` it declares only those KV buckets
+        and the streams of its own consumers (a gateway may see nothing else)."""
         self.name = name
+        self.identity = identity or f"service-{name}"
         self.settings = settings
         self.handlers = handlers or Handlers()
         self.tracer_provider = tracer_provider or setup_tracing(
@@ -126,6 +132,8 @@ class ServiceRuntime:
                 max_deliver=consumer.max_deliver,
             )
         ).sized(platform.jetstream_replicas, platform.stream_max_gb)
+        if buckets is not None:
+            self.topology = self.topology.narrowed(buckets)
         self.bus: Bus | None = None
         self.consumers: list[EventConsumer] = []
         self.bucket_ready = False
@@ -190,6 +198,7 @@ class ServiceRuntime:
                 tracer=self.tracer_provider.get_tracer(f"slmops.{self.name}"),
                 connect_timeout_s=platform.nats_connect_timeout_s,
                 request_timeout_s=platform.nats_request_timeout_s,
+                credentials=NatsCredentials.from_settings(platform, self.identity),
             )
         await self.bus.declare(self.topology)
         for spec in self.topology.consumers[len(self.consumers) :]:

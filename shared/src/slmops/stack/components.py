@@ -19,9 +19,11 @@ import httpx
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from slmops.auth.bususers import local_bus_users
 from slmops.auth.local import LOCAL_GATEWAY_ID, local_credentials
 from slmops.settings import PlatformSettings
 from slmops.stack.binaries import venv_binary
+from slmops.trust.local import pinned_root_file
 
 #: Every local stack component binds this address and nothing else.
 LOCAL_HOST = "127.0.0.1"
@@ -168,6 +170,8 @@ def plan_stack(stack: StackSettings, platform: PlatformSettings) -> list[Compone
                 _executable("nats-server"),
                 *("-a", LOCAL_HOST, "-p", str(stack.nats_port), "-js"),
                 *("-sd", str(var_dir / "nats"), "-m", str(stack.nats_monitor_port)),
+                # Users and their permissions (`slmops up` writes it; enrol/revoke reload it).
+                *("-c", str(local_bus_users(var_dir).config_file)),
             ),
             ports=(
                 PortClaim(stack.nats_port, "NATS client port", "SLMOPS_STACK_NATS_PORT"),
@@ -248,13 +252,16 @@ def plan_stack(stack: StackSettings, platform: PlatformSettings) -> list[Compone
 
 def _identity_env(name: str, prefix: str, var_dir: Path) -> dict[str, str]:
     """Each service calls the others as itself (tokens minted by ``slmops.auth.local``)."""
-    creds = local_credentials(var_dir)
+    creds, users = local_credentials(var_dir), local_bus_users(var_dir)
+    identity = f"gateway-{LOCAL_GATEWAY_ID}" if name == "gateway" else f"service-{name}"
+    env = {
+        "SLMOPS_AUTH_TOKEN_FILE": str(creds.token_file(identity)),
+        "SLMOPS_NATS_NKEY_FILE": str(users.seed_file(identity)),
+    }
     if name == "gateway":
-        return {
-            f"{prefix}GATEWAY_ID": LOCAL_GATEWAY_ID,
-            "SLMOPS_AUTH_TOKEN_FILE": str(creds.token_file(f"gateway-{LOCAL_GATEWAY_ID}")),
-        }
-    return {"SLMOPS_AUTH_TOKEN_FILE": str(creds.token_file(f"service-{name}"))}
+        env[f"{prefix}GATEWAY_ID"] = LOCAL_GATEWAY_ID
+        env[f"{prefix}TRUST_ROOT_FILE"] = str(pinned_root_file(var_dir))
+    return env
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ foreground until Ctrl-C / SIGTERM. Any failure stops what was started and raises
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import subprocess
@@ -20,6 +21,10 @@ from pathlib import Path
 import psutil
 
 from slmops.auth import ensure_local_credentials
+from slmops.auth.bususers import local_bus_users
+from slmops.bus.connection import declare_topology
+from slmops.bus.credentials import NatsCredentials
+from slmops.bus.topology import Topology
 from slmops.settings import PlatformSettings
 from slmops.stack.components import ComponentKind, ComponentSpec, StackError, StackSettings, probe
 from slmops.stack.preflight import check_ports, clear_stale_state, startup_lock
@@ -216,6 +221,16 @@ class RunningStack:
         write_state(self.state_file, self.state)
 
 
+def declare_platform_topology(platform: PlatformSettings, nats_url: str) -> None:
+    """Streams and buckets are the admin's to create and change: declared here, before the
+    services (whose identities may only find them) start."""
+    admin = NatsCredentials.from_seed_file(
+        local_bus_users(platform.var_dir.resolve()).seed_file("admin")
+    )
+    topology = Topology().sized(platform.jetstream_replicas, platform.stream_max_gb)
+    asyncio.run(declare_topology(nats_url, topology, admin))
+
+
 def start_stack(
     specs: list[ComponentSpec],
     stack: StackSettings,
@@ -239,6 +254,8 @@ def start_stack(
                 running.wait_ready(spec, stack.ready_timeout_s)
                 if spec.kind is ComponentKind.S3:
                     ensure_bucket(platform, spec.urls["s3"])
+                if spec.kind is ComponentKind.NATS:
+                    declare_platform_topology(platform, spec.urls["nats"])
         except BaseException:
             running.stop()
             raise
