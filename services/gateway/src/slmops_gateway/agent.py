@@ -10,6 +10,7 @@ serving and is reported as ``failed`` with the reason.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -39,6 +40,13 @@ log = logging.getLogger(__name__)
 DESIRED_BUCKET = "slmops-desired-state"
 Publish = Callable[[GatewayReport], Awaitable[None]]
 Installer = Callable[[DesiredModel, "Vouched", SessionOptions], Awaitable["LoadedModel"]]
+
+
+@functools.cache
+def _warn_first_use() -> None:
+    """Once per process: a simulated fleet runs thousands of agents in one."""
+    log.warning("no pinned trust root: trusting the registry's key on first use "
+                "(SLMOPS_ENV=local only; set SLMOPS_GATEWAY_TRUST_ROOT_FILE)")  # fmt: skip
 
 
 def report_event(report: GatewayReport) -> CloudEvent[GatewayReport]:
@@ -193,8 +201,7 @@ class Agent:
             except TrustError as exc:
                 raise Refused(str(exc)) from None
         if self._first_use_keys is None:
-            log.warning("no pinned trust root: trusting the registry's key on first use "
-                        "(SLMOPS_ENV=local only; set SLMOPS_GATEWAY_TRUST_ROOT_FILE)")  # fmt: skip
+            _warn_first_use()
             pem = await self.registry.public_key_pem()
             self._first_use_keys = TrustedKeys({KeyRole.MANIFESTS: (TrustedKey.of(pem),)})
         return self._first_use_keys

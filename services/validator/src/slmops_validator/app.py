@@ -7,6 +7,7 @@ from fastapi import FastAPI
 from slmops.profiles import load_profiles
 from slmops.service import ServiceRuntime, create_service_app, serve
 from slmops.service.registry_api import RegistryClient
+from slmops.trust.client import TrustClient
 from slmops_validator.api import router
 from slmops_validator.context import ValidatorContext
 from slmops_validator.handlers import build_handlers
@@ -23,6 +24,10 @@ def create_app(settings: ValidatorSettings | None = None) -> FastAPI:
             settings.registry_url, settings.platform, "service-validator"
         ),
     )
+    if settings.trust_root_file is not None:
+        cache = settings.platform.var_dir / "validator" / "trust"
+        context.trust = TrustClient(settings.trust_root_file, cache, settings.registry_url,
+                                    auth=context.registry.auth)  # fmt: skip
     runtime = ServiceRuntime("validator", settings, build_handlers(context), uses_object_store=True)
     context.runtime = runtime
     app = create_service_app(runtime, router, title="slmops validator")

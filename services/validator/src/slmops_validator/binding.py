@@ -15,10 +15,11 @@ from slmops.events import OptimizationCompleted, PermanentError
 from slmops.events.payloads import ArtifactRef
 from slmops.manifests import ManifestSignatureError, SignedManifest, verify_manifest
 from slmops.service.registry_api import RegistryClient
+from slmops.trust import KeyRole, TrustedKeys, UntrustedKeyError
 
 
 async def bound_to_manifest(
-    done: OptimizationCompleted, registry: RegistryClient, registry_key: str
+    done: OptimizationCompleted, registry: RegistryClient, keys: TrustedKeys
 ) -> tuple[OptimizationCompleted, SignedManifest]:
     """``done`` with its artifact and reference taken from the verified variant manifest, and
     that manifest; :class:`PermanentError` when the two disagree or the manifest is not genuine."""
@@ -30,8 +31,8 @@ async def bound_to_manifest(
         )
     try:
         signed = SignedManifest.model_validate(raw)
-        verify_manifest(signed, registry_key)
-    except (ValueError, ManifestSignatureError) as exc:
+        verify_manifest(signed, keys.key(KeyRole.MANIFESTS, signed.signature.key_id))
+    except (ValueError, ManifestSignatureError, UntrustedKeyError) as exc:
         raise PermanentError(
             f"the manifest of variant {done.variant_id} is not genuine: {exc}"
         ) from None

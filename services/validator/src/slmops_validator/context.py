@@ -8,10 +8,13 @@ from dataclasses import dataclass, field
 from nats.js.kv import KeyValue
 
 from slmops.bus import Bus
+from slmops.events import PermanentError, TransientError
 from slmops.objectstore import ObjectStore
 from slmops.profiles import DeviceProfile
 from slmops.service import ServiceRuntime
 from slmops.service.registry_api import RegistryClient
+from slmops.trust import KeyRole, TrustedKey, TrustedKeys
+from slmops.trust.client import TrustClient, TrustError
 from slmops_validator.models import ModelCache
 from slmops_validator.settings import ValidatorSettings
 
@@ -27,13 +30,23 @@ class ValidatorContext:
     runtime: ServiceRuntime | None = None
     _cache: ModelCache | None = field(default=None, init=False)
     _slots: asyncio.Semaphore | None = field(default=None, init=False)
-    _registry_key: str | None = field(default=None, init=False)
+    trust: TrustClient | None = None  # the pinned trust root (None: local first use)
+    _first_use_keys: TrustedKeys | None = field(default=None, init=False)
 
-    async def registry_key(self) -> str:
-        """The registry's manifest-signing public key (PEM), fetched once."""
-        if self._registry_key is None:
-            self._registry_key = await self.registry.public_key_pem()
-        return self._registry_key
+    async def manifest_keys(self) -> TrustedKeys:
+        """The manifest keys the pinned trust root vouches for (without one, local only: the
+        registry's key, fetched once)."""
+        if self.trust is not None:
+            try:
+                return await self.trust.keys()
+            except TrustError as exc:  # the registry away, or a repository being fixed
+                raise TransientError(str(exc)) from None
+        if self.settings.platform.env != "local":
+            raise PermanentError("no pinned trust root (SLMOPS_VALIDATOR_TRUST_ROOT_FILE)")
+        if self._first_use_keys is None:
+            pem = await self.registry.public_key_pem()
+            self._first_use_keys = TrustedKeys({KeyRole.MANIFESTS: (TrustedKey.of(pem),)})
+        return self._first_use_keys
 
     @property
     def bus(self) -> Bus:

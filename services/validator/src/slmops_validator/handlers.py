@@ -116,7 +116,7 @@ async def _judge(done: OptimizationCompleted, ctx: ValidatorContext) -> Outcome:
             None,
             f"no profile for device class {done.device_class!r} in {ctx.settings.profiles_dir}",
         )
-    done, variant = await bound_to_manifest(done, ctx.registry, await ctx.registry_key())
+    done, variant = await bound_to_manifest(done, ctx.registry, await ctx.manifest_keys())
     version = await ctx.registry.model_version(done.model_name, done.version)
     manifest = version["manifest"]
     eval_set = (

@@ -25,6 +25,13 @@ class ValidatorSettings(ServiceSettings):
     work_dir: Path | None = Field(
         None, description="Downloaded models and the latency lock (unset: <var_dir>/validator)."
     )
+    trust_root_file: Path | None = Field(
+        None,
+        description="The pinned TUF root.json whose keys verify variant manifests before they "
+        "are judged (`slmops up` sets the local stack's; unset: the registry's key is taken on "
+        "first use, allowed with SLMOPS_ENV=local only).",
+    )
+
     max_concurrent_validations: int = Field(
         2, ge=1, description="Variants judged at once (their parity runs overlap; latency never)."
     )

@@ -258,9 +258,10 @@ def _identity_env(name: str, prefix: str, var_dir: Path) -> dict[str, str]:
         "SLMOPS_AUTH_TOKEN_FILE": str(creds.token_file(identity)),
         "SLMOPS_NATS_NKEY_FILE": str(users.seed_file(identity)),
     }
+    if name in ("gateway", "validator"):  # they verify what the registry signed
+        env[f"{prefix}TRUST_ROOT_FILE"] = str(pinned_root_file(var_dir))
     if name == "gateway":
         env[f"{prefix}GATEWAY_ID"] = LOCAL_GATEWAY_ID
-        env[f"{prefix}TRUST_ROOT_FILE"] = str(pinned_root_file(var_dir))
     return env
 
 
