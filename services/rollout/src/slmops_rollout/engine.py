@@ -39,7 +39,7 @@ from slmops.events import (
 from slmops.events.payloads import DesiredModel, HealthAggregate
 from slmops.service.registry_api import RegistryClient
 from slmops.tracing import current_traceparent, extract_trace_context
-from slmops_rollout.fleet import Fleet, GatewayRecord
+from slmops_rollout.fleet import Fleet, GatewayRecord, overlay_for
 from slmops_rollout.plans import Overlay, WavePolicy, matches, wave_plans
 from slmops_rollout.state import RolloutState, record
 from slmops_rollout.store import LiveRollout, RolloutStore
@@ -310,6 +310,7 @@ class Engine:
         await self.deliver([GatewayAssignment(
             gateway_id=record_.gateway_id, generation=await self.next_generation(),
             rollout_id=newest.rollout_id, desired=newest.desired[record_.device_class],
+            overlay=overlay_for(record_.labels, newest.overlays),  # as its waves would
         )])  # fmt: skip
 
     async def renew_statement(self, gateway_id: str) -> None:
