@@ -29,6 +29,13 @@ def raw_public_key(public_key: Ed25519PublicKey) -> bytes:
     return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
+def public_key_pem(public_key: Ed25519PublicKey) -> str:
+    """SubjectPublicKeyInfo PEM: how keys are published (``/v1/keys``, ``keys.json``)."""
+    return public_key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode("ascii")
+
+
 def key_id_of(public_key: Ed25519PublicKey) -> str:
     """First 16 hex characters of sha256 over the raw 32-byte public key."""
     return hashlib.sha256(raw_public_key(public_key)).hexdigest()[:16]

@@ -27,7 +27,7 @@ from slmops.events.payloads import DesiredModel
 from slmops.rollbacks import RollbackRefused, check_rollback
 from slmops.service import Check
 from slmops.service.registry_api import RegistryClient
-from slmops.trust import KeyRole, TrustedKey, TrustedKeys
+from slmops.trust import KeyRole, TrustedKeys
 from slmops.trust.client import TrustClient, TrustError
 from slmops_gateway.delta import fetch_by_chunks
 from slmops_gateway.download import download
@@ -203,7 +203,7 @@ class Agent:
         if self._first_use_keys is None:
             _warn_first_use()
             pem = await self.registry.public_key_pem()
-            self._first_use_keys = TrustedKeys({KeyRole.MANIFESTS: (TrustedKey.of(pem),)})
+            self._first_use_keys = TrustedKeys.single(KeyRole.MANIFESTS, pem)
         return self._first_use_keys
 
     @staticmethod

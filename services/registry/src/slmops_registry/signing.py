@@ -22,6 +22,7 @@ from slmops.signatures import (
     SigningKeyError,
     key_id_of,
     load_public_key,
+    public_key_pem,
     raw_public_key,
     verify,
 )
@@ -77,9 +78,7 @@ class RegistrySigner:
         return raw_public_key(self._public_key)
 
     def public_key_pem(self) -> str:
-        return self._public_key.public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        ).decode("ascii")
+        return public_key_pem(self._public_key)
 
     def public_jwk(self) -> dict[str, str]:
         """The public key as an RFC 8037 OKP JWK, for clients that fetch keys over HTTP."""

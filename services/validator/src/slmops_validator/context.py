@@ -13,7 +13,7 @@ from slmops.objectstore import ObjectStore
 from slmops.profiles import DeviceProfile
 from slmops.service import ServiceRuntime
 from slmops.service.registry_api import RegistryClient
-from slmops.trust import KeyRole, TrustedKey, TrustedKeys
+from slmops.trust import KeyRole, TrustedKeys
 from slmops.trust.client import TrustClient, TrustError
 from slmops_validator.models import ModelCache
 from slmops_validator.settings import ValidatorSettings
@@ -45,7 +45,7 @@ class ValidatorContext:
             raise PermanentError("no pinned trust root (SLMOPS_VALIDATOR_TRUST_ROOT_FILE)")
         if self._first_use_keys is None:
             pem = await self.registry.public_key_pem()
-            self._first_use_keys = TrustedKeys({KeyRole.MANIFESTS: (TrustedKey.of(pem),)})
+            self._first_use_keys = TrustedKeys.single(KeyRole.MANIFESTS, pem)
         return self._first_use_keys
 
     @property

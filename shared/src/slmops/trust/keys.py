@@ -48,6 +48,11 @@ class TrustedKeys:
 
     roles: dict[KeyRole, tuple[TrustedKey, ...]]
 
+    @classmethod
+    def single(cls, role: KeyRole, public_key_pem: str) -> TrustedKeys:
+        """One key for one role (what a first use, a test or a benchmark trusts)."""
+        return cls({role: (TrustedKey.of(public_key_pem),)})
+
     def key(self, role: KeyRole, key_id: str, now: float | None = None) -> str:
         """The PEM of ``role``'s key ``key_id``, if trusted at ``now``; else
         :class:`UntrustedKeyError` saying why."""

@@ -11,9 +11,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
-
 from slmops.secretfiles import ensure_ed25519_key
+from slmops.signatures import public_key_pem
 from slmops.trust.keys import KeyRole, TrustedKey, TrustedKeys
 from slmops.trust.repository import TrustRepository
 
@@ -58,9 +57,4 @@ def ensure_local_trust(var_dir: Path, old_until: int | None = None) -> TrustRepo
 
 
 def _public_key(path: Path) -> str:
-    return (
-        ensure_ed25519_key(path)
-        .public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
-    )
+    return public_key_pem(ensure_ed25519_key(path).public_key())
