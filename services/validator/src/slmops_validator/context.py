@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from nats.js.kv import KeyValue
 
 from slmops.bus import Bus
-from slmops.events import PermanentError, TransientError
+from slmops.events import TransientError
 from slmops.objectstore import ObjectStore
 from slmops.profiles import DeviceProfile
 from slmops.service import ServiceRuntime
@@ -41,8 +41,6 @@ class ValidatorContext:
                 return await self.trust.keys()
             except TrustError as exc:  # the registry away, or a repository being fixed
                 raise TransientError(str(exc)) from None
-        if self.settings.platform.env != "local":
-            raise PermanentError("no pinned trust root (SLMOPS_VALIDATOR_TRUST_ROOT_FILE)")
         if self._first_use_keys is None:
             pem = await self.registry.public_key_pem()
             self._first_use_keys = TrustedKeys.single(KeyRole.MANIFESTS, pem)

@@ -32,6 +32,15 @@ class ValidatorSettings(ServiceSettings):
         "first use, allowed with SLMOPS_ENV=local only).",
     )
 
+    @model_validator(mode="after")
+    def _require_trust_root(self) -> ValidatorSettings:
+        if self.trust_root_file is None and self.platform.env != "local":
+            raise ValueError(
+                f"SLMOPS_VALIDATOR_TRUST_ROOT_FILE is unset but SLMOPS_ENV={self.platform.env!r}:"
+                " variant manifests are verified only with keys a pinned trust root vouches for"
+            )
+        return self
+
     max_concurrent_validations: int = Field(
         2, ge=1, description="Variants judged at once (their parity runs overlap; latency never)."
     )
