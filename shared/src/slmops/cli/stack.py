@@ -6,7 +6,9 @@ Plain typer command functions; ``slmops.cli.main`` registers them with ``app.com
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -15,15 +17,21 @@ from rich.table import Table
 
 from slmops.settings import PlatformSettings
 from slmops.stack.components import ComponentKind, StackError, StackSettings, plan_stack
-from slmops.stack.launcher import ComponentFailedError, RunningStack, run_up
+from slmops.stack.detached import DetachedSupervisor, supervisor_log_path
+from slmops.stack.launcher import ComponentFailedError
+from slmops.stack.preflight import check_ports, clear_stale_state
 from slmops.stack.signals import Signals
+from slmops.stack.state import StackState, state_path
 from slmops.stack.status import (
+    ComponentStatus,
     StorageUse,
     stack_status,
     status_json,
     stop_stack,
     storage_use,
+    supervisor_status,
 )
+from slmops.stack.supervisor import run_up
 
 _out = Console(highlight=False, soft_wrap=True)
 _err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -52,26 +60,39 @@ def _stack() -> StackSettings:
         raise _fail(f"invalid SLMOPS_STACK_* settings: {exc}", 2) from exc
 
 
-def _print_ready(running: RunningStack, *, detach: bool) -> None:
+def _print_ready(state: StackState, platform: PlatformSettings, *, detach: bool) -> None:
     table = Table(title="slmops local stack", title_justify="left")
     table.add_column("component")
     table.add_column("pid", justify="right")
     table.add_column("listens on")
-    for record in running.state.components:
+    for record in state.components:
         if record.kind is ComponentKind.NATS:
             where = f"{record.urls['nats']}\nmonitor {record.urls['monitor']}"
         elif record.kind is ComponentKind.S3:
-            where = f"{record.urls['s3']} (bucket {running.platform.s3_bucket})"
+            where = f"{record.urls['s3']} (bucket {platform.s3_bucket})"
         else:
             where = record.urls["docs"]
         table.add_row(record.name, str(record.pid), where)
     _out.print(table)
-    _out.print(f"logs:  {running.log_dir}", markup=False)
-    _out.print(f"state: {running.state_file}", markup=False)
+    var_dir = Path(state.var_dir)
+    _out.print(f"logs:  {var_dir / 'logs'}", markup=False)
+    _out.print(f"state: {state_path(var_dir)}", markup=False)
     if detach:
-        _out.print("running in the background; stop it with `slmops down`", markup=False)
+        _out.print(
+            f"running in the background, supervised by pid {state.supervisor_pid} (it restarts "
+            f"what exits; log {supervisor_log_path(var_dir)}); stop it with `slmops down`",
+            markup=False,
+        )
     else:
-        _out.print("Ctrl-C stops the stack", markup=False)
+        _out.print("supervising: what exits is restarted; Ctrl-C stops the stack", markup=False)
+
+
+def _component_failed(exc: ComponentFailedError) -> typer.Exit:
+    _err.print(f"error: {exc}", markup=False, style="red")
+    _err.print(f"--- last lines of {exc.log_path} ---", markup=False)
+    _err.print(exc.log_tail, markup=False, highlight=False)
+    _err.print("--- stopped everything that was started ---", markup=False)
+    return typer.Exit(1)
 
 
 def up(
@@ -80,38 +101,88 @@ def up(
         typer.Option(
             "--detach",
             "-d",
-            help="Return once every component is ready and leave the stack running "
-            "(stop it with `slmops down`).",
+            help="Return once every component is ready and leave the stack running under a "
+            "supervisor in the background (stop it with `slmops down`).",
         ),
     ] = False,
 ) -> None:
     """Start the local stack on 127.0.0.1: NATS (JetStream), S3, then every service.
 
-    Waits until each component is ready before starting the next. In the foreground (the
-    default) Ctrl-C or SIGTERM stops everything.
+    Waits until each component is ready before starting the next, then supervises: a
+    component that exits is started again with backoff (`slmops status` shows its restarts).
+    In the foreground (the default) Ctrl-C or SIGTERM stops everything; `--detach` leaves a
+    supervisor process in the background.
     """
     stack, platform = _stack(), _platform()
+    try:
+        specs = plan_stack(stack, platform)
+        if detach:
+            _up_detached(stack, platform, specs)
+        code = run_up(
+            specs,
+            stack,
+            platform,
+            report=_report,
+            on_ready=lambda running: _print_ready(running.state, platform, detach=False),
+        )
+    except ComponentFailedError as exc:
+        raise _component_failed(exc) from exc
+    except StackError as exc:
+        raise _fail(str(exc)) from exc
+    except KeyboardInterrupt as exc:
+        _err.print("interrupted: stopped everything that was started", markup=False)
+        raise typer.Exit(130) from exc
+    raise typer.Exit(code)
+
+
+def _up_detached(stack: StackSettings, platform: PlatformSettings, specs: list[Any]) -> None:
+    """Check what can be checked here (clear errors), spawn the supervisor, wait until the
+    stack is ready; exits the command either way."""
+    var_dir = platform.var_dir.resolve()
+    (var_dir / "logs").mkdir(parents=True, exist_ok=True)
+    clear_stale_state(var_dir, _report)
+    check_ports(specs)
+    supervisor = DetachedSupervisor(var_dir)
+    _report(f"supervisor started (pid {supervisor.popen.pid}, log {supervisor.log_path})")
+    try:
+        state = supervisor.wait_ready()
+    except KeyboardInterrupt as exc:
+        supervisor.terminate(stack.stop_timeout_s * 3 + 10)
+        _err.print("interrupted: stopped everything that was started", markup=False)
+        raise typer.Exit(130) from exc
+    _print_ready(state, platform, detach=True)
+    raise typer.Exit(0)
+
+
+def supervise() -> None:
+    """The detached supervisor `slmops up --detach` spawns (not for interactive use)."""
+    stack, platform = _stack(), _platform()
+
+    def report(message: str) -> None:
+        print(f"{datetime.now(UTC).isoformat(timespec='milliseconds')} {message}", flush=True)
+
+    log = supervisor_log_path(platform.var_dir.resolve())
     try:
         specs = plan_stack(stack, platform)
         code = run_up(
             specs,
             stack,
             platform,
-            detach=detach,
-            report=_report,
-            on_ready=lambda running: _print_ready(running, detach=detach),
+            report=report,
+            supervisor_log=log,
+            on_ready=lambda _: report("every component is ready; supervising"),
         )
     except ComponentFailedError as exc:
-        _err.print(f"error: {exc}", markup=False, style="red")
-        _err.print(f"--- last lines of {exc.log_path} ---", markup=False)
-        _err.print(exc.log_tail, markup=False, highlight=False)
-        _err.print("--- stopped everything that was started ---", markup=False)
+        report(f"error: {exc}\n--- last lines of {exc.log_path} ---\n{exc.log_tail}\n"
+               "--- stopped everything that was started ---")  # fmt: skip
         raise typer.Exit(1) from exc
     except StackError as exc:
-        raise _fail(str(exc)) from exc
+        report(f"error: {exc}")
+        raise typer.Exit(1) from exc
     except KeyboardInterrupt as exc:
-        _err.print("interrupted: stopped everything that was started", markup=False)
+        report("interrupted: stopped everything that was started")
         raise typer.Exit(130) from exc
+    report(f"supervisor exits ({code})")
     raise typer.Exit(code)
 
 
@@ -137,34 +208,53 @@ def status(
         bool, typer.Option("--json", help="Print one JSON object instead of a table.")
     ] = False,
 ) -> None:
-    """Show each local stack component: PID, alive, ready, URL. Exit 1 unless all are ready."""
+    """Show each local stack component: PID, alive, ready, restarts and last exit, URL; and
+    the supervisor that restarts them. Exit 1 unless all are ready."""
     platform = _platform()
     try:
         components = stack_status(platform.var_dir)
+        supervisor = supervisor_status(platform.var_dir)
     except StackError as exc:
         raise _fail(str(exc)) from exc
     storage = storage_use(components) if components else []
-    document = status_json(components, storage)
+    document = status_json(components, storage, supervisor)
     if json_output:
         print(json.dumps(document, indent=2))
     elif components is None:
         _out.print("nothing running", markup=False)
     else:
         table = Table(title="slmops local stack", title_justify="left")
-        for column in ("component", "pid", "alive", "ready", "url", "detail"):
-            table.add_column(column, justify="right" if column == "pid" else "left")
+        columns = ("component", "pid", "alive", "ready", "restarts", "last exit", "url", "detail")
+        for column in columns:
+            table.add_column(column, justify="right" if column in ("pid", "restarts") else "left")
         for item in components:
             table.add_row(
                 item.name,
                 str(item.pid),
                 "yes" if item.alive else "[red]no[/]",
                 "yes" if item.ready else "[red]no[/]",
+                str(item.restarts),
+                _last_exit(item).replace("[", "\\["),
                 item.url,
                 item.detail.replace("[", "\\["),
             )
         _out.print(table)
+        if supervisor is not None:
+            how = "detached" if supervisor.detached else "foreground `slmops up`"
+            state = "running" if supervisor.alive else "NOT running: nothing restarts what exits"
+            log = f", log {supervisor.log_path}" if supervisor.log_path else ""
+            _out.print(f"supervisor: pid {supervisor.pid} ({how}) {state}{log}", markup=False)
         _print_storage(storage)
     raise typer.Exit(0 if document["ready"] else 1)
+
+
+def _last_exit(item: ComponentStatus) -> str:
+    if item.last_exit is None:
+        return "-"
+    if item.last_exit_at is None:
+        return item.last_exit
+    at = datetime.fromtimestamp(item.last_exit_at, UTC).strftime("%H:%M:%S")
+    return f"{item.last_exit} at {at} UTC"
 
 
 def _print_storage(storage: list[StorageUse]) -> None:

@@ -14,6 +14,7 @@ app = typer.Typer(
 app.command("up")(stack.up)
 app.command("down")(stack.down)
 app.command("status")(stack.status)
+app.command("supervise", hidden=True)(stack.supervise)
 
 if __name__ == "__main__":
     app()

@@ -66,6 +66,21 @@ class StackSettings(BaseSettings):
         description="After SIGTERM, how long a component may take to exit before SIGKILL, in "
         "seconds (above the services' consumer drain timeout, 20 s by default).",
     )
+    restart_backoff_initial_s: float = Field(
+        1.0,
+        gt=0,
+        description="A component that exits is started again after this many seconds; the "
+        "wait doubles with each further exit, up to restart_backoff_max_s.",
+    )
+    restart_backoff_max_s: float = Field(
+        30.0, gt=0, description="The longest wait before starting an exited component again."
+    )
+    restart_reset_after_s: float = Field(
+        60.0,
+        gt=0,
+        description="Once a restarted component has been ready this many seconds, its next "
+        "exit waits restart_backoff_initial_s again.",
+    )
     services: str | None = Field(
         None,
         description="Comma separated services to start; empty string = none (only NATS and "

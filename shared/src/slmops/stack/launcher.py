@@ -1,9 +1,9 @@
-"""Starting and supervising the local stack.
+"""Starting the local stack.
 
-:func:`run_up` is `slmops up`: check ports, start each component in order and wait until it is
-ready, record it in ``<var_dir>/stack.json``, then either return (detached) or stay in the
-foreground until Ctrl-C / SIGTERM. Any failure stops what was started and raises
-:class:`StackError`. `slmops down` and `slmops status` live in :mod:`slmops.stack.status`.
+:func:`start_stack` checks ports, starts each component in order, waits until it is ready and
+records it in ``<var_dir>/stack.json``; any failure stops what was started and raises
+:class:`StackError`. :mod:`slmops.stack.supervisor` then keeps it running; `slmops down` and
+`slmops status` live in :mod:`slmops.stack.status`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import contextlib
 import os
 import subprocess
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,7 +32,6 @@ from slmops.stack.state import (
     ComponentRecord,
     Report,
     StackState,
-    read_state,
     remove_state,
     state_path,
     stop_components,
@@ -112,7 +110,12 @@ class RunningStack:
     state: StackState = field(init=False)
 
     def __post_init__(self) -> None:
-        self.state = StackState(var_dir=str(self.var_dir), supervisor_pid=os.getpid())
+        me = psutil.Process()
+        self.state = StackState(
+            var_dir=str(self.var_dir),
+            supervisor_pid=me.pid,
+            supervisor_create_time=float(me.create_time()),
+        )
 
     @property
     def state_file(self) -> Path:
@@ -122,14 +125,17 @@ class RunningStack:
     def log_dir(self) -> Path:
         return self.var_dir / "logs"
 
-    def start(self, spec: ComponentSpec) -> None:
-        """Start ``spec``'s process (detached session, output to its log) and record it."""
+    def record(self, name: str) -> ComponentRecord:
+        """The state file's record of component ``name``."""
+        return next(record for record in self.state.components if record.name == name)
+
+    def _spawn(self, spec: ComponentSpec, why: str) -> tuple[subprocess.Popen[bytes], float]:
+        """``spec``'s process (own session, output appended to its log) and its create time."""
         log_path = self.log_dir / f"{spec.name}.log"
         with log_path.open("ab") as log:
             self.log_offsets[spec.name] = log.tell()
-            log.write(
-                f"=== slmops up: {spec.name} at {datetime.now(UTC).isoformat()} ===\n".encode()
-            )
+            banner = f"=== slmops up: {spec.name} {why} at {datetime.now(UTC).isoformat()} ===\n"
+            log.write(banner.encode())
             log.flush()
             try:
                 popen = subprocess.Popen(
@@ -147,6 +153,11 @@ class RunningStack:
             create_time = float(psutil.Process(popen.pid).create_time())
         except psutil.Error:
             create_time = time.time()  # it already exited; the readiness wait reports it
+        return popen, create_time
+
+    def start(self, spec: ComponentSpec) -> None:
+        """Start ``spec``'s process and record it."""
+        popen, create_time = self._spawn(spec, "starting")
         record = ComponentRecord(
             name=spec.name,
             kind=spec.kind,
@@ -155,10 +166,20 @@ class RunningStack:
             argv=list(spec.argv),
             urls=dict(spec.urls),
             ready_url=spec.ready_url,
-            log_path=str(log_path),
+            log_path=str(self.log_dir / f"{spec.name}.log"),
             started_at=time.time(),
         )
         self.state.components.append(record)
+        write_state(self.state_file, self.state)
+
+    def restart(self, spec: ComponentSpec) -> None:
+        """Start ``spec`` again (after it exited) with the same argv and env; its record gets
+        the new PID and create time and one more restart."""
+        record = self.record(spec.name)
+        popen, create_time = self._spawn(spec, f"restart {record.restarts + 1}")
+        record.pid, record.create_time, record.started_at = popen.pid, create_time, time.time()
+        record.restarts += 1
+        record.restart_at = None
         write_state(self.state_file, self.state)
 
     def failure(self, name: str, message: str) -> ComponentFailedError:
@@ -215,9 +236,9 @@ class RunningStack:
                 popen.wait(timeout=1.0)
         remove_state(self.state_file)
 
-    def detach(self) -> None:
-        """Leave the processes running without a supervisor."""
-        self.state.supervisor_pid = None
+    def mark_ready(self) -> None:
+        """Every component started and ready: what `slmops up --detach` waits for."""
+        self.state.ready = True
         write_state(self.state_file, self.state)
 
 
@@ -229,6 +250,15 @@ def declare_platform_topology(platform: PlatformSettings, nats_url: str) -> None
     )
     topology = Topology().sized(platform.jetstream_replicas, platform.stream_max_gb)
     asyncio.run(declare_topology(nats_url, topology, admin))
+
+
+def prepare(spec: ComponentSpec, platform: PlatformSettings) -> None:
+    """What a component needs once ready, before the services use it: the bucket on S3, the
+    streams and buckets on NATS (both idempotent, so they run again after a restart)."""
+    if spec.kind is ComponentKind.S3:
+        ensure_bucket(platform, spec.urls["s3"])
+    if spec.kind is ComponentKind.NATS:
+        declare_platform_topology(platform, spec.urls["nats"])
 
 
 def start_stack(
@@ -252,62 +282,8 @@ def start_stack(
                 report(f"starting {spec.name}")
                 running.start(spec)
                 running.wait_ready(spec, stack.ready_timeout_s)
-                if spec.kind is ComponentKind.S3:
-                    ensure_bucket(platform, spec.urls["s3"])
-                if spec.kind is ComponentKind.NATS:
-                    declare_platform_topology(platform, spec.urls["nats"])
+                prepare(spec, platform)
         except BaseException:
             running.stop()
             raise
     return running
-
-
-def supervise(running: RunningStack, poll_interval_s: float = 0.5) -> int:
-    """Stay in the foreground until Ctrl-C/SIGTERM (exit 0), a component exiting (exit 1) or
-    `slmops down` from elsewhere (exit 0); stop the stack in the first two cases."""
-    report = running.report
-    try:
-        while True:
-            time.sleep(poll_interval_s)
-            codes = {name: popen.poll() for name, popen in running.popens.items()}
-            exited = [(name, code) for name, code in codes.items() if code is not None]
-            state = read_state(running.state_file)
-            if state is None or state.stopping:
-                report("the stack is being stopped by `slmops down`")
-                return 0
-            if exited:
-                name, code = exited[0]
-                error = running.failure(name, f"{name} exited with code {code}")
-                report(f"{error}; last lines of {error.log_path}:\n{error.log_tail}")
-                report("stopping the stack")
-                running.stop()
-                return 1
-    except KeyboardInterrupt:
-        report("stopping the stack")
-        running.stop()
-        return 0
-
-
-def run_up(
-    specs: list[ComponentSpec],
-    stack: StackSettings,
-    platform: PlatformSettings,
-    *,
-    detach: bool,
-    report: Report,
-    on_ready: Callable[[RunningStack], None],
-) -> int:
-    """`slmops up`: start, call ``on_ready``, then detach or supervise. Returns the exit code;
-    raises :class:`StackError` (nothing left running) or KeyboardInterrupt during startup."""
-    signals = Signals()
-    with signals.installed():
-        running = start_stack(specs, stack, platform, report, signals)
-        try:
-            on_ready(running)
-        except BaseException:
-            running.stop()
-            raise
-        if detach:
-            running.detach()
-            return 0
-        return supervise(running)

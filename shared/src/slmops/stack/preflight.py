@@ -9,7 +9,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from slmops.stack.components import LOCAL_HOST, ComponentSpec, StackError
-from slmops.stack.state import Report, live_records, read_state, remove_state, state_path
+from slmops.stack.state import (
+    Report,
+    find_supervisor,
+    live_records,
+    read_state,
+    remove_state,
+    state_path,
+)
 
 
 class PortInUseError(StackError):
@@ -64,11 +71,14 @@ def clear_stale_state(var_dir: Path, report: Report) -> None:
     state = read_state(path)
     if state is None:
         return
-    alive = live_records(state)
+    alive = [f"{r.name} pid {r.pid}" for r in live_records(state)]
+    supervisor = find_supervisor(state)
+    if supervisor is not None:  # it may be restarting every component right now
+        alive.insert(0, f"supervisor pid {supervisor.pid}")
     if alive:
         raise AlreadyRunningError(
             f"the local stack in {var_dir} is already running "
-            f"({', '.join(f'{r.name} pid {r.pid}' for r in alive)}); `slmops down` first"
+            f"({', '.join(alive)}); `slmops down` first"
         )
     report(f"removing stale state file {path} (none of its processes is running)")
     remove_state(path)

@@ -42,6 +42,15 @@ class ComponentRecord:
     ready_url: str
     log_path: str
     started_at: float
+    #: How often the supervisor started it again after it exited.
+    restarts: int = 0
+    #: Why it last exited (``exit code 3``, ``SIGKILL``) and when (epoch seconds).
+    last_exit: str | None = None
+    last_exit_at: float | None = None
+    #: When the supervisor starts it again (epoch seconds) while it waits out its backoff.
+    restart_at: float | None = None
+    #: The backoff before the latest (or pending) restart, in seconds.
+    backoff_s: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -60,7 +69,20 @@ class ComponentRecord:
             ready_url=str(data["ready_url"]),
             log_path=str(data["log_path"]),
             started_at=float(data["started_at"]),
+            restarts=int(data.get("restarts", 0)),
+            last_exit=_optional_str(data.get("last_exit")),
+            last_exit_at=_optional_float(data.get("last_exit_at")),
+            restart_at=_optional_float(data.get("restart_at")),
+            backoff_s=float(data.get("backoff_s", 0.0)),
         )
+
+
+def _optional_str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 @dataclass
@@ -68,9 +90,16 @@ class StackState:
     """Contents of the state file: the started components, in start order."""
 
     var_dir: str
-    #: PID of a foreground `slmops up` supervising the stack, None once it detached.
+    #: The `slmops up` process (foreground) or detached supervisor that owns the components
+    #: and restarts them; None in state files of older versions.
     supervisor_pid: int | None = None
-    #: Set by `slmops down` before it signals anything, so a foreground `up` exits quietly.
+    supervisor_create_time: float | None = None
+    #: Whether the supervisor runs detached (`slmops up --detach`), and where it logs.
+    detached: bool = False
+    supervisor_log: str | None = None
+    #: Set once every component was started and ready (what `up --detach` waits for).
+    ready: bool = False
+    #: Set by whoever stops the stack, so nothing restarts what is being stopped.
     stopping: bool = False
     components: list[ComponentRecord] = field(default_factory=list)
 
@@ -79,6 +108,10 @@ class StackState:
             "version": STATE_VERSION,
             "var_dir": self.var_dir,
             "supervisor_pid": self.supervisor_pid,
+            "supervisor_create_time": self.supervisor_create_time,
+            "detached": self.detached,
+            "supervisor_log": self.supervisor_log,
+            "ready": self.ready,
             "stopping": self.stopping,
             "components": [record.to_json() for record in self.components],
         }
@@ -89,6 +122,11 @@ class StackState:
         return cls(
             var_dir=str(data["var_dir"]),
             supervisor_pid=int(supervisor) if supervisor is not None else None,
+            supervisor_create_time=_optional_float(data.get("supervisor_create_time")),
+            detached=bool(data.get("detached", False)),
+            supervisor_log=_optional_str(data.get("supervisor_log")),
+            # an older state file records only started (hence ready) components
+            ready=bool(data.get("ready", True)),
             stopping=bool(data.get("stopping", False)),
             components=[ComponentRecord.from_json(item) for item in data["components"]],
         )
@@ -135,16 +173,28 @@ def _alive(proc: psutil.Process) -> bool:
         return True
 
 
-def find_process(record: ComponentRecord) -> psutil.Process | None:
-    """The recorded process if it is still running and is the one recorded, else None."""
+def find_pid(pid: int, create_time: float) -> psutil.Process | None:
+    """The process ``pid`` if it is still running and was created at ``create_time``."""
     try:
-        proc = psutil.Process(record.pid)
-        create_time = float(proc.create_time())
+        proc = psutil.Process(pid)
+        actual = float(proc.create_time())
     except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
         return None
-    if abs(create_time - record.create_time) > _CREATE_TIME_TOLERANCE_S:
+    if abs(actual - create_time) > _CREATE_TIME_TOLERANCE_S:
         return None  # the PID was reused by another process
     return proc if _alive(proc) else None
+
+
+def find_process(record: ComponentRecord) -> psutil.Process | None:
+    """The recorded process if it is still running and is the one recorded, else None."""
+    return find_pid(record.pid, record.create_time)
+
+
+def find_supervisor(state: StackState) -> psutil.Process | None:
+    """The recorded supervisor if it is still running and is the one recorded, else None."""
+    if state.supervisor_pid is None or state.supervisor_create_time is None:
+        return None
+    return find_pid(state.supervisor_pid, state.supervisor_create_time)
 
 
 def live_records(state: StackState) -> list[ComponentRecord]:

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from slmops.stack.components import ComponentKind, probe
 from slmops.stack.state import (
+    ComponentRecord,
     Report,
+    StackState,
     find_process,
+    find_supervisor,
     read_state,
     remove_state,
     state_path,
@@ -19,15 +28,56 @@ from slmops.stack.state import (
     write_state,
 )
 
+#: After SIGKILL, how long to wait for the supervisor to disappear.
+_SUPERVISOR_KILL_WAIT_S = 5.0
+
+
+def _stop_supervisor(
+    state: StackState, timeout_s: float, report: Report, force: threading.Event | None
+) -> None:
+    """SIGTERM the recorded supervisor and wait while it stops what it started (each stop
+    group may take ``timeout_s``), so it cannot restart what `down` stops; SIGKILL it if it
+    takes longer or ``force`` is set."""
+    supervisor = find_supervisor(state)
+    if supervisor is None or supervisor.pid == os.getpid():
+        return
+    report(f"stopping the supervisor (pid {supervisor.pid}); it stops what it started")
+    with contextlib.suppress(psutil.Error):
+        supervisor.terminate()
+    groups = sum(1 for r in state.components if r.kind is not ComponentKind.SERVICE) + 1
+    deadline = time.monotonic() + timeout_s * groups + 10.0
+    while _running(supervisor) and time.monotonic() < deadline:
+        if force is not None and force.is_set():
+            break
+        time.sleep(0.05)
+    if _running(supervisor):
+        report(f"the supervisor (pid {supervisor.pid}) is still running: SIGKILL")
+        with contextlib.suppress(psutil.Error):
+            supervisor.kill()
+        with contextlib.suppress(psutil.Error):
+            supervisor.wait(_SUPERVISOR_KILL_WAIT_S)
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return bool(proc.is_running()) and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
 
 def stop_stack(
     var_dir: Path, timeout_s: float, report: Report, force: threading.Event | None = None
 ) -> bool:
-    """`slmops down`: stop every recorded process, remove the state file. False if none."""
+    """`slmops down`: stop the supervisor (which stops its components), then every recorded
+    process still running; remove the state file. False if nothing was recorded."""
     path = state_path(var_dir.resolve())
     state = read_state(path)
     if state is None:
         return False
+    _stop_supervisor(state, timeout_s, report, force)
+    state = read_state(path)  # what the supervisor left, if anything
+    if state is None:
+        return True
     state.stopping = True
     write_state(path, state)
     stop_components(state.components, timeout_s, report, force)
@@ -49,6 +99,36 @@ class ComponentStatus:
     detail: str
     body: object
     log_path: str
+    restarts: int = 0
+    last_exit: str | None = None
+    last_exit_at: float | None = None
+    restart_at: float | None = None
+
+
+@dataclass(frozen=True)
+class SupervisorStatus:
+    """The process that restarts components (`slmops up` or its detached supervisor)."""
+
+    pid: int | None
+    alive: bool
+    detached: bool
+    log_path: str | None
+
+
+def supervisor_status(var_dir: Path) -> SupervisorStatus | None:
+    """The recorded supervisor; None if there is no state file."""
+    state = read_state(state_path(var_dir.resolve()))
+    if state is None:
+        return None
+    alive = find_supervisor(state) is not None
+    return SupervisorStatus(state.supervisor_pid, alive, state.detached, state.supervisor_log)
+
+
+def _not_running_detail(record: ComponentRecord) -> str:
+    if record.restart_at is not None:
+        wait_s = max(0.0, record.restart_at - time.time())
+        return f"exited ({record.last_exit}); restarting in {wait_s:.0f} s"
+    return "process not running"
 
 
 def stack_status(var_dir: Path, timeout_s: float = 2.0) -> list[ComponentStatus] | None:
@@ -63,7 +143,7 @@ def stack_status(var_dir: Path, timeout_s: float = 2.0) -> list[ComponentStatus]
             answer = probe(record.kind, record.ready_url, timeout_s)
             ready, detail, body = answer.ready, answer.detail, answer.body
         else:
-            ready, detail, body = False, "process not running", None
+            ready, detail, body = False, _not_running_detail(record), None
         main_url = record.urls.get(record.kind.value) or record.urls.get("http", "")
         result.append(
             ComponentStatus(
@@ -77,6 +157,10 @@ def stack_status(var_dir: Path, timeout_s: float = 2.0) -> list[ComponentStatus]
                 detail=detail,
                 body=body,
                 log_path=record.log_path,
+                restarts=record.restarts,
+                last_exit=record.last_exit,
+                last_exit_at=record.last_exit_at,
+                restart_at=record.restart_at,
             )
         )
     return result
@@ -135,8 +219,14 @@ def storage_use(components: list[ComponentStatus], timeout_s: float = 2.0) -> li
     )  # fmt: skip
 
 
+def _epoch_iso(epoch_s: float | None) -> str | None:
+    return None if epoch_s is None else datetime.fromtimestamp(epoch_s, UTC).isoformat()
+
+
 def status_json(
-    components: list[ComponentStatus] | None, storage: list[StorageUse] | None = None
+    components: list[ComponentStatus] | None,
+    storage: list[StorageUse] | None = None,
+    supervisor: SupervisorStatus | None = None,
 ) -> dict[str, object]:
     """The `slmops status --json` document."""
     items = components or []
@@ -144,6 +234,14 @@ def status_json(
     return {
         "running": components is not None,
         "ready": bool(items) and all(item.ready for item in items),
+        "supervisor": None
+        if supervisor is None
+        else {
+            "pid": supervisor.pid,
+            "alive": supervisor.alive,
+            "detached": supervisor.detached,
+            "log": supervisor.log_path,
+        },
         "storage": [{**vars(u), "share": u.share} for u in uses],
         "warnings": [w for u in uses if (w := u.warning())],
         "components": {
@@ -157,6 +255,14 @@ def status_json(
                 "detail": item.detail,
                 "body": item.body,
                 "log": item.log_path,
+                "restarts": item.restarts,
+                "last_exit": None
+                if item.last_exit is None
+                else {
+                    "reason": item.last_exit,
+                    "at": _epoch_iso(item.last_exit_at),
+                },
+                "restart_at": _epoch_iso(item.restart_at),
             }
             for item in items
         },

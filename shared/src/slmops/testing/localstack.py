@@ -12,11 +12,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from slmops.stack.components import discover_services
 from slmops.stack.status import stack_urls
 from slmops.testing.ports import free_port_range, free_ports
 
 STACK = (sys.executable, "-m", "slmops.stack")
-SERVICE_COUNT = 5  # ports reserved from the base port, one per service
 
 
 def stack_env_vars(var_dir: Path, ready_timeout_s: float = 180.0) -> dict[str, str]:
@@ -27,7 +27,8 @@ def stack_env_vars(var_dir: Path, ready_timeout_s: float = 180.0) -> dict[str, s
         "SLMOPS_STACK_NATS_PORT": str(nats_port),
         "SLMOPS_STACK_NATS_MONITOR_PORT": str(monitor_port),
         "SLMOPS_STACK_S3_PORT": str(s3_port),
-        "SLMOPS_STACK_SERVICE_BASE_PORT": str(free_port_range(SERVICE_COUNT)),
+        # one port per installed service from the base port
+        "SLMOPS_STACK_SERVICE_BASE_PORT": str(free_port_range(max(1, len(discover_services())))),
         "SLMOPS_STACK_READY_TIMEOUT_S": str(ready_timeout_s),
     }
 
