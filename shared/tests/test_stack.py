@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,7 +34,9 @@ from slmops.stack import (
     ComponentSpec,
     PortClaim,
     StackSettings,
+    Supervisor,
     discover_services,
+    exit_reason,
     plan_stack,
     start_stack,
 )
@@ -48,6 +51,7 @@ from slmops.stack.state import (
     write_state,
 )
 from slmops.testing.localstack import stack_env_vars
+from slmops.testing.polling import until
 from slmops.testing.ports import free_ports
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -231,6 +235,7 @@ def test_down_and_status_with_nothing_running(stack_env: dict[str, str]) -> None
     assert json.loads(status.stdout) == {
         "running": False,
         "ready": False,
+        "supervisor": None,
         "components": {},
         "storage": [],
         "warnings": [],
@@ -374,3 +379,160 @@ def test_a_reused_pid_is_never_signalled() -> None:
     assert find_process(reused) is None
     stop_components([reused], 0.1, lambda _: None)  # would SIGTERM this very test otherwise
     assert find_process(_record("me", me.pid, float(me.create_time()))) is not None
+
+
+# --- supervision: what exits is started again -------------------------------------------------
+
+
+def _state(var_dir: Path) -> StackState:
+    state = read_state(state_path(var_dir))
+    assert state is not None
+    return state
+
+
+def _component(var_dir: Path, name: str) -> ComponentRecord:
+    return next(r for r in _state(var_dir).components if r.name == name)
+
+
+def _ready_again(var_dir: Path, name: str, restarts: int) -> bool:
+    record = _component(var_dir, name)
+    return (
+        record.restarts == restarts
+        and record.restart_at is None
+        and _alive(record.pid, record.create_time)
+    )
+
+
+def test_exit_reasons_name_signals_and_codes() -> None:
+    assert exit_reason(-9) == "SIGKILL"
+    assert exit_reason(-15) == "SIGTERM"
+    assert exit_reason(3) == "exit code 3"
+
+
+def test_a_state_file_of_an_older_version_still_loads(tmp_path: Path) -> None:
+    old = {"version": 1, "var_dir": str(tmp_path), "supervisor_pid": None, "stopping": False,
+           "components": [{"name": "nats", "kind": "nats", "pid": 1, "create_time": 1.0,
+                           "argv": ["nats-server"], "urls": {}, "ready_url": "http://x",
+                           "log_path": "nats.log", "started_at": 1.0}]}  # fmt: skip
+    state_path(tmp_path).write_text(json.dumps(old))
+    state = _state(tmp_path)
+    assert state.ready
+    assert state.supervisor_create_time is None
+    (record,) = state.components
+    assert (record.restarts, record.last_exit, record.restart_at) == (0, None, None)
+
+
+async def test_a_component_that_exits_is_restarted_with_doubling_backoff(tmp_path: Path) -> None:
+    platform = PlatformSettings(var_dir=tmp_path)
+    settings = StackSettings(
+        ready_timeout_s=10, stop_timeout_s=5, restart_backoff_initial_s=0.2,
+        restart_backoff_max_s=0.3, restart_reset_after_s=3600,
+    )  # fmt: skip
+    spec = _fake_spec(tmp_path, 0)
+    running = start_stack([spec], settings, platform, lambda _: None)
+    stop = threading.Event()
+    supervisor = Supervisor(running, [spec], poll_interval_s=0.05, stop=stop)
+    thread = threading.Thread(target=supervisor.run)
+    thread.start()
+    try:
+        pids = []
+        for restarts, backoff_s, how in ((1, 0.2, "kill"), (2, 0.3, "terminate"), (3, 0.3, "kill")):
+            record = _component(tmp_path, "fake")
+            pids.append(record.pid)
+            getattr(psutil.Process(record.pid), how)()
+            await until(lambda n=restarts: _ready_again(tmp_path, "fake", n),  # type: ignore[misc]
+                        f"restart {restarts}", timeout_s=20)  # fmt: skip
+            record = _component(tmp_path, "fake")
+            assert record.backoff_s == pytest.approx(backoff_s)  # doubled, then capped
+            assert record.last_exit == ("SIGKILL" if how == "kill" else "SIGTERM")
+            assert record.last_exit_at is not None
+            assert record.pid not in pids
+        # the restarted process got the same env: it serves on the port the spec gave it
+        await until(lambda: probe_ready(spec), "the restarted fake answers /readyz")
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert not state_path(tmp_path).exists()  # stopping the supervisor stopped the stack
+    assert not _alive(record.pid, record.create_time)
+    banners = (tmp_path / "logs" / "fake.log").read_text().count("=== slmops up: fake")
+    assert banners == 4
+
+
+def probe_ready(spec: ComponentSpec) -> bool:
+    from slmops.stack import probe
+
+    return probe(spec.kind, spec.ready_url).ready
+
+
+def _kill(env: dict[str, str], name: str, how: str = "kill") -> ComponentRecord:
+    record = next(r for r in _state(Path(env["SLMOPS_VAR_DIR"])).components if r.name == name)
+    getattr(psutil.Process(record.pid), how)()
+    return record
+
+
+def _status(env: dict[str, str]) -> dict[str, Any]:
+    document: dict[str, Any] = json.loads(_cli(env, "status", "--json", timeout=30).stdout)
+    return document
+
+
+async def test_the_detached_supervisor_restarts_a_killed_component(
+    stack_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = {**stack_env, "SLMOPS_STACK_SERVICES": ""}  # NATS and S3: seconds, not minutes
+    monkeypatch.setenv("SLMOPS_STACK_SERVICES", "")
+    var_dir = Path(env["SLMOPS_VAR_DIR"])
+    up = _cli(env, "up", "--detach")
+    assert up.returncode == 0, up.stderr
+    supervisor = _state(var_dir)
+    assert supervisor.detached
+    assert supervisor.supervisor_pid is not None
+    assert await _jetstream(env, create=True) == ["STACKTEST", "1"]
+
+    killed = {"nats": _kill(env, "nats"), "s3": _kill(env, "s3", "terminate")}
+    await until(lambda: all(_ready_again(var_dir, n, 1) for n in killed), "both restarted",
+                timeout_s=30, every_s=0.1)  # fmt: skip
+    document = _status(env)
+    assert document["ready"] is True
+    assert document["supervisor"]["alive"]
+    assert document["supervisor"]["detached"]
+    for name, reason in (("nats", "SIGKILL"), ("s3", "SIGTERM")):
+        item = document["components"][name]
+        assert item["restarts"] == 1
+        assert item["last_exit"]["reason"] == reason
+        assert item["last_exit"]["at"]
+        assert item["pid"] != killed[name].pid
+    # NATS restarted on the same store: the streams are still there
+    assert await _jetstream(env, create=False) == ["STACKTEST", "1"]
+    table = _cli({**env, "COLUMNS": "200"}, "status", timeout=30).stdout
+    assert "SIGKILL" in table
+    assert "restarts" in table
+
+    recorded = _recorded(env)
+    down = _cli(env, "down", timeout=60)
+    assert down.returncode == 0, down.stderr
+    assert "stopping the supervisor" in down.stderr
+    assert not _alive(supervisor.supervisor_pid, supervisor.supervisor_create_time or 0.0)
+    assert [name for name, pid, ct in recorded if _alive(pid, ct)] == []
+
+
+async def test_down_while_a_component_waits_out_its_backoff_restarts_nothing(
+    stack_env: dict[str, str],
+) -> None:
+    env = {**stack_env, "SLMOPS_STACK_SERVICES": "", "SLMOPS_STACK_RESTART_BACKOFF_INITIAL_S": "60"}
+    var_dir = Path(env["SLMOPS_VAR_DIR"])
+    up = _cli(env, "up", "--detach")
+    assert up.returncode == 0, up.stderr
+    _kill(env, "nats")
+    await until(lambda: _component(var_dir, "nats").restart_at is not None,
+                "the supervisor noted the exit", timeout_s=20, every_s=0.1)  # fmt: skip
+    status = _status(env)
+    assert status["components"]["nats"]["alive"] is False
+    assert "restarting in" in status["components"]["nats"]["detail"]
+    recorded = _recorded(env)
+    down = _cli(env, "down", timeout=60)
+    assert down.returncode == 0, down.stderr
+    assert [name for name, pid, ct in recorded if _alive(pid, ct)] == []
+    assert not state_path(var_dir).exists()
+    log = (var_dir / "logs" / "nats.log").read_text()
+    assert log.count("=== slmops up: nats") == 1  # started once, never again
