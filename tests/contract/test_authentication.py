@@ -3,7 +3,8 @@
 The apps are built as the services build them (no lifespan: the credentials check comes before
 any handler touches NATS or S3). Health and readiness answer anyone; a gateway's inference
 routes answer local callers unless its API key is set. Everything else: 401 without a valid
-token, 403 with a token lacking the route's scope.
+token, 403 with a token lacking the route's scope (a scraper's token opens only ``/metrics``,
+which a viewer's does not).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from slmops.auth.tokens import generate_signing_key
 from slmops.settings import PlatformSettings
 
 PUBLIC = {"/healthz", "/readyz"}
+METRICS = "/metrics"  # the one route a scraper's token opens
 GATEWAY_INFERENCE = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models",
                      "/v1/infer"}  # fmt: skip
 
@@ -87,10 +89,12 @@ def test_every_route_refuses_anonymous_and_forged_callers(
     app = build_app(service, var_dir)
     routes = list(operations(app))
     assert len(routes) >= 4, routes
+    assert ("GET", METRICS) in routes
     stranger = TokenIssuer(generate_signing_key())  # a key the services never trusted
     forged = stranger.mint("user:admin", scopes_of_role("admin"), ttl_s=60)
     expired = credentials.issuer().mint("user:admin", scopes_of_role("admin"), ttl_s=-120)
     scraper = credentials.token("metrics")  # valid, but holds only the metrics scope
+    viewer = credentials.issuer().mint("user:viewer", scopes_of_role("viewer"), ttl_s=60)
     open_routes = PUBLIC | (GATEWAY_INFERENCE if service == "gateway" else set())
     client = TestClient(app)  # no `with`: no lifespan, no NATS or S3
     refused: dict[str, list[str]] = {"anonymous": [], "forged": [], "expired": [], "scope": []}
@@ -102,7 +106,7 @@ def test_every_route_refuses_anonymous_and_forged_callers(
             answer = call(client, method, path, token)
             if answer.status_code != 401 or answer.headers.get("www-authenticate") != "Bearer":
                 refused[kind].append(f"{where} -> {answer.status_code}")
-        if call(client, method, path, scraper).status_code != 403:
+        if call(client, method, path, viewer if path == METRICS else scraper).status_code != 403:
             refused["scope"].append(where)
     assert refused == {"anonymous": [], "forged": [], "expired": [], "scope": []}
 
@@ -134,6 +138,7 @@ ROLE_MATRIX = [
     ("rollout", "POST", "/v1/rollouts", {"operator", "admin"}),
     ("rollout", "POST", "/v1/rollouts/x1/pause", {"operator", "admin"}),
     ("optimizer", "POST", "/v1/jobs/x1/cancel", {"operator", "admin"}),
+    ("gateway", "GET", METRICS, {"metrics", "admin"}),
 ]
 ROLES = sorted(ROLE_SCOPES)
 

@@ -14,7 +14,7 @@ import json
 import logging
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import nats.errors
 from nats.aio.msg import Msg
@@ -24,7 +24,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from slmops.bus.connection import Bus
 from slmops.bus.deadletter import dead_letter_exhausted, dead_letter_msg
-from slmops.bus.handlers import Handlers
+from slmops.bus.handlers import Handlers, durable_name
 from slmops.bus.topology import ConsumerSpec
 from slmops.events.errors import EventDecodeError, PermanentError
 from slmops.events.registry import decode_event
@@ -33,6 +33,19 @@ from slmops.tracing import extract_trace_context
 
 log = logging.getLogger(__name__)
 _BATCH_WAIT_S = 0.05  # how long a batch pull may wait for more once messages are flowing
+#: What became of one message: acked after its handler (handled), acked without one (ignored),
+#: naked for a later retry, dead-lettered, or not settled at all (failed: redelivered later).
+Outcome = Literal["handled", "ignored", "retried", "dead_lettered", "failed"]
+UNKNOWN_TYPE = "unknown"  # undecodable, or dead-lettered by an advisory that names no type
+
+
+class EventObserver(Protocol):
+    """Told what became of each message (the service's metrics)."""
+
+    def count(self, consumer: str, event_type: str, outcome: str) -> None: ...
+
+    def time(self, event_type: str, duration_s: float) -> None:
+        """A handler's run, its output events published, whatever its outcome."""
 
 
 @dataclass
@@ -48,13 +61,18 @@ class EventConsumer:
     """Runs one durable pull consumer of one service until :meth:`stop`."""
 
     def __init__(
-        self, bus: Bus, spec: ConsumerSpec, handlers: Handlers, settings: ConsumerSettings
-    ) -> None:
+        self, bus: Bus, spec: ConsumerSpec, handlers: Handlers, settings: ConsumerSettings,
+        observer: EventObserver | None = None, service: str | None = None,
+    ) -> None:  # fmt: skip
+        """``observer`` is told every outcome under the consumer's ``label``: the durable
+        name of ``service`` on the stream (a gateway's consumer without its id in it)."""
         self.bus = bus
         self.spec = spec
         self.handlers = handlers
         self.settings = settings
         self.stats = ConsumerStats()
+        self.observer = observer
+        self.label = durable_name(service, spec.stream) if service else spec.durable
         # A fixed pool of workers takes fetched messages from a queue: the pool size is the
         # concurrency bound, and no task is created per message.
         self._queue: asyncio.Queue[Msg] = asyncio.Queue()
@@ -161,18 +179,20 @@ class EventConsumer:
             await self._handle(msg)
         except Exception as exc:  # never let one message kill the loop; it will be redelivered
             self.stats.last_error = f"{type(exc).__name__}: {exc}"
+            self._observe(UNKNOWN_TYPE, "failed")
             log.exception("%s: could not settle message on %s", self.spec.durable, msg.subject)
 
     async def _handle(self, msg: Msg) -> None:
         try:
             event = decode_event(msg.data)
         except EventDecodeError as exc:
-            await self._dead_letter(msg, str(exc), exc)
+            await self._dead_letter(msg, str(exc), exc, UNKNOWN_TYPE)
             return
         handler = self.handlers.get(event.type)
         if handler is None:  # a known type this service does not handle: not an error
             self.stats.ignored += 1
             await msg.ack()
+            self._observe(event.type, "ignored")
             return
         parent = extract_trace_context(msg.headers) or extract_trace_context(
             {"traceparent": event.traceparent, "tracestate": event.tracestate or ""}
@@ -188,39 +208,56 @@ class EventConsumer:
         ) as span:
             if num_delivered > 1:
                 span.set_attribute("messaging.delivery_count", num_delivered)
-            self._running_since[id(msg)] = (msg, asyncio.get_running_loop().time())
+            began = asyncio.get_running_loop().time()
+            self._running_since[id(msg)] = (msg, began)
             try:
                 outputs = await handler(event)
                 for output in outputs or ():
                     await self.bus.publish(output)
             except PermanentError as exc:
                 span.set_status(Status(StatusCode.ERROR, str(exc)))
-                await self._dead_letter(msg, str(exc), exc)
+                self._time(event.type, began)
+                await self._dead_letter(msg, str(exc), exc, event.type)
                 return
             except Exception as exc:
                 span.record_exception(exc)
                 span.set_status(Status(StatusCode.ERROR, str(exc)))
                 self.stats.last_error = f"{type(exc).__name__}: {exc}"
-                await self._retry_or_dead_letter(msg, exc, num_delivered)
+                self._time(event.type, began)
+                await self._retry_or_dead_letter(msg, exc, num_delivered, event.type)
                 return
             finally:
                 del self._running_since[id(msg)]
+            self._time(event.type, began)
             await msg.ack()
             self.stats.handled += 1
+            self._observe(event.type, "handled")
 
-    async def _retry_or_dead_letter(self, msg: Msg, exc: Exception, num_delivered: int) -> None:
+    async def _retry_or_dead_letter(
+        self, msg: Msg, exc: Exception, num_delivered: int, event_type: str
+    ) -> None:
         if num_delivered >= self.spec.max_deliver:
             reason = f"failed on all {num_delivered} deliveries; last error: {exc}"
-            await self._dead_letter(msg, reason, exc)
+            await self._dead_letter(msg, reason, exc, event_type)
             return
         self.stats.retried += 1
         await msg.nak(delay=self._backoff_s(num_delivered))
+        self._observe(event_type, "retried")
 
-    async def _dead_letter(self, msg: Msg, reason: str, exc: Exception) -> None:
+    async def _dead_letter(self, msg: Msg, reason: str, exc: Exception, event_type: str) -> None:
         await dead_letter_msg(
             self.bus, msg, consumer=self.spec.durable, reason=reason, error_type=type(exc).__name__
         )
         self.stats.dead_lettered += 1
+        self._observe(event_type, "dead_lettered")
+
+    def _observe(self, event_type: str, outcome: Outcome) -> None:
+        if self.observer is not None:
+            self.observer.count(self.label, event_type, outcome)
+
+    def _time(self, event_type: str, began: float) -> None:
+        if self.observer is not None:
+            self.observer.time(event_type, asyncio.get_running_loop().time() - began)
 
     def _backoff_s(self, num_delivered: int) -> float:
         base, cap = self.settings.nak_backoff_base_s, self.settings.nak_backoff_max_s
@@ -250,6 +287,7 @@ class EventConsumer:
             advisory: dict[str, Any] = json.loads(advisory_msg.data)
             await dead_letter_exhausted(self.bus, advisory, self.spec.durable)
             self.stats.dead_lettered += 1
+            self._observe(UNKNOWN_TYPE, "dead_lettered")
         except Exception:
             log.exception("%s: could not dead-letter an exhausted message", self.spec.durable)
 

@@ -9,7 +9,7 @@ redelivery re-publishes them under the same deterministic ids (de-duplicated by 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from slmops.bus.topology import ConsumerSpec, stream_for_subject
@@ -62,6 +62,14 @@ class Handlers:
             return handler
 
         return decorate
+
+    def wrap(self, payload_type: type[EventPayload], wrapper: Callable[[Handler], Handler]) -> None:
+        """Put ``wrapper`` around the handler of ``payload_type`` (a service counting what it
+        receives, without its handlers knowing); before the consumers start."""
+        registration = self._by_type[payload_type.event_type]
+        self._by_type[payload_type.event_type] = replace(
+            registration, handler=wrapper(registration.handler)
+        )
 
     def get(self, event_type: str) -> Handler | None:
         registration = self._by_type.get(event_type)

@@ -1,4 +1,4 @@
-"""The HTTP side every service shares: liveness, readiness, app assembly, serving."""
+"""The HTTP side every service shares: liveness, readiness, metrics, app assembly, serving."""
 
 from __future__ import annotations
 
@@ -6,12 +6,13 @@ import logging
 from dataclasses import asdict
 
 from fastapi import APIRouter, Depends, FastAPI
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
 from slmops import __version__
 from slmops.auth import Scope, TokenVerifier
 from slmops.service.auth import require
+from slmops.service.metrics import CONTENT_TYPE, HttpMetricsMiddleware
 from slmops.service.runtime import ServiceRuntime
 from slmops.settings import ServiceSettings
 
@@ -56,18 +57,49 @@ def health_router(runtime: ServiceRuntime) -> APIRouter:
     return router
 
 
+def metrics_router(runtime: ServiceRuntime) -> APIRouter:
+    router = APIRouter(tags=["health"])
+
+    @router.get(
+        "/metrics",
+        summary="Prometheus metrics of this process (text format 0.0.4)",
+        response_class=Response,
+        responses={200: {"content": {CONTENT_TYPE: {}}, "description": "The metric families"}},
+        dependencies=[Depends(require(Scope.METRICS))],
+    )
+    async def metrics() -> Response:
+        return Response(await runtime.metrics.render(), media_type=CONTENT_TYPE)
+
+    async def consumer_lag() -> None:
+        bus = runtime.bus
+        if bus is None or not bus.connected:
+            return
+        for consumer in runtime.consumers:
+            info = await bus.js.consumer_info(consumer.spec.stream, consumer.spec.durable)
+            runtime.metrics.consumer_pending.labels(consumer.label).set(info.num_pending or 0)
+            runtime.metrics.consumer_ack_pending.labels(consumer.label).set(
+                info.num_ack_pending or 0
+            )
+
+    runtime.metrics.add_refresher("consumer lag", consumer_lag, min_interval_s=1.0)
+    return router
+
+
 def create_service_app(runtime: ServiceRuntime, *routers: APIRouter, title: str) -> FastAPI:
-    """A FastAPI app whose lifespan runs ``runtime``, with health routes, tracing and the
-    token verifier every route's credentials check uses."""
+    """A FastAPI app whose lifespan runs ``runtime``, with health and metrics routes, tracing
+    and the token verifier every route's credentials check uses."""
     app = FastAPI(title=title, version=__version__, lifespan=runtime.lifespan)
     app.state.runtime = runtime
     platform = runtime.settings.platform
     app.state.token_verifier = TokenVerifier(
         platform.auth_keys_file(), issuer=platform.auth.issuer, audience=platform.auth.audience
     )
+    app.state.metrics = runtime.metrics  # a service adds its domain families to it
     app.include_router(health_router(runtime))
+    app.include_router(metrics_router(runtime))
     for router in routers:
         app.include_router(router)
+    app.add_middleware(HttpMetricsMiddleware, metrics=runtime.metrics)
     FastAPIInstrumentor.instrument_app(
         app, tracer_provider=runtime.tracer_provider, excluded_urls="healthz,readyz"
     )

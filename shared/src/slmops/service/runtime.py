@@ -25,6 +25,7 @@ from slmops.bus.credentials import NatsCredentials
 from slmops.bus.handlers import Handlers
 from slmops.bus.topology import Topology
 from slmops.objectstore import ObjectStore, ObjectStoreError
+from slmops.service.metrics import ServiceMetrics
 from slmops.settings import ServiceSettings
 from slmops.tracing import setup_tracing
 
@@ -119,6 +120,7 @@ class ServiceRuntime:
         self.identity = identity or f"service-{name}"
         self.settings = settings
         self.handlers = handlers or Handlers()
+        self.metrics = ServiceMetrics(name)  # this process's own registry: served at /metrics
         self.tracer_provider = tracer_provider or setup_tracing(
             f"slmops-{name}", trace_dir=settings.platform.trace_dir
         )
@@ -202,7 +204,8 @@ class ServiceRuntime:
             )
         await self.bus.declare(self.topology)
         for spec in self.topology.consumers[len(self.consumers) :]:
-            consumer = EventConsumer(self.bus, spec, self.handlers, self.settings.consumer)
+            consumer = EventConsumer(self.bus, spec, self.handlers, self.settings.consumer,
+                                     observer=self.metrics, service=self.name)  # fmt: skip
             await consumer.start()
             self.consumers.append(consumer)
 
