@@ -4,7 +4,9 @@ Every recipe of a model starts with ``convert``, so a version fanned out to 3 cl
 recipes would export the same model nine times; the replica converts once and reuses the
 result (keyed by source digest and convert config, guarded by a file lock so two jobs do not
 race). Sources are fetched once per digest and verified on the way in. Job folders are
-temporary and removed whatever happens, with every temp file the passes wrote.
+temporary and removed whatever happens, with every temp file the passes wrote; they are named
+after their process (:mod:`slmops.jobdirs`), so those of a replica that was killed mid-job are
+removed when the next replica starts.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
 import shutil
 import tarfile
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from slmops.jobdirs import owned_dir, remove_orphaned
 from slmops.objectstore import ObjectStore
 from slmops_optimizer.jobspec import JobSpec
 from slmops_optimizer.passes import PassError, SourceModel
@@ -32,15 +34,13 @@ class Workspace:
         self.store = store
         for sub in ("sources", "converted", "jobs", "locks"):
             (root / sub).mkdir(parents=True, exist_ok=True)
+        # A replica starts with its service: folders of jobs whose process died go now.
+        remove_orphaned(root / "jobs")
 
     @contextmanager
     def job_dir(self, job_id: str) -> Iterator[Path]:
-        folder = self.root / "jobs" / f"{job_id}-{os.getpid()}-{os.urandom(4).hex()}"
-        folder.mkdir(parents=True)
-        try:
+        with owned_dir(self.root / "jobs", job_id) as folder:
             yield folder
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
 
     @contextmanager
     def _locked(self, key: str) -> Iterator[None]:

@@ -13,8 +13,6 @@ import asyncio
 import functools
 import json
 import logging
-import tempfile
-from pathlib import Path
 from typing import Any, Literal
 
 import nats.js.errors
@@ -33,10 +31,12 @@ from slmops.events import (
     new_event,
 )
 from slmops.events.payloads import ArtifactRef
+from slmops.jobdirs import owned_dir, remove_orphaned
 from slmops.reports import ValidationReport, render_markdown
 from slmops_validator.binding import bound_to_manifest
 from slmops_validator.context import ValidatorContext
 from slmops_validator.releases import Candidate, Tally, choose, update_tally
+from slmops_validator.scratch import job_root
 from slmops_validator.validate import Subject, validate
 
 log = logging.getLogger(__name__)
@@ -143,8 +143,8 @@ async def _store_report(
 ) -> ArtifactRef:
     """The report as a blob, then recorded (signed) by the registry against the variant."""
     report = report.model_copy(update={"markdown": render_markdown(report)})
-    with tempfile.TemporaryDirectory(dir=ctx.settings.scratch_dir) as tmp:
-        path = Path(tmp) / "report.json"
+    with owned_dir(job_root(ctx.settings), "report") as tmp:
+        path = tmp / "report.json"
         path.write_bytes(report.to_json())
         blob = await asyncio.to_thread(ctx.store.put_file, path)
     metrics = {g.name: g.value for g in report.gates if g.value is not None}
@@ -233,6 +233,7 @@ async def _state(ctx: ValidatorContext) -> Any:
 
 def build_handlers(ctx: ValidatorContext) -> Handlers:
     """The event-type -> handler table of the validator service (dependencies bound here)."""
+    remove_orphaned(job_root(ctx.settings))  # at start: what jobs killed mid-way left behind
     handlers = Handlers()
     for payload, handler in (
         (OptimizationCompleted, on_completed),

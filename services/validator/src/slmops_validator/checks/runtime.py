@@ -12,7 +12,6 @@ import asyncio
 import json
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from slmops.events.payloads import GateResult
+from slmops.jobdirs import owned_dir
 from slmops.profiles import DeviceProfile
 from slmops.reports import CheckOutcome
 from slmops_validator.checks.base import judged, not_measurable, verdict_gate
@@ -28,6 +28,7 @@ from slmops_validator.checks.generation import generation_outcome
 from slmops_validator.checks.host import host_stands_for, same_architecture
 from slmops_validator.checks.noise import paired_ratio
 from slmops_validator.evalinputs import EvalInputs
+from slmops_validator.scratch import job_root
 from slmops_validator.settings import ValidatorSettings
 
 _HOST_EPS = ("CPUExecutionProvider",)
@@ -69,8 +70,7 @@ async def probe(
     measure_latency = (
         profile.latency_measurable_on_host and same_architecture(profile) and reference is not None
     )
-    with tempfile.TemporaryDirectory(dir=settings.scratch_dir, prefix="probe-") as tmp:
-        folder = Path(tmp)
+    with owned_dir(job_root(settings), "probe") as folder:
         np.savez(folder / "smoke.npz", allow_pickle=False, **inputs.feeds[0])
         np.savez(folder / "latency.npz", allow_pickle=False, **inputs.latency_feed)
         spec = {
