@@ -14,6 +14,7 @@ from slmops.trust.client import TrustClient
 from slmops_gateway.agent import DESIRED_BUCKET, Agent, report_event
 from slmops_gateway.api import router
 from slmops_gateway.handlers import build_handlers
+from slmops_gateway.metrics import register as register_metrics
 from slmops_gateway.openai_api import router as openai_router
 from slmops_gateway.pool import GenerationPool
 from slmops_gateway.settings import GatewaySettings
@@ -81,6 +82,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     runtime.add_dependency("agent", AgentLoop(agent, runtime))
     pool = GenerationPool(settings.max_concurrent_generations, settings.queue_timeout_s)
     runtime.add_dependency("generation", pool)  # /readyz shows its load; stopping cancels runs
+    register_metrics(runtime.metrics, agent.health)
     app = create_service_app(runtime, router, openai_router, title="slmops gateway")
     app.state.agent = agent
     app.state.generation_pool = pool

@@ -17,7 +17,8 @@ from slmops.events.payloads import HealthAggregate
 
 
 class HealthWindow:
-    """Requests since the last report: how many, how many failed, how long they took."""
+    """Requests since the last report: how many, how many failed, how long they took; and
+    running totals since the process started (its metrics), which no report resets."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -28,11 +29,16 @@ class HealthWindow:
         self._ttft_ms: list[float] = []
         self._decode_tokens = 0
         self._decode_s = 0.0
+        self.total_ok = self.total_failed = self.total_tokens = 0
 
     def record(self, latency_ms: float, ok: bool) -> None:
         with self._lock:
             self._latencies_ms.append(latency_ms)
             self._errors += 0 if ok else 1
+            if ok:
+                self.total_ok += 1
+            else:
+                self.total_failed += 1
 
     def record_generation(self, ttft_ms: float | None, decode_tokens: int, decode_s: float) -> None:
         """One generation's timings (its request is counted by :meth:`record`): ``ttft_ms`` None
@@ -40,6 +46,7 @@ class HealthWindow:
         with self._lock:
             if ttft_ms is not None:
                 self._ttft_ms.append(ttft_ms)
+                self.total_tokens += 1 + decode_tokens
             if decode_tokens > 0 and decode_s > 0:
                 self._decode_tokens += decode_tokens
                 self._decode_s += decode_s

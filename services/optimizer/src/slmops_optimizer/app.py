@@ -12,6 +12,7 @@ from slmops_optimizer.api import router
 from slmops_optimizer.compute import Compute
 from slmops_optimizer.context import OptimizerContext
 from slmops_optimizer.handlers import build_handlers
+from slmops_optimizer.metrics import register as register_metrics
 from slmops_optimizer.settings import OptimizerSettings
 
 
@@ -28,6 +29,7 @@ def create_app(settings: OptimizerSettings | None = None) -> FastAPI:
     runtime = ServiceRuntime("optimizer", settings, build_handlers(context), uses_object_store=True)
     runtime.add_dependency("ray_serve", context.compute)
     context.runtime = runtime
+    register_metrics(runtime.metrics, context)
     app = create_service_app(runtime, router, title="slmops optimizer")
     app.state.optimizer = context
     return app

@@ -14,6 +14,7 @@ from slmops_rollout.api import router
 from slmops_rollout.engine import Engine
 from slmops_rollout.fleet import GATEWAYS_BUCKET
 from slmops_rollout.handlers import build_handlers
+from slmops_rollout.metrics import register as register_metrics
 from slmops_rollout.settings import RolloutSettings
 from slmops_rollout.steps import tick
 
@@ -80,6 +81,7 @@ def create_app(settings: RolloutSettings | None = None) -> FastAPI:
         "rollout", settings, build_handlers(engines, settings), uses_object_store=True
     )
     runtime.add_dependency("ticker", Ticker(engines, settings.tick_s))
+    register_metrics(runtime.metrics, runtime.handlers, engines)
     app = create_service_app(runtime, router, title="slmops rollout")
     app.state.engines = engines
     app.state.registry = RegistryClient.with_identity(  # tests may swap it before start

@@ -11,6 +11,7 @@ from slmops.trust.client import TrustClient
 from slmops_validator.api import router
 from slmops_validator.context import ValidatorContext
 from slmops_validator.handlers import build_handlers
+from slmops_validator.metrics import register as register_metrics
 from slmops_validator.settings import ValidatorSettings
 
 
@@ -30,6 +31,7 @@ def create_app(settings: ValidatorSettings | None = None) -> FastAPI:
                                     auth=context.registry.auth)  # fmt: skip
     runtime = ServiceRuntime("validator", settings, build_handlers(context), uses_object_store=True)
     context.runtime = runtime
+    register_metrics(runtime.metrics, context)
     app = create_service_app(runtime, router, title="slmops validator")
     app.state.validator = context
     return app
