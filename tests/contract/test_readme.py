@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic_settings import BaseSettings
 
-from slmops.cli.registry import CliSettings
+from slmops.cli.common import CliSettings
 from slmops.settings import AuthSettings, ConsumerSettings, PlatformSettings
 from slmops.stack.components import StackSettings
 from slmops_gateway.settings import GatewaySettings

@@ -21,28 +21,12 @@ from slmops.auth import (
     local_credentials,
     scopes_of_role,
 )
-from slmops.cli.registry import CliSettings, console_out, fail
+from slmops.cli.common import CliSettings, console_out, fail, parse_duration_s
 from slmops.stack import identities
 from slmops.stack.identities import enroll_gateway
 
 app = typer.Typer(help="Credentials: tokens per principal, scoped and expiring.",
                   no_args_is_help=True)  # fmt: skip
-
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration_s(text: str) -> float:
-    """``90s``, ``15m``, ``8h``, ``30d`` (or plain seconds) as seconds."""
-    text = text.strip().lower()
-    unit = _UNITS.get(text[-1:], 0)
-    try:
-        value = float(text[:-1] if unit else text)
-    except ValueError:
-        raise typer.BadParameter(f"{text!r} is not a duration like 15m, 8h or 30d") from None
-    seconds = value * (unit or 1)
-    if seconds <= 0:
-        raise typer.BadParameter("a token must live a positive time")
-    return seconds
 
 
 @app.command("init")

@@ -9,7 +9,7 @@ import typer
 from slmops.bus.connection import declare_topology
 from slmops.bus.credentials import BadNatsCredentialsError, NatsCredentials
 from slmops.bus.topology import Topology
-from slmops.cli.registry import console_out, fail
+from slmops.cli.common import console_out, fail
 from slmops.settings import PlatformSettings
 
 app = typer.Typer(help="The bus: streams and buckets (admin).", no_args_is_help=True)

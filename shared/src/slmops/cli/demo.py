@@ -13,15 +13,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 
-from slmops.cli.fleet import parse_shares
-from slmops.cli.registry import fail
+from slmops.cli.common import fail, parse_shares
 from slmops.settings import PlatformSettings
 from slmops.stack.status import stack_status, stack_urls, status_json
+
+if TYPE_CHECKING:  # the demo's modules load when it runs: other commands start faster
+    from slmops.demo.flow import DemoOptions
 
 _out = Console(highlight=False)
 if not _out.is_terminal:  # a log file or CI: room for the progress columns and the report
@@ -101,8 +103,8 @@ def demo(
     raise typer.Exit(code)
 
 
-async def _main(options: Any, platform: PlatformSettings, wait: bool, json_report: Path | None,
-                chat: bool) -> int:  # fmt: skip
+async def _main(options: DemoOptions, platform: PlatformSettings, wait: bool,
+                json_report: Path | None, chat: bool) -> int:  # fmt: skip
     from slmops.demo.chat import start_chat_gateway
     from slmops.demo.flow import platform_buses, run_demo, start_fleet
     from slmops.demo.report import build_report, render_report
@@ -149,5 +151,4 @@ async def _main(options: Any, platform: PlatformSettings, wait: bool, json_repor
         finally:
             if talker is not None:
                 talker.stop()
-            await fleet.stop()
-            await fleet.registry.close()
+            await fleet.stop()  # and its registry connections

@@ -1,6 +1,7 @@
-"""`slmops fleet simulate`: thousands of simulated gateways running the real agent code
-(``slmops_gateway.simulator``) against this platform's NATS and registry, until Ctrl-C; and
-`slmops fleet list`: the registered gateways, from the rollout service's fleet record."""
+"""`slmops fleet simulate`: thousands of simulated gateways running the real agent code (the
+gateway distribution's simulator, found through :mod:`slmops.fleetsim`) against this
+platform's NATS and registry, until Ctrl-C; and `slmops fleet list`: the registered gateways,
+from the rollout service's fleet record."""
 
 from __future__ import annotations
 
@@ -14,22 +15,28 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from slmops.cli.registry import CliSettings, RegistryUrl, cli_auth, console_out, fail
-from slmops.cli.rollout import JsonOutput, RolloutUrl, call_api
+from slmops.bus import Bus
+from slmops.bus.credentials import NatsCredentials
+from slmops.cli.common import (
+    CliSettings,
+    JsonOutput,
+    RegistryUrl,
+    RolloutUrl,
+    call_json,
+    cli_auth,
+    console_out,
+    fail,
+    parse_shares,
+)
+from slmops.fleetsim import (
+    FleetRequest,
+    FleetSimulator,
+    FleetSimulatorMissingError,
+    load_fleet_simulator,
+)
+from slmops.settings import PlatformSettings
 
 app = typer.Typer(help="Simulated gateway fleets.", no_args_is_help=True)
-
-
-def parse_shares(text: str, what: str) -> dict[str, float]:
-    """``a=0.5,b=0.5`` (or ``a,b``: equal shares)."""
-    shares: dict[str, float] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        key, _, value = part.partition("=")
-        try:
-            shares[key] = float(value) if value else 1.0
-        except ValueError:
-            fail(f"{what}: {part!r} is not NAME=SHARE")
-    return shares
 
 
 @app.command("list")
@@ -44,7 +51,7 @@ def list_gateways(
     params: dict[str, Any] = {"selector": selector}
     if device_class:
         params["device_class"] = device_class
-    found = call_api("GET", "/v1/gateways", rollout_url, params=params)
+    found = call_json("rollout", "GET", "/v1/gateways", rollout_url, params=params)
     if json_output:
         print(json.dumps(found, indent=2))
         return
@@ -77,37 +84,31 @@ def simulate(
 ) -> None:  # fmt: skip
     """Run a simulated fleet: register, reconcile, verify, install (simulated), report."""
     try:
-        from slmops_gateway.simulator import FleetSpec
-    except ImportError:
-        fail("the gateway service is not installed here: `make install` installs it")
+        simulator = load_fleet_simulator()
+    except FleetSimulatorMissingError as exc:
+        fail(str(exc))
     labels: dict[str, list[str]] = {}
     for item in label:
         key, _, values = item.partition("=")
         if not key or not values:
             fail(f"--label must be KEY=V1,V2, not {item!r}")
         labels[key] = values.split(",")
-    try:
-        spec = FleetSpec(
-            count=count,
-            classes=parse_shares(classes, "--classes"),
-            labels=labels,
-            faults=parse_shares(faults, "--faults"),
-            prefix=prefix,
-        )
-    except ValueError as exc:
-        fail(str(exc))
-    url = registry_url or CliSettings().registry_url
+    request = FleetRequest(
+        count=count,
+        classes=parse_shares(classes, "--classes"),
+        labels=labels,
+        faults=parse_shares(faults, "--faults"),
+        prefix=prefix,
+        registry_url=registry_url or CliSettings().registry_url,
+        registry_auth=cli_auth("simulator"),
+    )
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: the fleet stops cleanly
-        asyncio.run(_run(spec, url, health_interval_s, duration_s))
+        asyncio.run(_run(simulator, request, health_interval_s, duration_s))
 
 
-async def _run(spec: Any, registry_url: str, health_interval_s: float, duration_s: float) -> None:
-    from slmops.bus import Bus
-    from slmops.bus.credentials import NatsCredentials
-    from slmops.settings import PlatformSettings
-    from slmops_gateway.settings import GatewaySettings
-    from slmops_gateway.simulator import CachingRegistry, SimulatedFleet
-
+async def _run(
+    simulator: FleetSimulator, request: FleetRequest, health_interval_s: float, duration_s: float
+) -> None:
     platform = PlatformSettings()
     try:
         bus = await Bus.connect(
@@ -120,11 +121,14 @@ async def _run(spec: Any, registry_url: str, health_interval_s: float, duration_
     stop = asyncio.Event()  # SIGTERM or Ctrl-C: stop cleanly (the fleet's consumer is removed)
     for signum in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(signum, stop.set)
-    registry = CachingRegistry(registry_url, auth=cli_auth("simulator"))
-    fleet = SimulatedFleet(bus, registry, spec, GatewaySettings(platform=platform))
+    try:
+        fleet = simulator(bus, request, platform)
+    except ValueError as exc:
+        await bus.close()
+        fail(str(exc))
     started = time.monotonic()
     await fleet.start()
-    console_out.print(f"{spec.count} simulated gateways registered in "
+    console_out.print(f"{request.count} simulated gateways registered in "
                f"{time.monotonic() - started:.1f} s; Ctrl-C stops them")  # fmt: skip
     next_health = time.monotonic() + health_interval_s
     try:
@@ -138,5 +142,4 @@ async def _run(spec: Any, registry_url: str, health_interval_s: float, duration_
             console_out.print(f"serving - {serving}")
     finally:
         await fleet.stop()
-        await registry.close()
         await bus.close()

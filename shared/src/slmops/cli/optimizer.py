@@ -8,36 +8,16 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from slmops.cli.registry import (
-    CliError,
-    CliSettings,
+from slmops.cli.common import (
     JsonOutput,
-    RegistryClient,
+    OptimizerUrl,
     RegistryUrl,
+    call_json,
     console_err,
     console_out,
-    fail,
-    fetch_lineage,
 )
+from slmops.cli.registry import fetch_lineage
 from slmops.cli.render import local_time, text_row, variants_table
-
-
-class OptimizerClient(RegistryClient):
-    service = "optimizer"
-    env_var = "SLMOPS_OPTIMIZER_URL"
-
-    def default_url(self) -> str:
-        return CliSettings().optimizer_url
-
-
-OptimizerUrl = Annotated[
-    str | None,
-    typer.Option(
-        "--optimizer-url",
-        help="Optimizer base URL (default: $SLMOPS_OPTIMIZER_URL, else http://127.0.0.1:8102).",
-        show_default=False,
-    ),
-]
 
 
 def variants(
@@ -71,11 +51,7 @@ def jobs(
 ) -> None:
     """List optimization jobs with their state and progress, newest first."""
     params = {k: v for k, v in (("model", model), ("state", state)) if v}
-    try:
-        with OptimizerClient(optimizer_url) as client:
-            records = client.call("GET", "/v1/jobs", params=params).json()
-    except CliError as exc:
-        fail(str(exc))
+    records = call_json("optimizer", "GET", "/v1/jobs", optimizer_url, params=params)
     if json_output:
         print(json.dumps(records, indent=2))
         return
@@ -104,9 +80,5 @@ def cancel(
     optimizer_url: OptimizerUrl = None,
 ) -> None:
     """Cancel a queued or running optimization job."""
-    try:
-        with OptimizerClient(optimizer_url) as client:
-            record = client.call("POST", f"/v1/jobs/{job_id}/cancel").json()
-    except CliError as exc:
-        fail(str(exc))
+    record = call_json("optimizer", "POST", f"/v1/jobs/{job_id}/cancel", optimizer_url)
     console_out.print(f"cancel requested for {record.get('job_id')} (state {record.get('state')})")

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
-from slmops.cli.registry import CliError, RegistryClient, RegistryUrl, fail, validated
+from slmops.cli.common import RegistryUrl, call_json, fail, validated
 from slmops.events.payloads import Token
 from slmops.reports import ValidationReport, render_markdown
 
@@ -22,11 +22,9 @@ def report(
 ) -> None:
     """Show the newest validation report of a variant: verdict, then every gate vs its budget."""
     variant_id = validated(Token, variant_id, "variant id")
-    try:
-        with RegistryClient(registry_url) as client:
-            body: dict[str, Any] = client.call("GET", f"/v1/variants/{variant_id}/report").json()
-    except CliError as exc:
-        fail(str(exc))
+    body: dict[str, Any] = call_json(
+        "registry", "GET", f"/v1/variants/{variant_id}/report", registry_url
+    )
     if json_output:
         print(json.dumps(body["report"], indent=2))
         return

@@ -10,29 +10,13 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from slmops.cli.registry import CliError, CliSettings, RegistryClient, console_out, fail
+from slmops.cli.common import JsonOutput, RolloutUrl, call_json, console_out, fail
 from slmops.cli.render import text_row
-
-
-class RolloutClient(RegistryClient):
-    service = "rollout service"
-    env_var = "SLMOPS_ROLLOUT_URL"
-
-    def default_url(self) -> str:
-        return CliSettings().rollout_url
-
 
 app = typer.Typer(help="Staged rollouts to the fleet, gated by on-device health.",
                   no_args_is_help=True)  # fmt: skip
 Name = Annotated[str, typer.Argument(help="Model name.")]
 Version = Annotated[str, typer.Argument(help="Model version (its release is rolled out).")]
-RolloutUrl = Annotated[
-    str | None,
-    typer.Option("--rollout-url", show_default=False,
-                 help="Rollout service URL (default: $SLMOPS_ROLLOUT_URL, else "
-                 "http://127.0.0.1:8104)."),
-]  # fmt: skip
-JsonOutput = Annotated[bool, typer.Option("--json", help="Print the JSON the service answered.")]
 RolloutId = Annotated[
     str | None,
     typer.Option("--rollout-id", help="Which rollout, when the version has several "
@@ -78,7 +62,7 @@ def start(
                    "rollback_scope": rollback_scope, **extra},
         "overlays": [_overlay(o) for o in overlay],
     }  # fmt: skip
-    result = call_api("POST", "/v1/rollouts", rollout_url, json=body)
+    result = call_json("rollout", "POST", "/v1/rollouts", rollout_url, json=body)
     if json_output:
         print(json.dumps(result, indent=2))
         return
@@ -105,8 +89,8 @@ def status(
     name: Name, version: Version, json_output: JsonOutput = False, rollout_url: RolloutUrl = None
 ) -> None:
     """Each rollout of the version: its waves' progress and what the gates say next."""
-    found = call_api("GET", "/v1/rollouts", rollout_url,
-                  params={"model_name": name, "version": version})  # fmt: skip
+    params = {"model_name": name, "version": version}
+    found = call_json("rollout", "GET", "/v1/rollouts", rollout_url, params=params)
     if json_output:
         print(json.dumps(found, indent=2))
         return
@@ -124,7 +108,7 @@ def list_rollouts(
 ) -> None:
     """Every rollout, newest first: model, version, status, waves and gateway counts."""
     params = {"model_name": name} if name else {}
-    found = call_api("GET", "/v1/rollouts", rollout_url, params=params)
+    found = call_json("rollout", "GET", "/v1/rollouts", rollout_url, params=params)
     if json_output:
         print(json.dumps(found, indent=2))
         return
@@ -180,7 +164,7 @@ def _control(action: str) -> Any:
         json_output: JsonOutput = False, rollout_url: RolloutUrl = None,
     ) -> None:  # fmt: skip
         chosen = rollout_id or _only_rollout(name, version, rollout_url)
-        result = call_api("POST", f"/v1/rollouts/{chosen}/{action}", rollout_url,
+        result = call_json("rollout", "POST", f"/v1/rollouts/{chosen}/{action}", rollout_url,
                        json={"reason": reason})  # fmt: skip
         if json_output:
             print(json.dumps(result, indent=2))
@@ -202,18 +186,11 @@ for _action in ("approve", "pause", "resume", "cancel", "rollback"):
 
 
 def _only_rollout(name: str, version: str, url: str | None) -> str:
-    found = call_api("GET", "/v1/rollouts", url, params={"model_name": name, "version": version})
+    params = {"model_name": name, "version": version}
+    found = call_json("rollout", "GET", "/v1/rollouts", url, params=params)
     if not found:
         fail(f"no rollout of {name} {version}: start one with `slmops rollout start`")
     if len(found) > 1:
         ids = ", ".join(r["rollout_id"] for r in found)
         fail(f"{name} {version} has {len(found)} rollouts ({ids}): choose with --rollout-id")
     return str(found[0]["rollout_id"])
-
-
-def call_api(method: str, path: str, url: str | None, **kwargs: Any) -> Any:
-    try:
-        with RolloutClient(url) as client:
-            return client.call(method, path, **kwargs).json()
-    except CliError as exc:
-        fail(str(exc))

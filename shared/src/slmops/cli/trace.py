@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from slmops.cli.registry import console_out, fail
+from slmops.cli.common import console_out, fail
 from slmops.settings import PlatformSettings
 from slmops.traceview import normal_trace_id, read_spans, render_waterfall, summarize_traces
 

@@ -7,8 +7,7 @@ from typing import Annotated
 
 import typer
 
-from slmops.cli.auth import parse_duration_s
-from slmops.cli.registry import CliSettings, console_out, fail
+from slmops.cli.common import CliSettings, console_out, fail, parse_duration_s
 from slmops.trust.keys import KeyRole
 from slmops.trust.local import LOCAL_MANIFEST_KEY_RELPATH, ensure_local_trust, local_trust
 from slmops.trust.repository import describe

@@ -26,7 +26,7 @@ from rich.console import Console
 
 from slmops import hostinfo
 from slmops.auth import local_credentials
-from slmops.cli.registry import cli_auth
+from slmops.cli.common import cli_auth
 from slmops.stack.identities import enroll_gateway
 
 QUESTION = "What is the capital of France? Answer in one short sentence."

@@ -20,10 +20,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from slmops.bus import Bus
 from slmops.bus.credentials import NatsCredentials
-from slmops.cli.registry import RegistryClient, cli_auth
+from slmops.cli.common import ServiceClient, cli_auth
+from slmops.cli.publishing import publish_version
+from slmops.demo.chat import ChatGateway, ask, until_serving
 from slmops.demo.journey import Journey
 from slmops.demo.models import DemoModel
 from slmops.events import EventDecodeError, decode_event
+from slmops.fleetsim import (
+    FleetRequest,
+    FleetSimulatorMissingError,
+    SimulatedFleet,
+    load_fleet_simulator,
+)
 from slmops.settings import PlatformSettings
 from slmops.tracing import setup_tracing
 
@@ -56,9 +64,9 @@ class DemoRun:
     """What the run left behind: the journeys, and the live fleet (until ``stop``)."""
 
     journeys: dict[str, Journey]
+    fleet: SimulatedFleet
     rollouts: dict[str, dict[str, Any]] = field(default_factory=dict)  # key -> API answer
-    fleet: Any = None
-    talker: Any = None  # slmops.demo.chat.ChatGateway: a real gateway for the chat model
+    talker: ChatGateway | None = None  # a real gateway for the chat model
     chat: dict[str, Any] | None = None  # its streamed answer, once asked
 
 
@@ -93,24 +101,25 @@ async def platform_buses(platform: PlatformSettings) -> AsyncIterator[DemoBuses]
         provider.shutdown()  # flushes the last spans to the files
 
 
-async def start_fleet(bus: Bus, options: DemoOptions, console: Console) -> Any:
-    """The simulated gateways, registered and listening (``slmops_gateway.simulator``)."""
+async def start_fleet(bus: Bus, options: DemoOptions, console: Console) -> SimulatedFleet:
+    """The simulated gateways, registered and listening (the gateway distribution's simulator,
+    through :func:`slmops.fleetsim.load_fleet_simulator`)."""
     try:
-        from slmops_gateway.settings import GatewaySettings
-        from slmops_gateway.simulator import CachingRegistry, FleetSpec, SimulatedFleet
-    except ImportError as exc:
-        raise DemoError("the gateway service is not installed: `make install`") from exc
+        simulator = load_fleet_simulator()
+    except FleetSimulatorMissingError as exc:
+        raise DemoError(str(exc)) from exc
     labels = {"app": [m.app for m in options.models], "run": [options.run_id]}
     # Ids of their own per run: a gateway id of an earlier run may have had another class,
     # and its desired state (for that class) is still in KV.
-    spec = FleetSpec(count=options.gateways, classes=options.classes, labels=labels,
-                     prefix=f"demo-{options.run_id}")  # fmt: skip
-    fleet = SimulatedFleet(
-        bus,
-        CachingRegistry(options.registry_url, auth=cli_auth("simulator")),
-        spec,
-        GatewaySettings(platform=PlatformSettings()),
-    )
+    request = FleetRequest(
+        count=options.gateways, classes=options.classes, labels=labels,
+        prefix=f"demo-{options.run_id}", registry_url=options.registry_url,
+        registry_auth=cli_auth("simulator"),
+    )  # fmt: skip
+    try:
+        fleet = simulator(bus, request, PlatformSettings())
+    except ValueError as exc:
+        raise DemoError(f"cannot simulate this fleet: {exc}") from exc
     began = time.monotonic()
     console.print(
         f"starting {options.gateways} simulated gateways "
@@ -136,9 +145,9 @@ def publish(model: DemoModel, options: DemoOptions, progress: Progress) -> str |
         "device_classes": list(options.classes),
         "labels": {"demo": options.run_id},
     }
-    with RegistryClient(options.registry_url) as client:
-        response = client.publish_version(
-            model.path, model.fmt, fields, on_bytes=lambda n: progress.advance(task, n)
+    with ServiceClient("registry", options.registry_url) as client:
+        response = publish_version(
+            client, model.path, model.fmt, fields, on_bytes=lambda n: progress.advance(task, n)
         )
     progress.update(task, completed=size)
     trace_id: str | None = response.headers.get("X-Trace-Id")
@@ -221,13 +230,17 @@ def new_progress(console: Console) -> Progress:
 
 
 async def run_demo(
-    bus: Bus, fleet: Any, options: DemoOptions, console: Console, talker: Any = None
+    bus: Bus,
+    fleet: SimulatedFleet,
+    options: DemoOptions,
+    console: Console,
+    talker: ChatGateway | None = None,
 ) -> DemoRun:
     """Models published, every stage followed, each release rolled out to its share of
     ``fleet`` (and to ``talker``, a real gateway, which is then asked a question); returns
     once every rollout has an outcome (or raises DemoError)."""
     journeys = {m.key: Journey(m.model_name, options.version) for m in options.models}
-    run = DemoRun(journeys, fleet=fleet, talker=talker)
+    run = DemoRun(journeys, fleet, talker=talker)
 
     async def on_message(msg: Any) -> None:
         with contextlib.suppress(EventDecodeError):
@@ -302,8 +315,6 @@ async def _chat_when_served(run: DemoRun, options: DemoOptions, progress: Progre
     journey = run.journeys[chat_model.key] if chat_model else None
     if journey is None or not journey.finished:
         return
-    from slmops.demo.chat import ask, until_serving
-
     entry = next(
         (e for e in (journey.release.entries if journey.release else [])
          if e.device_class == run.talker.device_class),

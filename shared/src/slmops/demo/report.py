@@ -12,7 +12,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from slmops.cli.registry import cli_auth
+from slmops.cli.common import cli_auth
 from slmops.cli.render import as_dicts
 from slmops.demo.flow import DemoOptions, DemoRun
 from slmops.demo.journey import Journey

@@ -1,0 +1,49 @@
+"""The gateway's fleet simulator as the SDK's commands use it (`slmops fleet simulate`,
+`slmops demo`): registered in the entry point group ``slmops.fleet_simulator`` (see
+:mod:`slmops.fleetsim`), so the SDK runs it without importing this service."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from slmops.bus import Bus
+from slmops.fleetsim import FleetRequest
+from slmops.settings import PlatformSettings
+from slmops_gateway.settings import GatewaySettings
+from slmops_gateway.simulator import CachingRegistry, FleetSpec, SimulatedFleet
+
+
+class RunningFleet:
+    """A :class:`SimulatedFleet` with its registry client: ``stop`` closes both."""
+
+    def __init__(self, fleet: SimulatedFleet, registry: CachingRegistry) -> None:
+        self.fleet, self.registry = fleet, registry
+
+    async def start(self) -> None:
+        await self.fleet.start()
+
+    async def report_health(self, window_s: float) -> int:
+        return await self.fleet.report_health(window_s)
+
+    def serving(self) -> dict[str, int]:
+        return self.fleet.serving()
+
+    async def stop(self) -> None:
+        try:
+            await self.fleet.stop()
+        finally:
+            await self.registry.close()
+
+
+def simulated_fleet(bus: Bus, request: FleetRequest, platform: PlatformSettings) -> RunningFleet:
+    """The fleet ``request`` asks for, on ``bus`` (not started); ValueError if it is invalid."""
+    spec = FleetSpec(
+        count=request.count,
+        classes=dict(request.classes),
+        labels={key: list(values) for key, values in request.labels.items()},
+        faults=cast(Any, dict(request.faults)),  # FleetSpec refuses unknown fault names
+        prefix=request.prefix,
+    )
+    registry = CachingRegistry(request.registry_url, auth=request.registry_auth)
+    fleet = SimulatedFleet(bus, registry, spec, GatewaySettings(platform=platform))
+    return RunningFleet(fleet, registry)
