@@ -11,6 +11,7 @@ from slmops.service import ServiceRuntime
 from slmops.service.registry_api import RegistryClient
 from slmops_optimizer.compute import Compute
 from slmops_optimizer.jobs import JobStore
+from slmops_optimizer.recipe_check import check_recipes
 from slmops_optimizer.settings import OptimizerSettings
 
 JOBS_BUCKET = "slmops-jobs"
@@ -26,6 +27,9 @@ class OptimizerContext:
     runtime: ServiceRuntime | None = None
     _jobs: JobStore | None = field(default=None, init=False)
     _slots: asyncio.Semaphore | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        check_recipes(self.profiles)  # a typo in a recipe fails at start-up, not in a job
 
     @property
     def bus(self) -> Bus:
