@@ -66,7 +66,9 @@ class Handlers:
     def wrap(self, payload_type: type[EventPayload], wrapper: Callable[[Handler], Handler]) -> None:
         """Put ``wrapper`` around the handler of ``payload_type`` (a service counting what it
         receives, without its handlers knowing); before the consumers start."""
-        registration = self._by_type[payload_type.event_type]
+        registration = self._by_type.get(payload_type.event_type)
+        if registration is None:
+            raise ValueError(f"no handler for {payload_type.event_type} to wrap")
         self._by_type[payload_type.event_type] = replace(
             registration, handler=wrapper(registration.handler)
         )
