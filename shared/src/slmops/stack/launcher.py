@@ -224,9 +224,10 @@ class RunningStack:
         if self.state.components and self.state_file.exists():
             self.state.stopping = True
             write_state(self.state_file, self.state)
-        recorded = {record.name for record in self.state.components}
+        recorded = {record.name: record.pid for record in self.state.components}
         for name, popen in self.popens.items():
-            if name not in recorded and popen.poll() is None:  # interrupted before recording
+            # interrupted between starting (or restarting) it and recording it
+            if recorded.get(name) != popen.pid and popen.poll() is None:
                 popen.kill()
         stop_components(
             self.state.components, self.stack.stop_timeout_s, self.report, self.signals.force
