@@ -16,7 +16,9 @@ import shlex
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
+from unittest import mock
 
 import pytest
 import yaml
@@ -29,11 +31,13 @@ from slmops.events import GatewayAssignment, GatewayReport
 from slmops.profiles import load_profiles
 from slmops.settings import AuthSettings, ConsumerSettings, PlatformSettings, ServiceSettings
 from slmops.stack.binaries import nats_server_binary
-from slmops.stack.components import discover_services, service_module
+from slmops.stack.components import discover_services, service_env_prefix, service_module
 from slmops_optimizer import compute
 from slmops_optimizer.settings import OptimizerSettings
 
 DEPLOY = Path(__file__).parents[2] / "deploy"
+DOCKERFILE = DEPLOY / "docker" / "Dockerfile"  # every service's image, by build arguments
+IMAGE_SERVICE_VAR = "SLMOPS_IMAGE_SERVICE"  # set by the Dockerfile: no setting, the service
 SERVICES = discover_services()
 IMAGE = "ghcr.io/slmops/slmops-"
 COMPOSE: dict[str, Any] = yaml.safe_load((DEPLOY / "compose" / "compose.yaml").read_text())
@@ -55,11 +59,55 @@ def k8s(kind: str, name: str) -> dict[str, Any]:
 HUB_CONF: str = k8s("ConfigMap", "nats-config")["data"]["nats.conf"]
 
 
-def dockerfile(service: str) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) of deploy/docker/<service>/Dockerfile, continuations joined."""
-    text = (DEPLOY / "docker" / service / "Dockerfile").read_text().replace("\\\n", " ")
-    lines = [line.strip() for line in text.splitlines()]
+def instructions(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of a Dockerfile's text, continuations joined, comments out."""
+    lines = [line.strip() for line in text.replace("\\\n", " ").splitlines()]
     return [(ln.split()[0].upper(), ln.split(None, 1)[1]) for ln in lines if ln and ln[0] != "#"]
+
+
+def build_args(service: str) -> dict[str, str]:
+    """The build arguments compose passes to deploy/docker/Dockerfile for ``service``."""
+    return {k: str(v) for k, v in COMPOSE["services"][service]["build"]["args"].items()}
+
+
+def declared_args() -> dict[str, str]:
+    """The Dockerfile's global ARGs (before its first FROM) with their defaults."""
+    declared: dict[str, str] = {}
+    for op, args in instructions(DOCKERFILE.read_text()):
+        if op == "FROM":
+            break
+        name, _, default = args.partition("=")
+        declared[name] = default.strip('"')
+    return declared
+
+
+def expand(text: str, values: dict[str, str]) -> str:
+    """``$NAME`` and ``${NAME}`` replaced as BuildKit does in ENV, COPY, EXPOSE and FROM (names
+    it does not know, like ``$PATH``, are left to the image's environment)."""
+    pattern = re.compile(r"\$\{(\w+)\}|\$(\w+)")
+    return pattern.sub(lambda m: values.get(m[1] or m[2], m[0]), text)
+
+
+def dockerfile(service: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of ``service``'s image: deploy/docker/Dockerfile with compose's
+    build arguments for it, the final stage preceded by the stages it is built FROM (the
+    builder stage is not among them), build arguments substituted."""
+    values = declared_args() | build_args(service)
+    stages: dict[str, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] = []
+    for op, args in instructions(DOCKERFILE.read_text()):
+        if op == "FROM":
+            base, _, name = expand(args, values).partition(" AS ")
+            current = stages[name or "<final>"] = [("FROM", base)]
+        elif current:  # after the first FROM
+            substituted = op in ("ENV", "COPY", "EXPOSE", "WORKDIR", "USER")
+            current.append((op, expand(args, values) if substituted else args))
+
+    def chain(steps: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        base = steps[0][1]
+        return (chain(stages[base]) if base in stages else steps[:1]) + steps[1:]
+
+    return chain(stages["<final>"])
 
 
 def docker_env(service: str) -> dict[str, str]:
@@ -111,6 +159,30 @@ def compose_env(name: str) -> dict[str, str]:
     return {k: sub.sub(lambda m: m[2] if m[1] == "-" else real, str(v)) for k, v in env.items()}
 
 
+def healthcheck_module() -> ModuleType:
+    """deploy/docker/healthcheck.py, the images' probe, imported from its file."""
+    spec = importlib.util.spec_from_file_location(
+        "healthcheck", DEPLOY / "docker" / "healthcheck.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def probed_port(command: list[str], env: dict[str, str]) -> int:
+    """The port ``python /opt/slmops/healthcheck.py [port] [path]`` probes in a container
+    whose environment is ``env`` (without a port: the image's own service's)."""
+    assert command[:2] == ["python", "/opt/slmops/healthcheck.py"]
+    args = command[2:]
+    if args and not args[0].startswith("/"):
+        return int(args[0])
+    with mock.patch.dict(os.environ, env, clear=True):
+        port: int = healthcheck_module().own_port()
+    return port
+
+
 def test_every_yaml_file_parses() -> None:
     files = sorted(DEPLOY.rglob("*.y*ml"))
 
@@ -124,8 +196,9 @@ def test_every_service_has_an_image_a_compose_service_and_a_workload(service: st
     kind = "DaemonSet" if service == "gateway" else "Deployment"
     compose = COMPOSE["services"][service]
 
-    assert (DEPLOY / "docker" / service / "Dockerfile").is_file()
-    assert compose["build"]["dockerfile"] == f"deploy/docker/{service}/Dockerfile"
+    assert compose["build"]["context"] == "../.."
+    assert compose["build"]["dockerfile"] == "deploy/docker/Dockerfile"
+    assert compose["build"]["args"]["SERVICE"] == service
     assert compose["image"] == f"{IMAGE}{service}:${{IMAGE_TAG:-{__version__}}}"
     assert service in {svc for svc, _ in containers(kind)}
     images = {c["image"] for svc, c in containers() if svc == service}
@@ -142,18 +215,65 @@ def test_dockerfile_is_multi_stage_non_root_and_runs_the_service(
     port = service_settings[service].model_fields["port"].default
     prefix = f"SLMOPS_{service.upper()}_"
     health = json.loads(args["HEALTHCHECK"].split(" CMD ", 1)[1])
-    entrypoint = json.loads(args["ENTRYPOINT"])
 
-    assert len([a for op, a in steps if op == "FROM"]) >= 2
+    # The venv is built in another stage and copied: no build tools in the image.
+    assert any(op == "COPY" and a.startswith("--from=builder ") for op, a in steps)
+    assert steps[0] == ("FROM", "python:3.11-slim")
     assert int(args["USER"]) >= 1000  # numeric and not root: runAsNonRoot can verify it
-    assert args["EXPOSE"] == str(port) == env[f"{prefix}PORT"] == health[-2]
+    assert args["EXPOSE"] == str(port) == env[f"{prefix}PORT"]
+    assert probed_port(health, env) == port
     assert env[f"{prefix}HOST"] == "0.0.0.0"  # a container listens outside
     assert health[-1] == "/healthz"
-    assert entrypoint == ["python", "-m", service_module(service)]
+    assert env[IMAGE_SERVICE_VAR] == service
     assert importlib.util.find_spec(f"{service_module(service)}.__main__") is not None
     if "profiles_dir" in service_settings[service].model_fields:  # not the source checkout's
         copied = [a.split()[-1] for op, a in steps if op == "COPY" and "deploy/profiles" in a]
         assert copied == [env[f"{prefix}PROFILES_DIR"]]
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_each_service_builds_from_the_one_dockerfile_with_its_arguments(
+    service: str, service_settings: Settings
+) -> None:
+    settings = service_settings[service]
+    args = build_args(service)
+    requires = {Requirement(r).name for r in importlib.metadata.requires(f"slmops-{service}") or []}
+    # the optimizer's compute: torch from its CPU index, Ray pinned for client and cluster
+    compute = {"TORCH_VERSION": "torch", "RAY_VERSION": "ray"}
+
+    assert set(args) <= set(declared_args())  # no argument the Dockerfile would ignore
+    assert args["SERVICE"] == service
+    assert args["SETTINGS_PREFIX"] == service_env_prefix(service)
+    assert args["PORT"] == str(settings.model_fields["port"].default)
+    assert (args.get("PROFILES", "no") == "yes") == ("profiles_dir" in settings.model_fields)
+    for arg, package in compute.items():
+        assert (arg in args) == (package in requires)
+
+
+def test_no_service_keeps_a_dockerfile_of_its_own() -> None:
+    assert sorted(p.relative_to(DEPLOY).as_posix() for p in DEPLOY.rglob("*Dockerfile*")) == [
+        "docker/Dockerfile"
+    ]
+    builds = [spec["build"] for spec in COMPOSE["services"].values() if "build" in spec]
+    assert len(builds) >= 5
+    assert {b["dockerfile"] for b in builds} == {"deploy/docker/Dockerfile"}
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_the_image_entrypoint_runs_its_service_module(service: str, tmp_path: Path) -> None:
+    # A stand-in `python` first on PATH prints what the entrypoint runs.
+    (tmp_path / "python").write_text('#!/bin/sh\necho "$@"\n')
+    (tmp_path / "python").chmod(0o755)
+    entrypoint = json.loads({op: a for op, a in dockerfile(service)}["ENTRYPOINT"])
+    env = {
+        "PATH": f"{tmp_path}:/usr/bin:/bin",
+        IMAGE_SERVICE_VAR: docker_env(service)[IMAGE_SERVICE_VAR],
+    }
+
+    ran = subprocess.run([*entrypoint, "--an-argument"], env=env, capture_output=True, text=True)
+
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.split() == ["-m", service_module(service), "--an-argument"]
 
 
 @pytest.mark.parametrize("service", SERVICES)
@@ -165,7 +285,9 @@ def test_ports_agree_across_compose_and_k8s(service: str, service_settings: Sett
     svc_ports = k8s("Service", f"slmops-{service}")["spec"]["ports"]
 
     assert [p.rsplit(":", 1)[1] for p in compose["ports"]] == [str(port)]
-    assert compose["healthcheck"]["test"][-2:] == [str(port), "/readyz"]
+    assert compose["healthcheck"]["test"][0] == "CMD"
+    assert compose["healthcheck"]["test"][-1] == "/readyz"
+    assert probed_port(compose["healthcheck"]["test"][1:], docker_env(service)) == port
     assert workload_ports == [{"name": "http", "containerPort": port}]
     assert svc_ports == [{"name": "http", "port": port, "targetPort": "http"}]
 
@@ -181,7 +303,8 @@ def test_every_slmops_env_var_is_a_real_setting(
         classes = (PlatformSettings, AuthSettings, ConsumerSettings, service_settings[svc])
         return {name for cls in classes for name in setting_env_names(cls)}
 
-    unknown = {(s, n) for s, names in named for n in names - valid(s) if n.startswith("SLMOPS_")}
+    unknown = {(s, n) for s, names in named for n in names - valid(s) - {IMAGE_SERVICE_VAR}
+               if n.startswith("SLMOPS_")}  # fmt: skip
 
     assert len(named) > len(SERVICES) * 2
     assert unknown == set()
@@ -264,7 +387,7 @@ def test_ray_service_deploys_the_optimizer_app_and_the_optimizer_attaches(
     [app] = serve.applications
     module, attr = app.import_path.split(":")
     builder = getattr(importlib.import_module(module), attr)
-    pins = dict(a.split("=") for op, a in dockerfile("optimizer") if op == "ARG")
+    pins = build_args("optimizer")
     requires = importlib.metadata.requires("slmops-optimizer") or []
     needs = {r.name: r for r in map(Requirement, requires)}
     port = head["rayStartParams"]["ray-client-server-port"]
