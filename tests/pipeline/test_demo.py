@@ -1,7 +1,8 @@
 """End to end, as `make run` does it, on real parts: the local stack as processes (nats-server
 with JetStream, the nanio S3 server, Ray Serve in the optimizer, ONNX Runtime in the
 validator), `slmops demo` publishing the real all-MiniLM-L6-v2 and rolling it out to a
-simulated fleet, then the registry's lineage and the spans the processes exported.
+simulated fleet, then the registry's lineage, the spans the processes exported and the
+metrics every service serves.
 
 One run of the demo is shared by the tests below (it takes minutes); each asserts one part.
 The fleet is smaller than `make run`'s 500 gateways."""
@@ -20,8 +21,10 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
-from slmops.auth import BearerTokenFile, local_credentials
+from slmops.auth import BearerTokenFile, local_credentials, scopes_of_role
 from slmops.profiles import load_profile
 from slmops.testing.localstack import local_stack
 from slmops.traceview import SpanRecord, read_spans
@@ -33,6 +36,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1500)]  # t
 GATEWAYS = 40
 CLASSES = {"x86-avx512-vnni": 0.5, "arm64-pi5": 0.5}
 SLMOPS = [sys.executable, "-m", "slmops.cli.main"]
+SERVICES = ("registry", "optimizer", "validator", "rollout", "gateway")
+PUBLISHED = "slmops.model.published.v1"
 T = TypeVar("T")
 
 
@@ -78,6 +83,26 @@ def latency_on_this_host(device_class: str) -> tuple[bool, bool]:
     return measured, host_stands_for(profile) == ""
 
 
+def scrape(url: str, token: str | None) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.get(f"{url}/metrics", headers=headers, timeout=30)
+
+
+def samples(answer: httpx.Response) -> list[Sample]:
+    assert answer.status_code == 200, answer.text
+    return [s for f in text_string_to_metric_families(answer.text) for s in f.samples]
+
+
+def total(found: list[Sample], name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples carrying ``labels`` (0 when none)."""
+    return sum(s.value for s in found if s.name == name and labels.items() <= s.labels.items())
+
+
+def metrics_token(env: dict[str, str]) -> str:
+    """The local stack's scraper token (scope ``metrics`` only), minted by `slmops up`."""
+    return local_credentials(Path(env["SLMOPS_VAR_DIR"])).token("metrics")
+
+
 @dataclass
 class DemoRun:
     env: dict[str, str]
@@ -85,6 +110,7 @@ class DemoRun:
     exit_code: int
     report: dict[str, Any]
     urls: dict[str, str]
+    registry_metrics_before: list[Sample]  # scraped once the stack ran, before the demo
 
     @property
     def auth(self) -> httpx.Auth:
@@ -104,6 +130,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
     # setup: a stack of its own (ports, state), started as `make run` would
     tmp = tmp_path_factory.mktemp("demo")
     with local_stack(tmp / "var") as stack:
+        before = samples(scrape(stack.urls["registry"], metrics_token(stack.env)))
         # execute: the demo on the running stack (it leaves a stack it did not start up)
         report_file = tmp / "report.json"
         classes = ",".join(f"{c}={s}" for c, s in CLASSES.items())
@@ -114,7 +141,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
             env=stack.env, capture_output=True, text=True, timeout=1200, check=False,
         )  # fmt: skip
         report = json.loads(report_file.read_text()) if report_file.exists() else {}
-        yield DemoRun(stack.env, run.stdout + run.stderr, run.returncode, report, stack.urls)
+        yield DemoRun(stack.env, run.stdout + run.stderr, run.returncode, report, stack.urls,
+                      before)  # fmt: skip
 
 
 def test_the_demo_reaches_its_final_report(demo: DemoRun) -> None:
@@ -204,3 +232,42 @@ def test_one_trace_spans_the_journey_from_publish_to_the_last_acknowledgement(
     assert shown.returncode == 0, shown.stderr
     assert f"trace {trace_id} · {len(spans)} spans" in shown.stdout
     assert "process gateway.assignment.v1" in shown.stdout
+
+
+def test_every_service_serves_metrics_of_the_journey_to_a_scraper_only(demo: DemoRun) -> None:
+    viewer = (
+        local_credentials(Path(demo.env["SLMOPS_VAR_DIR"]))
+        .issuer()
+        .mint("user:viewer", scopes_of_role("viewer"), ttl_s=60)
+    )
+    token = metrics_token(demo.env)
+    found: dict[str, list[Sample]] = {}
+    for service in SERVICES:
+        url = demo.urls[service]
+        assert scrape(url, None).status_code == 401, service
+        assert scrape(url, viewer).status_code == 403, service
+        answer = scrape(url, token)
+        assert answer.headers["content-type"].startswith("text/plain; version=0.0.4"), service
+        found[service] = samples(answer)
+        names = {s.name for s in found[service]}
+        assert {"slmops_service_info", "slmops_http_requests_total"} <= names, service
+
+    # The registry handled the demo's publish: its counter went up from what it was before.
+    handled = {"type": PUBLISHED, "consumer": "registry-pipeline", "outcome": "handled"}
+    before = total(demo.registry_metrics_before, "slmops_events_total", **handled)
+    assert total(found["registry"], "slmops_events_total", **handled) >= before + 1
+    assert total(found["optimizer"], "slmops_events_total", type=PUBLISHED, outcome="handled")
+    assert total(found["optimizer"], "slmops_event_handler_duration_seconds_count",
+                 type=PUBLISHED) >= 1  # fmt: skip
+    assert "slmops_consumer_pending_messages" in {s.name for s in found["validator"]}
+    # Each class's job ended, was judged and shipped; the run's gateways run the version.
+    model = demo.model
+    assert total(found["optimizer"], "slmops_optimizer_jobs", state="succeeded") >= len(CLASSES)
+    assert total(found["validator"], "slmops_validations", verdict="passed") >= len(CLASSES)
+    assert total(found["rollout"], "slmops_rollouts", state="completed") == 1
+    assert total(found["rollout"], "slmops_gateways", model=model["model_name"],
+                 version=model["version"]) == GATEWAYS  # fmt: skip
+    applied = total(found["rollout"], "slmops_gateway_reports_received_total", kind="applied")
+    assert applied >= GATEWAYS
+    assert not any("gateway_id" in s.labels or "variant_id" in s.labels
+                   for rows in found.values() for s in rows)  # fmt: skip
