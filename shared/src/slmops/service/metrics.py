@@ -62,6 +62,8 @@ class ServiceMetrics:
         self.refresh_timeout_s = refresh_timeout_s
         self._refreshers: list[_Refresher] = []
         self._refreshing = asyncio.Lock()
+        self._event_counters: dict[tuple[str, str, str], Counter] = {}
+        self._handler_times: dict[str, Histogram] = {}
         registry = self.registry
         info = Gauge("slmops_service_info", "The service and its version (always 1).",
                      ["service", "version"], registry=registry)  # fmt: skip
@@ -110,10 +112,17 @@ class ServiceMetrics:
     # --- what the consumer loop reports (its EventObserver) ---------------------------------
 
     def count(self, consumer: str, event_type: str, outcome: str) -> None:
-        self.events.labels(event_type, consumer, outcome).inc()
+        key = (event_type, consumer, outcome)
+        counter = self._event_counters.get(key)
+        if counter is None:  # labels() locks and builds a key each call: once per series
+            counter = self._event_counters[key] = self.events.labels(*key)
+        counter.inc()
 
     def time(self, event_type: str, duration_s: float) -> None:
-        self.handler_duration.labels(event_type).observe(duration_s)
+        histogram = self._handler_times.get(event_type)
+        if histogram is None:
+            histogram = self._handler_times[event_type] = self.handler_duration.labels(event_type)
+        histogram.observe(duration_s)
 
     # --- refreshers and rendering ----------------------------------------------------------
 
