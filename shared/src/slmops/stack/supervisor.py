@@ -90,7 +90,12 @@ class Supervisor:
         report = self.running.report
         try:
             while not self.stop.wait(self.poll_interval_s):
-                state = read_state(self.running.state_file)
+                try:
+                    state = read_state(self.running.state_file)
+                except StackError as exc:  # someone wrote it by hand: ours is still good
+                    report(str(exc))
+                    write_state(self.running.state_file, self.running.state)
+                    continue
                 if state is None or state.stopping:
                     report("the stack is being stopped by `slmops down`")
                     return 0
