@@ -137,7 +137,8 @@ def build_rows(spans: list[SpanRecord]) -> list[Row]:
     return rows(children.get(None, []), 0)
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """A duration as people read it: ms below a second, s below two minutes, then min."""
     if seconds < 1:
         return f"{seconds * 1000:.1f} ms"
     if seconds < 120:
@@ -162,7 +163,7 @@ def render_waterfall(spans: list[SpanRecord]) -> str:
     services = sorted({s.service for s in spans})
     lines = [
         f"trace {spans[0].trace_id} · {len(spans)} spans · {len(services)} services "
-        f"({', '.join(services)}) · {_duration(total)}",
+        f"({', '.join(services)}) · {format_duration(total)}",
         f"{'start':>10}  {'duration':>10}  {'service':<10} {'span':<56} timeline",
     ]
     for root in roots:
@@ -170,8 +171,9 @@ def render_waterfall(spans: list[SpanRecord]) -> str:
             count = f"{len(row.spans)}x " if len(row.spans) > 1 else ""
             failed = f" ({row.errors} failed)" if row.errors else ""
             label = ("  " * row.depth + count + row.name + failed)[:56]
+            start, took = row.start_s - origin, row.end_s - row.start_s
             lines.append(
-                f"{_duration(row.start_s - origin):>10}  {_duration(row.end_s - row.start_s):>10}"
+                f"{format_duration(start):>10}  {format_duration(took):>10}"
                 f"  {row.service:<10} {label:<56} |{_bar(row.start_s, row.end_s, origin, total)}|"
             )
     return "\n".join(lines)

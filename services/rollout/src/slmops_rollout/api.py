@@ -5,6 +5,7 @@ Health, readiness and /v1/runtime come from the SDK for every service.
 
 from __future__ import annotations
 
+from collections import Counter
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -48,6 +49,57 @@ async def gateways(
         (r for r in records
          if (device_class is None or r.device_class == device_class) and matches(r.labels, wanted)),
         key=lambda r: r.gateway_id,
+    )  # fmt: skip
+
+
+class FleetPage(BaseModel):
+    """One page of the fleet, and how the whole matching set splits (for filters)."""
+
+    total: int = Field(description="Gateways matching the filters.")
+    offset: int
+    limit: int
+    items: list[GatewayRecord]
+    by_class: dict[str, int] = Field(description="Matching gateways per device class.")
+    by_variant: dict[str, int] = Field(
+        description="Matching gateways per running variant id ('' = nothing installed)."
+    )
+    by_status: dict[str, int] = Field(description="Matching gateways per last report kind.")
+
+
+@router.get(
+    "/fleet",
+    response_model=FleetPage,
+    summary="The fleet a page at a time: filtered, counted, ordered by gateway id",
+)
+async def fleet_page(
+    request: Request,
+    _: Reader,
+    device_class: Annotated[str | None, Query(description="Only this device class.")] = None,
+    variant: Annotated[
+        str | None, Query(description="Only gateways running this variant id ('' = none).")
+    ] = None,
+    status: Annotated[str | None, Query(description="Only this last report kind.")] = None,
+    selector: Annotated[list[str] | None, Query(description="key=value labels to match.")] = None,
+    prefix: Annotated[str | None, Query(max_length=200, description="Gateway id prefix.")] = None,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> FleetPage:
+    engine = await _engine(request)
+    wanted = dict(s.split("=", 1) for s in selector or [] if "=" in s)
+    found = [
+        r for r in await engine.gateways.all()
+        if (device_class is None or r.device_class == device_class)
+        and (variant is None or (r.running_variant_id or "") == variant)
+        and (status is None or r.last_kind == status)
+        and (not prefix or r.gateway_id.startswith(prefix))
+        and matches(r.labels, wanted)
+    ]  # fmt: skip
+    found.sort(key=lambda r: r.gateway_id)
+    return FleetPage(
+        total=len(found), offset=offset, limit=limit, items=found[offset : offset + limit],
+        by_class=dict(Counter(r.device_class for r in found)),
+        by_variant=dict(Counter(r.running_variant_id or "" for r in found)),
+        by_status=dict(Counter(r.last_kind for r in found)),
     )  # fmt: skip
 
 

@@ -23,6 +23,7 @@ from slmops.auth.principals import SERVICES
 from slmops.bus.permissions import (
     Permissions,
     admin_permissions,
+    console_permissions,
     gateway_permissions,
     service_permissions,
     simulator_permissions,
@@ -33,7 +34,7 @@ from slmops.secretfiles import write_private
 @dataclass(frozen=True)
 class BusUser:
     name: str  # the seed file's stem: admin, service-<name>, gateway-<id>, simulator
-    kind: str  # admin | service | gateway | simulator
+    kind: str  # admin | service | gateway | simulator | console
     ident: str  # the service's name or the gateway's id ("" otherwise)
     public_key: str
 
@@ -44,6 +45,8 @@ class BusUser:
             return gateway_permissions(self.ident, self.public_key)
         if self.kind == "simulator":
             return simulator_permissions(self.public_key)
+        if self.kind == "console":
+            return console_permissions(self.public_key)
         return admin_permissions()
 
 
@@ -155,6 +158,7 @@ def ensure_local_bus_users(var_dir: Path, gateway_ids: tuple[str, ...] = ()) -> 
     users.ensure("simulator", "simulator")
     for service in SERVICES:
         users.ensure(f"service-{service}", "service", service)
+    users.ensure("service-console", "console", "console")
     for gateway_id in gateway_ids:
         users.ensure(f"gateway-{gateway_id}", "gateway", gateway_id)
     users.write_config()  # permissions are this release's, whoever wrote the users

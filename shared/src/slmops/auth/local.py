@@ -77,7 +77,7 @@ def ensure_local_credentials(var_dir: Path) -> LocalCredentials:
     creds.mint("admin", "user:admin", scopes_of_role("admin"))
     creds.mint("metrics", "scraper:metrics", scopes_of_role("metrics"))
     creds.mint("simulator", "simulator:fleet", scopes_of_role("gateway"))
-    for service in SERVICES:
+    for service in (*SERVICES, "console"):
         role = f"service:{service}"
         creds.mint(f"service-{service}", role, scopes_of_role(role))
     creds.mint_gateway(LOCAL_GATEWAY_ID)

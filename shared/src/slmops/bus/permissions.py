@@ -135,6 +135,18 @@ def service_permissions(service: str, public_key: str) -> Permissions:
     return Permissions(tuple(publish), tuple(subscribe))
 
 
+#: What the console watches to keep its pages live (plain subscriptions: it stores nothing).
+CONSOLE_SUBJECTS = ("slmops.rollout.>", f"{REPORT_SUBJECT}.>")
+
+
+def console_permissions(public_key: str) -> Permissions:
+    """The console: it only listens to rollout events and gateway reports (what it shows
+    comes from the APIs, called with the signed-in operator's token). Its one publish subject
+    reads account info: an empty allow list would mean no restriction to nats-server."""
+    subscribe = (f"{inbox_prefix(public_key)}.>", *CONSOLE_SUBJECTS)
+    return Permissions(publish=(f"{API}.INFO",), subscribe=subscribe)
+
+
 def gateway_permissions(gateway_id: str, public_key: str) -> Permissions:
     """One gateway: its own reports, its own desired state, its own assignments."""
     desired = f"KV_{DESIRED_STATE_BUCKET}"

@@ -30,7 +30,7 @@ LOCAL_HOST = "127.0.0.1"
 #: Entry point group each service distribution registers its name in.
 SERVICE_ENTRY_POINT_GROUP = "slmops.services"
 #: Start order of the known services; other installed services follow, alphabetically.
-SERVICE_ORDER = ("registry", "optimizer", "validator", "rollout", "gateway")
+SERVICE_ORDER = ("registry", "optimizer", "validator", "rollout", "gateway", "console")
 
 
 class StackError(Exception):
@@ -228,12 +228,14 @@ def plan_stack(stack: StackSettings, platform: PlatformSettings) -> list[Compone
         "SLMOPS_AUTH_KEYS_FILE": str(local_credentials(var_dir).keys_file),
     }
     services = stack.selected_services(discover_services())
-    # The other services call the registry's HTTP API: where this stack serves it (a service
-    # without a registry_url setting ignores the variable).
-    registry_url = None
-    if "registry" in services:
-        registry_port = stack.service_base_port + services.index("registry")
-        registry_url = f"http://{LOCAL_HOST}:{registry_port}"
+    # Services call each other's HTTP APIs (the registry's, mostly; the console all of them):
+    # each gets ``SLMOPS_<NAME>_<OTHER>_URL`` for every other service of this stack (a
+    # service without such a setting ignores the variable).
+    base = stack.service_base_port
+    peer_urls = {
+        f"{other.replace('-', '_').upper()}_URL": f"http://{LOCAL_HOST}:{base + i}"
+        for i, other in enumerate(services)
+    }
     for index, name in enumerate(services):
         _check_runnable(name)
         port = stack.service_base_port + index
@@ -255,7 +257,7 @@ def plan_stack(stack: StackSettings, platform: PlatformSettings) -> list[Compone
                 ready_url=f"{url}/readyz",
                 env={
                     **common_env,
-                    **({f"{prefix}REGISTRY_URL": registry_url} if registry_url else {}),
+                    **{f"{prefix}{var}": peer for var, peer in peer_urls.items()},
                     f"{prefix}HOST": LOCAL_HOST,
                     f"{prefix}PORT": str(port),
                     **_identity_env(name, prefix, var_dir),

@@ -1,0 +1,3 @@
+from slmops_console.app import main
+
+main()

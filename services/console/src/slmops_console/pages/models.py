@@ -1,0 +1,49 @@
+"""Models and versions; a version's lineage picture and variant charts; a variant's report."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse
+
+from slmops_console.rendering import UpstreamDep, render
+from slmops_console.session import SignedIn
+from slmops_console.views import lineage as lineage_view
+from slmops_console.views import pareto
+
+router = APIRouter(include_in_schema=False)
+
+
+@router.get("/models", response_class=HTMLResponse)
+async def models(request: Request, session: SignedIn, upstream: UpstreamDep) -> HTMLResponse:
+    found = await upstream.get("registry", "/v1/models", session)
+    for model in found:
+        model["versions"].sort(key=lambda v: v["published_at"])
+    found.sort(key=lambda m: m["model_name"])
+    return render(request, "models.html", session, nav="models", models=found)
+
+
+@router.get("/models/{name}/{version}", response_class=HTMLResponse)
+async def version(
+    name: str, version: str, request: Request, session: SignedIn, upstream: UpstreamDep
+) -> HTMLResponse:
+    lineage = await upstream.get("registry", f"/v1/models/{name}/{version}/lineage", session)
+    return render(
+        request,
+        "version.html",
+        session,
+        nav="models",
+        lineage=lineage,
+        picture=lineage_view.build(lineage),
+        charts=pareto.charts(lineage),
+        trace_id=None,
+    )
+
+
+@router.get("/variants/{variant_id}/report", response_class=HTMLResponse)
+async def report(
+    variant_id: str, request: Request, session: SignedIn, upstream: UpstreamDep
+) -> HTMLResponse:
+    found = await upstream.get("registry", f"/v1/variants/{variant_id}/report", session)
+    return render(
+        request, "report.html", session, nav="models", variant_id=variant_id, report=found["report"]
+    )
