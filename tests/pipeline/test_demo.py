@@ -174,6 +174,11 @@ def test_the_demo_reaches_its_final_report(demo: DemoRun) -> None:
     # the report as the user sees it: per class, the rollout line and the trace to look at
     assert f"rollout {rollout['rollout_id']}: completed - {GATEWAYS} applied" in demo.output
     assert f"slmops trace show {model['trace_id']}" in demo.output
+    # and the console to look at it in a browser, with where the admin token is
+    token_file = local_credentials(Path(demo.env["SLMOPS_VAR_DIR"])).token_file("admin")
+    console = f"the console: {demo.urls['console']}/models (sign in with the admin token in "
+    assert f"{console}{token_file})" in demo.output
+    assert httpx.get(f"{demo.urls['console']}/login").status_code == 200
 
 
 def test_lineage_shows_which_gateways_run_which_variant(demo: DemoRun) -> None:

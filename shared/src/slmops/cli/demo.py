@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 
+from slmops.auth.local import local_credentials
 from slmops.cli.common import fail, parse_shares
 from slmops.settings import PlatformSettings
 from slmops.stack.status import stack_status, stack_urls, status_json
@@ -84,7 +85,7 @@ def demo(
         models=located, version=version or time.strftime("1.%Y%m%d.%H%M%S", time.gmtime()),
         run_id=f"r{int(time.time())}", gateways=gateways, classes=shares, soak_s=soak_s,
         timeout_s=timeout_s, registry_url=urls["registry"], optimizer_url=urls["optimizer"],
-        rollout_url=urls["rollout"],
+        rollout_url=urls["rollout"], console_url=urls.get("console"),
     )  # fmt: skip
     platform = platform.model_copy(update={"nats_url": urls["nats"]})
     log_file = platform.var_dir / "logs" / "demo.log"  # the simulated agents' own logs
@@ -138,6 +139,10 @@ async def _main(options: DemoOptions, platform: PlatformSettings, wait: bool,
             if json_report is not None:
                 json_report.write_text(json.dumps(report, indent=2, default=str))
             failed = any(m["rollout"]["outcome"] != "completed" for m in report["models"])
+            if options.console_url:
+                token = local_credentials(platform.var_dir).token_file("admin")
+                _out.print(f"the console: {options.console_url}/models (sign in with the "
+                           f"admin token in {token})", markup=False, soft_wrap=True)  # fmt: skip
             if wait:
                 _out.print(f"the stack and {options.gateways} simulated gateways stay up: try "
                            "`slmops models`, `slmops rollout status`, `slmops lineage NAME "

@@ -57,6 +57,7 @@ class DemoOptions:
     registry_url: str = "http://127.0.0.1:8101"
     optimizer_url: str = "http://127.0.0.1:8102"
     rollout_url: str = "http://127.0.0.1:8104"
+    console_url: str | None = None  # printed at the end when the stack runs the console
 
 
 @dataclass
