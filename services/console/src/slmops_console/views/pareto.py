@@ -86,7 +86,8 @@ def charts(lineage: dict[str, Any]) -> list[ClassChart]:
         chart = by_class.setdefault(variant["device_class"], ClassChart(variant["device_class"]))
         reports = variant.get("reports") or []
         gates: list[dict[str, Any]] = reports[-1].get("gates", []) if reports else []
-        latency = _gate(gates, "p95_ms", "p50_ms", "ttft", "latency")
+        # an encoder's p95, a decoder's time to first token; then whatever latency there is
+        latency = _gate(gates, "latency.p95_ms", "ttft_ms", "latency.p50_ms", "latency")
         size = _gate(gates, "size")
         judged = [g for g in gates if g.get("bound") == "min"]
         quality = next((g for g in judged if g.get("budget") is not None), None) or next(
@@ -106,8 +107,12 @@ def charts(lineage: dict[str, Any]) -> list[ClassChart]:
         )
         chart.points.append(point)
         if latency and latency.get("budget") is not None:
-            chart.latency_budget_ms = _latency_ms({**latency, "value": latency["budget"]})
-        elif budget_ms := _budget_from_ratio(latency, _gate(gates, "p95_ratio")):
+            budget_ms = _latency_ms({**latency, "value": latency["budget"]})
+        else:
+            budget_ms = _budget_from_ratio(latency, _gate(gates, "p95_ratio"))
+        # A ratio budget is the reference's time, measured again with each variant: the
+        # chosen variant's measurement is the one the release was decided on.
+        if budget_ms is not None and (chart.latency_budget_ms is None or point.chosen):
             chart.latency_budget_ms = budget_ms
         if latency and latency.get("value") is None and latency.get("detail"):
             chart.latency_note = str(latency["detail"])
