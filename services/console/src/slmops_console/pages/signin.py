@@ -14,7 +14,8 @@ router = APIRouter(include_in_schema=False)
 
 def _local_path(target: str) -> str:
     """Only paths of this console: never an open redirect to another site."""
-    return target if target.startswith("/") and not target.startswith("//") else "/models"
+    local = target.startswith("/") and not target.startswith(("//", "/\\"))
+    return target if local else "/models"
 
 
 @router.get("/login", response_class=HTMLResponse)
