@@ -45,6 +45,9 @@ async def _count(admin: Any, stream: str) -> int:
         ("service-optimizer", "slmops.validation.passed.v1", "SLMOPS_PIPELINE"),
         ("service-rollout", "slmops.release.created.v1", "SLMOPS_PIPELINE"),
         ("service-optimizer", f"$KV.{DESIRED}.any-gw", f"KV_{DESIRED}"),
+        ("service-console", "slmops.rollout.paused.v1", "SLMOPS_ROLLOUT"),
+        ("service-console", "slmops.gateway.report.v1.applied.any-gw", "SLMOPS_FLEET"),
+        ("service-console", f"$KV.{DESIRED}.any-gw", f"KV_{DESIRED}"),
     ],
 )
 async def test_publishing_what_is_not_yours_is_refused(
@@ -122,6 +125,23 @@ async def test_a_gateway_cannot_listen_to_other_traffic(connect: Any, subject: s
     gateway = await connect(GATEWAY)
     error = await gateway.refused(gateway.client.subscribe(subject))
     assert f'subscription to "{subject.lower()}"' in error
+
+
+@pytest.mark.parametrize(
+    "subject",
+    ["slmops.gateway.assignment.v1.>", "slmops.gateway.report.v1.health.>", "$KV.>",
+     "_INBOX.>", "slmops.>"],
+)  # fmt: skip
+async def test_the_console_listens_to_rollouts_and_nothing_else(connect: Any, subject: str) -> None:
+    console = await connect("service-console")
+    await console.client.subscribe("slmops.rollout.>")
+    await console.client.subscribe("slmops.gateway.report.v1.applied.>")
+    await console.client.flush(timeout=5)
+
+    error = await console.refused(console.client.subscribe(subject))
+
+    assert f'subscription to "{subject.lower()}"' in error
+    assert not [e for e in console.errors if "rollout" in e or "applied" in e]
 
 
 async def test_anonymous_clients_are_refused(connect: Any) -> None:

@@ -17,12 +17,13 @@ from collections import defaultdict
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from slmops.bus.permissions import CONSOLE_SUBJECTS
 from slmops.service import BackgroundTask, Check, ServiceRuntime
 
 log = logging.getLogger(__name__)
 
-#: Subjects the console's bus identity may subscribe to (``slmops.bus.permissions``).
-LIVE_SUBJECTS = ("slmops.rollout.>", "slmops.gateway.report.v1.>")
+#: Subjects the console's bus identity may subscribe to.
+LIVE_SUBJECTS = CONSOLE_SUBJECTS
 #: The key every rollout event also bumps (the rollouts list).
 ANY_ROLLOUT = "*"
 

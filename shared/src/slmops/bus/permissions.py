@@ -135,8 +135,13 @@ def service_permissions(service: str, public_key: str) -> Permissions:
     return Permissions(tuple(publish), tuple(subscribe))
 
 
-#: What the console watches to keep its pages live (plain subscriptions: it stores nothing).
-CONSOLE_SUBJECTS = ("slmops.rollout.>", f"{REPORT_SUBJECT}.>")
+#: What the console watches to keep its pages live (plain subscriptions: it stores nothing):
+#: rollout events and the reports that move a wave. Health reports (the bulk of a fleet's
+#: traffic) are left out: an open page is re-rendered every few seconds anyway.
+CONSOLE_SUBJECTS = (
+    "slmops.rollout.>",
+    *(f"{REPORT_SUBJECT}.{kind}.>" for kind in ("acknowledged", "applied", "failed")),
+)
 
 
 def console_permissions(public_key: str) -> Permissions:
