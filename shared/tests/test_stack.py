@@ -536,3 +536,15 @@ async def test_down_while_a_component_waits_out_its_backoff_restarts_nothing(
     assert not state_path(var_dir).exists()
     log = (var_dir / "logs" / "nats.log").read_text()
     assert log.count("=== slmops up: nats") == 1  # started once, never again
+
+
+def test_a_detached_start_that_fails_reports_why_and_leaves_nothing(
+    stack_env: dict[str, str],
+) -> None:
+    env = {**stack_env, "SLMOPS_STACK_SERVICES": "", "SLMOPS_STACK_READY_TIMEOUT_S": "0.001"}
+    up = _cli(env, "up", "--detach", timeout=60)
+    assert up.returncode == 1
+    assert "the supervisor exited with code 1" in up.stderr
+    assert "was not ready within 0.001 s" in up.stderr  # from the supervisor's log
+    assert "supervisor.log" in up.stderr
+    assert not _state_file(env).exists()

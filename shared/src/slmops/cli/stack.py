@@ -87,11 +87,15 @@ def _print_ready(state: StackState, platform: PlatformSettings, *, detach: bool)
         _out.print("supervising: what exits is restarted; Ctrl-C stops the stack", markup=False)
 
 
+_STOPPED = "--- stopped everything that was started ---"
+
+
 def _component_failed(exc: ComponentFailedError) -> typer.Exit:
     _err.print(f"error: {exc}", markup=False, style="red")
     _err.print(f"--- last lines of {exc.log_path} ---", markup=False)
     _err.print(exc.log_tail, markup=False, highlight=False)
-    _err.print("--- stopped everything that was started ---", markup=False)
+    if not exc.log_tail.rstrip().endswith(_STOPPED):  # the detached supervisor's log says it
+        _err.print(_STOPPED, markup=False)
     return typer.Exit(1)
 
 
@@ -173,8 +177,7 @@ def supervise() -> None:
             on_ready=lambda _: report("every component is ready; supervising"),
         )
     except ComponentFailedError as exc:
-        report(f"error: {exc}\n--- last lines of {exc.log_path} ---\n{exc.log_tail}\n"
-               "--- stopped everything that was started ---")  # fmt: skip
+        report(f"error: {exc}\n--- last lines of {exc.log_path} ---\n{exc.log_tail}\n{_STOPPED}")
         raise typer.Exit(1) from exc
     except StackError as exc:
         report(f"error: {exc}")
