@@ -42,6 +42,13 @@ lint: install ## ruff + mypy (strict on the SDK)
 test: lint ## Lint, then every test tier (unit, integration, e2e, fault)
 	$(BIN)/pytest
 
+# The inner loop: the unit and contract tiers, no lint. Left out besides the marked tiers: the
+# optimizer's pass and GGUF tests, which export and quantize real models (minutes of torch).
+FAST_TIERS := -m "not integration and not e2e and not fault and not slow"
+FAST_SKIP := --ignore=services/optimizer/tests/passes --ignore=services/optimizer/tests/gguf
+test-fast: install ## Unit and contract tests only (no servers, models or faults): < 2 min
+	$(BIN)/pytest -q $(FAST_TIERS) $(FAST_SKIP) shared/tests services tests/contract
+
 bench: install ## Benchmarks (not tests): prints tables with ratios measured side by side
 	$(BIN)/python -m bench.install_llama_cpp
 	$(BIN)/python -m bench
