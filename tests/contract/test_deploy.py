@@ -27,11 +27,13 @@ from pydantic import ValidationError
 
 from slmops import __version__
 from slmops.auth.bususers import ensure_local_bus_users
+from slmops.auth.local import ensure_local_credentials
 from slmops.events import GatewayAssignment, GatewayReport
 from slmops.profiles import load_profiles
 from slmops.settings import AuthSettings, ConsumerSettings, PlatformSettings, ServiceSettings
 from slmops.stack.binaries import nats_server_binary
 from slmops.stack.components import discover_services, service_env_prefix, service_module
+from slmops_console.settings import ConsoleSettings
 from slmops_optimizer import compute
 from slmops_optimizer.settings import OptimizerSettings
 
@@ -328,6 +330,72 @@ def test_settings_accept_the_manifests_and_refuse_their_placeholders(
         load(service, docker_env(service) | {k: v.replace("changeme", "x") for k, v in env.items()})
     for name, service in compose_services():
         load(service, docker_env(service) | compose_env(name))
+
+
+def test_compose_publishes_ports_on_loopback_only() -> None:
+    published = [p for spec in COMPOSE["services"].values() for p in spec.get("ports", [])]
+
+    assert len(published) > len(SERVICES)
+    assert [p for p in published if not p.startswith("127.0.0.1:")] == []
+
+
+def test_compose_identities_are_files_slmops_auth_init_writes(tmp_path: Path) -> None:
+    # What `slmops auth init` and `slmops auth enroll compose-gw-1` leave in SLMOPS_AUTH_DIR.
+    creds = ensure_local_credentials(tmp_path)
+    creds.mint_gateway("compose-gw-1")
+    users = ensure_local_bus_users(tmp_path, ("compose-gw-1",))
+    written = {p.relative_to(tmp_path).as_posix() for p in (tmp_path / "auth").rglob("*")}
+    named = {
+        name: str(secret["file"]).split("}/", 1)[1]
+        for name, secret in COMPOSE["secrets"].items()
+        if str(secret["file"]).endswith((".nk", ".jwt"))
+    }
+
+    assert {"console-nkey", "rollout-nkey", "rollout-token"} <= set(named)
+    assert {name: f for name, f in named.items() if f not in written} == {}
+    # The NATS users every compose service logs in as are in the users.conf NATS includes.
+    assert "# service-console" in users.users_conf_file.read_text()
+
+
+def test_the_console_reaches_the_four_apis_and_only_operators_reach_it(
+    service_settings: Settings,
+) -> None:
+    # The console is the one workload whose egress is closed: it serves browsers, and it must
+    # reach exactly what its settings name (each API, by its Service or compose name) and NATS.
+    apis = [n.removesuffix("_url") for n in ConsoleSettings.model_fields if n.endswith("_url")]
+    port = {svc: service_settings[svc].model_fields["port"].default for svc in apis}
+    [(_, pod)] = [(s, c) for s, c in containers("Deployment") if s == "console"]
+    url_env = {svc: f"SLMOPS_CONSOLE_{svc.upper()}_URL" for svc in apis}
+    k8s_urls = {svc: k8s_env(pod)[name] for svc, name in url_env.items()}
+    compose_urls = {svc: compose_env("console")[name] for svc, name in url_env.items()}
+    [policy] = [
+        d["spec"] for d in K8S
+        if d["kind"] == "NetworkPolicy"
+        and d["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "slmops-console"}
+    ]  # fmt: skip
+    reaches = {
+        (peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"], p["port"])
+        for rule in policy["egress"]
+        for peer in rule["to"]
+        if "namespaceSelector" not in peer  # in this namespace
+        for p in rule["ports"]
+    }
+    own = ConsoleSettings.model_fields["port"].default
+
+    assert sorted(apis) == ["optimizer", "registry", "rollout", "validator"]
+    assert k8s_urls == {svc: f"http://slmops-{svc}:{port[svc]}" for svc in apis}
+    assert compose_urls == {svc: f"http://{svc}:{port[svc]}" for svc in apis}
+    for svc in apis:
+        assert k8s("Service", f"slmops-{svc}")["spec"]["ports"][0]["port"] == port[svc]
+    assert reaches == {(f"slmops-{svc}", port[svc]) for svc in apis} | {("nats", 4222)}
+    assert set(policy["policyTypes"]) == {"Ingress", "Egress"}
+    # Every way in names who (a rule without `from` would let anyone, edge sites too) and
+    # reaches only its HTTP port.
+    assert all(rule.get("from") for rule in policy["ingress"])
+    assert {p["port"] for rule in policy["ingress"] for p in rule["ports"]} == {own}
+    # It acts with the signed-in operator's token only: it is given none of its own.
+    assert "SLMOPS_AUTH_TOKEN_FILE" not in k8s_env(pod) | compose_env("console")
+    assert not any("token" in s for s in COMPOSE["services"]["console"]["secrets"])
 
 
 def test_gateways_declare_real_device_classes() -> None:
