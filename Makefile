@@ -3,12 +3,12 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-SERVICES := registry optimizer validator rollout gateway
+SERVICES := registry optimizer validator rollout gateway console
 STAMP := $(VENV)/.installed
 EDITABLES := -e ./shared[testing] $(foreach s,$(SERVICES),-e ./services/$(s)) -e .[dev]
 
 .DEFAULT_GOAL := help
-.PHONY: help install run up down status lint test test-fast bench schemas clean
+.PHONY: help install browser run up down status lint test test-fast bench schemas clean
 
 help: ## Show the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -39,7 +39,12 @@ lint: install ## ruff + mypy (strict on the SDK)
 	$(BIN)/mypy shared/src
 	$(BIN)/mypy $(foreach s,$(SERVICES),services/$(s)/src)
 
-test: lint ## Lint, then every test tier (unit, integration, e2e, fault)
+# The console's browser tests drive Debian's Chromium through Playwright (no browser download).
+browser: ## Install Debian's chromium for the browser tests, unless it is there
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; } \
+	  || { echo "install Debian's chromium (apt-get install chromium) for the browser tests"; exit 1; }
+
+test: lint browser ## Lint, then every test tier (unit, integration, e2e, fault, browser)
 	$(BIN)/pytest
 
 # The inner loop: the unit and contract tiers, no lint. Left out besides the marked tiers: the

@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings
 from slmops.cli.common import CliSettings
 from slmops.settings import AuthSettings, ConsumerSettings, PlatformSettings
 from slmops.stack.components import StackSettings
+from slmops_console.settings import ConsoleSettings
 from slmops_gateway.settings import GatewaySettings
 from slmops_optimizer.settings import OptimizerSettings
 from slmops_registry.settings import RegistrySettings
@@ -33,6 +34,7 @@ EnvNames = Callable[..., list[str]]  # the setting_env_names fixture (conftest.p
         ValidatorSettings,
         RolloutSettings,
         GatewaySettings,
+        ConsoleSettings,
         CliSettings,
     ],
 )

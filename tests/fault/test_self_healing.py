@@ -58,10 +58,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
         SLMOPS_GATEWAY_DEVICE_CLASS="test-cpu",
         # what a killed process had taken but not acked comes back within seconds
         SLMOPS_CONSUMER_ACK_WAIT_S="5",
-        # A handler whose dependency is down (the registry restarting: ~10 s on a busy 2-core
-        # box) retries with backoff 0.5, 1, 2, 4 s: 5 deliveries (the default) give up after
-        # 7.5 s and dead-letter the event. 8 wait for ~1 min.
-        SLMOPS_CONSUMER_MAX_DELIVER="8",
         SLMOPS_ROLLOUT_TICK_S="0.2",
         SLMOPS_LOG_LEVEL="info",
     ) as running:

@@ -151,7 +151,11 @@ class ConsumerSettings(BaseSettings):
         30.0, gt=0, description="Redelivery timeout of an unacked message, in seconds."
     )
     max_deliver: int = Field(
-        5, ge=1, description="Deliveries of one message before it goes to the dead-letter stream."
+        10,
+        ge=1,
+        description="Deliveries of one message before it goes to the dead-letter stream. With "
+        "the backoff (0.5 s doubling to 30 s) 10 retry a transient failure for about 2 min: "
+        "longer than a dependency takes to be restarted by the local stack's supervisor.",
     )
     nak_backoff_base_s: float = Field(
         0.5, ge=0, description="First redelivery delay after a transient error, in seconds."

@@ -16,7 +16,11 @@
     var low = Math.min.apply(null, qualities.concat([data.quality_budget || 1])), high = Math.max.apply(null, qualities.concat([low]));
     var latencies = points.map(function (p) { return p.latency_ms || 0; });
     var maxY = Math.max.apply(null, latencies.concat([data.latency_budget_ms || 0])) * 1.15 || 1;
-    var maxX = Math.max.apply(null, points.map(function (p) { return p.size_mb; }).concat([data.size_budget_mb || 0])) * 1.1 || 1;
+    // The size budget is drawn only when it is near the variants (a 512 MB budget would
+    // squeeze 20-60 MB variants into a corner); the caption always states it.
+    var largest = Math.max.apply(null, points.map(function (p) { return p.size_mb; }).concat([0]));
+    var showSize = data.size_budget_mb && data.size_budget_mb <= largest * 2;
+    var maxX = Math.max(largest, showSize ? data.size_budget_mb : 0) * 1.15 || 1;
     var datasets = [{
       type: "scatter", label: "variants",
       data: points.map(function (p) { return { x: p.size_mb, y: p.latency_ms === null ? 0 : p.latency_ms, p: p }; }),
@@ -27,7 +31,7 @@
       borderColor: points.map(function (p) { return p.chosen ? "#8250df" : shade(p.quality, low, high); })
     }];
     if (data.latency_budget_ms) datasets.push({ type: "line", label: "latency budget", data: [{ x: 0, y: data.latency_budget_ms }, { x: maxX, y: data.latency_budget_ms }], borderColor: "#cf222e", borderDash: [6, 4], pointRadius: 0, borderWidth: 1.5 });
-    if (data.size_budget_mb && data.size_budget_mb <= maxX * 1.5) datasets.push({ type: "line", label: "size budget", data: [{ x: data.size_budget_mb, y: 0 }, { x: data.size_budget_mb, y: maxY }], borderColor: "#9a6700", borderDash: [6, 4], pointRadius: 0, borderWidth: 1.5 });
+    if (showSize) datasets.push({ type: "line", label: "size budget", data: [{ x: data.size_budget_mb, y: 0 }, { x: data.size_budget_mb, y: maxY }], borderColor: "#9a6700", borderDash: [6, 4], pointRadius: 0, borderWidth: 1.5 });
     new Chart(canvas, {
       data: { datasets: datasets },
       options: {
