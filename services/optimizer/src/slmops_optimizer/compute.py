@@ -28,7 +28,7 @@ from slmops_optimizer.settings import OptimizerSettings
 log = logging.getLogger(__name__)
 APP_NAME = "slmops-optimizer"
 _HEARTBEAT_S = 2.0
-_MAX_RAY_TEMP_CHARS = 60
+_MAX_RAY_TEMP_CHARS = 40
 
 
 class OptimizerWorker:
@@ -224,8 +224,9 @@ class Compute:
 
     def _ray_temp_dir(self) -> str:
         wanted = (self.settings.ray_temp_dir or self.settings.platform.var_dir / "ray").resolve()
-        # Ray puts unix sockets under <temp>/session_<timestamp>/sockets/: past ~60 characters
-        # the socket paths exceed the kernel's 108-byte limit and Ray fails obscurely.
+        # Ray puts unix sockets under <temp>/session_<date>_<time>_<us>_<pid>/sockets/
+        # plasma_store (64 characters more): past ~43 the socket path exceeds the kernel's
+        # 108-byte limit and Ray fails obscurely (a 45-character var/ray did).
         if len(str(wanted)) <= _MAX_RAY_TEMP_CHARS:
             wanted.mkdir(parents=True, exist_ok=True)
             return str(wanted)
