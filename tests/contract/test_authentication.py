@@ -52,13 +52,18 @@ def build_app(service: str, var_dir: Path, **overrides: Any) -> FastAPI:
         from slmops_rollout.settings import RolloutSettings
 
         return rollout(RolloutSettings(platform=platform))
+    if service == "console":  # its pages are out of the OpenAPI: test_console_auth.py
+        from slmops_console.app import create_app as console
+        from slmops_console.settings import ConsoleSettings
+
+        return console(ConsoleSettings(platform=platform))
     from slmops_gateway.app import create_app as gateway
     from slmops_gateway.settings import GatewaySettings
 
     return gateway(GatewaySettings(platform=platform, **overrides))
 
 
-SERVICES = ("registry", "optimizer", "validator", "rollout", "gateway")
+SERVICES = ("registry", "optimizer", "validator", "rollout", "gateway", "console")
 
 
 def operations(app: FastAPI) -> Iterator[tuple[str, str]]:
@@ -139,6 +144,7 @@ ROLE_MATRIX = [
     ("rollout", "POST", "/v1/rollouts/x1/pause", {"operator", "admin"}),
     ("optimizer", "POST", "/v1/jobs/x1/cancel", {"operator", "admin"}),
     ("gateway", "GET", METRICS, {"metrics", "admin"}),
+    ("console", "GET", METRICS, {"metrics", "admin"}),
 ]
 ROLES = sorted(ROLE_SCOPES)
 
