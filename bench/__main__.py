@@ -6,6 +6,7 @@ import asyncio
 
 from bench import (
     bus_throughput,
+    console,
     e2e,
     fleet,
     generation,
@@ -24,6 +25,7 @@ def main() -> None:
     validator.main()
     verification.main()
     fleet.main()
+    console.main()
     e2e.main()
 
 
