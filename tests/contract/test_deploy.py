@@ -185,11 +185,22 @@ def probed_port(command: list[str], env: dict[str, str]) -> int:
     return port
 
 
+class StrictLoader(yaml.SafeLoader):
+    """Refuses a key twice in one mapping: PyYAML keeps the last, so two resources run together
+    (a missing ``---``) would silently become one."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        keys = [key.value for key, _ in node.value if isinstance(key, yaml.ScalarNode)]
+        if twice := sorted({k for k in keys if keys.count(k) > 1}):
+            raise yaml.MarkedYAMLError("in a mapping", node.start_mark, f"keys twice: {twice}")
+        return super().construct_mapping(node, deep=deep)
+
+
 def test_every_yaml_file_parses() -> None:
     files = sorted(DEPLOY.rglob("*.y*ml"))
 
     assert len(files) > 5
-    assert all(list(yaml.safe_load_all(path.read_text())) for path in files)
+    assert all(list(yaml.load_all(path.read_text(), Loader=StrictLoader)) for path in files)
 
 
 @pytest.mark.parametrize("service", SERVICES)
