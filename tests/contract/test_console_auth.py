@@ -196,6 +196,16 @@ def test_a_bad_token_signs_no_one_in(client: TestClient, credentials: LocalCrede
         assert "set-cookie" not in answer.headers
 
 
+def test_another_site_cannot_sign_a_browser_in(
+    client: TestClient, credentials: LocalCredentials
+) -> None:
+    # a page elsewhere posting its own (valid) token would sign the visitor in as the attacker
+    answer = client.post(SIGN_IN, data={"token": credentials.token("admin")},
+                         headers={"Origin": "https://evil.example"})  # fmt: skip
+    assert answer.status_code == 403
+    assert "set-cookie" not in answer.headers
+
+
 def test_a_good_token_sets_a_strict_http_only_secure_cookie_that_dies_with_it(
     client: TestClient, credentials: LocalCredentials
 ) -> None:

@@ -103,13 +103,19 @@ class Sessions:
             SESSION_COOKIE, path="/", secure=self.secure, httponly=True, samesite="strict"
         )
 
-    def check(self, request: Request, session: Session, submitted: str | None) -> None:
-        """Raise :class:`CsrfRejected` unless ``submitted`` (or the header) is the session's
-        CSRF token and the request comes from the console's own origin."""
+    @staticmethod
+    def check_origin(request: Request) -> None:
+        """Raise :class:`CsrfRejected` for a request another site's page sent (browsers name
+        the sending origin on every POST)."""
         origin = request.headers.get("origin")
         own = f"{request.url.scheme}://{request.headers.get('host', '')}"
         if origin is not None and origin != own:
             raise CsrfRejected(f"a request from {origin} may not act here")
+
+    def check(self, request: Request, session: Session, submitted: str | None) -> None:
+        """Raise :class:`CsrfRejected` unless ``submitted`` (or the header) is the session's
+        CSRF token and the request comes from the console's own origin."""
+        self.check_origin(request)
         offered = request.headers.get(CSRF_HEADER) or submitted or ""
         if not hmac.compare_digest(offered, session.csrf):
             raise CsrfRejected("the form is stale or forged: reload the page and try again")

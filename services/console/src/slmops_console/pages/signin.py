@@ -26,6 +26,7 @@ async def login_form(request: Request, next: str = "/models", reason: str = "") 
 @router.post("/login", response_class=HTMLResponse)
 async def login(request: Request, sessions: SessionsDep, form: FormDep) -> Response:
     target = _local_path(form.get("next", "/models"))
+    sessions.check_origin(request)  # another site may not sign a browser in (with its token)
     try:
         session = sessions.open(form.get("token", "").strip())
     except TokenError as exc:
