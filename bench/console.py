@@ -373,15 +373,16 @@ async def _measure(
 def table(result: Result) -> str:
     lines = [
         f"| page (its API call) | page p50 ms | page p95 ms | API p50 ms | API p95 ms "
-        f"| p95 page / API | p95 < {TARGET_MS:.0f} ms |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        f"| p50 page / API | p95 page / API | p95 < {TARGET_MS:.0f} ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for pair in result.pairs:
+        page50, api50 = statistics.median(pair.page_ms), statistics.median(pair.api_ms)
         page95, api95 = p95(pair.page_ms), p95(pair.api_ms)
         lines.append(
-            f"| `{pair.page}` ({pair.api}) | {statistics.median(pair.page_ms):.1f} "
-            f"| {page95:.1f} | {statistics.median(pair.api_ms):.1f} | {api95:.1f} "
-            f"| {page95 / api95:.2f} | {'yes' if page95 < TARGET_MS else 'NO'} |"
+            f"| `{pair.page}` ({pair.api}) | {page50:.1f} | {page95:.1f} | {api50:.1f} "
+            f"| {api95:.1f} | {page50 / api50:.2f} | {page95 / api95:.2f} "
+            f"| {'yes' if page95 < TARGET_MS else 'NO'} |"
         )
     events = result.event_ms
     lines += [
@@ -406,7 +407,7 @@ def main() -> None:
     result = asyncio.run(run())
     quick = " (quick)" if QUICK else ""
     print(f"\n## Console pages ({GATEWAYS:,} gateways, {MODELS * VERSIONS_PER_MODEL} versions, "
-          f"warm, {ROUNDS} rounds page/API alternating){quick}\n")  # fmt: skip
+          f"warm, {ROUNDS} rounds of page then API, round-robin){quick}\n")  # fmt: skip
     print(table(result))
 
 
