@@ -65,6 +65,18 @@ def test_the_lineage_picture_has_every_step_of_the_journey_in_its_column() -> No
     assert len(picture.paths()) == len(picture.edges)
 
 
+def test_with_the_fleets_counts_the_picture_shows_who_runs_each_variant_now() -> None:
+    chosen = [e["variant_id"] for e in MINILM["releases"][0]["entries"]]  # arm, x86
+    running = {chosen[0]: 90, chosen[1]: 210, "v-not-running": 0}
+
+    picture = lineage.build({**MINILM, "gateways": {}}, running)
+
+    gateways = sorted((n.title, n.detail) for n in picture.nodes if n.column == 5)
+    assert gateways == [("210 gateways running", X86), ("90 gateways running", ARM)]
+    rollout = MINILM["rollouts"][-1]["rollout_id"]
+    assert {s for s, t in picture.edges if t.startswith("g:")} == {f"ro:{rollout}"}
+
+
 def test_variant_charts_put_each_class_on_size_and_latency_with_its_budgets() -> None:
     charts = {c.device_class: c for c in pareto.charts(MINILM)}
 

@@ -12,7 +12,7 @@ import re
 from functools import partial
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
@@ -270,13 +270,24 @@ async def keys(request: Request, _: Installer) -> dict[str, Any]:
 
 
 @router.get("/models/{name}/{version}/lineage", summary="Variants, reports, releases, rollouts")
-async def lineage(name: str, version: str, request: Request, _: Reader) -> dict[str, Any]:
+async def lineage(
+    name: str,
+    version: str,
+    request: Request,
+    _: Reader,
+    gateways: Annotated[
+        bool,
+        Query(description="Include each gateway's state (one entry per gateway that ran the "
+              "version: on a large fleet, thousands; false: an empty `gateways`)."),
+    ] = True,
+) -> dict[str, Any]:  # fmt: skip
     name, version = validated(ModelName, name, "model name"), validated(Version, version, "version")
     store = await _lineage(request)
     found = await store.get(name, version)
     if found is None:
         raise RegistryError(404, f"no model {name} version {version}")
-    result: dict[str, Any] = found.to_api(await store.gateways(name, version))
+    states = await store.gateways(name, version) if gateways else []
+    result: dict[str, Any] = found.to_api(states)
     return result
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
@@ -26,14 +28,21 @@ async def models(request: Request, session: SignedIn, upstream: UpstreamDep) -> 
 async def version(
     name: str, version: str, request: Request, session: SignedIn, upstream: UpstreamDep
 ) -> HTMLResponse:
-    lineage = await upstream.get("registry", f"/v1/models/{name}/{version}/lineage", session)
+    # Which gateways run each variant: the rollout service's counts (held in memory), not the
+    # lineage's entry per gateway (thousands on a large fleet, read one by one).
+    lineage, fleet = await asyncio.gather(
+        upstream.get("registry", f"/v1/models/{name}/{version}/lineage", session, gateways="false"),
+        upstream.get("rollout", "/v1/fleet", session, limit=1),
+    )
+    by_variant = fleet["by_variant"]
+    running = {v["variant_id"]: by_variant.get(v["variant_id"], 0) for v in lineage["variants"]}
     return render(
         request,
         "version.html",
         session,
         nav="models",
         lineage=lineage,
-        picture=lineage_view.build(lineage),
+        picture=lineage_view.build(lineage, running),
         charts=pareto.charts(lineage),
         trace_id=None,
     )

@@ -67,8 +67,10 @@ def _mb(size_bytes: int | None) -> str:
     return f"{size_bytes / 1e6:.1f} MB" if size_bytes else "size unknown"
 
 
-def build(lineage: dict[str, Any]) -> Picture:
-    """The picture of one lineage document (rows assigned per column, in order)."""
+def build(lineage: dict[str, Any], running: dict[str, int] | None = None) -> Picture:
+    """The picture of one lineage document (rows assigned per column, in order). ``running``:
+    gateways running each variant now (the fleet's counts); without it, the lineage's own
+    per-gateway states are counted."""
     picture = Picture()
     name, version = lineage["model_name"], lineage["version"]
     published = lineage.get("published") or {}
@@ -121,9 +123,13 @@ def build(lineage: dict[str, Any]) -> Picture:
     failed = lineage.get("release_failed")
     if failed:
         picture.nodes.append(Node("rel:failed", 3, "no release", "no class passed", tone="failed"))
-    running: Counter[tuple[str, str, str]] = Counter()
-    for gateway in (lineage.get("gateways") or {}).values():
-        running[
+    counts: Counter[tuple[str, str, str]] = Counter()
+    newest = lineage["rollouts"][-1]["rollout_id"] if lineage.get("rollouts") else ""
+    for variant_id, count in (running or {}).items():  # now: under the newest rollout
+        if count:
+            counts[(newest, variant_id, "running")] += count
+    for gateway in (lineage.get("gateways") or {}).values() if running is None else ():
+        counts[
             (gateway.get("rollout_id") or "", gateway.get("variant_id") or "", gateway["state"])
         ] += 1
     for rollout in lineage.get("rollouts", []):
@@ -141,7 +147,7 @@ def build(lineage: dict[str, Any]) -> Picture:
         )
         picture.edges.append((f"rel:{rollout.get('release_id')}", f"ro:{roid}"))
     classes = {v["variant_id"]: v["device_class"] for v in lineage.get("variants", [])}
-    for (roid, vid, state), count in sorted(running.items()):
+    for (roid, vid, state), count in sorted(counts.items()):
         key = f"g:{roid}:{vid}:{state}"
         picture.nodes.append(
             Node(
@@ -149,11 +155,11 @@ def build(lineage: dict[str, Any]) -> Picture:
                 5,
                 f"{count} gateway{'s' * (count != 1)} {state}",
                 classes.get(vid, _short(vid or "nothing", 14)),
-                tone="passed" if state == "applied" else "failed",
+                tone="failed" if state == "failed" else "passed",
                 href=f"/fleet?variant={vid}" if vid else None,
             )
         )
-        picture.edges.append((f"ro:{roid}", key))
+        picture.edges.append((f"ro:{roid}", key) if roid else (f"r:{vid}", key))
     rows: Counter[int] = Counter()
     for node in picture.nodes:
         node.row = rows[node.column]
