@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Generator, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,8 +38,6 @@ from typing import Any
 import httpx
 
 from slmops.auth import LocalCredentials
-from slmops.bus import Bus
-from slmops.events import EventPayload, new_event
 from slmops.events.payloads import (
     DesiredModel,
     GateResult,
@@ -48,9 +46,10 @@ from slmops.events.payloads import (
     Recipe,
     ValidationPassed,
 )
-from slmops.testing.attacks import local_user
+from slmops.testing.identities import RegistryRoles, publish_as
 from slmops.testing.localstack import RunningStack, local_stack
 from slmops.testing.models import tiny_encoder_onnx
+from slmops.testing.polling import until_answered
 from slmops.testing.registry import register_variant, release_of
 
 QUICK = os.environ.get("SLMOPS_BENCH_QUICK", "") not in ("", "0")
@@ -89,44 +88,10 @@ def p95(values: list[float]) -> float:
     return statistics.quantiles(values, n=20, method="inclusive")[18]
 
 
-class ByRole(httpx.Auth):
-    """Registry calls as the identity allowed to make them (as the console test does)."""
-
-    def __init__(self, creds: LocalCredentials) -> None:
-        self.creds = creds
-
-    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        path, name = request.url.path, "admin"
-        if request.method == "POST" and path == "/v1/variants":
-            name = "service-optimizer"
-        elif request.method == "POST" and path.endswith("/reports"):
-            name = "service-validator"
-        request.headers["Authorization"] = f"Bearer {self.creds.token(name)}"
-        yield request
-
-
-async def _announce(stack: RunningStack, identity: str, payload: EventPayload) -> None:
-    """``payload`` published as the service whose event it is (its own bus identity)."""
-    creds = local_user(stack.var_dir, f"service-{identity}")
-    bus = await Bus.connect(stack.urls["nats"], source="/bench", credentials=creds)
-    try:
-        await bus.publish(new_event(payload, source=f"/slmops/{identity}"))
-    finally:
-        await bus.close()
-
-
-async def until(check: Any, what: str, timeout_s: float, every_s: float = 0.5) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        await asyncio.sleep(every_s)
-
-
 async def publish_versions(stack: RunningStack, creds: LocalCredentials) -> DesiredModel:
     """100 versions; the first one's variant optimized, passed and released on the bus."""
     data = tiny_encoder_onnx()
-    async with httpx.AsyncClient(base_url=stack.urls["registry"], auth=ByRole(creds),
+    async with httpx.AsyncClient(base_url=stack.urls["registry"], auth=RegistryRoles(creds),
                                  timeout=60) as registry:  # fmt: skip
         name, version = RELEASED
         desired = await register_variant(registry, data, model_name=name, version=version,
@@ -145,19 +110,22 @@ async def publish_versions(stack: RunningStack, creds: LocalCredentials) -> Desi
                  "device_class": CLASS}  # fmt: skip
         gates = [GateResult(name="latency.p95_ms", value=12.5, budget=40.0, unit="ms",
                             bound="max", passed=True)]  # fmt: skip
-        await _announce(stack, "optimizer", OptimizationCompleted(
+        where = (stack.urls["nats"], stack.var_dir)
+        await publish_as(*where, "optimizer", OptimizationCompleted(
             **named, parent_digest=digest, artifact=desired.artifact,
             recipe=Recipe(name="as-is", passes=[PassSpec(name="convert")]),
             manifest_digest=desired.manifest_digest, duration_s=0.1))  # fmt: skip
-        await _announce(stack, "validator", ValidationPassed(**named, gates=gates))
-        await _announce(stack, "validator", release_of({CLASS: desired}))
+        await publish_as(*where, "validator", ValidationPassed(**named, gates=gates))
+        await publish_as(*where, "validator", release_of({CLASS: desired}))
 
         async def in_lineage() -> bool:
             found = (await registry.get(f"/v1/models/{name}/{version}/lineage")).json()
             variants = found.get("variants") or [{}]
             return bool(found.get("releases")) and bool(variants[0].get("reports"))
 
-        await until(in_lineage, "the variant, its report and the release in the lineage", 60)
+        await until_answered(
+            in_lineage, "the variant, its report and the release in the lineage", timeout_s=60
+        )
     return desired
 
 
@@ -330,7 +298,7 @@ async def _measure(
         return bool(page.get("total") == GATEWAYS)
 
     progress(f"waiting for {GATEWAYS:,} simulated gateways to register")
-    await until(registered, f"{GATEWAYS} gateways registered", 900, every_s=2)
+    await until_answered(registered, f"{GATEWAYS} gateways registered", timeout_s=900, every_s=2)
     setup[f"{GATEWAYS:,} gateways registered"] = time.perf_counter() - began
     name, version = RELEASED
     policy = {"percents": [50, 100], "approval_waves": [1], "soak_s": 0,
@@ -346,7 +314,7 @@ async def _measure(
         wave = (await rollout.get(f"/v1/rollouts/{rollout_id}")).json()["wave_progress"][0]
         return bool(wave["gateways"].get("applied", 0) == wave["targets"])
 
-    await until(canary_done, "the first wave applied", 900, every_s=1)
+    await until_answered(canary_done, "the first wave applied", timeout_s=900, every_s=1)
     setup["wave 0 (5,000 gateways) applied"] = time.perf_counter() - began
     progress("canary wave applied; pausing and resuming on an open live page")
     cookie = await sign_in(stack.urls["console"], admin)
@@ -359,7 +327,7 @@ async def _measure(
         return bool((await rollout.get(f"/v1/rollouts/{rollout_id}")).json()["status"]
                     == "completed")  # fmt: skip
 
-    await until(completed, "the rollout completed", 900, every_s=1)
+    await until_answered(completed, "the rollout completed", timeout_s=900, every_s=1)
     setup["wave 1 approved until completed"] = time.perf_counter() - began
     progress("rollout completed; timing the pages")
     load_before = os.getloadavg()[0]

@@ -19,18 +19,15 @@ import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from slmops.auth import LocalCredentials, scopes_of_role
-from slmops.bus import Bus
-from slmops.events import new_event
 from slmops.events.payloads import (
     DesiredModel,
-    EventPayload,
     GateResult,
     OptimizationCompleted,
     PassSpec,
     Recipe,
     ValidationPassed,
 )
-from slmops.testing.attacks import local_user
+from slmops.testing.identities import RegistryRoles, publish_as
 from slmops.testing.localstack import RunningStack, local_stack
 from slmops.testing.models import tiny_encoder_onnx
 from slmops.testing.polling import until_answered
@@ -49,23 +46,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
         yield running
 
 
-class ByRole(httpx.Auth):
-    """Each registry call as the identity allowed to make it: variants as the optimizer,
-    reports as the validator, the rest as the admin."""
-
-    def __init__(self, creds: LocalCredentials) -> None:
-        self.creds = creds
-
-    def auth_flow(self, request: httpx.Request) -> Iterator[httpx.Request]:
-        path, name = request.url.path, "admin"
-        if request.method == "POST" and path == "/v1/variants":
-            name = "service-optimizer"
-        elif request.method == "POST" and path.endswith("/reports"):
-            name = "service-validator"
-        request.headers["Authorization"] = f"Bearer {self.creds.token(name)}"
-        yield request
-
-
 GATES = [
     GateResult(name="latency.p95_ms", value=12.5, budget=40.0, unit="ms", bound="max", passed=True),
     GateResult(name="parity.cosine_mean", value=0.995, budget=0.98, bound="min", passed=True),
@@ -73,32 +53,23 @@ GATES = [
 ]
 
 
-async def _announce(stack: RunningStack, identity: str, payload: EventPayload) -> None:
-    """Publish ``payload`` as the service whose event it is (its own bus identity)."""
-    creds = local_user(stack.var_dir, f"service-{identity}")
-    bus = await Bus.connect(stack.urls["nats"], source="/test", credentials=creds)
-    try:
-        await bus.publish(new_event(payload, source=f"/slmops/{identity}"))
-    finally:
-        await bus.close()
-
-
 async def _released(stack: RunningStack, creds: LocalCredentials) -> DesiredModel:
     """A variant made by hand, announced as the optimizer and the validator would (optimized,
     passed with its gates, released), once the registry's lineage shows all three."""
-    async with httpx.AsyncClient(base_url=stack.urls["registry"], auth=ByRole(creds),
+    async with httpx.AsyncClient(base_url=stack.urls["registry"], auth=RegistryRoles(creds),
                                  timeout=60) as registry:  # fmt: skip
         desired = await register_variant(registry, tiny_encoder_onnx(), model_name="console-demo",
                                          version="1.0.0", device_class=CLASS)  # fmt: skip
         named = {"model_name": "console-demo", "version": "1.0.0",
                  "variant_id": desired.variant_id, "device_class": CLASS}  # fmt: skip
-        await _announce(stack, "optimizer", OptimizationCompleted(
+        where = (stack.urls["nats"], stack.var_dir)
+        await publish_as(*where, "optimizer", OptimizationCompleted(
             **named, parent_digest=desired.artifact.digest, artifact=desired.artifact,
             recipe=Recipe(name="as-is", passes=[PassSpec(name="convert")]),
             manifest_digest=desired.manifest_digest, duration_s=0.1,
         ))  # fmt: skip
-        await _announce(stack, "validator", ValidationPassed(**named, gates=GATES))
-        await _announce(stack, "validator", release_of({CLASS: desired}))
+        await publish_as(*where, "validator", ValidationPassed(**named, gates=GATES))
+        await publish_as(*where, "validator", release_of({CLASS: desired}))
 
         async def in_lineage() -> bool:  # the registry folds the events in the background
             found = (await registry.get("/v1/models/console-demo/1.0.0/lineage")).json()
