@@ -176,8 +176,9 @@ async def measure_pages(
     cases: list[tuple[Pair, str, Any]] = [
         (Pair("/models", "registry GET /v1/models"), "registry", lambda i: ("/models",
                                                                            "/v1/models")),
-        (Pair(f"/models/{name}/{version}", "registry GET …/lineage"), "registry",
-         lambda i: (f"/models/{name}/{version}", f"/v1/models/{name}/{version}/lineage")),
+        (Pair(f"/models/{name}/{version}", "registry GET …/lineage?gateways=false"), "registry",
+         lambda i: (f"/models/{name}/{version}",
+                    f"/v1/models/{name}/{version}/lineage?gateways=false")),
         (Pair("/variants/{id}/report", "registry GET /v1/variants/{id}/report"), "registry",
          lambda i: (f"/variants/{variant_id}/report", f"/v1/variants/{variant_id}/report")),
         (Pair("/rollouts", "rollout GET /v1/rollouts"), "rollout",
