@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,24 +9,13 @@ import psutil
 import pytest
 
 from slmops.jobdirs import owned_dir, owned_name, remove_orphaned
+from slmops.testing.processes import dead_process, live_process
 
 
 @pytest.fixture
-def live_process() -> Iterator[psutil.Process]:
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-    try:
-        yield psutil.Process(child.pid)
-    finally:
-        child.kill()
-        child.wait()
-
-
-def _dead_process() -> psutil.Process:
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc = psutil.Process(child.pid)
-    proc.create_time()  # psutil keeps it: the folder name needs it after the exit
-    child.wait()
-    return proc
+def running() -> Iterator[psutil.Process]:
+    with live_process() as proc:
+        yield proc
 
 
 def _folder(root: Path, proc: psutil.Process, prefix: str = "job-1") -> Path:
@@ -39,10 +26,10 @@ def _folder(root: Path, proc: psutil.Process, prefix: str = "job-1") -> Path:
 
 
 def test_folders_of_dead_owners_go_and_live_ones_stay(
-    tmp_path: Path, live_process: psutil.Process
+    tmp_path: Path, running: psutil.Process
 ) -> None:
-    dead = _folder(tmp_path, _dead_process())
-    live = _folder(tmp_path, live_process)
+    dead = _folder(tmp_path, dead_process())
+    live = _folder(tmp_path, running)
     mine = _folder(tmp_path, psutil.Process(), "probe")
     other = tmp_path / "not-a-job-folder"
     other.mkdir()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,17 +10,14 @@ import psutil
 import pytest
 
 from slmops.jobdirs import owned_name
+from slmops.testing.processes import dead_process, live_process
 from slmops_optimizer.workspace import Workspace
 
 
 @pytest.fixture
-def live_process() -> Iterator[psutil.Process]:
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-    try:
-        yield psutil.Process(child.pid)
-    finally:
-        child.kill()
-        child.wait()
+def running() -> Iterator[psutil.Process]:
+    with live_process() as proc:
+        yield proc
 
 
 def _folder(root: Path, proc: psutil.Process) -> Path:
@@ -33,14 +28,11 @@ def _folder(root: Path, proc: psutil.Process) -> Path:
 
 
 def test_a_starting_workspace_removes_folders_of_dead_jobs_only(
-    tmp_path: Path, live_process: psutil.Process
+    tmp_path: Path, running: psutil.Process
 ) -> None:
-    dead_child = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead = psutil.Process(dead_child.pid)
-    dead.create_time()
-    dead_child.wait()
+    dead = dead_process()
     jobs = tmp_path / "jobs"
-    gone, kept = _folder(jobs, dead), _folder(jobs, live_process)
+    gone, kept = _folder(jobs, dead), _folder(jobs, running)
     store: Any = None
     workspace = Workspace(tmp_path, store)  # a replica starting
     assert not gone.exists()
