@@ -67,8 +67,10 @@ PIPELINE = StreamSpec(
         "slmops.validation.>",
         "slmops.release.>",
         "slmops.channel.>",
+        "slmops.fleet.>",
     ),
-    "Model lifecycle: published, optimized, validated, released, channels moved.",
+    "Model lifecycle: published, optimized, validated, released, channels moved; the field's "
+    "findings and measured figures.",
     max_bytes=1 * GIB,
     discard_new=True,
 )

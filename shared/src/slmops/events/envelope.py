@@ -110,6 +110,12 @@ def release_id_for(model_name: str, version: str) -> str:
     return "rel-" + hashlib.sha256(f"{model_name}\0{version}".encode()).hexdigest()[:20]
 
 
+def field_release_id(model_name: str, version: str, detection_id: str) -> str:
+    """The deterministic id of the release a re-optimization proposes for one finding."""
+    digest = hashlib.sha256(f"{model_name}\0{version}\0{detection_id}".encode()).hexdigest()
+    return "rel-field-" + digest[:20]
+
+
 def new_event(
     data: P,
     *,

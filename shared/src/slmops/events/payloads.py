@@ -7,11 +7,14 @@ is an incompatible change that needs a new ``.v2`` type (the contract test enfor
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from slmops.events.envelope import EventPayload
+from slmops.telemetry.drift import DriftSignature
+from slmops.telemetry.sketch import LogHistogram
 
 Digest = Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$", description="sha256:<hex>")]
 #: Names that also appear in NATS subjects and object keys: no dots, slashes or spaces.
@@ -83,9 +86,38 @@ class HealthAggregate(_Part):
     decode_tokens_per_s: float | None = Field(
         None, ge=0, description="Generation: tokens after the first, per second of decoding."
     )
+    # Mergeable forms of the figures above (percentiles of two gateways cannot be combined;
+    # these can): what the fleet view folds. Older gateways send none of them.
+    latency_ms: LogHistogram | None = Field(None, description="Request latencies, bucketed.")
+    ttft_ms: LogHistogram | None = Field(None, description="Times to first token, bucketed.")
+    decode_tokens: int = Field(0, ge=0, description="Tokens after the first, summed.")
+    decode_s: float = Field(0.0, ge=0, description="Seconds spent decoding them, summed.")
+    peak_memory_mb: float | None = Field(
+        None, ge=0, description="Peak resident memory of the serving process so far."
+    )
+    drift: DriftSignature | None = Field(
+        None, description="A bounded sketch of what was served (never the inputs themselves)."
+    )
 
 
 # --- pipeline -------------------------------------------------------------------------------
+
+
+class FieldEvidence(_Part):
+    """What the field measured of a variant that a re-optimization must beat: carried from a
+    ``fleet.regression.detected`` through the plan, the candidates and their judgement to the
+    proposed release."""
+
+    detection_id: Token
+    device_class: Token
+    variant_id: Token = Field(description="The variant the field measured (to be replaced).")
+    metric: str = Field(description="The figure that broke its budget, e.g. latency_p95_ms.")
+    bound: Literal["max", "min"]
+    budget: float
+    field_value: float = Field(description="What the gateways measured over the window.")
+    host_value: float | None = Field(
+        None, description="What the validator measured on its host; null = not measurable there."
+    )
 
 
 class ModelPublished(EventPayload):
@@ -142,6 +174,12 @@ class OptimizationPlanned(EventPayload):
     skipped: dict[str, str] = Field(
         default_factory=dict, description="Device classes with no job, and why."
     )
+    release_id: Token | None = Field(
+        None, description="The release these jobs decide; null = the version's own release."
+    )
+    field: FieldEvidence | None = Field(
+        None, description="A re-optimization: the field evidence its candidates must beat."
+    )
 
 
 class OptimizationCompleted(EventPayload):
@@ -162,6 +200,12 @@ class OptimizationCompleted(EventPayload):
         description="The fp32 ONNX model the variant was derived from (the converted source): "
         "the baseline the validator judges parity and latency against.",
     )
+    release_id: Token | None = Field(
+        None, description="The release this candidate is for; null = the version's own."
+    )
+    field: FieldEvidence | None = Field(
+        None, description="A re-optimization candidate: judged against the field's figures too."
+    )
 
 
 class OptimizationFailed(EventPayload):
@@ -173,6 +217,9 @@ class OptimizationFailed(EventPayload):
     recipe_name: str | None = None
     variant_id: Token | None = None
     reason: str
+    release_id: Token | None = Field(
+        None, description="The release this candidate was for; null = the version's own."
+    )
 
 
 class _ValidationOutcome(EventPayload):
@@ -209,6 +256,11 @@ class ReleaseCreated(EventPayload):
     model_name: ModelName
     version: Version
     entries: list[ReleaseEntry]
+    proposal: FieldEvidence | None = Field(
+        None,
+        description="A release proposed from field evidence (a re-optimization of one class): "
+        "it rolls out when an operator approves it, or by policy.",
+    )
 
 
 class ReleaseFailed(EventPayload):
@@ -221,6 +273,9 @@ class ReleaseFailed(EventPayload):
     model_name: ModelName
     version: Version
     entries: list[ReleaseEntry]
+    proposal: FieldEvidence | None = Field(
+        None, description="A re-optimization that found no candidate meeting the field budget."
+    )
 
 
 class ChannelMoved(EventPayload):
@@ -361,11 +416,115 @@ class GatewayReport(EventPayload):
     generation: int | None = None
     reason: str = ""
     health: HealthAggregate | None = None
+    model_name: ModelName | None = Field(
+        None,
+        description="What the report is about, when "
+        "the gateway runs a model: its name and version.",
+    )
+    version: Version | None = None
 
     def subject_suffix(self) -> str | None:
         # ``<kind>.<gateway>``: a consumer that needs only some kinds (the registry's lineage:
         # applied and failed) filters on the server instead of decoding every report.
         return f"{self.kind}.{self.gateway_id}"
+
+
+# --- the field loop -------------------------------------------------------------------------
+
+
+class FieldWindow(_Part):
+    """One reporting window of a (variant, class, label set) as the fleet view folded it."""
+
+    start: datetime
+    window_s: float = Field(gt=0)
+    gateways: int = Field(ge=0)
+    requests: int = Field(ge=0)
+    value: float | None = Field(None, description="The figure judged, over this window.")
+
+
+class FieldFigures(_Part):
+    """A variant's figures on the devices of one class over a span, merged across gateways."""
+
+    gateways: int = Field(ge=0)
+    requests: int = Field(ge=0)
+    error_rate: float = Field(ge=0, le=1)
+    latency_p50_ms: float | None = None
+    latency_p95_ms: float | None = None
+    ttft_p50_ms: float | None = None
+    ttft_p95_ms: float | None = None
+    decode_tokens_per_s: float | None = None
+    peak_memory_mb: float | None = None
+
+
+class _FleetFinding(EventPayload):
+    detection_id: Token = Field(description="Deterministic: one per finding, however often seen.")
+    model_name: ModelName
+    version: Version
+    variant_id: Token
+    device_class: Token
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="The label set it was found in; {} = the whole class."
+    )
+    windows: list[FieldWindow] = Field(description="The evidence, oldest first.")
+
+    def subject_suffix(self) -> str | None:
+        return self.device_class
+
+
+class FleetRegressionDetected(_FleetFinding):
+    """A class's field figure broke its budget for the configured number of windows."""
+
+    event_type = "slmops.fleet.regression.detected.v1"
+
+    metric: str = Field(description="latency_p95_ms, ttft_p95_ms, decode_tokens_per_s, ...")
+    bound: Literal["max", "min"]
+    budget: float
+    field_value: float = Field(description="The figure over the whole evidence span.")
+    host_value: float | None = Field(
+        None, description="The validator's figure on its host; null = not measurable there."
+    )
+
+    def evidence(self) -> FieldEvidence:
+        return FieldEvidence(detection_id=self.detection_id, device_class=self.device_class,
+                             variant_id=self.variant_id, metric=self.metric, bound=self.bound,
+                             budget=self.budget, field_value=self.field_value,
+                             host_value=self.host_value)  # fmt: skip
+
+
+class FleetDriftDetected(_FleetFinding):
+    """What the gateways served moved away from what the variant was validated on."""
+
+    event_type = "slmops.fleet.drift.detected.v1"
+
+    signal: Literal["embedding", "logprobs"]
+    score: float = Field(ge=0, description="embedding: standardized mean shift; logprobs: PSI.")
+    threshold: float = Field(ge=0)
+    field_samples: int = Field(ge=0, description="Embeddings or tokens behind the score.")
+    baseline_samples: int = Field(ge=0)
+    baseline_report: Digest | None = Field(
+        None, description="The validation report the baseline signature comes from."
+    )
+
+
+class FleetMeasured(EventPayload):
+    """Device-measured figures of a variant in one class, recorded against it in the lineage
+    (the registry keeps them signed), so the next release for that class is chosen on them."""
+
+    event_type = "slmops.fleet.measured.v1"
+
+    model_name: ModelName
+    version: Version
+    variant_id: Token
+    device_class: Token
+    since: datetime
+    until: datetime
+    figures: FieldFigures
+    gates: list[GateResult] = Field(
+        default_factory=list, description="The figures against the class's budgets."
+    )
+
+    def subject_suffix(self) -> str | None:
+        return self.device_class
 
 
 # --- runtime --------------------------------------------------------------------------------
@@ -410,5 +569,8 @@ CORE_EVENT_TYPES: tuple[type[EventPayload], ...] = (
     RolloutRolledBack,
     GatewayAssignment,
     GatewayReport,
+    FleetRegressionDetected,
+    FleetDriftDetected,
+    FleetMeasured,
     DeadLetter,
 )
