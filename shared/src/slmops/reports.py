@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from slmops.events.payloads import ArtifactRef, GateResult
+from slmops.telemetry.drift import DriftSignature
 
 REPORT_SCHEMA = "slmops.validation.report.v1"
 
@@ -80,10 +81,19 @@ class ValidationReport(BaseModel):
     markdown: str = Field(
         "", description="The same report rendered as Markdown, for readers without the CLI."
     )
+    drift_baseline: DriftSignature | None = Field(
+        None,
+        description="The drift signature of the candidate on the evaluation set: what the "
+        "field's served inputs are compared with (fleet.drift.detected).",
+    )
 
     @property
     def gates(self) -> list[GateResult]:
         return [gate for check in self.checks for gate in check.gates]
+
+    def gate(self, name: str) -> GateResult | None:
+        """The gate called ``name`` (e.g. ``latency.p95_ms``), if the report has one."""
+        return next((g for g in self.gates if g.name == name), None)
 
     def to_json(self) -> bytes:
         return self.model_dump_json(by_alias=True, indent=2).encode()
