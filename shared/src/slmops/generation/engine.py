@@ -68,6 +68,10 @@ class Generation:
     completion_ids: list[int] = field(default_factory=list)
     ttft_s: float | None = None  # prefill and the first token
     decode_s: float = 0.0  # every token after the first
+    # The model's log-probability of each produced token (its own distribution, before any
+    # temperature): a gateway's drift signature. Kept only when asked (~0.1 ms a token).
+    with_logprobs: bool = False
+    logprobs: list[float] = field(default_factory=list)
 
     def __iter__(self) -> Iterator[int]:
         import numpy as np
@@ -96,6 +100,8 @@ class Generation:
                 self.ttft_s = elapsed
             else:
                 self.decode_s += elapsed
+            if self.with_logprobs:
+                self.logprobs.append(_logprob(generator.get_logits(), token))
             if token in engine.stop_ids:
                 self.finish_reason = "stop"
                 return
@@ -111,6 +117,15 @@ class Generation:
         """Tokens after the first per second of decoding (None with fewer than 2 tokens)."""
         later = len(self.completion_ids) - 1
         return later / self.decode_s if later > 0 and self.decode_s > 0 else None
+
+
+def _logprob(logits: Any, token: int) -> float:
+    """log softmax(logits)[token], stably (logits of the next token, shape [1, 1, vocab])."""
+    import numpy as np
+
+    row = np.asarray(logits, dtype=np.float32).reshape(-1)
+    top = float(row.max())
+    return float(row[token]) - top - float(np.log(np.exp(row - top).sum()))
 
 
 class DecoderEngine:
@@ -147,8 +162,11 @@ class DecoderEngine:
         prompt_ids: Sequence[int],
         sampling: Sampling,
         cancelled: Callable[[], bool] | None = None,
+        *,
+        with_logprobs: bool = False,
     ) -> Generation:
-        """A generation to iterate; :class:`PromptTooLong` when no token would fit."""
+        """A generation to iterate; :class:`PromptTooLong` when no token would fit;
+        ``with_logprobs``: keep each produced token's log-probability (``logprobs``)."""
         if len(prompt_ids) == 0:
             raise ValueError("the prompt is empty")
         if len(prompt_ids) >= self.context_length:
@@ -156,7 +174,8 @@ class DecoderEngine:
                 f"the prompt has {len(prompt_ids)} tokens; the model's context holds "
                 f"{self.context_length}"
             )
-        return Generation(self, list(prompt_ids), sampling, cancelled or (lambda: False))
+        return Generation(self, list(prompt_ids), sampling, cancelled or (lambda: False),
+                          with_logprobs=with_logprobs)  # fmt: skip
 
     def greedy(self, prompt_ids: Sequence[int], max_new_tokens: int) -> list[int]:
         """The greedy continuation (shadow agreement, the validator's gates)."""
