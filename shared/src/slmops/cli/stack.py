@@ -19,7 +19,7 @@ from slmops.settings import PlatformSettings
 from slmops.stack.components import ComponentKind, StackError, StackSettings, plan_stack
 from slmops.stack.detached import DetachedSupervisor, supervisor_log_path
 from slmops.stack.launcher import ComponentFailedError
-from slmops.stack.preflight import check_ports, clear_stale_state
+from slmops.stack.preflight import check_can_start, clear_stale_state
 from slmops.stack.signals import Signals
 from slmops.stack.state import StackState, state_path
 from slmops.stack.status import (
@@ -145,7 +145,7 @@ def _up_detached(stack: StackSettings, platform: PlatformSettings, specs: list[A
     var_dir = platform.var_dir.resolve()
     (var_dir / "logs").mkdir(parents=True, exist_ok=True)
     clear_stale_state(var_dir, _report)
-    check_ports(specs)
+    check_can_start(specs, platform)
     supervisor = DetachedSupervisor(var_dir)
     _report(f"supervisor started (pid {supervisor.popen.pid}, log {supervisor.log_path})")
     try:

@@ -26,7 +26,7 @@ from slmops.bus.credentials import NatsCredentials
 from slmops.bus.topology import Topology
 from slmops.settings import PlatformSettings
 from slmops.stack.components import ComponentKind, ComponentSpec, StackError, StackSettings, probe
-from slmops.stack.preflight import check_ports, clear_stale_state, startup_lock
+from slmops.stack.preflight import check_can_start, clear_stale_state, startup_lock
 from slmops.stack.signals import Signals
 from slmops.stack.state import (
     ComponentRecord,
@@ -276,7 +276,7 @@ def start_stack(
     running = RunningStack(var_dir, stack, platform, report, signals or Signals())
     with startup_lock(var_dir):
         clear_stale_state(var_dir, report)
-        check_ports(specs)
+        check_can_start(specs, platform)
         ensure_local_credentials(var_dir)  # before the services that verify and send tokens
         try:
             for spec in specs:

@@ -1,14 +1,18 @@
-"""Checks before `slmops up` starts anything: one `up` at a time, no live stack, free ports."""
+"""Checks before `slmops up` starts anything: one `up` at a time, no live stack, free ports,
+disk enough for what JetStream reserves."""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-from slmops.stack.components import LOCAL_HOST, ComponentSpec, StackError
+from slmops.bus.topology import GIB, Topology
+from slmops.settings import PlatformSettings
+from slmops.stack.components import LOCAL_HOST, ComponentKind, ComponentSpec, StackError
 from slmops.stack.state import (
     Report,
     find_supervisor,
@@ -25,6 +29,45 @@ class PortInUseError(StackError):
 
 class AlreadyRunningError(StackError):
     """The state file lists processes that are still alive."""
+
+
+class DiskTooSmallError(StackError):
+    """JetStream could not reserve the streams' size caps on the free disk."""
+
+
+#: nats-server lets JetStream use 75 % of the free disk of its store unless told otherwise, and
+#: reserves every stream's byte cap against it when the stream is created.
+JETSTREAM_DISK_SHARE = 0.75
+
+
+def check_can_start(specs: list[ComponentSpec], platform: PlatformSettings) -> None:
+    """Every port free and, when NATS is started here, disk for its streams."""
+    check_ports(specs)
+    if any(spec.kind is ComponentKind.NATS for spec in specs):
+        topology = Topology().sized(platform.jetstream_replicas, platform.stream_max_gb)
+        check_disk(platform.var_dir.resolve(), topology)
+
+
+def check_disk(store_dir: Path, topology: Topology, free_bytes: int | None = None) -> None:
+    """Raise :class:`DiskTooSmallError` when the caps of ``topology``'s streams and buckets do
+    not fit in what JetStream may use of the disk under ``store_dir`` - before anything starts,
+    instead of every stream being refused later ("insufficient storage resources")."""
+    reserved = sum(s.max_bytes * s.replicas for s in topology.streams)
+    reserved += sum(b.max_bytes * b.replicas for b in topology.kv_buckets)
+    if free_bytes is None:
+        probe = store_dir
+        while not probe.exists():  # the store folder is created later: its disk is the same
+            probe = probe.parent
+        free_bytes = shutil.disk_usage(probe).free
+    usable = free_bytes * JETSTREAM_DISK_SHARE
+    if reserved > usable:
+        raise DiskTooSmallError(
+            f"JetStream reserves {reserved / GIB:.1f} GiB for the size caps of the streams and "
+            f"buckets, but may use only {usable / GIB:.1f} GiB ({JETSTREAM_DISK_SHARE:.0%} of "
+            f"the {free_bytes / GIB:.1f} GiB free under {store_dir}): free some disk space, or "
+            "lower the caps with SLMOPS_STREAM_MAX_GB (JSON, GiB by stream, e.g. "
+            '\'{"SLMOPS_FLEET": 0.5, "SLMOPS_PIPELINE": 0.5}\')'
+        )
 
 
 def check_ports(specs: list[ComponentSpec]) -> None:
