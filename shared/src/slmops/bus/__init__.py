@@ -1,5 +1,6 @@
 """JetStream runtime: connection, topology, publishing, the consumer loop, dead-lettering."""
 
+from slmops.bus.batches import BatchConsumer, BatchStats
 from slmops.bus.connection import MSG_ID_HEADER, Bus
 from slmops.bus.consumer import ConsumerStats, EventConsumer
 from slmops.bus.handlers import Handler, HandlerResult, Handlers
@@ -30,6 +31,8 @@ __all__ = [
     "ROLLOUT",
     "STREAMS",
     "VARIANTS_KV",
+    "BatchConsumer",
+    "BatchStats",
     "Bus",
     "ConsumerSpec",
     "ConsumerStats",

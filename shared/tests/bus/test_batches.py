@@ -1,0 +1,140 @@
+"""BatchConsumer on a real broker: a batch is handled once and acked, a failed batch is
+retried, poison and exhausted messages are dead-lettered with the reason."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from slmops.bus import FLEET, BatchConsumer, Bus, ConsumerSpec
+from slmops.events import CloudEvent, DeadLetter, GatewayReport, HealthAggregate, TransientError
+from slmops.events.envelope import new_event
+from slmops.testing.consumers import fast_consumer_settings
+from slmops.testing.events import await_events
+from slmops.testing.polling import until, until_answered
+
+pytestmark = pytest.mark.integration
+
+Handle = Callable[[list[CloudEvent[Any]]], Awaitable[None]]
+StartBatches = Callable[..., Awaitable[BatchConsumer]]
+
+
+def report(i: int) -> CloudEvent[GatewayReport]:
+    health = HealthAggregate(window_s=30.0, request_count=10, error_rate=0.0)
+    payload = GatewayReport(gateway_id=f"gw-{i}", kind="health", device_class="x86",
+                            variant_id="v-1", health=health)  # fmt: skip
+    return new_event(payload, source="/test")
+
+
+@pytest.fixture
+async def start_batches(bus: Bus) -> AsyncIterator[StartBatches]:
+    started: list[BatchConsumer] = []
+
+    async def start(handle: Handle, *, max_deliver: int = 5) -> BatchConsumer:
+        spec = ConsumerSpec(FLEET.name, "test-batches", ("slmops.gateway.report.>",),
+                            ack_wait_s=5.0, max_deliver=max_deliver)  # fmt: skip
+        await bus.declare_consumer(spec)
+        settings = fast_consumer_settings(fetch_batch=1000, max_deliver=max_deliver)
+        consumer = BatchConsumer(bus, spec, handle, settings)
+        await consumer.start()
+        started.append(consumer)
+        return consumer
+
+    yield start
+    for consumer in started:
+        await consumer.stop()
+
+
+async def all_acked(bus: Bus, count: int) -> bool:
+    info = await bus.js.consumer_info(FLEET.name, "test-batches")
+    return info.ack_floor.stream_seq >= count and info.num_ack_pending == 0
+
+
+async def test_a_batch_is_handled_in_one_call_and_every_message_acked(
+    bus: Bus, start_batches: StartBatches
+) -> None:
+    events = [report(i) for i in range(200)]
+    for event in events:
+        await bus.publish(event)
+    calls: list[list[str]] = []
+
+    async def handle(batch: list[CloudEvent[Any]]) -> None:
+        calls.append([e.id for e in batch])
+
+    consumer = await start_batches(handle)
+    await until(lambda: consumer.stats.handled == 200, "200 reports handled")
+    await until_answered(lambda: all_acked(bus, 200), "every report acked")
+
+    assert [i for call in calls for i in call] == [e.id for e in events]  # once each, in order
+    assert len(calls) <= 2  # the long poll's one message, then everything that was there
+    assert consumer.stats.batches == len(calls)
+    assert consumer.stats.retried == 0
+
+
+async def test_a_failed_batch_is_retried_then_acked(bus: Bus, start_batches: StartBatches) -> None:
+    events = [report(i) for i in range(20)]
+    for event in events:
+        await bus.publish(event)
+    seen: list[str] = []
+    failures = 0
+
+    async def handle(batch: list[CloudEvent[Any]]) -> None:
+        nonlocal failures
+        if failures == 0:
+            failures += 1
+            raise TransientError("the view's store is away")
+        seen.extend(e.id for e in batch)
+
+    consumer = await start_batches(handle)
+    await until(lambda: len(set(seen)) == 20, "every report handled after the retry")
+    await until_answered(lambda: all_acked(bus, 20), "every report acked")
+
+    assert consumer.stats.retried >= 1
+    assert consumer.stats.dead_lettered == 0
+    assert "store is away" in consumer.stats.last_error
+
+
+async def test_poison_is_dead_lettered_at_once_and_the_rest_handled(
+    bus: Bus, start_batches: StartBatches
+) -> None:
+    good = report(1)
+    poison = await bus.js.publish("slmops.gateway.report.health.gw-x", b"\xff not json")
+    await bus.publish(good)
+    seen: list[str] = []
+
+    async def handle(batch: list[CloudEvent[Any]]) -> None:
+        seen.extend(e.id for e in batch)
+
+    consumer = await start_batches(handle)
+    (letter,) = await await_events(bus, "slmops.deadletter.>", count=1)
+    await until(lambda: seen == [good.id], "the good report handled")
+
+    assert isinstance(letter.data, DeadLetter)
+    assert "not JSON" in letter.data.reason
+    assert letter.data.stream_seq == poison.seq
+    assert letter.data.consumer == "test-batches"
+    assert consumer.stats.dead_lettered == 1
+
+
+async def test_a_batch_failing_on_every_delivery_is_dead_lettered(
+    bus: Bus, start_batches: StartBatches
+) -> None:
+    events = [report(i) for i in range(3)]
+    for event in events:
+        await bus.publish(event)
+    deliveries = 0
+
+    async def handle(batch: list[CloudEvent[Any]]) -> None:
+        nonlocal deliveries
+        deliveries += 1
+        raise RuntimeError("fold bug")
+
+    consumer = await start_batches(handle, max_deliver=2)
+    letters = await await_events(bus, "slmops.deadletter.>", count=3)
+
+    assert all(isinstance(x.data, DeadLetter) for x in letters)
+    assert {x.data.reason for x in letters} == {"failed on all 2 deliveries; last error: fold bug"}
+    assert consumer.stats.dead_lettered == 3
+    assert deliveries >= 2
