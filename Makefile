@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-SERVICES := registry optimizer validator rollout gateway console
+SERVICES := registry optimizer validator rollout gateway console telemetry
 STAMP := $(VENV)/.installed
 EDITABLES := -e ./shared[testing] $(foreach s,$(SERVICES),-e ./services/$(s)) -e .[dev]
 

@@ -38,10 +38,12 @@ ROLES: dict[str, frozenset[Scope]] = {
     "service:validator": frozenset({Scope.READ, Scope.REPORTS_WRITE}),
     "service:rollout": frozenset({Scope.READ, Scope.ROLLBACKS_SIGN}),
     "service:console": frozenset({Scope.READ}),
+    # The telemetry service reads variants and their reports (the budgets a class is held to).
+    "service:telemetry": frozenset({Scope.READ}),
 }
 
 #: The platform's services, each with its own identity (``service:<name>``).
-SERVICES = ("registry", "optimizer", "validator", "rollout")
+SERVICES = ("registry", "optimizer", "validator", "rollout", "telemetry")
 
 
 class UnknownRoleError(ValueError):

@@ -32,6 +32,7 @@ SERVICE_EVENTS: dict[str, tuple[str, ...]] = {
     "optimizer": ("slmops.optimization.>",),
     "validator": ("slmops.validation.>", "slmops.release.>"),
     "rollout": ("slmops.rollout.>", f"{ASSIGNMENT_SUBJECT}.>"),
+    "telemetry": ("slmops.fleet.>",),
 }
 #: The KV buckets each service writes (all of them read every bucket).
 SERVICE_BUCKETS: dict[str, tuple[str, ...]] = {
@@ -39,6 +40,7 @@ SERVICE_BUCKETS: dict[str, tuple[str, ...]] = {
     "optimizer": ("slmops-jobs",),
     "validator": ("slmops-jobs",),
     "rollout": ("slmops-rollouts", DESIRED_STATE_BUCKET, "slmops-gateways"),
+    "telemetry": ("slmops-field-telemetry",),
 }
 #: Streams a service may create and delete: the bucket the registry rebuilds its lineage
 #: projection in, aside from the live one (which nobody but the admin may delete).

@@ -105,6 +105,12 @@ MODEL_VERSIONS_KV = KvSpec(
 )
 VARIANTS_KV = KvSpec("slmops-variants", "Registered variants: variant id -> manifest (registry).")
 LINEAGE_KV = KvSpec("slmops-lineage", "Lineage index: a projection of the event log (registry).")
+FIELD_TELEMETRY_KV = KvSpec(
+    "slmops-field-telemetry",
+    "The fleet view: recent windows per variant, class and label set, and the findings "
+    "published (telemetry). Aggregates only, so a few MB even for a large fleet.",
+    max_bytes=64 * MIB,
+)
 KV_BUCKETS: tuple[KvSpec, ...] = (
     KvSpec("slmops-rollouts", "Rollout state machines, so a restarted service resumes.", 5),
     KvSpec(
@@ -122,6 +128,7 @@ KV_BUCKETS: tuple[KvSpec, ...] = (
     MODEL_VERSIONS_KV,
     VARIANTS_KV,
     LINEAGE_KV,
+    FIELD_TELEMETRY_KV,
 )
 
 

@@ -40,6 +40,10 @@ class CliSettings(BaseSettings):
         "http://127.0.0.1:8104",
         description="Base URL of the rollout HTTP API (`slmops up` serves it on port 8104).",
     )
+    telemetry_url: str = Field(
+        "http://127.0.0.1:8107",
+        description="Base URL of the telemetry HTTP API (`slmops up` serves it on port 8107).",
+    )
     var_dir: Path = Field(Path("var"), description="The local stack's state folder.")
     auth: AuthSettings = Field(default_factory=AuthSettings)
 
@@ -67,7 +71,7 @@ class HttpError(CliError):
         self.status = status
 
 
-ServiceName = Literal["registry", "optimizer", "rollout"]
+ServiceName = Literal["registry", "optimizer", "rollout", "telemetry"]
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,7 @@ _SERVICES: dict[ServiceName, _Service] = {
     "registry": _Service("registry", "registry_url"),
     "optimizer": _Service("optimizer", "optimizer_url"),
     "rollout": _Service("rollout service", "rollout_url"),
+    "telemetry": _Service("telemetry service", "telemetry_url"),
 }
 
 
@@ -168,6 +173,14 @@ RolloutUrl = Annotated[
     typer.Option(
         "--rollout-url",
         help="Rollout service URL (default: $SLMOPS_ROLLOUT_URL, else http://127.0.0.1:8104).",
+        show_default=False,
+    ),
+]
+TelemetryUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--telemetry-url",
+        help="Telemetry service URL (default: $SLMOPS_TELEMETRY_URL, else http://127.0.0.1:8107).",
         show_default=False,
     ),
 ]

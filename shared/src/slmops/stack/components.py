@@ -30,7 +30,9 @@ LOCAL_HOST = "127.0.0.1"
 #: Entry point group each service distribution registers its name in.
 SERVICE_ENTRY_POINT_GROUP = "slmops.services"
 #: Start order of the known services; other installed services follow, alphabetically.
-SERVICE_ORDER = ("registry", "optimizer", "validator", "rollout", "gateway", "console")
+SERVICE_ORDER = (
+    "registry", "optimizer", "validator", "rollout", "gateway", "console", "telemetry",
+)  # fmt: skip
 
 
 class StackError(Exception):
