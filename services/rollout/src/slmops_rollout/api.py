@@ -28,7 +28,7 @@ router = APIRouter(prefix="/v1", tags=["rollout"])
 Operator = Annotated[Principal, Depends(require(Scope.OPERATE))]
 
 
-async def _engine(request: Request) -> Engine:
+async def current_engine(request: Request) -> Engine:
     engine: Engine | None = await request.app.state.engines()
     if engine is None:
         raise HTTPException(503, "not connected to NATS yet: see GET /readyz")
@@ -42,7 +42,7 @@ async def gateways(
     device_class: Annotated[str | None, Query(description="Only this device class.")] = None,
     selector: Annotated[list[str] | None, Query(description="key=value labels to match.")] = None,
 ) -> list[GatewayRecord]:
-    engine = await _engine(request)
+    engine = await current_engine(request)
     wanted = dict(s.split("=", 1) for s in selector or [] if "=" in s)
     records = await engine.gateways.all()
     return sorted(
@@ -84,7 +84,7 @@ async def fleet_page(
     offset: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> FleetPage:
-    engine = await _engine(request)
+    engine = await current_engine(request)
     wanted = dict(s.split("=", 1) for s in selector or [] if "=" in s)
     found = [
         r for r in await engine.gateways.all()
@@ -120,7 +120,7 @@ async def start(body: StartRollout, request: Request, _: Operator) -> dict[str, 
     """404: nothing decided for the version yet. 409 (the request is well-formed; what the
     platform knows forbids it - 422 stays "fix your request"): the version's release failed,
     or no registered gateway matches; the detail is ``{message, reasons}``, reasons per class."""
-    engine = await _engine(request)
+    engine = await current_engine(request)
     try:
         release, traceparent = await find(engine.rollouts, body.model_name, body.version)
         state = await engine.start(
@@ -130,7 +130,7 @@ async def start(body: StartRollout, request: Request, _: Operator) -> dict[str, 
         raise HTTPException(404, str(exc)) from None
     except NotRollable as exc:
         raise HTTPException(409, {"message": str(exc), "reasons": exc.reasons}) from None
-    return _status(engine, state)
+    return rollout_status(engine, state)
 
 
 @router.get("/rollouts", summary="Rollouts, newest first; optionally of one model (version)")
@@ -140,23 +140,23 @@ async def list_rollouts(
     model_name: Annotated[str | None, Query(description="Only this model.")] = None,
     version: Annotated[str | None, Query(description="Only this version.")] = None,
 ) -> list[dict[str, Any]]:
-    engine = await _engine(request)
+    engine = await current_engine(request)
     found = [
         s for s in await engine.all()
         if (model_name is None or s.model_name == model_name)
         and (version is None or s.version == version)
     ]  # fmt: skip
     found.sort(key=lambda s: s.started_at, reverse=True)
-    return [_status(engine, s) for s in found]
+    return [rollout_status(engine, s) for s in found]
 
 
 @router.get("/rollouts/{rollout_id}", summary="A rollout: each wave's progress, gate figures")
 async def status(rollout_id: str, request: Request, _: Reader) -> dict[str, Any]:
-    engine = await _engine(request)
+    engine = await current_engine(request)
     state = await engine.get(rollout_id)
     if state is None:
         raise HTTPException(404, f"no rollout {rollout_id}")
-    return _status(engine, state)
+    return rollout_status(engine, state)
 
 
 class Control(BaseModel):
@@ -174,7 +174,7 @@ async def control_rollout(
 ) -> dict[str, Any]:
     if action not in ACTIONS:
         raise HTTPException(404, f"no action {action!r}: one of {', '.join(ACTIONS)}")
-    engine = await _engine(request)
+    engine = await current_engine(request)
     try:
         # The rollout's record says who acted (the audit trail), then why.
         why = f"{action} by {principal.subject}" + (f": {body.reason}" if body.reason else "")
@@ -183,10 +183,10 @@ async def control_rollout(
         raise HTTPException(404, str(exc)) from None
     except ValueError as exc:
         raise HTTPException(409, str(exc)) from None
-    return _status(engine, state)
+    return rollout_status(engine, state)
 
 
-def _status(engine: Engine, state: RolloutState) -> dict[str, Any]:
+def rollout_status(engine: Engine, state: RolloutState) -> dict[str, Any]:
     counts: dict[str, int] = {}
     per_wave: list[dict[str, int]] = [{} for _ in state.waves]
     for progress in state.gateways.values():

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from slmops.service import BackgroundTask, Check, ServiceRuntime, create_service_app, serve
 from slmops.service.registry_api import RegistryClient
+from slmops_rollout import proposal_api
 from slmops_rollout.api import router
 from slmops_rollout.engine import Engine
 from slmops_rollout.fleet import GATEWAYS_BUCKET
@@ -82,7 +83,7 @@ def create_app(settings: RolloutSettings | None = None) -> FastAPI:
     )
     runtime.add_dependency("ticker", Ticker(engines, settings.tick_s))
     register_metrics(runtime.metrics, runtime.handlers, engines)
-    app = create_service_app(runtime, router, title="slmops rollout")
+    app = create_service_app(runtime, router, proposal_api.router, title="slmops rollout")
     app.state.engines = engines
     app.state.registry = RegistryClient.with_identity(  # tests may swap it before start
         settings.registry_url, settings.platform, "service-rollout"

@@ -112,7 +112,9 @@ class Engine:
         Raises ``NoVariant`` when no class has a variant, and ``NoTargets`` when no registered
         gateway of a class with one matches ``selector`` - unless ``wait``: then the rollout is
         ``waiting`` and the ticker starts it once such gateways register (an automatic
-        rollout's release may come before the fleet)."""
+        rollout's release may come before the fleet). A release proposed from field evidence
+        targets only gateways of its classes that run its model (``targets.runs_wanted_model``):
+        it replaces what the field measured, never another model on the same class."""
         rollout_id = rollout_id_for(release.release_id, selector)
         existing = await self.get(rollout_id)
         if existing is not None:
@@ -124,6 +126,9 @@ class Engine:
             overlays=list(overlays), skipped=without_variant(release), waves=[], gateways={},
             traceparent=traceparent or current_traceparent(),
         )  # fmt: skip
+        if release.proposal is not None:  # it replaces what the field measured, nothing else
+            state.only_model = release.model_name
+            state.only_variants = await self.variants_of(release)
         if not plan(state, await self.gateways.all()):
             if not wait:
                 raise NoTargets(state)
@@ -140,6 +145,18 @@ class Engine:
         else:
             await self._launch(state)
         return state
+
+    async def variants_of(self, release: ReleaseCreated) -> list[str]:
+        """The variants of ``release``'s model this service knows of (what its rollouts
+        installed, and the one a proposal's evidence measured): gateways running one run it."""
+        known = {
+            desired.variant_id
+            for state in await self.all() if state.model_name == release.model_name
+            for desired in state.desired.values()
+        }  # fmt: skip
+        if release.proposal is not None:
+            known.add(release.proposal.variant_id)
+        return sorted(known)
 
     async def start_waiting(self, state: RolloutState) -> None:
         """A waiting rollout, once gateways it targets have registered: planned over the fleet

@@ -30,6 +30,9 @@ class GatewayRecord(BaseModel):
     labels: dict[str, str] = Field(default_factory=dict)
     capabilities: dict[str, Any] = Field(default_factory=dict)
     running_variant_id: str | None = None
+    running_model_name: str | None = Field(
+        None, description="The model it runs, when its reports name it (newer gateways)."
+    )
     generation: int | None = None
     last_kind: str = ""
     last_reason: str = ""
@@ -52,6 +55,7 @@ def fold(record: GatewayRecord, report: GatewayReport, seen: datetime) -> None:
             record.last_reason = report.reason
             if report.kind == "applied":
                 record.running_variant_id = report.variant_id
+                record.running_model_name = report.model_name
     elif report.kind == "health":
         record.health, record.health_variant_id = report.health, report.variant_id
 

@@ -58,3 +58,18 @@ async def _why_none(
         )
     failed = ReleaseFailed.model_validate_json(entry.value or b"{}")
     return NoVariant(model_name, version, {e.device_class: e.reason for e in failed.entries})
+
+
+async def by_id(kv: KeyValue, release_id: str) -> tuple[ReleaseCreated | None, str | None]:
+    """A release remembered under its own id (a proposal is found this way: its version
+    already has a release), with its trace; (None, None) when unknown."""
+    try:
+        entry = await kv.get(f"release.{release_id}")
+    except nats.js.errors.KeyNotFoundError:
+        return None, None
+    try:
+        traceparent = (await kv.get(f"release-trace.{release_id}")).value
+    except nats.js.errors.KeyNotFoundError:
+        traceparent = None
+    release = ReleaseCreated.model_validate_json(entry.value or b"{}")
+    return release, traceparent.decode() if traceparent else None

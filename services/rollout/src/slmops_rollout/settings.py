@@ -34,6 +34,13 @@ class RolloutSettings(ServiceSettings):
         "the rollout waits (status waiting) and starts once one registers. Others start "
         "through the API.",
     )
+    auto_field_releases: bool = Field(
+        False,
+        description="Releases proposed from field evidence (a re-optimization of one class "
+        "after a regression) roll out at once, to that class's gateways running the model; "
+        "off: they wait for an operator's approval (`slmops rollout approve RELEASE_ID`). "
+        "auto_models never applies to them.",
+    )
     registry_url: str = Field(
         "http://127.0.0.1:8101", description="Registry HTTP API that signs rollbacks."
     )

@@ -52,6 +52,15 @@ class RolloutState(BaseModel):
         description="Device classes of the release this rollout gives nothing, and why: no "
         "variant, or no registered gateway matching the selector.",
     )
+    only_model: str | None = Field(
+        None,
+        description="Only gateways running this model (a release proposed from field "
+        "evidence replaces what the field measured, nothing else): known by the model their "
+        "reports name, or by running one of ``only_variants``. None: any gateway.",
+    )
+    only_variants: list[str] = Field(
+        default_factory=list, description="Variants of ``only_model`` known when planned."
+    )
     waves: list[list[str]]
     gateways: dict[str, GatewayProgress]
     started_at: datetime = Field(default_factory=lambda: datetime.now(UTC))

@@ -87,7 +87,8 @@ def plan(state: RolloutState, records: Iterable[GatewayRecord]) -> bool:
         r.gateway_id: r
         for r in records
         if r.device_class in state.desired and matches(r.labels, state.selector)
-    }
+        and runs_wanted_model(r, state)
+    }  # fmt: skip
     state.waves = plan_waves(state.rollout_id, fleet, state.policy)
     state.gateways = {
         g: _progress(i, fleet[g], overlay_for(fleet[g].labels, state.overlays))
@@ -95,7 +96,7 @@ def plan(state: RolloutState, records: Iterable[GatewayRecord]) -> bool:
         for g in wave
     }
     covered = {r.device_class for r in fleet.values()}
-    unmatched = {c: _no_gateway(c, state.selector) for c in state.desired if c not in covered}
+    unmatched = {c: _no_gateway(c, state) for c in state.desired if c not in covered}
     kept = {c: why for c, why in state.skipped.items() if c not in state.desired}
     state.skipped = dict(sorted({**kept, **unmatched}.items()))
     return bool(state.waves)
@@ -106,11 +107,21 @@ def waiting_reason(state: RolloutState) -> str:
     return f"waiting for gateways ({missing}): it starts once one registers"
 
 
-def _no_gateway(device_class: str, selector: dict[str, str]) -> str:
-    if not selector:
-        return f"no gateway of class {device_class} is registered"
-    labels = selector_text(selector)
-    return f"no registered gateway of class {device_class} matches selector {labels}"
+def runs_wanted_model(record_: GatewayRecord, state: RolloutState) -> bool:
+    """Whether a gateway runs what a rollout limited to one model replaces (always true for
+    a rollout that is not)."""
+    if state.only_model is None:
+        return True
+    return (record_.running_model_name == state.only_model
+            or record_.running_variant_id in state.only_variants)  # fmt: skip
+
+
+def _no_gateway(device_class: str, state: RolloutState) -> str:
+    running = f" running {state.only_model}" if state.only_model else ""
+    if not state.selector:
+        return f"no gateway of class {device_class}{running} is registered"
+    labels = selector_text(state.selector)
+    return f"no registered gateway of class {device_class}{running} matches selector {labels}"
 
 
 def _progress(wave: int, record_: GatewayRecord, overlay: dict[str, int]) -> GatewayProgress:
