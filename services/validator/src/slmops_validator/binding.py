@@ -60,3 +60,19 @@ async def bound_to_manifest(
                                     "reference": reference or done.reference,
                                     "manifest_digest": signed.digest})  # fmt: skip
     return bound, signed
+
+
+async def signed_artifact(
+    variant_id: str, registry: RegistryClient, keys: TrustedKeys
+) -> tuple[ArtifactRef | None, str]:
+    """The artifact the verified manifest of ``variant_id`` names (a re-optimization's regressed
+    variant, measured beside its candidate), or None and why not."""
+    raw = await registry.variant(variant_id)
+    if raw is None:
+        return None, f"the regressed variant {variant_id} is not in the registry"
+    try:
+        signed = SignedManifest.model_validate(raw)
+        verify_manifest(signed, keys.key(KeyRole.MANIFESTS, signed.signature.key_id))
+    except (ValueError, ManifestSignatureError, UntrustedKeyError) as exc:
+        return None, f"the manifest of the regressed variant {variant_id} is not genuine: {exc}"
+    return signed.manifest.artifact, ""

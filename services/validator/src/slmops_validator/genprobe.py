@@ -9,7 +9,12 @@ the SDK's :class:`~slmops.generation.DecoderEngine`, the very code a gateway ser
    first token at the class's prompt length and time per decoded token, candidate and fp32
    reference in interleaved pairs, more rounds while the ratio is within noise of its budget;
 3. greedy agreement: the first ``agreement_tokens`` greedy tokens of the candidate and the
-   reference on each evaluation prompt.
+   reference on each evaluation prompt; the log-probability of each of the candidate's tokens
+   is kept on the way (the report's drift baseline: what a gateway's served tokens are
+   compared with), at no extra model run.
+
+A re-optimization's field probe times the candidate against the regressed variant instead of
+the reference and skips the agreement (``generation.agreement`` false).
 """
 
 from __future__ import annotations
@@ -57,7 +62,8 @@ def generation_probe(spec: dict[str, Any], reset_peak: Any, peak_bytes: Any) -> 
         with host_lock(spec["lock_path"]) as waited_s:
             result["speed"] = _speed(candidate, reference, prompt, gen, spec)
             result["speed"]["lock_wait_s"] = waited_s
-    result["agreement"] = _agreement(candidate, reference, gen)
+    if gen.get("agreement", True):
+        result["agreement"] = _agreement(candidate, reference, gen)
     return result
 
 
@@ -121,11 +127,18 @@ def request_ms(series: dict[str, list[float]], who: str, new_tokens: int) -> lis
 def _agreement(
     candidate: DecoderEngine, reference: DecoderEngine, gen: dict[str, Any]
 ) -> dict[str, Any]:
-    """Per prompt, how many leading greedy tokens the two models share."""
+    """Per prompt, how many leading greedy tokens the two models share; and the signature of
+    the log-probabilities the candidate gave its own tokens."""
+    from slmops.telemetry.drift import token_logprobs
+
     wanted = gen["agreement_tokens"]
     identical: list[int] = []
+    logprobs: list[float] = []
+    greedy = Sampling(max_new_tokens=wanted, temperature=0)
     for prompt in gen["prompts"]:
-        ours = candidate.greedy(prompt, wanted)
+        run = candidate.generate(prompt, greedy, with_logprobs=True)
+        ours = list(run)
+        logprobs += run.logprobs
         theirs = reference.greedy(prompt, wanted)
         same = 0
         for a, b in zip(ours, theirs, strict=False):
@@ -135,4 +148,8 @@ def _agreement(
         if same == len(ours) == len(theirs):
             same = wanted  # both stopped early on the same tokens: identical
         identical.append(same)
-    return {"identical_tokens": identical, "agreement_tokens": wanted}
+    return {
+        "identical_tokens": identical,
+        "agreement_tokens": wanted,
+        "logprobs": token_logprobs(logprobs).model_dump(mode="json"),
+    }

@@ -5,6 +5,10 @@ registry → ``validation.passed``/``failed`` (one id per variant: a redelivery 
 event, it does not judge again). ``optimization.planned`` and ``optimization.failed`` feed the
 version's tally; the handler whose event completes it also publishes the decision:
 ``release.created``, or ``release.failed`` when no class has a variant to ship.
+
+A re-optimization's events carry a ``release_id`` and the field evidence: its candidates are
+judged against the field too (a verdict of their own, beside any the variant had for its
+version) and tallied under that id (``releasing``), into a proposed release for one class.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ import asyncio
 import functools
 import json
 import logging
-from typing import Any, Literal
+from dataclasses import replace
+from typing import Any
 
 import nats.js.errors
 
@@ -23,7 +28,6 @@ from slmops.events import (
     OptimizationCompleted,
     OptimizationFailed,
     OptimizationPlanned,
-    ReleaseCreated,
     TransientError,
     ValidationFailed,
     ValidationPassed,
@@ -33,14 +37,14 @@ from slmops.events import (
 from slmops.events.payloads import ArtifactRef
 from slmops.jobdirs import owned_dir, remove_orphaned
 from slmops.reports import ValidationReport, render_markdown
-from slmops_validator.binding import bound_to_manifest
+from slmops_validator.binding import bound_to_manifest, signed_artifact
 from slmops_validator.context import ValidatorContext
-from slmops_validator.releases import Candidate, Tally, choose, update_tally
+from slmops_validator.releases import Candidate
+from slmops_validator.releasing import SOURCE, Releases
 from slmops_validator.scratch import job_root
 from slmops_validator.validate import Subject, validate
 
 log = logging.getLogger(__name__)
-SOURCE = "/slmops/validator"
 Outcome = ValidationPassed | ValidationFailed
 
 
@@ -50,6 +54,8 @@ async def on_completed(
     done = event.data
     kv = await _state(ctx)
     key = f"validator.variant.{done.variant_id}"
+    if done.release_id is not None:  # judged against the field: a verdict of its own
+        key += f".{done.release_id}"
     try:  # judged before (a redelivery, a re-announced reused variant): same outcome again,
         # announced for the version at hand (a reused variant serves a new version too)
         stored = json.loads((await kv.get(key)).value or b"{}")
@@ -61,7 +67,8 @@ async def on_completed(
         record = {"verdict": verdict, "outcome": outcome.model_dump(mode="json")}
         await kv.put(key, json.dumps(record).encode())
     announced = f"{done.model_name}/{done.version}/{done.variant_id}"
-    outcome_id = derive_event_id("validation.outcome", announced)
+    parts = (announced,) if done.release_id is None else (announced, done.release_id)
+    outcome_id = derive_event_id("validation.outcome", *parts)
     await ctx.bus.publish(new_event(outcome, source=SOURCE, event_id=outcome_id))
     passed = isinstance(outcome, ValidationPassed)
     candidate = Candidate(
@@ -73,21 +80,17 @@ async def on_completed(
         artifact=done.artifact,
         manifest_digest=done.manifest_digest,
         latency_p50_ms=_latency_p50(outcome),
+        **_field_figure(done, outcome),
     )
-    await _record(ctx, done.model_name, done.version, candidate)
+    releases = await _releases(ctx)
+    await releases.add_candidate(done.model_name, done.version, done.release_id, candidate)
     return None
 
 
 async def on_planned(
     event: CloudEvent[OptimizationPlanned], ctx: ValidatorContext
 ) -> HandlerResult:
-    plan = event.data
-
-    def add_plan(tally: Tally) -> None:
-        tally.planned = {job.variant_id: job.device_class for job in plan.jobs}
-        tally.skipped = dict(plan.skipped)
-
-    await _update(ctx, plan.model_name, plan.version, add_plan)
+    await (await _releases(ctx)).add_plan(event.data)
     return None
 
 
@@ -104,7 +107,8 @@ async def on_optimization_failed(
         verdict="optimization_failed",
         reason=f"optimization failed: {failed.reason}",
     )
-    await _record(ctx, failed.model_name, failed.version, candidate)
+    releases = await _releases(ctx)
+    await releases.add_candidate(failed.model_name, failed.version, failed.release_id, candidate)
     return None
 
 
@@ -123,6 +127,11 @@ async def _judge(done: OptimizationCompleted, ctx: ValidatorContext) -> Outcome:
         ArtifactRef.model_validate(manifest["eval_set"]) if manifest.get("eval_set") else None
     )
     subject = Subject(done, manifest.get("task") or "feature-extraction", eval_set)
+    if done.field is not None:  # measured beside the candidate: the bytes the registry signed
+        regressed, problem = await signed_artifact(
+            done.field.variant_id, ctx.registry, await ctx.manifest_keys()
+        )
+        subject = replace(subject, regressed=regressed, regressed_problem=problem)
     async with ctx.slots:
         report = await validate(subject, profile, ctx.models, ctx.settings)
     ref = await _store_report(report, variant.digest, ctx)
@@ -190,38 +199,20 @@ def _latency_p50(outcome: Outcome) -> float | None:
     return None
 
 
-async def _record(
-    ctx: ValidatorContext, model_name: str, version: str, candidate: Candidate
-) -> None:
-    def add(tally: Tally) -> None:
-        tally.judged[candidate.variant_id] = candidate
+def _field_figure(done: OptimizationCompleted, outcome: Outcome) -> dict[str, Any]:
+    """A candidate judged against the field: its predicted field figure, for the choice."""
+    if done.field is None:
+        return {}
+    name = f"field.{done.field.metric}"
+    gate = next((g for g in outcome.gates if g.name == name and g.value is not None), None)
+    if gate is None or gate.budget is None:  # not predicted (the gate says why)
+        return {}
+    return {"field_metric": done.field.metric, "field_value": gate.value,
+            "field_bound": done.field.bound}  # fmt: skip
 
-    await _update(ctx, model_name, version, add)
 
-
-async def _update(ctx: ValidatorContext, model_name: str, version: str, change: Any) -> None:
-    """Apply a change to the version's tally; the change that completes it releases."""
-    kv = await _state(ctx)
-    tally = await update_tally(kv, model_name, version, change)
-    if not tally.complete or tally.released:
-        return
-    release = choose(tally, ctx.profiles)
-    created = isinstance(release, ReleaseCreated)
-    outcome: Literal["created", "failed"] = "created" if created else "failed"
-    if not created:
-        why = "; ".join(f"{e.device_class}: {e.reason}" for e in release.entries)
-        log.warning("%s %s: no release, no class has a variant (%s)", model_name, version, why)
-    # Published before the tally says "released": a crash in between re-sends it on
-    # redelivery under the same id, which JetStream de-duplicates. One decision per version,
-    # so one id whichever way it went.
-    await ctx.bus.publish(
-        new_event(release, source=SOURCE, event_id=derive_event_id("release", release.release_id))
-    )
-
-    def mark(t: Tally) -> None:
-        t.released, t.outcome = True, outcome
-
-    await update_tally(kv, model_name, version, mark)
+async def _releases(ctx: ValidatorContext) -> Releases:
+    return Releases(await _state(ctx), ctx.bus, ctx.profiles)
 
 
 async def _state(ctx: ValidatorContext) -> Any:

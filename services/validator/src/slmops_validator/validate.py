@@ -1,9 +1,13 @@
 """One validation, start to finish: a variant judged against its class, with the evidence.
 
 structure (in-process, no runtime) → evaluation inputs → the probe (load, smoke, memory and
-latency in a child process) → parity (in a thread, against the fp32 reference) → size. Every
-figure becomes a gate; the verdict fails if any gate fails, and says which, with the value and
-the budget. Nothing here publishes: the handler stores the report and emits the event.
+latency in a child process) → parity (in a thread, against the fp32 reference) → size; and for
+a re-optimization candidate, the field check (``checks.field``: the field's figure scaled by the
+host ratio against the regressed variant). Every figure becomes a gate; the verdict fails if
+any gate fails, and says which, with the value and the budget. The report also carries the
+candidate's drift baseline, from runs made anyway: an encoder's pooled embeddings of the
+evaluation texts (parity), a decoder's log-probabilities of its greedy tokens (the probe's
+agreement run). Nothing here publishes: the handler stores the report and emits the event.
 """
 
 from __future__ import annotations
@@ -21,14 +25,16 @@ from slmops.evaldata import (
     default_records,
     parse_eval_jsonl,
 )
-from slmops.events.payloads import ArtifactRef, OptimizationCompleted
+from slmops.events.payloads import ArtifactRef, GateResult, OptimizationCompleted
 from slmops.objectstore import blob_key
 from slmops.profiles import DeviceProfile
-from slmops.reports import CheckOutcome, ValidationReport, failed_reason
-from slmops_validator.checks.base import judged, verdict_gate
+from slmops.reports import CheckOutcome, ValidationReport, describe_value
+from slmops.telemetry.drift import DriftSignature
+from slmops_validator.checks.base import judged, not_measurable, verdict_gate
+from slmops_validator.checks.field import field_check
 from slmops_validator.checks.host import host_summary
 from slmops_validator.checks.parity import parity_check
-from slmops_validator.checks.runtime import probe
+from slmops_validator.checks.runtime import ProbeResult, probe
 from slmops_validator.checks.structure import StructureCheck
 from slmops_validator.evalinputs import EvalInputs, build_inputs
 from slmops_validator.models import ModelCache
@@ -42,6 +48,9 @@ class Subject:
     completed: OptimizationCompleted
     task: str
     eval_set: ArtifactRef | None
+    # a re-optimization: the regressed variant's artifact (signed), or why it is not at hand
+    regressed: ArtifactRef | None = None
+    regressed_problem: str = ""
 
 
 async def validate(
@@ -78,14 +87,18 @@ async def validate(
                 set_digest=subject.eval_set.digest if subject.eval_set else None,
                 vocab_size=vocab,
             )
+    baseline: DriftSignature | None = None
+    probed: ProbeResult | None = None
     if inputs is not None:
         reference = await cache.fetch(done.reference) if done.reference else None
         probed = await probe(candidate, reference, inputs, profile, settings)
         checks += [probed.runtime, probed.latency]
+        baseline = probed.drift
         if probed.loaded and reference is not None:
-            parity = await asyncio.to_thread(
+            parity, embedded = await asyncio.to_thread(
                 parity_check, candidate, reference, inputs, profile, settings.threads, metadata
             )
+            baseline = baseline or embedded
             if inputs.info.truncated:
                 parity.notes.append(
                     f"{inputs.info.truncated} of {inputs.info.examples} texts were longer than "
@@ -107,6 +120,19 @@ async def validate(
                     ],
                 )
             )
+    if done.field is not None:
+        if inputs is not None and probed is not None and probed.loaded:
+            regressed = await cache.fetch(subject.regressed) if subject.regressed else None
+            checks.append(
+                await field_check(
+                    done.field, candidate, regressed, inputs, profile, settings,
+                    candidate_peak_mb=probed.peak_memory_mb, problem=subject.regressed_problem,
+                )
+            )  # fmt: skip
+        else:
+            detail = "not predicted: the candidate did not load and run"
+            gate = not_measurable(f"field.{done.field.metric}", unit="", detail=detail)
+            checks.append(CheckOutcome(name="field", gates=[gate]))
     checks.append(_size(done, profile))
     gates = [g for c in checks for g in c.gates]
     failed = [g for g in gates if g.passed is False]
@@ -117,7 +143,7 @@ async def validate(
         device_class=done.device_class,
         recipe_name=done.recipe.name,
         verdict="failed" if failed else "passed",
-        reason=failed_reason(failed),
+        reason=_reason(failed),
         candidate=done.artifact,
         reference=done.reference,
         eval_set=inputs.info if inputs else None,
@@ -125,7 +151,19 @@ async def validate(
         host=host_summary(settings.threads),
         started_at=started_at,
         duration_s=time.monotonic() - started,
+        drift_baseline=baseline,
     )
+
+
+def _reason(failed: list[GateResult]) -> str:
+    """Every failed gate in words; a field prediction with its arithmetic (field x ratio)."""
+    said = []
+    for gate in failed:
+        text = f"{gate.name} {describe_value(gate)}"
+        if gate.name.startswith("field.") and gate.budget is not None:
+            text += f" ({gate.detail})"
+        said.append(text)
+    return "; ".join(said)
 
 
 async def _records(eval_set: ArtifactRef | None, cache: ModelCache) -> tuple[list[EvalRecord], str]:

@@ -9,6 +9,10 @@ agreement and perplexity increase. With labels (or topics): task accuracy of bot
 nearest-centroid, leave-one-out, on the embeddings for encoders; argmax for classifiers - and
 the drop in points. The definitions are the SDK's (``slmops.quality``), the ones the
 optimizer's search used. Runs in the service's process, in a thread: parity runs may overlap.
+
+An encoder's pooled embeddings of the evaluation texts are also the report's drift baseline
+(``slmops.telemetry.drift.embedding_moments``): what the embeddings a gateway serves are compared
+with, from the run parity makes anyway.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from slmops.events.payloads import GateResult
 from slmops.profiles import DeviceProfile
 from slmops.quality import decoder_parity, encoder_parity
 from slmops.reports import CheckOutcome
+from slmops.telemetry.drift import DriftSignature, embedding_moments
 from slmops_validator.checks.base import judged, verdict_gate
 from slmops_validator.evalinputs import EvalInputs, restrict
 
@@ -76,8 +81,9 @@ def parity_check(
     profile: DeviceProfile,
     threads: int,
     metadata: dict[str, str] | None = None,
-) -> CheckOutcome:
-    """``metadata``: the variant's ONNX metadata (its embedding output and pooling)."""
+) -> tuple[CheckOutcome, DriftSignature | None]:
+    """``metadata``: the variant's ONNX metadata (its embedding output and pooling). With the
+    outcome, an encoder's drift baseline: the signature of its pooled embeddings."""
     started = time.monotonic()
     outcome = CheckOutcome(name="parity")
     windows = inputs.generation is not None
@@ -91,7 +97,7 @@ def parity_check(
             outcome.gates.append(
                 verdict_gate("parity.embedding_output", False, value=0, detail=str(exc))
             )
-            return _not_comparable(outcome, started)
+            return _not_comparable(outcome, started), None
         present = [o.name for o in cand_session.get_outputs()]
         if choice.output not in present:
             outcome.gates.append(
@@ -103,7 +109,7 @@ def parity_check(
                     f"embeddings); its outputs: {', '.join(present)}",
                 )
             )
-            return _not_comparable(outcome, started)
+            return _not_comparable(outcome, started), None
     output = choice.output if choice else None
     ref_out = run_outputs(ref_session, inputs.feeds, output)
     cand_out = run_outputs(cand_session, inputs.feeds, output)
@@ -133,9 +139,10 @@ def parity_check(
         )
     )
     if mismatched or non_finite:
-        return _not_comparable(outcome, started)
+        return _not_comparable(outcome, started), None
     masks = [feed["attention_mask"] for feed in inputs.feeds]
     floors = profile.quality
+    baseline: DriftSignature | None = None
     if inputs.task == "text-generation":
         ids = [feed["input_ids"] for feed in inputs.feeds]
         dec = decoder_parity(ref_out, cand_out, ids, masks)
@@ -163,7 +170,9 @@ def parity_check(
             outcome.gates.append(
                 verdict_gate("parity.embedding_output", False, value=0, detail=str(exc))
             )
-            return _not_comparable(outcome, started)
+            return _not_comparable(outcome, started), None
+        cand_emb = _embeddings(cand_out, masks, choice)
+        baseline = DriftSignature(embedding=embedding_moments(cand_emb))
         outcome.gates += [
             judged(
                 "parity.cosine_mean",
@@ -182,7 +191,6 @@ def parity_check(
         ]
         if inputs.labels is not None:
             ref_emb = _embeddings(ref_out, masks, choice)
-            cand_emb = _embeddings(cand_out, masks, choice)
             outcome.gates.append(
                 _accuracy_gate(
                     centroid_accuracy(ref_emb, inputs.labels),
@@ -214,7 +222,7 @@ def parity_check(
                 )
             )
     outcome.duration_s = time.monotonic() - started
-    return outcome
+    return outcome, baseline
 
 
 def _not_comparable(outcome: CheckOutcome, started: float) -> CheckOutcome:

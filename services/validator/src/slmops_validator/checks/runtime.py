@@ -23,6 +23,7 @@ from slmops.events.payloads import GateResult
 from slmops.jobdirs import owned_dir
 from slmops.profiles import DeviceProfile
 from slmops.reports import CheckOutcome
+from slmops.telemetry.drift import DriftSignature, TokenLogprobs
 from slmops_validator.checks.base import judged, not_measurable, verdict_gate
 from slmops_validator.checks.generation import generation_outcome
 from slmops_validator.checks.host import host_stands_for, same_architecture
@@ -39,6 +40,10 @@ class ProbeResult:
     runtime: CheckOutcome
     latency: CheckOutcome
     loaded: bool  # False: parity cannot run
+    peak_memory_mb: float | None = None  # RSS growth, as the memory gate holds it
+    # decoders: the log-probabilities of the candidate's greedy tokens on the evaluation
+    # prompts (the agreement run), the report's drift baseline
+    drift: DriftSignature | None = None
 
 
 def host_providers(profile: DeviceProfile) -> tuple[list[str], str]:
@@ -70,27 +75,10 @@ async def probe(
     measure_latency = (
         profile.latency_measurable_on_host and same_architecture(profile) and reference is not None
     )
-    with owned_dir(job_root(settings), "probe") as folder:
-        np.savez(folder / "smoke.npz", allow_pickle=False, **inputs.feeds[0])
-        np.savez(folder / "latency.npz", allow_pickle=False, **inputs.latency_feed)
-        spec = {
-            "candidate": str(candidate),
-            "reference": str(reference) if reference else None,
-            "smoke_feed": str(folder / "smoke.npz"),
-            "latency_feed": str(folder / "latency.npz"),
-            "threads": settings.threads,
-            "providers": providers,
-            "measure_latency": measure_latency,
-            "warmup_runs": settings.latency_warmup_runs,
-            "runs": settings.latency_runs,
-            "ratio_budget": profile.budgets.max_latency_ratio,
-            "max_rounds": settings.latency_max_rounds,
-            "lock_path": str(settings.scratch_dir / "latency.lock"),
-            "scratch": str(folder),
-            "generation": _generation_load(inputs, profile, settings),
-        }
-        (folder / "spec.json").write_text(json.dumps(spec))
-        raw, failure = await _run_child(folder / "spec.json", settings.probe_timeout_s)
+    raw, failure = await run_probe(
+        candidate, reference, inputs, profile, settings,
+        measure_latency=measure_latency, ratio_budget=profile.budgets.max_latency_ratio,
+    )  # fmt: skip
     runtime = CheckOutcome(name="runtime", notes=[provider_note] if provider_note else [])
     latency = CheckOutcome(name="latency")
     if failure or raw.get("load_error") or raw.get("run_error"):
@@ -120,14 +108,60 @@ async def probe(
         "providers": ", ".join(providers),
     }
     runtime.duration_s = time.monotonic() - started
+    peak = float(raw["peak_memory_mb"])
     if inputs.generation is not None:
         generation = generation_outcome(raw, profile)
         generation.duration_s = time.monotonic() - started
-        return ProbeResult(runtime, generation, loaded=True)
+        logprobs = (raw.get("agreement") or {}).get("logprobs")
+        drift = None
+        if logprobs:  # the agreement run's tokens (needs the reference)
+            drift = DriftSignature(logprobs=TokenLogprobs.model_validate(logprobs))
+        return ProbeResult(runtime, generation, loaded=True, peak_memory_mb=peak, drift=drift)
     latency.gates, latency.evidence, latency.notes = _latency(
         raw.get("latency"), profile, reference is not None
     )
-    return ProbeResult(runtime, latency, loaded=True)
+    return ProbeResult(runtime, latency, loaded=True, peak_memory_mb=peak)
+
+
+async def run_probe(
+    candidate: Path,
+    baseline: Path | None,
+    inputs: EvalInputs,
+    profile: DeviceProfile,
+    settings: ValidatorSettings,
+    *,
+    measure_latency: bool,
+    ratio_budget: float | None,
+    agreement: bool = True,
+) -> tuple[dict[str, Any], str]:
+    """The probe child's figures for ``candidate`` (timed against ``baseline``: the fp32
+    reference, or a re-optimization's regressed variant), or why it produced none.
+    ``agreement``: decoders, compare greedy tokens with the baseline too."""
+    providers, _ = host_providers(profile)
+    with owned_dir(job_root(settings), "probe") as folder:
+        np.savez(folder / "smoke.npz", allow_pickle=False, **inputs.feeds[0])
+        np.savez(folder / "latency.npz", allow_pickle=False, **inputs.latency_feed)
+        generation = _generation_load(inputs, profile, settings)
+        if generation is not None:
+            generation["agreement"] = agreement
+        spec = {
+            "candidate": str(candidate),
+            "reference": str(baseline) if baseline else None,
+            "smoke_feed": str(folder / "smoke.npz"),
+            "latency_feed": str(folder / "latency.npz"),
+            "threads": settings.threads,
+            "providers": providers,
+            "measure_latency": measure_latency,
+            "warmup_runs": settings.latency_warmup_runs,
+            "runs": settings.latency_runs,
+            "ratio_budget": ratio_budget,
+            "max_rounds": settings.latency_max_rounds,
+            "lock_path": str(settings.scratch_dir / "latency.lock"),
+            "scratch": str(folder),
+            "generation": generation,
+        }
+        (folder / "spec.json").write_text(json.dumps(spec))
+        return await _run_child(folder / "spec.json", settings.probe_timeout_s)
 
 
 def _generation_load(
