@@ -176,7 +176,7 @@ class Pacer:
         self._lock = threading.Lock()
         original = self.engine.generate
 
-        def generate(prompt_ids: Any, sampling: Any, cancelled: Any = None) -> Any:
+        def generate(prompt_ids: Any, sampling: Any, cancelled: Any = None, **options: Any) -> Any:
             is_cancelled = cancelled or (lambda: False)
             with self._lock:
                 index = len(self.checks)
@@ -193,7 +193,7 @@ class Pacer:
                         self.held -= 1
                 return bool(is_cancelled())
 
-            return original(prompt_ids, sampling, paced)
+            return original(prompt_ids, sampling, paced, **options)
 
         self.engine.generate = generate
 

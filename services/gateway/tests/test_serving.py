@@ -61,12 +61,18 @@ class FakeRun:
     finish_reason: str | None = None
     completion_ids: list[int] = field(default_factory=list)
     decode_s: float = 0.0
+    with_logprobs: bool = False
+    logprobs: list[float] = field(default_factory=list)
 
     def __iter__(self) -> Iterator[int]:
         for token in self.tokens:
             if self.cancelled():
                 self.finish_reason = "cancelled"
                 return
+            if self.completion_ids:
+                self.decode_s += 0.002  # a token after the first: 500 tokens/s
+            if self.with_logprobs:  # the model grows less sure as the answer goes on
+                self.logprobs.append(-0.3 * (len(self.logprobs) + 1))
             if token == EOS:
                 self.finish_reason = "stop"
                 return
@@ -86,8 +92,11 @@ class FakeEngine:
         self.spec = GenerationSpec(runtime_config={}, context_length=context,
                                    vocab_size=EOS + 1, chat_template=template)  # fmt: skip
 
-    def generate(self, prompt_ids: list[int], sampling: Sampling, cancelled: Any) -> FakeRun:
-        return FakeRun(self.answer, sampling, cancelled)
+    def generate(
+        self, prompt_ids: list[int], sampling: Sampling, cancelled: Any, *,
+        with_logprobs: bool = False,
+    ) -> FakeRun:  # fmt: skip
+        return FakeRun(self.answer, sampling, cancelled, with_logprobs=with_logprobs)
 
 
 def _model(engine: FakeEngine, **options: Any) -> LoadedModel:

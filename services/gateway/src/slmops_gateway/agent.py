@@ -81,10 +81,24 @@ class Agent:
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def report(self, kind: str, **fields: Any) -> GatewayReport:
+        """A report; one about the variant being served also names its model and version
+        (what the fleet view folds by)."""
+        active = self.slots.active
+        if active is not None and fields.get("variant_id") == active.variant_id:
+            fields.setdefault("model_name", active.model_name)
+            fields.setdefault("version", active.version)
         return GatewayReport(
             gateway_id=self.settings.gateway_id, kind=kind,
             device_class=self.settings.device_class, labels=self.settings.labels, **fields,
         )  # fmt: skip
+
+    def health_report(self) -> GatewayReport | None:
+        """The health window's aggregate about the active model (a new window starts); None
+        while nothing is installed."""
+        active = self.slots.active
+        if active is None:
+            return None
+        return self.report("health", variant_id=active.variant_id, health=self.health.take())
 
     def registration(self) -> GatewayReport:
         import onnxruntime as ort

@@ -56,9 +56,7 @@ class AgentLoop(BackgroundTask):
                 await asyncio.sleep(2.0)
         while True:
             await asyncio.sleep(self.agent.settings.health_interval_s)
-            if self.agent.slots.active is not None:
-                report = self.agent.report("health", variant_id=self.agent.slots.active.variant_id,
-                                           health=self.agent.health.take())  # fmt: skip
+            if (report := self.agent.health_report()) is not None:
                 await self._publish(report)
 
 

@@ -144,6 +144,9 @@ class Outcome:
     stopped_by_token: bool  # the model ended its turn (not a stop string, not the budget)
     first_token_at: float | None  # perf_counter() of the first token
     decode_s: float  # engine time of every token after the first
+    # The model's log-probability of each produced token: only the health window's drift
+    # signature reads them, bucketed (never reported one by one)
+    logprobs: tuple[float, ...] = ()
 
     @property
     def completion_tokens(self) -> int:
@@ -153,7 +156,8 @@ class Outcome:
 def generate_text(job: Job, cancel: threading.Event, emit: Callable[[str], None]) -> Outcome:
     """The worker thread's loop: tokens → text pieces (``emit``) until a stop token, a stop
     string, the budget or ``cancel``."""
-    run = job.engine.generate(job.prompt_ids, job.sampling, cancelled=cancel.is_set)
+    run = job.engine.generate(job.prompt_ids, job.sampling, cancelled=cancel.is_set,
+                              with_logprobs=True)  # fmt: skip
     detokenizer = job.engine.codec.detokenizer()
     stops = StopStrings(job.stops)
     first: float | None = None
@@ -176,7 +180,8 @@ def generate_text(job: Job, cancel: threading.Event, emit: Callable[[str], None]
             close()
     finish = "stop" if stops.stopped else run.finish_reason or "length"
     return Outcome(finish, len(job.prompt_ids), list(run.completion_ids),
-                   run.finish_reason == "stop", first, run.decode_s)  # fmt: skip
+                   run.finish_reason == "stop", first, run.decode_s,
+                   tuple(run.logprobs))  # fmt: skip
 
 
 class TextRun:
@@ -241,7 +246,8 @@ def _record(health: HealthWindow, job: Job, future: asyncio.Future[Outcome]) -> 
     health.record(latency_ms, ok=True)
     first = outcome.first_token_at
     ttft_ms = None if first is None else (first - job.started) * 1000
-    health.record_generation(ttft_ms, max(outcome.completion_tokens - 1, 0), outcome.decode_s)
+    health.record_generation(ttft_ms, max(outcome.completion_tokens - 1, 0), outcome.decode_s,
+                             outcome.logprobs)  # fmt: skip
 
 
 async def embed(
@@ -263,6 +269,7 @@ async def embed(
         health.record((time.perf_counter() - started) * 1000, ok=False)
         raise GenerationFailed(f"the model failed to embed: {exc}") from exc
     health.record((time.perf_counter() - started) * 1000, ok=True)
+    health.record_embeddings(result[0])  # the drift signature: moments, not the vectors
     return result
 
 
