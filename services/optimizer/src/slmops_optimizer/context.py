@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from slmops.bus import Bus
 from slmops.profiles import DeviceProfile
@@ -12,6 +14,7 @@ from slmops.service.registry_api import RegistryClient
 from slmops_optimizer.compute import Compute
 from slmops_optimizer.jobs import JobStore
 from slmops_optimizer.recipe_check import check_recipes
+from slmops_optimizer.reopt_state import Bounds, ReoptimizationLoop, utc_now
 from slmops_optimizer.settings import OptimizerSettings
 
 JOBS_BUCKET = "slmops-jobs"
@@ -25,6 +28,9 @@ class OptimizerContext:
     registry: RegistryClient
     # Set by app.py once the runtime exists (the runtime needs the handlers, which need this).
     runtime: ServiceRuntime | None = None
+    clock: Callable[[], datetime] = utc_now
+    #: Counts what became of each field finding (set by metrics.register): decision -> +1.
+    count_finding: Callable[[str], None] = lambda decision: None
     _jobs: JobStore | None = field(default=None, init=False)
     _slots: asyncio.Semaphore | None = field(default=None, init=False)
 
@@ -53,3 +59,12 @@ class OptimizerContext:
         if self._jobs is None:
             self._jobs = JobStore(kv)
         return self._jobs
+
+    async def reoptimizations(self) -> ReoptimizationLoop | None:
+        """The bound on re-optimizations (kept beside the jobs), once NATS is connected."""
+        kv = await self.runtime.key_value(JOBS_BUCKET) if self.runtime else None
+        if kv is None:
+            return None
+        bounds = Bounds(cooldown_s=self.settings.reoptimize_cooldown_s,
+                        open_max_s=self.settings.reoptimize_open_max_s)  # fmt: skip
+        return ReoptimizationLoop(kv, bounds)

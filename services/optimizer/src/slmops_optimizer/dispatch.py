@@ -22,7 +22,7 @@ from slmops.events import (
     derive_event_id,
     new_event,
 )
-from slmops.events.payloads import ArtifactRef
+from slmops.events.payloads import ArtifactRef, FieldEvidence
 from slmops_optimizer.context import OptimizerContext
 from slmops_optimizer.jobs import JobStore
 from slmops_optimizer.jobspec import JobResult, JobSpec
@@ -32,14 +32,23 @@ SOURCE = "/slmops/optimizer"
 _PROGRESS_EVERY_S = 1.0
 
 
-async def run_job(spec: JobSpec, ctx: OptimizerContext, jobs: JobStore) -> CloudEvent[Any]:
-    """Run (or reuse) one job and return its outcome event, already published."""
+async def run_job(
+    spec: JobSpec, ctx: OptimizerContext, jobs: JobStore, *, release_id: str | None = None,
+    field: FieldEvidence | None = None,
+) -> CloudEvent[Any]:  # fmt: skip
+    """Run (or reuse) one job and return its outcome event, already published.
+
+    ``release_id`` and ``field``: the job is a candidate of a re-optimization's proposed
+    release (its outcome says so, and gets an id of its own: a variant the version's own
+    release made too is announced again, for the proposal)."""
+    candidate: dict[str, Any] = {"release_id": release_id, "field": field}
     await jobs.create(spec)
     stored = await ctx.registry.variant(spec.job_id)
     if stored is not None:
         await jobs.update(spec.job_id, state="reused", progress=1.0, step="reused stored variant",
                           result_digest=stored["manifest"]["artifact"]["digest"])  # fmt: skip
-        return await _publish(ctx, completed_from_manifest(spec, stored))
+        reused = completed_from_manifest(spec, stored)
+        return await _publish(ctx, reused.model_copy(update=candidate))
     async with ctx.slots:
         if not await ctx.compute.wait_ready(ctx.settings.ray_start_timeout_s):
             await jobs.update(spec.job_id, state="queued", step="waiting for Ray Serve")
@@ -53,7 +62,8 @@ async def run_job(spec: JobSpec, ctx: OptimizerContext, jobs: JobStore) -> Cloud
         await jobs.update(spec.job_id, state="succeeded", progress=1.0, step="stored",
                           result_digest=result.artifact_digest, size_bytes=result.size_bytes,
                           duration_s=result.duration_s)  # fmt: skip
-        return await _publish(ctx, completed_from_manifest(spec, manifest))
+        completed = completed_from_manifest(spec, manifest)
+        return await _publish(ctx, completed.model_copy(update=candidate))
     if kind == "failed" and final.get("transient"):
         await jobs.update(spec.job_id, state="queued", step=f"retrying: {final['reason']}")
         raise TransientError(final["reason"])
@@ -67,6 +77,7 @@ async def run_job(spec: JobSpec, ctx: OptimizerContext, jobs: JobStore) -> Cloud
         recipe_name=spec.recipe.name,
         variant_id=spec.job_id,
         reason=reason,
+        release_id=release_id,
     )
     return await _publish(ctx, failed)
 
@@ -153,6 +164,10 @@ def outcome_id_for(payload: OptimizationCompleted | OptimizationFailed) -> str:
     """One outcome per job: completed and failed share the id, so a repeat is de-duplicated.
 
     The model version is part of it: a variant reused for a new version (the same artifact
-    published again) is a new announcement, which JetStream must not drop as a duplicate."""
+    published again) is a new announcement, which JetStream must not drop as a duplicate. So is
+    the release a re-optimization proposes: its candidate may be a variant the version's own
+    release announced already."""
+    if payload.release_id is not None:
+        return derive_event_id("optimization.outcome", payload.release_id, payload.variant_id or "")
     job = f"{payload.model_name}/{payload.version}/{payload.variant_id}"
     return derive_event_id("optimization.outcome", job)

@@ -16,8 +16,11 @@ from typing import Any
 from slmops.bus import HandlerResult, Handlers
 from slmops.events import (
     CloudEvent,
+    FleetRegressionDetected,
     ModelPublished,
     OptimizationPlanned,
+    ReleaseCreated,
+    ReleaseFailed,
     TransientError,
     derive_event_id,
     new_event,
@@ -25,6 +28,7 @@ from slmops.events import (
 from slmops_optimizer.context import OptimizerContext
 from slmops_optimizer.dispatch import SOURCE, run_job
 from slmops_optimizer.plans import plan_jobs, planned
+from slmops_optimizer.reopt_handlers import on_fleet_regression, on_proposal_decided
 
 log = logging.getLogger(__name__)
 
@@ -68,4 +72,9 @@ def build_handlers(ctx: OptimizerContext) -> Handlers:
     handlers = Handlers()
     handler: Any = functools.partial(on_model_published, ctx=ctx)
     handlers.register(ModelPublished, handler)
+    # The field loop (reopt_handlers): a regression becomes a proposal; its release closes it.
+    handlers.register(FleetRegressionDetected, functools.partial(on_fleet_regression, ctx=ctx))
+    decided: Any = functools.partial(on_proposal_decided, ctx=ctx)
+    handlers.register(ReleaseCreated, decided)
+    handlers.register(ReleaseFailed, decided)
     return handlers

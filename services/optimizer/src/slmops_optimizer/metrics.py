@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import get_args
 
+from prometheus_client import Counter as CounterMetric
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
@@ -64,4 +65,12 @@ def register(metrics: ServiceMetrics, context: OptimizerContext) -> JobMetrics:
     jobs = JobMetrics(context)
     metrics.registry.register(jobs)
     metrics.add_refresher("jobs", jobs.refresh, min_interval_s=REFRESH_EVERY_S)
+    findings = CounterMetric(
+        "slmops_optimizer_field_findings",
+        "Field regressions this instance took, by what became of them: open (planned), "
+        "replay (a redelivery: the same plan again), busy (another open for the class), "
+        "cooling (within the cooldown), decided (already answered).",
+        ["decision"], registry=metrics.registry,
+    )  # fmt: skip
+    context.count_finding = lambda decision: findings.labels(decision).inc()
     return jobs

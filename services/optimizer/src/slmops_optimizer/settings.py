@@ -63,6 +63,20 @@ class OptimizerSettings(ServiceSettings):
         "short, Ray's socket paths must stay under 108 characters.",
     )
     ray_start_timeout_s: float = Field(120, gt=0, description="Wait for Ray Serve at start-up.")
+    reoptimize_max_candidates: int = Field(
+        3, ge=1, le=16,
+        description="Most candidate recipes a field regression's re-optimization runs.",
+    )  # fmt: skip
+    reoptimize_cooldown_s: float = Field(
+        3600, ge=0,
+        description="After a re-optimization of a model for a device class is decided (its "
+        "proposal released or failed), findings for that class wait this long.",
+    )  # fmt: skip
+    reoptimize_open_max_s: float = Field(
+        86400, gt=0,
+        description="An open re-optimization nothing closed (its proposal lost) is given up "
+        "after this long, so the next finding for the class is not ignored forever.",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _replicas(self) -> OptimizerSettings:
