@@ -6,7 +6,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from slmops.service import ServiceRuntime, create_service_app, serve
-from slmops_registry import trust_api, variant_api
+from slmops_registry import field_api, trust_api, variant_api
 from slmops_registry.api import router
 from slmops_registry.context import RegistryContext
 from slmops_registry.errors import RegistryError
@@ -23,8 +23,9 @@ def create_app(settings: RegistrySettings | None = None) -> FastAPI:
     )
     context.runtime = runtime
     app = create_service_app(
-        runtime, router, variant_api.router, trust_api.router, title="slmops registry"
-    )
+        runtime, router, variant_api.router, field_api.router, trust_api.router,
+        title="slmops registry",
+    )  # fmt: skip
     app.state.registry = context
 
     @app.exception_handler(RegistryError)

@@ -25,7 +25,23 @@ from slmops.events import (
     ValidationFailed,
     ValidationPassed,
 )
-from slmops.events.payloads import ArtifactRef, GateResult, Recipe, ReleaseEntry, WavePlan
+from slmops.events.payloads import (
+    ArtifactRef,
+    FieldEvidence,
+    GateResult,
+    Recipe,
+    ReleaseEntry,
+    WavePlan,
+)
+from slmops_registry.field import (
+    FIELD_EVENTS,
+    Finding,
+    Measured,
+    Proposed,
+    field_nodes,
+    fold_field,
+    fold_proposal,
+)
 
 
 class Stamp(BaseModel):
@@ -81,6 +97,9 @@ class OptimizationFailure(Stamp):
 class Release(Stamp):
     release_id: str
     entries: list[ReleaseEntry]
+    proposal: FieldEvidence | None = Field(
+        None, description="Proposed from field evidence (see ``proposals``); null: the version's."
+    )
 
 
 class FailedRelease(Stamp):
@@ -127,6 +146,11 @@ class Lineage(BaseModel):
     releases: dict[str, Release] = Field(default_factory=dict)
     release_failed: FailedRelease | None = None
     rollouts: dict[str, Rollout] = Field(default_factory=dict)
+    field: dict[str, Measured] = Field(
+        default_factory=dict, description="Device-measured figures per '<variant>/<class>'."
+    )
+    findings: dict[str, Finding] = Field(default_factory=dict, description="By detection id.")
+    proposals: dict[str, Proposed] = Field(default_factory=dict, description="By release id.")
 
     def to_api(self, gateways: list[GatewayState]) -> dict[str, Any]:
         """The JSON of ``GET .../lineage``: lists sorted by id, statuses derived."""
@@ -153,6 +177,7 @@ class Lineage(BaseModel):
                 g.gateway_id: g.model_dump(mode="json", exclude={"gateway_id"})
                 for g in sorted(gateways, key=lambda g: g.gateway_id)
             },
+            **field_nodes(self.field, self.findings, self.proposals),
         }
 
 
@@ -217,8 +242,14 @@ def apply_event(lineage: Lineage, event: CloudEvent[Any]) -> bool:
         _insert_sorted(_variant(lineage, data.variant_id, data.device_class).reports, report)
     elif isinstance(data, ReleaseCreated):
         lineage.releases[data.release_id] = Release(
-            **_stamp(event), release_id=data.release_id, entries=data.entries
-        )
+            **_stamp(event), release_id=data.release_id, entries=data.entries,
+            proposal=data.proposal,
+        )  # fmt: skip
+        fold_proposal(lineage.proposals, event)
+    elif isinstance(data, ReleaseFailed) and data.proposal is not None:
+        fold_proposal(lineage.proposals, event)  # not the version's release failing
+    elif isinstance(data, FIELD_EVENTS):
+        fold_field(lineage.field, lineage.findings, event)
     elif isinstance(data, ReleaseFailed):
         failed = FailedRelease(**_stamp(event), release_id=data.release_id, entries=data.entries)
         if lineage.release_failed is None or failed.key() > lineage.release_failed.key():

@@ -24,6 +24,9 @@ from slmops.bus.kvstate import values_matching
 from slmops.events import (
     ChannelMoved,
     CloudEvent,
+    FleetDriftDetected,
+    FleetMeasured,
+    FleetRegressionDetected,
     GatewayReport,
     ModelPublished,
     OptimizationCompleted,
@@ -64,6 +67,9 @@ PROJECTED = (
     RolloutCompleted,
     RolloutRolledBack,
     GatewayReport,
+    FleetMeasured,
+    FleetRegressionDetected,
+    FleetDriftDetected,
 )
 
 
@@ -195,7 +201,9 @@ async def project(store: LineageStore, event: CloudEvent[Any]) -> None:
             if entry.variant_id:
                 await store.remember("variant", entry.variant_id, name, version)
     await store.update(name, version, event)
-    if isinstance(data, ReleaseCreated):  # a release makes its variants the canaries
+    # A release makes its variants the canaries - not one proposed from field evidence: that
+    # waits for an operator (the rollout service); its rollout completing makes it stable.
+    if isinstance(data, ReleaseCreated) and data.proposal is None:
         for entry in data.entries:
             if entry.variant_id:
                 move = _move(event, CANARY, version, entry.variant_id, entry.reason)
