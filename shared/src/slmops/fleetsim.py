@@ -24,14 +24,20 @@ FLEET_SIMULATOR_ENTRY_POINT_GROUP = "slmops.fleet_simulator"
 
 @dataclass(frozen=True)
 class FleetRequest:
-    """What to simulate: how many gateways, their classes and labels, which faults, and the
-    registry they verify against."""
+    """What to simulate: how many gateways, their classes and labels, which faults, how the
+    field differs from the host per class, and the registry they verify against."""
 
     count: int
     classes: dict[str, float] = field(default_factory=lambda: {"x86-avx512-vnni": 1.0})
     labels: dict[str, list[str]] = field(default_factory=dict)  # spread over the fleet
     faults: dict[str, float] = field(default_factory=dict)  # shares with a fault, by name
     prefix: str = "sim"  # gateway ids are <prefix>-000000...
+    # A class slower in the field than on the validator's host: its latency and TTFT (and
+    # decoding) multiplied by this factor
+    field_slowdown: dict[str, float] = field(default_factory=dict)
+    # A class served other inputs than the variant was validated on: its drift signature
+    # moved by this many of the baseline's standard deviations (0: none)
+    input_shift: dict[str, float] = field(default_factory=dict)
     registry_url: str = "http://127.0.0.1:8101"
     registry_auth: httpx.Auth | None = None  # the simulator's one identity
 

@@ -43,6 +43,8 @@ def simulated_fleet(bus: Bus, request: FleetRequest, platform: PlatformSettings)
         labels={key: list(values) for key, values in request.labels.items()},
         faults=cast(Any, dict(request.faults)),  # FleetSpec refuses unknown fault names
         prefix=request.prefix,
+        field_slowdown=dict(request.field_slowdown),
+        input_shift=dict(request.input_shift),
     )
     registry = CachingRegistry(request.registry_url, auth=request.registry_auth)
     fleet = SimulatedFleet(bus, registry, spec, GatewaySettings(platform=platform))

@@ -12,11 +12,18 @@ signatures itself).
 Faults are injected into exact shares of the fleet: ``download`` and ``smoke`` make installs
 fail, ``latency`` and ``shadow`` make every model after the first one slower or disagree more
 in the health reports, ``silent`` gateways register and then never answer again.
+
+Health reports carry what a real gateway's do (:mod:`slmops_gateway.simfield`): histograms
+around what the validator measured of the installed variant on its host, decode sums, peak
+memory and a drift signature. A class can be slower in the field than on the host
+(``field_slowdown``: its times multiplied) or be served shifted inputs (``input_shift``: its
+drift signature moved by that many baseline standard deviations).
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -31,10 +38,12 @@ from slmops.bus.consumer import EventConsumer
 from slmops.bus.topology import ConsumerSpec, stream_for_subject
 from slmops.events import CloudEvent, GatewayAssignment, GatewayReport
 from slmops.events.payloads import DesiredModel, HealthAggregate
+from slmops.manifests import Manifest
 from slmops.service.registry_api import RegistryClient
 from slmops.settings import ConsumerSettings
 from slmops_gateway.agent import DESIRED_BUCKET, Agent, report_event
 from slmops_gateway.settings import GatewaySettings
+from slmops_gateway.simfield import FieldProfile, HostFigures
 from slmops_gateway.slots import LoadedModel, SessionOptions
 from slmops_gateway.verify import Refused, Vouched
 
@@ -53,6 +62,8 @@ class FleetSpec:
     faults: dict[Fault, float] = field(default_factory=dict)
     prefix: str = "sim"
     seed: int = 0
+    field_slowdown: dict[str, float] = field(default_factory=dict)  # class -> time factor
+    input_shift: dict[str, float] = field(default_factory=dict)  # class -> baseline SDs
 
     def __post_init__(self) -> None:
         if self.count < 1:
@@ -64,6 +75,15 @@ class FleetSpec:
             raise ValueError(f"fault shares must be >= 0 and add up to at most 1: {self.faults}")
         if not self.classes or min(self.classes.values()) <= 0:
             raise ValueError(f"class shares must be positive: {self.classes}")
+        for what, factors in (("field slowdown", self.field_slowdown),
+                              ("input shift", self.input_shift)):  # fmt: skip
+            if strangers := sorted(set(factors) - set(self.classes)):
+                raise ValueError(f"the {what} names classes not in the fleet: {strangers}")
+        if any(not (math.isfinite(v) and v > 0) for v in self.field_slowdown.values()):
+            raise ValueError(f"field slowdowns must be positive factors: {self.field_slowdown}")
+        if any(not (math.isfinite(v) and v >= 0) for v in self.input_shift.values()):
+            raise ValueError(f"input shifts must be at least 0 (standard deviations): "
+                             f"{self.input_shift}")  # fmt: skip
 
     def layout(self) -> list[tuple[str, str, dict[str, str], Fault | None]]:
         """(gateway id, class, labels, fault) per gateway: exact shares, spread by the seed."""
@@ -121,12 +141,47 @@ class CachingRegistry(RegistryClient):
         return str(await self._once("key", "", super().public_key_pem))
 
 
+class FieldProfiles:
+    """What every gateway of the fleet reports about a (variant, class): built once per pair
+    from the variant's validation report (the registry client's cached copy) and the spec."""
+
+    def __init__(self, registry: RegistryClient, spec: FleetSpec) -> None:
+        self.registry, self.spec = registry, spec
+        self._profiles: dict[tuple[str, str], FieldProfile] = {}
+
+    async def prepare(self, variant_id: str, manifest: Manifest, device_class: str) -> None:
+        if (variant_id, device_class) in self._profiles:
+            return
+        try:
+            report = await self.registry.variant_report(variant_id)
+        except Exception:  # verified moments ago; a hiccup now only costs the host's figures
+            report = None
+        if (variant_id, device_class) not in self._profiles:
+            self._profiles[(variant_id, device_class)] = self._build(
+                HostFigures.of(manifest, report), device_class
+            )
+
+    def get(self, variant_id: str, device_class: str) -> FieldProfile:
+        found = self._profiles.get((variant_id, device_class))
+        if found is None:  # installed by other means than the simulated device: defaults
+            found = self._profiles[(variant_id, device_class)] = self._build(
+                HostFigures.default(), device_class
+            )
+        return found
+
+    def _build(self, host: HostFigures, device_class: str) -> FieldProfile:
+        return FieldProfile.build(host, self.spec.field_slowdown.get(device_class, 1.0),
+                                  self.spec.input_shift.get(device_class, 0.0))  # fmt: skip
+
+
 @dataclass
 class SimulatedGateway:
     agent: Agent
     fault: Fault | None
+    profiles: FieldProfiles
     first_variant_id: str | None = None
-    base_latency_ms: float = 20.0
+    jitter: float = 1.0  # this device's times against its class's
+    rounds: int = 0  # health rounds reported (they cycle through the profile's templates)
 
     async def install(
         self, desired: DesiredModel, vouched: Vouched, options: SessionOptions
@@ -139,21 +194,25 @@ class SimulatedGateway:
             raise Refused("smoke test: 12 non-finite output values (simulated fault)")
         if self.first_variant_id is None:
             self.first_variant_id = desired.variant_id
+        await self.profiles.prepare(desired.variant_id, vouched.manifest,
+                                    self.agent.settings.device_class)  # fmt: skip
         return LoadedModel(desired.variant_id, desired.version, Path(vouched.manifest_digest),
-                           None, "simulated", None, [], options)  # fmt: skip
+                           None, "simulated", None, [], options,
+                           model_name=desired.model_name)  # fmt: skip
 
     def health(self, window_s: float) -> HealthAggregate:
         """Aggregates as the device would report them; faults degrade models after the first."""
         active, previous = self.agent.slots.active, self.agent.slots.previous
-        later = active is not None and active.variant_id != self.first_variant_id
-        p50 = self.base_latency_ms * (10.0 if later and self.fault == "latency" else 1.0)
+        if active is None:
+            return HealthAggregate(window_s=window_s, request_count=0, error_rate=0.0)
+        later = active.variant_id != self.first_variant_id
+        scale = self.jitter * (10.0 if later and self.fault == "latency" else 1.0)
         shadow = None
         if previous is not None:
             shadow = 0.80 if later and self.fault == "shadow" else 0.99
-        return HealthAggregate(window_s=window_s, request_count=60, error_rate=0.0,
-                               latency_p50_ms=p50, latency_p95_ms=p50 * 1.4,
-                               shadow_agreement=shadow,
-                               shadow_samples=6 if shadow is not None else 0)  # fmt: skip
+        profile = self.profiles.get(active.variant_id, self.agent.settings.device_class)
+        self.rounds += 1
+        return profile.health(self.rounds, scale, window_s, shadow)
 
 
 class SimulatedFleet:
@@ -165,12 +224,15 @@ class SimulatedFleet:
         self.bus, self.spec, self.registry = bus, spec, registry
         self.gateways: dict[str, SimulatedGateway] = {}
         self._vouched: dict[tuple[str, str, str], Vouched] = {}
+        self.profiles = FieldProfiles(registry, spec)
         jitter = random.Random(spec.seed + 1)  # noqa: S311
-        for gateway_id, device_class, labels, fault in spec.layout():
+        for index, (gateway_id, device_class, labels, fault) in enumerate(spec.layout()):
             identity = {"gateway_id": gateway_id, "device_class": device_class, "labels": labels}
             settings = base.model_copy(update=identity)
             agent = Agent(settings, self.registry, publish=self._publish, vouched=self._vouched)
-            sim = SimulatedGateway(agent, fault, base_latency_ms=20.0 * jitter.uniform(0.9, 1.1))
+            sim = SimulatedGateway(
+                agent, fault, self.profiles, jitter=jitter.uniform(0.9, 1.1), rounds=index
+            )  # the fleet's rounds spread over the templates
             agent.installer = sim.install
             self.gateways[gateway_id] = sim
         self._consumer: EventConsumer | None = None

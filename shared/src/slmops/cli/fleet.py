@@ -77,6 +77,13 @@ def simulate(
     label: Annotated[list[str], typer.Option(help="KEY=V1,V2: labels spread over the fleet "
                                              "(repeatable).")] = [],  # noqa: B006
     prefix: Annotated[str, typer.Option(help="Gateway ids are PREFIX-000000...")] = "sim",
+    field_slowdown: Annotated[str, typer.Option(help="Classes slower in the field than on the "
+                                                "validator's host: CLASS=FACTOR (latency and "
+                                                "TTFT times it), e.g. arm64-pi5=3.")] = "",
+    input_shift: Annotated[str, typer.Option(help="Classes served shifted inputs: CLASS=SDS "
+                                             "(the drift signature moved by that many baseline "
+                                             "standard deviations), e.g. "
+                                             "x86-avx512-vnni=1.5.")] = "",
     health_interval_s: Annotated[float, typer.Option(help="Seconds between health "
                                                      "reports.")] = 30.0,
     duration_s: Annotated[float, typer.Option(help="Stop after this long (0: Ctrl-C).")] = 0.0,
@@ -99,6 +106,8 @@ def simulate(
         labels=labels,
         faults=parse_shares(faults, "--faults"),
         prefix=prefix,
+        field_slowdown=parse_shares(field_slowdown, "--field-slowdown"),
+        input_shift=parse_shares(input_shift, "--input-shift"),
         registry_url=registry_url or CliSettings().registry_url,
         registry_auth=cli_auth("simulator"),
     )
