@@ -3,6 +3,7 @@ projected from the event log (order-free, rebuildable), and the figures are sign
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import random
@@ -11,8 +12,12 @@ from typing import Any
 
 import httpx
 import pytest
+import uvicorn
+from typer.testing import CliRunner
 
+from slmops.auth import BearerToken, LocalCredentials
 from slmops.bus import Bus
+from slmops.cli.main import app as cli
 from slmops.events import (
     ArtifactRef,
     CloudEvent,
@@ -39,8 +44,11 @@ from slmops.events.payloads import (
     WavePlan,
 )
 from slmops.signatures import verify
-from slmops.testing.polling import until_answered
+from slmops.testing.polling import until, until_answered
+from slmops.testing.ports import free_port
+from slmops_registry.app import create_app
 from slmops_registry.lineage import Lineage, apply_event
+from slmops_registry.settings import RegistrySettings
 from slmops_registry.testing import RegistryUnderTest, gguf_bytes
 
 NAME, VERSION = "smollm2-135m", "1.0.0"
@@ -232,3 +240,44 @@ async def test_field_nodes_are_projected_rebuilt_and_their_figures_signed(
     assert unmeasured.json()["classes"] == []
     assert unknown.status_code == 404
     assert anonymous.status_code == 401
+
+
+@pytest.mark.integration
+async def test_the_cli_shows_the_figures_with_their_signature_checked(
+    registry_settings: RegistrySettings, bus: Bus, credentials: LocalCredentials
+) -> None:
+    # setup: the registry on a real port (the CLI speaks HTTP); figures of v-arm measured
+    app = create_app(registry_settings)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    task = asyncio.create_task(server.serve())
+    try:
+        await until(lambda: server.started or task.done(), "the registry to listen")
+        url = f"http://127.0.0.1:{port}"
+        for event in events("sha256:" + "0" * 64)[:8]:
+            await bus.publish(event)
+        admin = BearerToken(credentials.token("admin"))
+        async with httpx.AsyncClient(base_url=url, auth=admin) as client:
+
+            async def measured_twice() -> bool:
+                found = (await client.get("/v1/variants/v-arm/field")).json()
+                return any(c["measured"]["figures"]["latency_p95_ms"] == 88.0
+                           for c in found.get("classes", []))  # fmt: skip
+
+            await until_answered(measured_twice, "the latest figures of v-arm")
+
+        # execute
+        env = {"COLUMNS": "250", "SLMOPS_VAR_DIR": str(registry_settings.platform.var_dir)}
+        argv = ["field", "v-arm", "--registry-url", url]
+        shown = await asyncio.to_thread(CliRunner().invoke, cli, argv, env=env)
+    finally:
+        server.should_exit = True
+        await task
+
+    # assert: the class's figures, the broken gate, a valid signature
+    assert shown.exit_code == 0, shown.output
+    assert "v-arm of smollm2-135m 1.0.0" in shown.stdout
+    row = next(line for line in shown.stdout.splitlines() if "arm64" in line)
+    assert "88.0" in row
+    assert "latency_p95_ms" in row
+    assert "valid (" in row

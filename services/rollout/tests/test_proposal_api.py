@@ -3,21 +3,28 @@ consumer): listing with the evidence, approve (idempotent), reject, and the refu
 
 from __future__ import annotations
 
+import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import uvicorn
+from typer.testing import CliRunner, Result
 
 from slmops.auth import BearerToken, LocalCredentials, Scope
 from slmops.bus import Bus
+from slmops.cli.main import app as cli
 from slmops.events import GatewayReport, ReleaseCreated, ReleaseFailed, new_event
 from slmops.events.payloads import ArtifactRef, FieldEvidence, ReleaseEntry
 from slmops.settings import PlatformSettings
 from slmops.testing.natsserver import NatsServerProcess
-from slmops.testing.polling import until_answered
+from slmops.testing.polling import until, until_answered
+from slmops.testing.ports import free_port
 from slmops.testing.s3 import TEST_ACCESS_KEY, TEST_SECRET_KEY
 from slmops_rollout.app import create_app
 from slmops_rollout.settings import RolloutSettings
@@ -47,25 +54,42 @@ FAILED = ReleaseFailed(
 )  # fmt: skip
 
 
+@dataclass
+class Served:
+    url: str
+    var_dir: Path
+
+
 @pytest.fixture
-async def api(
+async def served(
     nats_server: NatsServerProcess, s3_server: str, tmp_path: Path, bus: Bus,
     credentials: LocalCredentials,
-) -> AsyncIterator[httpx.AsyncClient]:  # fmt: skip
+) -> AsyncIterator[Served]:  # fmt: skip
+    """The rollout service on a real 127.0.0.1 port (the CLI speaks HTTP)."""
     platform = PlatformSettings(
         nats_url=nats_server.url, s3_endpoint_url=s3_server,
         s3_bucket=f"rollout-{uuid.uuid4().hex[:12]}", s3_access_key_id=TEST_ACCESS_KEY,
         s3_secret_access_key=TEST_SECRET_KEY, var_dir=tmp_path / "var",
     )  # fmt: skip
     app = create_app(RolloutSettings(platform=platform, tick_s=0.2))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    task = asyncio.create_task(server.serve())
+    await until(lambda: server.started or task.done(), "the rollout service to listen")
+    try:
+        await app.state.runtime.wait_started(timeout_s=20)
+        yield Served(f"http://127.0.0.1:{port}", tmp_path / "var")
+    finally:
+        server.should_exit = True
+        await task
+
+
+@pytest.fixture
+async def api(served: Served, credentials: LocalCredentials) -> AsyncIterator[httpx.AsyncClient]:
+    """An operator's client of the served rollout service."""
     credentials.mint("operator", "user:ops", frozenset({Scope.READ, Scope.OPERATE}))
     operator = BearerToken(credentials.token("operator"))
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://r",
-                          auth=operator) as client,
-    ):  # fmt: skip
-        await app.state.runtime.wait_started(timeout_s=20)
+    async with httpx.AsyncClient(base_url=served.url, auth=operator) as client:
         yield client
 
 
@@ -162,3 +186,43 @@ async def test_rejection_is_recorded_with_who_and_why(api: httpx.AsyncClient, bu
     assert approve.status_code == 409
     assert "rejected by user:ops" in approve.json()["detail"]
     assert (await api.get("/v1/rollouts")).json() == []
+
+
+async def slmops(served: Served, *args: str) -> Result:
+    """The CLI in a thread (the service keeps running on this loop), as the local admin."""
+    env = {"COLUMNS": "250", "SLMOPS_VAR_DIR": str(served.var_dir)}
+    argv = [*args, "--rollout-url", served.url]
+    return await asyncio.to_thread(CliRunner().invoke, cli, argv, env=env)
+
+
+async def test_the_cli_lists_approves_and_rejects_proposals(
+    served: Served, api: httpx.AsyncClient, bus: Bus
+) -> None:
+    # setup: a gateway of the class running the measured variant; two proposals
+    for kind in ("registered", "applied"):
+        await bus.publish(new_event(GatewayReport(
+            gateway_id="a1", kind=kind, device_class="arm64", generation=1,
+            variant_id="v-arm-slow" if kind == "applied" else None), source="/test"))  # fmt: skip
+    await until_answered(lambda: _gateway_count(api, 1), "the fleet record of a1")
+    other = PROPOSED.model_copy(update={"release_id": "rel-field-2"})
+    for release in (PROPOSED, other):
+        await bus.publish(new_event(release, source="/test"))
+    await _proposals(api, 2)
+
+    # execute
+    listed = await slmops(served, "rollout", "proposals")
+    approved = await slmops(served, "rollout", "approve", PROPOSED_ID, "--reason", "ok")
+    rejected = await slmops(served, "rollout", "reject", "rel-field-2", "--reason", "not now")
+    no_reason = await slmops(served, "rollout", "reject", "rel-field-2")
+    as_json = await slmops(served, "rollout", "proposals", "--json")
+
+    # assert
+    assert listed.exit_code == 0, listed.output
+    assert "latency_p95_ms 91.5 (budget <= 50" in listed.stdout
+    assert "v-arm-slow -> v-arm-fast" in listed.stdout
+    assert approved.exit_code == 0, approved.output
+    assert "approved by user:admin: rollout ro-" in approved.stdout
+    assert rejected.exit_code == 0, rejected.output
+    assert no_reason.exit_code != 0
+    statuses = {p["release_id"]: p["status"] for p in json.loads(as_json.stdout)}
+    assert statuses == {PROPOSED_ID: "approved", "rel-field-2": "rejected"}

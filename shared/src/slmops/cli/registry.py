@@ -1,4 +1,5 @@
-"""`slmops publish`, `slmops models` and `slmops lineage`: the registry's HTTP API from a shell.
+"""`slmops publish`, `slmops models`, `slmops lineage` and `slmops field`: the registry's HTTP
+API from a shell.
 
 Plain typer command functions; ``slmops.cli.main`` registers them with ``app.command(...)``.
 """
@@ -27,6 +28,7 @@ from slmops.cli.common import (
 from slmops.cli.publishing import publish_version
 from slmops.cli.render import local_time, render_lineage, short_digest, text_row
 from slmops.events.payloads import ModelFormat, ModelName, Pooling, Task, Token, Version
+from slmops.signatures import verify
 
 
 def _labels(pairs: list[str]) -> dict[str, str]:
@@ -188,3 +190,46 @@ def lineage(
         print(json.dumps(document, indent=2))
     else:
         console_out.print(render_lineage(document), soft_wrap=False)
+
+
+def field(
+    variant_id: Annotated[str, typer.Argument(help="The variant's id.")],
+    json_output: JsonOutput = False,
+    registry_url: RegistryUrl = None,
+) -> None:
+    """Show a variant's device-measured figures per class, checking the registry's signature."""
+    variant_id = validated(Token, variant_id, "variant id")
+    try:
+        with ServiceClient("registry", registry_url) as client:
+            found = client.call("GET", f"/v1/variants/{variant_id}/field").json()
+            pem = client.call("GET", "/v1/keys").json()["pem"]
+    except CliError as exc:
+        fail(str(exc))
+    if json_output:
+        print(json.dumps(found, indent=2))
+        return
+    console_out.print(f"{variant_id} of {found['model_name']} {found['version']}", markup=False)
+    if not found["classes"]:
+        console_out.print("  no fleet has measured it yet", markup=False)
+        return
+    table = Table(title="measured on the devices (latest per class)", title_justify="left")
+    for column in ("class", "span", "gateways", "requests", "errors", "p50 ms", "p95 ms",
+                   "ttft p95 ms", "tokens/s", "peak MB", "over budget", "signature"):  # fmt: skip
+        table.add_column(column)
+    for signed in found["classes"]:
+        ok = verify(pem, signed["statement"].encode(), signed["signature"])
+        m = json.loads(signed["statement"]) if ok else signed["measured"]
+        f = m["figures"]
+        broken = [g["name"] for g in m.get("gates", []) if g.get("passed") is False]
+        table.add_row(*text_row(
+            m["device_class"], f"{local_time(m['since'])} - {local_time(m['until'])}",
+            f["gateways"], f["requests"], f"{f['error_rate']:.2%}", _num(f["latency_p50_ms"]),
+            _num(f["latency_p95_ms"]), _num(f["ttft_p95_ms"]), _num(f["decode_tokens_per_s"]),
+            _num(f["peak_memory_mb"]), ", ".join(broken) or "-",
+            f"valid ({signed['key_id']})" if ok else "INVALID",
+        ))  # fmt: skip
+    console_out.print(table, soft_wrap=False)
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"

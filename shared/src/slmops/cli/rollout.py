@@ -1,6 +1,7 @@
 """`slmops rollout start|status|approve|pause|resume|cancel|rollback NAME VERSION` and
 `slmops rollout list`: staged rollouts through the rollout service's API, found by model name
-and version."""
+and version. `slmops rollout proposals|approve RELEASE_ID|reject RELEASE_ID`: releases proposed
+from field evidence (``proposals.py``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from slmops.cli import proposals
 from slmops.cli.common import JsonOutput, RolloutUrl, call_json, console_out, fail
 from slmops.cli.render import text_row
 
@@ -181,8 +183,32 @@ def _control(action: str) -> Any:
     return command
 
 
-for _action in ("approve", "pause", "resume", "cancel", "rollback"):
+for _action in ("pause", "resume", "cancel", "rollback"):
     app.command(_action)(_control(_action))
+app.command("proposals")(proposals.list_proposals)
+app.command("reject")(proposals.reject)
+
+
+@app.command()
+def approve(
+    name_or_release: Annotated[str, typer.Argument(
+        metavar="NAME|RELEASE_ID",
+        help="A model name and its VERSION: let its rollout's next wave start. A proposed "
+        "release's id alone (see `slmops rollout proposals`): approve it, its rollout starts.",
+    )],
+    version: Annotated[str | None, typer.Argument(help="Model version (with NAME).")] = None,
+    reason: Reason = "",
+    rollout_id: RolloutId = None,
+    policy: Annotated[str, typer.Option(help="A proposal's wave policy as JSON (default: "
+                                        "the normal one).")] = "",
+    json_output: JsonOutput = False,
+    rollout_url: RolloutUrl = None,
+) -> None:  # fmt: skip
+    """Let a rollout's next wave start, or approve a release proposed from field evidence."""
+    if version is None:
+        proposals.approve_proposal(name_or_release, reason, policy, json_output, rollout_url)
+        return
+    _control("approve")(name_or_release, version, reason, rollout_id, json_output, rollout_url)
 
 
 def _only_rollout(name: str, version: str, url: str | None) -> str:
