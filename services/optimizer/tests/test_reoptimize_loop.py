@@ -209,3 +209,15 @@ async def test_two_instances_racing_for_one_class_open_it_once(bus: Bus) -> None
     assert stored is not None
     assert stored.opened_at == T0
     assert all(entry.detection_id == stored.detection_id for _, entry in results)
+
+
+def test_an_open_entry_nothing_closed_is_given_up_after_its_maximum() -> None:
+    from slmops_optimizer.reopt_state import decide
+
+    bounds = Bounds(cooldown_s=600, open_max_s=3600)
+    open_one = Reoptimization(detection_id="d1", opened_at=T0)
+
+    assert decide(open_one, "d2", T0 + timedelta(seconds=3599), bounds) == "busy"
+    assert decide(open_one, "d2", T0 + timedelta(seconds=3601), bounds) == "open"
+    assert decide(open_one, "d1", T0 + timedelta(seconds=9999), bounds) == "replay"
+    assert decide(None, "d1", T0, bounds) == "open"
