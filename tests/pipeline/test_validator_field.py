@@ -107,3 +107,7 @@ async def test_a_candidate_judged_against_the_field_becomes_a_proposed_release(
     assert release.proposal == evidence
     assert [(e.device_class, e.variant_id) for e in release.entries] == [("test-cpu", candidate_id)]
     assert "predicted field latency_p95_ms" in release.entries[0].reason
+    tally = (await validator.api.get(f"/v1/proposals/{release_id}")).json()
+    assert (tally["released"], tally["outcome"]) == (True, "created")
+    assert tally["proposal"]["detection_id"] == "det-slow-arm"
+    assert (await validator.api.get("/v1/proposals/rel-field-nope")).status_code == 422

@@ -86,7 +86,12 @@ class Tally(BaseModel):
 
 def tally_key(model_name: str, version: str, release_id: str | None = None) -> str:
     """The version's tally, or with ``release_id`` a re-optimization's own."""
-    return "validator.release." + (release_id or release_id_for(model_name, version))
+    return release_key(release_id or release_id_for(model_name, version))
+
+
+def release_key(release_id: str) -> str:
+    """The tally deciding the release ``release_id``."""
+    return "validator.release." + release_id
 
 
 async def update_tally(
