@@ -392,6 +392,71 @@ async def test_chat_and_completions_streamed_and_whole_with_their_options(
         assert aggregate.error_rate == 0.0
 
 
+async def test_real_generations_report_their_token_logprobs_and_nothing_they_said(
+    pipeline: Any, bus: Bus, tiny_decoders: TinyDecoders, tmp_path: Path, gateways: Any
+) -> None:
+    # setup: a real decoder; what the SDK's engine gives the same greedy prompts, in process
+    desired = await _register(pipeline.registry, tiny_decoders.b.read_bytes(), name="tiny-lp",
+                              version="1.0.0", task="text-generation")  # fmt: skip
+    reference = _engine(tiny_decoders.b, tmp_path)
+    questions = ["Where is Ouagadougou-4471?", "Name a colour.", "Count to three."]
+    expected_logprobs: list[float] = []
+    answers: list[list[int]] = []
+    for question in questions:
+        _, ids = _chat_prompt(reference, [{"role": "user", "content": question}])
+        run = reference.generate(ids, Sampling(max_new_tokens=16, temperature=0),
+                                 with_logprobs=True)  # fmt: skip
+        answers.append(list(run))
+        expected_logprobs += run.logprobs
+    async with gateways.serve("gw-logprobs") as gw:
+        await _install(bus, "gw-logprobs", 1, desired)
+
+        # execute: the chats, then every health report about them (a window may split them)
+        for question in questions:
+            await _chat(gw.api, messages=[{"role": "user", "content": question}],
+                        temperature=0, max_tokens=16)  # fmt: skip
+        seen: list[Any] = []
+        while sum(e.data.health.request_count for e in seen) < len(questions):
+            seen = await await_events(
+                bus, "slmops.gateway.report.v1.health.gw-logprobs", count=len(seen) + 1,
+                timeout_s=30, where=lambda e: e.data.health.request_count > 0,
+            )  # fmt: skip
+
+    # assert: the merged reports hold each produced token's log-probability (finite, <= 0),
+    # the engine's own; their histograms count every request; no text and no ids in them
+    from slmops.telemetry import Sketch, merge_signatures, token_logprobs
+
+    reports = [e.data for e in seen]
+    assert {(r.model_name, r.version, r.variant_id) for r in reports} == {
+        ("tiny-lp", "1.0.0", desired.variant_id)}  # fmt: skip
+    drift = merge_signatures(r.health.drift for r in reports)
+    assert drift is not None
+    assert drift.embedding is None
+    served = drift.logprobs
+    assert served is not None
+    assert all(np.isfinite(expected_logprobs))
+    assert max(expected_logprobs) <= 0
+    want = token_logprobs(expected_logprobs)
+    assert served.count == want.count == len(expected_logprobs)
+    assert served.count >= sum(len(a) for a in answers)  # a stop token has its logprob too
+    assert served.mean_logprob is not None
+    assert np.isfinite(served.mean_logprob)
+    assert served.mean_logprob <= 0
+    assert served.sum == pytest.approx(want.sum, rel=1e-3)
+    # a token within float noise of a bucket edge may land on the other side: at most one
+    assert sum(abs(a - b) for a, b in zip(served.counts, want.counts, strict=True)) <= 2
+    healths = [r.health for r in reports]
+    latencies = Sketch.of(*(h.latency_ms for h in healths))
+    ttfts = Sketch.of(*(h.ttft_ms for h in healths))
+    assert latencies.count == ttfts.count == len(questions)
+    assert 0 < ttfts.quantile(0.5) <= latencies.quantile(0.5)
+    assert sum(h.decode_tokens for h in healths) == sum(max(len(a) - 1, 0) for a in answers)
+    assert all(h.peak_memory_mb and h.peak_memory_mb > 0 for h in healths)
+    wire = b"".join(e.to_json() for e in seen)
+    assert b"Ouagadougou" not in wire
+    assert ",".join(map(str, answers[0][:4])).encode() not in wire
+
+
 async def test_concurrent_chats_get_their_own_answers_and_a_full_gateway_says_503(
     pipeline: Any, bus: Bus, tiny_decoders: TinyDecoders, tmp_path: Path, gateways: Any
 ) -> None:
