@@ -46,6 +46,7 @@ class StandInRegistry:
 
     recipes: dict[str, Recipe]  # variant id -> recipe
     latency_ms: dict[str, float] = field(default_factory=dict)  # variant id -> host p95
+    field_ms: dict[str, float] = field(default_factory=dict)  # variant id -> the Pi's p95
 
     async def model_version(self, name: str, version: str) -> dict[str, Any]:
         manifest = {"model_name": name, "version": version, "format": "onnx",
@@ -60,6 +61,13 @@ class StandInRegistry:
         manifest = {"artifact": artifact, "recipe": recipe.model_dump(mode="json"),
                     "metrics": {"size_mb": 1.0, "duration_s": 2.0}}  # fmt: skip
         return {"manifest": manifest, "digest": "sha256:" + "aa" * 32}
+
+    async def variant_field(self, variant_id: str) -> dict[str, Any] | None:
+        if variant_id not in self.field_ms:
+            return None
+        figures = {"latency_p95_ms": self.field_ms[variant_id]}
+        measured = {"device_class": "arm64-pi5", "figures": figures}
+        return {"classes": [{"device_class": "arm64-pi5", "measured": measured}]}
 
     async def variant_report(self, variant_id: str) -> dict[str, Any] | None:
         if variant_id not in self.latency_ms:
@@ -173,12 +181,16 @@ async def test_one_open_per_class_replayed_on_redelivery_closed_by_its_release_t
 async def test_nothing_that_could_meet_the_budget_is_an_empty_plan_with_the_reason(
     bus: Bus, tmp_path: Path
 ) -> None:
-    # setup: every other recipe of the class measured slower than the regressed variant
+    # setup: the class's other recipes: one slower on the host than the regressed variant, the
+    # other measured by the Pi devices themselves (an earlier rollout) above the budget
     regressed, regressed_recipe = _variant("arm64-pi5", "int4-weight-only")
-    others = {v: r for v, r in (_variant("arm64-pi5", n) for n in
-              ("int8-weight-only", "int8-dynamic-per-channel"))}  # fmt: skip
-    latency_ms = {regressed: 80.0} | dict.fromkeys(others, 95.0)
-    registry = StandInRegistry({regressed: regressed_recipe, **others}, latency_ms)
+    int8wo, int8wo_recipe = _variant("arm64-pi5", "int8-weight-only")
+    dynamic, dynamic_recipe = _variant("arm64-pi5", "int8-dynamic-per-channel")
+    registry = StandInRegistry(
+        {regressed: regressed_recipe, int8wo: int8wo_recipe, dynamic: dynamic_recipe},
+        latency_ms={regressed: 80.0, int8wo: 95.0},
+        field_ms={dynamic: 300.0},
+    )
     ctx = _context(bus, tmp_path, registry, Clock())
 
     await on_fleet_regression(_finding(regressed, "det-9"), ctx)
@@ -187,7 +199,11 @@ async def test_nothing_that_could_meet_the_budget_is_an_empty_plan_with_the_reas
     assert plan.data.jobs == []
     reason = plan.data.skipped["arm64-pi5"]
     assert reason.startswith("no recipe left that could meet latency_p95_ms <= 250 in the field")
-    assert "int8-weight-only: measured no better than" in reason
+    assert f"int8-weight-only: no better than {regressed} (x1.19, latency.p95_ms on" in reason
+    assert (
+        "int8-dynamic-per-channel: measured 300 in the field (x0.75, measured by the "
+        "arm64-pi5 devices)"
+    ) in reason
     assert plan.data.release_id == field_release_id("enc", "1.0.0", "det-9")
 
 

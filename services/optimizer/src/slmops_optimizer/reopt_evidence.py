@@ -1,5 +1,6 @@
-"""What the registry knows of the candidates of a re-optimization: each one's host figure for
-the regressed metric against the regressed variant's, and its size.
+"""What the registry knows of the candidates of a re-optimization: each one's figure for the
+regressed metric as the class's devices measured it (a variant that ran in the field before,
+``GET /v1/variants/{id}/field``), its host figure against the regressed variant's, its size.
 
 A ratio is only taken between two figures measured on one host for one class: the class's own
 validation reports when its latency is measurable on the validator's host, else those of a
@@ -39,6 +40,9 @@ async def known_figures(
     metric = METRICS_BY_NAME.get(evidence.metric)
     gate = metric.host_gate if metric else None
     sizes = await asyncio.gather(*(_size_mb(registry, c.variant_id) for c in candidates))
+    fielded = await asyncio.gather(
+        *(_field_figure(registry, c.variant_id, evidence) for c in candidates)
+    )
     ratios: dict[str, tuple[float, str]] = {}
     if gate is not None:
         for device_class in _host_classes(evidence.device_class, profiles):
@@ -49,11 +53,26 @@ async def known_figures(
                                      wanted, device_class)  # fmt: skip
             ratios.update(found)
     known: dict[str, Known] = {}
-    for candidate, size in zip(candidates, sizes, strict=True):
+    for candidate, size, field_value in zip(candidates, sizes, fielded, strict=True):
         ratio, basis = ratios.get(candidate.variant_id, (None, ""))
-        if ratio is not None or size is not None:
-            known[candidate.variant_id] = Known(ratio=ratio, basis=basis, size_mb=size)
+        if field_value is not None:
+            basis = f"measured by the {evidence.device_class} devices"
+        if ratio is not None or size is not None or field_value is not None:
+            known[candidate.variant_id] = Known(ratio=ratio, basis=basis, size_mb=size,
+                                                field_value=field_value)  # fmt: skip
     return known
+
+
+async def _field_figure(
+    registry: RegistryClient, variant_id: str, evidence: FieldEvidence
+) -> float | None:
+    """The regressed metric as the class's devices measured this variant, if they did."""
+    body = await registry.variant_field(variant_id)
+    for measured in (body or {}).get("classes", []):
+        if measured.get("device_class") == evidence.device_class:
+            value = ((measured.get("measured") or {}).get("figures") or {}).get(evidence.metric)
+            return float(value) if value is not None else None
+    return None
 
 
 def _host_classes(target: str, profiles: dict[str, DeviceProfile]) -> list[str]:

@@ -4,9 +4,10 @@ evidence (pure: the registry look-ups that feed it live in ``reoptimize_handlers
 The candidates are the class's own recipes for the model's format and task, except the one
 the regressed variant was made with, plus recipes derived from them where the pass registry
 and the class allow: a weight-only recipe one precision lower (8 -> 4 bits), and for encoders
-dynamic INT8 when the class has no such recipe. They are ranked by what is known of each
-against the regressed variant on one host (a validation report's figure for the same metric):
-``field value x host ratio`` predicts the candidate's field figure. Those predicted to meet the
+dynamic INT8 when the class has no such recipe. They are ranked by what is known of each:
+its own figure measured by the class's devices (a variant that ran in the field before), else
+its host figure against the regressed variant's on one host (validation reports):
+``field value x host ratio`` predicts its field figure. Those predicted to meet the
 budget come first, best first; then the unmeasured ones, lowest precision and smallest first.
 A candidate measured no better than the regressed variant, or predicted to miss the budget
 anyway, is dropped: the validator would reject it with the same arithmetic.
@@ -47,14 +48,15 @@ class Known:
     """What was measured of a candidate against the regressed variant."""
 
     ratio: float | None = None  # candidate's host figure / regressed variant's, one host
-    basis: str = ""  # where the ratio comes from, for the log and the plan's reason
+    basis: str = ""  # where the figure comes from, for the log and the plan's reason
     size_mb: float | None = None
+    field_value: float | None = None  # the figure the class's devices measured of it
 
 
 @dataclass(frozen=True)
 class Ranked:
     candidate: Candidate
-    predicted: float | None  # the field figure the ratio predicts; None: not measured
+    predicted: float | None  # its field figure, measured or predicted; None: not known
 
 
 @dataclass
@@ -193,20 +195,21 @@ def rank(
         facts = known.get(candidate.variant_id, Known())
         size = facts.size_mb if facts.size_mb is not None else math.inf
         precision = PRECISION_RANK[candidate.precision]
-        if facts.ratio is None:
+        if facts.field_value is not None:  # measured on the devices: no prediction needed
+            predicted = facts.field_value
+            ratio = predicted / evidence.field_value if evidence.field_value else math.inf
+        elif facts.ratio is not None:
+            ratio = facts.ratio
+            predicted = evidence.field_value * ratio
+        else:
             unmeasured.append((precision, size, order, Ranked(candidate, None)))
             continue
-        predicted = evidence.field_value * facts.ratio
-        on = f" ({facts.basis})" if facts.basis else ""
-        if better * (facts.ratio - 1.0) >= 0:
-            ranking.dropped.append(
-                (candidate, f"measured no better than {evidence.variant_id}: x{facts.ratio:.2f}"
-                            f"{on}")
-            )  # fmt: skip
+        why = f"x{ratio:.2f}" + (f", {facts.basis}" if facts.basis else "")
+        verb = "measured" if facts.field_value is not None else "predicted"
+        if better * (ratio - 1.0) >= 0:
+            ranking.dropped.append((candidate, f"no better than {evidence.variant_id} ({why})"))
         elif _breaks(evidence, predicted):
-            ranking.dropped.append(
-                (candidate, f"predicted {predicted:.4g} in the field (x{facts.ratio:.2f}{on})")
-            )
+            ranking.dropped.append((candidate, f"{verb} {predicted:.4g} in the field ({why})"))
         else:
             ranked = Ranked(candidate, predicted)
             meeting.append((better * predicted, precision, size, order, ranked))

@@ -76,6 +76,15 @@ class RegistryClient:
             return None
         return self._json(response, f"report of variant {variant_id}")
 
+    async def variant_field(self, variant_id: str) -> dict[str, Any] | None:
+        """The variant's device-measured figures per class (``classes``: each a statement
+        signed by the registry and ``measured``, it parsed), or None when the lineage has no
+        such variant."""
+        response = await self._call("GET", f"/v1/variants/{variant_id}/field")
+        if response.status_code == 404:
+            return None
+        return self._json(response, f"field figures of variant {variant_id}")
+
     async def download_url(self, digest: str) -> str:
         """A short-lived presigned URL of a blob."""
         response = await self._call("GET", f"/v1/blobs/{digest}/url")
