@@ -57,13 +57,18 @@ def build_app(service: str, var_dir: Path, **overrides: Any) -> FastAPI:
         from slmops_console.settings import ConsoleSettings
 
         return console(ConsoleSettings(platform=platform))
+    if service == "telemetry":
+        from slmops_telemetry.app import create_app as telemetry
+        from slmops_telemetry.settings import TelemetrySettings
+
+        return telemetry(TelemetrySettings(platform=platform))
     from slmops_gateway.app import create_app as gateway
     from slmops_gateway.settings import GatewaySettings
 
     return gateway(GatewaySettings(platform=platform, **overrides))
 
 
-SERVICES = ("registry", "optimizer", "validator", "rollout", "gateway", "console")
+SERVICES = ("registry", "optimizer", "validator", "rollout", "gateway", "console", "telemetry")
 
 
 def operations(app: FastAPI) -> Iterator[tuple[str, str]]:
@@ -145,6 +150,8 @@ ROLE_MATRIX = [
     ("optimizer", "POST", "/v1/jobs/x1/cancel", {"operator", "admin"}),
     ("gateway", "GET", METRICS, {"metrics", "admin"}),
     ("console", "GET", METRICS, {"metrics", "admin"}),
+    ("telemetry", "GET", "/v1/fleet/health", set(ROLE_SCOPES) - {"metrics", "gateway"}),
+    ("telemetry", "GET", METRICS, {"metrics", "admin"}),
 ]
 ROLES = sorted(ROLE_SCOPES)
 

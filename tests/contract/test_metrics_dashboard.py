@@ -27,7 +27,7 @@ from slmops.settings import PlatformSettings, ServiceSettings
 DEPLOY = Path(__file__).parents[2] / "deploy"
 DASHBOARD: dict[str, Any] = json.loads((DEPLOY / "grafana" / "slmops-dashboard.json").read_text())
 SCRAPE: dict[str, Any] = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
-SERVICES = ("registry", "optimizer", "validator", "rollout", "gateway")
+SERVICES = ("registry", "optimizer", "validator", "rollout", "gateway", "telemetry")
 PROMQL_FUNCTIONS = {"sum", "max", "min", "avg", "count", "rate", "irate", "increase",
                     "histogram_quantile", "topk", "clamp_min", "label_replace"}  # fmt: skip
 PROMQL_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or",
@@ -43,6 +43,8 @@ REQUIRED = {
     "slmops_rollouts",
     "slmops_gateways",
     "slmops_gateway_reports_received_total",
+    "slmops_telemetry_reports_folded_total",  # field telemetry (issue 17)
+    "slmops_telemetry_findings_total",
 }
 
 
@@ -116,6 +118,10 @@ def test_every_service_exports_the_generic_families(exported: dict[str, set[str]
         exported["rollout"]
     )
     assert "slmops_gateway_generated_tokens_total" in exported["gateway"]
+    assert {"slmops_telemetry_reports_folded_total", "slmops_telemetry_fold_seconds_bucket",
+            "slmops_telemetry_findings_total", "slmops_telemetry_view_keys"} <= (
+        exported["telemetry"]
+    )  # fmt: skip
 
 
 def test_the_parser_sees_through_labels_and_groupings() -> None:

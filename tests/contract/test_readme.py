@@ -16,6 +16,7 @@ from slmops_gateway.settings import GatewaySettings
 from slmops_optimizer.settings import OptimizerSettings
 from slmops_registry.settings import RegistrySettings
 from slmops_rollout.settings import RolloutSettings
+from slmops_telemetry.settings import TelemetrySettings
 from slmops_validator.settings import ValidatorSettings
 
 README = (Path(__file__).parents[2] / "README.md").read_text()
@@ -35,6 +36,7 @@ EnvNames = Callable[..., list[str]]  # the setting_env_names fixture (conftest.p
         RolloutSettings,
         GatewaySettings,
         ConsoleSettings,
+        TelemetrySettings,
         CliSettings,
     ],
 )

@@ -56,8 +56,10 @@ def poll(url: str, *, until_status: int, timeout_s: float = 30) -> httpx.Respons
     raise TimeoutError(f"{url} never answered {until_status}; last: {last and last.text}")
 
 
-def test_all_six_services_are_installed() -> None:
-    assert SERVICES == ["console", "gateway", "optimizer", "registry", "rollout", "validator"]
+def test_all_seven_services_are_installed() -> None:
+    assert SERVICES == [
+        "console", "gateway", "optimizer", "registry", "rollout", "telemetry", "validator",
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("service", SERVICES)
@@ -86,8 +88,11 @@ def test_service_becomes_ready_with_nats_and_s3(
     assert ready["not_ready"] == []
     assert ready["checks"]["nats"]["ok"]
     assert ready["checks"]["topology"]["ok"]
-    # The gateway downloads over presigned URLs, the console reads through the APIs.
-    assert ("object_store" in ready["checks"]) == (service not in ("gateway", "console"))
+    # The gateway downloads over presigned URLs, the console reads through the APIs, telemetry
+    # keeps its view in KV.
+    assert ("object_store" in ready["checks"]) == (
+        service not in ("gateway", "console", "telemetry")
+    )
     # The console is ready once it listens to the events that keep its pages live.
     assert ("live_feed" in ready["checks"]) == (service == "console")
     assert runtime["service"] == service

@@ -1,7 +1,8 @@
 """`slmops fleet simulate`: thousands of simulated gateways running the real agent code (the
 gateway distribution's simulator, found through :mod:`slmops.fleetsim`) against this
-platform's NATS and registry, until Ctrl-C; and `slmops fleet list`: the registered gateways,
-from the rollout service's fleet record."""
+platform's NATS and registry, until Ctrl-C; `slmops fleet list`: the registered gateways,
+from the rollout service's fleet record; and `slmops fleet health`: a version's field figures
+per class against the class's budgets, from the telemetry service."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from slmops.cli.common import (
     JsonOutput,
     RegistryUrl,
     RolloutUrl,
+    TelemetryUrl,
     call_json,
     cli_auth,
     console_out,
@@ -65,6 +67,60 @@ def list_gateways(
     for (cls, variant), n in sorted(counts.items()):
         table.add_row(cls, variant, str(n))
     console_out.print(table, soft_wrap=False)
+
+
+@app.command()
+def health(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    version: Annotated[str, typer.Argument(help="Model version.")],
+    last: Annotated[int, typer.Option(help="Reporting windows behind the figures.")] = 10,
+    json_output: JsonOutput = False,
+    telemetry_url: TelemetryUrl = None,
+) -> None:
+    """A version in the field, per variant and class: the gateways' merged figures, each
+    against the class's budget, and how far what was served drifted from validation."""
+    found = call_json("telemetry", "GET", f"/v1/fleet/health/{name}/{version}", telemetry_url,
+                      params={"last": last})  # fmt: skip
+    if json_output:
+        print(json.dumps(found, indent=2))
+        return
+    table = Table(title=f"{name} {version} in the field", title_justify="left")
+    columns = ("class", "variant", "gateways", "requests", "errors", "p50 ms", "p95 ms",
+               "TTFT p95 ms", "tokens/s", "peak MB", "budgets", "drift")  # fmt: skip
+    for column in columns:
+        table.add_column(column, no_wrap=column != "budgets")
+    for row in found:
+        figures, drift = row["figures"], row.get("drift")
+        table.add_row(
+            row["device_class"], row["variant_id"], str(figures["gateways"]),
+            str(figures["requests"]), f"{figures['error_rate']:.1%}",
+            _number(figures.get("latency_p50_ms")), _number(figures.get("latency_p95_ms")),
+            _number(figures.get("ttft_p95_ms")), _number(figures.get("decode_tokens_per_s")),
+            _number(figures.get("peak_memory_mb")), _verdicts(row),
+            f"{drift['score']:.2f} / {drift['threshold']:g}" if drift else "-",
+        )  # fmt: skip
+    console_out.print(table, soft_wrap=False)
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _verdicts(row: dict[str, Any]) -> str:
+    """``latency_p95_ms FAIL (112.4 > 50)``, one per figure with a budget; else why none."""
+    if row.get("expectations_error"):
+        return f"unknown: {row['expectations_error']}"
+    verdicts = []
+    for gate in row.get("gates") or []:
+        value, budget, passed = gate.get("value"), gate.get("budget"), gate.get("passed")
+        if passed is None or value is None or budget is None:
+            verdicts.append(f"{gate['name']} not judged")
+            continue
+        upper = gate.get("bound", "max") == "max"
+        sign = ("<=" if upper else ">=") if passed else (">" if upper else "<")
+        verdicts.append(f"{gate['name']} {'ok' if passed else 'FAIL'} ({value:.1f} {sign} "
+                        f"{budget:g})")  # fmt: skip
+    return "; ".join(verdicts) or "no budget"
 
 
 @app.command()

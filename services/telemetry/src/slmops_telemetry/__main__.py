@@ -1,0 +1,3 @@
+from slmops_telemetry.app import main
+
+main()
