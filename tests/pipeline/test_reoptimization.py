@@ -21,6 +21,7 @@ from slmops.events import (
 )
 from slmops.events.payloads import FieldWindow
 from slmops.testing.events import await_events
+from slmops.testing.polling import until_answered
 
 pytestmark = [pytest.mark.integration]
 
@@ -64,7 +65,7 @@ def _is_proposal(event: Any) -> bool:
 
 
 async def test_a_field_regression_becomes_a_proposal_whose_candidates_carry_the_evidence(
-    pipeline: Any, bus: Bus, tiny_onnx: Callable[..., bytes]
+    pipeline: Any, validator: Any, bus: Bus, tiny_onnx: Callable[..., bytes]
 ) -> None:
     # setup: the version's own release: both recipes built for the class
     await pipeline.publish(tiny_onnx(), model_name="tiny", format="onnx", task="feature-extraction")
@@ -107,3 +108,18 @@ async def test_a_field_regression_becomes_a_proposal_whose_candidates_carry_the_
     assert [e.traceparent.split("-")[1] for e in (plan, *outcomes)] == [finding_trace] * 3
     reopened = (await pipeline.optimizer.get(f"/v1/jobs/{jobs['int8-weight-only']}")).json()
     assert reopened["state"] == "reused"
+
+    # the validator's decision on the proposal closes the class's re-optimization: the next
+    # finding for the class waits out the cooldown
+    [decided] = await await_events(bus, "slmops.release.*.v1", count=1, timeout_s=120,
+                                   where=lambda e: e.data.proposal is not None)  # fmt: skip
+    assert (decided.data.release_id, decided.data.proposal) == (release_id, finding.evidence())
+    loop = await pipeline.context.reoptimizations()
+
+    async def closed() -> bool:
+        entry = await loop.get("tiny", "field-cpu")
+        return entry is not None and entry.closed_at is not None
+
+    await until_answered(closed, "the proposal's release to close the re-optimization")
+    entry = await loop.get("tiny", "field-cpu")
+    assert entry.outcome == decided.type.split(".")[2]  # created or failed
