@@ -21,7 +21,7 @@ from slmops.telemetry import Sketch, embedding_moments, token_logprobs
 from slmops.testing.polling import until
 from slmops_gateway.agent import report_event
 from slmops_gateway.app import create_app
-from slmops_gateway.health import HealthWindow
+from slmops_gateway.health import HealthWindow, bucketed
 from slmops_gateway.settings import GatewaySettings
 from slmops_gateway.slots import LoadedModel, SessionOptions
 
@@ -95,7 +95,7 @@ def test_a_busy_window_reports_mergeable_figures_in_one_small_event() -> None:
     for i, latency in enumerate(latencies):
         window.record(float(latency), ok=i % 100 != 0)
         if i < 3000:
-            window.record_generation(float(ttfts[i]), 39, 0.2, rng.uniform(-6, 0, 40).tolist())
+            window.record_generation(float(ttfts[i]), 39, 0.2, bucketed(rng.uniform(-6, 0, 40)))
             tokens += 40
         else:
             window.record_embeddings(rng.normal(0.1, 1.0, (8, 384)))

@@ -34,6 +34,12 @@ from slmops.telemetry import (
 )
 
 
+def bucketed(logprobs: Sequence[float]) -> TokenLogprobs | None:
+    """A generation's token log-probabilities as the signature keeps them (None: no token);
+    a worker thread's call, not the event loop's (a Python loop over the tokens)."""
+    return token_logprobs(logprobs) if len(logprobs) else None
+
+
 def peak_memory_mb() -> float | None:
     """The serving process's peak resident memory so far (None where the OS does not say)."""
     try:
@@ -75,12 +81,11 @@ class HealthWindow:
 
     def record_generation(
         self, ttft_ms: float | None, decode_tokens: int, decode_s: float,
-        logprobs: Sequence[float] = (),
+        logprobs: TokenLogprobs | None = None,
     ) -> None:  # fmt: skip
         """One generation's timings (its request is counted by :meth:`record`): ``ttft_ms`` None
         when it produced no token; ``decode_tokens`` the tokens after the first; ``logprobs``
-        the model's log-probability of each token it produced (the drift signature)."""
-        bucketed = token_logprobs(logprobs) if logprobs else None
+        the model's log-probabilities of the tokens it produced, bucketed (:func:`bucketed`)."""
         with self._lock:
             if ttft_ms is not None:
                 self._ttft_ms.append(ttft_ms)
@@ -89,12 +94,13 @@ class HealthWindow:
             if decode_tokens > 0 and decode_s > 0:
                 self._decode_tokens += decode_tokens
                 self._decode_s += decode_s
-            if bucketed is not None and bucketed.count:
-                self._logprobs = _merged(self._logprobs, bucketed).logprobs
+            if logprobs is not None and logprobs.count:
+                self._logprobs = _merged(self._logprobs, logprobs).logprobs
 
     def record_embeddings(self, vectors: np.ndarray) -> None:
         """The embeddings one request was answered with, folded into the window's moments
-        (the vectors themselves are not kept)."""
+        (the vectors themselves are not kept). A worker thread's call: the projection is
+        numpy work the event loop should not wait for."""
         if len(vectors) == 0:
             return
         moments = embedding_moments(vectors)

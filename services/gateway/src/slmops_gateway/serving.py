@@ -26,8 +26,9 @@ import numpy as np
 from pydantic import SecretStr
 
 from slmops.generation import ChatTemplateError, DecoderEngine, Sampling, StopStrings, render_chat
+from slmops.telemetry import TokenLogprobs
 from slmops_gateway.errors import BadRequest, GenerationFailed, NoModel, Unauthorized
-from slmops_gateway.health import HealthWindow
+from slmops_gateway.health import HealthWindow, bucketed
 from slmops_gateway.openai_schema import ChatCompletionRequest, CompletionRequest, SamplingFields
 from slmops_gateway.pool import GenerationPool
 from slmops_gateway.slots import LoadedModel, Slots
@@ -144,9 +145,9 @@ class Outcome:
     stopped_by_token: bool  # the model ended its turn (not a stop string, not the budget)
     first_token_at: float | None  # perf_counter() of the first token
     decode_s: float  # engine time of every token after the first
-    # The model's log-probability of each produced token: only the health window's drift
-    # signature reads them, bucketed (never reported one by one)
-    logprobs: tuple[float, ...] = ()
+    # The model's log-probabilities of the produced tokens, bucketed in the worker thread:
+    # the health window's drift signature (never reported one by one)
+    logprobs: TokenLogprobs | None = None
 
     @property
     def completion_tokens(self) -> int:
@@ -181,7 +182,7 @@ def generate_text(job: Job, cancel: threading.Event, emit: Callable[[str], None]
     finish = "stop" if stops.stopped else run.finish_reason or "length"
     return Outcome(finish, len(job.prompt_ids), list(run.completion_ids),
                    run.finish_reason == "stop", first, run.decode_s,
-                   tuple(run.logprobs))  # fmt: skip
+                   bucketed(run.logprobs))  # fmt: skip
 
 
 class TextRun:
@@ -262,14 +263,19 @@ async def embed(
     if model.embedding is None:
         raise BadRequest(f"the active model {model.model_id} cannot embed: {model.embedding_error}",
                          param="model", code="model_not_supported")  # fmt: skip
-    future, _ = await pool.submit(lambda _cancel: model.embed(texts))
+
+    def work(_cancel: threading.Event) -> tuple[np.ndarray, int]:
+        vectors, tokens = model.embed(texts)
+        health.record_embeddings(vectors)  # the drift signature: moments, not the vectors
+        return vectors, tokens
+
+    future, _ = await pool.submit(work)
     try:
         result = await future
     except Exception as exc:
         health.record((time.perf_counter() - started) * 1000, ok=False)
         raise GenerationFailed(f"the model failed to embed: {exc}") from exc
     health.record((time.perf_counter() - started) * 1000, ok=True)
-    health.record_embeddings(result[0])  # the drift signature: moments, not the vectors
     return result
 
 
