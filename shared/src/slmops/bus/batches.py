@@ -14,10 +14,12 @@ does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import json
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,31 +146,32 @@ class BatchConsumer:
     async def _process(self, msgs: list[Msg]) -> None:
         events: list[CloudEvent[Any]] = []
         decoded: list[Msg] = []
-        for msg in msgs:
+        with _collector_paused():
+            for msg in msgs:
+                try:
+                    events.append(self.decode(msg.data))
+                    decoded.append(msg)
+                except EventDecodeError as exc:
+                    await self._dead_letter([msg], str(exc), exc, [UNKNOWN_TYPE])
+            if not events:
+                return
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            heartbeat = asyncio.create_task(self._keep_in_progress(decoded))
             try:
-                events.append(self.decode(msg.data))
-                decoded.append(msg)
-            except EventDecodeError as exc:
-                await self._dead_letter([msg], str(exc), exc, [UNKNOWN_TYPE])
-        if not events:
-            return
-        loop = asyncio.get_running_loop()
-        began = loop.time()
-        heartbeat = asyncio.create_task(self._keep_in_progress(decoded))
-        try:
-            await self.handle(events)
-        except PermanentError as exc:
-            await self._dead_letter(decoded, str(exc), exc, [e.type for e in events])
-            return
-        except Exception as exc:
-            self.stats.last_error = f"{type(exc).__name__}: {exc}"
-            log.warning("%s: batch of %d failed: %r", self.spec.durable, len(events), exc)
-            await self._retry_or_dead_letter(decoded, events, exc)
-            return
-        finally:
-            heartbeat.cancel()
-            if self.observer is not None:
-                self.observer.time(BATCH_TYPE, loop.time() - began)
+                await self.handle(events)
+            except PermanentError as exc:
+                await self._dead_letter(decoded, str(exc), exc, [e.type for e in events])
+                return
+            except Exception as exc:
+                self.stats.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("%s: batch of %d failed: %r", self.spec.durable, len(events), exc)
+                await self._retry_or_dead_letter(decoded, events, exc)
+                return
+            finally:
+                heartbeat.cancel()
+                if self.observer is not None:
+                    self.observer.time(BATCH_TYPE, loop.time() - began)
         for msg in decoded:  # a publish to the ack subject each, no reply awaited
             await msg.ack()
         self.stats.batches += 1
@@ -231,6 +234,33 @@ class BatchConsumer:
             self._observe("dead_lettered", [UNKNOWN_TYPE])
         except Exception:
             log.exception("%s: could not dead-letter an exhausted message", self.spec.durable)
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector rests while a batch is decoded and handled.
+
+    Decoding allocates some twenty objects per event and none is garbage while the batch is
+    handled: with the collector on, thousands of them set off collections that walk the whole
+    heap again and again (measured: a third of the cost of a batch). Reference counting still
+    frees what is not in a cycle; the collector runs again when the batch is done. Nested
+    pauses (two consumers in one process) resume it only when the outer one ends.
+    """
+    global _pauses
+    if _pauses == 0 and not gc.isenabled():  # disabled by the application: leave it so
+        yield
+        return
+    _pauses += 1
+    gc.disable()
+    try:
+        yield
+    finally:
+        _pauses -= 1
+        if _pauses == 0:
+            gc.enable()
+
+
+_pauses = 0
 
 
 async def _fetch_more(sub: JetStreamContext.PullSubscription, n: int) -> list[Msg]:
