@@ -235,6 +235,10 @@ async def test_reports_fold_into_figures_a_slow_class_is_detected_and_a_restart_
     await _judged(telemetry, times=2, since=0)
     assert [e.data.detection_id for e in await _fleet_events(admin)] == [
         found.data.detection_id]  # fmt: skip
+    # ... all of it within the service's own bus permissions
+    refused = [line for line in (stack.var_dir / "logs" / "nats.log").read_text().splitlines()
+               if "Violation" in line and "/slmops/telemetry" in line]  # fmt: skip
+    assert refused == []
 
 
 async def test_a_malformed_report_is_dead_lettered_and_calls_need_a_token(
