@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from slmops.service import ServiceRuntime, create_service_app, serve
 from slmops_console.live import LiveFeed
-from slmops_console.pages import fleet, models, rollouts, signin, traces
+from slmops_console.pages import field, fleet, models, proposals, rollouts, signin, traces
 from slmops_console.rendering import STATIC_DIR, render
 from slmops_console.session import CsrfRejected, LoginRequired, Sessions
 from slmops_console.settings import ConsoleSettings
@@ -73,6 +73,8 @@ def create_app(settings: ConsoleSettings | None = None) -> FastAPI:
         models.router,
         rollouts.router,
         fleet.router,
+        field.router,
+        proposals.router,
         traces.router,
         title="slmops console",
     )

@@ -16,6 +16,11 @@ class ConsoleSettings(ServiceSettings):
     optimizer_url: str = Field("http://127.0.0.1:8102", description="Optimizer HTTP API.")
     validator_url: str = Field("http://127.0.0.1:8103", description="Validator HTTP API.")
     rollout_url: str = Field("http://127.0.0.1:8104", description="Rollout HTTP API.")
+    telemetry_url: str = Field(
+        "http://127.0.0.1:8107",
+        description="Telemetry HTTP API (the fleet's field figures); empty: not configured, "
+        "the pages say so.",
+    )
     upstream_timeout_s: float = Field(
         10.0, gt=0, description="How long a page waits for one API answer, in seconds."
     )

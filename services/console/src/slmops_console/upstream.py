@@ -14,7 +14,7 @@ import httpx
 from slmops_console.session import Session
 from slmops_console.settings import ConsoleSettings
 
-SERVICES = ("registry", "optimizer", "validator", "rollout")
+SERVICES = ("registry", "optimizer", "validator", "rollout", "telemetry")
 
 
 class UpstreamError(Exception):
@@ -34,7 +34,8 @@ def _detail(response: httpx.Response) -> str:
 
 
 class Upstream:
-    """One HTTP client per platform service."""
+    """One HTTP client per platform service (a service whose URL is empty is not configured:
+    calling it is an :class:`UpstreamError` the pages put in words)."""
 
     def __init__(self, settings: ConsoleSettings) -> None:
         urls = {name: getattr(settings, f"{name}_url") for name in SERVICES}
@@ -43,7 +44,11 @@ class Upstream:
                 base_url=url, timeout=settings.upstream_timeout_s, trust_env=False
             )
             for name, url in urls.items()
+            if url
         }
+
+    def configured(self, service: str) -> bool:
+        return service in self._clients
 
     async def get(self, service: str, path: str, session: Session, **params: Any) -> Any:
         query = {k: v for k, v in params.items() if v is not None and v != ""}
@@ -56,8 +61,11 @@ class Upstream:
         self, service: str, method: str, path: str, session: Session, **kwargs: Any
     ) -> Any:
         headers = {"Authorization": f"Bearer {session.token}"}
+        client = self._clients.get(service)
+        if client is None:
+            raise UpstreamError(service, 503, f"the console is not configured to reach {service}")
         try:
-            response = await self._clients[service].request(method, path, headers=headers, **kwargs)
+            response = await client.request(method, path, headers=headers, **kwargs)
         except httpx.HTTPError as exc:
             raise UpstreamError(
                 service, 503, f"{service} is unreachable ({type(exc).__name__})"
