@@ -12,11 +12,13 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from fastapi import FastAPI
 
 from slmops.auth import BearerToken, LocalCredentials
 from slmops.bus import Bus
 from slmops.events import GatewayReport, new_event
 from slmops.events.envelope import CloudEvent
+from slmops.events.errors import TransientError
 from slmops.events.payloads import HealthAggregate
 from slmops.settings import PlatformSettings
 from slmops.telemetry import Sketch
@@ -40,10 +42,8 @@ class NoReports:
 
 
 @pytest.fixture
-async def api(
-    platform_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-    bus: Bus, everything_auth: httpx.Auth,
-) -> AsyncIterator[httpx.AsyncClient]:  # fmt: skip
+def app(platform_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> FastAPI:
+    """The service with 1 s windows, a class whose p95 budget is 50 ms, no registry reports."""
     for key, value in platform_env.items():
         monkeypatch.setenv(key, value)
     profiles = tmp_path / "profiles"
@@ -55,6 +55,13 @@ async def api(
                                  profiles_dir=profiles)  # fmt: skip
     app = create_app(settings)
     app.state.field.registry = NoReports()
+    return app
+
+
+@pytest.fixture
+async def api(
+    app: FastAPI, bus: Bus, everything_auth: httpx.Auth
+) -> AsyncIterator[httpx.AsyncClient]:
     async with (
         app.router.lifespan_context(app),
         httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t",
@@ -160,3 +167,36 @@ async def test_every_route_wants_a_reader(
         assert anonymous.status_code == 401, path
         assert (await api.get(path, auth=scraper)).status_code == 403, path
     assert (await api.get("/metrics", auth=scraper)).status_code == 200
+
+
+class RegistryAway:
+    async def variant_report(self, variant_id: str) -> dict[str, Any] | None:
+        raise TransientError("registry unreachable (ConnectError); will retry")
+
+
+async def test_without_the_registry_figures_show_and_the_service_stays_ready(
+    app: FastAPI, api: httpx.AsyncClient, bus: Bus
+) -> None:
+    # setup: the registry goes away
+    app.state.field.registry = RegistryAway()
+
+    # execute: a window of reports, and one stamped an hour ahead (a gateway's clock)
+    await publish_windows(bus, "v-fast", 10.0, windows=1)
+    ahead = report("gw-c", "v-fast", 3600, 10.0)
+    await bus.publish(ahead)
+
+    # assert: the figures, why the budgets are missing, still ready; the future one not folded
+    [row] = await _answered(api, "/v1/fleet/health/tiny/1.0.0")
+    assert row["figures"]["requests"] == 60
+    assert [g["name"] for g in row["gates"]] == ["field.error_rate"]  # the platform's own
+    assert "registry unreachable" in row["expectations_error"]
+    ready = (await api.get("/readyz")).json()
+    assert ready["ready"] is True, ready
+
+    async def refused() -> bool:
+        text = (await api.get("/metrics")).text
+        return 'slmops_telemetry_reports_refused_total{reason="future"} 1.0' in text
+
+    await until_answered(refused, "the report from the future refused", timeout_s=10)
+    [row] = (await api.get("/v1/fleet/health", params={"model": "tiny"})).json()
+    assert row["figures"]["requests"] == 60

@@ -80,13 +80,40 @@ class FieldLoop(BackgroundTask):
         runtime.metrics.add_refresher("field consumer lag", self._lag, min_interval_s=1.0)
 
     async def check(self) -> Check:
+        """Ready once the view is restored and reports are folded; a window whose judgement
+        failed (the registry away) is named, but folding goes on, so it stays ready."""
         if self.consumer is None or not self.consumer.running:
-            return Check(False, "not consuming yet" if self.restored else "restoring the view")
+            waiting = "not consuming yet" if self.restored else "restoring the view"
+            return Check(False, f"{waiting}: {self.last_error}" if self.last_error else waiting)
         stats = self.consumer.stats
         detail = f"{stats.handled} reports folded in {stats.batches} batches"
-        return Check(not self.last_error, self.last_error or detail)
+        if self.last_error:
+            detail += f"; last judgement failed: {self.last_error}"
+        return Check(True, detail)
 
     async def run(self) -> None:
+        while True:  # NATS away at start: try again (readiness says why meanwhile)
+            try:
+                await self._start_folding()
+                self.last_error = ""
+                break
+            except Exception as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("telemetry: could not start folding: %s", self.last_error)
+                await asyncio.sleep(1.0)
+        window_s = self.settings.window_s
+        self._measured_from = time.time() // window_s * window_s
+        while True:  # once per window, just after it ended
+            await asyncio.sleep(window_s - time.time() % window_s + self.view.settle_s)
+            try:
+                await self.tick(time.time())
+                self.last_error = ""
+            except Exception as exc:  # NATS or the registry away: the next window retries
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("telemetry tick failed: %s", self.last_error)
+
+    async def _start_folding(self) -> None:
+        """Restore the view from KV, then run the consumer into it."""
         self.kv = await self._bucket()
         await self._restore(self.kv)
         bus = self.runtime.bus
@@ -98,16 +125,6 @@ class FieldLoop(BackgroundTask):
             decode=decode_report,
         )  # fmt: skip
         await self.consumer.start()
-        window_s = self.settings.window_s
-        self._measured_from = time.time() // window_s * window_s
-        while True:  # once per window, just after it ended
-            await asyncio.sleep(window_s - time.time() % window_s + self.view.settle_s)
-            try:
-                await self.tick(time.time())
-                self.last_error = ""
-            except Exception as exc:  # NATS or the registry away: the next window retries
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.warning("telemetry tick failed: %s", self.last_error)
 
     async def stop(self) -> None:
         await super().stop()
