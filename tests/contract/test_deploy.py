@@ -368,7 +368,7 @@ def test_compose_identities_are_files_slmops_auth_init_writes(tmp_path: Path) ->
     assert "# service-console" in users.users_conf_file.read_text()
 
 
-def test_the_console_reaches_the_four_apis_and_only_operators_reach_it(
+def test_the_console_reaches_the_five_apis_and_only_operators_reach_it(
     service_settings: Settings,
 ) -> None:
     # The console is the one workload whose egress is closed: it serves browsers, and it must
@@ -393,7 +393,7 @@ def test_the_console_reaches_the_four_apis_and_only_operators_reach_it(
     }
     own = ConsoleSettings.model_fields["port"].default
 
-    assert sorted(apis) == ["optimizer", "registry", "rollout", "validator"]
+    assert sorted(apis) == ["optimizer", "registry", "rollout", "telemetry", "validator"]
     assert k8s_urls == {svc: f"http://slmops-{svc}:{port[svc]}" for svc in apis}
     assert compose_urls == {svc: f"http://{svc}:{port[svc]}" for svc in apis}
     for svc in apis:
