@@ -1,8 +1,10 @@
 """The console in a real browser (headless Chromium from Debian, driven by Playwright) against
 the local stack as processes: sign in, the pages show the platform's numbers, a rollout's
 progress moves on an open page without a reload, and an operator's Pause button pauses it; a
-viewer sees no buttons and is refused if they post anyway. Screenshots land in the test's
-temp folder."""
+viewer sees no buttons and is refused if they post anyway. A release proposed from field
+evidence shows its evidence on the version page, an operator approves it there and its
+rollout's link appears; a viewer sees it without buttons. The telemetry service is not in this
+stack: the fleet's field health page says so. Screenshots land in the test's temp folder."""
 
 from __future__ import annotations
 
@@ -19,18 +21,23 @@ import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from slmops.auth import LocalCredentials, scopes_of_role
+from slmops.events import field_release_id
 from slmops.events.payloads import (
     DesiredModel,
+    FieldEvidence,
     GateResult,
     OptimizationCompleted,
     PassSpec,
     Recipe,
+    ReleaseCreated,
+    ReleaseEntry,
     ValidationPassed,
 )
 from slmops.testing.identities import RegistryRoles, publish_as
 from slmops.testing.localstack import RunningStack, local_stack
 from slmops.testing.models import tiny_encoder_onnx
 from slmops.testing.polling import until_answered
+from slmops.testing.ports import free_port
 from slmops.testing.registry import register_variant, release_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
@@ -42,7 +49,10 @@ CLASS = "test-cpu"
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
     folder = tmp_path_factory.mktemp("console")
-    with local_stack(folder, SLMOPS_STACK_SERVICES="registry,rollout,console") as running:
+    # no telemetry service: the console is pointed at a port nothing listens on
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    with local_stack(folder, SLMOPS_STACK_SERVICES="registry,rollout,console",
+                     SLMOPS_CONSOLE_TELEMETRY_URL=nowhere) as running:  # fmt: skip
         yield running
 
 
@@ -216,13 +226,73 @@ async def test_an_operator_watches_a_rollout_live_and_pauses_it_a_viewer_only_lo
                                             form={"csrf_token": csrf})  # fmt: skip
         assert refused.status == 403
         assert (await _rollout(rollout_api, rollout_id))["status"] == "paused"
+
+        # the fleet's field health, without a telemetry service: said in words
+        await page.goto("/fleet/field")
+        await expect(page.locator("#field-problem")).to_contain_text(
+            "The telemetry service did not answer"
+        )
+
+        # a release proposed from field evidence: the viewer sees it without buttons and is
+        # refused a forged approval; the operator approves it on the version page
+        proposal = await _proposed(stack, rollout_api, desired)
+        await viewer.goto("/proposals")
+        await expect(viewer.locator(f'article[data-proposal="{proposal}"]')).to_contain_text(
+            "pending"
+        )
+        await expect(viewer.locator("button[data-action]")).to_have_count(0)
+        forged = await viewer.request.post(f"/proposals/{proposal}/approve",
+                                           form={"csrf_token": csrf})  # fmt: skip
+        assert forged.status == 403
+        await page.goto("/models/console-demo/1.0.0")
+        await expect(page.locator("#pending-count")).to_have_text("(1 pending)")
+        card = page.locator(f'article[data-proposal="{proposal}"]')
+        await expect(card.locator(".evidence")).to_have_text(
+            f"{CLASS} latency_p95_ms 61.0 ms in the field > 40.0 ms budget; host measured 12.5 ms"
+        )
+        await card.locator('button[data-action="approve-proposal"]').click()
+        link = card.locator("a.rollout-link")
+        await expect(link).to_be_visible()
+        await expect(card.locator(".status")).to_have_text("✓ approved")
+        await page.screenshot(path=tmp_path / "proposal-approved.png", full_page=True)
+        decided = (await rollout_api.get(f"/v1/proposals/{proposal}")).json()
+        assert (decided["status"], decided["decided_by"]) == ("approved", "user:admin")
+        await link.click()
+        await expect(page).to_have_url(f"{base}/rollouts/{decided['rollout_id']}")
     assert sorted(p.name for p in tmp_path.glob("*.png")) == [
         "fleet.png",
         "models.png",
+        "proposal-approved.png",
         "rollout-live.png",
         "rollout-paused.png",
         "version.png",
     ]
+
+
+async def _proposed(
+    stack: RunningStack, rollout_api: httpx.AsyncClient, desired: DesiredModel
+) -> str:
+    """A release proposed from field evidence, announced as the validator would after a
+    re-optimization (its variant: the one the fleet runs, which is enough for the console),
+    once the rollout service holds it as a pending proposal."""
+    evidence = FieldEvidence(
+        detection_id="det-console", device_class=CLASS, variant_id=desired.variant_id,
+        metric="latency_p95_ms", bound="max", budget=40.0, field_value=61.0, host_value=12.5,
+    )  # fmt: skip
+    release_id = field_release_id("console-demo", "1.0.0", evidence.detection_id)
+    await publish_as(stack.urls["nats"], stack.var_dir, "validator", ReleaseCreated(
+        release_id=release_id, model_name="console-demo", version="1.0.0", proposal=evidence,
+        entries=[ReleaseEntry(device_class=CLASS, variant_id=desired.variant_id,
+                              artifact=desired.artifact, manifest_digest=desired.manifest_digest,
+                              reason="as-is: 38 ms p95 in the field <= 40 ms")],
+    ))  # fmt: skip
+
+    async def pending() -> bool:
+        answer = await rollout_api.get(f"/v1/proposals/{release_id}")
+        return answer.status_code == 200 and answer.json()["status"] == "pending"
+
+    await until_answered(pending, "the proposal held by the rollout service")
+    return release_id
 
 
 async def _first_wave_done(rollout_api: httpx.AsyncClient, rollout_id: str) -> bool:

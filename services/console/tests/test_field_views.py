@@ -253,3 +253,23 @@ async def test_decisions_are_refused_to_viewers_need_a_reason_to_reject_and_say_
         ("rollout", "/v1/proposals/rel-2/approve", {"reason": "approved from the console"}),
         ("rollout", "/v1/proposals/rel-2/reject", {"reason": "too risky"}),
     ]
+
+
+async def test_the_navigation_counts_pending_proposals_and_stays_quiet_when_it_cannot() -> None:
+    pending = [p for p in FIELD["proposals"] if p["status"] == "pending"]
+    answering: Any = FakeUpstream({("rollout", "/v1/proposals"): pending})
+    away: Any = FakeUpstream({("rollout", "/v1/proposals"): UpstreamError("rollout", 503, "x")})
+
+    assert await proposals_page.pending_count(VIEWER, answering) == "(1 pending)"
+    assert await proposals_page.pending_count(VIEWER, away) == ""
+
+
+def test_a_release_proposed_from_the_field_is_named_so_in_the_lineage_picture() -> None:
+    evidence = FIELD["proposals"][0]["evidence"]
+    proposed = {"release_id": "rel-field-arm-2", "proposal": evidence,
+                "entries": [{"device_class": ARM, "variant_id": "v-new"}]}  # fmt: skip
+    lineage = {**MINILM, "releases": [*MINILM["releases"], proposed]}
+
+    (node,) = [n for n in lineage_view.build(lineage).nodes if n.key == "rel:rel-field-arm-2"]
+
+    assert (node.title, node.detail) == ("proposed from the field", f"{ARM}: latency_p95_ms")

@@ -109,13 +109,17 @@ def build(lineage: dict[str, Any], running: dict[str, int] | None = None) -> Pic
     for release in lineage.get("releases", []):
         rid = release["release_id"]
         shipped = [e for e in release["entries"] if e.get("variant_id")]
+        evidence = release.get("proposal")
         picture.nodes.append(
             Node(
                 f"rel:{rid}",
                 3,
-                "release",
-                f"{len(shipped)} of {len(release['entries'])} classes",
+                "proposed from the field" if evidence else "release",
+                f"{evidence['device_class']}: {evidence['metric']}"
+                if evidence
+                else f"{len(shipped)} of {len(release['entries'])} classes",
                 tone="passed" if shipped else "failed",
+                href="#proposals-h" if evidence else None,
             )
         )
         for entry in shipped:
