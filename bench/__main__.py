@@ -12,6 +12,7 @@ from bench import (
     generation,
     optimizer,
     registry_throughput,
+    telemetry,
     validator,
     verification,
 )
@@ -25,6 +26,7 @@ def main() -> None:
     validator.main()
     verification.main()
     fleet.main()
+    telemetry.main()
     console.main()
     e2e.main()
 

@@ -123,10 +123,11 @@ class FleetView:
             if seen is None:
                 stats.late += 1
                 continue
-            if event.id in seen:
+            event_key = hash(event.id)
+            if event_key in seen:
                 stats.duplicates += 1
                 continue
-            seen.add(event.id)
+            seen.add(event_key)
             window.add(data.gateway_id, health)
             self._dirty.add((key, start))
             folded += 1
