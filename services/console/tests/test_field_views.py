@@ -97,10 +97,13 @@ async def test_field_health_puts_each_class_beside_its_budget_and_host_with_a_ve
     assert (arm.device_class, arm.breaches, x86.breaches) == (ARM, 1, 0)
     p95 = {f.name: f for f in arm.figures}["latency_p95_ms"]
     assert (p95.value, p95.budget, p95.host, p95.verdict) == (
-        "410 ms", "≤ 250 ms", "not measurable on the host", "breach")  # fmt: skip
+        "410 ms", "≤ 250 ms", "not measured on the host", "breach")  # fmt: skip
     x86_p95 = {f.name: f for f in x86.figures}["latency_p95_ms"]
     assert (x86_p95.host, x86_p95.word) == ("44.6 ms", "✓ pass")
     assert {f.name: f.value for f in arm.figures}["error_rate"] == "0.4 %"
+    # no host figure where the validator has no gate for it; no row an encoder cannot have
+    assert {f.name: f.host for f in arm.figures}["peak_memory_mb"] == ""
+    assert "ttft_p95_ms" not in {f.name for f in arm.figures}
     assert (arm.drift.verdict, x86.drift.verdict) == ("drifted", "steady")
     assert [labels for labels, _ in arm.by_labels] == ["site=berlin", "site=paris"]
     page = _text(TEMPLATES.get_template("field.html").render(
@@ -214,7 +217,7 @@ def test_the_version_page_shows_recorded_field_figures_findings_and_proposals() 
     # the host figures come from the variant's own validation report
     host = {f.name: f.host for f in x86.figures}
     assert host["latency_p95_ms"] == "44.6 ms"
-    assert {f.name: f.host for f in arm.figures}["latency_p95_ms"] == "not measurable on the host"
+    assert {f.name: f.host for f in arm.figures}["latency_p95_ms"] == "not measured on the host"
     assert [f.kind for f in section.findings] == ["regression"]
     only = field_view.lineage_only(lineage, FIELD["proposals"])
     assert len(only) == 1
@@ -227,7 +230,7 @@ def test_the_version_page_shows_recorded_field_figures_findings_and_proposals() 
     ))  # fmt: skip
     assert "In the field" in page
     assert "✗ 1 breach" in page
-    assert "410 ms in the field > 250 ms budget; not measurable on the host" in page
+    assert "410 ms in the field > 250 ms budget; not measured on the host" in page
     assert "Approve" not in page
 
 

@@ -48,6 +48,11 @@ class VersionHealth:
     problem: str = ""  # why this version's rows are not judged
 
 
+def _recipe(name: str, row: dict[str, Any]) -> str:
+    """A variant's name under its version's heading: without the model and version."""
+    return name.removeprefix(f"{row['model_name']} {row['version']} · ")
+
+
 def class_row(row: dict[str, Any], names: dict[str, str]) -> ClassRow:
     """A telemetry ``ClassHealth`` (or a bare ``FieldRow``: no gates, no drift) as shown."""
     gates = row.get("gates") or []
@@ -55,7 +60,8 @@ def class_row(row: dict[str, Any], names: dict[str, str]) -> ClassRow:
     labels = [(", ".join(f"{k}={v}" for k, v in sorted(part["labels"].items())) or "no labels",
                part["figures"]) for part in row.get("by_labels") or []]  # fmt: skip
     return ClassRow(
-        variant_id=row["variant_id"], variant_name=names.get(row["variant_id"], row["variant_id"]),
+        variant_id=row["variant_id"],
+        variant_name=_recipe(names.get(row["variant_id"], row["variant_id"]), row),
         device_class=row["device_class"], windows=row.get("windows", 0),
         span=field_view.span(row.get("since"), row.get("until")),
         figures=figures, breaches=field_view.breaches(figures),

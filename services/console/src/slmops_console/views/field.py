@@ -26,6 +26,8 @@ SHOWN = (
     ("peak_memory_mb", "Peak memory", "MB"),
 )
 _UNITS = {name: unit for name, _, unit in SHOWN}
+#: Figures the validator can measure on its host too (the others have no host figure).
+_HOST_GATED = {m.name for m in FIELD_METRICS if m.host_gate}
 _HOST_PREFIX = "host: "
 
 
@@ -110,13 +112,14 @@ def figures(
             budget = f"{sign} {amount(gate['budget'], unit)}"
             passed = gate.get("passed")
             verdict = "unjudged" if passed is None else ("pass" if passed else "breach")
-        if name in host:
+        shown_host = ""
+        if name in host and name in _HOST_GATED:
             where = host[name]
-            shown_host = "not measurable on the host" if where is None else amount(where, unit)
-        else:
-            shown_host = ""
-        rows.append(Figure(name, label, amount(measured.get(name), unit), budget, shown_host,
-                           verdict))  # fmt: skip
+            shown_host = "not measured on the host" if where is None else amount(where, unit)
+        value = measured.get(name)
+        if value is None and not budget:
+            continue  # not a figure of this kind of model (TTFT of an encoder)
+        rows.append(Figure(name, label, amount(value, unit), budget, shown_host, verdict))
     return rows
 
 
@@ -150,7 +153,7 @@ def evidence_text(evidence: dict[str, Any]) -> str:
     unit = _UNITS.get(metric, "")
     sign = ">" if evidence.get("bound") == "max" else "<"
     host = evidence.get("host_value")
-    measured = ("not measurable on the host" if host is None
+    measured = ("not measured on the host" if host is None
                 else f"host measured {amount(host, unit)}")  # fmt: skip
     return (f"{evidence['device_class']} {metric} {amount(evidence['field_value'], unit)} in "
             f"the field {sign} {amount(evidence['budget'], unit)} budget; {measured}")  # fmt: skip
@@ -223,7 +226,7 @@ def of_lineage(lineage: dict[str, Any]) -> LineageField:
         host = {**host_from_gates(gates), **host_from_report(variant)}
         rows = figures(measured["figures"], gates, host)
         shown_span = span(measured.get("since"), measured.get("until"))
-        recipe = ((variant or {}).get("recipe") or {}).get("name", "another version's variant")
+        recipe = ((variant or {}).get("recipe") or {}).get("name") or measured["variant_id"]
         recorded.append(Recorded(measured["device_class"], measured["variant_id"], recipe,
                                  shown_span, rows, breaches(rows),
                                  measured.get("measured_by", "")))  # fmt: skip
