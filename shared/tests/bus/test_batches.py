@@ -3,13 +3,21 @@ retried, poison and exhausted messages are dead-lettered with the reason."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
 
 from slmops.bus import FLEET, BatchConsumer, Bus, ConsumerSpec
-from slmops.events import CloudEvent, DeadLetter, GatewayReport, HealthAggregate, TransientError
+from slmops.events import (
+    CloudEvent,
+    DeadLetter,
+    GatewayReport,
+    HealthAggregate,
+    PermanentError,
+    TransientError,
+)
 from slmops.events.envelope import new_event
 from slmops.testing.consumers import fast_consumer_settings
 from slmops.testing.events import await_events
@@ -32,9 +40,11 @@ def report(i: int) -> CloudEvent[GatewayReport]:
 async def start_batches(bus: Bus) -> AsyncIterator[StartBatches]:
     started: list[BatchConsumer] = []
 
-    async def start(handle: Handle, *, max_deliver: int = 5) -> BatchConsumer:
+    async def start(
+        handle: Handle, *, max_deliver: int = 5, ack_wait_s: float = 5.0
+    ) -> BatchConsumer:
         spec = ConsumerSpec(FLEET.name, "test-batches", ("slmops.gateway.report.>",),
-                            ack_wait_s=5.0, max_deliver=max_deliver)  # fmt: skip
+                            ack_wait_s=ack_wait_s, max_deliver=max_deliver)  # fmt: skip
         await bus.declare_consumer(spec)
         settings = fast_consumer_settings(fetch_batch=1000, max_deliver=max_deliver)
         consumer = BatchConsumer(bus, spec, handle, settings)
@@ -138,3 +148,46 @@ async def test_a_batch_failing_on_every_delivery_is_dead_lettered(
     assert {x.data.reason for x in letters} == {"failed on all 2 deliveries; last error: fold bug"}
     assert consumer.stats.dead_lettered == 3
     assert deliveries >= 2
+
+
+async def test_a_slow_batch_is_kept_in_progress_not_redelivered(
+    bus: Bus, start_batches: StartBatches
+) -> None:
+    events = [report(i) for i in range(5)]
+    calls: list[list[str]] = []
+
+    async def handle(batch: list[CloudEvent[Any]]) -> None:
+        calls.append([e.id for e in batch])
+        await asyncio.sleep(2.5)  # 2.5 ack waits: without a beat the other replica gets them
+
+    for event in events:
+        await bus.publish(event)
+    first = await start_batches(handle, ack_wait_s=1.0)
+    await until(lambda: len(calls) == 1, "the first replica's batch")
+    second = await start_batches(handle, ack_wait_s=1.0)  # another replica, idle
+    await until(lambda: first.stats.handled == 5, "the slow batch handled")
+    await until_answered(lambda: all_acked(bus, 5), "every report acked")
+
+    assert sorted(i for call in calls for i in call) == sorted(e.id for e in events)
+    assert second.stats.handled == 0
+
+
+async def test_a_permanent_error_dead_letters_the_batch_at_once(
+    bus: Bus, start_batches: StartBatches
+) -> None:
+    for i in range(2):
+        await bus.publish(report(i))
+    deliveries = 0
+
+    async def handle(batch: list[CloudEvent[Any]]) -> None:
+        nonlocal deliveries
+        deliveries += len(batch)
+        raise PermanentError("not a fleet this view can fold")
+
+    consumer = await start_batches(handle)
+    letters = await await_events(bus, "slmops.deadletter.>", count=2)
+
+    assert {x.data.reason for x in letters} == {"not a fleet this view can fold"}
+    assert {x.data.error_type for x in letters} == {"PermanentError"}
+    assert deliveries == 2  # no retry
+    assert consumer.stats.retried == 0
