@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 
 from slmops.events.envelope import CloudEvent
 from slmops.events.payloads import FieldFigures, GatewayReport
-from slmops_telemetry.windows import StoredWindow, Window
+from slmops_telemetry.windows import MAX_IDS, StoredWindow, Window
 
 #: variant id -> (model name, version), or None when the variant is not known (yet).
 Resolve = Callable[[str], "tuple[str, str] | None"]
@@ -127,7 +127,8 @@ class FleetView:
             if event_key in seen:
                 stats.duplicates += 1
                 continue
-            seen.add(event_key)
+            if len(seen) < MAX_IDS:
+                seen.add(event_key)
             window.add(data.gateway_id, health)
             self._dirty.add((key, start))
             folded += 1

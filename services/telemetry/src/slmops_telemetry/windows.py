@@ -114,6 +114,11 @@ class HistogramSum:
         return Sketch.of(self.to_wire()).quantile(q) if self.count else None
 
 
+#: Ids one window remembers at most (of events, and of gateways): 250,000 hashes are ~20 MB;
+#: a key with more reporters in one window counts the rest without de-duplication.
+MAX_IDS = 250_000
+
+
 class Window:
     """The merged reports of one key over ``[start, start + window_s)`` (epoch seconds)."""
 
@@ -145,9 +150,11 @@ class Window:
         self.gateway_ids = self.seen_ids = None
 
     def add(self, gateway_id: str, health: HealthAggregate) -> None:
-        reporter = hash(gateway_id)
-        if self.gateway_ids is not None and reporter not in self.gateway_ids:
-            self.gateway_ids.add(reporter)
+        reporters = self.gateway_ids
+        if reporters is None or len(reporters) >= MAX_IDS:
+            self.gateways += 1  # full: a repeat counts again
+        elif (reporter := hash(gateway_id)) not in reporters:
+            reporters.add(reporter)
             self.gateways += 1
         n = health.request_count
         self.requests += n
@@ -218,8 +225,9 @@ class Window:
         if record.drift is not None:
             window.drift.add(record.drift)
         # Who reported is not stored (100,000 ids would not fit a KV value): a report of a
-        # restored window that is redelivered after the restart counts again, at most the
-        # batch that was folded and stored but not acked when the service stopped.
+        # restored window that is redelivered after the restart counts again (at most the
+        # batch that was folded and stored but not acked when the service stopped), and so
+        # does a gateway that reports again in it (``gateways`` may overcount that window).
         return window
 
 
