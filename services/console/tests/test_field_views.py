@@ -229,6 +229,10 @@ def test_the_version_page_shows_recorded_field_figures_findings_and_proposals() 
         proposals_problem="", here="/models/minilm/1",
     ))  # fmt: skip
     assert "In the field" in page
+    # beside the charts: the field's p95 of each measured variant, next to the host's
+    assert "Field p95" in page
+    assert "410 ms ✗ breach" in page
+    assert "38.2 ms ✓ pass" in page
     assert "✗ 1 breach" in page
     assert "410 ms in the field > 250 ms budget; not measured on the host" in page
     assert "Approve" not in page

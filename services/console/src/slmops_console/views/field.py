@@ -214,6 +214,11 @@ class LineageField:
     recorded: list[Recorded]
     findings: list[Finding]
 
+    def latency_by_variant(self) -> dict[str, Figure]:
+        """Each measured variant's field latency p95 (beside the host's in the charts' tables)."""
+        return {r.variant_id: f for r in self.recorded for f in r.figures
+                if f.name == "latency_p95_ms"}  # fmt: skip
+
 
 def of_lineage(lineage: dict[str, Any]) -> LineageField:
     """The lineage's ``field`` (each beside the host figures of the variant's own report) and
