@@ -52,7 +52,7 @@ def app(platform_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path:
     budgets = {**base["budgets"], "max_latency_p95_ms": BUDGET_MS}
     (profiles / "test-cpu.yaml").write_text(yaml.safe_dump({**base, "budgets": budgets}))
     settings = TelemetrySettings(platform=PlatformSettings(), window_s=1.0, keep_windows=600,
-                                 profiles_dir=profiles)  # fmt: skip
+                                 profiles_dir=profiles, measured_interval_s=3.0)  # fmt: skip
     app = create_app(settings)
     app.state.field.registry = NoReports()
     return app
@@ -156,6 +156,23 @@ async def test_a_version_is_judged_against_its_classes_budget_and_the_regression
     assert listed[0]["type"] == "slmops.fleet.regression.detected.v1"
     missing = await api.get("/v1/fleet/health/tiny/9.9.9")
     assert missing.status_code == 404
+
+
+async def test_device_measured_figures_are_published_for_the_complete_windows(
+    api: httpx.AsyncClient, bus: Bus
+) -> None:
+    # execute: 3 complete windows (the measured span is 3 s)
+    await publish_windows(bus, "v-slow", 4 * BUDGET_MS, windows=3)
+
+    # assert: one fleet.measured of exactly those windows, judged against the budget
+    [measured] = await await_events(bus, "slmops.fleet.measured.v1.>", count=1, timeout_s=20)
+    data = measured.data
+    assert (data.variant_id, data.device_class, data.model_name) == ("v-slow", "test-cpu", "tiny")
+    assert (data.since.timestamp(), data.until.timestamp()) == (T0, T0 + 3)
+    assert (data.figures.gateways, data.figures.requests) == (2, 180)
+    gates = {g.name: g for g in data.gates}
+    assert gates["field.latency_p95_ms"].passed is False
+    assert gates["field.latency_p95_ms"].budget == BUDGET_MS
 
 
 async def test_every_route_wants_a_reader(

@@ -40,6 +40,7 @@ from slmops_telemetry.windows import Window
 log = logging.getLogger(__name__)
 BUCKET = FIELD_TELEMETRY_KV.bucket
 FINDING_PREFIX = "finding."  # KV keys of the findings published (the view's start with "w.")
+MEASURED_KEY = "state.measured-until"  # where the last fleet.measured span ended
 HEALTH_SUBJECT = "slmops.gateway.report.v1.health.>"
 _PUT_CHUNK = 256  # KV puts in flight at once
 
@@ -75,7 +76,7 @@ class FieldLoop(BackgroundTask):
         self.kv: KeyValue | None = None
         self.restored = False
         self.last_error = ""
-        self._measured_from = 0.0  # start of the span the next fleet.measured covers
+        self._measured_until: float | None = None  # end of the last fleet.measured span
         self._lock = asyncio.Lock()  # a fold and a tick never interleave on the view
         runtime.metrics.add_refresher("field consumer lag", self._lag, min_interval_s=1.0)
 
@@ -102,11 +103,10 @@ class FieldLoop(BackgroundTask):
                 log.warning("telemetry: could not start folding: %s", self.last_error)
                 await asyncio.sleep(1.0)
         window_s = self.settings.window_s
-        self._measured_from = time.time() // window_s * window_s
         while True:  # once per window, just after it ended
             await asyncio.sleep(window_s - time.time() % window_s + self.view.settle_s)
             try:
-                await self.tick(time.time())
+                await self.tick()
                 self.last_error = ""
             except Exception as exc:  # NATS or the registry away: the next window retries
                 self.last_error = f"{type(exc).__name__}: {exc}"
@@ -152,7 +152,9 @@ class FieldLoop(BackgroundTask):
     async def _restore(self, kv: KeyValue) -> None:
         entries = await entries_matching(kv, ">")
         for key, value in entries.items():
-            if key.startswith(FINDING_PREFIX):
+            if key == MEASURED_KEY:
+                self._measured_until = float(value)
+            elif key.startswith(FINDING_PREFIX):
                 finding = json.loads(value)
                 self.findings[finding["detection_id"]] = finding
             else:
@@ -162,8 +164,8 @@ class FieldLoop(BackgroundTask):
                     log.warning("telemetry: KV entry %s not restored: %s", key, exc)
         self.seen.update(self.findings)
         self.restored = True
-        log.info("telemetry: restored %d windows and %d findings",
-                 len(entries) - len(self.findings), len(self.findings))  # fmt: skip
+        log.info("telemetry: restored %d series and %d findings",
+                 len(self.view.keys()), len(self.findings))  # fmt: skip
 
     async def _fold(self, events: list[CloudEvent[Any]]) -> None:
         """One batch: folded, its changed windows written to KV; acked after this returns."""
@@ -187,20 +189,36 @@ class FieldLoop(BackgroundTask):
         for i in range(0, len(calls), _PUT_CHUNK):  # pipelined: a chunk in flight at once
             await asyncio.gather(*calls[i : i + _PUT_CHUNK])
 
-    async def tick(self, now: float) -> None:
-        """After a window ended: old windows dropped, findings looked for (windows are
-        complete by the reports' own clock), device-measured figures on their cadence."""
+    async def tick(self) -> None:
+        """After a window ended: old windows dropped, findings looked for, device-measured
+        figures on their cadence. Time is the reports' own (the view's watermark), so a
+        replayed stream is judged as it was live."""
         async with self._lock:
-            dropped = self.view.evict(now)
+            dropped = self.view.evict()
             dirty = self.view.dirty()
         await self._write(dirty, dropped)
         await detect_once(self.view, self._expectations, self.detection, self._publish,
                           self.seen)  # fmt: skip
         self.metrics.detections_run.inc()
-        until = now // self.settings.window_s * self.settings.window_s
-        if until - self._measured_from >= self.settings.measured_interval_s:
-            await self._publish_measured(self._measured_from, until)
-            self._measured_from = until
+        await self._measure()
+
+    async def _measure(self) -> None:
+        """fleet.measured over the complete windows since the last span, once it is long
+        enough (the span's end kept in KV: a restarted service goes on from it)."""
+        window_s, view = self.settings.window_s, self.view
+        until = (view.watermark - view.settle_s) // window_s * window_s  # windows before: complete
+        since = self._measured_until
+        if since is None:  # the first span starts at the oldest window the view holds
+            starts = [w[0].start for pair in view.pairs() if (w := view.windows(*pair))]
+            if not starts:
+                return
+            since = self._measured_until = min(starts)
+        if until - since < self.settings.measured_interval_s:
+            return
+        await self._publish_measured(since, until)
+        self._measured_until = until
+        assert self.kv is not None
+        await self.kv.put(MEASURED_KEY, repr(until).encode())
 
     async def _expectations(self, variant_id: str, device_class: str) -> Expectations | None:
         return await expectations_for(self.registry, self.profiles, variant_id, device_class)
