@@ -267,3 +267,25 @@ def test_the_sdk_request_reaches_the_simulator(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="field slowdown names classes not in the fleet"):
         simulated_fleet(cast(Any, None), FleetRequest(count=1, field_slowdown={"nope": 2.0}),
                         PlatformSettings(var_dir=tmp_path / "var"))  # fmt: skip
+
+
+async def test_a_candidate_judged_against_the_field_runs_as_the_validator_predicted(
+    tmp_path: Path,
+) -> None:
+    # setup: a class 10x slower in the field; one variant measured 14 ms on the host, a
+    # re-optimization's candidate that the validator predicted at 90 ms p95 in the field
+    reports = Reports({
+        "v-old": _report("v-old", {"latency.p95_ms": 14.0}, None),
+        "v-new": _report("v-new", {"latency.p95_ms": 6.0, "field.latency_p95_ms": 90.0}, None),
+    })  # fmt: skip
+    spec = FleetSpec(count=20, classes={"slow": 1.0}, field_slowdown={"slow": 10.0})
+    old = await _fleet(tmp_path / "old", spec, reports, "v-old", "feature-extraction")
+    new = await _fleet(tmp_path / "new", spec, reports, "v-new", "feature-extraction")
+
+    # execute: a round of each
+    p95_old = Sketch.of(*(h.latency_ms for h in _round(old, "slow"))).quantile(0.95)
+    p95_new = Sketch.of(*(h.latency_ms for h in _round(new, "slow"))).quantile(0.95)
+
+    # assert: the host figure times the slowdown; the prediction as it is (slowdown inside)
+    assert p95_old == pytest.approx(140.0, rel=0.15)
+    assert p95_new == pytest.approx(90.0, rel=0.15)

@@ -8,7 +8,11 @@ one and scales it (its jitter, a ``latency`` fault) by moving the histograms' bu
 100,000-gateway round builds no histogram and draws no sample.
 
 - Latency: the report's ``latency.p95_ms`` (encoders, a p95: the median is taken as p95 / 1.4)
-  or ``generation.ttft_ms`` (decoders, a median), else 20 ms; times the class's slowdown.
+  or ``generation.ttft_ms`` (decoders, a median), else 20 ms; times the class's slowdown. A
+  variant judged against the field (a re-optimization's candidate) carries the validator's
+  prediction of its field figure (``field.latency_p95_ms`` / ``field.ttft_p95_ms``): the
+  simulated device behaves as predicted, the class's slowdown already in it. (A simulation has
+  no device to ask; for classes the host cannot measure that prediction is the only figure.)
 - Drift: embeddings with the baseline's per-dimension variance around its mean moved by
   ``shift`` baseline standard deviations; token log-probabilities from the baseline's histogram
   moved ``2 x shift`` buckets to the less likely side. Without a baseline, a fixed synthetic
@@ -51,6 +55,7 @@ class HostFigures:
     decode_tokens_per_s: float
     model_mb: float
     baseline: DriftSignature | None
+    field_latency_p50_ms: float | None = None  # predicted for the field: no slowdown on top
 
     @classmethod
     def default(cls) -> HostFigures:
@@ -70,8 +75,12 @@ class HostFigures:
         elif parsed is not None:
             p95 = _gate(parsed, "latency.p95_ms")
             latency = p95 / P95_OVER_P50 if p95 else latency
+        field = None
+        if parsed is not None:
+            predicted = _gate(parsed, "field.ttft_p95_ms" if decoder else "field.latency_p95_ms")
+            field = predicted / P95_OVER_P50 if predicted else None
         return cls(decoder, latency, decode, manifest.artifact.size_bytes / 2**20,
-                   parsed.drift_baseline if parsed is not None else None)  # fmt: skip
+                   parsed.drift_baseline if parsed is not None else None, field)  # fmt: skip
 
 
 def _report(body: dict[str, Any] | None) -> ValidationReport | None:
@@ -105,6 +114,8 @@ class FieldProfile:
         if host.decoder:  # a whole answer: first token, then the rest at the decode speed
             decode_each_ms = (TOKENS_PER_ANSWER - 1) / host.decode_tokens_per_s * 1000 * slowdown
         first_ms = host.latency_p50_ms * slowdown
+        if host.field_latency_p50_ms is not None:
+            first_ms = host.field_latency_p50_ms
         templates = []
         for k in range(TEMPLATES):
             rng = np.random.default_rng([_SYNTHETIC_SEED, k])
