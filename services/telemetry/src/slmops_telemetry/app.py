@@ -10,6 +10,7 @@ publishes the device-measured figures of each (variant, class).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -78,6 +79,7 @@ class FieldLoop(BackgroundTask):
         self.last_error = ""
         self._measured_until: float | None = None  # end of the last fleet.measured span
         self._lock = asyncio.Lock()  # a fold and a tick never interleave on the view
+        self._stopping = asyncio.Event()
         runtime.metrics.add_refresher("field consumer lag", self._lag, min_interval_s=1.0)
 
     async def check(self) -> Check:
@@ -101,10 +103,12 @@ class FieldLoop(BackgroundTask):
             except Exception as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("telemetry: could not start folding: %s", self.last_error)
-                await asyncio.sleep(1.0)
+                if await self._stopped_within(1.0):
+                    return
         window_s = self.settings.window_s
         while True:  # once per window, just after it ended
-            await asyncio.sleep(window_s - time.time() % window_s + self.view.settle_s)
+            if await self._stopped_within(window_s - time.time() % window_s + self.view.settle_s):
+                return
             try:
                 await self.tick()
                 self.last_error = ""
@@ -126,7 +130,16 @@ class FieldLoop(BackgroundTask):
         )  # fmt: skip
         await self.consumer.start()
 
+    async def _stopped_within(self, pause_s: float) -> bool:
+        """Wait ``pause_s``; True at once when stopping. (The task is also cancelled, but a
+        cancel arriving as a NATS request completes can be lost inside nats-py's wait_for
+        on Python 3.11: the loop must not wait for the next window then.)"""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), pause_s)
+        return self._stopping.is_set()
+
     async def stop(self) -> None:
+        self._stopping.set()
         await super().stop()
         if self.consumer is not None:  # before the runtime closes the bus
             await self.consumer.stop()
