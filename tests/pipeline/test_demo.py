@@ -1,7 +1,8 @@
 """End to end, as `make run` does it, on real parts: the local stack as processes (nats-server
 with JetStream, the nanio S3 server, Ray Serve in the optimizer, ONNX Runtime in the
-validator), `slmops demo` publishing the real all-MiniLM-L6-v2 and rolling it out to a
-simulated fleet, then the registry's lineage, the spans the processes exported and the
+validator), `slmops demo --feedback` publishing the real all-MiniLM-L6-v2, rolling it out to a
+simulated fleet and closing the field loop on it (one class slower in the field, the other
+served shifted inputs), then the registry's lineage, the spans the processes exported and the
 metrics every service serves.
 
 One run of the demo is shared by the tests below (it takes minutes); each asserts one part.
@@ -25,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from slmops.auth import BearerTokenFile, local_credentials, scopes_of_role
+from slmops.events import field_release_id
 from slmops.profiles import load_profile
 from slmops.testing.localstack import local_stack
 from slmops.traceview import SpanRecord, read_spans
@@ -35,8 +37,10 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1500)]  # t
 
 GATEWAYS = 40
 CLASSES = {"x86-avx512-vnni": 0.5, "arm64-pi5": 0.5}
+SLOW, SHIFTED = "arm64-pi5", "x86-avx512-vnni"  # in the field: 12x slower; inputs 1.5 SD away
+WINDOW_S = 6  # the telemetry service's window here (30 s by default): findings come sooner
 SLMOPS = [sys.executable, "-m", "slmops.cli.main"]
-SERVICES = ("registry", "optimizer", "validator", "rollout", "gateway")
+SERVICES = ("registry", "optimizer", "validator", "rollout", "gateway", "telemetry")
 PUBLISHED = "slmops.model.published.v1"
 T = TypeVar("T")
 
@@ -129,7 +133,7 @@ class DemoRun:
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
     # setup: a stack of its own (ports, state), started as `make run` would
     tmp = tmp_path_factory.mktemp("demo")
-    with local_stack(tmp / "var") as stack:
+    with local_stack(tmp / "var", SLMOPS_TELEMETRY_WINDOW_S=str(WINDOW_S)) as stack:
         before = samples(scrape(stack.urls["registry"], metrics_token(stack.env)))
         # execute: the demo on the running stack (it leaves a stack it did not start up)
         report_file = tmp / "report.json"
@@ -137,7 +141,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
         run = subprocess.run(
             [*SLMOPS, "demo", "--models", "minilm", "--gateways", str(GATEWAYS), "--classes",
              classes, "--soak-s", "1", "--no-wait", "--json-report", str(report_file),
-             "--timeout-s", "900"],
+             "--timeout-s", "900", "--feedback", "--field-slowdown", f"{SLOW}=12",
+             "--input-shift", f"{SHIFTED}=1.5"],
             env=stack.env, capture_output=True, text=True, timeout=1200, check=False,
         )  # fmt: skip
         report = json.loads(report_file.read_text()) if report_file.exists() else {}
@@ -276,3 +281,67 @@ def test_every_service_serves_metrics_of_the_journey_to_a_scraper_only(demo: Dem
     assert applied >= GATEWAYS
     assert not any("gateway_id" in s.labels or "variant_id" in s.labels
                    for rows in found.values() for s in rows)  # fmt: skip
+
+
+def test_the_field_loop_finds_the_slow_class_and_judges_candidates_against_it(
+    demo: DemoRun,
+) -> None:
+    model = demo.model
+    name, version = model["model_name"], model["version"]
+    loop = demo.report["feedback"][name]
+    budget = load_profile(Path(ValidatorSettings.model_fields["profiles_dir"].default)
+                          / f"{SLOW}.yaml").budgets.max_latency_p95_ms  # fmt: skip
+
+    # the slow class broke its p95 budget in the field for the configured two windows; the
+    # healthy class broke nothing over the same span (no false positive)
+    (finding,) = loop["regressions"]
+    assert (finding["device_class"], finding["metric"]) == (SLOW, "latency_p95_ms")
+    assert finding["budget"] == budget
+    assert finding["field_value"] > budget
+    assert finding["host_value"] is None  # an ARM class: nothing to measure on this host
+    assert len(finding["windows"]) >= 2
+    assert all(w["value"] > budget and w["window_s"] == WINDOW_S for w in finding["windows"])
+    # the shifted class's inputs drifted (from aggregates only); the other's did not
+    assert [(d["device_class"], d["signal"]) for d in loop["drifts"]] == [(SHIFTED, "embedding")]
+    assert loop["drifts"][0]["score"] > loop["drifts"][0]["threshold"]
+
+    # the optimizer planned candidates for that class only, for a release of its own
+    (plan,) = loop["plans"].values()
+    release_id = field_release_id(name, version, finding["detection_id"])
+    assert plan["release_id"] == release_id
+    assert plan["field"]["detection_id"] == finding["detection_id"]
+    assert {j["device_class"] for j in plan["jobs"]} <= {SLOW}
+    # every candidate judged against the field: predicted = field value x its host ratio
+    for variant_id, candidate in loop["candidates"].items():
+        gate = candidate["field_gate"]
+        assert gate["name"] == "field.latency_p95_ms", variant_id
+        assert f"field {finding['field_value']:.4g} ms x host ratio" in gate["detail"]
+        assert gate["passed"] == (gate["value"] <= budget)
+        assert candidate["verdict"] == "failed" or gate["passed"]
+    # the decision: a proposal if a candidate meets the budget, else the reasons, nothing rolled
+    proposal = loop["proposals"][release_id]
+    passed = [v for v, c in loop["candidates"].items() if c["verdict"] == "passed"]
+    if passed:
+        assert proposal["outcome"] == "proposed"
+        assert loop["rollouts"][release_id]["outcome"] == "completed"
+    else:  # with the shipped profiles the chosen variant is already this class's fastest
+        assert proposal["outcome"] == "failed"
+        assert "field.latency_p95_ms" in proposal["entries"][0]["reason"] or not plan["jobs"]
+        assert loop["rollouts"] == {}
+        assert "nothing rolls out" in demo.output
+    assert "regression detected" in demo.output
+
+    # the lineage keeps the findings and the decision; telemetry's view judges the classes
+    lineage = httpx.get(f"{demo.urls['registry']}/v1/models/{name}/{version}/lineage",
+                        params={"gateways": "false"}, auth=demo.auth).json()  # fmt: skip
+    assert {f["detection_id"] for f in lineage["findings"]} == {
+        finding["detection_id"], loop["drifts"][0]["detection_id"]}  # fmt: skip
+    assert [p["release_id"] for p in lineage["proposals"]] == [release_id]
+    rows = httpx.get(f"{demo.urls['telemetry']}/v1/fleet/health/{name}/{version}",
+                     auth=demo.auth).json()  # fmt: skip
+    verdicts = {(r["variant_id"], g["name"]): g["passed"] for r in rows for g in r["gates"]}
+    chosen = {row["device_class"]: row["variant_id"] for row in model["classes"]}
+    assert verdicts[(chosen[SLOW], "field.latency_p95_ms")] is False
+    # the shifted class is within its budgets (a gate not judged in the field is None)
+    assert [gate for (variant, gate), ok in verdicts.items()
+            if variant == chosen[SHIFTED] and ok is False] == []  # fmt: skip

@@ -37,6 +37,23 @@ def _stack_urls(platform: PlatformSettings) -> dict[str, str] | None:
     return stack_urls(document) if document["ready"] else None
 
 
+async def _feedback(loops: list[Any], fleet: Any, options: DemoOptions) -> dict[str, Any]:
+    from slmops.cli.common import cli_auth
+    from slmops.demo.feedback import FeedbackSettings, follow_loops
+    from slmops.demo.report import render_feedback
+
+    assert options.telemetry_url is not None
+    slow = ", ".join(f"{c} {f:g}x slower" for c, f in options.field_slowdown.items())
+    shifted = ", ".join(f"{c} inputs {s:g} SD away" for c, s in options.input_shift.items())
+    _out.print(f"the field loop: {'; '.join(x for x in (slow, shifted) if x)} than validated; "
+               "the gateways keep reporting...", markup=False)  # fmt: skip
+    settings = FeedbackSettings(options.rollout_url, options.telemetry_url,
+                                options.health_interval_s, options.timeout_s)  # fmt: skip
+    loops_done = await follow_loops(loops, fleet, settings, _out, cli_auth())
+    render_feedback(loops_done, _out)
+    return loops_done
+
+
 def _stack(*args: str) -> None:
     code = subprocess.call([sys.executable, "-m", "slmops.stack", *args])
     if code != 0:
@@ -60,6 +77,17 @@ def demo(
                                        "it a question once its rollout is done.")] = True,
     json_report: Annotated[Path | None, typer.Option(help="Also write the report as JSON.")] = (
         None),
+    feedback: Annotated[bool, typer.Option(help="Close the loop: after the rollouts, one class "
+                                           "runs slower in the field (--field-slowdown) and one "
+                                           "is served shifted inputs (--input-shift); follow "
+                                           "detection, re-optimization, the proposal (approved "
+                                           "as an operator) and its rollout.")] = False,
+    field_slowdown: Annotated[str, typer.Option(help="With --feedback: classes slower in the "
+                                                "field than on the host, CLASS=FACTOR.")] = (
+        "arm64-pi5=12"),
+    input_shift: Annotated[str, typer.Option(help="With --feedback: classes served inputs "
+                                             "shifted by this many baseline SDs, CLASS=SDS "
+                                             "('' for none).")] = "x86-avx512-vnni=1.5",
 ) -> None:  # fmt: skip
     """Run the whole platform on real models: publish -> variants -> validation -> release ->
     rollout over a simulated fleet, with progress per stage, a final report and the trace."""
@@ -69,6 +97,8 @@ def demo(
     try:
         located = demo_models([m.strip() for m in models.split(",") if m.strip()])
         shares = parse_shares(classes, "--classes")
+        slowdown = parse_shares(field_slowdown, "--field-slowdown") if feedback else {}
+        shift = parse_shares(input_shift, "--input-shift") if feedback else {}
     except (ValueError, DemoModelMissing) as exc:
         fail(str(exc))
     platform = PlatformSettings()
@@ -86,7 +116,13 @@ def demo(
         run_id=f"r{int(time.time())}", gateways=gateways, classes=shares, soak_s=soak_s,
         timeout_s=timeout_s, registry_url=urls["registry"], optimizer_url=urls["optimizer"],
         rollout_url=urls["rollout"], console_url=urls.get("console"),
+        telemetry_url=urls.get("telemetry"), field_slowdown=slowdown, input_shift=shift,
     )  # fmt: skip
+    if feedback and options.telemetry_url is None:
+        fail(
+            "--feedback needs the telemetry service: the running stack has none (`slmops up` "
+            "starts it)"
+        )
     platform = platform.model_copy(update={"nats_url": urls["nats"]})
     log_file = platform.var_dir / "logs" / "demo.log"  # the simulated agents' own logs
     log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -107,6 +143,7 @@ def demo(
 async def _main(options: DemoOptions, platform: PlatformSettings, wait: bool,
                 json_report: Path | None, chat: bool) -> int:  # fmt: skip
     from slmops.demo.chat import start_chat_gateway
+    from slmops.demo.feedback import FieldLoop, watching
     from slmops.demo.flow import platform_buses, run_demo, start_fleet
     from slmops.demo.report import build_report, render_report
 
@@ -114,7 +151,8 @@ async def _main(options: DemoOptions, platform: PlatformSettings, wait: bool,
     for signum in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(signum, stop.set)
     talker = None
-    async with platform_buses(platform) as buses:
+    loops = [FieldLoop(m.model_name, options.version) for m in options.models]
+    async with platform_buses(platform) as buses, watching(buses.watch, loops):
         fleet = await start_fleet(buses.fleet, options, _out)
         try:
             chat_app = next((m.app for m in options.models if m.app == "chat"), None)
@@ -136,6 +174,8 @@ async def _main(options: DemoOptions, platform: PlatformSettings, wait: bool,
             run = work.result()
             report = await build_report(run, options)
             render_report(report, _out)
+            if options.field_slowdown or options.input_shift:
+                report["feedback"] = await _feedback(loops, fleet, options)
             if json_report is not None:
                 json_report.write_text(json.dumps(report, indent=2, default=str))
             failed = any(m["rollout"]["outcome"] != "completed" for m in report["models"])

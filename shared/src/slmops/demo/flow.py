@@ -58,6 +58,10 @@ class DemoOptions:
     optimizer_url: str = "http://127.0.0.1:8102"
     rollout_url: str = "http://127.0.0.1:8104"
     console_url: str | None = None  # printed at the end when the stack runs the console
+    telemetry_url: str | None = None  # the field loop's figures (--feedback)
+    # --feedback: classes slower in the field than on the host, classes served shifted inputs
+    field_slowdown: dict[str, float] = field(default_factory=dict)
+    input_shift: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -115,7 +119,8 @@ async def start_fleet(bus: Bus, options: DemoOptions, console: Console) -> Simul
     request = FleetRequest(
         count=options.gateways, classes=options.classes, labels=labels,
         prefix=f"demo-{options.run_id}", registry_url=options.registry_url,
-        registry_auth=cli_auth("simulator"),
+        registry_auth=cli_auth("simulator"), field_slowdown=options.field_slowdown,
+        input_shift=options.input_shift,
     )  # fmt: skip
     try:
         fleet = simulator(bus, request, PlatformSettings())

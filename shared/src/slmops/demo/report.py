@@ -181,3 +181,51 @@ def render_report(report: dict[str, Any], console: Console) -> None:
                       + (f", {rate:.1f} tokens/s" if rate else "") + ")", markup=False)  # fmt: skip
     elif chat:
         console.print(f"chat on a real gateway failed: {chat.get('error')}", markup=False)
+
+
+def render_feedback(loops: dict[str, dict[str, Any]], console: Console) -> None:
+    """The field loop per model: the finding, the candidates judged against it, the proposal
+    and its rollout, and the class's field figure per variant before and after."""
+    for model_name, loop in loops.items():
+        if not loop["regressions"] and not loop["drifts"]:
+            console.print(f"field loop {model_name}: every class within its budgets, no drift",
+                          markup=False)  # fmt: skip
+            continue
+        table = Table(title=f"field loop {model_name}", title_justify="left")
+        for column in ("class", "finding", "candidates (predicted in the field)", "proposal"):
+            table.add_column(column)
+        for finding in loop["regressions"]:
+            cls = finding["device_class"]
+            plan = next((p for p in loop["plans"].values()
+                         if (p.get("field") or {}).get("device_class") == cls), None)  # fmt: skip
+            release_id = plan["release_id"] if plan else None
+            candidates = "\n".join(
+                f"{c['recipe']}: {c['verdict']}"
+                + (f" ({c['field_gate']['value']:.4g})" if (c["field_gate"] or {}).get("value")
+                   is not None else "")
+                for v, c in loop["candidates"].items()
+                if plan and any(j["variant_id"] == v for j in plan["jobs"])
+            ) or ("; ".join(plan["skipped"].values()) if plan else "not planned")  # fmt: skip
+            proposal = (loop["proposals"].get(release_id) or {}) if release_id else {}
+            rollout = (loop["rollouts"].get(release_id) or {}) if release_id else {}
+            outcome = proposal.get("outcome", "pending")
+            if rollout:
+                outcome += f", rollout {rollout['outcome'] or 'running'}"
+            table.add_row(cls, f"{finding['metric']} {finding['field_value']:.4g} > budget "
+                          f"{finding['budget']:.4g}", candidates, outcome)  # fmt: skip
+        for drift in loop["drifts"]:
+            table.add_row(drift["device_class"], f"drift {drift['signal']} {drift['score']:.2f} "
+                          f"> {drift['threshold']:g}", "(for the operator)", "")  # fmt: skip
+        console.print(table)
+        for row in loop["field_figures"]:
+            figures = row["figures"]
+            p95 = figures.get("latency_p95_ms")
+            verdicts = ", ".join(
+                f"{g['name']} {'ok' if g['passed'] else 'BREACH'}"
+                for g in row.get("gates", [])
+                if g.get("passed") is not None
+            )
+            console.print(f"  in the field now: {row['device_class']} {row['variant_id'][:16]} "
+                          f"p95 {p95:.1f} ms over {figures['gateways']} gateways"
+                          + (f" ({verdicts})" if verdicts else ""),
+                          markup=False)  # fmt: skip
