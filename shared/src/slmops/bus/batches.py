@@ -34,7 +34,7 @@ from slmops.bus.deadletter import dead_letter_exhausted, dead_letter_msg
 from slmops.bus.topology import ConsumerSpec
 from slmops.events.envelope import CloudEvent
 from slmops.events.errors import EventDecodeError, PermanentError
-from slmops.events.registry import decode_event
+from slmops.events.registry import check_subject, decode_event
 from slmops.settings import ConsumerSettings
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ class BatchConsumer:
         with _collector_paused():
             for msg in msgs:
                 try:
-                    events.append(self.decode(msg.data))
+                    events.append(check_subject(self.decode(msg.data), msg.subject))
                     decoded.append(msg)
                 except EventDecodeError as exc:
                     await self._dead_letter([msg], str(exc), exc, [UNKNOWN_TYPE])

@@ -27,7 +27,7 @@ from slmops.bus.deadletter import dead_letter_exhausted, dead_letter_msg
 from slmops.bus.handlers import Handlers, durable_name
 from slmops.bus.topology import ConsumerSpec
 from slmops.events.errors import EventDecodeError, PermanentError
-from slmops.events.registry import decode_event
+from slmops.events.registry import decode_message
 from slmops.settings import ConsumerSettings
 from slmops.tracing import extract_trace_context
 
@@ -184,7 +184,7 @@ class EventConsumer:
 
     async def _handle(self, msg: Msg) -> None:
         try:
-            event = decode_event(msg.data)
+            event = decode_message(msg.subject, msg.data)
         except EventDecodeError as exc:
             await self._dead_letter(msg, str(exc), exc, UNKNOWN_TYPE)
             return

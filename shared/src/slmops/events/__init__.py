@@ -17,7 +17,13 @@ from slmops.events.errors import (
 )
 from slmops.events.payloads import *  # noqa: F403 - the payload models are the public API
 from slmops.events.payloads import CORE_EVENT_TYPES
-from slmops.events.registry import EVENT_TYPES, decode_event, payload_type
+from slmops.events.registry import (
+    EVENT_TYPES,
+    check_subject,
+    decode_event,
+    decode_message,
+    payload_type,
+)
 
 __all__ = [
     "CORE_EVENT_TYPES",
@@ -28,7 +34,9 @@ __all__ = [
     "PermanentError",
     "TransientError",
     "UnknownEventTypeError",
+    "check_subject",
     "decode_event",
+    "decode_message",
     "derive_event_id",
     "field_release_id",
     "new_event",

@@ -13,7 +13,7 @@ from slmops.events.envelope import (
     event_model,
     validate_event,
 )
-from slmops.events.errors import UnknownEventTypeError
+from slmops.events.errors import EventDecodeError, UnknownEventTypeError
 from slmops.events.payloads import CORE_EVENT_TYPES
 
 EVENT_TYPES: dict[str, type[EventPayload]] = {cls.event_type: cls for cls in CORE_EVENT_TYPES}
@@ -47,3 +47,22 @@ def decode_event(raw: bytes) -> CloudEvent[Any]:
     except ValidationError:  # the slow path says precisely what is wrong
         obj = decode_envelope(raw)
         return validate_event(obj, payload_type(str(obj["type"])))
+
+
+def decode_message(subject: str, raw: bytes) -> CloudEvent[Any]:
+    """A message as a consumer takes it: :func:`decode_event`, and the subject it arrived on must
+    be the one its payload belongs on (``event.nats_subject``: a report of gateway A on A's
+    subject). NATS lets a publisher use only its own subjects (a gateway: its own reports), so
+    this binds what a message says to who could send it: a gateway cannot speak for another."""
+    return check_subject(decode_event(raw), subject)
+
+
+def check_subject(event: CloudEvent[Any], subject: str) -> CloudEvent[Any]:
+    """``event``, or :class:`EventDecodeError` when it did not arrive on its own subject."""
+    expected = event.nats_subject
+    if subject != expected:
+        raise EventDecodeError(
+            f"{event.type} {event.id} arrived on {subject!r}, not on {expected!r} where its "
+            "payload belongs: refused (a publisher may speak only for itself)"
+        )
+    return event
