@@ -34,7 +34,9 @@ pytestmark = [pytest.mark.integration]
 
 PROFILES = Path(__file__).parent / "profiles-field-loop"
 SLOW, FAST = "int4-weight-only", "int8-dynamic"
-BUDGET_MS = 50.0  # field-cpu's max_latency_p95_ms
+#: field-cpu's max_latency_p95_ms: far above this host's figures (~20 ms for the slow variant,
+#: more on a busy host), so both variants pass their host gates and the field alone breaks it
+BUDGET_MS = 500.0
 FIELD_MS = BUDGET_MS * 1.3  # what the field measured of the slow variant
 #: Wide enough that the recipes' kernels, not per-call overhead or a busy host's hiccups, set
 #: the time (4-bit MatMulNBits runs ~5x dynamic INT8's time here at 128 tokens)
