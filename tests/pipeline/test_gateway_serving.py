@@ -35,7 +35,7 @@ from slmops.events.payloads import ArtifactRef, DesiredModel, PassSpec, Recipe
 from slmops.generation import DecoderEngine, Sampling, render_chat
 from slmops.reports import ValidationReport
 from slmops.testing.events import await_events
-from slmops.testing.models import byte_level_symbols, with_word_tokenizer
+from slmops.testing.models import with_word_tokenizer, write_tiny_llama_gguf
 from slmops.testing.polling import until
 
 pytestmark = [pytest.mark.integration]
@@ -49,7 +49,7 @@ def registry_chunk_min_mb() -> float:
 
 # --- tiny decoders ------------------------------------------------------------------------
 
-VOCAB, HIDDEN, LAYERS, HEADS, KV_HEADS, FFN = 256, 64, 2, 4, 2, 128
+HIDDEN, LAYERS, HEADS, KV_HEADS, FFN = 64, 2, 4, 2, 128
 TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<assistant>{% endif %}"
@@ -57,56 +57,16 @@ TEMPLATE = (
 
 
 def write_tiny_gguf(path: Path, *, seed: int, template: str | None) -> Path:
-    """A tiny llama (byte-level BPE, context 128) as GGUF. Unlike the optimizer tests' tiny
-    model its weights are F32 and its head is untied, so its continuations vary with the
-    prompt and the seed (a tied random head repeats the last token)."""
-    import gguf
-
-    rng = np.random.default_rng(seed)
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_context_length(128)
-    writer.add_embedding_length(HIDDEN)
-    writer.add_block_count(LAYERS)
-    writer.add_feed_forward_length(FFN)
-    writer.add_rope_dimension_count(HIDDEN // HEADS)
-    writer.add_head_count(HEADS)
-    writer.add_head_count_kv(KV_HEADS)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_rope_freq_base(10000.0)
-    writer.add_vocab_size(VOCAB)
-    symbols = byte_level_symbols()
-    th = symbols[ord("t")] + symbols[ord("h")]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list([symbols[b] for b in range(VOCAB - 1)] + [th])
-    writer.add_token_types([1] * VOCAB)
-    writer.add_token_merges([f"{symbols[ord('t')]} {symbols[ord('h')]}"])
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    if template:
-        writer.add_chat_template(template)
-    head = HIDDEN // HEADS
-    shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (VOCAB, HIDDEN),
-                                          "output_norm.weight": (HIDDEN,),
-                                          "output.weight": (VOCAB, HIDDEN)}  # fmt: skip
-    for i in range(LAYERS):
-        shapes |= {
-            f"blk.{i}.attn_norm.weight": (HIDDEN,), f"blk.{i}.ffn_norm.weight": (HIDDEN,),
-            f"blk.{i}.attn_q.weight": (HIDDEN, HIDDEN),
-            f"blk.{i}.attn_k.weight": (KV_HEADS * head, HIDDEN),
-            f"blk.{i}.attn_v.weight": (KV_HEADS * head, HIDDEN),
-            f"blk.{i}.attn_output.weight": (HIDDEN, HIDDEN),
-            f"blk.{i}.ffn_gate.weight": (FFN, HIDDEN), f"blk.{i}.ffn_up.weight": (FFN, HIDDEN),
-            f"blk.{i}.ffn_down.weight": (HIDDEN, FFN),
-        }  # fmt: skip
-    for name, shape in shapes.items():
-        scale = 1.0 if name == "token_embd.weight" else 0.3
-        values = np.ones(shape) if len(shape) == 1 else scale * rng.standard_normal(shape)
-        writer.add_tensor(name, values.astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return write_tiny_llama_gguf(
+        path,
+        hidden=HIDDEN,
+        layers=LAYERS,
+        heads=HEADS,
+        kv_heads=KV_HEADS,
+        ffn=FFN,
+        seed=seed,
+        template=template,
+    )
 
 
 def _generation_file(gguf_path: Path, work: Path) -> Path:

@@ -11,14 +11,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from slmops.events.payloads import ArtifactRef
 from slmops.objectstore import ObjectStore
 from slmops.profiles import DeviceProfile
 from slmops.settings import PlatformSettings
-from slmops.testing.models import byte_level_symbols
+from slmops.testing.models import write_tiny_llama_gguf
 from slmops_validator.models import ModelCache
 from slmops_validator.settings import ValidatorSettings
 
@@ -74,55 +73,13 @@ def make_cpu_profile(*, measurable: bool = True, **budgets: float) -> DeviceProf
     })  # fmt: skip
 
 
-VOCAB, HIDDEN, LAYERS, HEADS, KV_HEADS, FFN = 256, 32, 1, 2, 1, 64
+HIDDEN, LAYERS, HEADS, KV_HEADS, FFN = 32, 1, 2, 1, 64
 
 
 def _tiny_gguf(path: Path) -> Path:
-    """A tiny llama (byte-level vocabulary, context 128, F32 weights, untied head)."""
-    import gguf
-
-    rng = np.random.default_rng(5)
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_context_length(128)
-    writer.add_embedding_length(HIDDEN)
-    writer.add_block_count(LAYERS)
-    writer.add_feed_forward_length(FFN)
-    writer.add_rope_dimension_count(HIDDEN // HEADS)
-    writer.add_head_count(HEADS)
-    writer.add_head_count_kv(KV_HEADS)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_rope_freq_base(10000.0)
-    writer.add_vocab_size(VOCAB)
-    symbols = byte_level_symbols()
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list([symbols[b] for b in range(VOCAB - 1)] + [symbols[116] + symbols[104]])
-    writer.add_token_types([1] * VOCAB)
-    writer.add_token_merges([f"{symbols[116]} {symbols[104]}"])  # "t h" -> the last token
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    head = HIDDEN // HEADS
-    shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (VOCAB, HIDDEN),
-                                          "output_norm.weight": (HIDDEN,),
-                                          "output.weight": (VOCAB, HIDDEN)}  # fmt: skip
-    for i in range(LAYERS):
-        shapes |= {
-            f"blk.{i}.attn_norm.weight": (HIDDEN,), f"blk.{i}.ffn_norm.weight": (HIDDEN,),
-            f"blk.{i}.attn_q.weight": (HIDDEN, HIDDEN),
-            f"blk.{i}.attn_k.weight": (KV_HEADS * head, HIDDEN),
-            f"blk.{i}.attn_v.weight": (KV_HEADS * head, HIDDEN),
-            f"blk.{i}.attn_output.weight": (HIDDEN, HIDDEN),
-            f"blk.{i}.ffn_gate.weight": (FFN, HIDDEN), f"blk.{i}.ffn_up.weight": (FFN, HIDDEN),
-            f"blk.{i}.ffn_down.weight": (HIDDEN, FFN),
-        }  # fmt: skip
-    for name, shape in shapes.items():
-        scale = 1.0 if name == "token_embd.weight" else 0.3
-        values = np.ones(shape) if len(shape) == 1 else scale * rng.standard_normal(shape)
-        writer.add_tensor(name, values.astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return write_tiny_llama_gguf(
+        path, hidden=HIDDEN, layers=LAYERS, heads=HEADS, kv_heads=KV_HEADS, ffn=FFN, seed=5
+    )
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,9 @@
-"""Tiny real ONNX models for tests: built in memory, run by ONNX Runtime in milliseconds."""
+"""Tiny real models for tests: ONNX built in memory, run by ONNX Runtime in milliseconds, and a
+tiny llama GGUF for the generation paths."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 
 def tiny_encoder_onnx(
@@ -71,3 +74,61 @@ def byte_level_symbols() -> dict[int, str]:
     for extra, b in enumerate(b for b in range(256) if b not in mapping):
         mapping[b] = chr(256 + extra)
     return mapping
+
+
+def write_tiny_llama_gguf(
+    path: Path, *, hidden: int, layers: int, heads: int, kv_heads: int, ffn: int,
+    seed: int, template: str | None = None,
+) -> Path:  # fmt: skip
+    """A tiny llama (byte-level BPE of 256 tokens, context 128) as GGUF. Its weights are F32 and
+    its head untied, so its continuations vary with the prompt and the seed (a tied random head
+    repeats the last token)."""
+    import gguf
+    import numpy as np
+
+    vocab = 256
+    rng = np.random.default_rng(seed)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(128)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(ffn)
+    writer.add_rope_dimension_count(hidden // heads)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_vocab_size(vocab)
+    symbols = byte_level_symbols()
+    th = symbols[ord("t")] + symbols[ord("h")]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([symbols[b] for b in range(vocab - 1)] + [th])
+    writer.add_token_types([1] * vocab)
+    writer.add_token_merges([f"{symbols[ord('t')]} {symbols[ord('h')]}"])  # "t h" -> the last
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    if template:
+        writer.add_chat_template(template)
+    head = hidden // heads
+    shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (vocab, hidden),
+                                          "output_norm.weight": (hidden,),
+                                          "output.weight": (vocab, hidden)}  # fmt: skip
+    for i in range(layers):
+        shapes |= {
+            f"blk.{i}.attn_norm.weight": (hidden,), f"blk.{i}.ffn_norm.weight": (hidden,),
+            f"blk.{i}.attn_q.weight": (hidden, hidden),
+            f"blk.{i}.attn_k.weight": (kv_heads * head, hidden),
+            f"blk.{i}.attn_v.weight": (kv_heads * head, hidden),
+            f"blk.{i}.attn_output.weight": (hidden, hidden),
+            f"blk.{i}.ffn_gate.weight": (ffn, hidden), f"blk.{i}.ffn_up.weight": (ffn, hidden),
+            f"blk.{i}.ffn_down.weight": (hidden, ffn),
+        }  # fmt: skip
+    for name, shape in shapes.items():
+        scale = 1.0 if name == "token_embd.weight" else 0.3
+        values = np.ones(shape) if len(shape) == 1 else scale * rng.standard_normal(shape)
+        writer.add_tensor(name, values.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
