@@ -22,6 +22,8 @@ from slmops.bus.topology import DEAD_LETTER, KV_BUCKETS, ROLLOUT, STREAMS
 
 API = "$JS.API"
 DESIRED_STATE_BUCKET = "slmops-desired-state"
+COHORT_BUCKET = "slmops-cohorts"
+COHORT_SUBJECT = "slmops.cohort.v1"  # core NATS notifications, one subject per cohort
 ASSIGNMENT_SUBJECT = "slmops.gateway.assignment.v1"
 REPORT_SUBJECT = "slmops.gateway.report.v1"
 DEAD_LETTER_SUBJECT = "slmops.deadletter.v1"
@@ -31,7 +33,7 @@ SERVICE_EVENTS: dict[str, tuple[str, ...]] = {
     "registry": ("slmops.model.>", "slmops.channel.>"),
     "optimizer": ("slmops.optimization.>",),
     "validator": ("slmops.validation.>", "slmops.release.>"),
-    "rollout": ("slmops.rollout.>", f"{ASSIGNMENT_SUBJECT}.>"),
+    "rollout": ("slmops.rollout.>", f"{ASSIGNMENT_SUBJECT}.>", f"{COHORT_SUBJECT}.>"),
     "telemetry": ("slmops.fleet.>",),
 }
 #: The KV buckets each service writes (all of them read every bucket).
@@ -39,7 +41,7 @@ SERVICE_BUCKETS: dict[str, tuple[str, ...]] = {
     "registry": ("slmops-model-versions", "slmops-variants", "slmops-lineage"),
     "optimizer": ("slmops-jobs",),
     "validator": ("slmops-jobs",),
-    "rollout": ("slmops-rollouts", DESIRED_STATE_BUCKET, "slmops-gateways"),
+    "rollout": ("slmops-rollouts", DESIRED_STATE_BUCKET, COHORT_BUCKET, "slmops-gateways"),
     "telemetry": ("slmops-field-telemetry",),
 }
 #: Streams a service may create and delete: the bucket the registry rebuilds its lineage

@@ -120,6 +120,13 @@ KV_BUCKETS: tuple[KvSpec, ...] = (
         max_bytes=512 * MIB,
     ),
     KvSpec(
+        "slmops-cohorts",
+        "Desired state per cohort (a stable hash range of gateway ids): one signed statement "
+        "per cohort and generation, whatever the cohort's size.",
+        3,
+        max_bytes=64 * MIB,
+    ),
+    KvSpec(
         "slmops-gateways",
         "Registered gateways: class, labels, capabilities, last seen.",
         max_bytes=512 * MIB,
