@@ -6,6 +6,7 @@ Plain typer command functions; ``slmops.cli.main`` registers them with ``app.com
 from __future__ import annotations
 
 import json
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,7 +17,13 @@ from rich.console import Console
 from rich.table import Table
 
 from slmops.settings import PlatformSettings
-from slmops.stack.components import ComponentKind, StackError, StackSettings, plan_stack
+from slmops.stack.components import (
+    ComponentKind,
+    StackError,
+    StackSettings,
+    plan_stack,
+    stack_platform,
+)
 from slmops.stack.detached import DetachedSupervisor, supervisor_log_path
 from slmops.stack.launcher import ComponentFailedError
 from slmops.stack.preflight import check_can_start, clear_stale_state
@@ -109,6 +116,17 @@ def up(
             "supervisor in the background (stop it with `slmops down`).",
         ),
     ] = False,
+    nats_cluster: Annotated[
+        int | None,
+        typer.Option(
+            "--nats-cluster",
+            min=1,
+            max=5,
+            help="Run NATS as a JetStream cluster of this many nodes (nats-1...) with routes "
+            "on 127.0.0.1, streams and buckets replicated 3 times (SLMOPS_JETSTREAM_REPLICAS); "
+            "same as SLMOPS_STACK_NATS_CLUSTER_SIZE.",
+        ),
+    ] = None,
 ) -> None:
     """Start the local stack on 127.0.0.1: NATS (JetStream), S3, then every service.
 
@@ -117,8 +135,11 @@ def up(
     In the foreground (the default) Ctrl-C or SIGTERM stops everything; `--detach` leaves a
     supervisor process in the background.
     """
+    if nats_cluster is not None:  # the environment: the detached supervisor reads it too
+        os.environ["SLMOPS_STACK_NATS_CLUSTER_SIZE"] = str(nats_cluster)
     stack, platform = _stack(), _platform()
     try:
+        platform = stack_platform(stack, platform)
         specs = plan_stack(stack, platform)
         if detach:
             _up_detached(stack, platform, specs)
@@ -167,6 +188,7 @@ def supervise() -> None:
 
     log = supervisor_log_path(platform.var_dir.resolve())
     try:
+        platform = stack_platform(stack, platform)
         specs = plan_stack(stack, platform)
         code = run_up(
             specs,

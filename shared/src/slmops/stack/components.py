@@ -23,6 +23,12 @@ from slmops.auth.bususers import local_bus_users
 from slmops.auth.local import LOCAL_GATEWAY_ID, local_credentials
 from slmops.settings import PlatformSettings
 from slmops.stack.binaries import venv_binary
+from slmops.stack.natscluster import (
+    client_urls,
+    cluster_nodes,
+    new_route_password,
+    render_node_config,
+)
 from slmops.trust.local import pinned_root_file
 
 #: Every local stack component binds this address and nothing else.
@@ -47,6 +53,17 @@ class StackSettings(BaseSettings):
     nats_port: int = Field(4222, ge=1, le=65535, description="NATS client port on 127.0.0.1.")
     nats_monitor_port: int = Field(
         8222, ge=1, le=65535, description="NATS HTTP monitoring port (healthz) on 127.0.0.1."
+    )
+    nats_cluster_size: int = Field(
+        1,
+        ge=1,
+        le=5,
+        description="NATS servers: 1 (one node) or a JetStream cluster of this many nodes "
+        "(`slmops up --nats-cluster 3`); node i (0-based) listens on nats_port + i, "
+        "nats_monitor_port + i and nats_cluster_port + i, and stores under <var_dir>/nats-<i+1>.",
+    )
+    nats_cluster_port: int = Field(
+        6222, ge=1, le=65535, description="Route port of the first NATS cluster node."
     )
     s3_port: int = Field(9000, ge=1, le=65535, description="Local S3 server port on 127.0.0.1.")
     service_base_port: int = Field(
@@ -134,6 +151,8 @@ class ComponentSpec:
     ready_url: str
     #: Environment on top of the parent's.
     env: Mapping[str, str] = field(default_factory=dict)
+    #: Files (re)written, mode 0600, before each start: a cluster node's configuration.
+    files: Mapping[Path, str] = field(default_factory=dict)
 
 
 def discover_services() -> list[str]:
@@ -173,13 +192,67 @@ def _check_runnable(name: str) -> None:
         )
 
 
+def jetstream_replicas(stack: StackSettings, platform: PlatformSettings) -> int:
+    """Replicas of every stream and bucket: SLMOPS_JETSTREAM_REPLICAS if set, else 3 on a
+    cluster (its size, if smaller) and 1 on one node."""
+    if stack.nats_cluster_size > 1 and "jetstream_replicas" not in platform.model_fields_set:
+        return min(3, stack.nats_cluster_size)
+    return platform.jetstream_replicas
+
+
+def stack_platform(stack: StackSettings, platform: PlatformSettings) -> PlatformSettings:
+    """``platform`` with the replicas this stack's NATS gets (see :func:`jetstream_replicas`)."""
+    replicas = jetstream_replicas(stack, platform)
+    if replicas > stack.nats_cluster_size:
+        raise StackError(
+            f"SLMOPS_JETSTREAM_REPLICAS={replicas} needs at least {replicas} NATS servers, "
+            f"but the stack runs {stack.nats_cluster_size}: `slmops up --nats-cluster 3`"
+        )
+    if replicas == platform.jetstream_replicas:
+        return platform
+    return platform.model_copy(update={"jetstream_replicas": replicas})
+
+
+def _plan_nats_cluster(stack: StackSettings, var_dir: Path) -> list[ComponentSpec]:
+    """One component per node (``nats-1``...), each reachable at every node's URL."""
+    nodes = cluster_nodes(stack.nats_cluster_size, stack.nats_port, stack.nats_cluster_port,
+                          stack.nats_monitor_port, store_root=var_dir)  # fmt: skip
+    users, password = local_bus_users(var_dir), new_route_password()
+    specs = []
+    for node in nodes:
+        config = users.root / "cluster" / f"{node.name}.conf"
+        text = render_node_config(node, nodes, password, config, users.config_file)
+        where = f"of NATS node {node.name} (base + {node.index})"
+        specs.append(ComponentSpec(
+            name=node.name,
+            kind=ComponentKind.NATS,
+            argv=(_executable("nats-server"), "-c", str(config)),
+            ports=(
+                PortClaim(node.client_port, f"client port {where}", "SLMOPS_STACK_NATS_PORT"),
+                PortClaim(node.cluster_port, f"route port {where}",
+                          "SLMOPS_STACK_NATS_CLUSTER_PORT"),
+                PortClaim(node.monitor_port, f"monitoring port {where}",
+                          "SLMOPS_STACK_NATS_MONITOR_PORT"),
+            ),
+            urls={"nats": node.url, "monitor": node.monitor_url, "routes": node.route_url,
+                  "cluster": client_urls(nodes)},
+            # 200 once a meta leader is known and this node's streams are current: the nodes
+            # start together, since one alone never gets there
+            ready_url=f"{node.monitor_url}/healthz",
+            files={config: text},
+        ))  # fmt: skip
+    return specs
+
+
 def plan_stack(stack: StackSettings, platform: PlatformSettings) -> list[ComponentSpec]:
-    """The components to start, in start order: NATS, S3, then the selected services."""
+    """The components to start, in start order: NATS (one node, or ``nats-1``... of a
+    cluster), S3, then the selected services."""
+    platform = stack_platform(stack, platform)
     var_dir = platform.var_dir.resolve()
     nats_url = f"nats://{LOCAL_HOST}:{stack.nats_port}"
     monitor_url = f"http://{LOCAL_HOST}:{stack.nats_monitor_port}"
     s3_url = f"http://{LOCAL_HOST}:{stack.s3_port}"
-    specs = [
+    nats_specs = [
         ComponentSpec(
             name="nats",
             kind=ComponentKind.NATS,
@@ -200,7 +273,13 @@ def plan_stack(stack: StackSettings, platform: PlatformSettings) -> list[Compone
             ),
             urls={"nats": nats_url, "monitor": monitor_url},
             ready_url=f"{monitor_url}/healthz?js-enabled-only=true",
-        ),
+        )
+    ]
+    if stack.nats_cluster_size > 1:
+        nats_specs = _plan_nats_cluster(stack, var_dir)
+        nats_url = nats_specs[0].urls["cluster"]
+    specs = [
+        *nats_specs,
         ComponentSpec(
             name="s3",
             kind=ComponentKind.S3,
@@ -223,6 +302,7 @@ def plan_stack(stack: StackSettings, platform: PlatformSettings) -> list[Compone
         "SLMOPS_VAR_DIR": str(var_dir),
         "SLMOPS_TRACE_DIR": str(var_dir / "traces"),
         "SLMOPS_NATS_URL": nats_url,
+        "SLMOPS_JETSTREAM_REPLICAS": str(platform.jetstream_replicas),
         "SLMOPS_S3_ENDPOINT_URL": s3_url,
         "SLMOPS_S3_ACCESS_KEY_ID": platform.s3_access_key_id.get_secret_value(),
         "SLMOPS_S3_SECRET_ACCESS_KEY": platform.s3_secret_access_key.get_secret_value(),

@@ -28,13 +28,15 @@ class Enrolled:
 
 
 def reload_nats(var_dir: Path) -> bool:
-    """Have the local stack's nats-server re-read its users (False: no stack is running)."""
+    """Have the local stack's nats-server (every node of a cluster) re-read its users
+    (False: no NATS of a stack is running)."""
     state = read_state(state_path(var_dir))
+    reloaded = False
     for record in state.components if state else []:
         if record.kind is ComponentKind.NATS and (proc := find_process(record)) is not None:
             proc.send_signal(signal.SIGHUP)
-            return True
-    return False
+            reloaded = True
+    return reloaded
 
 
 def enroll_gateway(

@@ -24,8 +24,16 @@ from slmops.auth.bususers import local_bus_users
 from slmops.bus.connection import declare_topology
 from slmops.bus.credentials import NatsCredentials
 from slmops.bus.topology import Topology
+from slmops.secretfiles import write_private
 from slmops.settings import PlatformSettings
-from slmops.stack.components import ComponentKind, ComponentSpec, StackError, StackSettings, probe
+from slmops.stack.components import (
+    ComponentKind,
+    ComponentSpec,
+    StackError,
+    StackSettings,
+    probe,
+    stack_platform,
+)
 from slmops.stack.preflight import check_can_start, clear_stale_state, startup_lock
 from slmops.stack.signals import Signals
 from slmops.stack.state import (
@@ -131,6 +139,8 @@ class RunningStack:
 
     def _spawn(self, spec: ComponentSpec, why: str) -> tuple[subprocess.Popen[bytes], float]:
         """``spec``'s process (own session, output appended to its log) and its create time."""
+        for path, text in spec.files.items():
+            write_private(path, text)
         log_path = self.log_dir / f"{spec.name}.log"
         with log_path.open("ab") as log:
             self.log_offsets[spec.name] = log.tell()
@@ -258,8 +268,20 @@ def prepare(spec: ComponentSpec, platform: PlatformSettings) -> None:
     streams and buckets on NATS (both idempotent, so they run again after a restart)."""
     if spec.kind is ComponentKind.S3:
         ensure_bucket(platform, spec.urls["s3"])
-    if spec.kind is ComponentKind.NATS:
-        declare_platform_topology(platform, spec.urls["nats"])
+    if spec.kind is ComponentKind.NATS:  # a cluster node: through any node of the cluster
+        declare_platform_topology(platform, spec.urls.get("cluster") or spec.urls["nats"])
+
+
+def start_groups(specs: list[ComponentSpec]) -> list[list[ComponentSpec]]:
+    """Components started together before any is waited for: the nodes of a NATS cluster
+    (one node alone never gets a JetStream meta leader); every other component alone."""
+    groups: list[list[ComponentSpec]] = []
+    for spec in specs:
+        if groups and spec.kind is ComponentKind.NATS and groups[-1][-1].kind is spec.kind:
+            groups[-1].append(spec)
+        else:
+            groups.append([spec])
+    return groups
 
 
 def start_stack(
@@ -271,6 +293,7 @@ def start_stack(
 ) -> RunningStack:
     """Start ``specs`` in order, each ready before the next; on any failure (or Ctrl-C) stop
     what was started and re-raise."""
+    platform = stack_platform(stack, platform)
     var_dir = platform.var_dir.resolve()
     (var_dir / "logs").mkdir(parents=True, exist_ok=True)
     running = RunningStack(var_dir, stack, platform, report, signals or Signals())
@@ -279,11 +302,13 @@ def start_stack(
         check_can_start(specs, platform)
         ensure_local_credentials(var_dir)  # before the services that verify and send tokens
         try:
-            for spec in specs:
-                report(f"starting {spec.name}")
-                running.start(spec)
-                running.wait_ready(spec, stack.ready_timeout_s)
-                prepare(spec, platform)
+            for group in start_groups(specs):
+                for spec in group:
+                    report(f"starting {spec.name}")
+                    running.start(spec)
+                for spec in group:
+                    running.wait_ready(spec, stack.ready_timeout_s)
+                prepare(group[-1], platform)  # a cluster's topology is declared once
         except BaseException:
             running.stop()
             raise

@@ -200,7 +200,9 @@ def storage_use(components: list[ComponentStatus], timeout_s: float = 2.0) -> li
     is not part of the stack or not answering."""
     import httpx
 
-    monitor = next((c.urls.get("monitor") for c in components if c.name == "nats"), None)
+    # a cluster's nodes all hold every (replicated) stream: ask the first one that is ready
+    monitor = next((c.urls.get("monitor") for c in components
+                    if c.kind is ComponentKind.NATS and c.ready), None)  # fmt: skip
     if not monitor:
         return []
     try:
@@ -271,8 +273,10 @@ def status_json(
 
 def stack_urls(document: Mapping[str, Any]) -> dict[str, str]:
     """Where a running stack listens, from its `slmops status --json` document: each
-    service's base URL by name, and ``nats``."""
+    service's base URL by name, and ``nats`` (comma separated URLs of a cluster's nodes)."""
     components = document["components"]
-    urls = {name: c["urls"].get("http", "") for name, c in components.items()}
-    urls["nats"] = components["nats"]["urls"]["nats"]
+    nats = [c["urls"] for c in components.values() if c["kind"] == ComponentKind.NATS.value]
+    urls = {name: c["urls"].get("http", "") for name, c in components.items()
+            if c["kind"] != ComponentKind.NATS.value}  # fmt: skip
+    urls["nats"] = nats[0].get("cluster") or nats[0]["nats"]  # every node's, on a cluster
     return urls
