@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import random
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -32,6 +33,9 @@ from slmops.settings import ConsumerSettings
 from slmops.tracing import extract_trace_context
 
 log = logging.getLogger(__name__)
+#: Acked stream sequences remembered per consumer: covers the acks a NATS leader election can
+#: lose (those in flight when a node dies), at a few hundred kB.
+_ACKED_REMEMBERED = 10_000
 _BATCH_WAIT_S = 0.05  # how long a batch pull may wait for more once messages are flowing
 #: What became of one message: acked after its handler (handled), acked without one (ignored),
 #: naked for a later retry, dead-lettered, or not settled at all (failed: redelivered later).
@@ -90,6 +94,8 @@ class EventConsumer:
         }
         self._advisories: Subscription | None = None
         self._sub: JetStreamContext.PullSubscription | None = None
+        # stream sequences this process acked lately: a redelivery of one is a lost ack
+        self._acked: OrderedDict[int, None] = OrderedDict()
 
     @property
     def running(self) -> bool:
@@ -200,6 +206,13 @@ class EventConsumer:
             else None
         )
         num_delivered = _delivery_count(msg)
+        if num_delivered > 1 and _stream_sequence(msg) in self._acked:
+            # handled and acked here already; the ack was lost (a NATS cluster node died or
+            # a stream leader changed before it was replicated): settle it, do not redo it
+            await msg.ack()
+            self.stats.ignored += 1
+            self._observe(event.type, "ignored")
+            return
         with self.bus.tracer.start_as_current_span(
             f"process {event.type}",
             context=parent,
@@ -230,6 +243,7 @@ class EventConsumer:
                 del self._running_since[id(msg)]
             self._time(event.type, began)
             await msg.ack()
+            self._remember_acked(msg)
             self.stats.handled += 1
             self._observe(event.type, "handled")
 
@@ -250,6 +264,11 @@ class EventConsumer:
         )
         self.stats.dead_lettered += 1
         self._observe(event_type, "dead_lettered")
+
+    def _remember_acked(self, msg: Msg) -> None:
+        self._acked[_stream_sequence(msg)] = None
+        if len(self._acked) > _ACKED_REMEMBERED:
+            self._acked.popitem(last=False)
 
     def _observe(self, event_type: str, outcome: Outcome) -> None:
         if self.observer is not None:
@@ -290,6 +309,16 @@ class EventConsumer:
             self._observe(UNKNOWN_TYPE, "dead_lettered")
         except Exception:
             log.exception("%s: could not dead-letter an exhausted message", self.spec.durable)
+
+
+def _stream_sequence(msg: Msg) -> int:
+    """The stream sequence of ``msg``, from its ack subject (see :func:`_delivery_count`)."""
+    tokens = (msg.reply or "").split(".")
+    if len(tokens) == 9:
+        return int(tokens[5])
+    if len(tokens) >= 12:
+        return int(tokens[7])
+    return msg.metadata.sequence.stream
 
 
 def _delivery_count(msg: Msg) -> int:

@@ -79,14 +79,23 @@ class NatsCluster:
             self.stop()
             raise
 
-    def jsz(self, index: int) -> dict[str, Any] | None:
+    def jsz(self, index: int, **params: str) -> dict[str, Any] | None:
         """Node ``index``'s ``/jsz`` (None if it does not answer)."""
         with contextlib.suppress(httpx.HTTPError, ValueError):
-            answer = httpx.get(f"{self.nodes[index].monitor_url}/jsz", timeout=1.0,
-                               trust_env=False)  # fmt: skip
+            answer = httpx.get(f"{self.nodes[index].monitor_url}/jsz", params=params,
+                               timeout=1.0, trust_env=False)  # fmt: skip
             document: dict[str, Any] = answer.json()
             return document
         return None
+
+    def stream_messages(self, index: int) -> dict[str, int]:
+        """Messages per stream in node ``index``'s own copy (empty if it does not answer)."""
+        jsz = self.jsz(index, streams="true") or {}
+        return {
+            stream["name"]: int(stream["state"]["messages"])
+            for account in jsz.get("account_details") or []
+            for stream in account.get("stream_detail") or []
+        }
 
     def meta_leader(self) -> str | None:
         """The JetStream meta leader's server name, as the first answering node sees it."""
