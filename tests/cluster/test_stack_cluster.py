@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +13,12 @@ from pathlib import Path
 import psutil
 import pytest
 
+from slmops.bus.topology import GIB, Topology
 from slmops.settings import PlatformSettings
 from slmops.stack import StackError, StackSettings, plan_stack
 from slmops.stack import components as components_module
 from slmops.stack.components import jetstream_replicas, stack_platform
+from slmops.stack.preflight import JETSTREAM_DISK_SHARE, check_disk
 from slmops.stack.state import read_state, state_path
 from slmops.stack.status import stack_urls
 from slmops.testing.localstack import stack_env_vars
@@ -95,3 +98,33 @@ def test_up_with_a_nats_cluster_starts_three_nodes_and_down_stops_them(tmp_path:
         down = cli("down")
     assert down.returncode == 0, down.stderr
     assert [pid for pid in pids if psutil.pid_exists(pid)] == []
+
+
+def test_up_with_a_cluster_counts_every_nodes_copy_of_the_caps_against_the_disk(
+    tmp_path: Path,
+) -> None:
+    """All three nodes' stores share this disk, each holding a copy: caps that fit once (the
+    fleet stream's at half of what JetStream may use) do not fit three times."""
+    usable_gib = shutil.disk_usage(tmp_path).free * JETSTREAM_DISK_SHARE / GIB
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLMOPS_")}
+    env |= stack_env_vars(tmp_path / "var")
+    small = {
+        name: 0.01
+        for name in (
+            "SLMOPS_PIPELINE",
+            "SLMOPS_ROLLOUT",
+            "SLMOPS_DLQ",
+            "KV_slmops-desired-state",
+            "KV_slmops-gateways",
+        )
+    }
+    caps = {**small, "SLMOPS_FLEET": usable_gib / 2}
+    check_disk(tmp_path, Topology().sized(1, caps))  # one copy fits
+    env["SLMOPS_STREAM_MAX_GB"] = json.dumps(caps)
+
+    up = subprocess.run([*CLI, "up", "--detach", "--nats-cluster", "3"], env=env,
+                        capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+
+    assert up.returncode != 0
+    assert "JetStream reserves" in up.stderr
+    assert not (tmp_path / "var" / "logs" / "nats-1.log").exists()
