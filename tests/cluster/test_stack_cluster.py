@@ -127,4 +127,5 @@ def test_up_with_a_cluster_counts_every_nodes_copy_of_the_caps_against_the_disk(
 
     assert up.returncode != 0
     assert "JetStream reserves" in up.stderr
+    assert "3 replicas each" in up.stderr
     assert not (tmp_path / "var" / "logs" / "nats-1.log").exists()

@@ -60,11 +60,15 @@ def check_disk(store_dir: Path, topology: Topology, free_bytes: int | None = Non
             probe = probe.parent
         free_bytes = shutil.disk_usage(probe).free
     usable = free_bytes * JETSTREAM_DISK_SHARE
+    replicas = max((s.replicas for s in topology.streams), default=1)
+    # a local cluster's nodes keep their stores on this same disk: each replica is a copy here
+    copies = f", {replicas} replicas each" if replicas > 1 else ""
     if reserved > usable:
         raise DiskTooSmallError(
             f"JetStream reserves {reserved / GIB:.1f} GiB for the size caps of the streams and "
-            f"buckets, but may use only {usable / GIB:.1f} GiB ({JETSTREAM_DISK_SHARE:.0%} of "
-            f"the {free_bytes / GIB:.1f} GiB free under {store_dir}): free some disk space, or "
+            f"buckets{copies}, but may use only {usable / GIB:.1f} GiB "
+            f"({JETSTREAM_DISK_SHARE:.0%} of the {free_bytes / GIB:.1f} GiB free under "
+            f"{store_dir}): free some disk space, or "
             "lower the caps with SLMOPS_STREAM_MAX_GB (JSON, GiB by stream, e.g. "
             '\'{"SLMOPS_FLEET": 0.5, "SLMOPS_PIPELINE": 0.5}\')'
         )
