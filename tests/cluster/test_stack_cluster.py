@@ -3,6 +3,7 @@ node; `slmops status` lists the nodes, `slmops down` stops them."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -10,18 +11,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nats
+import nats.errors
 import psutil
 import pytest
 
+from slmops.bus.credentials import NatsCredentials
 from slmops.bus.topology import GIB, Topology
 from slmops.settings import PlatformSettings
 from slmops.stack import StackError, StackSettings, plan_stack
 from slmops.stack import components as components_module
 from slmops.stack.components import jetstream_replicas, stack_platform
+from slmops.stack.identities import enroll_gateway
 from slmops.stack.preflight import JETSTREAM_DISK_SHARE, check_disk
 from slmops.stack.state import read_state, state_path
 from slmops.stack.status import stack_urls
 from slmops.testing.localstack import stack_env_vars
+from slmops.testing.polling import until_answered
 from slmops.testing.ports import free_port_range
 
 CLI = [sys.executable, "-m", "slmops.stack"]
@@ -61,6 +67,21 @@ def test_plan_of_a_cluster_gives_three_nodes_their_ports_and_services_every_url(
         stack_platform(StackSettings(), PlatformSettings(var_dir=tmp_path, jetstream_replicas=3))
 
 
+async def _connect_to_each(urls: list[str], credentials: NatsCredentials) -> None:
+    for url in urls:
+
+        async def admitted(url: str = url) -> bool:
+            try:
+                client = await nats.connect(url, nkeys_seed_str=credentials.nkey_seed,
+                                            allow_reconnect=False, connect_timeout=1)  # fmt: skip
+            except (nats.errors.Error, OSError):
+                return False
+            await client.close()
+            return True
+
+        await until_answered(admitted, f"the gateway let in by {url}", timeout_s=10)
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_up_with_a_nats_cluster_starts_three_nodes_and_down_stops_them(tmp_path: Path) -> None:
@@ -91,6 +112,10 @@ def test_up_with_a_nats_cluster_starts_three_nodes_and_down_stops_them(tmp_path:
         assert storage["KV_slmops-desired-state"] == 3
         assert set(storage.values()) == {3}
         assert stack_urls(document)["nats"].count("nats://127.0.0.1:") == 3
+        # an enrolled gateway is let in by every node (each re-reads the users)
+        enrolled = enroll_gateway(tmp_path / "var", "gw-cluster-1")
+        nodes = [c["urls"]["nats"] for c in document["components"].values() if "nats" in c["urls"]]
+        asyncio.run(_connect_to_each(nodes, NatsCredentials.from_seed_file(enrolled.nkey_file)))
         state = read_state(state_path(tmp_path / "var"))
         assert state is not None
         pids = [record.pid for record in state.components]
