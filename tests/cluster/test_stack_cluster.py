@@ -28,7 +28,6 @@ from slmops.stack.state import read_state, state_path
 from slmops.stack.status import stack_urls
 from slmops.testing.localstack import stack_env_vars
 from slmops.testing.polling import until_answered
-from slmops.testing.ports import free_port_range
 
 CLI = [sys.executable, "-m", "slmops.stack"]
 
@@ -86,12 +85,8 @@ async def _connect_to_each(urls: list[str], credentials: NatsCredentials) -> Non
 @pytest.mark.slow
 def test_up_with_a_nats_cluster_starts_three_nodes_and_down_stops_them(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLMOPS_")}
-    env |= stack_env_vars(tmp_path / "var")
-    # three consecutive free ports for each of the nodes' client, monitoring and route ports
+    env |= stack_env_vars(tmp_path / "var")  # three free ports in a row for each NATS port
     env |= {
-        "SLMOPS_STACK_NATS_PORT": str(free_port_range(3)),
-        "SLMOPS_STACK_NATS_MONITOR_PORT": str(free_port_range(3)),
-        "SLMOPS_STACK_NATS_CLUSTER_PORT": str(free_port_range(3)),
         "SLMOPS_STACK_SERVICES": "",  # NATS and S3: the services' own tests run them
         "SLMOPS_STACK_STOP_TIMEOUT_S": "10",
     }

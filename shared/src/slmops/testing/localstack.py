@@ -20,12 +20,14 @@ STACK = (sys.executable, "-m", "slmops.stack")
 
 
 def stack_env_vars(var_dir: Path, ready_timeout_s: float = 180.0) -> dict[str, str]:
-    """``SLMOPS_*`` variables giving a stack its own folder and free ports."""
-    nats_port, monitor_port, s3_port = free_ports(3)
+    """``SLMOPS_*`` variables giving a stack its own folder and free ports (three in a row
+    for each NATS port, so ``SLMOPS_STACK_NATS_CLUSTER_SIZE=3`` runs a cluster too)."""
+    (s3_port,) = free_ports(1)
     return {
         "SLMOPS_VAR_DIR": str(var_dir),
-        "SLMOPS_STACK_NATS_PORT": str(nats_port),
-        "SLMOPS_STACK_NATS_MONITOR_PORT": str(monitor_port),
+        "SLMOPS_STACK_NATS_PORT": str(free_port_range(3)),
+        "SLMOPS_STACK_NATS_MONITOR_PORT": str(free_port_range(3)),
+        "SLMOPS_STACK_NATS_CLUSTER_PORT": str(free_port_range(3)),
         "SLMOPS_STACK_S3_PORT": str(s3_port),
         # one port per installed service from the base port
         "SLMOPS_STACK_SERVICE_BASE_PORT": str(free_port_range(max(1, len(discover_services())))),
