@@ -1,4 +1,5 @@
-"""What the local stack runs: its settings, the component list and the readiness probes.
+"""What the local stack runs: the component list and the readiness probes (its settings and
+component types are :mod:`slmops.stack.specs`, re-exported here).
 
 Nothing here starts a process; :mod:`slmops.stack.launcher` does, from the
 :class:`ComponentSpec` list :func:`plan_stack` builds.
@@ -10,149 +11,49 @@ import importlib.metadata
 import importlib.util
 import json
 import sys
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from enum import StrEnum
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from slmops.auth.bususers import local_bus_users
 from slmops.auth.local import LOCAL_GATEWAY_ID, local_credentials
 from slmops.settings import PlatformSettings
-from slmops.stack.binaries import venv_binary
-from slmops.stack.natscluster import (
-    client_urls,
-    cluster_nodes,
-    new_route_password,
-    render_node_config,
+from slmops.stack.natscluster import jetstream_replicas, plan_nats_cluster, stack_platform
+from slmops.stack.specs import (
+    LOCAL_HOST,
+    ComponentKind,
+    ComponentSpec,
+    PortClaim,
+    StackError,
+    StackSettings,
+    stack_executable,
 )
 from slmops.trust.local import pinned_root_file
 
-#: Every local stack component binds this address and nothing else.
-LOCAL_HOST = "127.0.0.1"
+__all__ = [
+    "LOCAL_HOST",
+    "ComponentKind",
+    "ComponentSpec",
+    "PortClaim",
+    "Probe",
+    "StackError",
+    "StackSettings",
+    "discover_services",
+    "jetstream_replicas",
+    "plan_stack",
+    "probe",
+    "service_env_prefix",
+    "service_module",
+    "stack_platform",
+]
+
 #: Entry point group each service distribution registers its name in.
 SERVICE_ENTRY_POINT_GROUP = "slmops.services"
 #: Start order of the known services; other installed services follow, alphabetically.
 SERVICE_ORDER = (
     "registry", "optimizer", "validator", "rollout", "gateway", "console", "telemetry",
 )  # fmt: skip
-
-
-class StackError(Exception):
-    """A problem `slmops up/down/status` reports to the user (one message, non-zero exit)."""
-
-
-class StackSettings(BaseSettings):
-    """Ports and timeouts of the local stack. Env prefix ``SLMOPS_STACK_``."""
-
-    model_config = SettingsConfigDict(env_prefix="SLMOPS_STACK_", extra="ignore")
-
-    nats_port: int = Field(4222, ge=1, le=65535, description="NATS client port on 127.0.0.1.")
-    nats_monitor_port: int = Field(
-        8222, ge=1, le=65535, description="NATS HTTP monitoring port (healthz) on 127.0.0.1."
-    )
-    nats_cluster_size: int = Field(
-        1,
-        ge=1,
-        le=5,
-        description="NATS servers: 1 (one node) or a JetStream cluster of this many nodes "
-        "(`slmops up --nats-cluster 3`); node i (0-based) listens on nats_port + i, "
-        "nats_monitor_port + i and nats_cluster_port + i, and stores under <var_dir>/nats-<i+1>.",
-    )
-    nats_cluster_port: int = Field(
-        6222, ge=1, le=65535, description="Route port of the first NATS cluster node."
-    )
-    s3_port: int = Field(9000, ge=1, le=65535, description="Local S3 server port on 127.0.0.1.")
-    service_base_port: int = Field(
-        8101,
-        ge=1,
-        le=65535,
-        description="HTTP port of the first service; the i-th service (0-based, in start "
-        "order) gets service_base_port + i.",
-    )
-    ready_timeout_s: float = Field(
-        120.0,
-        gt=0,
-        description="How long each component may take to become ready, in seconds (the "
-        "optimizer starts Ray Serve in-process: ~20 s on 2 cores).",
-    )
-    stop_timeout_s: float = Field(
-        25.0,
-        gt=0,
-        description="After SIGTERM, how long a component may take to exit before SIGKILL, in "
-        "seconds (above the services' consumer drain timeout, 20 s by default).",
-    )
-    restart_backoff_initial_s: float = Field(
-        1.0,
-        gt=0,
-        description="A component that exits is started again after this many seconds; the "
-        "wait doubles with each further exit, up to restart_backoff_max_s.",
-    )
-    restart_backoff_max_s: float = Field(
-        30.0, gt=0, description="The longest wait before starting an exited component again."
-    )
-    restart_reset_after_s: float = Field(
-        60.0,
-        gt=0,
-        description="Once a restarted component has been ready this many seconds, its next "
-        "exit waits restart_backoff_initial_s again.",
-    )
-    services: str | None = Field(
-        None,
-        description="Comma separated services to start; empty string = none (only NATS and "
-        "S3); unset = every installed service.",
-    )
-
-    def selected_services(self, installed: list[str]) -> list[str]:
-        """The services to start, in start order; unknown names raise :class:`StackError`."""
-        if self.services is None:
-            return installed
-        wanted = {name.strip() for name in self.services.split(",") if name.strip()}
-        unknown = sorted(wanted - set(installed))
-        if unknown:
-            raise StackError(
-                f"SLMOPS_STACK_SERVICES names services that are not installed: "
-                f"{', '.join(unknown)} (installed: {', '.join(installed) or 'none'})"
-            )
-        return [name for name in installed if name in wanted]
-
-
-class ComponentKind(StrEnum):
-    """What a component is; decides its readiness probe and its stop group."""
-
-    NATS = "nats"
-    S3 = "s3"
-    SERVICE = "service"
-
-
-@dataclass(frozen=True)
-class PortClaim:
-    """One port a component listens on, and how the user changes it."""
-
-    port: int
-    purpose: str
-    env_var: str
-
-
-@dataclass(frozen=True)
-class ComponentSpec:
-    """One process of the stack: how to start it and how to tell it is ready."""
-
-    name: str
-    kind: ComponentKind
-    argv: tuple[str, ...]
-    ports: tuple[PortClaim, ...]
-    #: Where it listens, by role (``nats``, ``monitor``, ``s3``, ``http``, ``docs``).
-    urls: Mapping[str, str]
-    #: The URL :func:`probe` requests.
-    ready_url: str
-    #: Environment on top of the parent's.
-    env: Mapping[str, str] = field(default_factory=dict)
-    #: Files (re)written, mode 0600, before each start: a cluster node's configuration.
-    files: Mapping[Path, str] = field(default_factory=dict)
 
 
 def discover_services() -> list[str]:
@@ -172,13 +73,6 @@ def service_env_prefix(name: str) -> str:
     return f"SLMOPS_{name.replace('-', '_').upper()}_"
 
 
-def _executable(name: str) -> str:
-    try:
-        return str(venv_binary(name))
-    except FileNotFoundError as exc:
-        raise StackError(str(exc)) from exc
-
-
 def _check_runnable(name: str) -> None:
     module = f"{service_module(name)}.__main__"
     try:
@@ -190,58 +84,6 @@ def _check_runnable(name: str) -> None:
             f"service {name!r} is installed but has no {module} module to run; "
             f"leave it out with SLMOPS_STACK_SERVICES"
         )
-
-
-def jetstream_replicas(stack: StackSettings, platform: PlatformSettings) -> int:
-    """Replicas of every stream and bucket: SLMOPS_JETSTREAM_REPLICAS if set, else 3 on a
-    cluster (its size, if smaller) and 1 on one node."""
-    if stack.nats_cluster_size > 1 and "jetstream_replicas" not in platform.model_fields_set:
-        return min(3, stack.nats_cluster_size)
-    return platform.jetstream_replicas
-
-
-def stack_platform(stack: StackSettings, platform: PlatformSettings) -> PlatformSettings:
-    """``platform`` with the replicas this stack's NATS gets (see :func:`jetstream_replicas`)."""
-    replicas = jetstream_replicas(stack, platform)
-    if replicas > stack.nats_cluster_size:
-        raise StackError(
-            f"SLMOPS_JETSTREAM_REPLICAS={replicas} needs at least {replicas} NATS servers, "
-            f"but the stack runs {stack.nats_cluster_size}: `slmops up --nats-cluster 3`"
-        )
-    if replicas == platform.jetstream_replicas:
-        return platform
-    return platform.model_copy(update={"jetstream_replicas": replicas})
-
-
-def _plan_nats_cluster(stack: StackSettings, var_dir: Path) -> list[ComponentSpec]:
-    """One component per node (``nats-1``...), each reachable at every node's URL."""
-    nodes = cluster_nodes(stack.nats_cluster_size, stack.nats_port, stack.nats_cluster_port,
-                          stack.nats_monitor_port, store_root=var_dir)  # fmt: skip
-    users, password = local_bus_users(var_dir), new_route_password()
-    specs = []
-    for node in nodes:
-        config = users.root / "cluster" / f"{node.name}.conf"
-        text = render_node_config(node, nodes, password, config, users.config_file)
-        where = f"of NATS node {node.name} (base + {node.index})"
-        specs.append(ComponentSpec(
-            name=node.name,
-            kind=ComponentKind.NATS,
-            argv=(_executable("nats-server"), "-c", str(config)),
-            ports=(
-                PortClaim(node.client_port, f"client port {where}", "SLMOPS_STACK_NATS_PORT"),
-                PortClaim(node.cluster_port, f"route port {where}",
-                          "SLMOPS_STACK_NATS_CLUSTER_PORT"),
-                PortClaim(node.monitor_port, f"monitoring port {where}",
-                          "SLMOPS_STACK_NATS_MONITOR_PORT"),
-            ),
-            urls={"nats": node.url, "monitor": node.monitor_url, "routes": node.route_url,
-                  "cluster": client_urls(nodes)},
-            # 200 once a meta leader is known and this node's streams are current: the nodes
-            # start together, since one alone never gets there
-            ready_url=f"{node.monitor_url}/healthz",
-            files={config: text},
-        ))  # fmt: skip
-    return specs
 
 
 def plan_stack(stack: StackSettings, platform: PlatformSettings) -> list[ComponentSpec]:
@@ -257,7 +99,7 @@ def plan_stack(stack: StackSettings, platform: PlatformSettings) -> list[Compone
             name="nats",
             kind=ComponentKind.NATS,
             argv=(
-                _executable("nats-server"),
+                stack_executable("nats-server"),
                 *("-a", LOCAL_HOST, "-p", str(stack.nats_port), "-js"),
                 *("-sd", str(var_dir / "nats"), "-m", str(stack.nats_monitor_port)),
                 # Users and their permissions (`slmops up` writes it; enrol/revoke reload it).
@@ -276,7 +118,7 @@ def plan_stack(stack: StackSettings, platform: PlatformSettings) -> list[Compone
         )
     ]
     if stack.nats_cluster_size > 1:
-        nats_specs = _plan_nats_cluster(stack, var_dir)
+        nats_specs = plan_nats_cluster(stack, var_dir)
         nats_url = nats_specs[0].urls["cluster"]
     specs = [
         *nats_specs,
@@ -284,7 +126,7 @@ def plan_stack(stack: StackSettings, platform: PlatformSettings) -> list[Compone
             name="s3",
             kind=ComponentKind.S3,
             argv=(
-                _executable("nanio"),
+                stack_executable("nanio"),
                 *("serve", "--host", LOCAL_HOST, "--port", str(stack.s3_port)),
                 *("--data-dir", str(var_dir / "s3"), "--region", platform.s3_region),
             ),
