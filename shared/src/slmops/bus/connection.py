@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import nats
 import nats.errors
@@ -47,6 +48,10 @@ RETRYABLE_PUBLISH_ERRORS = (
     asyncio.TimeoutError,
 )
 _ALREADY_EXISTS_CODES = {10058, 10148}  # stream / consumer exists with another config
+_NO_PLACEMENT_CODE = 10005  # a cluster cannot place the replicas (yet, or ever: too few nodes)
+#: How long a stream create/update is asked again while a cluster cannot place its replicas.
+PLACEMENT_RETRY_S = 10.0
+T = TypeVar("T")
 
 
 class Bus:
@@ -149,13 +154,13 @@ class Bus:
         current = await self._stream_config(spec.name)
         if current is None:
             try:
-                await self.js.add_stream(config)
+                await self._placed(lambda: self.js.add_stream(config))
             except nats.js.errors.BadRequestError as exc:
                 if exc.err_code not in _ALREADY_EXISTS_CODES:
                     raise
-                await self.js.update_stream(config)
+                await self._placed(lambda: self.js.update_stream(config))
         elif _differs(current, config):
-            await self.js.update_stream(config)
+            await self._placed(lambda: self.js.update_stream(config))
         self.declared.add(f"stream:{spec.name}")
 
     async def _stream_config(self, name: str) -> StreamConfig | None:
@@ -182,12 +187,29 @@ class Bus:
             max_bytes=spec.max_bytes, num_replicas=spec.replicas, allow_direct=True,
         )  # fmt: skip
         if _differs(current, wanted):
-            await self.js.update_stream(wanted)
+            await self._placed(lambda: self.js.update_stream(wanted))
         self.declared.add(f"kv:{spec.bucket}")
         return await self.js.key_value(spec.bucket)
 
+    async def _placed(self, request: Callable[[], Awaitable[T]]) -> T:
+        """``request`` (a stream create or update), asked again while a NATS cluster cannot
+        place its replicas yet: just after the cluster formed or a node came back, the meta
+        leader has not heard from every peer ("no suitable peers for placement")."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + PLACEMENT_RETRY_S
+        delay_s = 0.05
+        while True:
+            try:
+                return await request()
+            except nats.js.errors.BadRequestError as exc:
+                if exc.err_code != _NO_PLACEMENT_CODE or loop.time() + delay_s > deadline:
+                    raise
+                log.info("stream placement: %s; asking again in %.2fs", exc.description, delay_s)
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 1.0)
+
     async def _create_kv(self, spec: KvSpec) -> KeyValue:
-        kv = await self.js.create_key_value(
+        kv = await self._placed(lambda: self.js.create_key_value(
             KeyValueConfig(
                 bucket=spec.bucket,
                 description=spec.description,
@@ -198,7 +220,7 @@ class Bus:
                 replicas=spec.replicas,
                 direct=True,
             )
-        )
+        ))  # fmt: skip
         self.declared.add(f"kv:{spec.bucket}")
         return kv
 

@@ -75,6 +75,11 @@ class NatsCluster:
         try:
             for index in range(len(self.nodes)):
                 self.wait_healthy(index)
+            deadline = time.monotonic() + self.start_timeout_s
+            while not self.formed():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no meta leader with every peer current under {self.root}")
+                time.sleep(0.05)
         except BaseException:
             self.stop()
             raise
@@ -107,6 +112,17 @@ class NatsCluster:
             if leader:
                 return str(leader)
         return None
+
+    def formed(self) -> bool:
+        """The meta leader sees every other node as a current peer."""
+        for index, node in enumerate(self.nodes):
+            meta = (self.jsz(index) or {}).get("meta_cluster") or {}
+            if meta.get("leader") == node.name:
+                peers = meta.get("replicas") or []
+                return len(peers) == len(self.nodes) - 1 and all(
+                    peer.get("current") and not peer.get("offline") for peer in peers
+                )
+        return False
 
     def healthy(self, index: int) -> bool:
         """``/healthz`` answers 200: JetStream on, a meta leader known, this node's streams
