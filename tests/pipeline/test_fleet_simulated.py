@@ -51,7 +51,10 @@ async def test_a_rollout_over_240_simulated_gateways_of_two_classes_completes(
         wave_subject = "slmops.rollout.wave.started.v1"  # every announcement, duplicates too
         announced = await stream_count(bus, "SLMOPS_ROLLOUT", wave_subject)
         waves = await await_events(bus, wave_subject, count=announced)
-        assert [w.data.target_count for w in waves] == [12, 48, 180]
+        counts = [w.data.target_count for w in waves]  # 5 % and 25 %, rounded up to whole cohorts
+        assert sum(counts) == 240, counts
+        assert 12 <= counts[0] < 15, counts
+        assert 60 <= counts[0] + counts[1] < 63, counts
         for sim in fleet.gateways.values():
             active = sim.agent.slots.active
             if sim.fault is None:
@@ -68,7 +71,7 @@ async def test_a_rollout_over_240_simulated_gateways_of_two_classes_completes(
         assert all("connection reset (simulated fault)" in e.data.reason for e in failed)
         status = (await api.get(f"/v1/rollouts/{rollout_id}")).json()
         assert status["gateways"] == {"applied": 236, "failed": 2, "assigned": 2}
-        assert [w["targets"] for w in status["wave_progress"]] == [12, 48, 180]
+        assert [w["targets"] for w in status["wave_progress"]] == counts
 
         # a late joiner: five new gateways register after the rollout completed and get
         # their class's variant of it

@@ -22,6 +22,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from slmops.cohorts import CohortState, cohort_statement
 from slmops.events.payloads import GatewayAssignment
 from slmops.signatures import key_id_of, verify
 from slmops.trust.keys import KeyRole, TrustedKeys, UntrustedKeyError
@@ -82,29 +83,65 @@ class AssignmentSigner:
             "statement_key_id": self.key_id, "statement_expires_at": expires_at,
         })  # fmt: skip
 
+    def sign_cohort(self, state: CohortState, now: float | None = None) -> CohortState:
+        """``state`` with its cohort statement signed, expiring ``ttl_s`` from ``now``."""
+        expires_at = int((now if now is not None else time.time()) + self.ttl_s)
+        signature = self.private_key.sign(cohort_statement(state, expires_at))
+        return state.model_copy(update={
+            "statement_signature": base64.b64encode(signature).decode(),
+            "statement_key_id": self.key_id, "statement_expires_at": expires_at,
+        })  # fmt: skip
+
 
 def check_statement(
     assignment: GatewayAssignment, keys: TrustedKeys, gateway_id: str, now: float | None = None
 ) -> None:
     """Raise :class:`StatementRefused` unless ``assignment`` carries a statement signed by a
     trusted assignments key, for ``gateway_id``, not expired."""
-    signature, key_id = assignment.statement_signature, assignment.statement_key_id
     expires_at = assignment.statement_expires_at
-    if not signature or not key_id or expires_at is None:
+    if not assignment.statement_signature or not assignment.statement_key_id or not expires_at:
         raise StatementRefused("an assignment without a signed statement")
     if assignment.gateway_id != gateway_id:
         raise StatementRefused(f"a statement for gateway {assignment.gateway_id}, not this one")
+    _check_signed(
+        assignment_statement(assignment, expires_at), assignment.statement_signature,
+        assignment.statement_key_id, expires_at, keys, now, what="assignment",
+        altered="model, version, digests, generation or gateway",
+    )  # fmt: skip
+
+
+def check_cohort_statement(
+    state: CohortState, keys: TrustedKeys, cohort: int, now: float | None = None
+) -> None:
+    """Raise :class:`StatementRefused` unless ``state`` is signed by a trusted assignments key,
+    for ``cohort`` (the gateway's own), not expired."""
+    expires_at = state.statement_expires_at
+    if not state.statement_signature or not state.statement_key_id or not expires_at:
+        raise StatementRefused("a cohort state without a signed statement")
+    if state.cohort != cohort:
+        raise StatementRefused(f"a statement for cohort {state.cohort}, not this gateway's "
+                               f"{cohort}")  # fmt: skip
+    _check_signed(
+        cohort_statement(state, expires_at), state.statement_signature, state.statement_key_id,
+        expires_at, keys, now, what="cohort state",
+        altered="entries, models, digests, selectors, overlays or generation",
+    )  # fmt: skip
+
+
+def _check_signed(
+    statement: bytes, signature: str, key_id: str, expires_at: int, keys: TrustedKeys,
+    now: float | None, *, what: str, altered: str,
+) -> None:  # fmt: skip
     try:
         public_key = keys.key(KeyRole.ASSIGNMENTS, key_id, now)
     except UntrustedKeyError as exc:
-        raise StatementRefused(f"an assignment signed by an untrusted key: {exc}") from None
-    if not verify(public_key, assignment_statement(assignment, expires_at), signature):
+        raise StatementRefused(f"an {what} signed by an untrusted key: {exc}") from None
+    if not verify(public_key, statement, signature):
         raise StatementRefused(
-            "an assignment whose statement does not verify (forged or altered: model, version, "
-            "digests, generation or gateway)"
+            f"an {what} whose statement does not verify (forged or altered: {altered})"
         )
     if (now if now is not None else time.time()) > expires_at:
         raise StatementRefused(
-            f"an assignment whose statement expired at {expires_at} (replayed, or kept too "
+            f"an {what} whose statement expired at {expires_at} (replayed, or kept too "
             "long: the rollout service signs it again)"
         )

@@ -1,8 +1,11 @@
 """The gateway agent: registers, reconciles with its desired state, installs, reports.
 
-The desired state (JetStream KV ``slmops-desired-state``, key = gateway id) is the source of
-truth: on connect the agent reads it, so a gateway that was offline catches up; an assignment
-event on its own subject is the notification to reconcile now. Installing is verify → download
+The desired state is its cohort's signed state (``slmops.cohorts``: JetStream KV
+``slmops-cohorts``, key = its cohort) and, for exceptions (a rollback of this gateway, or a
+platform speaking only the older protocol), its own assignment (KV ``slmops-desired-state``,
+key = gateway id); the newer of the two by generation wins. On connect the agent reads both, so
+a gateway that was offline catches up; a notification on its cohort's subject, or an assignment
+event on its own subject, is the notification to reconcile now. Installing is verify → download
 → load beside the serving model → smoke test → swap; any refusal leaves the running model
 serving and is reported as ``failed`` with the reason.
 """
@@ -21,7 +24,15 @@ import httpx
 import nats.js.errors
 
 from slmops import hostinfo
-from slmops.assignments import StatementRefused, check_statement
+from slmops.assignments import StatementRefused, check_cohort_statement, check_statement
+from slmops.cohorts import (
+    ASSIGNMENT_PROTOCOL,
+    COHORT_PROTOCOL,
+    CohortEntry,
+    CohortState,
+    cohort_of,
+    overlay_for,
+)
 from slmops.events import CloudEvent, GatewayAssignment, GatewayReport, derive_event_id, new_event
 from slmops.events.payloads import DesiredModel
 from slmops.rollbacks import RollbackRefused, check_rollback
@@ -40,6 +51,7 @@ log = logging.getLogger(__name__)
 DESIRED_BUCKET = "slmops-desired-state"
 Publish = Callable[[GatewayReport], Awaitable[None]]
 Installer = Callable[[DesiredModel, "Vouched", SessionOptions], Awaitable["LoadedModel"]]
+CohortReader = Callable[[int], Awaitable[CohortState | None]]
 
 
 @functools.cache
@@ -78,7 +90,22 @@ class Agent:
     # Verdicts of vouch() shared by agents in one process (a simulated fleet): one signature
     # check per (manifest, variant, class), not one per simulated gateway. None: no sharing.
     vouched: dict[tuple[str, str, str], Vouched] | None = None
+    # Verdicts on cohort statements shared likewise: (cohort, generation, signature) -> None
+    # (verified) or the refusal.
+    cohort_verdicts: dict[tuple[int, int, str], str | None] | None = None
+    cohort_generation: int = -1  # the newest cohort state seen (older ones are replays)
+    acted_entry: tuple[str, int] | None = None  # (rollout, generation) of the cohort entry
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def cohort(self) -> int:
+        return cohort_of(self.settings.gateway_id)
+
+    @property
+    def protocols(self) -> list[str]:
+        if self.settings.cohort_protocol:
+            return [ASSIGNMENT_PROTOCOL, COHORT_PROTOCOL]
+        return [ASSIGNMENT_PROTOCOL]
 
     def report(self, kind: str, **fields: Any) -> GatewayReport:
         """A report; one about the variant being served also names its model and version
@@ -106,25 +133,43 @@ class Agent:
         return self.report("registered", capabilities={
             "arch": hostinfo.arch(), "isa_features": sorted(hostinfo.isa_features()),
             "execution_providers": ort.get_available_providers(), "ram_mb": hostinfo.ram_mb(),
+            "protocols": self.protocols,
         })  # fmt: skip
 
-    async def reconcile(self, kv: Any) -> GatewayReport | None:
-        """Read the desired state and apply it (None: nothing desired yet)."""
+    async def reconcile(self, kv: Any, cohorts: CohortReader | None = None) -> GatewayReport | None:
+        """Read the desired state - its own assignment and, with ``cohorts``, its cohort's
+        state - and apply the newer (None: nothing desired yet)."""
+        own = None
         try:
             entry = await kv.get(self.settings.gateway_id)
+            own = GatewayAssignment.model_validate_json(entry.value or b"{}")
         except nats.js.errors.KeyNotFoundError:
-            return None
-        return await self.apply(GatewayAssignment.model_validate_json(entry.value or b"{}"))
+            pass
+        state = None
+        if cohorts is not None and self.settings.cohort_protocol:
+            state = await cohorts(self.cohort)
+        chosen = self._choose(state) if state is not None else None
+        if own is not None and (chosen is None or own.generation >= chosen.generation):
+            return await self.apply(own)
+        return await self.apply_cohort(state) if state is not None else None
+
+    def _choose(self, state: CohortState) -> CohortEntry | None:
+        active = self.slots.active
+        return state.choose(
+            self.settings.device_class, self.settings.labels,
+            active.model_name if active else None, active.variant_id if active else None,
+        )  # fmt: skip
 
     async def apply(self, assignment: GatewayAssignment) -> GatewayReport | None:
         """Install what the assignment asks for; the report says applied or failed, and why."""
         if assignment.gateway_id != self.settings.gateway_id:
             return None  # not ours (never delivered here; a bad producer would be ignored)
         async with self._lock:
-            if assignment.generation < self.generation:
-                return None  # an older assignment arriving late, or replayed
-            desired = assignment.desired
-            common = {"rollout_id": assignment.rollout_id, "variant_id": desired.variant_id,
+            followed = self.acted_entry[1] if self.acted_entry else -1
+            if assignment.generation < max(self.generation, followed + 1):
+                return None  # older than what it follows: late, or replayed
+            common = {"rollout_id": assignment.rollout_id,
+                      "variant_id": assignment.desired.variant_id,
                       "generation": assignment.generation}  # fmt: skip
             try:
                 # Before its generation counts: a forged statement must not make the gateway
@@ -134,15 +179,70 @@ class Agent:
                 log.warning("refused assignment %s: %s", assignment.generation, exc)
                 return self.report("failed", reason=str(exc), **common)
             self._remember_generation(assignment.generation)
-            if self.publish is not None:  # received: the rollout knows at once, the outcome follows
-                await self.publish(self.report("acknowledged", **common))
+            return await self._act(assignment, common)
+
+    async def apply_cohort(self, state: CohortState) -> GatewayReport | None:
+        """Act on the entry of its cohort's state meant for it (by class, labels and what it
+        runs), unless its own assignment is newer or it follows that entry already."""
+        if state.cohort != self.cohort:
+            return None  # another cohort's (never delivered here)
+        async with self._lock:
+            if state.generation < self.cohort_generation:
+                return None  # an older state arriving late, or replayed
+            entry = self._choose(state)
+            if entry is None or entry.generation <= self.generation:
+                self.cohort_generation = state.generation
+                return None  # nothing here for it, or its own assignment is newer
+            if self.acted_entry == (entry.rollout_id, entry.generation):
+                self.cohort_generation = state.generation
+                return None  # it follows this entry already (another class's change)
+            common = {"rollout_id": entry.rollout_id, "variant_id": entry.desired.variant_id,
+                      "generation": entry.generation}  # fmt: skip
             try:
-                if not self._serving(assignment):  # already serving it: applied, idempotently
-                    await self._install(assignment)
+                await self._check_cohort(state)
             except Refused as exc:
-                log.warning("refused %s: %s", desired.variant_id, exc)
+                log.warning("refused cohort state %s: %s", state.generation, exc)
                 return self.report("failed", reason=str(exc), **common)
-            return self.report("applied", **common)
+            self.cohort_generation = state.generation
+            self.acted_entry = (entry.rollout_id, entry.generation)
+            assignment = GatewayAssignment(
+                gateway_id=self.settings.gateway_id, generation=entry.generation,
+                rollout_id=entry.rollout_id, desired=entry.desired,
+                overlay=overlay_for(self.settings.labels, entry.overlays),
+            )  # fmt: skip
+            return await self._act(assignment, common)
+
+    async def _act(self, assignment: GatewayAssignment, common: dict[str, Any]) -> GatewayReport:
+        """Acknowledge, install unless it serves it already, report the outcome."""
+        if self.publish is not None:  # received: the rollout knows at once, the outcome follows
+            await self.publish(self.report("acknowledged", **common))
+        try:
+            if not self._serving(assignment):  # already serving it: applied, idempotently
+                await self._install(assignment)
+        except Refused as exc:
+            log.warning("refused %s: %s", assignment.desired.variant_id, exc)
+            return self.report("failed", reason=str(exc), **common)
+        return self.report("applied", **common)
+
+    async def _check_cohort(self, state: CohortState) -> None:
+        """With a trust root that names assignment keys, only a cohort state signed by one,
+        for this gateway's cohort and not expired, is acted on (one check per state when
+        agents share their verdicts)."""
+        key = (state.cohort, state.generation, state.statement_signature or "")
+        if self.cohort_verdicts is not None and key in self.cohort_verdicts:
+            refusal = self.cohort_verdicts[key]
+        else:
+            refusal = None
+            keys = await self.trusted_keys()
+            if keys.roles.get(KeyRole.ASSIGNMENTS):
+                try:
+                    check_cohort_statement(state, keys, self.cohort)
+                except StatementRefused as exc:
+                    refusal = str(exc)
+            if self.cohort_verdicts is not None:
+                self.cohort_verdicts[key] = refusal
+        if refusal is not None:
+            raise Refused(refusal)
 
     async def _check_statement(self, assignment: GatewayAssignment) -> None:
         """With a trust root that names assignment keys, only a statement signed by one, for

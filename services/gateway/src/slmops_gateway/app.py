@@ -5,8 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import nats.js.errors
 from fastapi import FastAPI
+from nats.aio.msg import Msg
+from pydantic import ValidationError
 
+from slmops.bus.permissions import COHORT_BUCKET, COHORT_SUBJECT
+from slmops.cohorts import CohortState, cohort_key
 from slmops.events import GatewayReport
 from slmops.service import BackgroundTask, Check, ServiceRuntime, create_service_app, serve
 from slmops.service.registry_api import RegistryClient
@@ -31,6 +36,7 @@ class AgentLoop(BackgroundTask):
     def __init__(self, agent: Agent, runtime: ServiceRuntime) -> None:
         super().__init__()
         self.agent, self.runtime = agent, runtime
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def check(self) -> Check:
         return await self.agent.check()
@@ -39,15 +45,48 @@ class AgentLoop(BackgroundTask):
         assert self.runtime.bus is not None  # publishing follows the bucket: connected
         await self.runtime.bus.publish(report_event(report))
 
+    async def _read_cohort(self, cohort: int) -> CohortState | None:
+        kv = await self.runtime.key_value(COHORT_BUCKET)
+        if kv is None:
+            return None
+        try:
+            entry = await kv.get(cohort_key(cohort))
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        return CohortState.model_validate_json(entry.value or b"{}")
+
+    async def _on_cohort(self, msg: Msg) -> None:
+        """Its cohort's new state (a notification): act on it in the background."""
+        try:
+            state = CohortState.model_validate_json(msg.data)
+        except ValidationError as exc:
+            log.warning("ignored a malformed cohort state on %s: %s", msg.subject, exc)
+            return
+        task = asyncio.create_task(self._apply_cohort(state))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _apply_cohort(self, state: CohortState) -> None:
+        try:
+            if (report := await self.agent.apply_cohort(state)) is not None:
+                await self._publish(report)
+        except Exception:  # the registry or store is away: the next state or reconnect retries
+            log.exception("acting on cohort state %s failed", state.generation)
+
     async def run(self) -> None:
         # The runtime connects in the background and retries: poll until the bucket exists.
         while (kv := await self.runtime.key_value(DESIRED_BUCKET)) is None:  # noqa: ASYNC110
             await asyncio.sleep(0.1)
         self.agent.publish = self._publish
+        bus = self.runtime.bus
+        assert bus is not None
+        if self.agent.settings.cohort_protocol:  # subscribed before reading: nothing missed
+            subject = f"{COHORT_SUBJECT}.{cohort_key(self.agent.cohort)}"
+            await bus.nc.subscribe(subject, cb=self._on_cohort)
         await self._publish(self.agent.registration())
         while True:
             try:
-                report = await self.agent.reconcile(kv)
+                report = await self.agent.reconcile(kv, self._read_cohort)
                 if report is not None:
                     await self._publish(report)
                 break
@@ -75,7 +114,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     runtime = ServiceRuntime(
         "gateway", settings, build_handlers(agent), uses_object_store=False,
         consumer_name=f"gateway-{settings.gateway_id}", identity=f"gateway-{settings.gateway_id}",
-        buckets=(DESIRED_BUCKET,),
+        buckets=(DESIRED_BUCKET, COHORT_BUCKET),
     )  # fmt: skip
     runtime.add_dependency("agent", AgentLoop(agent, runtime))
     pool = GenerationPool(settings.max_concurrent_generations, settings.queue_timeout_s)

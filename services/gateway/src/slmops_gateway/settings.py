@@ -21,6 +21,11 @@ class GatewaySettings(ServiceSettings):
         description="This gateway's id: its assignment subject and its reports carry it.",
     )
     device_class: str = Field("x86-avx512-vnni", description="The device class it declares.")
+    cohort_protocol: bool = Field(
+        True,
+        description="Follow its cohort's desired state (slmops.cohorts) besides its own "
+        "assignments; False: own assignments only, as gateways before the cohort protocol.",
+    )
     labels: dict[str, str] = Field(
         default_factory=dict, description='Labels it declares, JSON (e.g. {"site": "berlin"}).'
     )

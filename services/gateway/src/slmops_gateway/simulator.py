@@ -4,10 +4,12 @@ Each simulated gateway is the real :class:`~slmops_gateway.agent.Agent` - regist
 reconciling with its desired state in KV, acknowledging, verifying the registry's signatures
 and the validation report for its class, refusing downgrades, reporting applied or failed -
 with the device part (download, ONNX Runtime session, smoke test, inference) simulated. The
-fleet shares what real gateways at one site would share: one connection, one JetStream pull
-consumer for all of its assignment subjects, and one registry cache (manifests are content
-addressed, so caching them changes nothing a gateway verifies: each still checks the
-signatures itself).
+fleet shares what real gateways at one site would share: one connection, one subscription to
+the cohorts' notifications, one JetStream pull consumer for all of its assignment subjects, one
+registry cache (manifests are content addressed, so caching them changes nothing a gateway
+verifies: each still checks the signatures itself) and one verdict per cohort statement.
+A ``legacy`` share of the fleet speaks only the per-gateway protocol (gateways older than
+cohorts).
 
 Faults are injected into exact shares of the fleet: ``download`` and ``smoke`` make installs
 fail, ``latency`` and ``shadow`` make every model after the first one slower or disagree more
@@ -23,6 +25,7 @@ drift signature moved by that many baseline standard deviations).
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import random
 from collections.abc import Awaitable, Callable
@@ -31,11 +34,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import httpx
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js.api import ConsumerConfig, DeliverPolicy
+from pydantic import ValidationError
 
 from slmops.bus import Bus, Handlers
 from slmops.bus.consumer import EventConsumer
+from slmops.bus.permissions import COHORT_BUCKET, COHORT_SUBJECT
 from slmops.bus.topology import ConsumerSpec, stream_for_subject
+from slmops.cohorts import COHORT_COUNT, CohortState, cohort_key
 from slmops.events import CloudEvent, GatewayAssignment, GatewayReport
 from slmops.events.payloads import DesiredModel, HealthAggregate
 from slmops.manifests import Manifest
@@ -50,6 +59,7 @@ from slmops_gateway.verify import Refused, Vouched
 Fault = Literal["download", "smoke", "latency", "shadow", "silent"]
 FAULTS: tuple[Fault, ...] = ("download", "smoke", "latency", "shadow", "silent")
 _BURST = 1000  # registrations / reconciles / health reports sent at once
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -64,10 +74,13 @@ class FleetSpec:
     seed: int = 0
     field_slowdown: dict[str, float] = field(default_factory=dict)  # class -> time factor
     input_shift: dict[str, float] = field(default_factory=dict)  # class -> baseline SDs
+    legacy: float = 0.0  # share of gateways speaking only the per-gateway protocol
 
     def __post_init__(self) -> None:
         if self.count < 1:
             raise ValueError(f"count must be at least 1, not {self.count}")
+        if not 0 <= self.legacy <= 1:
+            raise ValueError(f"the legacy share must be within 0..1, not {self.legacy}")
         unknown = sorted(set(self.faults) - set(FAULTS))
         if unknown:
             raise ValueError(f"unknown faults {unknown}: known are {', '.join(FAULTS)}")
@@ -104,6 +117,26 @@ class FleetSpec:
             (gid, classes[i], {k: v[i % len(v)] for k, v in self.labels.items()}, faults[i])
             for i, gid in enumerate(ids)
         ]
+
+
+class _CohortReader:
+    """Each cohort's state read once for a whole reconcile pass of the fleet."""
+
+    def __init__(self, kv: Any) -> None:
+        self.kv = kv
+        self._states: dict[int, asyncio.Future[CohortState | None]] = {}
+
+    async def read(self, cohort: int) -> CohortState | None:
+        if cohort not in self._states:
+            self._states[cohort] = asyncio.ensure_future(self._get(cohort))
+        return await asyncio.shield(self._states[cohort])
+
+    async def _get(self, cohort: int) -> CohortState | None:
+        try:
+            entry = await self.kv.get(cohort_key(cohort))
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        return CohortState.model_validate_json(entry.value or b"{}")
 
 
 class CachingRegistry(RegistryClient):
@@ -225,17 +258,29 @@ class SimulatedFleet:
         self.gateways: dict[str, SimulatedGateway] = {}
         self._vouched: dict[tuple[str, str, str], Vouched] = {}
         self.profiles = FieldProfiles(registry, spec)
+        self._verdicts: dict[tuple[int, int, str], str | None] = {}
+        self.cohorts: dict[int, list[SimulatedGateway]] = {}  # members speaking cohorts
         jitter = random.Random(spec.seed + 1)  # noqa: S311
-        for index, (gateway_id, device_class, labels, fault) in enumerate(spec.layout()):
-            identity = {"gateway_id": gateway_id, "device_class": device_class, "labels": labels}
+        layout = spec.layout()
+        legacy = set(random.Random(spec.seed + 2).sample(  # noqa: S311
+            range(len(layout)), round(spec.count * spec.legacy)))  # fmt: skip
+        for index, (gateway_id, device_class, labels, fault) in enumerate(layout):
+            identity = {"gateway_id": gateway_id, "device_class": device_class, "labels": labels,
+                        "cohort_protocol": index not in legacy}  # fmt: skip
             settings = base.model_copy(update=identity)
-            agent = Agent(settings, self.registry, publish=self._publish, vouched=self._vouched)
+            agent = Agent(settings, self.registry, publish=self._publish, vouched=self._vouched,
+                          cohort_verdicts=self._verdicts)  # fmt: skip
             sim = SimulatedGateway(
                 agent, fault, self.profiles, jitter=jitter.uniform(0.9, 1.1), rounds=index
             )  # the fleet's rounds spread over the templates
             agent.installer = sim.install
             self.gateways[gateway_id] = sim
+            if settings.cohort_protocol:
+                self.cohorts.setdefault(agent.cohort, []).append(sim)
         self._consumer: EventConsumer | None = None
+        self._cohort_sub: Subscription | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._acting = asyncio.Semaphore(_BURST)
         self.durable = f"fleetsim-{spec.prefix}"
 
     async def _publish(self, report: GatewayReport) -> None:
@@ -256,20 +301,48 @@ class SimulatedFleet:
         settings = ConsumerSettings(max_concurrency=1000, fetch_batch=1000)
         self._consumer = EventConsumer(self.bus, spec, handlers, settings)
         await self._consumer.start()
+        self._cohort_sub = await self.bus.nc.subscribe(
+            f"{COHORT_SUBJECT}.*", cb=self._on_cohort, pending_msgs_limit=10 * COHORT_COUNT
+        )
         await self._each(self._register)
         kv = await self.bus.key_value(DESIRED_BUCKET)
-        await self._each(lambda sim: self._reconcile(sim, kv))
+        reader = _CohortReader(await self.bus.key_value(COHORT_BUCKET))
+        await self._each(lambda sim: self._reconcile(sim, kv, reader))
 
     async def _register(self, sim: SimulatedGateway) -> None:
-        caps = {"simulated": True, "ram_mb": 4096}
+        caps = {"simulated": True, "ram_mb": 4096, "protocols": sim.agent.protocols}
         await self._publish(sim.agent.report("registered", capabilities=caps))
 
-    async def _reconcile(self, sim: SimulatedGateway, kv: Any) -> None:
+    async def _reconcile(self, sim: SimulatedGateway, kv: Any, reader: _CohortReader) -> None:
         if sim.fault == "silent":
             return
-        report = await sim.agent.reconcile(kv)
+        report = await sim.agent.reconcile(kv, reader.read)
         if report is not None:
             await self._publish(report)
+
+    async def _on_cohort(self, msg: Msg) -> None:
+        """A cohort's new state: each of its members acts on it (verified once for all)."""
+        try:
+            state = CohortState.model_validate_json(msg.data)
+        except ValidationError as exc:
+            log.warning("ignored a malformed cohort state on %s: %s", msg.subject, exc)
+            return
+        members = [s for s in self.cohorts.get(state.cohort, []) if s.fault != "silent"]
+
+        async def act(sim: SimulatedGateway) -> None:
+            async with self._acting:  # as many installs at once as a site's uplink allows
+                try:
+                    report = await sim.agent.apply_cohort(state)
+                    if report is not None:
+                        await self._publish(report)
+                except Exception:  # NATS or the registry away: it catches up on reconnect
+                    log.exception("%s: acting on cohort %d failed", sim.agent.settings.gateway_id,
+                                  state.cohort)  # fmt: skip
+
+        # In the background: the next cohort's notification need not wait for this one's.
+        task = asyncio.create_task(self._each(act, members))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _on_assignment(self, event: CloudEvent[GatewayAssignment]) -> Any:
         sim = self.gateways.get(event.data.gateway_id)
@@ -302,6 +375,10 @@ class SimulatedFleet:
         return counts
 
     async def stop(self) -> None:
+        if self._cohort_sub is not None:
+            await self._cohort_sub.unsubscribe()
+            self._cohort_sub = None
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._consumer is not None:
             await self._consumer.stop()
             self._consumer = None

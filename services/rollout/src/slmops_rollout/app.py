@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI
 
+from slmops.bus.permissions import COHORT_BUCKET, DESIRED_STATE_BUCKET
 from slmops.service import BackgroundTask, Check, ServiceRuntime, create_service_app, serve
 from slmops.service.registry_api import RegistryClient
 from slmops_rollout import proposal_api
@@ -20,7 +21,7 @@ from slmops_rollout.settings import RolloutSettings
 from slmops_rollout.steps import tick
 
 log = logging.getLogger(__name__)
-_BUCKETS = ("slmops-rollouts", "slmops-desired-state", GATEWAYS_BUCKET)
+_BUCKETS = ("slmops-rollouts", DESIRED_STATE_BUCKET, GATEWAYS_BUCKET, COHORT_BUCKET)
 
 
 class Ticker(BackgroundTask):
@@ -71,11 +72,13 @@ def create_app(settings: RolloutSettings | None = None) -> FastAPI:
             return engine
         async with creating:  # concurrent first callers must not each build one
             if engine is None and runtime is not None and runtime.bus is not None:
-                rollouts, desired, gateways = [await runtime.key_value(b) for b in _BUCKETS]
-                if rollouts is None or desired is None or gateways is None:
+                rollouts, desired, gateways, cohorts = [
+                    await runtime.key_value(b) for b in _BUCKETS
+                ]
+                if rollouts is None or desired is None or gateways is None or cohorts is None:
                     return None  # not declared yet
                 engine = Engine(runtime.bus, rollouts, desired, gateways, app.state.registry,
-                                signer)  # fmt: skip
+                                signer, cohorts)  # fmt: skip
         return engine
 
     runtime = ServiceRuntime(

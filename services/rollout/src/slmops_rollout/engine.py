@@ -2,9 +2,11 @@
 
 The engine holds every rollout in memory and makes each change durable in KV before it
 answers (``store.py``: header plus shards, group commits). A wave is sent as a background
-task, in chunks, at most ``max_rate_per_min``: for each chunk the gateways' desired states are
-written to KV (the source of truth a reconnecting gateway reads), then their assignments are
-published as the notification, both pipelined. A restarted service loads its rollouts from
+task, in chunks, at most ``max_rate_per_min``: for each chunk, the cohorts of its gateways that
+speak the cohort protocol get one signed state each (``cohorts.py``: KV, then one notification
+per cohort), and older gateways their own desired state in KV and an assignment (pipelined).
+A rollout's last wave also reaches every other cohort, so a gateway registering later finds
+its model in its cohort's state. A restarted service loads its rollouts from
 KV; its ticker re-sends whatever of the current wave was never sent and carries on. A rollout
 that would reach no gateway is refused (``targets.NoTargets``), or, started automatically,
 waits for gateways (``start_waiting``) - it is never "completed" having reached none.
@@ -27,6 +29,7 @@ from nats.js.kv import KeyValue
 
 from slmops.assignments import AssignmentSigner
 from slmops.bus import Bus
+from slmops.cohorts import CohortEntry, cohort_of, speaks_cohorts
 from slmops.events import (
     GatewayAssignment,
     GatewayReport,
@@ -39,6 +42,7 @@ from slmops.events import (
 from slmops.events.payloads import DesiredModel, HealthAggregate
 from slmops.service.registry_api import RegistryClient
 from slmops.tracing import current_traceparent, extract_trace_context
+from slmops_rollout.cohorts import CohortTable
 from slmops_rollout.fleet import Fleet, GatewayRecord, overlay_for
 from slmops_rollout.plans import Overlay, WavePolicy, matches, wave_plans
 from slmops_rollout.state import RolloutState, record
@@ -51,6 +55,22 @@ CHUNK = 1000  # gateways per pipelined burst of KV puts and publishes
 _GENERATION_KEY = "generation"
 
 
+def cohort_chunks(gateway_ids: list[str], size: int) -> Iterator[list[str]]:
+    """``gateway_ids`` (a wave: whole cohorts side by side) in bursts of about ``size`` that
+    never split a cohort: each cohort's state is written once per wave."""
+    batch: list[str] = []
+    previous = None
+    for gateway_id in gateway_ids:
+        cohort = cohort_of(gateway_id)
+        if len(batch) >= size and cohort != previous:
+            yield batch
+            batch = []
+        batch.append(gateway_id)
+        previous = cohort
+    if batch:
+        yield batch
+
+
 def rollout_id_for(release_id: str, selector: dict[str, str]) -> str:
     key = json.dumps([release_id, sorted(selector.items())])
     return "ro-" + hashlib.sha256(key.encode()).hexdigest()[:20]
@@ -60,11 +80,14 @@ class Engine:
     def __init__(
         self, bus: Bus, rollouts: KeyValue, desired: KeyValue, gateways: KeyValue,
         registry: RegistryClient, signer: AssignmentSigner | None = None,
+        cohorts: KeyValue | None = None,
     ) -> None:  # fmt: skip
-        """``signer`` signs every assignment's statement (None: unsigned, for tests of the
-        engine alone; gateways with a trust root refuse them)."""
+        """``signer`` signs every assignment's and cohort's statement (None: unsigned, for
+        tests of the engine alone; gateways with a trust root refuse them). ``cohorts``: the
+        cohort bucket (None: every gateway gets its own assignment, the older protocol)."""
         self.bus, self.rollouts, self.desired = bus, rollouts, desired
         self.signer = signer
+        self.cohorts = CohortTable(cohorts, bus.nc, signer) if cohorts is not None else None
         self.gateways = Fleet(gateways)
         self.registry = registry
         self.store = RolloutStore(rollouts)
@@ -224,33 +247,76 @@ class Engine:
         chunk = max(1, min(CHUNK, int(per_s)))
         loop = asyncio.get_running_loop()
         began = loop.time()
-        for offset in range(0, len(gateway_ids), chunk):
+        offset = 0
+        for batch in cohort_chunks(gateway_ids, chunk):
             if state.status != "running":
                 return  # paused or cancelled: the rest waits (resume sends it)
             wait_s = began + offset / per_s - loop.time()
             if wait_s > 0:
                 await asyncio.sleep(wait_s)
-            batch = gateway_ids[offset : offset + chunk]
+            offset += len(batch)
             generation = await self.next_generation()
             now = datetime.now(UTC)
-            assignments = []
             for gateway_id in batch:
                 progress = state.gateways[gateway_id]
                 progress.status, progress.generation, progress.assigned_at = (
                     "assigned", generation, now)  # fmt: skip
-                assignments.append(GatewayAssignment(
-                    gateway_id=gateway_id, generation=generation, rollout_id=rollout_id,
-                    desired=state.desired[progress.device_class], overlay=progress.overlay,
-                ))  # fmt: skip
             try:
-                await self.deliver(assignments)
+                await self.deliver(self._assignments(state, batch, generation))
+                if self.cohorts is not None:
+                    await self.cohorts.reach(self._entries(state, batch, generation), generation)
             except Exception:  # NATS away or overloaded: pending again, the ticker re-sends
                 log.exception("sending %d assignments of %s failed", len(batch), rollout_id)
                 for gateway_id in batch:
                     state.gateways[gateway_id].status = "pending"
                 return
             await live.commit(batch)
+        if self.cohorts is not None and wave_index + 1 == len(state.waves):
+            rest = [self._entry(state, c, generation) for c in sorted(state.desired)]
+            written = await self.cohorts.reach_rest(rest, await self.next_generation())
+            log.info("%s: its last wave reached %d more cohorts", rollout_id, written)
         self._sent[rollout_id] = wave_index
+
+    def _speaks_cohorts(self, gateway_id: str) -> bool:
+        record_ = self.gateways.records.get(gateway_id)
+        return (self.cohorts is not None and record_ is not None
+                and speaks_cohorts(record_.capabilities))  # fmt: skip
+
+    def _assignments(
+        self, state: RolloutState, gateway_ids: list[str], generation: int
+    ) -> list[GatewayAssignment]:
+        """Own assignments for the gateways that speak only the per-gateway protocol."""
+        return [
+            GatewayAssignment(
+                gateway_id=g, generation=generation, rollout_id=state.rollout_id,
+                desired=state.desired[state.gateways[g].device_class],
+                overlay=state.gateways[g].overlay,
+            )
+            for g in gateway_ids if not self._speaks_cohorts(g)
+        ]  # fmt: skip
+
+    def _entries(
+        self, state: RolloutState, gateway_ids: list[str], generation: int
+    ) -> dict[int, list[CohortEntry]]:
+        """Per cohort of the gateways speaking the cohort protocol: an entry per class."""
+        classes: dict[int, set[str]] = {}
+        for gateway_id in gateway_ids:
+            if self._speaks_cohorts(gateway_id):
+                cohort = cohort_of(gateway_id)
+                classes.setdefault(cohort, set()).add(state.gateways[gateway_id].device_class)
+        return {
+            cohort: [self._entry(state, c, generation) for c in sorted(names)]
+            for cohort, names in classes.items()
+        }
+
+    @staticmethod
+    def _entry(state: RolloutState, device_class: str, generation: int) -> CohortEntry:
+        return CohortEntry(
+            rollout_id=state.rollout_id, generation=generation, device_class=device_class,
+            desired=state.desired[device_class], selector=state.selector,
+            overlays=list(state.overlays), only_model=state.only_model,
+            only_variants=state.only_variants,
+        )  # fmt: skip
 
     async def deliver(self, assignments: list[GatewayAssignment]) -> None:
         """Desired states into KV, then the notifications: each pipelined (in the trace of
@@ -318,6 +384,11 @@ class Engine:
         newest = max(candidates, key=lambda s: s.started_at, default=None)
         if newest is None or newest.status == "waiting":
             return
+        if self.cohorts is not None and speaks_cohorts(record_.capabilities):
+            await self.cohorts.load()
+            if self.cohorts.holds(cohort_of(record_.gateway_id), newest.rollout_id,
+                                  record_.device_class):  # fmt: skip
+                return  # its cohort's state has it: the gateway reads it on connect
         try:
             await self.desired.get(record_.gateway_id)
             return  # it has a desired state: reconciling on connect installs it

@@ -8,7 +8,6 @@ report refreshes ``last_seen``, so silent gateways can be timed out without bloc
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,8 +15,10 @@ import nats.js.errors
 from nats.js.kv import KeyValue
 from pydantic import BaseModel, Field
 
+from slmops.cohorts import overlay_for
 from slmops.events.payloads import GatewayReport, HealthAggregate
-from slmops_rollout.plans import Overlay, matches
+
+__all__ = ["GATEWAYS_BUCKET", "Fleet", "GatewayRecord", "fold", "overlay_for"]
 from slmops_rollout.store import GroupCommit
 
 GATEWAYS_BUCKET = "slmops-gateways"
@@ -58,15 +59,6 @@ def fold(record: GatewayRecord, report: GatewayReport, seen: datetime) -> None:
                 record.running_model_name = report.model_name
     elif report.kind == "health":
         record.health, record.health_variant_id = report.health, report.variant_id
-
-
-def overlay_for(labels: dict[str, str], overlays: Iterable[Overlay]) -> dict[str, int]:
-    """The settings of every overlay whose selector matches, later ones winning."""
-    merged: dict[str, int] = {}
-    for overlay in overlays:
-        if matches(labels, overlay.selector):
-            merged.update(overlay.settings)
-    return merged
 
 
 class Fleet:

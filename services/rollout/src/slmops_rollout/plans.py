@@ -15,7 +15,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from slmops.cohorts import LabelOverlay, cohort_of, matches
 from slmops.events.payloads import WavePlan
+
+__all__ = ["Overlay", "WavePolicy", "matches", "order", "plan_waves", "wave_plans"]
 
 
 class WavePolicy(BaseModel):
@@ -82,15 +85,9 @@ class WavePolicy(BaseModel):
 OVERLAY_SETTINGS = ("intra_op_threads", "max_input_tokens")  # what the agent knows
 
 
-class Overlay(BaseModel):
-    """Local settings for the gateways whose labels match: one variant, many sites."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    selector: dict[str, str] = Field(description="Labels a gateway must have (empty: all).")
-    settings: dict[str, int] = Field(
-        description="Agent settings it overrides: intra_op_threads, max_input_tokens."
-    )
+class Overlay(LabelOverlay):
+    """Local settings for the gateways whose labels match: one variant, many sites (checked
+    against the settings the agent knows)."""
 
     @model_validator(mode="after")
     def _known_settings(self) -> Overlay:
@@ -103,24 +100,28 @@ class Overlay(BaseModel):
         return self
 
 
-def matches(labels: dict[str, str], selector: dict[str, str]) -> bool:
-    """Every selector key present with the same value (an empty selector matches all)."""
-    return all(labels.get(key) == value for key, value in selector.items())
-
-
 def order(rollout_id: str, gateway_ids: Iterable[str]) -> list[str]:
-    """A stable pseudo-random order of the targets, different per rollout."""
-    return sorted(gateway_ids, key=lambda g: hashlib.sha256(f"{rollout_id}\0{g}".encode()).digest())
+    """A stable pseudo-random order of the targets, different per rollout, with the gateways
+    of one cohort side by side (a wave is a set of whole cohorts)."""
+
+    def rank(cohort: int) -> bytes:
+        return hashlib.sha256(f"{rollout_id}\0{cohort}".encode()).digest()
+
+    return sorted(gateway_ids, key=lambda g: (rank(cohort_of(g)), g))
 
 
 def plan_waves(rollout_id: str, targets: Iterable[str], policy: WavePolicy) -> list[list[str]]:
-    """The gateways of each wave (each wave lists only the ones new in it)."""
+    """The gateways of each wave (each wave lists only the ones new in it); a wave ends at a
+    cohort's end, so one cohort's gateways are never split over two waves."""
     ordered = order(rollout_id, targets)
+    cohorts = [cohort_of(g) for g in ordered]
     waves: list[list[str]] = []
     done = 0
     for percent in policy.percents:
         upto = max(done + 1, math.ceil(len(ordered) * percent / 100.0))
         upto = min(upto, len(ordered))
+        while 0 < upto < len(ordered) and cohorts[upto] == cohorts[upto - 1]:
+            upto += 1
         if upto > done:
             waves.append(ordered[done:upto])
             done = upto

@@ -32,7 +32,10 @@ _REACHED = ("assigned", "acknowledged", "applied", "failed")  # got the new mode
 
 async def tick(engine: Engine) -> None:
     """Move every running rollout one step if its current wave allows; start waiting ones
-    whose gateways have registered."""
+    whose gateways have registered; cohort statements past half their lifetime are signed
+    again."""
+    if engine.cohorts is not None:
+        await engine.cohorts.renew()
     for state in await engine.all():
         if state.status == "waiting":  # for gateways to register: planned once they have
             await engine.start_waiting(state)
@@ -123,6 +126,8 @@ async def roll_back(
             signature_expires_at=target[2],
         ))  # fmt: skip
     await engine.deliver(assignments)
+    if scope == "fleet" and engine.cohorts is not None:  # no late joiner installs it either
+        await engine.cohorts.withdraw(state.rollout_id, generation)
     rolled = [a.gateway_id for a in assignments]
     for gateway_id in rolled:
         progress = state.gateways[gateway_id]

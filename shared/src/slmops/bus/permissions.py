@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from slmops.bus.handlers import durable_name
 from slmops.bus.topology import DEAD_LETTER, KV_BUCKETS, ROLLOUT, STREAMS
+from slmops.cohorts import cohort_key, cohort_of
 
 API = "$JS.API"
 DESIRED_STATE_BUCKET = "slmops-desired-state"
@@ -157,11 +158,15 @@ def console_permissions(public_key: str) -> Permissions:
 
 
 def gateway_permissions(gateway_id: str, public_key: str) -> Permissions:
-    """One gateway: its own reports, its own desired state, its own assignments."""
+    """One gateway: its own reports, its own desired state and assignments, and its own
+    cohort's state and notifications (the cohort is a hash of its id: fixed at enrollment)."""
     desired = f"KV_{DESIRED_STATE_BUCKET}"
     stream = ROLLOUT.name
     durable = durable_name(f"gateway-{gateway_id}", stream)
+    cohort = cohort_key(cohort_of(gateway_id))
     publish = (
+        f"{API}.STREAM.INFO.KV_{COHORT_BUCKET}",
+        f"{API}.DIRECT.GET.KV_{COHORT_BUCKET}.$KV.{COHORT_BUCKET}.{cohort}",
         f"{REPORT_SUBJECT}.*.{gateway_id}",
         f"{API}.INFO",
         f"{API}.STREAM.INFO.{desired}",
@@ -175,6 +180,7 @@ def gateway_permissions(gateway_id: str, public_key: str) -> Permissions:
     )
     subscribe = (
         f"{inbox_prefix(public_key)}.>",
+        f"{COHORT_SUBJECT}.{cohort}",
         *_own_advisories(f"gateway-{gateway_id}", (stream,)),
     )
     return Permissions(publish, subscribe)
@@ -188,6 +194,8 @@ def simulator_permissions(public_key: str) -> Permissions:
     stream = ROLLOUT.name
     publish = (
         f"{REPORT_SUBJECT}.>",
+        f"{API}.STREAM.INFO.KV_{COHORT_BUCKET}",
+        f"{API}.DIRECT.GET.KV_{COHORT_BUCKET}.>",
         f"{API}.INFO",
         f"{API}.STREAM.INFO.{desired}",
         f"{API}.STREAM.INFO.{stream}",
@@ -201,5 +209,9 @@ def simulator_permissions(public_key: str) -> Permissions:
         f"$JS.ACK.{stream}.*.>",
         f"{DEAD_LETTER_SUBJECT}.*",
     )
-    subscribe = (f"{inbox_prefix(public_key)}.>", f"{MAX_DELIVERIES_ADVISORY}.{stream}.*")
+    subscribe = (
+        f"{inbox_prefix(public_key)}.>",
+        f"{COHORT_SUBJECT}.>",
+        f"{MAX_DELIVERIES_ADVISORY}.{stream}.*",
+    )
     return Permissions(publish, subscribe)

@@ -1,0 +1,139 @@
+"""The cohorts' desired state as the rollout service writes it: one signed statement per
+cohort, in KV (what a reconnecting gateway reads) and announced on the cohort's core NATS
+subject (the notification its gateways act on at once).
+
+A wave costs a KV write, a signature and a notification per cohort it reaches, whatever the
+number of gateways in them (``slmops.cohorts``). The table is held in memory (at most
+``COHORT_COUNT`` small states) and loaded once per process; one rollout service instance writes
+it, as with the rollout state (``store.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+
+import nats.js.errors
+from nats.aio.client import Client
+from nats.js.kv import KeyValue
+
+from slmops.assignments import AssignmentSigner
+from slmops.bus.permissions import COHORT_SUBJECT
+from slmops.cohorts import COHORT_COUNT, CohortEntry, CohortState, cohort_key
+
+log = logging.getLogger(__name__)
+_BURST = 256  # cohort writes in flight at once
+
+
+def cohort_subject(cohort: int) -> str:
+    return f"{COHORT_SUBJECT}.{cohort_key(cohort)}"
+
+
+class CohortTable:
+    """Every cohort's newest state; ``reach`` adds entries, ``withdraw`` removes a rollout's."""
+
+    def __init__(self, kv: KeyValue, nc: Client, signer: AssignmentSigner | None) -> None:
+        """``signer`` None: unsigned states (tests of the engine alone; a gateway with a trust
+        root refuses them)."""
+        self.kv, self.nc, self.signer = kv, nc, signer
+        self.states: dict[int, CohortState] = {}
+        self._loaded = False
+        self._lock = asyncio.Lock()  # one change of the table at a time: no lost entry
+
+    async def load(self) -> None:
+        if self._loaded:
+            return
+        async with self._lock:
+            if self._loaded:
+                return
+            try:
+                keys = await self.kv.keys()
+            except nats.js.errors.NoKeysError:
+                keys = []
+            entries = await asyncio.gather(*(self.kv.get(k) for k in keys))
+            for entry in entries:
+                state = CohortState.model_validate_json(entry.value or b"{}")
+                self.states[state.cohort] = state
+            self._loaded = True
+
+    def state(self, cohort: int) -> CohortState:
+        return self.states.get(cohort) or CohortState(cohort=cohort, generation=0)
+
+    def holds(self, cohort: int, rollout_id: str, device_class: str) -> bool:
+        """Whether ``cohort`` has an entry of ``rollout_id`` for ``device_class``."""
+        return any(e.rollout_id == rollout_id and e.device_class == device_class
+                   for e in self.state(cohort).entries)  # fmt: skip
+
+    async def reach(self, entries: dict[int, list[CohortEntry]], generation: int) -> None:
+        """Add each cohort's entries (a new state per cohort, at ``generation``), store them,
+        then announce them. A cohort that holds its rollout's entry for that class already (a
+        wave sent again after a restart) is only announced again, unchanged: its gateways
+        see the entry they follow and do nothing, one that missed it acts."""
+        await self.load()
+        async with self._lock:
+            changed: list[CohortState] = []
+            again: list[CohortState] = []
+            for cohort, news in entries.items():
+                state = self.state(cohort)
+                fresh = [e for e in news if not self.holds(cohort, e.rollout_id, e.device_class)]
+                for entry in fresh:
+                    state = state.with_entry(entry, generation)
+                (changed if fresh else again).append(state)
+            await self._publish(changed)
+            await self._announce(again)
+
+    async def reach_rest(self, entries: list[CohortEntry], generation: int) -> int:
+        """``entries`` into every cohort that lacks them (a rollout's last wave: gateways not
+        registered when it was planned find it too); returns how many cohorts were written."""
+        await self.load()
+        rest = {}
+        for cohort in range(COHORT_COUNT):
+            news = [e for e in entries if not self.holds(cohort, e.rollout_id, e.device_class)]
+            if news:
+                rest[cohort] = news
+        await self.reach(rest, generation)
+        return len(rest)
+
+    async def withdraw(self, rollout_id: str, generation: int) -> int:
+        """Remove ``rollout_id``'s entries everywhere (the rollout was rolled back)."""
+        await self.load()
+        async with self._lock:
+            changed = [
+                state.without_rollout(rollout_id, generation) for state in self.states.values()
+                if any(e.rollout_id == rollout_id for e in state.entries)
+            ]  # fmt: skip
+            await self._publish(changed)
+        return len(changed)
+
+    async def renew(self) -> int:
+        """Sign again (same generation, a new expiry) states past half their lifetime, so a
+        gateway back after a long time finds a valid statement."""
+        if self.signer is None:
+            return 0
+        await self.load()
+        async with self._lock:
+            half_s, now = self.signer.ttl_s / 2, time.time()
+            stale = [s for s in self.states.values()
+                     if (s.statement_expires_at or 0) - now < half_s]  # fmt: skip
+            await self._publish(stale, announce=False)
+        return len(stale)
+
+    async def _publish(self, states: Iterable[CohortState], *, announce: bool = True) -> None:
+        """Sign, store (pipelined), then announce each state; the table holds them after."""
+        signed = [self.signer.sign_cohort(s) if self.signer else s for s in states]
+        bodies = [(s.cohort, s.model_dump_json().encode()) for s in signed]
+        for start in range(0, len(bodies), _BURST):
+            await asyncio.gather(*(
+                self.kv.put(cohort_key(c), body) for c, body in bodies[start : start + _BURST]
+            ))  # fmt: skip
+        for state in signed:
+            self.states[state.cohort] = state
+        if announce:
+            await self._announce(signed)
+
+    async def _announce(self, states: Iterable[CohortState]) -> None:
+        for state in states:
+            await self.nc.publish(cohort_subject(state.cohort), state.model_dump_json().encode())
+        await self.nc.flush()
