@@ -1,18 +1,106 @@
-"""Wiring of the registry service: the only module that touches NATS, FastAPI and tracing."""
+"""Wiring of the registry service: the only module that touches NATS, FastAPI and tracing.
+
+Events are projected one at a time by the runtime's consumers (:mod:`slmops_registry.handlers`),
+except gateway reports: :class:`ReportConsumer` folds those in batches on the registry's
+durable on the fleet stream.
+"""
 
 from __future__ import annotations
+
+import asyncio
+import logging
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from slmops.service import ServiceRuntime, create_service_app, serve
+from slmops.bus.batches import BatchConsumer
+from slmops.bus.handlers import durable_name
+from slmops.bus.topology import FLEET, ConsumerSpec
+from slmops.events import GatewayReport
+from slmops.events.registry import decoder_for
+from slmops.service import BackgroundTask, Check, ServiceRuntime, create_service_app, serve
 from slmops_registry import field_api, trust_api, variant_api
 from slmops_registry.api import router
 from slmops_registry.context import RegistryContext
 from slmops_registry.errors import RegistryError
 from slmops_registry.handlers import build_handlers
+from slmops_registry.reports import REPORT_SUBJECTS, ReportFolder
 from slmops_registry.settings import RegistrySettings
 from slmops_registry.signing import load_signer
+
+log = logging.getLogger(__name__)
+
+
+def report_consumer_spec(settings: RegistrySettings) -> ConsumerSpec:
+    """The registry's durable on the fleet stream (the one its bus permissions allow there):
+    applied and failed reports only, a few batches in flight."""
+    consumer = settings.consumer
+    return ConsumerSpec(
+        stream=FLEET.name, durable=durable_name("registry", FLEET.name),
+        filter_subjects=REPORT_SUBJECTS, ack_wait_s=consumer.ack_wait_s,
+        max_deliver=consumer.max_deliver, max_ack_pending=max(1000, 4 * consumer.fetch_batch),
+        description=f"registry: {', '.join(REPORT_SUBJECTS)} (folded in batches)",
+    )  # fmt: skip
+
+
+class ReportConsumer(BackgroundTask):
+    """Gateway reports into the lineage, a batch at a time, once NATS and the index are up."""
+
+    task_name = "gateway reports"
+
+    def __init__(self, runtime: ServiceRuntime, context: RegistryContext) -> None:
+        super().__init__()
+        self.runtime, self.context = runtime, context
+        self.consumer: BatchConsumer | None = None
+        self.last_error = ""
+        runtime.metrics.add_refresher("report consumer lag", self._lag, min_interval_s=1.0)
+
+    async def check(self) -> Check:
+        if self.consumer is None or not self.consumer.running:
+            reason = "not consuming yet"
+            return Check(False, f"{reason}: {self.last_error}" if self.last_error else reason)
+        stats = self.consumer.stats
+        return Check(True, f"{stats.handled} reports folded in {stats.batches} batches")
+
+    async def run(self) -> None:
+        while True:  # NATS away at start: try again (readiness says why meanwhile)
+            try:
+                if await self._start_folding():
+                    return
+            except Exception as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("registry: gateway reports not consumed yet: %s", self.last_error)
+            await asyncio.sleep(0.2)
+
+    async def _start_folding(self) -> bool:
+        """Start the consumer once connected and the index is there; False: not yet."""
+        bus, store = self.runtime.bus, await self.context.lineage()
+        if bus is None or store is None:
+            return False
+        spec = report_consumer_spec(self.context.settings)
+        await bus.declare_consumer(spec)
+        self.consumer = BatchConsumer(
+            bus, spec, ReportFolder(store).fold, self.context.settings.consumer,
+            observer=self.runtime.metrics, decode=decoder_for(GatewayReport),
+        )  # fmt: skip
+        await self.consumer.start()
+        self.last_error = ""
+        return True
+
+    async def _lag(self) -> None:
+        """Its consumer's lag (the runtime reports only the consumers it runs itself)."""
+        bus, consumer = self.runtime.bus, self.consumer
+        if bus is None or consumer is None or not bus.connected:
+            return
+        spec, metrics = consumer.spec, self.runtime.metrics
+        info = await bus.js.consumer_info(spec.stream, spec.durable)
+        metrics.consumer_pending.labels(spec.durable).set(info.num_pending or 0)
+        metrics.consumer_ack_pending.labels(spec.durable).set(info.num_ack_pending or 0)
+
+    async def stop(self) -> None:
+        await super().stop()
+        if self.consumer is not None:  # before the runtime closes the bus
+            await self.consumer.stop()
 
 
 def create_app(settings: RegistrySettings | None = None) -> FastAPI:
@@ -22,11 +110,14 @@ def create_app(settings: RegistrySettings | None = None) -> FastAPI:
         "registry", settings, build_handlers(context.publisher, context.lineage)
     )
     context.runtime = runtime
+    reports = ReportConsumer(runtime, context)
+    runtime.add_dependency("gateway_reports", reports)
     app = create_service_app(
         runtime, router, variant_api.router, field_api.router, trust_api.router,
         title="slmops registry",
     )  # fmt: skip
     app.state.registry = context
+    app.state.reports = reports
 
     @app.exception_handler(RegistryError)
     async def registry_error(_request: Request, exc: RegistryError) -> JSONResponse:

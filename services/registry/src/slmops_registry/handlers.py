@@ -1,7 +1,8 @@
 """registry event handlers: plain async functions, event in, events out.
 
-Every optimization, validation, release, rollout and gateway event is folded into the lineage
-index (see :mod:`slmops_registry.projection`).
+Every optimization, validation, release, rollout and field event is folded into the lineage
+index (see :mod:`slmops_registry.projection`); gateway reports are folded in batches by a
+consumer of their own (:mod:`slmops_registry.reports`).
 
 A ``model.published`` event that carries no manifest is a request from an upstream system to
 record a model whose artifact it put in the store itself: the registry verifies the object
@@ -36,7 +37,7 @@ GetLineage = Callable[[], Awaitable[LineageStore | None]]
 
 
 async def on_lineage_event(event: CloudEvent[Any], *, get_lineage: GetLineage) -> None:
-    """Fold an optimization, validation, release, rollout or gateway event into the lineage."""
+    """Fold an optimization, validation, release, rollout or field event into the lineage."""
     store = await get_lineage()
     if store is None:
         raise TransientError("registry not connected yet")
@@ -96,14 +97,9 @@ def build_handlers(get_publisher: GetPublisher, get_lineage: GetLineage) -> Hand
         partial(on_model_published, get_publisher=get_publisher, get_lineage=get_lineage),
     )
     for payload_type in PROJECTED:
-        if payload_type is not ModelPublished:
-            # Of gateway reports, lineage keeps which variant each gateway runs: applied and
-            # failed ones (registrations, acknowledgements and health are not lineage).
-            subjects = (
-                [f"{GatewayReport.event_type}.{kind}.>" for kind in ("applied", "failed")]
-                if payload_type is GatewayReport
-                else None
-            )
+        # Gateway reports come by the thousand: folded in batches by their own consumer
+        # (app.py, slmops_registry.reports), not here one at a time.
+        if payload_type not in (ModelPublished, GatewayReport):
             handler = partial(on_lineage_event, get_lineage=get_lineage)
-            handlers.register(payload_type, handler, subject=subjects)
+            handlers.register(payload_type, handler)
     return handlers

@@ -89,17 +89,30 @@ class LineageStore:
         return Lineage.model_validate_json(entry.value or b"")
 
     async def _modify(
-        self, key: str, model: type[M], change: Callable[[M | None], M | None]
+        self,
+        key: str,
+        model: type[M],
+        change: Callable[[M | None], M | None],
+        *,
+        absent_first: bool = False,
     ) -> None:
         """Compare-and-set: read ``key``, let ``change`` return the new document (None: no
         change), and write it unless another writer got there first - then read and change
-        again, so parallel handlers never lose each other's updates."""
-        for _ in range(_CAS_ATTEMPTS):
-            try:
-                entry = await self.kv.get(key)
-                current, revision = model.model_validate_json(entry.value or b""), entry.revision
-            except nats.js.errors.KeyNotFoundError:
+        again, so parallel handlers never lose each other's updates. ``absent_first``: the
+        key is most likely new, so the first attempt creates it without reading it (one round
+        trip instead of two; when it exists after all, the create fails and it is read)."""
+        current: M | None
+        revision: int | None
+        for attempt in range(_CAS_ATTEMPTS):
+            if absent_first and attempt == 0:
                 current, revision = None, None
+            else:
+                try:
+                    entry = await self.kv.get(key)
+                    current = model.model_validate_json(entry.value or b"")
+                    revision = entry.revision
+                except nats.js.errors.KeyNotFoundError:
+                    current, revision = None, None
             document = change(current)
             if document is None:
                 return
@@ -147,11 +160,13 @@ class LineageStore:
         return str(name), str(version)
 
     async def put_gateway(self, name: str, version: str, state: GatewayState) -> None:
-        """Keep the newest state per gateway (by event time, then id)."""
+        """Keep the newest state per gateway (by event time, then id). A gateway reports on a
+        version about once (applied, or failed), so its key is most likely new."""
         await self._modify(
             f"gw.{token(name)}.{token(version)}.{state.gateway_id}",
             GatewayState,
             lambda current: state if current is None or state.key() > current.key() else None,
+            absent_first=True,
         )
 
     async def _values(self, pattern: str) -> list[bytes]:

@@ -1,0 +1,99 @@
+"""Gateway reports folded into the lineage a batch at a time.
+
+A wave to thousands of gateways brings thousands of ``applied``/``failed`` reports. Handled one
+by one, each costs a handler call, a lookup of its rollout's model version and a read-then-write
+of its gateway's key. Folded as a batch: the newest state per gateway key is kept (older ones
+and repeats never reach KV), each rollout or variant is resolved to its model version once - and
+remembered, since that never changes once known - and the writes go out pipelined.
+
+A report whose rollout and variant are not known yet (it overtook its ``rollout.started``, on
+another stream) cannot be placed. The batch's known reports are written first, then the batch
+fails with a :class:`TransientError` and is redelivered whole: the batch consumer acks or naks a
+batch as one. Rewriting the known ones then is a no-op (newest-wins by event time and id), so an
+unknown report delays its batch-mates' acks, never their effect on the lineage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from typing import Any
+
+from slmops.events import CloudEvent, GatewayReport, TransientError
+from slmops_registry.lineage import GatewayState, gateway_state
+from slmops_registry.projection import LineageStore
+
+#: The gateway reports lineage keeps: which variant each gateway runs (registrations,
+#: acknowledgements and health are not lineage).
+REPORT_SUBJECTS = tuple(f"{GatewayReport.event_type}.{kind}.>" for kind in ("applied", "failed"))
+_WRITES_IN_FLIGHT = 256  # KV writes awaited together
+_MAX_REMEMBERED = 100_000  # rollout/variant locations kept in memory (a few MB at most)
+
+Where = tuple[str, str]  # (model name, version)
+GatewayKey = tuple[str, str, str]  # (model name, version, gateway id)
+
+
+class ReportFolder:
+    """Folds batches of gateway reports into one lineage store."""
+
+    def __init__(self, store: LineageStore) -> None:
+        self.store = store
+        self._located: dict[tuple[str, str], Where] = {}  # ("rollout"|"variant", id) -> where
+
+    async def fold(self, events: list[CloudEvent[Any]]) -> None:
+        """Write the newest state per gateway of ``events``; raise :class:`TransientError`
+        (after writing the rest) when some name a rollout or variant not projected yet."""
+        states = [(event.data, state) for event in events if (state := _state(event))]
+        await self._resolve(report for report, _ in states)
+        newest: dict[GatewayKey, GatewayState] = {}
+        unplaced: list[str] = []
+        for report, state in states:
+            where = self.where(report)
+            if where is None:
+                unplaced.append(state.event_id)
+                continue
+            key = (*where, state.gateway_id)
+            current = newest.get(key)
+            if current is None or state.key() > current.key():
+                newest[key] = state
+        items = list(newest.items())
+        for i in range(0, len(items), _WRITES_IN_FLIGHT):  # pipelined, a burst at a time
+            burst = items[i : i + _WRITES_IN_FLIGHT]
+            await asyncio.gather(*(self.store.put_gateway(name, version, state)
+                                   for (name, version, _), state in burst))  # fmt: skip
+        if unplaced:
+            shown = ", ".join(unplaced[:3]) + (" ..." if len(unplaced) > 3 else "")
+            raise TransientError(
+                f"{len(unplaced)} gateway report(s) name an unknown rollout/variant: {shown}"
+            )
+
+    def where(self, report: GatewayReport) -> Where | None:
+        """The model version a report is about, if its rollout or variant is known."""
+        for ref in _refs(report):
+            where = self._located.get(ref)
+            if where is not None:
+                return where
+        return None
+
+    async def _resolve(self, reports: Iterable[GatewayReport]) -> None:
+        """Look up, once each, the rollouts and then the variants not known yet (a variant only
+        for a report whose rollout is unknown, as a single report is placed)."""
+        pending = list(reports)
+        for kind in ("rollout", "variant"):
+            pending = [r for r in pending if self.where(r) is None]
+            wanted = list({ref for r in pending for ref in _refs(r)
+                           if ref[0] == kind and ref not in self._located})  # fmt: skip
+            found = await asyncio.gather(*(self.store.locate(*ref) for ref in wanted))
+            if len(self._located) + len(wanted) > _MAX_REMEMBERED:
+                self._located.clear()  # rare: as many rollouts as that; looked up again
+            self._located.update((ref, w) for ref, w in zip(wanted, found, strict=True) if w)
+
+
+def _state(event: CloudEvent[Any]) -> GatewayState | None:
+    return gateway_state(event) if isinstance(event.data, GatewayReport) else None
+
+
+def _refs(report: GatewayReport) -> list[tuple[str, str]]:
+    """What may place a report, in order: its rollout, then its variant."""
+    refs = [("rollout", report.rollout_id), ("variant", report.variant_id)]
+    return [(kind, ident) for kind, ident in refs if ident]

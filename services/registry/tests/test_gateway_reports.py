@@ -1,0 +1,108 @@
+"""Gateway reports folded into the lineage in batches: newest state per gateway, none lost."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+import pytest
+
+from slmops.bus import Bus
+from slmops.events import CloudEvent, GatewayReport, RolloutStarted, TransientError, new_event
+from slmops.events.payloads import WavePlan
+from slmops.testing.polling import until, until_answered
+from slmops_registry.projection import LineageStore
+from slmops_registry.reports import ReportFolder
+from slmops_registry.testing import RegistryUnderTest
+
+pytestmark = pytest.mark.integration
+NAME, VERSION = "smollm2-135m", "1.0.0"
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+Kind = Literal["applied", "failed", "health"]
+
+
+def report(gateway: str, kind: Kind, seconds: int, rollout: str = "ro-1") -> CloudEvent[Any]:
+    payload = GatewayReport(gateway_id=gateway, kind=kind, device_class="x86-vnni",
+                            rollout_id=rollout, variant_id="v-x86",
+                            reason="smoke test failed" if kind == "failed" else "")  # fmt: skip
+    event = new_event(payload, source=f"/slmops/gateway/{gateway}")
+    return event.model_copy(update={"time": T0 + timedelta(seconds=seconds)})
+
+
+def started(rollout: str) -> CloudEvent[RolloutStarted]:
+    payload = RolloutStarted(model_name=NAME, version=VERSION, rollout_id=rollout,
+                             release_id="rel-1", waves=[WavePlan(index=0, percent=100,
+                                                                 target_count=3)])  # fmt: skip
+    return new_event(payload, source="/slmops/rollout")
+
+
+async def states(store: LineageStore) -> dict[str, tuple[str, datetime]]:
+    return {s.gateway_id: (s.state, s.time) for s in await store.gateways(NAME, VERSION)}
+
+
+async def test_a_batch_out_of_order_ends_as_the_newest_state_per_gateway(
+    registry: RegistryUnderTest,
+) -> None:
+    store = await registry.context.lineage()
+    assert store is not None
+    await store.remember("rollout", "ro-1", NAME, VERSION)
+    folder = ReportFolder(store)
+    await folder.fold([report("gw-1", "applied", 5)])  # in the lineage from an earlier batch
+
+    await folder.fold([
+        report("gw-2", "applied", 9),  # gw-2 newest first, its older failure after it
+        report("gw-3", "applied", 3),
+        report("gw-2", "failed", 2),
+        report("gw-1", "failed", 1),  # older than what the lineage holds: no change
+        report("gw-2", "health", 10),  # not lineage
+        report("gw-3", "failed", 4),
+    ])  # fmt: skip
+
+    assert await states(store) == {
+        "gw-1": ("applied", T0 + timedelta(seconds=5)),
+        "gw-2": ("applied", T0 + timedelta(seconds=9)),
+        "gw-3": ("failed", T0 + timedelta(seconds=4)),
+    }
+
+
+async def test_reports_of_an_unknown_rollout_fail_the_batch_after_the_known_ones_are_written(
+    registry: RegistryUnderTest,
+) -> None:
+    store = await registry.context.lineage()
+    assert store is not None
+    await store.remember("rollout", "ro-1", NAME, VERSION)
+    folder = ReportFolder(store)
+    batch = [report("gw-1", "applied", 1), report("gw-9", "applied", 2, rollout="ro-later")]
+
+    with pytest.raises(TransientError, match="unknown rollout"):
+        await folder.fold(batch)
+    assert await states(store) == {"gw-1": ("applied", T0 + timedelta(seconds=1))}
+
+    await store.remember("rollout", "ro-later", NAME, VERSION)  # its rollout.started arrives
+    await folder.fold(batch)  # the redelivery
+    assert set(await states(store)) == {"gw-1", "gw-9"}
+
+
+async def test_a_report_that_overtakes_its_rollout_is_retried_not_lost(
+    registry: RegistryUnderTest, bus: Bus
+) -> None:
+    reports = registry.app.state.reports
+    await until(lambda: reports.consumer is not None and reports.consumer.running,
+                "the report consumer running")  # fmt: skip
+    store = await registry.context.lineage()
+    assert store is not None
+
+    await bus.publish(report("gw-7", "applied", 1, rollout="ro-2"))
+    await until(lambda: reports.consumer.stats.retried >= 1, "the report retried")
+    await bus.publish(started("ro-2"))
+
+    async def placed() -> bool:
+        return "gw-7" in await states(store)
+
+    await until_answered(placed, "the report in the lineage once its rollout is known")
+    await until(lambda: reports.consumer.stats.handled == 1, "the report acked")
+    assert reports.consumer.stats.dead_lettered == 0
+    ready = (await registry.client.get("/readyz")).json()
+    assert ready["checks"]["gateway_reports"]["ok"] is True
