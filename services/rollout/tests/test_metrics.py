@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from slmops.bus import Handlers
 from slmops.events import CloudEvent, GatewayReport, new_event
 from slmops.events.payloads import ArtifactRef, DesiredModel
 from slmops.service.metrics import ServiceMetrics
@@ -33,15 +32,6 @@ def _rollout(rollout_id: str, version: str, status: str) -> RolloutState:
         gateways={},
         status=status,
     )  # type: ignore[arg-type]
-
-
-def report_handlers(handled: list[str]) -> Handlers:
-    async def on_report(event: CloudEvent[Any]) -> None:
-        handled.append(event.data.kind)
-
-    handlers = Handlers()
-    handlers.register(GatewayReport, on_report)
-    return handlers
 
 
 @dataclass
@@ -76,7 +66,7 @@ async def test_rollouts_by_state_and_gateways_by_the_version_they_run() -> None:
         return engine
 
     metrics = ServiceMetrics("rollout")
-    register(metrics, report_handlers([]), engines)
+    register(metrics, engines)
     text = (await metrics.render()).decode()
     value = metrics.registry.get_sample_value
 
@@ -96,18 +86,20 @@ async def test_rollouts_by_state_and_gateways_by_the_version_they_run() -> None:
 
 async def test_reports_received_are_counted_by_kind_before_the_handler() -> None:
     handled: list[str] = []
-    handlers = report_handlers(handled)
+
+    async def fold(events: list[CloudEvent[Any]]) -> None:
+        handled.extend(e.data.kind for e in events)
 
     async def engines() -> Any:
         return None  # not connected: the collector exports zeros
 
     metrics = ServiceMetrics("rollout")
-    register(metrics, handlers, engines)
-    handler = handlers.get(GatewayReport.event_type)
-    assert handler is not None
-    for kind in ("registered", "applied", "applied"):
-        report = GatewayReport(gateway_id="gw-1", kind=kind, device_class="cpu")  # type: ignore[arg-type]
-        await handler(new_event(report, source="/test"))
+    handler = register(metrics, engines)(fold)
+    batch = [
+        new_event(GatewayReport(gateway_id="gw-1", kind=kind, device_class="cpu"), source="/test")  # type: ignore[arg-type]
+        for kind in ("registered", "applied", "applied")
+    ]
+    await handler(batch)
 
     value = metrics.registry.get_sample_value
     assert handled == ["registered", "applied", "applied"]

@@ -24,7 +24,7 @@ from slmops_rollout import proposals
 from slmops_rollout.engine import Engine
 from slmops_rollout.handlers import (
     AUTO_FIELD_RELEASES,
-    on_gateway_report,
+    on_gateway_reports,
     on_release,
     on_release_failed,
 )
@@ -72,7 +72,7 @@ async def _fleet(engine: Engine) -> None:
                 model_name=model if kind == "applied" else None,
                 version="1" if model and kind == "applied" else None, generation=1,
             )  # fmt: skip
-            await on_gateway_report(new_event(report, source="/test"), _engines(engine))
+            await on_gateway_reports([new_event(report, source="/test")], _engines(engine))
 
 
 async def test_a_proposal_waits_for_an_operator_even_with_auto_models(bus: Bus) -> None:

@@ -14,7 +14,7 @@ from slmops.events.payloads import ArtifactRef, ReleaseEntry
 from slmops.service.registry_api import RegistryClient
 from slmops.testing.events import await_events, stream_count
 from slmops_rollout.engine import Engine
-from slmops_rollout.handlers import on_gateway_report, on_release, on_release_failed
+from slmops_rollout.handlers import on_gateway_reports, on_release, on_release_failed
 from slmops_rollout.plans import WavePolicy
 from slmops_rollout.releases import UnknownRelease, find
 from slmops_rollout.settings import RolloutSettings
@@ -65,7 +65,7 @@ async def test_a_failed_release_and_an_unknown_one_are_told_apart(bus: Bus) -> N
 async def test_a_rollout_reaching_no_gateway_is_refused_and_nothing_is_recorded(bus: Bus) -> None:
     # setup: one gateway, of the class without a variant
     engine = await _engine(bus)
-    await on_gateway_report(_registered("n1", "npu"), _engines(engine))
+    await on_gateway_reports([_registered("n1", "npu")], _engines(engine))
 
     # execute
     with pytest.raises(NoTargets) as refused:
@@ -93,7 +93,7 @@ async def test_an_automatic_rollout_waits_for_gateways_then_rolls_out_in_waves(b
     then = (waiting.status, waiting.reason, dict(waiting.skipped))
     announced_while_waiting = await stream_count(bus, "SLMOPS_ROLLOUT")
     # a gateway of its class registers (not handed the model directly: the waves take it)
-    await on_gateway_report(_registered("c1"), _engines(engine))
+    await on_gateway_reports([_registered("c1")], _engines(engine))
     direct = await stream_count(bus, "SLMOPS_ROLLOUT")
     await tick(engine)
     started = await await_events(bus, "slmops.rollout.started.v1", count=1)
@@ -122,7 +122,7 @@ async def test_a_waiting_rollout_can_be_cancelled(bus: Bus) -> None:
     state = await engine.start(RELEASE, {}, WavePolicy(), wait=True)
 
     cancelled = await control(engine, state.rollout_id, "cancel", "wrong fleet")
-    await on_gateway_report(_registered("c1"), _engines(engine))
+    await on_gateway_reports([_registered("c1")], _engines(engine))
     await tick(engine)
 
     assert (cancelled.status, cancelled.reason) == ("cancelled", "wrong fleet")

@@ -210,7 +210,11 @@ class Agent:
                 rollout_id=entry.rollout_id, desired=entry.desired,
                 overlay=overlay_for(self.settings.labels, entry.overlays),
             )  # fmt: skip
-            return await self._act(assignment, common)
+            try:
+                return await self._act(assignment, common)
+            except Exception:  # NATS or the registry away: the same state acts again later
+                self.acted_entry = None
+                raise
 
     async def _act(self, assignment: GatewayAssignment, common: dict[str, Any]) -> GatewayReport:
         """Acknowledge, install unless it serves it already, report the outcome."""

@@ -67,11 +67,19 @@ class AgentLoop(BackgroundTask):
         task.add_done_callback(self._tasks.discard)
 
     async def _apply_cohort(self, state: CohortState) -> None:
-        try:
-            if (report := await self.agent.apply_cohort(state)) is not None:
-                await self._publish(report)
-        except Exception:  # the registry or store is away: the next state or reconnect retries
-            log.exception("acting on cohort state %s failed", state.generation)
+        pause_s = 1.0
+        while True:  # the registry or store away: again with backoff, until a newer state
+            try:
+                if (report := await self.agent.apply_cohort(state)) is not None:
+                    await self._publish(report)
+                return
+            except Exception as exc:
+                log.warning("acting on cohort state %s failed (%r); retrying", state.generation,
+                            exc)  # fmt: skip
+            await asyncio.sleep(pause_s)
+            pause_s = min(2 * pause_s, 30.0)
+            if self.agent.cohort_generation > state.generation:
+                return  # a newer state came meanwhile: that one acts
 
     async def run(self) -> None:
         # The runtime connects in the background and retries: poll until the bucket exists.

@@ -59,6 +59,7 @@ from slmops_gateway.verify import Refused, Vouched
 Fault = Literal["download", "smoke", "latency", "shadow", "silent"]
 FAULTS: tuple[Fault, ...] = ("download", "smoke", "latency", "shadow", "silent")
 _BURST = 1000  # registrations / reconciles / health reports sent at once
+_ATTEMPTS = 5  # tries to act on a cohort's state before waiting for the next one
 log = logging.getLogger(__name__)
 
 
@@ -330,14 +331,18 @@ class SimulatedFleet:
         members = [s for s in self.cohorts.get(state.cohort, []) if s.fault != "silent"]
 
         async def act(sim: SimulatedGateway) -> None:
-            async with self._acting:  # as many installs at once as a site's uplink allows
-                try:
-                    report = await sim.agent.apply_cohort(state)
-                    if report is not None:
-                        await self._publish(report)
-                except Exception:  # NATS or the registry away: it catches up on reconnect
-                    log.exception("%s: acting on cohort %d failed", sim.agent.settings.gateway_id,
-                                  state.cohort)  # fmt: skip
+            for attempt in range(_ATTEMPTS):  # NATS or the registry away: again, later
+                async with self._acting:  # as many installs at once as a site's uplink allows
+                    try:
+                        report = await sim.agent.apply_cohort(state)
+                        if report is not None:
+                            await self._publish(report)
+                        return
+                    except Exception as exc:
+                        error = exc
+                await asyncio.sleep(0.5 * 2**attempt)
+            log.warning("%s: acting on cohort %d failed %d times: %r",
+                        sim.agent.settings.gateway_id, state.cohort, _ATTEMPTS, error)  # fmt: skip
 
         # In the background: the next cohort's notification need not wait for this one's.
         task = asyncio.create_task(self._each(act, members))

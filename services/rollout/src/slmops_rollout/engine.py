@@ -32,7 +32,6 @@ from slmops.bus import Bus
 from slmops.cohorts import CohortEntry, cohort_of, speaks_cohorts
 from slmops.events import (
     GatewayAssignment,
-    GatewayReport,
     ReleaseCreated,
     RolloutStarted,
     RolloutWaveStarted,
@@ -45,7 +44,7 @@ from slmops.tracing import current_traceparent, extract_trace_context
 from slmops_rollout.cohorts import CohortTable
 from slmops_rollout.fleet import Fleet, GatewayRecord, overlay_for
 from slmops_rollout.plans import Overlay, WavePolicy, matches, wave_plans
-from slmops_rollout.state import RolloutState, record
+from slmops_rollout.state import RolloutState
 from slmops_rollout.store import LiveRollout, RolloutStore
 from slmops_rollout.targets import NoTargets, desired_models, plan, waiting_reason, without_variant
 
@@ -352,19 +351,7 @@ class Engine:
             except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.BadRequestError):
                 continue
 
-    # --- reports ---------------------------------------------------------------------------
-
-    async def on_report(self, report: GatewayReport) -> None:
-        """Fold a gateway's report into its rollout; return once that is durable."""
-        if report.kind == "health" and report.health is not None:
-            self.health[report.gateway_id] = (report.variant_id, report.health)
-            return
-        if report.rollout_id is None:
-            return
-        await self._load()
-        live = self.live.get(report.rollout_id)
-        if live is not None and record(live.state, report):
-            await live.commit([report.gateway_id])
+    # --- late joiners and statements ------------------------------------------------------
 
     async def welcome(self, record_: GatewayRecord) -> None:
         """A gateway that registered running nothing gets what the newest running or

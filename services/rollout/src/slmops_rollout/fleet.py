@@ -8,6 +8,7 @@ report refreshes ``last_seen``, so silent gateways can be timed out without bloc
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -83,14 +84,23 @@ class Fleet:
 
     async def record(self, report: GatewayReport) -> GatewayRecord:
         """Fold ``report`` into its gateway's record; return once that is durable."""
+        record = await self.fold(report)
+        await self.commit([report.gateway_id])
+        return record
+
+    async def fold(self, report: GatewayReport, seen: datetime | None = None) -> GatewayRecord:
+        """Fold ``report`` into its gateway's record in memory (``commit`` makes it durable)."""
         await self._load()
         record = self.records.get(report.gateway_id)
         if record is None:
             record = GatewayRecord(gateway_id=report.gateway_id, device_class=report.device_class)
             self.records[report.gateway_id] = record
-        fold(record, report, datetime.now(UTC))
-        await self._commits.commit([report.gateway_id])
+        fold(record, report, seen or datetime.now(UTC))
         return record
+
+    async def commit(self, gateway_ids: Iterable[str]) -> None:
+        """Return once the records of ``gateway_ids`` are in KV (one group commit)."""
+        await self._commits.commit(gateway_ids)
 
     async def _load(self) -> None:
         if self._loaded:

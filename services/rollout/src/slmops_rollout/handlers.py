@@ -1,19 +1,20 @@
 """rollout event handlers: plain async functions, event in, events out.
 
 Gateway reports keep the fleet record (``fleet.py``) that rollouts target, and move their
-rollout's state. A release is remembered (the API starts rollouts of it) and, for models with
-an automatic policy, rolled out at once - or, when no gateway it targets has registered yet,
-left waiting for them. A failed release is remembered too, so the API refuses to roll it out
-with the reasons. A release proposed from field evidence is held as a proposal
-(``proposals.py``) until an operator approves it, or ``auto_field_releases`` does. A malformed
-report never reaches a handler: the runtime dead-letters it with the reason.
+rollout's state; they come in batches (``reports.py``), the rest one event at a time. A
+release is remembered (the API starts rollouts of it) and, for models with an automatic
+policy, rolled out at once - or, when no gateway it targets has registered yet, left waiting
+for them. A failed release is remembered too, so the API refuses to roll it out with the
+reasons. A release proposed from field evidence is held as a proposal (``proposals.py``)
+until an operator approves it, or ``auto_field_releases`` does. A malformed report never
+reaches a handler: the consumer dead-letters it with the reason.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from slmops.bus import HandlerResult, Handlers
@@ -24,6 +25,7 @@ from slmops_rollout.engine import Engine
 from slmops_rollout.plans import WavePolicy
 from slmops_rollout.proposals import proposal_of
 from slmops_rollout.releases import remember
+from slmops_rollout.reports import fold_reports
 from slmops_rollout.settings import RolloutSettings
 from slmops_rollout.targets import NotRollable, NoVariant
 
@@ -40,16 +42,10 @@ async def _engine(engines: EngineSource) -> Engine:
     return engine
 
 
-async def on_gateway_report(
-    event: CloudEvent[GatewayReport], engines: EngineSource
-) -> HandlerResult:
+async def on_gateway_reports(events: Sequence[CloudEvent[Any]], engines: EngineSource) -> None:
+    """A batch of the fleet stream (``reports.py``): the fleet record and rollouts move."""
     engine = await _engine(engines)
-    if event.data.kind != "acknowledged":  # the hot path of a wave: only its rollout cares
-        record = await engine.gateways.record(event.data)
-        if event.data.kind == "registered":
-            await engine.welcome(record)
-    await engine.on_report(event.data)
-    return None
+    await fold_reports(engine, [e.data for e in events if isinstance(e.data, GatewayReport)])
 
 
 async def on_release(
@@ -103,10 +99,8 @@ async def on_release_failed(
 def build_handlers(engines: EngineSource, settings: RolloutSettings) -> Handlers:
     """The event-type -> handler table of the rollout service (dependencies bound here)."""
     handlers = Handlers()
-    report: Any = functools.partial(on_gateway_report, engines=engines)
     release: Any = functools.partial(on_release, engines=engines, settings=settings)
     failed: Any = functools.partial(on_release_failed, engines=engines)
-    handlers.register(GatewayReport, report)
     handlers.register(ReleaseCreated, release)
     handlers.register(ReleaseFailed, failed)
     return handlers

@@ -19,7 +19,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from slmops.bus import Handler, HandlerResult, Handlers
+from slmops.bus.batches import BatchHandler
 from slmops.events import CloudEvent, GatewayReport
 from slmops.service.metrics import ServiceMetrics
 from slmops_rollout.engine import Engine
@@ -68,9 +68,10 @@ class RolloutMetrics(Collector):
 
 
 def register(
-    metrics: ServiceMetrics, handlers: Handlers, engines: Callable[[], Awaitable[Engine | None]]
-) -> RolloutMetrics:
-    """The rollout families, and a count of the gateway reports ``handlers`` receive."""
+    metrics: ServiceMetrics, engines: Callable[[], Awaitable[Engine | None]]
+) -> Callable[[BatchHandler], BatchHandler]:
+    """The rollout families; returns what wraps the batched report handler so that the
+    reports it receives are counted by kind (each delivery, retries included)."""
     collector = RolloutMetrics(engines)
     metrics.registry.register(collector)
     metrics.add_refresher("rollouts", collector.refresh, min_interval_s=REFRESH_EVERY_S)
@@ -81,13 +82,13 @@ def register(
         registry=metrics.registry,
     )
 
-    def counting(handler: Handler) -> Handler:
-        async def counted(event: CloudEvent[Any]) -> HandlerResult:
-            report: GatewayReport = event.data
-            reports.labels(report.kind).inc()
-            return await handler(event)
+    def counting(handler: BatchHandler) -> BatchHandler:
+        async def counted(events: list[CloudEvent[Any]]) -> None:
+            kinds = Tally(e.data.kind for e in events if isinstance(e.data, GatewayReport))
+            for kind, count in kinds.items():
+                reports.labels(kind).inc(count)
+            await handler(events)
 
         return counted
 
-    handlers.wrap(GatewayReport, counting)
-    return collector
+    return counting

@@ -45,6 +45,12 @@ class RolloutSettings(ServiceSettings):
         "http://127.0.0.1:8101", description="Registry HTTP API that signs rollbacks."
     )
     tick_s: float = Field(1.0, gt=0, description="How often running rollouts are moved on, in s.")
+    report_batch: int = Field(
+        5000,
+        ge=1,
+        le=10_000,
+        description="Most gateway reports folded in one batch (one write per changed record).",
+    )
     assignment_key_file: Path | None = Field(
         None,
         description="Ed25519 private key (PKCS8 PEM) that signs assignment statements, the trust "

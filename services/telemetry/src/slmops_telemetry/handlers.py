@@ -7,11 +7,9 @@ import inspect
 from collections.abc import Awaitable, Callable, Mapping, MutableSet, Sequence
 from typing import Any
 
-from pydantic import ValidationError
-
-from slmops.events.envelope import CloudEvent, event_model
+from slmops.events.envelope import CloudEvent
 from slmops.events.payloads import FleetDriftDetected, FleetRegressionDetected, GatewayReport
-from slmops.events.registry import decode_event
+from slmops.events.registry import decoder_for
 from slmops_telemetry.detect import DetectionSettings, find_drifts, find_regressions
 from slmops_telemetry.expectations import Expectations
 from slmops_telemetry.view import FleetView
@@ -23,16 +21,8 @@ ExpectationsSource = (
     Mapping[tuple[str, str], Expectations]
     | Callable[[str, str], Awaitable[Expectations | None] | Expectations | None]
 )
-_REPORT = event_model(GatewayReport)
-
-
-def decode_report(raw: bytes) -> CloudEvent[Any]:
-    """A gateway report, validated by its own model (a third faster than the all-types
-    union); anything else as :func:`decode_event` decodes it, or its precise refusal."""
-    try:
-        return _REPORT.model_validate_json(raw)
-    except ValidationError:
-        return decode_event(raw)
+#: A gateway report, validated by its own model; anything else as ``decode_event`` does.
+decode_report = decoder_for(GatewayReport)
 
 
 def on_reports(events: Sequence[CloudEvent[Any]], view: FleetView) -> None:

@@ -1,0 +1,51 @@
+"""Gateway reports folded a batch at a time: the fleet record and the rollouts move in memory,
+then one group commit each makes the batch durable before it is acked.
+
+A wave of 100,000 gateways sends 200,000 reports (acknowledged, then applied or failed): one
+handler call, one KV write and one ack round trip each cost more than the fold. Here a batch of
+thousands costs a write per changed record, a write per changed progress shard (``store.py``),
+and acks without round trips (``slmops.bus.batches``). Health reports only refresh the latest
+aggregates in memory (they come again every interval; persisting each would cost a write per
+gateway per interval): the wave's health gates read them from there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from slmops.events import GatewayReport
+from slmops_rollout.engine import Engine
+from slmops_rollout.fleet import GatewayRecord
+from slmops_rollout.state import record
+
+
+async def fold_reports(engine: Engine, reports: Sequence[GatewayReport]) -> None:
+    """Fold one batch of reports; return once what it changed is durable. Idempotent: a batch
+    delivered again folds to the same records and progress (generations order them)."""
+    await engine.all()  # rollouts loaded (a restarted service resumes them)
+    seen = datetime.now(UTC)
+    durable: set[str] = set()  # fleet records to write
+    moved: dict[str, set[str]] = {}  # rollout id -> gateways whose progress changed
+    registered: list[GatewayRecord] = []
+    for report in reports:
+        if report.kind == "health":
+            if report.health is not None:
+                engine.health[report.gateway_id] = (report.variant_id, report.health)
+            await engine.gateways.fold(report, seen)  # in memory: it comes again next interval
+            continue
+        if report.kind != "acknowledged":  # the hot path of a wave: only its rollout cares
+            fleet_record = await engine.gateways.fold(report, seen)
+            durable.add(report.gateway_id)
+            if report.kind == "registered":
+                registered.append(fleet_record)
+        live = engine.live.get(report.rollout_id) if report.rollout_id else None
+        if live is not None and record(live.state, report):
+            moved.setdefault(live.state.rollout_id, set()).add(report.gateway_id)
+    await asyncio.gather(
+        engine.gateways.commit(durable),
+        *(engine.live[rollout_id].commit(ids) for rollout_id, ids in moved.items()),
+    )
+    for fleet_record in registered:  # after its record is durable: late joiners get a model
+        await engine.welcome(fleet_record)
