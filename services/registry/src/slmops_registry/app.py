@@ -16,15 +16,13 @@ from fastapi.responses import JSONResponse
 from slmops.bus.batches import BatchConsumer
 from slmops.bus.handlers import durable_name
 from slmops.bus.topology import FLEET, ConsumerSpec
-from slmops.events import GatewayReport
-from slmops.events.registry import decoder_for
 from slmops.service import BackgroundTask, Check, ServiceRuntime, create_service_app, serve
 from slmops_registry import field_api, trust_api, variant_api
 from slmops_registry.api import router
 from slmops_registry.context import RegistryContext
 from slmops_registry.errors import RegistryError
 from slmops_registry.handlers import build_handlers
-from slmops_registry.reports import REPORT_SUBJECTS, ReportFolder
+from slmops_registry.reports import REPORT_SUBJECTS, ReportFolder, decode_report
 from slmops_registry.settings import RegistrySettings
 from slmops_registry.signing import load_signer
 
@@ -81,7 +79,7 @@ class ReportConsumer(BackgroundTask):
         await bus.declare_consumer(spec)
         self.consumer = BatchConsumer(
             bus, spec, ReportFolder(store).fold, self.context.settings.consumer,
-            observer=self.runtime.metrics, decode=decoder_for(GatewayReport),
+            observer=self.runtime.metrics, decode=decode_report,
         )  # fmt: skip
         await self.consumer.start()
         self.last_error = ""
