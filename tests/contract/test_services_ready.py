@@ -114,7 +114,9 @@ def test_readiness_names_the_missing_dependencies(
     not_ready = poll(f"{base}/readyz", until_status=503).json()
 
     assert alive.json()["status"] == "alive"
-    assert set(not_ready["not_ready"]) == {"nats", "topology", "consumers", "object_store"}
+    assert set(not_ready["not_ready"]) == {
+        "nats", "topology", "consumers", "object_store", "gateway_reports",
+    }  # fmt: skip
     assert not_ready["checks"]["nats"]["detail"].startswith("not connected")
     assert f"127.0.0.1:{closed}" in not_ready["checks"]["object_store"]["detail"]
     # readiness answers anyone: it never echoes a URL's credentials
