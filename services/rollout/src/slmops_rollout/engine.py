@@ -268,6 +268,7 @@ class Engine:
                 log.exception("sending %d assignments of %s failed", len(batch), rollout_id)
                 for gateway_id in batch:
                     state.gateways[gateway_id].status = "pending"
+                live.changes += 1  # uncommitted, but the figures changed
                 return
             await live.commit(batch)
         if self.cohorts is not None and wave_index + 1 == len(state.waves):

@@ -162,11 +162,20 @@ def record(state: RolloutState, report: GatewayReport) -> bool:
 
 
 def figures(state: RolloutState, now: datetime) -> WaveFigures:
+    return wave_figures(state, now)[0]
+
+
+def wave_figures(state: RolloutState, now: datetime) -> tuple[WaveFigures, datetime | None]:
+    """The current wave's figures, and when they next change by time alone (the first
+    waiting gateway turning silent; None: never) - until then only a report or an action can
+    change them, so a caller may keep them."""
     wave = state.waves[state.wave_index] if state.wave_index < len(state.waves) else []
-    cutoff = now - timedelta(seconds=state.policy.silent_timeout_s)
+    timeout = timedelta(seconds=state.policy.silent_timeout_s)
+    cutoff = now - timeout
     acknowledged = applied = failed = silent = rolled_back = 0
+    first_waiting: datetime | None = None
     gateways = state.gateways
-    for gateway_id in wave:  # on every tick, over waves of up to 100,000: kept tight
+    for gateway_id in wave:  # over waves of up to 100,000: kept tight
         progress = gateways[gateway_id]
         status = progress.status
         if status == "applied":
@@ -175,23 +184,30 @@ def figures(state: RolloutState, now: datetime) -> WaveFigures:
             failed += 1
         elif status == "rolled_back":
             rolled_back += 1
-        elif (status in _WAITING and progress.assigned_at is not None
-              and progress.assigned_at < cutoff):  # fmt: skip
-            silent += 1
+        elif status in _WAITING and (assigned_at := progress.assigned_at) is not None:
+            if assigned_at < cutoff:
+                silent += 1
+            elif first_waiting is None or assigned_at < first_waiting:
+                first_waiting = assigned_at
         if status not in ("pending", "assigned"):
             acknowledged += 1
     waiting = len(wave) - applied - failed - silent - rolled_back
-    return WaveFigures(targets=len(wave), acknowledged=acknowledged, applied=applied,
-                       failed=failed, silent=silent, rolled_back=rolled_back,
-                       waiting=waiting)  # fmt: skip
+    found = WaveFigures(targets=len(wave), acknowledged=acknowledged, applied=applied,
+                        failed=failed, silent=silent, rolled_back=rolled_back,
+                        waiting=waiting)  # fmt: skip
+    return found, (first_waiting + timeout if first_waiting is not None else None)
 
 
 def decide(
-    state: RolloutState, now: datetime, health: dict[str, HealthAggregate | None] | None = None
+    state: RolloutState,
+    now: datetime,
+    health: dict[str, HealthAggregate | None] | None = None,
+    known: WaveFigures | None = None,
 ) -> Decision:
     """The next step for a running rollout's current wave (``health``: each gateway's latest
-    aggregates; a breached health gate rolls its gateways back, whatever else holds)."""
-    f = figures(state, now)
+    aggregates; a breached health gate rolls its gateways back, whatever else holds;
+    ``known``: the wave's figures at ``now`` if the caller has them)."""
+    f = known or figures(state, now)
     policy = state.policy
     if state.status != "running":
         return Decision(action="wait", reason=f"rollout is {state.status}", figures=f)

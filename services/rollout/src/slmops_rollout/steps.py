@@ -46,7 +46,9 @@ async def tick(engine: Engine) -> None:
         if state.status != "running" or state.wave_started_at is None:
             continue
         engine.resume_sending(state)  # after a restart: the unsent rest of the wave
-        decision = decide(state, datetime.now(UTC), wave_health(engine, state))
+        now = datetime.now(UTC)
+        known = engine.live[state.rollout_id].figures(now)
+        decision = decide(state, now, wave_health(engine, state), known)
         if decision.action == "rollback":
             scope = state.policy.rollback_scope
             targets = decision.breached if scope == "gateways" else _reached(state)

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable
+from datetime import datetime
 
 import nats.js.errors
 from nats.js.kv import KeyValue
 from pydantic import BaseModel, Field, TypeAdapter
 
-from slmops_rollout.state import GatewayProgress, RolloutState
+from slmops_rollout.state import GatewayProgress, RolloutState, WaveFigures, wave_figures
 
 SHARD_SIZE = 1000
 _SHARD = TypeAdapter(dict[str, GatewayProgress])
@@ -164,8 +165,30 @@ class GroupCommit:
 
 
 class LiveRollout(GroupCommit):
-    """A rollout in memory; ``commit(gateways)`` writes its header and those gateways' shards."""
+    """A rollout in memory; ``commit(gateways)`` writes its header and those gateways' shards.
+
+    Every change of its state is committed, so the count of commits tells whether the wave's
+    figures can have changed: the ticker reuses them meanwhile (a wave of 100,000 costs tens
+    of ms to count) until the time a waiting gateway turns silent."""
 
     def __init__(self, store: RolloutStore, state: RolloutState) -> None:
         super().__init__(lambda gateways: store.save(state, gateways))
         self.state = state
+        self.changes = 0
+        self._figures: tuple[int, int, datetime | None, WaveFigures] | None = None
+
+    async def commit(self, keys: Iterable[str] = ()) -> None:
+        self.changes += 1
+        await super().commit(keys)
+
+    def figures(self, now: datetime) -> WaveFigures:
+        """The current wave's figures at ``now`` (kept while nothing changed)."""
+        cached = self._figures
+        if cached is not None:
+            changes, wave_index, until, found = cached
+            fresh = until is None or now < until
+            if changes == self.changes and wave_index == self.state.wave_index and fresh:
+                return found
+        found, until = wave_figures(self.state, now)
+        self._figures = (self.changes, self.state.wave_index, until, found)
+        return found
