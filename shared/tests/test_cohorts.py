@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -34,8 +35,8 @@ def _desired(variant_id: str = "v-1", model_name: str = "minilm") -> DesiredMode
 
 
 def _entry(rollout_id: str = "r-1", generation: int = 1, **fields: object) -> CohortEntry:
-    values: dict[str, object] = {"device_class": "cpu", "desired": _desired(), **fields}
-    return CohortEntry(rollout_id=rollout_id, generation=generation, **values)  # type: ignore[arg-type]
+    values: dict[str, Any] = {"device_class": "cpu", "desired": _desired(), **fields}
+    return CohortEntry(rollout_id=rollout_id, generation=generation, **values)
 
 
 def _trusting(signer: AssignmentSigner) -> TrustedKeys:
@@ -164,12 +165,13 @@ def test_an_altered_entry_breaks_the_statement(signer: AssignmentSigner, alter: 
 def test_added_entries_a_new_generation_or_expiry_break_it(signer: AssignmentSigner) -> None:
     signed = signer.sign_cohort(_state())
     keys = _trusting(signer)
-    for change in (
+    changes: tuple[dict[str, Any], ...] = (
         {"entries": [*signed.entries, _entry("r-evil", 6)]},
         {"entries": []},
         {"generation": 6},
         {"statement_expires_at": int(time.time()) + 10 * 86_400},
-    ):
+    )
+    for change in changes:
         with pytest.raises(StatementRefused, match="does not verify"):
             check_cohort_statement(signed.model_copy(update=change), keys, 17)
 

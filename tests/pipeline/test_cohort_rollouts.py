@@ -184,8 +184,9 @@ async def test_a_gateway_whose_labels_change_follows_its_new_target_set(
 
         async def recorded() -> bool:
             records = {r["gateway_id"]: r for r in (await api.get("/v1/gateways")).json()}
-            return (records[moved]["labels"] == {"site": "paris"}
-                    and records[moved]["running_variant_id"] == variant.variant_id)  # fmt: skip
+            record = records[moved]
+            return bool(record["labels"] == {"site": "paris"}
+                        and record["running_variant_id"] == variant.variant_id)  # fmt: skip
 
         await until_answered(recorded, "the fleet record of the moved gateway")
 
