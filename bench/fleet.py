@@ -3,8 +3,9 @@
 Per fleet size, on a fresh nats-server: first the floor - one connection holds a
 subscription per gateway subject and answers each request; another sends one request per
 gateway and waits for every answer (subscriptions are made before the clock starts). Then
-ours: the rollout service as its own process, the registry in this process, and a simulated
-fleet of real gateway agents in this process (one connection, one consumer). The rollout is
+ours: the rollout service and the registry as their own processes, and a simulated
+fleet of real gateway agents in this process (one connection, one subscription to the cohorts'
+notifications, one consumer for exceptions). The rollout is
 one wave of every gateway, no soak. Times are from ``rollout.wave.started``: until every
 gateway's acknowledgement and every ``applied`` report reached NATS, and until the service
 announced ``rollout.completed`` (it has then folded every report in and stored it in KV).
@@ -55,6 +56,8 @@ class Result:
     fleet_rss_mb: float = 0.0
     register_s: float = 0.0
     cpu_s: dict[str, float] = field(default_factory=dict)  # per process, during the wave
+    cohort_ms: float = 0.0  # one cohort's state signed, stored and announced: wall time
+    cohort_cpu_ms: float = 0.0  # the writer's CPU plus nats-server's, per cohort
 
 
 async def floor(url: str, count: int) -> float:
@@ -185,13 +188,43 @@ async def ours(bus: Bus, count: int, result: Result, nats_pid: int) -> None:
             result.acked_s = marks["acked"] - wave
             result.applied_s = marks["applied"] - wave
             result.completed_s = marks["completed_at"] - wave
-            result.messages = 4 * count  # desired-state puts, assignments, acks, applied
+            # acknowledgements and applied reports; per cohort a KV put and a notification
+            result.messages = 2 * count + 2 * 1024
             result.fleet_rss_mb = rss.growth_mb()
             result.service_peak_mb = peak_mb(rollout.pid)
             serving = fleet.serving()
             assert serving.get(variant.variant_id) == count, serving
             await fleet.stop()
             await cache.close()
+            await per_cohort(bus, result, nats_pid)
+
+
+async def per_cohort(bus: Bus, result: Result, nats_pid: int) -> None:
+    """What a wave costs per cohort, whatever its size: every cohort's state rewritten with
+    one more entry (signed, stored in KV, announced), as the rollout service does it."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from slmops.assignments import AssignmentSigner
+    from slmops.cohorts import COHORT_COUNT, CohortEntry
+    from slmops.events.payloads import ArtifactRef, DesiredModel
+    from slmops_rollout.cohorts import CohortTable
+
+    table = CohortTable(await bus.key_value("slmops-cohorts"), bus.nc,
+                        AssignmentSigner(Ed25519PrivateKey.generate()))  # fmt: skip
+    await table.load()
+    artifact = ArtifactRef(digest="sha256:" + "a" * 64, size_bytes=1, uri="s3://b/a")
+    desired = DesiredModel(model_name="tiny", version="2.0.0", variant_id="v-bench",
+                           manifest_digest="sha256:" + "b" * 64, artifact=artifact)  # fmt: skip
+    entry = CohortEntry(rollout_id="ro-bench", generation=10**9, device_class=CLASS,
+                        desired=desired)  # fmt: skip
+    server_before = cpu_seconds({"nats": nats_pid})["nats"]
+    cpu_before, began = time.process_time(), time.perf_counter()
+    await table.reach({c: [entry] for c in range(COHORT_COUNT)}, 10**9)
+    wall_s = time.perf_counter() - began
+    cpu_s = time.process_time() - cpu_before
+    cpu_s += cpu_seconds({"nats": nats_pid})["nats"] - server_before
+    result.cohort_ms = 1000 * wall_s / COHORT_COUNT
+    result.cohort_cpu_ms = 1000 * cpu_s / COHORT_COUNT
 
 
 async def _ready(api: httpx.AsyncClient) -> None:
@@ -285,6 +318,15 @@ def table(results: list[Result]) -> str:
         platform = sum(v for k, v in r.cpu_s.items() if k != "fleet simulator")
         lines.append(f"| {r.count:,} | " + " | ".join(f"{v:.1f}" for v in r.cpu_s.values())
                      + f" | {1000 * platform / r.count:.2f} |")  # fmt: skip
+    lines += [
+        "",
+        "Per cohort (every cohort's signed state rewritten, stored and announced once; the "
+        "writer's and nats-server's CPU):",
+        "",
+        "| fleet run | wall ms per cohort | CPU ms per cohort |",
+        "|---|---|---|",
+        *(f"| {r.count:,} | {r.cohort_ms:.3f} | {r.cohort_cpu_ms:.3f} |" for r in results),
+    ]
     return "\n".join(lines)
 
 

@@ -33,8 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import httpx
-import nats.js.errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import ConsumerConfig, DeliverPolicy
@@ -44,15 +42,15 @@ from slmops.bus import Bus, Handlers
 from slmops.bus.consumer import EventConsumer
 from slmops.bus.permissions import COHORT_BUCKET, COHORT_SUBJECT
 from slmops.bus.topology import ConsumerSpec, stream_for_subject
-from slmops.cohorts import COHORT_COUNT, CohortState, cohort_key
+from slmops.cohorts import COHORT_COUNT, CohortState
 from slmops.events import CloudEvent, GatewayAssignment, GatewayReport
 from slmops.events.payloads import DesiredModel, HealthAggregate
-from slmops.manifests import Manifest
-from slmops.service.registry_api import RegistryClient
 from slmops.settings import ConsumerSettings
 from slmops_gateway.agent import DESIRED_BUCKET, Agent, report_event
 from slmops_gateway.settings import GatewaySettings
-from slmops_gateway.simfield import FieldProfile, HostFigures
+from slmops_gateway.simshared import CachingRegistry, CohortReader, FieldProfiles
+
+__all__ = ["FAULTS", "CachingRegistry", "Fault", "FleetSpec", "SimulatedFleet", "SimulatedGateway"]
 from slmops_gateway.slots import LoadedModel, SessionOptions
 from slmops_gateway.verify import Refused, Vouched
 
@@ -118,94 +116,6 @@ class FleetSpec:
             (gid, classes[i], {k: v[i % len(v)] for k, v in self.labels.items()}, faults[i])
             for i, gid in enumerate(ids)
         ]
-
-
-class _CohortReader:
-    """Each cohort's state read once for a whole reconcile pass of the fleet."""
-
-    def __init__(self, kv: Any) -> None:
-        self.kv = kv
-        self._states: dict[int, asyncio.Future[CohortState | None]] = {}
-
-    async def read(self, cohort: int) -> CohortState | None:
-        if cohort not in self._states:
-            self._states[cohort] = asyncio.ensure_future(self._get(cohort))
-        return await asyncio.shield(self._states[cohort])
-
-    async def _get(self, cohort: int) -> CohortState | None:
-        try:
-            entry = await self.kv.get(cohort_key(cohort))
-        except nats.js.errors.KeyNotFoundError:
-            return None
-        return CohortState.model_validate_json(entry.value or b"{}")
-
-
-class CachingRegistry(RegistryClient):
-    """One registry client for the whole simulated fleet: each manifest, report and the key is
-    fetched once (concurrent askers wait for the same request)."""
-
-    def __init__(
-        self, base_url: str, client: httpx.AsyncClient | None = None,
-        auth: httpx.Auth | None = None,
-    ) -> None:  # fmt: skip
-        """``auth``: the simulator's one identity (the local stack's ``simulator`` token)."""
-        super().__init__(base_url, client, auth)
-        self._cache: dict[tuple[str, str], asyncio.Future[Any]] = {}
-
-    async def _once(self, what: str, key: str, fetch: Callable[[], Awaitable[Any]]) -> Any:
-        future = self._cache.get((what, key))
-        if future is None:
-            future = self._cache[(what, key)] = asyncio.ensure_future(fetch())
-        try:
-            return await asyncio.shield(future)
-        except Exception:
-            self._cache.pop((what, key), None)  # a failed fetch is not remembered
-            raise
-
-    async def manifest(self, digest: str) -> dict[str, Any]:
-        fetch = super().manifest
-        return dict(await self._once("manifest", digest, lambda: fetch(digest)))
-
-    async def variant_report(self, variant_id: str) -> dict[str, Any] | None:
-        fetch = super().variant_report
-        found = await self._once("report", variant_id, lambda: fetch(variant_id))
-        return None if found is None else dict(found)
-
-    async def public_key_pem(self) -> str:
-        return str(await self._once("key", "", super().public_key_pem))
-
-
-class FieldProfiles:
-    """What every gateway of the fleet reports about a (variant, class): built once per pair
-    from the variant's validation report (the registry client's cached copy) and the spec."""
-
-    def __init__(self, registry: RegistryClient, spec: FleetSpec) -> None:
-        self.registry, self.spec = registry, spec
-        self._profiles: dict[tuple[str, str], FieldProfile] = {}
-
-    async def prepare(self, variant_id: str, manifest: Manifest, device_class: str) -> None:
-        if (variant_id, device_class) in self._profiles:
-            return
-        try:
-            report = await self.registry.variant_report(variant_id)
-        except Exception:  # verified moments ago; a hiccup now only costs the host's figures
-            report = None
-        if (variant_id, device_class) not in self._profiles:
-            self._profiles[(variant_id, device_class)] = self._build(
-                HostFigures.of(manifest, report), device_class
-            )
-
-    def get(self, variant_id: str, device_class: str) -> FieldProfile:
-        found = self._profiles.get((variant_id, device_class))
-        if found is None:  # installed by other means than the simulated device: defaults
-            found = self._profiles[(variant_id, device_class)] = self._build(
-                HostFigures.default(), device_class
-            )
-        return found
-
-    def _build(self, host: HostFigures, device_class: str) -> FieldProfile:
-        return FieldProfile.build(host, self.spec.field_slowdown.get(device_class, 1.0),
-                                  self.spec.input_shift.get(device_class, 0.0))  # fmt: skip
 
 
 @dataclass
@@ -307,14 +217,14 @@ class SimulatedFleet:
         )
         await self._each(self._register)
         kv = await self.bus.key_value(DESIRED_BUCKET)
-        reader = _CohortReader(await self.bus.key_value(COHORT_BUCKET))
+        reader = CohortReader(await self.bus.key_value(COHORT_BUCKET))
         await self._each(lambda sim: self._reconcile(sim, kv, reader))
 
     async def _register(self, sim: SimulatedGateway) -> None:
         caps = {"simulated": True, "ram_mb": 4096, "protocols": sim.agent.protocols}
         await self._publish(sim.agent.report("registered", capabilities=caps))
 
-    async def _reconcile(self, sim: SimulatedGateway, kv: Any, reader: _CohortReader) -> None:
+    async def _reconcile(self, sim: SimulatedGateway, kv: Any, reader: CohortReader) -> None:
         if sim.fault == "silent":
             return
         report = await sim.agent.reconcile(kv, reader.read)

@@ -372,6 +372,8 @@ class Engine:
         newest = max(candidates, key=lambda s: s.started_at, default=None)
         if newest is None or newest.status == "waiting":
             return
+        if record_.gateway_id in newest.gateways:
+            return  # planned: its wave reaches it (or did: its desired state says what)
         if self.cohorts is not None and speaks_cohorts(record_.capabilities):
             await self.cohorts.load()
             if self.cohorts.holds(cohort_of(record_.gateway_id), newest.rollout_id,
