@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import nats.errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import ConsumerConfig, DeliverPolicy
@@ -227,9 +228,15 @@ class SimulatedFleet:
     async def _reconcile(self, sim: SimulatedGateway, kv: Any, reader: CohortReader) -> None:
         if sim.fault == "silent":
             return
-        report = await sim.agent.reconcile(kv, reader.read)
-        if report is not None:
-            await self._publish(report)
+        for attempt in range(_ATTEMPTS):  # a busy broker times a read out: again, later
+            try:
+                report = await sim.agent.reconcile(kv, reader.read)
+                if report is not None:
+                    await self._publish(report)
+                return
+            except nats.errors.TimeoutError:
+                await asyncio.sleep(0.5 * 2**attempt)
+        log.warning("%s: reconcile timed out %d times", sim.agent.settings.gateway_id, _ATTEMPTS)
 
     async def _on_cohort(self, msg: Msg) -> None:
         """A cohort's new state: each of its members acts on it (verified once for all)."""
