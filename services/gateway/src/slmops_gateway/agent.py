@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import nats.js.errors
 
 from slmops import hostinfo
@@ -35,16 +34,14 @@ from slmops.cohorts import (
 )
 from slmops.events import CloudEvent, GatewayAssignment, GatewayReport, derive_event_id, new_event
 from slmops.events.payloads import DesiredModel
-from slmops.rollbacks import RollbackRefused, check_rollback
 from slmops.service import Check
 from slmops.service.registry_api import RegistryClient
 from slmops.trust import KeyRole, TrustedKeys
 from slmops.trust.client import TrustClient, TrustError
-from slmops_gateway.delta import fetch_by_chunks
-from slmops_gateway.download import download
 from slmops_gateway.health import HealthWindow
+from slmops_gateway.install import check_signed_rollback, fetch_load_and_smoke_test
 from slmops_gateway.settings import GatewaySettings
-from slmops_gateway.slots import LoadedModel, SessionOptions, Slots, load, smoke_test
+from slmops_gateway.slots import LoadedModel, SessionOptions, Slots
 from slmops_gateway.verify import Refused, Vouched, check_assignment, check_version, vouch
 
 log = logging.getLogger(__name__)
@@ -289,7 +286,7 @@ class Agent:
         active = self.slots.active
         running = (active.signed_version or active.version) if active else None
         if assignment.rollback:
-            self._check_rollback(assignment, keys)
+            check_signed_rollback(assignment, keys)
         signed_rollback = assignment.rollback
         key = (desired.manifest_digest, desired.variant_id, self.settings.device_class)
         vouched = self.vouched.get(key) if self.vouched is not None else None
@@ -324,52 +321,14 @@ class Agent:
             self._first_use_keys = TrustedKeys.single(KeyRole.MANIFESTS, pem)
         return self._first_use_keys
 
-    @staticmethod
-    def _check_rollback(assignment: GatewayAssignment, keys: TrustedKeys) -> None:
-        """A rollback proves itself with a statement signed by a trusted manifest key."""
-        desired, reason = assignment.desired, "no trusted manifest key"
-        for public_key in keys.valid(KeyRole.MANIFESTS):
-            try:
-                check_rollback(
-                    desired.model_name, desired.manifest_digest, assignment.rollout_id,
-                    assignment.signature, assignment.signature_expires_at, public_key,
-                )  # fmt: skip
-                return
-            except RollbackRefused as exc:
-                reason = str(exc)
-        raise Refused(reason)
-
     async def fetch_load_and_smoke_test(
         self, desired: DesiredModel, vouched: Vouched, options: SessionOptions
     ) -> LoadedModel:
-        """The device's part of an install: the verified bytes, a second session, its test."""
-        async with httpx.AsyncClient(timeout=httpx.Timeout(60.0, connect=5.0)) as client:
-            path = await self._fetch(desired, vouched.manifest.chunks_digest, client)
-        model = await asyncio.to_thread(
-            load, path, desired.variant_id, desired.version, options,
-            model_name=desired.model_name,
-            runtime_dir=self.settings.model_dir / "runtime" / desired.variant_id,
-        )  # fmt: skip
-        await asyncio.to_thread(smoke_test, model, self.slots.active)
+        """The device's part of an install (``install.py``)."""
+        model, self.last_fetch_bytes = await fetch_load_and_smoke_test(
+            desired, vouched, options, self.registry, self.settings.model_dir, self.slots.active
+        )
         return model
-
-    async def _fetch(
-        self, desired: DesiredModel, chunks_digest: str | None, client: httpx.AsyncClient
-    ) -> Path:
-        """A chunked artifact is rebuilt from the chunks held plus the missing ones; others
-        come whole (resumed). Either way the bytes are the signed digest's or refused."""
-        folder = self.settings.model_dir
-        if chunks_digest is not None:
-            result = await fetch_by_chunks(
-                chunks_digest, desired.artifact.digest, self.registry, client, folder
-            )
-            self.last_fetch_bytes = result.fetched_bytes
-            return result.path
-        url = await self.registry.download_url(desired.artifact.digest)
-        path = await download(url, desired.artifact.digest, desired.artifact.size_bytes,
-                              folder, client)  # fmt: skip
-        self.last_fetch_bytes = desired.artifact.size_bytes
-        return path
 
     def _options(self, assignment: GatewayAssignment) -> SessionOptions:
         """This site's session options: the gateway's settings, then the assignment's overlay."""
