@@ -1,10 +1,18 @@
 """The attack suite's target: the local stack as processes (`slmops up`): NATS with its users
 and permissions, the registry behind its tokens. Each test attacks with one principal's real
-credentials and checks, as the admin, that nothing changed."""
+credentials and checks, as the admin, that nothing changed.
+
+One stack serves the attack modules (each start costs seconds): every test attacks with
+principals, names and generations of its own, so their order decides nothing. A test that
+replays the whole bus (the registry's lineage rebuild) keeps a stack of its own
+(the ``attack_target`` fixture starts one): the others' forged assignments and reports would
+be in its replay."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -15,10 +23,22 @@ from slmops.testing.localstack import RunningStack, local_stack
 Connect = Callable[..., Awaitable[BusPrincipal]]
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
-    folder = tmp_path_factory.mktemp("security")
+@contextlib.contextmanager
+def _attack_target(folder: Path) -> Iterator[RunningStack]:
     with local_stack(folder, SLMOPS_STACK_SERVICES="registry,gateway") as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def attack_target() -> Callable[[Path], contextlib.AbstractContextManager[RunningStack]]:
+    """``with attack_target(folder) as stack``: a stack as the suite attacks it (NATS, S3, the
+    registry and a gateway agent), for a module that needs one of its own."""
+    return _attack_target
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
+    with _attack_target(tmp_path_factory.mktemp("security")) as running:
         yield running
 
 

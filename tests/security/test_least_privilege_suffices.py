@@ -4,10 +4,26 @@ runs under the registry's own NATS permissions, and the server refuses it nothin
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+
 import httpx
+import pytest
 
 from slmops.auth import BearerTokenFile, local_credentials
 from slmops.testing.localstack import RunningStack
+
+
+@pytest.fixture(scope="module")
+def stack(
+    tmp_path_factory: pytest.TempPathFactory,
+    attack_target: Callable[[Path], AbstractContextManager[RunningStack]],
+) -> Iterator[RunningStack]:
+    """A stack of its own: the rebuild replays every stream, and the attack modules' shared
+    stack holds their forged assignments and reports."""
+    with attack_target(tmp_path_factory.mktemp("least-privilege")) as running:
+        yield running
 
 
 async def test_a_lineage_rebuild_and_a_gc_run_within_the_registrys_permissions(
