@@ -330,6 +330,37 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+MODEL_SIZES = ((1_000_000, 1024), (10_000_000, 16_384))  # (gateways, cohorts)
+
+
+def model(results: list[Result]) -> str:
+    """Platform CPU and fold time of a wave to 1,000,000 and 10,000,000 gateways, from the
+    largest run's costs per gateway (each process's CPU over the wave / gateways) and per
+    cohort. Linear in both: what grows with the fleet is the reports."""
+    r = max(results, key=lambda x: x.count)
+    per_gw = {k: v / r.count for k, v in r.cpu_s.items() if k != "fleet simulator"}
+    rollout_gw = per_gw.get("rollout service", 0.0)
+    lines = [
+        f"Model from the {r.count:,}-gateway run: per gateway "
+        + ", ".join(f"{k} {1000 * v:.3f} ms" for k, v in per_gw.items())
+        + f"; per cohort {r.cohort_cpu_ms:.3f} ms CPU. The rollout service folds on one core: "
+        f"at most {1 / rollout_gw:,.0f} gateways/s."
+        if rollout_gw
+        else "",
+        "",
+        "| fleet | cohorts | fan-out CPU (cohorts) | report CPU (rollout + registry) "
+        "| broker CPU R1 | one rollout process folds the wave in |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for gateways, cohorts in ((r.count, 1024), *MODEL_SIZES):
+        fan_out_s = cohorts * r.cohort_cpu_ms / 1000
+        reports_s = gateways * (rollout_gw + per_gw.get("registry", 0.0))
+        broker_s = gateways * per_gw.get("nats-server", 0.0)
+        lines.append(f"| {gateways:,} | {cohorts:,} | {fan_out_s:.1f} s | {reports_s:,.0f} s "
+                     f"| {broker_s:,.0f} s | {gateways * rollout_gw / 60:,.1f} min |")  # fmt: skip
+    return "\n".join(lines)
+
+
 async def run(sizes: tuple[int, ...]) -> list[Result]:
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     return [await measure(n) for n in sizes]
@@ -341,6 +372,8 @@ def main() -> None:
     results = asyncio.run(run(sizes))
     print("\n## Rollout fan-out to a simulated fleet (one wave, every gateway)\n")
     print(table(results))
+    print("\n### Model: a wave to 1,000,000 and 10,000,000 gateways\n")
+    print(model(results))
 
 
 if __name__ == "__main__":
