@@ -95,6 +95,9 @@ def complete(lineage: dict[str, Any]) -> bool:
         and len(lineage["gateways"]) == 2
         and bool(rollouts)
         and rollouts[0]["state"] == "completed"
+        # all three steps: the wave's may be redelivered after the completion (handled at
+        # once, it can come before its rollout.started is projected)
+        and len(rollouts[0]["history"]) == 3
     )
 
 
