@@ -4,10 +4,11 @@ none silent), and no gateway installs twice.
 
 The registry and the rollout service run as their own processes, told every node's URL, with
 their own bus identities; the simulated fleet runs here on the simulator's identity, the test
-watches as the admin. Once a third of the applied reports reached NATS, the node leading the
-fleet stream (where every report is stored and from which the rollout service folds them) is
-SIGKILLed: its clients reconnect to the others, the stream elects a new leader, publishes in
-flight are asked again (their ids dedupe them).
+watches as the admin. Before the wave, the fleet's own node is made the leader of the fleet
+stream (where every report is stored), of the rollout service's consumer of it, and of the
+rollout's stream and buckets (stepdowns naming it). Once a third of the applied reports reached
+NATS that node is SIGKILLed: its clients reconnect to the others, each of those elects a new
+leader, publishes in flight are asked again (their ids dedupe them).
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from slmops.auth import BearerToken, LocalCredentials, Scope, ensure_local_crede
 from slmops.auth.bususers import ensure_local_bus_users
 from slmops.bus import Bus, Topology
 from slmops.bus.credentials import NatsCredentials
-from slmops.bus.topology import FLEET
+from slmops.bus.handlers import durable_name
+from slmops.bus.permissions import COHORT_BUCKET
+from slmops.bus.topology import FLEET, ROLLOUT
 from slmops.events import new_event
 from slmops.events.payloads import DesiredModel
 from slmops.settings import PlatformSettings
@@ -56,6 +59,15 @@ CLASS = "x86-avx512-vnni"
 APPLIED = "slmops.gateway.report.v1.applied.>"
 # Long enough that a gateway counts as silent only if its report is really lost.
 SILENT_TIMEOUT_S = 90
+# What the victim leads when it dies: (stream, consumer or None), the fleet stream first.
+LED: tuple[tuple[str, str | None], ...] = (
+    (FLEET.name, None),
+    (FLEET.name, durable_name("rollout", FLEET.name)),  # the rollout service's report folds
+    (ROLLOUT.name, None),
+    ("KV_slmops-rollouts", None),
+    (f"KV_{COHORT_BUCKET}", None),
+    ("KV_slmops-gateways", None),
+)
 POLICY = {"percents": [100], "soak_s": 0, "success_threshold": 1.0,
           "max_rate_per_min": 100_000_000, "silent_timeout_s": SILENT_TIMEOUT_S}  # fmt: skip
 
@@ -107,9 +119,11 @@ def service_env(
 
 
 @contextlib.contextmanager
-def service_process(name: str, env: dict[str, str], logs: Path) -> Iterator[str]:
+def service_process(
+    name: str, env: dict[str, str], logs: Path
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """``slmops_<name>`` as its own process on a free port, logging to ``logs/<name>.log``;
-    yields its base URL, kills it on the way out."""
+    yields its base URL and process, kills it on the way out."""
     port = free_port()
     logs.mkdir(parents=True, exist_ok=True)
     with (logs / f"{name}.log").open("ab") as log:
@@ -120,14 +134,15 @@ def service_process(name: str, env: dict[str, str], logs: Path) -> Iterator[str]
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", process
     finally:
         process.kill()
         process.wait(timeout=10)
 
 
-async def _ready(api: httpx.AsyncClient) -> None:
+async def _ready(api: httpx.AsyncClient, process: subprocess.Popen[bytes]) -> None:
     async def answers() -> bool:
+        assert process.poll() is None, f"{api.base_url} exited: {process.args} (see its log)"
         with contextlib.suppress(httpx.HTTPError):
             return (await api.get("/readyz")).status_code == 200
         return False
@@ -168,24 +183,30 @@ def _node_of(cluster: NatsCluster, bus: Bus) -> int:
     return next(i for i, n in enumerate(cluster.nodes) if n.url.endswith(f":{url.port}"))
 
 
-async def _lead(bus: Bus, stream: str, node: str) -> None:
-    """Until ``node`` leads ``stream`` (its leader asked to step down in its favour)."""
+async def _lead(bus: Bus, node: str, stream: str, consumer: str | None = None) -> None:
+    """Until ``node`` leads ``stream`` (or its ``consumer``): the leader is asked to step down
+    in its favour."""
+    what = f"STREAM.LEADER.STEPDOWN.{stream}"
+    if consumer is not None:
+        what = f"CONSUMER.LEADER.STEPDOWN.{stream}.{consumer}"
 
     async def leads() -> bool:
-        info = await bus.js.stream_info(stream)
-        if info.cluster is not None and info.cluster.leader == node:
+        if await _leader(bus, stream, consumer) == node:
             return True
         preferred = json.dumps({"placement": {"preferred": node}}).encode()
         with contextlib.suppress(nats.errors.Error):
-            await bus.nc.request(f"$JS.API.STREAM.LEADER.STEPDOWN.{stream}", preferred, timeout=2)
+            await bus.nc.request(f"$JS.API.{what}", preferred, timeout=2)
         return False
 
-    await until_answered(leads, f"{node} leading {stream}", every_s=0.5)
+    await until_answered(leads, f"{node} leading {stream} {consumer or ''}", every_s=0.5)
 
 
-async def _leader(bus: Bus, stream: str) -> str | None:
-    info = await bus.js.stream_info(stream)
-    return info.cluster.leader if info.cluster is not None else None
+async def _leader(bus: Bus, stream: str, consumer: str | None = None) -> str | None:
+    if consumer is None:
+        cluster = (await bus.js.stream_info(stream)).cluster
+    else:
+        cluster = (await bus.js.consumer_info(stream, consumer)).cluster
+    return cluster.leader if cluster is not None else None
 
 
 async def test_a_wave_to_10000_gateways_survives_the_fleet_stream_leader_killed(
@@ -196,16 +217,17 @@ async def test_a_wave_to_10000_gateways_survives_the_fleet_stream_leader_killed(
         monkeypatch.setenv(key, value)
     auth = BearerToken(credentials.token("everything"))
     logs = tmp_path / "logs"
+    rollout_env = {**service_env, "SLMOPS_ROLLOUT_TICK_S": "0.2"}
     with (
-        service_process("registry", service_env, logs) as registry_url,
-        service_process("rollout", {**service_env, "SLMOPS_ROLLOUT_TICK_S": "0.2"}, logs) as url,
+        service_process("registry", service_env, logs) as (registry_url, registry_process),
+        service_process("rollout", rollout_env, logs) as (url, rollout_process),
     ):
         async with (
             httpx.AsyncClient(base_url=registry_url, timeout=60, auth=auth) as registry,
             httpx.AsyncClient(base_url=url, timeout=120, auth=auth) as api,
         ):
-            await _ready(registry)
-            await _ready(api)
+            await _ready(registry, registry_process)
+            await _ready(api, rollout_process)
             # setup: a release of one variant; 10,000 simulated gateways registered
             model = with_word_tokenizer(tiny_encoder_onnx())
             variant = await register_variant(registry, model, device_class=CLASS)
@@ -225,11 +247,13 @@ async def test_a_wave_to_10000_gateways_survives_the_fleet_stream_leader_killed(
                     return int(info.state.messages) >= GATEWAYS
 
                 await until_answered(registered, "every gateway registered", timeout_s=120)
-                # the fleet's node leads the fleet stream: its death cuts the connection of
-                # 10,000 agents with publishes in flight and elects the stream a new leader
+                # the fleet's node leads the fleet stream, the rollout's consumer of it and
+                # the rollout's stream and buckets: its death cuts the connection of 10,000
+                # agents with publishes in flight and elects each of them a new leader
                 victim = _node_of(cluster, sim_bus)
                 leader = cluster.nodes[victim].name
-                await _lead(admin_bus, FLEET.name, leader)
+                for stream, consumer in LED:
+                    await _lead(admin_bus, leader, stream, consumer)
                 applied: set[str] = set()
 
                 async def on_applied(msg: Msg) -> None:
@@ -247,7 +271,7 @@ async def test_a_wave_to_10000_gateways_survives_the_fleet_stream_leader_killed(
                 await until(lambda: len(applied) >= GATEWAYS // 3, "a third applied",
                             timeout_s=120)  # fmt: skip
                 on_victim = await _connections(cluster, victim)
-                leading = await _leader(admin_bus, FLEET.name)
+                leading = [await _leader(admin_bus, *led) for led in LED]
                 await asyncio.to_thread(cluster.kill, victim)
                 applied_at_kill = len(applied)
 
@@ -264,7 +288,7 @@ async def test_a_wave_to_10000_gateways_survives_the_fleet_stream_leader_killed(
                 await until_answered(finished, "the rollout finished",
                                      timeout_s=SILENT_TIMEOUT_S + 60)  # fmt: skip
                 context = (f"{leader} killed at {applied_at_kill} applied; it served "
-                           f"{on_victim}; logs in {logs}")  # fmt: skip
+                           f"{on_victim} and led {leading} of {LED}; logs in {logs}")  # fmt: skip
                 assert status["status"] == "completed", (status, context)
                 done = await await_events(
                     admin_bus, "slmops.rollout.completed.v1", count=1,
@@ -272,7 +296,7 @@ async def test_a_wave_to_10000_gateways_survives_the_fleet_stream_leader_killed(
                 )  # fmt: skip
                 outcome = (done[0].data.gateways_updated, done[0].data.gateways_failed,
                            done[0].data.gateways_silent)  # fmt: skip
-                assert leading == leader, context  # the kill cost the fleet stream its leader
+                assert leading[0] == leader, context  # the kill cost the fleet stream its leader
                 assert "/slmops/fleetsim" in on_victim, context  # and cut the fleet off
                 assert applied_at_kill < GATEWAYS, context  # mid-wave
                 assert outcome == (GATEWAYS, 0, 0), context
