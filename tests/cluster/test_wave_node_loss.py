@@ -142,7 +142,7 @@ def service_process(
 
 async def _ready(api: httpx.AsyncClient, process: subprocess.Popen[bytes]) -> None:
     async def answers() -> bool:
-        assert process.poll() is None, f"{api.base_url} exited: {process.args} (see its log)"
+        assert process.poll() is None, f"{api.base_url} exited (see its log)"
         with contextlib.suppress(httpx.HTTPError):
             return (await api.get("/readyz")).status_code == 200
         return False
