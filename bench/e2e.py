@@ -123,9 +123,11 @@ def critical_hops_s(spans: list[SpanRecord], waves: int) -> float:
     p50 = {name: statistics.median(values) for name, values in hops.items()}
     chain = ["model.published.v1 -> optimizer", "optimization.completed.v1 -> validator",
              "release.created.v1 -> rollout"]  # fmt: skip
-    per_wave = ["gateway.assignment.v1 -> fleetsim", "gateway.report.v1 -> rollout"]
-    return (sum(p50.get(h, 0.0) for h in chain) + waves * sum(p50.get(h, 0.0)
-            for h in per_wave)) / 1000  # fmt: skip
+    # a wave reaches gateways by their cohort's notification (older ones by an assignment)
+    notified = max(p50.get("cohort.v1 -> fleetsim", 0.0),
+                   p50.get("gateway.assignment.v1 -> fleetsim", 0.0))  # fmt: skip
+    per_wave = notified + p50.get("gateway.report.v1 -> rollout", 0.0)
+    return (sum(p50.get(h, 0.0) for h in chain) + waves * per_wave) / 1000
 
 
 def _pct(values: list[float], q: float) -> float:

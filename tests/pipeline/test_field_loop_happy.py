@@ -15,9 +15,9 @@ import pytest
 
 from slmops.auth import ROLES, BearerToken, LocalCredentials
 from slmops.bus import Bus
+from slmops.cohorts import CohortState, cohort_key, cohort_of
 from slmops.events import (
     FleetRegressionDetected,
-    GatewayAssignment,
     derive_event_id,
     field_release_id,
     new_event,
@@ -192,13 +192,16 @@ async def test_a_field_regression_ends_in_an_approved_rollout_to_that_class_only
                                        where=lambda e: e.data.rollout_id == rollout_id)  # fmt: skip
         await until_answered(lambda: serving({fast: 2, other: 2}), "the new variant installed")
 
-        # only field-cpu's gateways were assigned the new variant; field-other's kept theirs
-        desired = await bus.key_value("slmops-desired-state")
+        # only field-cpu's gateways were assigned the new variant; field-other's kept theirs:
+        # what each gateway's cohort state says for it (the gateways speak the cohort protocol)
+        cohorts = await bus.key_value("slmops-cohorts")
         assigned = {}
-        for gateway_id in classes:
-            entry = await desired.get(gateway_id)
-            assignment = GatewayAssignment.model_validate_json(entry.value or b"{}")
-            assigned[gateway_id] = (assignment.rollout_id, assignment.desired.variant_id)
+        for gateway_id, device_class in classes.items():
+            raw = await cohorts.get(cohort_key(cohort_of(gateway_id)))
+            state = CohortState.model_validate_json(raw.value or b"{}")
+            chosen = state.choose(device_class, {}, "tiny", None)
+            assert chosen is not None, gateway_id
+            assigned[gateway_id] = (chosen.rollout_id, chosen.desired.variant_id)
     assert assigned == {
         g: (rollout_id, fast) if c == "field-cpu" else (first_id, other) for g, c in classes.items()
     }

@@ -29,6 +29,8 @@ COHORT_COUNT = 1024
 COHORT_PROTOCOL = "cohort-v1"
 #: The per-gateway protocol every gateway speaks (exceptions, and older gateways).
 ASSIGNMENT_PROTOCOL = "assignment-v1"
+#: What a cohort notification's spans are named after ("publish ...", "process ...").
+COHORT_EVENT = "slmops.cohort.v1"
 MAX_ENTRIES = 32  # per cohort: the newest per (class, selector, model limit) are kept
 
 

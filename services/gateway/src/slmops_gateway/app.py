@@ -8,13 +8,16 @@ import logging
 import nats.js.errors
 from fastapi import FastAPI
 from nats.aio.msg import Msg
+from opentelemetry.context import Context
+from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 
 from slmops.bus.permissions import COHORT_BUCKET, COHORT_SUBJECT
-from slmops.cohorts import CohortState, cohort_key
+from slmops.cohorts import COHORT_EVENT, CohortState, cohort_key
 from slmops.events import GatewayReport
 from slmops.service import BackgroundTask, Check, ServiceRuntime, create_service_app, serve
 from slmops.service.registry_api import RegistryClient
+from slmops.tracing import extract_trace_context
 from slmops.trust.client import TrustClient
 from slmops_gateway.agent import DESIRED_BUCKET, Agent, report_event
 from slmops_gateway.api import router
@@ -62,11 +65,21 @@ class AgentLoop(BackgroundTask):
         except ValidationError as exc:
             log.warning("ignored a malformed cohort state on %s: %s", msg.subject, exc)
             return
-        task = asyncio.create_task(self._apply_cohort(state))
+        parent = extract_trace_context(dict(msg.headers or {}))
+        task = asyncio.create_task(self._apply_cohort(state, parent))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _apply_cohort(self, state: CohortState) -> None:
+    async def _apply_cohort(self, state: CohortState, parent: Context | None = None) -> None:
+        tracer = self.runtime.bus.tracer if self.runtime.bus is not None else None
+        if tracer is None:
+            await self._apply_cohort_retrying(state)
+            return
+        with tracer.start_as_current_span(f"process {COHORT_EVENT}", context=parent,
+                                          kind=SpanKind.CONSUMER):  # fmt: skip
+            await self._apply_cohort_retrying(state)
+
+    async def _apply_cohort_retrying(self, state: CohortState) -> None:
         pause_s = 1.0
         while True:  # the registry or store away: again with backoff, until a newer state
             try:

@@ -37,16 +37,18 @@ import nats.errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import ConsumerConfig, DeliverPolicy
+from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 
 from slmops.bus import Bus, Handlers
 from slmops.bus.consumer import EventConsumer
 from slmops.bus.permissions import COHORT_BUCKET, COHORT_SUBJECT
 from slmops.bus.topology import ConsumerSpec, stream_for_subject
-from slmops.cohorts import COHORT_COUNT, CohortState
+from slmops.cohorts import COHORT_COUNT, COHORT_EVENT, CohortState
 from slmops.events import CloudEvent, GatewayAssignment, GatewayReport
 from slmops.events.payloads import DesiredModel, HealthAggregate
 from slmops.settings import ConsumerSettings
+from slmops.tracing import extract_trace_context
 from slmops_gateway.agent import DESIRED_BUCKET, Agent, report_event
 from slmops_gateway.settings import GatewaySettings
 from slmops_gateway.simshared import CachingRegistry, CohortReader, FieldProfiles
@@ -246,6 +248,8 @@ class SimulatedFleet:
             log.warning("ignored a malformed cohort state on %s: %s", msg.subject, exc)
             return
         members = [s for s in self.cohorts.get(state.cohort, []) if s.fault != "silent"]
+        if not members:
+            return  # none of this site's gateways is in it (a real gateway never hears it)
 
         async def act(sim: SimulatedGateway) -> None:
             for attempt in range(_ATTEMPTS):  # NATS or the registry away: again, later
@@ -261,8 +265,15 @@ class SimulatedFleet:
             log.warning("%s: acting on cohort %d failed %d times: %r",
                         sim.agent.settings.gateway_id, state.cohort, _ATTEMPTS, error)  # fmt: skip
 
+        async def act_all() -> None:  # one span for the site's gateways of this cohort
+            parent = extract_trace_context(dict(msg.headers or {}))
+            with self.bus.tracer.start_as_current_span(
+                f"process {COHORT_EVENT}", context=parent, kind=SpanKind.CONSUMER
+            ):
+                await self._each(act, members)
+
         # In the background: the next cohort's notification need not wait for this one's.
-        task = asyncio.create_task(self._each(act, members))
+        task = asyncio.create_task(act_all())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

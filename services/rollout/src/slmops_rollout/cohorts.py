@@ -16,12 +16,14 @@ import time
 from collections.abc import Iterable
 
 import nats.js.errors
-from nats.aio.client import Client
 from nats.js.kv import KeyValue
+from opentelemetry.trace import SpanKind
 
 from slmops.assignments import AssignmentSigner
+from slmops.bus import Bus
 from slmops.bus.permissions import COHORT_SUBJECT
-from slmops.cohorts import COHORT_COUNT, CohortEntry, CohortState, cohort_key
+from slmops.cohorts import COHORT_COUNT, COHORT_EVENT, CohortEntry, CohortState, cohort_key
+from slmops.tracing import w3c_trace_headers
 
 log = logging.getLogger(__name__)
 _BURST = 256  # cohort writes in flight at once
@@ -34,10 +36,10 @@ def cohort_subject(cohort: int) -> str:
 class CohortTable:
     """Every cohort's newest state; ``reach`` adds entries, ``withdraw`` removes a rollout's."""
 
-    def __init__(self, kv: KeyValue, nc: Client, signer: AssignmentSigner | None) -> None:
+    def __init__(self, kv: KeyValue, bus: Bus, signer: AssignmentSigner | None) -> None:
         """``signer`` None: unsigned states (tests of the engine alone; a gateway with a trust
         root refuses them)."""
-        self.kv, self.nc, self.signer = kv, nc, signer
+        self.kv, self.bus, self.signer = kv, bus, signer
         self.states: dict[int, CohortState] = {}
         self._loaded = False
         self._lock = asyncio.Lock()  # one change of the table at a time: no lost entry
@@ -134,6 +136,14 @@ class CohortTable:
             await self._announce(signed)
 
     async def _announce(self, states: Iterable[CohortState]) -> None:
-        for state in states:
-            await self.nc.publish(cohort_subject(state.cohort), state.model_dump_json().encode())
-        await self.nc.flush()
+        """One notification per cohort, in the trace of whoever acts (a rollout's journey):
+        the gateways' spans of acting on it join that trace."""
+        nc = self.bus.nc
+        with self.bus.tracer.start_as_current_span(
+            f"publish {COHORT_EVENT}", kind=SpanKind.PRODUCER
+        ) as span:
+            headers = w3c_trace_headers(span.get_span_context())
+            for state in states:
+                body = state.model_dump_json().encode()
+                await nc.publish(cohort_subject(state.cohort), body, headers=headers or None)
+            await nc.flush()

@@ -86,7 +86,7 @@ class Engine:
         cohort bucket (None: every gateway gets its own assignment, the older protocol)."""
         self.bus, self.rollouts, self.desired = bus, rollouts, desired
         self.signer = signer
-        self.cohorts = CohortTable(cohorts, bus.nc, signer) if cohorts is not None else None
+        self.cohorts = CohortTable(cohorts, bus, signer) if cohorts is not None else None
         self.gateways = Fleet(gateways)
         self.registry = registry
         self.store = RolloutStore(rollouts)
@@ -263,7 +263,9 @@ class Engine:
             try:
                 await self.deliver(self._assignments(state, batch, generation))
                 if self.cohorts is not None:
-                    await self.cohorts.reach(self._entries(state, batch, generation), generation)
+                    entries = self._entries(state, batch, generation)
+                    with self.journey(rollout_id, f"reach {len(entries)} cohorts"):
+                        await self.cohorts.reach(entries, generation)
             except Exception:  # NATS away or overloaded: pending again, the ticker re-sends
                 log.exception("sending %d assignments of %s failed", len(batch), rollout_id)
                 for gateway_id in batch:
@@ -273,7 +275,8 @@ class Engine:
             await live.commit(batch)
         if self.cohorts is not None and wave_index + 1 == len(state.waves):
             rest = [self._entry(state, c, generation) for c in sorted(state.desired)]
-            written = await self.cohorts.reach_rest(rest, await self.next_generation())
+            with self.journey(rollout_id, "reach the remaining cohorts"):
+                written = await self.cohorts.reach_rest(rest, await self.next_generation())
             log.info("%s: its last wave reached %d more cohorts", rollout_id, written)
         self._sent[rollout_id] = wave_index
 
