@@ -233,7 +233,8 @@ def test_one_trace_spans_the_journey_from_publish_to_the_last_acknowledgement(
     )
     # a wave reaches whole cohorts: a notification per cohort, acted on by its gateways
     assert names[("rollout", "publish cohort.v1")] >= len(demo.model["rollout"]["waves"])
-    assert 1 <= names[("fleetsim", "process cohort.v1")] <= GATEWAYS
+    # (a cohort is notified again when a later write adds another class's entry)
+    assert names[("fleetsim", "process cohort.v1")] >= 1
     assert names[("fleetsim", "publish gateway.report.v1")] == 2 * GATEWAYS  # ack + applied
     assert names[("rollout", "publish rollout.completed.v1")] == 1
 

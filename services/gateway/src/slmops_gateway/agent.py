@@ -210,8 +210,13 @@ class Agent:
             try:
                 return await self._act(assignment, common)
             except Exception:  # NATS or the registry away: the same state acts again later
-                self.acted_entry = None
+                self.forget_entry()
                 raise
+
+    def forget_entry(self) -> None:
+        """Its outcome report about the cohort entry it follows was not sent: the next time
+        it sees that entry it acts (and reports) again."""
+        self.acted_entry = None
 
     async def _act(self, assignment: GatewayAssignment, common: dict[str, Any]) -> GatewayReport:
         """Acknowledge, install unless it serves it already, report the outcome."""

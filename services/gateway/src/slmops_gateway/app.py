@@ -87,6 +87,7 @@ class AgentLoop(BackgroundTask):
                     await self._publish(report)
                 return
             except Exception as exc:
+                self.agent.forget_entry()  # its report did not go out: act (and report) again
                 log.warning("acting on cohort state %s failed (%r); retrying", state.generation,
                             exc)  # fmt: skip
             await asyncio.sleep(pause_s)

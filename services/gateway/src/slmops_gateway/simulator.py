@@ -260,6 +260,7 @@ class SimulatedFleet:
                             await self._publish(report)
                         return
                     except Exception as exc:
+                        sim.agent.forget_entry()  # its report did not go out: act again
                         error = exc
                 await asyncio.sleep(0.5 * 2**attempt)
             log.warning("%s: acting on cohort %d failed %d times: %r",

@@ -266,8 +266,9 @@ class Engine:
                     entries = self._entries(state, batch, generation)
                     with self.journey(rollout_id, f"reach {len(entries)} cohorts"):
                         await self.cohorts.reach(entries, generation)
-            except Exception:  # NATS away or overloaded: pending again, the ticker re-sends
-                log.exception("sending %d assignments of %s failed", len(batch), rollout_id)
+            except Exception as exc:  # NATS away or overloaded: pending again, the ticker re-sends
+                log.warning("sending %d assignments of %s failed (%r): pending again, sent on a "
+                            "later tick", len(batch), rollout_id, exc)  # fmt: skip
                 for gateway_id in batch:
                     state.gateways[gateway_id].status = "pending"
                 live.changes += 1  # uncommitted, but the figures changed
