@@ -112,7 +112,13 @@ FIELD_TELEMETRY_KV = KvSpec(
     max_bytes=64 * MIB,
 )
 KV_BUCKETS: tuple[KvSpec, ...] = (
-    KvSpec("slmops-rollouts", "Rollout state machines, so a restarted service resumes.", 5),
+    KvSpec(
+        "slmops-rollouts",
+        "Rollout state machines, so a restarted service resumes: a header and shards of "
+        "gateway progress per rollout, rewritten as reports come (one revision kept: a wave "
+        "of 100,000 rewrites ~12 MB of shards many times over).",
+        max_bytes=512 * MIB,
+    ),
     KvSpec(
         "slmops-desired-state",
         "Desired model per gateway: the source of truth.",
