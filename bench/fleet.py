@@ -209,7 +209,7 @@ async def per_cohort(bus: Bus, result: Result, nats_pid: int) -> None:
     from slmops.events.payloads import ArtifactRef, DesiredModel
     from slmops_rollout.cohorts import CohortTable
 
-    table = CohortTable(await bus.key_value("slmops-cohorts"), bus.nc,
+    table = CohortTable(await bus.key_value("slmops-cohorts"), bus,
                         AssignmentSigner(Ed25519PrivateKey.generate()))  # fmt: skip
     await table.load()
     artifact = ArtifactRef(digest="sha256:" + "a" * 64, size_bytes=1, uri="s3://b/a")
