@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +32,7 @@ from slmops.cohorts import (
     CohortEntry,
     CohortState,
     cohort_of,
+    cohort_statement,
     overlay_for,
 )
 from slmops.events import CloudEvent, GatewayAssignment, GatewayReport, derive_event_id, new_event
@@ -87,9 +90,9 @@ class Agent:
     # Verdicts of vouch() shared by agents in one process (a simulated fleet): one signature
     # check per (manifest, variant, class), not one per simulated gateway. None: no sharing.
     vouched: dict[tuple[str, str, str], Vouched] | None = None
-    # Verdicts on cohort statements shared likewise: (cohort, generation, signature) -> None
+    # Verdicts on cohort statements shared likewise: (statement digest, signature, key) -> None
     # (verified) or the refusal.
-    cohort_verdicts: dict[tuple[int, int, str], str | None] | None = None
+    cohort_verdicts: dict[tuple[str, str, str], str | None] | None = None
     cohort_generation: int = -1  # the newest cohort state seen (older ones are replays)
     acted_entry: tuple[str, int] | None = None  # (rollout, generation) of the cohort entry
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -187,20 +190,27 @@ class Agent:
             if state.generation < self.cohort_generation:
                 return None  # an older state arriving late, or replayed
             entry = self._choose(state)
-            if entry is None or entry.generation <= self.generation:
-                self.cohort_generation = state.generation
-                return None  # nothing here for it, or its own assignment is newer
-            if self.acted_entry == (entry.rollout_id, entry.generation):
-                self.cohort_generation = state.generation
-                return None  # it follows this entry already (another class's change)
-            common = {"rollout_id": entry.rollout_id, "variant_id": entry.desired.variant_id,
-                      "generation": entry.generation}  # fmt: skip
+            acting = (
+                entry is not None
+                and entry.generation > self.generation  # else its own assignment is newer
+                and self.acted_entry != (entry.rollout_id, entry.generation)  # not followed yet
+            )
             try:
+                # Before its generation counts: a forged "generation 10^18" must not make the
+                # gateway ignore the genuine states that follow.
                 await self._check_cohort(state)
             except Refused as exc:
                 log.warning("refused cohort state %s: %s", state.generation, exc)
-                return self.report("failed", reason=str(exc), **common)
-            self.cohort_generation = state.generation
+                if entry is None or not acting:
+                    return None  # nothing here it would act on: no report about nothing
+                return self.report("failed", reason=str(exc), rollout_id=entry.rollout_id,
+                                   variant_id=entry.desired.variant_id,
+                                   generation=entry.generation)  # fmt: skip
+            self._remember_cohort_generation(state.generation)
+            if entry is None or not acting:
+                return None
+            common = {"rollout_id": entry.rollout_id, "variant_id": entry.desired.variant_id,
+                      "generation": entry.generation}  # fmt: skip
             self.acted_entry = (entry.rollout_id, entry.generation)
             assignment = GatewayAssignment(
                 gateway_id=self.settings.gateway_id, generation=entry.generation,
@@ -232,11 +242,15 @@ class Agent:
 
     async def _check_cohort(self, state: CohortState) -> None:
         """With a trust root that names assignment keys, only a cohort state signed by one,
-        for this gateway's cohort and not expired, is acted on (one check per state when
-        agents share their verdicts)."""
-        key = (state.cohort, state.generation, state.statement_signature or "")
+        for this gateway's cohort and not expired, is acted on (one signature check per
+        statement when agents share their verdicts: keyed by the signed bytes themselves)."""
+        expires_at = state.statement_expires_at or 0
+        key = (hashlib.sha256(cohort_statement(state, expires_at)).hexdigest(),
+               state.statement_signature or "", state.statement_key_id or "")  # fmt: skip
         if self.cohort_verdicts is not None and key in self.cohort_verdicts:
             refusal = self.cohort_verdicts[key]
+            if refusal is None and time.time() > expires_at and await self._checks_cohorts():
+                refusal = f"a cohort state whose statement expired at {expires_at}"
         else:
             refusal = None
             keys = await self.trusted_keys()
@@ -249,6 +263,31 @@ class Agent:
                 self.cohort_verdicts[key] = refusal
         if refusal is not None:
             raise Refused(refusal)
+
+    async def _checks_cohorts(self) -> bool:
+        return bool((await self.trusted_keys()).roles.get(KeyRole.ASSIGNMENTS))
+
+    def _remember_cohort_generation(self, generation: int) -> None:
+        """The newest cohort state verified, kept across restarts beside the generation."""
+        if generation == self.cohort_generation:
+            return
+        self.cohort_generation = generation
+        if self.generation_file is not None:
+            path = self._cohort_generation_file(self.generation_file)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(str(generation))
+            tmp.replace(path)
+
+    def remembered_cohort_generation(self) -> int:
+        if self.generation_file is None:
+            return -1
+        path = self._cohort_generation_file(self.generation_file)
+        return int(path.read_text().strip() or -1) if path.exists() else -1
+
+    @staticmethod
+    def _cohort_generation_file(generation_file: Path) -> Path:
+        return generation_file.with_name(f"{generation_file.name}.cohort")
 
     async def _check_statement(self, assignment: GatewayAssignment) -> None:
         """With a trust root that names assignment keys, only a statement signed by one, for

@@ -128,6 +128,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     )
     agent = Agent(settings, registry, generation_file=settings.model_dir / "generation")
     agent.generation = agent.remembered_generation()
+    agent.cohort_generation = agent.remembered_cohort_generation()
     if settings.trust_root_file is not None:
         agent.trust = TrustClient(
             settings.trust_root_file, settings.model_dir / "trust", settings.registry_url,

@@ -172,7 +172,7 @@ class SimulatedFleet:
         self.gateways: dict[str, SimulatedGateway] = {}
         self._vouched: dict[tuple[str, str, str], Vouched] = {}
         self.profiles = FieldProfiles(registry, spec)
-        self._verdicts: dict[tuple[int, int, str], str | None] = {}
+        self._verdicts: dict[tuple[str, str, str], str | None] = {}
         self.cohorts: dict[int, list[SimulatedGateway]] = {}  # members speaking cohorts
         jitter = random.Random(spec.seed + 1)  # noqa: S311
         layout = spec.layout()

@@ -41,6 +41,7 @@ class CohortTable:
         root refuses them)."""
         self.kv, self.bus, self.signer = kv, bus, signer
         self.states: dict[int, CohortState] = {}
+        self.withdrawn: set[str] = set()  # rollouts rolled back fleet-wide (this process)
         self._loaded = False
         self._lock = asyncio.Lock()  # one change of the table at a time: no lost entry
 
@@ -63,10 +64,16 @@ class CohortTable:
     def state(self, cohort: int) -> CohortState:
         return self.states.get(cohort) or CohortState(cohort=cohort, generation=0)
 
+    def entry_of(self, cohort: int, rollout_id: str, device_class: str) -> CohortEntry | None:
+        """``cohort``'s entry of ``rollout_id`` for ``device_class``, if it has one."""
+        for entry in self.state(cohort).entries:
+            if entry.rollout_id == rollout_id and entry.device_class == device_class:
+                return entry
+        return None
+
     def holds(self, cohort: int, rollout_id: str, device_class: str) -> bool:
         """Whether ``cohort`` has an entry of ``rollout_id`` for ``device_class``."""
-        return any(e.rollout_id == rollout_id and e.device_class == device_class
-                   for e in self.state(cohort).entries)  # fmt: skip
+        return self.entry_of(cohort, rollout_id, device_class) is not None
 
     async def reach(self, entries: dict[int, list[CohortEntry]], generation: int) -> None:
         """Add each cohort's entries (a new state per cohort, at ``generation``), store them,
@@ -79,9 +86,12 @@ class CohortTable:
             again: list[CohortState] = []
             for cohort, news in entries.items():
                 state = self.state(cohort)
-                fresh = [e for e in news if not self.holds(cohort, e.rollout_id, e.device_class)]
+                fresh = [e for e in news if e.rollout_id not in self.withdrawn
+                         and not self.holds(cohort, e.rollout_id, e.device_class)]  # fmt: skip
+                # a state's generation only rises (gateways take a lower one for a replay)
+                at = max(generation, state.generation + 1)
                 for entry in fresh:
-                    state = state.with_entry(entry, generation)
+                    state = state.with_entry(entry, at)
                 (changed if fresh else again).append(state)
             await self._publish(changed)
             await self._announce(again)
@@ -102,8 +112,10 @@ class CohortTable:
         """Remove ``rollout_id``'s entries everywhere (the rollout was rolled back)."""
         await self.load()
         async with self._lock:
+            self.withdrawn.add(rollout_id)  # a chunk still in flight must not bring it back
             changed = [
-                state.without_rollout(rollout_id, generation) for state in self.states.values()
+                state.without_rollout(rollout_id, max(generation, state.generation + 1))
+                for state in self.states.values()
                 if any(e.rollout_id == rollout_id for e in state.entries)
             ]  # fmt: skip
             await self._publish(changed)

@@ -236,8 +236,11 @@ class Engine:
                 self._send(state.rollout_id, state.wave_index, pending),
                 name=f"send {state.rollout_id}",
             )
-        else:
-            self._sent[state.rollout_id] = state.wave_index
+        else:  # all sent (a restart after the last chunk): the rest of the cohorts, if due
+            self._sending[state.rollout_id] = asyncio.create_task(
+                self._finish_wave(state.rollout_id, state.wave_index),
+                name=f"finish {state.rollout_id}",
+            )
 
     async def _send(self, rollout_id: str, wave_index: int, gateway_ids: list[str]) -> None:
         live = self.live[rollout_id]
@@ -247,6 +250,8 @@ class Engine:
         loop = asyncio.get_running_loop()
         began = loop.time()
         offset = 0
+        if self.cohorts is not None:
+            await self.cohorts.load()
         for batch in cohort_chunks(gateway_ids, chunk):
             if state.status != "running":
                 return  # paused or cancelled: the rest waits (resume sends it)
@@ -258,8 +263,11 @@ class Engine:
             now = datetime.now(UTC)
             for gateway_id in batch:
                 progress = state.gateways[gateway_id]
+                # A cohort that holds the entry already (sent before a restart) is announced
+                # again, unchanged: its gateways report the entry's generation.
+                held = self._held_generation(state, gateway_id)
                 progress.status, progress.generation, progress.assigned_at = (
-                    "assigned", generation, now)  # fmt: skip
+                    "assigned", held if held is not None else generation, now)  # fmt: skip
             try:
                 await self.deliver(self._assignments(state, batch, generation))
                 if self.cohorts is not None:
@@ -274,12 +282,30 @@ class Engine:
                 live.changes += 1  # uncommitted, but the figures changed
                 return
             await live.commit(batch)
+        await self._finish_wave(rollout_id, wave_index)
+
+    async def _finish_wave(self, rollout_id: str, wave_index: int) -> None:
+        """After a wave's last chunk: the rollout's last wave also reaches every other cohort
+        (gateways registering later find it) - unless it stopped running meanwhile (a fleet
+        rollback withdrew its entries: they must not come back)."""
+        state = self.live[rollout_id].state
         if self.cohorts is not None and wave_index + 1 == len(state.waves):
+            if state.status != "running":
+                return  # resumed later: sent then
+            generation = await self.next_generation()
             rest = [self._entry(state, c, generation) for c in sorted(state.desired)]
             with self.journey(rollout_id, "reach the remaining cohorts"):
-                written = await self.cohorts.reach_rest(rest, await self.next_generation())
+                written = await self.cohorts.reach_rest(rest, generation)
             log.info("%s: its last wave reached %d more cohorts", rollout_id, written)
         self._sent[rollout_id] = wave_index
+
+    def _held_generation(self, state: RolloutState, gateway_id: str) -> int | None:
+        """The generation of the entry for this gateway its cohort holds already, if any."""
+        if self.cohorts is None or not self._speaks_cohorts(gateway_id):
+            return None
+        device_class = state.gateways[gateway_id].device_class
+        entry = self.cohorts.entry_of(cohort_of(gateway_id), state.rollout_id, device_class)
+        return entry.generation if entry is not None else None
 
     def _speaks_cohorts(self, gateway_id: str) -> bool:
         record_ = self.gateways.records.get(gateway_id)
