@@ -20,6 +20,8 @@ from slmops_rollout.engine import Engine
 from slmops_rollout.fleet import GatewayRecord
 from slmops_rollout.state import record
 
+_WELCOME_BURST = 256  # registrations welcomed at once
+
 
 async def fold_reports(engine: Engine, reports: Sequence[GatewayReport]) -> None:
     """Fold one batch of reports; return once what it changed is durable. Idempotent: a batch
@@ -47,5 +49,8 @@ async def fold_reports(engine: Engine, reports: Sequence[GatewayReport]) -> None
         engine.gateways.commit(durable),
         *(engine.live[rollout_id].commit(ids) for rollout_id, ids in moved.items()),
     )
-    for fleet_record in registered:  # after its record is durable: late joiners get a model
-        await engine.welcome(fleet_record)
+    # after their records are durable: late joiners get a model (a fleet starting at once
+    # registers thousands per batch: welcomed side by side, not one KV read after another)
+    for start in range(0, len(registered), _WELCOME_BURST):
+        burst = registered[start : start + _WELCOME_BURST]
+        await asyncio.gather(*(engine.welcome(r) for r in burst))
