@@ -428,7 +428,9 @@ def durables(tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[tuple[st
         mp.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
         for service in SERVICES:
             app = importlib.import_module(f"{service_module(service)}.app").create_app()
-            found[service] = {(c.stream, c.durable) for c in app.state.runtime.topology.consumers}
+            runtime = app.state.runtime  # its per-event consumers and its batched ones
+            consumers = [*runtime.topology.consumers, *runtime.batch_consumers]
+            found[service] = {(c.stream, c.durable) for c in consumers}
     return found
 
 

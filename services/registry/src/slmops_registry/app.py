@@ -108,6 +108,7 @@ def create_app(settings: RegistrySettings | None = None) -> FastAPI:
         "registry", settings, build_handlers(context.publisher, context.lineage)
     )
     context.runtime = runtime
+    runtime.add_batch_consumer(report_consumer_spec(settings))
     reports = ReportConsumer(runtime, context)
     runtime.add_dependency("gateway_reports", reports)
     app = create_service_app(

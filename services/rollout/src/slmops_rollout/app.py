@@ -153,9 +153,8 @@ def create_app(settings: RolloutSettings | None = None) -> FastAPI:
     runtime.add_dependency("ticker", Ticker(engines, settings.tick_s))
     counting = register_metrics(runtime.metrics, engines)
     fold = counting(functools.partial(on_gateway_reports, engines=engines))
-    runtime.add_dependency(
-        "reports", ReportFolding(engines, runtime, report_consumer(settings), settings, fold)
-    )
+    reports = runtime.add_batch_consumer(report_consumer(settings))
+    runtime.add_dependency("reports", ReportFolding(engines, runtime, reports, settings, fold))
     app = create_service_app(runtime, router, proposal_api.router, title="slmops rollout")
     app.state.engines = engines
     app.state.registry = RegistryClient.with_identity(  # tests may swap it before start

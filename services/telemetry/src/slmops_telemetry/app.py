@@ -323,6 +323,7 @@ class FieldLoop(BackgroundTask):
 def create_app(settings: TelemetrySettings | None = None) -> FastAPI:
     settings = settings or TelemetrySettings()
     runtime = ServiceRuntime("telemetry", settings, uses_object_store=False)
+    runtime.add_batch_consumer(consumer_spec(settings))
     registry = RegistryClient.with_identity(
         settings.registry_url, settings.platform, "service-telemetry"
     )

@@ -23,7 +23,7 @@ from slmops.bus.connection import Bus
 from slmops.bus.consumer import EventConsumer
 from slmops.bus.credentials import NatsCredentials
 from slmops.bus.handlers import Handlers
-from slmops.bus.topology import Topology
+from slmops.bus.topology import ConsumerSpec, Topology
 from slmops.objectstore import ObjectStore, ObjectStoreError
 from slmops.service.metrics import ServiceMetrics
 from slmops.settings import ServiceSettings
@@ -143,6 +143,10 @@ class ServiceRuntime:
         self._starter: asyncio.Task[None] | None = None
         self.dependencies: dict[str, Dependency] = {}
         self._buckets: dict[str, KeyValue] = {}
+        # Durables this process pulls in batches (slmops.bus.batches), each run by a task of
+        # its own rather than this runtime's loop: listed so deployment and tests see every
+        # durable the service uses.
+        self.batch_consumers: list[ConsumerSpec] = []
 
     async def key_value(self, bucket: str) -> KeyValue | None:
         """A KV bucket of the topology (opened once), or None until NATS is connected and the
@@ -153,6 +157,11 @@ class ServiceRuntime:
         if bucket not in self._buckets:
             self._buckets[bucket] = await bus.key_value(bucket)
         return self._buckets[bucket]
+
+    def add_batch_consumer(self, spec: ConsumerSpec) -> ConsumerSpec:
+        """Record a durable this process pulls in batches; returns ``spec``."""
+        self.batch_consumers.append(spec)
+        return spec
 
     def add_dependency(self, name: str, dependency: Dependency) -> None:
         """Run ``dependency`` with this runtime and report it as readiness check ``name``."""
