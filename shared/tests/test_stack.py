@@ -110,7 +110,7 @@ def _recorded(env: dict[str, str]) -> list[tuple[str, int, float]]:
 def _alive(pid: int, create_time: float) -> bool:
     try:
         proc = psutil.Process(pid)
-        same = abs(float(proc.create_time()) - create_time) < 0.05
+        same = abs(float(proc.create_time()) - create_time) < 1.0  # see _CREATE_TIME_TOLERANCE_S
         return same and bool(proc.status() != psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return False

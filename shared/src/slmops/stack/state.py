@@ -21,8 +21,11 @@ from slmops.stack.components import ComponentKind, StackError
 
 STATE_FILE_NAME = "stack.json"
 STATE_VERSION = 1
-#: Two create times closer than this are the same process (psutil reports them as floats).
-_CREATE_TIME_TOLERANCE_S = 0.05
+#: Two create times closer than this are the same process. psutil derives a create time from
+#: the boot time in /proc/stat, which moves when the VM's wall clock is stepped: two readings
+#: of one process have differed by more than 50 ms here (every component looked dead to
+#: `slmops status` while running). A PID reused within a second is not a real risk.
+_CREATE_TIME_TOLERANCE_S = 1.0
 #: After SIGKILL, how long to wait for a process to disappear.
 _KILL_WAIT_S = 5.0
 
