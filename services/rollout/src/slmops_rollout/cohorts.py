@@ -15,12 +15,12 @@ import logging
 import time
 from collections.abc import Iterable
 
-import nats.js.errors
 from nats.js.kv import KeyValue
 from opentelemetry.trace import SpanKind
 
 from slmops.assignments import AssignmentSigner
 from slmops.bus import Bus
+from slmops.bus.kvstate import values_matching
 from slmops.bus.permissions import COHORT_SUBJECT
 from slmops.cohorts import COHORT_COUNT, COHORT_EVENT, CohortEntry, CohortState, cohort_key
 from slmops.tracing import w3c_trace_headers
@@ -51,13 +51,8 @@ class CohortTable:
         async with self._lock:
             if self._loaded:
                 return
-            try:
-                keys = await self.kv.keys()
-            except nats.js.errors.NoKeysError:
-                keys = []
-            entries = await asyncio.gather(*(self.kv.get(k) for k in keys))
-            for entry in entries:
-                state = CohortState.model_validate_json(entry.value or b"{}")
+            for raw in await values_matching(self.kv, ">"):
+                state = CohortState.model_validate_json(raw)
                 self.states[state.cohort] = state
             self._loaded = True
 

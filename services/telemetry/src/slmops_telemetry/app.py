@@ -146,13 +146,7 @@ class FieldLoop(BackgroundTask):
 
     async def _lag(self) -> None:
         """Its consumer's lag (the runtime reports only the consumers it runs itself)."""
-        bus, consumer = self.runtime.bus, self.consumer
-        if bus is None or consumer is None or not bus.connected:
-            return
-        spec, metrics = consumer.spec, self.runtime.metrics
-        info = await bus.js.consumer_info(spec.stream, spec.durable)
-        metrics.consumer_pending.labels(spec.durable).set(info.num_pending or 0)
-        metrics.consumer_ack_pending.labels(spec.durable).set(info.num_ack_pending or 0)
+        await self.runtime.report_lag(self.consumer.spec if self.consumer else None)
 
     async def _bucket(self) -> KeyValue:
         """The view's bucket, once the runtime connected and declared the topology."""

@@ -163,6 +163,15 @@ class ServiceRuntime:
         self.batch_consumers.append(spec)
         return spec
 
+    async def report_lag(self, spec: ConsumerSpec | None) -> None:
+        """A batch consumer's lag in the metrics (the runtime reports its own consumers')."""
+        bus = self.bus
+        if bus is None or spec is None or not bus.connected:
+            return
+        info = await bus.js.consumer_info(spec.stream, spec.durable)
+        self.metrics.consumer_pending.labels(spec.durable).set(info.num_pending or 0)
+        self.metrics.consumer_ack_pending.labels(spec.durable).set(info.num_ack_pending or 0)
+
     def add_dependency(self, name: str, dependency: Dependency) -> None:
         """Run ``dependency`` with this runtime and report it as readiness check ``name``."""
         self.dependencies[name] = dependency
