@@ -30,7 +30,7 @@ import nats.errors
 import pytest
 from nats.aio.msg import Msg
 
-from slmops.auth import BearerToken, LocalCredentials, Scope, ensure_local_credentials
+from slmops.auth import BearerToken, LocalCredentials
 from slmops.auth.bususers import ensure_local_bus_users
 from slmops.bus import Bus, Topology
 from slmops.bus.credentials import NatsCredentials
@@ -70,14 +70,6 @@ LED: tuple[tuple[str, str | None], ...] = (
 )
 POLICY = {"percents": [100], "soak_s": 0, "success_threshold": 1.0,
           "max_rate_per_min": 100_000_000, "silent_timeout_s": SILENT_TIMEOUT_S}  # fmt: skip
-
-
-@pytest.fixture
-def credentials(tmp_path: Path) -> LocalCredentials:
-    """Tokens and the bus users (admin, services, simulator) as `slmops up` mints them."""
-    creds = ensure_local_credentials(tmp_path / "var")
-    creds.mint("everything", "test:everything", frozenset(Scope))
-    return creds
 
 
 @pytest.fixture
