@@ -4,9 +4,9 @@ Per fleet size, on a fresh nats-server: first the floor - one connection holds a
 subscription per gateway subject and answers each request; another sends one request per
 gateway and waits for every answer (subscriptions are made before the clock starts). Then
 ours: the rollout service and the registry as their own processes, and a simulated
-fleet of real gateway agents in this process (one connection, one subscription to the cohorts'
-notifications, one consumer for exceptions). The rollout is
-one wave of every gateway, no soak. Times are from ``rollout.wave.started``: until every
+fleet of real gateway agents in ``FLEET_PROCESSES`` processes of their own (``fleet_worker``;
+each like a site: one connection, one subscription to the cohorts' notifications, one
+consumer for exceptions). The rollout is one wave of every gateway, no soak. Times are from ``rollout.wave.started``: until every
 gateway's acknowledgement and every ``applied`` report reached NATS, and until the service
 announced ``rollout.completed`` (it has then folded every report in and stored it in KV).
 """
@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,8 @@ from slmops.testing.ports import free_port
 from slmops.testing.registry import register_variant, release_of
 
 SIZES = (10_000, 100_000)
+# the simulated fleet's processes (as sites): one per core, so it is not held to one core
+FLEET_PROCESSES = int(os.environ.get("SLMOPS_BENCH_FLEET_PROCESSES", os.cpu_count() or 2))
 CLASS = "x86-avx512-vnni"
 
 
@@ -53,7 +56,7 @@ class Result:
     completed_s: float = 0.0
     messages: int = 0
     service_peak_mb: float = 0.0
-    fleet_rss_mb: float = 0.0
+    fleet_rss_mb: float = 0.0  # the fleet processes' peak RSS, summed
     register_s: float = 0.0
     cpu_s: dict[str, float] = field(default_factory=dict)  # per process, during the wave
     cohort_ms: float = 0.0  # one cohort's state signed, stored and announced: wall time
@@ -92,26 +95,6 @@ async def floor(url: str, count: int) -> float:
     return elapsed
 
 
-class PeakRss:
-    """Samples this process's RSS in a thread: the growth while the fleet is alive."""
-
-    def __init__(self) -> None:
-        self.base = self.peak = int(psutil.Process().memory_info().rss)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-
-    def _sample(self) -> None:
-        me = psutil.Process()
-        while not self._stop.wait(0.05):
-            self.peak = max(self.peak, me.memory_info().rss)
-
-    def growth_mb(self) -> float:
-        self._stop.set()
-        self._thread.join()
-        return float(self.peak - self.base) / 2**20
-
-
 @contextlib.contextmanager
 def service_process(name: str, env: dict[str, str]) -> Any:
     """``slmops_<name>`` as its own process on a free port (killed at the end)."""
@@ -128,6 +111,44 @@ def service_process(name: str, env: dict[str, str]) -> Any:
         process.wait(timeout=10)
 
 
+def profile_wave(pids: dict[str, int], count: int) -> list[subprocess.Popen[bytes]]:
+    """With ``SLMOPS_BENCH_PROFILE_DIR`` set: py-spy samples each process through the wave
+    (collapsed stacks, ``<dir>/<count>-<process>.txt``), to see where a gateway's cost goes."""
+    folder = os.environ.get("SLMOPS_BENCH_PROFILE_DIR")
+    if not folder:
+        return []
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    py_spy = str(Path(sys.executable).parent / "py-spy")
+    return [
+        subprocess.Popen(
+            [
+                py_spy,
+                "record",
+                "--pid",
+                str(pid),
+                "--format",
+                "raw",
+                "-r",
+                "200",
+                "--nonblocking",
+                "-o",
+                f"{folder}/{count}-{name.replace(' ', '-')}.txt",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for name, pid in pids.items()
+        if name != "nats-server"
+    ]
+
+
+def stop_profiles(profilers: list[subprocess.Popen[bytes]]) -> None:
+    for profiler in profilers:
+        profiler.send_signal(signal.SIGINT)  # py-spy writes its file when interrupted
+    for profiler in profilers:
+        profiler.wait(timeout=60)
+
+
 def peak_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -140,10 +161,67 @@ def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
     return {name: t.user + t.system for name, t in times.items()}
 
 
-async def ours(bus: Bus, count: int, result: Result, nats_pid: int) -> None:
-    from slmops_gateway.settings import GatewaySettings
-    from slmops_gateway.simulator import CachingRegistry, FleetSpec, SimulatedFleet
+class FleetProcesses:
+    """The simulated fleet as ``bench.fleet_worker`` processes, each its part of the gateways."""
 
+    def __init__(self, count: int, prefix: str, registry_url: str, parts: int) -> None:
+        self.processes = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.fleet_worker",
+                    str(count),
+                    prefix,
+                    str(part),
+                    str(parts),
+                    registry_url,
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for part in range(parts)
+        ]
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.processes]
+
+    async def ready(self) -> None:
+        for process in self.processes:
+            assert process.stdout is not None
+            line = await asyncio.to_thread(process.stdout.readline)
+            if line.strip() != "ready":
+                raise RuntimeError(f"a fleet process did not start: {line!r}")
+
+    async def stop(self) -> dict[str, int]:
+        """Stop every part; what the whole fleet serves."""
+        serving: dict[str, int] = {}
+        for process in self.processes:
+            assert process.stdin is not None
+            process.stdin.write("stop\n")
+            process.stdin.flush()
+        for process in self.processes:
+            assert process.stdout is not None
+            line = await asyncio.to_thread(process.stdout.readline)
+            for variant, n in json.loads(line).items():
+                serving[variant] = serving.get(variant, 0) + n
+            process.wait(timeout=60)
+        return serving
+
+    def kill(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=10)
+
+
+def fleet_cpu_seconds(pids: list[int]) -> float:
+    return sum(cpu_seconds({str(pid): pid for pid in pids}).values())
+
+
+async def ours(bus: Bus, count: int, result: Result, nats_pid: int) -> None:
     env = {k: v for k, v in os.environ.items() if k.startswith("SLMOPS_")}
     # Credentials as `slmops up` mints them (the services find them under SLMOPS_VAR_DIR); the
     # bench itself plays the optimizer, the validator and an operator: every scope.
@@ -162,41 +240,54 @@ async def ours(bus: Bus, count: int, result: Result, nats_pid: int) -> None:
             model = with_word_tokenizer(tiny_encoder_onnx())
             variant = await register_variant(registry, model, device_class=CLASS)
             await bus.publish(new_event(release_of({CLASS: variant}), source="/bench"))
-            rss = PeakRss()
-            spec = FleetSpec(count=count, classes={CLASS: 1.0}, prefix=f"b{count}")
-            cache = CachingRegistry(registry_url, auth=BearerToken(creds.token("simulator")))
-            fleet = SimulatedFleet(bus, cache, spec, GatewaySettings(platform=PlatformSettings()))
-            began = time.perf_counter()
-            await fleet.start()
-            await _until_registered(bus, count)
-            result.register_s = time.perf_counter() - began
-            marks = await _watch(bus, count)
-            policy = {"percents": [100], "soak_s": 0, "success_threshold": 1.0,
-                      "max_rate_per_min": 100_000_000, "silent_timeout_s": 3600}  # fmt: skip
-            pids = {"rollout service": rollout.pid, "registry": registry_process.pid,
-                    "nats-server": nats_pid, "fleet simulator": os.getpid()}  # fmt: skip
-            cpu_before = cpu_seconds(pids)
-            posted = time.perf_counter()
-            started = await api.post("/v1/rollouts", json={
-                "model_name": "tiny", "version": "1.0.0", "policy": policy})  # fmt: skip
-            assert started.status_code == 201, started.text
-            await asyncio.wait_for(marks["completed"].wait(), 1800)
-            cpu_after = cpu_seconds(pids)
-            result.cpu_s = {name: cpu_after[name] - cpu_before[name] for name in pids}
-            wave = marks["wave"]
-            result.plan_s = wave - posted
-            result.acked_s = marks["acked"] - wave
-            result.applied_s = marks["applied"] - wave
-            result.completed_s = marks["completed_at"] - wave
-            # acknowledgements and applied reports; per cohort a KV put and a notification
-            result.messages = 2 * count + 2 * 1024
-            result.fleet_rss_mb = rss.growth_mb()
-            result.service_peak_mb = peak_mb(rollout.pid)
-            serving = fleet.serving()
-            assert serving.get(variant.variant_id) == count, serving
-            await fleet.stop()
-            await cache.close()
+            fleet = FleetProcesses(count, f"b{count}", registry_url, FLEET_PROCESSES)
+            try:
+                began = time.perf_counter()
+                await fleet.ready()
+                await _until_registered(bus, count)
+                result.register_s = time.perf_counter() - began
+                await wave(bus, api, fleet, count, variant.variant_id, result,
+                           {"rollout service": rollout.pid, "registry": registry_process.pid,
+                            "nats-server": nats_pid})  # fmt: skip
+            finally:
+                fleet.kill()
             await per_cohort(bus, result, nats_pid)
+
+
+async def wave(
+    bus: Bus, api: httpx.AsyncClient, fleet: FleetProcesses, count: int, variant_id: str,
+    result: Result, pids: dict[str, int],
+) -> None:  # fmt: skip
+    """One wave to every gateway, timed and its CPU counted per process (the fleet's
+    processes summed as the simulator)."""
+    marks = await _watch(bus, count)
+    policy = {"percents": [100], "soak_s": 0, "success_threshold": 1.0,
+              "max_rate_per_min": 100_000_000, "silent_timeout_s": 3600}  # fmt: skip
+    every = {**pids, **{f"fleet {i}": pid for i, pid in enumerate(fleet.pids)}}
+    cpu_before = cpu_seconds(every)
+    profilers = profile_wave(every, count)
+    posted = time.perf_counter()
+    started = await api.post("/v1/rollouts", json={
+        "model_name": "tiny", "version": "1.0.0", "policy": policy})  # fmt: skip
+    assert started.status_code == 201, started.text
+    await asyncio.wait_for(marks["completed"].wait(), 1800)
+    cpu_after = cpu_seconds(every)
+    stop_profiles(profilers)
+    result.cpu_s = {name: cpu_after[name] - cpu_before[name] for name in pids}
+    result.cpu_s["fleet simulator"] = sum(
+        cpu_after[name] - cpu_before[name] for name in every if name.startswith("fleet ")
+    )
+    began_wave = marks["wave"]
+    result.plan_s = began_wave - posted
+    result.acked_s = marks["acked"] - began_wave
+    result.applied_s = marks["applied"] - began_wave
+    result.completed_s = marks["completed_at"] - began_wave
+    # acknowledgements and applied reports; per cohort a KV put and a notification
+    result.messages = 2 * count + 2 * 1024
+    result.fleet_rss_mb = sum(peak_mb(pid) for pid in fleet.pids)
+    result.service_peak_mb = peak_mb(pids["rollout service"])
+    serving = await fleet.stop()
+    assert serving.get(variant_id) == count, serving
 
 
 async def per_cohort(bus: Bus, result: Result, nats_pid: int) -> None:
@@ -296,7 +387,7 @@ def table(results: list[Result]) -> str:
     lines = [
         "| gateways | floor: bare request/ack | plan | all acknowledged (ratio to floor) "
         "| all applied | rollout completed | msgs/s | rollout service peak MB "
-        "| fleet sim RSS growth MB | fleet registered in |",
+        "| fleet sim peak MB (all processes) | fleet registered in |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:

@@ -1,5 +1,5 @@
 """The agent's side of a cohort state: a refused state moves nothing, the newest verified
-generation survives a restart, and agents sharing verdicts share them per signed bytes."""
+generation survives a restart, and agents sharing verdicts share them per state object."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from slmops.settings import PlatformSettings
 from slmops.trust import KeyRole, TrustedKey, TrustedKeys
 from slmops_gateway.agent import Agent
 from slmops_gateway.settings import GatewaySettings
+from slmops_gateway.sharing import Shared
 
 GATEWAY = "gw-cohort-1"
 CLASS = "x86-avx512-vnni"
@@ -85,10 +86,10 @@ async def test_a_forged_high_generation_does_not_blind_the_gateway(
     assert _agent(signer, tmp_path).remembered_cohort_generation() == 5
 
 
-async def test_shared_verdicts_are_per_signed_bytes_not_per_generation(
+async def test_shared_verdicts_are_per_state_not_per_generation_or_signature(
     signer: AssignmentSigner, tmp_path: Path
 ) -> None:
-    verdicts: dict[tuple[str, str, str], str | None] = {}
+    verdicts: Shared[int, tuple[CohortState, str | None]] = Shared()
     first = _agent(signer, tmp_path / "a", cohort_verdicts=verdicts)
     second = _agent(signer, tmp_path / "b", cohort_verdicts=verdicts)
     cohort = cohort_of(GATEWAY)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -32,7 +31,6 @@ from slmops.cohorts import (
     CohortEntry,
     CohortState,
     cohort_of,
-    cohort_statement,
     overlay_for,
 )
 from slmops.events import CloudEvent, GatewayAssignment, GatewayReport, derive_event_id, new_event
@@ -44,6 +42,7 @@ from slmops.trust.client import TrustClient, TrustError
 from slmops_gateway.health import HealthWindow
 from slmops_gateway.install import check_signed_rollback, fetch_load_and_smoke_test
 from slmops_gateway.settings import GatewaySettings
+from slmops_gateway.sharing import Shared
 from slmops_gateway.slots import LoadedModel, SessionOptions, Slots
 from slmops_gateway.verify import Refused, Vouched, check_assignment, check_version, vouch
 
@@ -89,10 +88,11 @@ class Agent:
     installer: Installer | None = None  # None: fetch, load and smoke-test (a simulator swaps it)
     # Verdicts of vouch() shared by agents in one process (a simulated fleet): one signature
     # check per (manifest, variant, class), not one per simulated gateway. None: no sharing.
-    vouched: dict[tuple[str, str, str], Vouched] | None = None
-    # Verdicts on cohort statements shared likewise: (statement digest, signature, key) -> None
-    # (verified) or the refusal.
-    cohort_verdicts: dict[tuple[str, str, str], str | None] | None = None
+    vouched: Shared[tuple[str, str, str], Vouched] | None = None
+    # Verdicts on cohort states shared likewise, per state object (as parsed from one
+    # notification; the entry keeps it alive, so its id is not reused): None (verified) or
+    # the refusal.
+    cohort_verdicts: Shared[int, tuple[CohortState, str | None]] | None = None
     cohort_generation: int = -1  # the newest cohort state seen (older ones are replays)
     acted_entry: tuple[str, int] | None = None  # (rollout, generation) of the cohort entry
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -243,26 +243,33 @@ class Agent:
     async def _check_cohort(self, state: CohortState) -> None:
         """With a trust root that names assignment keys, only a cohort state signed by one,
         for this gateway's cohort and not expired, is acted on (one signature check per
-        statement when agents share their verdicts: keyed by the signed bytes themselves)."""
-        expires_at = state.statement_expires_at or 0
-        key = (hashlib.sha256(cohort_statement(state, expires_at)).hexdigest(),
-               state.statement_signature or "", state.statement_key_id or "")  # fmt: skip
-        if self.cohort_verdicts is not None and key in self.cohort_verdicts:
-            refusal = self.cohort_verdicts[key]
+        statement per notification when agents share their verdicts)."""
+        if self.cohort_verdicts is None:
+            refusal = await self._verify_cohort(state)
+        else:
+            checked, refusal = await self.cohort_verdicts.get(
+                id(state), lambda: self._verify_cohort_of(state)
+            )
+            if checked is not state:  # cannot happen while the verdict holds it; never trust it
+                refusal = await self._verify_cohort(state)
+            expires_at = state.statement_expires_at or 0
             if refusal is None and time.time() > expires_at and await self._checks_cohorts():
                 refusal = f"a cohort state whose statement expired at {expires_at}"
-        else:
-            refusal = None
-            keys = await self.trusted_keys()
-            if keys.roles.get(KeyRole.ASSIGNMENTS):
-                try:
-                    check_cohort_statement(state, keys, self.cohort)
-                except StatementRefused as exc:
-                    refusal = str(exc)
-            if self.cohort_verdicts is not None:
-                self.cohort_verdicts[key] = refusal
         if refusal is not None:
             raise Refused(refusal)
+
+    async def _verify_cohort(self, state: CohortState) -> str | None:
+        """None when ``state`` is signed by a trusted key for this cohort; else why not."""
+        keys = await self.trusted_keys()
+        if keys.roles.get(KeyRole.ASSIGNMENTS):
+            try:
+                check_cohort_statement(state, keys, self.cohort)
+            except StatementRefused as exc:
+                return str(exc)
+        return None
+
+    async def _verify_cohort_of(self, state: CohortState) -> tuple[CohortState, str | None]:
+        return state, await self._verify_cohort(state)
 
     async def _checks_cohorts(self) -> bool:
         return bool((await self.trusted_keys()).roles.get(KeyRole.ASSIGNMENTS))
@@ -333,12 +340,15 @@ class Agent:
             check_signed_rollback(assignment, keys)
         signed_rollback = assignment.rollback
         key = (desired.manifest_digest, desired.variant_id, self.settings.device_class)
-        vouched = self.vouched.get(key) if self.vouched is not None else None
-        if vouched is None:
-            vouched = await vouch(desired, registry=self.registry, keys=keys,
-                                  device_class=self.settings.device_class)  # fmt: skip
-            if self.vouched is not None:
-                self.vouched[key] = vouched
+
+        def vouching() -> Awaitable[Vouched]:
+            return vouch(desired, registry=self.registry, keys=keys,
+                         device_class=self.settings.device_class)  # fmt: skip
+
+        if self.vouched is not None:
+            vouched = await self.vouched.get(key, vouching)
+        else:
+            vouched = await vouching()
         # Judged on what is signed: the assignment's own version is nobody's word.
         check_assignment(desired, vouched.manifest)
         check_version(vouched.manifest.version, running, rollback=signed_rollback)
@@ -349,7 +359,7 @@ class Agent:
         # A rollout's new model is compared with the one it replaced on sampled requests
         # (shadow agreement); a rollback's is not on trial.
         self.shadowing = assignment.rollout_id is not None and not assignment.rollback
-        self.health.take()  # a new window: the next health report is about this model only
+        self.health.restart()  # a new window: the next health report is about this model only
         log.info("now serving %s (%s)", desired.variant_id, desired.version)
 
     async def trusted_keys(self) -> TrustedKeys:

@@ -57,16 +57,12 @@ class HealthWindow:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._started = time.monotonic()
-        self._latencies_ms: list[float] = []
-        self._errors = 0
-        self._shadow: list[float] = []
-        self._ttft_ms: list[float] = []
-        self._decode_tokens = 0
-        self._decode_s = 0.0
-        self._latency_sketch, self._ttft_sketch = Sketch(), Sketch()
-        self._embedding: EmbeddingMoments | None = None
-        self._logprobs: TokenLogprobs | None = None
+        self._latencies_ms: list[float]
+        self._shadow: list[float]
+        self._ttft_ms: list[float]
+        self._embedding: EmbeddingMoments | None
+        self._logprobs: TokenLogprobs | None
+        self._restart()
         self.total_ok = self.total_failed = self.total_tokens = 0
 
     def record(self, latency_ms: float, ok: bool) -> None:
@@ -117,6 +113,19 @@ class HealthWindow:
         with self._lock:
             self._shadow.append(agreement)
 
+    def restart(self) -> None:
+        """A new window starts; the old one is dropped (a new model: the next report is
+        about it alone). Cheaper than ``take``: a fleet of agents swaps models at once."""
+        with self._lock:
+            self._restart()
+
+    def _restart(self) -> None:
+        self._latencies_ms, self._errors, self._shadow = [], 0, []
+        self._ttft_ms, self._decode_tokens, self._decode_s = [], 0, 0.0
+        self._latency_sketch, self._ttft_sketch = Sketch(), Sketch()
+        self._embedding = self._logprobs = None
+        self._started = time.monotonic()
+
     def take(self) -> HealthAggregate:
         """The aggregate of the window so far; a new window starts."""
         with self._lock:
@@ -125,11 +134,7 @@ class HealthWindow:
             latency_sketch, ttft_sketch = self._latency_sketch, self._ttft_sketch
             embedding, logprobs = self._embedding, self._logprobs
             window_s = max(time.monotonic() - self._started, 1e-3)
-            self._latencies_ms, self._errors, self._shadow = [], 0, []
-            self._ttft_ms, self._decode_tokens, self._decode_s = [], 0, 0.0
-            self._latency_sketch, self._ttft_sketch = Sketch(), Sketch()
-            self._embedding = self._logprobs = None
-            self._started = time.monotonic()
+            self._restart()
         count = len(latencies)
         drift = None
         if embedding is not None or logprobs is not None:

@@ -14,6 +14,7 @@ import nats.js.errors
 from slmops.cohorts import CohortState, cohort_key
 from slmops.manifests import Manifest
 from slmops.service.registry_api import RegistryClient
+from slmops_gateway.sharing import Shared
 from slmops_gateway.simfield import FieldProfile, HostFigures
 
 if TYPE_CHECKING:
@@ -50,17 +51,10 @@ class CachingRegistry(RegistryClient):
     ) -> None:  # fmt: skip
         """``auth``: the simulator's one identity (the local stack's ``simulator`` token)."""
         super().__init__(base_url, client, auth)
-        self._cache: dict[tuple[str, str], asyncio.Future[Any]] = {}
+        self._cache: Shared[tuple[str, str], Any] = Shared()
 
     async def _once(self, what: str, key: str, fetch: Callable[[], Awaitable[Any]]) -> Any:
-        future = self._cache.get((what, key))
-        if future is None:
-            future = self._cache[(what, key)] = asyncio.ensure_future(fetch())
-        try:
-            return await asyncio.shield(future)
-        except Exception:
-            self._cache.pop((what, key), None)  # a failed fetch is not remembered
-            raise
+        return await self._cache.get((what, key), fetch)  # a failed fetch is not remembered
 
     async def manifest(self, digest: str) -> dict[str, Any]:
         fetch = super().manifest

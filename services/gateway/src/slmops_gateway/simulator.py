@@ -51,6 +51,7 @@ from slmops.settings import ConsumerSettings
 from slmops.tracing import extract_trace_context
 from slmops_gateway.agent import DESIRED_BUCKET, Agent, report_event
 from slmops_gateway.settings import GatewaySettings
+from slmops_gateway.sharing import Shared
 from slmops_gateway.simshared import CachingRegistry, CohortReader, FieldProfiles
 
 __all__ = ["FAULTS", "CachingRegistry", "Fault", "FleetSpec", "SimulatedFleet", "SimulatedGateway"]
@@ -77,10 +78,14 @@ class FleetSpec:
     field_slowdown: dict[str, float] = field(default_factory=dict)  # class -> time factor
     input_shift: dict[str, float] = field(default_factory=dict)  # class -> baseline SDs
     legacy: float = 0.0  # share of gateways speaking only the per-gateway protocol
+    part: int = 0  # this process simulates the gateways whose index % parts == part
+    parts: int = 1  # processes sharing the fleet (each its own connection and consumer)
 
     def __post_init__(self) -> None:
         if self.count < 1:
             raise ValueError(f"count must be at least 1, not {self.count}")
+        if self.parts < 1 or not 0 <= self.part < self.parts:
+            raise ValueError(f"part {self.part} of {self.parts}: parts >= 1, 0 <= part < parts")
         if not 0 <= self.legacy <= 1:
             raise ValueError(f"the legacy share must be within 0..1, not {self.legacy}")
         unknown = sorted(set(self.faults) - set(FAULTS))
@@ -170,22 +175,25 @@ class SimulatedFleet:
     ) -> None:
         self.bus, self.spec, self.registry = bus, spec, registry
         self.gateways: dict[str, SimulatedGateway] = {}
-        self._vouched: dict[tuple[str, str, str], Vouched] = {}
+        self._vouched: Shared[tuple[str, str, str], Vouched] = Shared()
         self.profiles = FieldProfiles(registry, spec)
-        self._verdicts: dict[tuple[str, str, str], str | None] = {}
+        self._verdicts: Shared[int, tuple[CohortState, str | None]] = Shared()
         self.cohorts: dict[int, list[SimulatedGateway]] = {}  # members speaking cohorts
         jitter = random.Random(spec.seed + 1)  # noqa: S311
         layout = spec.layout()
         legacy = set(random.Random(spec.seed + 2).sample(  # noqa: S311
             range(len(layout)), round(spec.count * spec.legacy)))  # fmt: skip
         for index, (gateway_id, device_class, labels, fault) in enumerate(layout):
+            device_jitter = jitter.uniform(0.9, 1.1)  # drawn for all: the same in any part
+            if index % spec.parts != spec.part:
+                continue  # another process's gateway
             identity = {"gateway_id": gateway_id, "device_class": device_class, "labels": labels,
                         "cohort_protocol": index not in legacy}  # fmt: skip
             settings = base.model_copy(update=identity)
             agent = Agent(settings, self.registry, publish=self._publish, vouched=self._vouched,
                           cohort_verdicts=self._verdicts)  # fmt: skip
             sim = SimulatedGateway(
-                agent, fault, self.profiles, jitter=jitter.uniform(0.9, 1.1), rounds=index
+                agent, fault, self.profiles, jitter=device_jitter, rounds=index
             )  # the fleet's rounds spread over the templates
             agent.installer = sim.install
             self.gateways[gateway_id] = sim
@@ -195,7 +203,7 @@ class SimulatedFleet:
         self._cohort_sub: Subscription | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._acting = asyncio.Semaphore(_BURST)
-        self.durable = f"fleetsim-{spec.prefix}"
+        self.durable = f"fleetsim-{spec.prefix}" + (f"-{spec.part}" if spec.parts > 1 else "")
 
     async def _publish(self, report: GatewayReport) -> None:
         await self.bus.publish(report_event(report))

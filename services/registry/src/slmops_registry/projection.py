@@ -10,9 +10,10 @@ parallel handlers never lose each other's changes.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import nats.errors
@@ -20,7 +21,7 @@ import nats.js.errors
 from nats.js.kv import KeyValue
 from pydantic import BaseModel
 
-from slmops.bus.kvstate import values_matching
+from slmops.bus.kvstate import put_many, values_matching
 from slmops.events import (
     ChannelMoved,
     CloudEvent,
@@ -49,6 +50,7 @@ from slmops_registry.lineage import GatewayState, Lineage, apply_event, gateway_
 
 log = logging.getLogger(__name__)
 _CAS_ATTEMPTS = 20
+_WRITES_IN_FLIGHT = 256  # compare-and-set writes awaited together
 M = TypeVar("M", bound=BaseModel)
 #: What the lineage is made of (everything else on these streams is not lineage).
 PROJECTED = (
@@ -163,11 +165,29 @@ class LineageStore:
         """Keep the newest state per gateway (by event time, then id). A gateway reports on a
         version about once (applied, or failed), so its key is most likely new."""
         await self._modify(
-            f"gw.{token(name)}.{token(version)}.{state.gateway_id}",
+            self._gateway_key(name, version, state.gateway_id),
             GatewayState,
             lambda current: state if current is None or state.key() > current.key() else None,
             absent_first=True,
         )
+
+    async def put_gateways(self, states: Sequence[tuple[str, str, GatewayState]]) -> None:
+        """``put_gateway`` for many (model name, version, state): the keys are most likely new,
+        so all are created pipelined at once; only those that existed after all are read and
+        compared one by one."""
+        created = await put_many(self.kv, [
+            (self._gateway_key(name, version, s.gateway_id), s.model_dump_json().encode())
+            for name, version, s in states
+        ], create=True)  # fmt: skip
+        again = [item for item, result in zip(states, created, strict=True)
+                 if isinstance(result, Exception)]  # fmt: skip
+        for start in range(0, len(again), _WRITES_IN_FLIGHT):
+            burst = again[start : start + _WRITES_IN_FLIGHT]
+            await asyncio.gather(*(self.put_gateway(*item) for item in burst))
+
+    @staticmethod
+    def _gateway_key(name: str, version: str, gateway_id: str) -> str:
+        return f"gw.{token(name)}.{token(version)}.{gateway_id}"
 
     async def _values(self, pattern: str) -> list[bytes]:
         """The current values of every key matching a subject ``pattern``."""

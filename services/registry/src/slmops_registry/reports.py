@@ -4,7 +4,8 @@ A wave to thousands of gateways brings thousands of ``applied``/``failed`` repor
 by one, each costs a handler call, a lookup of its rollout's model version and a read-then-write
 of its gateway's key. Folded as a batch: the newest state per gateway key is kept (older ones
 and repeats never reach KV), each rollout or variant is resolved to its model version once - and
-remembered, since that never changes once known - and the writes go out pipelined.
+remembered, since that never changes once known - and the writes go out pipelined
+(``LineageStore.put_gateways``).
 
 A report whose rollout and variant are not known yet (it overtook its ``rollout.started``, on
 another stream) cannot be placed. The batch's known reports are written first, then the batch
@@ -27,7 +28,6 @@ from slmops_registry.projection import LineageStore
 #: The gateway reports lineage keeps: which variant each gateway runs (registrations,
 #: acknowledgements and health are not lineage).
 REPORT_SUBJECTS = tuple(f"{GatewayReport.event_type}.{kind}.>" for kind in ("applied", "failed"))
-_WRITES_IN_FLIGHT = 256  # KV writes awaited together
 _MAX_REMEMBERED = 100_000  # rollout/variant locations kept in memory (a few MB at most)
 
 Where = tuple[str, str]  # (model name, version)
@@ -57,11 +57,8 @@ class ReportFolder:
             current = newest.get(key)
             if current is None or state.key() > current.key():
                 newest[key] = state
-        items = list(newest.items())
-        for i in range(0, len(items), _WRITES_IN_FLIGHT):  # pipelined, a burst at a time
-            burst = items[i : i + _WRITES_IN_FLIGHT]
-            await asyncio.gather(*(self.store.put_gateway(name, version, state)
-                                   for (name, version, _), state in burst))  # fmt: skip
+        writes = [(name, version, state) for (name, version, _), state in newest.items()]
+        await self.store.put_gateways(writes)
         if unplaced:
             shown = ", ".join(unplaced[:3]) + (" ..." if len(unplaced) > 3 else "")
             raise TransientError(

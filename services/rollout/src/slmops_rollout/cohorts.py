@@ -20,13 +20,12 @@ from opentelemetry.trace import SpanKind
 
 from slmops.assignments import AssignmentSigner
 from slmops.bus import Bus
-from slmops.bus.kvstate import values_matching
+from slmops.bus.kvstate import put_all, values_matching
 from slmops.bus.permissions import COHORT_SUBJECT
 from slmops.cohorts import COHORT_COUNT, COHORT_EVENT, CohortEntry, CohortState, cohort_key
 from slmops.tracing import w3c_trace_headers
 
 log = logging.getLogger(__name__)
-_BURST = 256  # cohort writes in flight at once
 
 
 def cohort_subject(cohort: int) -> str:
@@ -133,10 +132,7 @@ class CohortTable:
         """Sign, store (pipelined), then announce each state; the table holds them after."""
         signed = [self.signer.sign_cohort(s) if self.signer else s for s in states]
         bodies = [(s.cohort, s.model_dump_json().encode()) for s in signed]
-        for start in range(0, len(bodies), _BURST):
-            await asyncio.gather(*(
-                self.kv.put(cohort_key(c), body) for c, body in bodies[start : start + _BURST]
-            ))  # fmt: skip
+        await put_all(self.kv, [(cohort_key(c), body) for c, body in bodies])
         for state in signed:
             self.states[state.cohort] = state
         if announce:

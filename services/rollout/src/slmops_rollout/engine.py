@@ -29,6 +29,7 @@ from nats.js.kv import KeyValue
 
 from slmops.assignments import AssignmentSigner
 from slmops.bus import Bus
+from slmops.bus.kvstate import put_all
 from slmops.cohorts import CohortEntry, cohort_of, speaks_cohorts
 from slmops.events import (
     GatewayAssignment,
@@ -358,9 +359,8 @@ class Engine:
         with self.journey(
             assignments[0].rollout_id or "", f"deliver {len(assignments)} assignments"
         ):
-            await asyncio.gather(*(
-                self.desired.put(a.gateway_id, a.model_dump_json().encode()) for a in assignments
-            ))  # fmt: skip
+            await put_all(self.desired, [(a.gateway_id, a.model_dump_json().encode())
+                                         for a in assignments])  # fmt: skip
             acks = [await self.bus.publish_nowait(new_event(a, source=SOURCE))
                     for a in assignments]  # fmt: skip
             await asyncio.gather(*acks)

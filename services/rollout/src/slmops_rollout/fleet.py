@@ -16,6 +16,7 @@ import nats.js.errors
 from nats.js.kv import KeyValue
 from pydantic import BaseModel, Field
 
+from slmops.bus.kvstate import put_all
 from slmops.cohorts import overlay_for
 from slmops.events.payloads import GatewayReport, HealthAggregate
 
@@ -23,7 +24,8 @@ __all__ = ["GATEWAYS_BUCKET", "Fleet", "GatewayRecord", "fold", "overlay_for"]
 from slmops_rollout.store import GroupCommit
 
 GATEWAYS_BUCKET = "slmops-gateways"
-_BURST = 1000  # KV operations in flight at once
+_BURST = 1000  # KV reads in flight at once
+_WRITE_BURST = 5000  # records written pipelined at once
 
 
 class GatewayRecord(BaseModel):
@@ -122,8 +124,6 @@ class Fleet:
 
     async def _write(self, gateway_ids: set[str]) -> None:
         records = [self.records[g] for g in gateway_ids]
-        for start in range(0, len(records), _BURST):
-            await asyncio.gather(*(
-                self.kv.put(r.gateway_id, r.model_dump_json().encode())
-                for r in records[start : start + _BURST]
-            ))  # fmt: skip
+        for start in range(0, len(records), _WRITE_BURST):  # bounds what is buffered at once
+            await put_all(self.kv, [(r.gateway_id, r.model_dump_json().encode())
+                                    for r in records[start : start + _WRITE_BURST]])  # fmt: skip
