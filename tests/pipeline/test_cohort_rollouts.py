@@ -3,7 +3,9 @@ wave writes one signed state per cohort and no per-gateway desired state; cohort
 holds across a restart of the rollout service; a gateway whose labels change follows its new
 target set; a single-gateway rollback is the only per-gateway write; a gateway offline through
 a whole rollout catches up from its cohort's state; gateways speaking only the older
-per-gateway protocol still get their own desired state beside cohort gateways."""
+per-gateway protocol still get their own desired state beside cohort gateways; a fleet
+rollback also reaches gateways that installed from their cohort unplanned; a cancel withdraws
+the rollout's entries."""
 
 from __future__ import annotations
 
@@ -343,3 +345,66 @@ async def test_a_planned_gateway_that_registers_again_mid_rollout_waits_for_its_
         assert sorted(await _bucket(bus, DESIRED_STATE_BUCKET)) == [f"{prefix}-000000"]
         assert _variant(fleet, restarted) is None
         assert all(_variant(fleet, g) is None for g in waiting)
+
+
+async def test_a_fleet_rollback_reaches_unplanned_installs_and_a_cancel_withdraws_entries(
+    pipeline: Any, bus: Bus, tiny_onnx: Callable[..., bytes]
+) -> None:
+    # setup: 20 gateways (berlin/paris) all run 1.0.0; 1.1.0 rolls out to paris only
+    spec = FleetSpec(count=20, classes={CLASS: 1.0}, labels={"site": ["berlin", "paris"]},
+                     prefix="fr")  # fmt: skip
+    model = with_word_tokenizer(tiny_onnx())
+    old = await pipeline.release(bus, model, [CLASS], "1.0.0")
+    new = await pipeline.release(bus, with_word_tokenizer(tiny_onnx(seed=4)), [CLASS], "1.1.0")
+    third = await pipeline.release(bus, with_word_tokenizer(tiny_onnx(seed=5)), [CLASS], "1.2.0")
+    async with pipeline.rollout_service() as api, pipeline.simulated_fleet(bus, spec) as fleet:
+        await pipeline.await_fleet(api, 20)
+        await _completed(bus, await _start(api, "1.0.0", policy={"percents": [100],
+                                                                 "soak_s": 0}))  # fmt: skip
+        paris = await _start(api, "1.1.0", selector={"site": "paris"},
+                             policy={"percents": [100], "soak_s": 0})  # fmt: skip
+        await _completed(bus, paris)
+        # a berlin gateway comes back labelled paris: it installs 1.1.0 from its cohort's
+        # state without being in the rollout's plan
+        moved = next(g for g, s in fleet.gateways.items()
+                     if s.agent.settings.labels["site"] == "berlin")  # fmt: skip
+        await _reregister(bus, fleet, moved, {"site": "paris"})
+        assert _variant(fleet, moved) == new[CLASS].variant_id
+
+        async def known_as_installed() -> bool:
+            records = {r["gateway_id"]: r for r in (await api.get("/v1/gateways")).json()}
+            return bool(records[moved]["last_rollout_id"] == paris)
+
+        await until_answered(known_as_installed, "the fleet record of the moved gateway")
+
+        # execute: roll the paris rollout back fleet-wide
+        answer = await api.post(f"/v1/rollouts/{paris}/rollback", json={"reason": "test"})
+        assert answer.status_code == 200, answer.text
+
+        # assert: the unplanned install went back to 1.0.0 with the planned ones
+        rolled = await await_events(bus, "slmops.rollout.rolled_back.v1", count=1,
+                                    where=lambda e: e.data.rollout_id == paris)  # fmt: skip
+        assert moved in rolled[0].data.gateway_ids
+        assert len(rolled[0].data.gateway_ids) == 11
+        await until(lambda: _variant(fleet, moved) == old[CLASS].variant_id,
+                    "the moved gateway to serve 1.0.0 again")  # fmt: skip
+
+        # and: a cancelled rollout's entries leave the cohorts its first wave reached (what a
+        # gateway registering there later reads); those that installed it keep it
+        policy = {"percents": [30, 100], "soak_s": 0, "approval_waves": [1]}
+        cancelled = await _start(api, "1.2.0", policy=policy)
+        await await_events(bus, "slmops.gateway.report.v1.applied.>", count=1,
+                           where=lambda e: e.data.rollout_id == cancelled)  # fmt: skip
+        reached = _holding(await _cohorts(bus), cancelled)
+        assert reached
+        answer = await api.post(f"/v1/rollouts/{cancelled}/cancel", json={"reason": "test"})
+        assert answer.status_code == 200, answer.text
+        await until_answered(lambda: _no_entries_of(bus, cancelled),
+                             "the cancelled rollout's entries to leave the cohorts")  # fmt: skip
+        installed = {g for g in fleet.gateways if _variant(fleet, g) == third[CLASS].variant_id}
+        assert installed
+        assert {cohort_of(g) for g in installed} <= reached
+
+
+async def _no_entries_of(bus: Bus, rollout_id: str) -> bool:
+    return not _holding(await _cohorts(bus), rollout_id)

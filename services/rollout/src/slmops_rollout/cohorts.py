@@ -103,7 +103,7 @@ class CohortTable:
         return len(rest)
 
     async def withdraw(self, rollout_id: str, generation: int) -> int:
-        """Remove ``rollout_id``'s entries everywhere (the rollout was rolled back)."""
+        """Remove ``rollout_id``'s entries everywhere (the rollout was rolled back or cancelled)."""
         await self.load()
         async with self._lock:
             self.withdrawn.add(rollout_id)  # a chunk still in flight must not bring it back

@@ -37,6 +37,11 @@ class GatewayRecord(BaseModel):
     running_model_name: str | None = Field(
         None, description="The model it runs, when its reports name it (newer gateways)."
     )
+    previous_variant_id: str | None = Field(
+        None,
+        description="What it ran before its current variant: where a rollback of the "
+        "rollout that installed it (``last_rollout_id``) takes it, if it was not planned.",
+    )
     generation: int | None = None
     last_kind: str = ""
     last_reason: str = ""
@@ -58,6 +63,8 @@ def fold(record: GatewayRecord, report: GatewayReport, seen: datetime) -> None:
             record.generation, record.last_rollout_id = report.generation, report.rollout_id
             record.last_reason = report.reason
             if report.kind == "applied":
+                if report.variant_id != record.running_variant_id:
+                    record.previous_variant_id = record.running_variant_id
                 record.running_variant_id = report.variant_id
                 record.running_model_name = report.model_name
     elif report.kind == "health":

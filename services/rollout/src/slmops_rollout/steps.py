@@ -51,7 +51,8 @@ async def tick(engine: Engine) -> None:
         decision = decide(state, now, wave_health(engine, state), known)
         if decision.action == "rollback":
             scope = state.policy.rollback_scope
-            targets = decision.breached if scope == "gateways" else _reached(state)
+            targets = (decision.breached if scope == "gateways"
+                       else _reached_by_fleet_rollback(engine, state))  # fmt: skip
             await roll_back(engine, state, targets, decision.reason, scope=scope)
         elif decision.action == "advance":
             await engine.begin_wave(state.rollout_id, state.wave_index + 1)
@@ -102,6 +103,19 @@ def _reached(state: RolloutState) -> list[str]:
     return sorted(g for g, p in state.gateways.items() if p.status in _REACHED)
 
 
+def _reached_by_fleet_rollback(engine: Engine, state: RolloutState) -> list[str]:
+    """The rollout's reached gateways, and those that installed its model without being in
+    its plan (registered later, or changed labels, and read it from their cohort's state):
+    the fleet records say so (their applied report named the rollout)."""
+    variants = {desired.variant_id for desired in state.desired.values()}
+    unplanned = [
+        gateway_id for gateway_id, record in engine.gateways.records.items()
+        if gateway_id not in state.gateways and record.last_rollout_id == state.rollout_id
+        and record.running_variant_id in variants
+    ]  # fmt: skip
+    return _reached(state) + sorted(unplanned)
+
+
 async def roll_back(
     engine: Engine, state: RolloutState, gateway_ids: list[str], reason: str,
     *, scope: Literal["gateways", "fleet"],
@@ -112,7 +126,11 @@ async def roll_back(
     assignments = []
     generation = await engine.next_generation()
     for gateway_id in gateway_ids:
-        previous = state.gateways[gateway_id].previous_variant_id
+        progress = state.gateways.get(gateway_id)
+        if progress is not None:
+            previous = progress.previous_variant_id
+        else:  # installed from its cohort unplanned: its record says what it ran before
+            previous = engine.gateways.records[gateway_id].previous_variant_id
         if previous is None:
             continue  # it ran nothing before: there is nothing to go back to
         if previous not in targets:
@@ -131,10 +149,11 @@ async def roll_back(
     if scope == "fleet" and engine.cohorts is not None:  # no late joiner installs it either
         await engine.cohorts.withdraw(state.rollout_id, generation)
     rolled = [a.gateway_id for a in assignments]
-    for gateway_id in rolled:
+    planned = [g for g in rolled if g in state.gateways]
+    for gateway_id in planned:
         progress = state.gateways[gateway_id]
         progress.status, progress.generation = "rolled_back", generation
-    await _set(engine, state, "paused" if scope == "gateways" else "rolled_back", reason, rolled)
+    await _set(engine, state, "paused" if scope == "gateways" else "rolled_back", reason, planned)
     to_variants = {a.desired.variant_id for a in assignments}
     event = RolloutRolledBack(
         rollout_id=state.rollout_id, scope=scope, reason=reason, gateway_ids=rolled,
@@ -165,10 +184,15 @@ async def control(engine: Engine, rollout_id: str, action: Action, reason: str) 
         await _set(engine, state, state.status, reason or f"wave {following} approved")
     elif action == "rollback":
         why = reason or "rollback requested"
-        await roll_back(engine, state, _reached(state), why, scope="fleet")
+        await roll_back(engine, state, _reached_by_fleet_rollback(engine, state), why,
+                        scope="fleet")  # fmt: skip
     else:
         status = {"pause": "paused", "resume": "running", "cancel": "cancelled"}[action]
         await _set(engine, state, status, reason or f"{action} requested")
+        if action == "cancel" and engine.cohorts is not None:
+            # no gateway starts installing it from now on (those that did keep it, as with
+            # per-gateway assignments already sent): its entries leave the cohorts reached
+            await engine.cohorts.withdraw(rollout_id, await engine.next_generation())
         if action == "pause":
             await engine.announce(RolloutPaused(rollout_id=rollout_id,
                                                 wave_index=state.wave_index,
