@@ -42,6 +42,8 @@ CLASSES = "x86-avx512-vnni=0.5,arm64-pi5=0.5"
 SOAK_S = 1.0
 RAW_HOPS = 500
 TARGET_MS = 10.0
+# a wave's hops: cohort notifications (older gateways: assignments) and the gateways' reports
+FLEET_EVENTS = ("gateway.", "cohort.")
 
 
 async def raw_hops(nats_url: str, count: int = RAW_HOPS) -> list[float]:
@@ -186,9 +188,9 @@ def print_tables(spans: list[SpanRecord], raw: list[float], wall_s: float, model
         p50 = statistics.median(values)
         print(f"| {name} | {len(values)} | {p50:.2f} | {_pct(values, 0.95):.2f} | "
               f"{p50 / raw_p50:.1f}x |")  # fmt: skip
-    pipeline = [h for name, values in hops.items() if not name.startswith("gateway.")
+    pipeline = [h for name, values in hops.items() if not name.startswith(FLEET_EVENTS)
                 for h in values]  # fmt: skip
-    fleet = [h for name, values in hops.items() if name.startswith("gateway.") for h in values]
+    fleet = [h for name, values in hops.items() if name.startswith(FLEET_EVENTS) for h in values]
     for label, values in (("every pipeline hop (one event at a time)", pipeline),
                           ("every fleet hop (waves of assignments and reports)", fleet),
                           ("every platform hop", every)):  # fmt: skip

@@ -6,9 +6,11 @@ gateway and waits for every answer (subscriptions are made before the clock star
 ours: the rollout service and the registry as their own processes, and a simulated
 fleet of real gateway agents in ``FLEET_PROCESSES`` processes of their own (``fleet_worker``;
 each like a site: one connection, one subscription to the cohorts' notifications, one
-consumer for exceptions). The rollout is one wave of every gateway, no soak. Times are from ``rollout.wave.started``: until every
-gateway's acknowledgement and every ``applied`` report reached NATS, and until the service
-announced ``rollout.completed`` (it has then folded every report in and stored it in KV).
+consumer for exceptions); its gateways' wave reports one message each, or (a second run) as
+its sites' batches (``GatewayReports``). The rollout is one wave of every gateway, no soak.
+Times are from ``rollout.wave.started``: until every gateway's acknowledgement and every
+``applied`` report reached NATS, and until the service announced ``rollout.completed`` (it
+has then folded every report in and stored it in KV).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ CLASS = "x86-avx512-vnni"
 class Result:
     count: int
     floor_s: float
+    site_reports: bool = False  # wave reports as sites' batches, not one message per report
     plan_s: float = 0.0
     acked_s: float = 0.0
     applied_s: float = 0.0
@@ -164,19 +167,14 @@ def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
 class FleetProcesses:
     """The simulated fleet as ``bench.fleet_worker`` processes, each its part of the gateways."""
 
-    def __init__(self, count: int, prefix: str, registry_url: str, parts: int) -> None:
+    def __init__(
+        self, count: int, prefix: str, registry_url: str, parts: int, site_reports: bool
+    ) -> None:
+        argv = [sys.executable, "-m", "bench.fleet_worker", str(count), prefix]
+        reports = "site" if site_reports else "own"
         self.processes = [
             subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "bench.fleet_worker",
-                    str(count),
-                    prefix,
-                    str(part),
-                    str(parts),
-                    registry_url,
-                ],
+                [*argv, str(part), str(parts), registry_url, reports],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
@@ -240,7 +238,8 @@ async def ours(bus: Bus, count: int, result: Result, nats_pid: int) -> None:
             model = with_word_tokenizer(tiny_encoder_onnx())
             variant = await register_variant(registry, model, device_class=CLASS)
             await bus.publish(new_event(release_of({CLASS: variant}), source="/bench"))
-            fleet = FleetProcesses(count, f"b{count}", registry_url, FLEET_PROCESSES)
+            fleet = FleetProcesses(count, f"b{count}", registry_url, FLEET_PROCESSES,
+                                   result.site_reports)  # fmt: skip
             try:
                 began = time.perf_counter()
                 await fleet.ready()
@@ -342,12 +341,14 @@ async def _watch(bus: Bus, count: int) -> dict[str, Any]:
     marks: dict[str, Any] = {"completed": asyncio.Event()}
     seen = {"acknowledged": 0, "applied": 0}
 
-    async def on_report(msg: Any) -> None:
+    async def on_report(msg: Any) -> None:  # one report, or a site's batch of them
         for kind in seen:
-            if f'"kind":"{kind}"'.encode() in msg.data:
-                seen[kind] += 1
-                if seen[kind] == count:
-                    marks["acked" if kind == "acknowledged" else "applied"] = time.perf_counter()
+            found = msg.data.count(f'"kind":"{kind}"'.encode())
+            if found:
+                seen[kind] += found
+                mark = "acked" if kind == "acknowledged" else "applied"
+                if seen[kind] >= count and mark not in marks:
+                    marks[mark] = time.perf_counter()
 
     async def on_rollout(msg: Any) -> None:
         if msg.subject.startswith("slmops.rollout.wave.started"):
@@ -357,12 +358,13 @@ async def _watch(bus: Bus, count: int) -> dict[str, Any]:
             marks["completed"].set()
 
     await bus.nc.subscribe("slmops.gateway.report.v1.>", cb=on_report)
+    await bus.nc.subscribe("slmops.gateway.reports.v1.>", cb=on_report)
     await bus.nc.subscribe("slmops.rollout.>", cb=on_rollout)
     await bus.nc.flush()
     return marks
 
 
-async def measure(count: int) -> Result:
+async def measure(count: int, site_reports: bool) -> Result:
     from bench.optimizer.jobs import s3_store
 
     with tempfile.TemporaryDirectory(prefix="slmops-fleet-") as tmp:
@@ -370,7 +372,8 @@ async def measure(count: int) -> Result:
         server.start()
         os.environ["SLMOPS_NATS_URL"] = server.url
         try:
-            result = Result(count=count, floor_s=await floor(server.url, count))
+            result = Result(count=count, floor_s=await floor(server.url, count),
+                            site_reports=site_reports)  # fmt: skip
             with s3_store(Path(tmp) / "var"):
                 bus = await Bus.connect(server.url, source="/bench")
                 await bus.declare(Topology())
@@ -385,15 +388,16 @@ async def measure(count: int) -> Result:
 
 def table(results: list[Result]) -> str:
     lines = [
-        "| gateways | floor: bare request/ack | plan | all acknowledged (ratio to floor) "
-        "| all applied | rollout completed | msgs/s | rollout service peak MB "
-        "| fleet sim peak MB (all processes) | fleet registered in |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| gateways | wave reports | floor: bare request/ack | plan "
+        "| all acknowledged (ratio to floor) | all applied | rollout completed | msgs/s "
+        "| rollout service peak MB | fleet sim peak MB (all processes) | fleet registered in |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
-            f"| {r.count:,} | {r.floor_s:.2f} s | {r.plan_s:.2f} s | {r.acked_s:.2f} s "
-            f"({r.acked_s / r.floor_s:.1f}x) | {r.applied_s:.2f} s | {r.completed_s:.2f} s "
+            f"| {r.count:,} | {_mode(r)} | {r.floor_s:.2f} s | {r.plan_s:.2f} s "
+            f"| {r.acked_s:.2f} s ({r.acked_s / r.floor_s:.1f}x) | {r.applied_s:.2f} s "
+            f"| {r.completed_s:.2f} s "
             f"| {r.messages / r.completed_s:,.0f} | {r.service_peak_mb:.0f} "
             f"| {r.fleet_rss_mb:.0f} | {r.register_s:.1f} s |"
         )
@@ -402,23 +406,33 @@ def table(results: list[Result]) -> str:
         "CPU seconds per process from the rollout request until `rollout.completed` "
         "(this host has 2 cores; the simulated devices share them with the platform):",
         "",
-        "| gateways | " + " | ".join(results[0].cpu_s) + " | platform CPU ms per gateway |",
-        "|---|" + "---|" * (len(results[0].cpu_s) + 1),
+        "| gateways | wave reports | "
+        + " | ".join(results[0].cpu_s)
+        + " | platform CPU ms per gateway |",
+        "|---|---|" + "---|" * (len(results[0].cpu_s) + 1),
     ]
     for r in results:
         platform = sum(v for k, v in r.cpu_s.items() if k != "fleet simulator")
-        lines.append(f"| {r.count:,} | " + " | ".join(f"{v:.1f}" for v in r.cpu_s.values())
-                     + f" | {1000 * platform / r.count:.2f} |")  # fmt: skip
+        figures = " | ".join(f"{v:.1f}" for v in r.cpu_s.values())
+        lines.append(f"| {r.count:,} | {_mode(r)} | {figures} "
+                     f"| {1000 * platform / r.count:.2f} |")  # fmt: skip
     lines += [
         "",
         "Per cohort (every cohort's signed state rewritten, stored and announced once; the "
         "writer's and nats-server's CPU):",
         "",
-        "| fleet run | wall ms per cohort | CPU ms per cohort |",
-        "|---|---|---|",
-        *(f"| {r.count:,} | {r.cohort_ms:.3f} | {r.cohort_cpu_ms:.3f} |" for r in results),
+        "| fleet run | wave reports | wall ms per cohort | CPU ms per cohort |",
+        "|---|---|---|---|",
+        *(
+            f"| {r.count:,} | {_mode(r)} | {r.cohort_ms:.3f} | {r.cohort_cpu_ms:.3f} |"
+            for r in results
+        ),
     ]
     return "\n".join(lines)
+
+
+def _mode(r: Result) -> str:
+    return "sites' batches" if r.site_reports else "one per gateway"
 
 
 MODEL_SIZES = ((1_000_000, 1024), (10_000_000, 16_384))  # (gateways, cohorts)
@@ -454,7 +468,7 @@ def model(results: list[Result]) -> str:
 
 async def run(sizes: tuple[int, ...]) -> list[Result]:
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    return [await measure(n) for n in sizes]
+    return [await measure(n, site) for n in sizes for site in (False, True)]
 
 
 def main() -> None:
@@ -463,8 +477,10 @@ def main() -> None:
     results = asyncio.run(run(sizes))
     print("\n## Rollout fan-out to a simulated fleet (one wave, every gateway)\n")
     print(table(results))
-    print("\n### Model: a wave to 1,000,000 and 10,000,000 gateways\n")
-    print(model(results))
+    for site in (False, True):
+        how = "as sites' batches" if site else "one per gateway"
+        print(f"\n### Model: a wave to 1,000,000 and 10,000,000 gateways, wave reports {how}\n")
+        print(model([r for r in results if r.site_reports == site]))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """One process of the fleet benchmark's simulated fleet: its part of the gateways.
 
 Run by ``bench.fleet`` (``python -m bench.fleet_worker <count> <prefix> <part> <parts>
-<registry url>``, NATS from ``SLMOPS_NATS_URL``). Prints ``ready`` once its gateways have
+<registry url> own|site``, NATS from ``SLMOPS_NATS_URL``; ``site``: wave reports as the
+site's batches). Prints ``ready`` once its gateways have
 registered and reconciled, waits for a line on stdin, stops, and prints what its gateways
 serve as one JSON line. Several of these share the fleet as separate sites would: each its own
 connection, cohort subscription, consumer and registry cache.
@@ -20,7 +21,9 @@ from slmops.settings import PlatformSettings
 CLASS = "x86-avx512-vnni"
 
 
-async def run(count: int, prefix: str, part: int, parts: int, registry_url: str) -> None:
+async def run(
+    count: int, prefix: str, part: int, parts: int, registry_url: str, site_reports: bool
+) -> None:
     from slmops_gateway.settings import GatewaySettings
     from slmops_gateway.simulator import CachingRegistry, FleetSpec, SimulatedFleet
 
@@ -28,7 +31,8 @@ async def run(count: int, prefix: str, part: int, parts: int, registry_url: str)
     creds = ensure_local_credentials(platform.var_dir)
     bus = await Bus.connect(platform.nats_url, source=f"/bench/fleet/{part}")
     cache = CachingRegistry(registry_url, auth=BearerToken(creds.token("simulator")))
-    spec = FleetSpec(count=count, classes={CLASS: 1.0}, prefix=prefix, part=part, parts=parts)
+    spec = FleetSpec(count=count, classes={CLASS: 1.0}, prefix=prefix, part=part, parts=parts,
+                     site_reports=site_reports)  # fmt: skip
     fleet = SimulatedFleet(bus, cache, spec, GatewaySettings(platform=platform))
     await fleet.start()
     print("ready", flush=True)
@@ -41,8 +45,8 @@ async def run(count: int, prefix: str, part: int, parts: int, registry_url: str)
 
 
 def main() -> None:
-    count, prefix, part, parts, registry_url = sys.argv[1:6]
-    asyncio.run(run(int(count), prefix, int(part), int(parts), registry_url))
+    count, prefix, part, parts, registry_url, reports = sys.argv[1:7]
+    asyncio.run(run(int(count), prefix, int(part), int(parts), registry_url, reports == "site"))
 
 
 if __name__ == "__main__":

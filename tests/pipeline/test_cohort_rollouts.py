@@ -5,7 +5,7 @@ target set; a single-gateway rollback is the only per-gateway write; a gateway o
 a whole rollout catches up from its cohort's state; gateways speaking only the older
 per-gateway protocol still get their own desired state beside cohort gateways; a fleet
 rollback also reaches gateways that installed from their cohort unplanned; a cancel withdraws
-the rollout's entries."""
+the rollout's entries; a site's batched wave reports count like its gateways' own."""
 
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ import pytest
 from slmops.bus import Bus
 from slmops.bus.permissions import COHORT_BUCKET, DESIRED_STATE_BUCKET
 from slmops.cohorts import COHORT_COUNT, CohortState, cohort_key, cohort_of
+from slmops.events.reports import report_event
 from slmops.testing.events import await_events
 from slmops.testing.models import with_word_tokenizer
 from slmops.testing.polling import until, until_answered
-from slmops_gateway.agent import report_event
 from slmops_gateway.simulator import FleetSpec, SimulatedFleet
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -408,3 +408,40 @@ async def test_a_fleet_rollback_reaches_unplanned_installs_and_a_cancel_withdraw
 
 async def _no_entries_of(bus: Bus, rollout_id: str) -> bool:
     return not _holding(await _cohorts(bus), rollout_id)
+
+
+async def test_a_sites_batched_reports_move_the_wave_and_the_lineage_like_single_ones(
+    pipeline: Any, bus: Bus, tiny_onnx: Callable[..., bytes]
+) -> None:
+    # setup: 40 gateways whose wave reports go out as their site's batches; 2 fail to install
+    spec = FleetSpec(count=40, classes={CLASS: 1.0}, prefix="st", site_reports=True,
+                     faults={"download": 0.05})  # fmt: skip
+    variant = (await pipeline.release(bus, with_word_tokenizer(tiny_onnx()), [CLASS]))[CLASS]
+    batches = await bus.js.pull_subscribe("slmops.gateway.reports.v1.>", stream="SLMOPS_FLEET")
+    async with pipeline.rollout_service() as api, pipeline.simulated_fleet(bus, spec) as fleet:
+        await pipeline.await_fleet(api, 40)
+
+        # execute
+        rollout = await _start(api, "1.0.0", policy={"percents": [50, 100], "soak_s": 0.2,
+                                                     "success_threshold": 0.9})  # fmt: skip
+        done = await _completed(bus, rollout)
+
+        # assert: the waves counted every gateway's outcome from the batches; the registry's
+        # lineage holds each gateway's state; no gateway sent a wave report of its own
+        assert (done.gateways_updated, done.gateways_failed) == (38, 2)
+        assert fleet.serving() == {variant.variant_id: 38, "-": 2}
+        status = (await api.get(f"/v1/rollouts/{rollout}")).json()
+        assert status["gateways"] == {"applied": 38, "failed": 2}
+
+        async def lineage_complete() -> bool:
+            found = (await pipeline.registry.get("/v1/models/tiny/1.0.0/lineage")).json()
+            states = {g["state"] for g in found.get("gateways", {}).values()}
+            return len(found.get("gateways", {})) == 40 and states == {"applied", "failed"}
+
+        await until_answered(lineage_complete, "every gateway's state in the lineage")
+        sent = await batches.fetch(100, timeout=5)
+        assert 2 <= len(sent) < 80  # at least one per wave, far fewer than 2 reports each
+        own = "slmops.gateway.report.v1.>"
+        singles = await bus.js.stream_info("SLMOPS_FLEET", subjects_filter=own)
+        kinds = {subject.split(".")[4] for subject in singles.state.subjects or {}}
+        assert kinds == {"registered"}  # registrations are their own; wave reports batched

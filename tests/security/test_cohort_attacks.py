@@ -15,7 +15,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from slmops.assignments import AssignmentSigner
-from slmops.bus.permissions import COHORT_BUCKET, COHORT_SUBJECT
+from slmops.bus.permissions import COHORT_BUCKET, COHORT_SUBJECT, REPORTS_SUBJECT
 from slmops.cohorts import COHORT_COUNT, CohortEntry, CohortState, cohort_key, cohort_of
 from slmops.events.payloads import ArtifactRef, DesiredModel
 from slmops.testing.localstack import RunningStack
@@ -153,3 +153,11 @@ async def test_forged_altered_and_expired_cohort_states_are_refused(
     assert base + 12 not in generations
     assert report["kind"] == "failed"
     assert "without a signed statement" in report["reason"]
+
+
+async def test_a_gateway_cannot_publish_a_sites_batch_of_reports(connect: Any) -> None:
+    # a batch speaks for many gateways: a gateway (even one named like a site) may not send one
+    gateway = await connect(GATEWAY)
+    for subject in (f"{REPORTS_SUBJECT}.{GATEWAY_ID}.b1", f"{REPORTS_SUBJECT}.site-1.b1"):
+        error = await gateway.refused(gateway.client.publish(subject, b"{}"))
+        assert f'publish to "{subject.lower()}"' in error

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from slmops.events import GatewayReport
+from slmops.events.reports import report_event
 from slmops.generation import Codec, GenerationSpec, Sampling
 from slmops.settings import PlatformSettings
 from slmops.telemetry import Sketch, embedding_moments, token_logprobs
 from slmops.testing.polling import until
-from slmops_gateway.agent import report_event
 from slmops_gateway.app import create_app
 from slmops_gateway.health import HealthWindow, bucketed
 from slmops_gateway.settings import GatewaySettings

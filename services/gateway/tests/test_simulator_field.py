@@ -19,6 +19,7 @@ from slmops.events.payloads import (
     PassSpec,
     Recipe,
 )
+from slmops.events.reports import report_event
 from slmops.fleetsim import FleetRequest
 from slmops.manifests import Manifest
 from slmops.reports import CheckOutcome, ValidationReport
@@ -32,7 +33,6 @@ from slmops.telemetry import (
     merge_signatures,
     token_logprobs,
 )
-from slmops_gateway.agent import report_event
 from slmops_gateway.fleetsim import simulated_fleet
 from slmops_gateway.settings import GatewaySettings
 from slmops_gateway.simfield import BASE_LATENCY_MS, P95_OVER_P50, REQUESTS_PER_ROUND

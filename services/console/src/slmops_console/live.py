@@ -17,7 +17,7 @@ from collections import defaultdict
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from slmops.bus.permissions import CONSOLE_SUBJECTS
+from slmops.bus.permissions import CONSOLE_SUBJECTS, REPORTS_SUBJECT
 from slmops.service import BackgroundTask, Check, ServiceRuntime
 
 log = logging.getLogger(__name__)
@@ -59,12 +59,16 @@ class LiveFeed(BackgroundTask):
     async def _on_message(self, msg: Msg) -> None:
         self.received += 1
         try:
-            rollout_id = json.loads(msg.data).get("data", {}).get("rollout_id")
-        except (ValueError, AttributeError):
+            data = json.loads(msg.data).get("data", {})
+            reports = data.get("reports") if msg.subject.startswith(REPORTS_SUBJECT) else [data]
+            rollout_ids = {r.get("rollout_id") for r in reports}  # a site's batch: several
+        except (ValueError, AttributeError, TypeError):
             return  # not an event of ours: nothing to show
-        if not isinstance(rollout_id, str):
+        rollout_ids = {r for r in rollout_ids if isinstance(r, str)}
+        if not rollout_ids:
             return
-        self.versions[rollout_id] += 1
+        for rollout_id in rollout_ids:
+            self.versions[rollout_id] += 1
         if msg.subject.startswith("slmops.rollout."):
             self.versions[ANY_ROLLOUT] += 1
         pulse, self._pulse = self._pulse, asyncio.Event()

@@ -33,7 +33,7 @@ from slmops.cohorts import (
     cohort_of,
     overlay_for,
 )
-from slmops.events import CloudEvent, GatewayAssignment, GatewayReport, derive_event_id, new_event
+from slmops.events import GatewayAssignment, GatewayReport
 from slmops.events.payloads import DesiredModel
 from slmops.service import Check
 from slmops.service.registry_api import RegistryClient
@@ -58,16 +58,6 @@ def _warn_first_use() -> None:
     """Once per process: a simulated fleet runs thousands of agents in one."""
     log.warning("no pinned trust root: trusting the registry's key on first use "
                 "(SLMOPS_ENV=local only; set SLMOPS_GATEWAY_TRUST_ROOT_FILE)")  # fmt: skip
-
-
-def report_event(report: GatewayReport) -> CloudEvent[GatewayReport]:
-    """The event of a report; one id per (gateway, generation, outcome), so a redelivered
-    assignment re-sends the same report and JetStream drops the duplicate."""
-    source = f"/slmops/gateway/{report.gateway_id}"
-    if report.generation is None or report.kind not in ("acknowledged", "applied", "failed"):
-        return new_event(report, source=source)
-    key = f"{report.gateway_id}/{report.generation}/{report.kind}"
-    return new_event(report, source=source, event_id=derive_event_id("gateway.report", key))
 
 
 @dataclass

@@ -15,11 +15,12 @@ from pydantic import ValidationError
 from slmops.bus.permissions import COHORT_BUCKET, COHORT_SUBJECT
 from slmops.cohorts import COHORT_EVENT, CohortState, cohort_key
 from slmops.events import GatewayReport
+from slmops.events.reports import report_event
 from slmops.service import BackgroundTask, Check, ServiceRuntime, create_service_app, serve
 from slmops.service.registry_api import RegistryClient
 from slmops.tracing import extract_trace_context
 from slmops.trust.client import TrustClient
-from slmops_gateway.agent import DESIRED_BUCKET, Agent, report_event
+from slmops_gateway.agent import DESIRED_BUCKET, Agent
 from slmops_gateway.api import router
 from slmops_gateway.handlers import build_handlers
 from slmops_gateway.metrics import register as register_metrics

@@ -12,7 +12,8 @@ from typing import Any
 
 from slmops.bus import HandlerResult, Handlers
 from slmops.events import CloudEvent, GatewayAssignment
-from slmops_gateway.agent import Agent, report_event
+from slmops.events.reports import report_event
+from slmops_gateway.agent import Agent
 
 
 async def on_assignment(event: CloudEvent[GatewayAssignment], agent: Agent) -> HandlerResult:

@@ -9,7 +9,9 @@ the cohorts' notifications, one JetStream pull consumer for all of its assignmen
 registry cache (manifests are content addressed, so caching them changes nothing a gateway
 verifies: each still checks the signatures itself) and one verdict per cohort statement.
 A ``legacy`` share of the fleet speaks only the per-gateway protocol (gateways older than
-cohorts).
+cohorts). With ``site_reports`` the fleet sends its wave reports as one site's batches
+(:mod:`slmops_gateway.sitereports`) instead of one message per report; ``part``/``parts``
+split one fleet's gateways over several processes.
 
 Faults are injected into exact shares of the fleet: ``download`` and ``smoke`` make installs
 fail, ``latency`` and ``shadow`` make every model after the first one slower or disagree more
@@ -46,13 +48,15 @@ from slmops.bus.permissions import COHORT_BUCKET, COHORT_SUBJECT
 from slmops.bus.topology import ConsumerSpec, stream_for_subject
 from slmops.cohorts import COHORT_COUNT, COHORT_EVENT, CohortState
 from slmops.events import CloudEvent, GatewayAssignment, GatewayReport
-from slmops.events.payloads import DesiredModel, HealthAggregate
+from slmops.events.payloads import BATCHED_REPORT_KINDS, DesiredModel, HealthAggregate
+from slmops.events.reports import report_event
 from slmops.settings import ConsumerSettings
 from slmops.tracing import extract_trace_context
-from slmops_gateway.agent import DESIRED_BUCKET, Agent, report_event
+from slmops_gateway.agent import DESIRED_BUCKET, Agent
 from slmops_gateway.settings import GatewaySettings
 from slmops_gateway.sharing import Shared
 from slmops_gateway.simshared import CachingRegistry, CohortReader, FieldProfiles
+from slmops_gateway.sitereports import SiteReporter
 
 __all__ = ["FAULTS", "CachingRegistry", "Fault", "FleetSpec", "SimulatedFleet", "SimulatedGateway"]
 from slmops_gateway.slots import LoadedModel, SessionOptions
@@ -80,6 +84,7 @@ class FleetSpec:
     legacy: float = 0.0  # share of gateways speaking only the per-gateway protocol
     part: int = 0  # this process simulates the gateways whose index % parts == part
     parts: int = 1  # processes sharing the fleet (each its own connection and consumer)
+    site_reports: bool = False  # wave reports sent as one site's batches (``sitereports``)
 
     def __post_init__(self) -> None:
         if self.count < 1:
@@ -204,9 +209,13 @@ class SimulatedFleet:
         self._tasks: set[asyncio.Task[None]] = set()
         self._acting = asyncio.Semaphore(_BURST)
         self.durable = f"fleetsim-{spec.prefix}" + (f"-{spec.part}" if spec.parts > 1 else "")
+        self._site = SiteReporter(bus, self.durable) if spec.site_reports else None
 
     async def _publish(self, report: GatewayReport) -> None:
-        await self.bus.publish(report_event(report))
+        if self._site is not None and report.kind in BATCHED_REPORT_KINDS:
+            await self._site.send(report)
+        else:
+            await self.bus.publish(report_event(report))
 
     async def start(self) -> None:
         """Listen for assignments, register every gateway, then reconcile each with KV."""
@@ -321,6 +330,8 @@ class SimulatedFleet:
             await self._cohort_sub.unsubscribe()
             self._cohort_sub = None
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._site is not None:
+            await self._site.close()
         if self._consumer is not None:
             await self._consumer.stop()
             self._consumer = None

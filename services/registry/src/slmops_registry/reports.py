@@ -20,14 +20,18 @@ import asyncio
 from collections.abc import Iterable
 from typing import Any
 
-from slmops.events import CloudEvent, GatewayReport, TransientError
+from slmops.events import CloudEvent, GatewayReport, GatewayReports, TransientError
 from slmops.events.registry import decoder_for
+from slmops.events.reports import each_report
 from slmops_registry.lineage import GatewayState, gateway_state
 from slmops_registry.projection import LineageStore
 
 #: The gateway reports lineage keeps: which variant each gateway runs (registrations,
 #: acknowledgements and health are not lineage).
-REPORT_SUBJECTS = tuple(f"{GatewayReport.event_type}.{kind}.>" for kind in ("applied", "failed"))
+REPORT_SUBJECTS = (
+    *(f"{GatewayReport.event_type}.{kind}.>" for kind in ("applied", "failed")),
+    f"{GatewayReports.event_type}.>",  # sites' batches (their acknowledgements left out here)
+)
 _MAX_REMEMBERED = 100_000  # rollout/variant locations kept in memory (a few MB at most)
 
 Where = tuple[str, str]  # (model name, version)
@@ -44,7 +48,8 @@ class ReportFolder:
     async def fold(self, events: list[CloudEvent[Any]]) -> None:
         """Write the newest state per gateway of ``events``; raise :class:`TransientError`
         (after writing the rest) when some name a rollout or variant not projected yet."""
-        states = [(event.data, state) for event in events if (state := _state(event))]
+        states = [(event.data, state) for event in each_report(events)
+                  if (state := gateway_state(event))]  # fmt: skip
         await self._resolve(report for report, _ in states)
         newest: dict[GatewayKey, GatewayState] = {}
         unplaced: list[str] = []
@@ -90,10 +95,6 @@ class ReportFolder:
 #: A message of the report consumer: validated by the report's own model; anything else as
 #: ``decode_event`` decodes it, or its precise refusal.
 decode_report = decoder_for(GatewayReport)
-
-
-def _state(event: CloudEvent[Any]) -> GatewayState | None:
-    return gateway_state(event) if isinstance(event.data, GatewayReport) else None
 
 
 def _refs(report: GatewayReport) -> list[tuple[str, str]]:

@@ -13,7 +13,7 @@ from slmops.bus.batches import BatchConsumer, BatchHandler
 from slmops.bus.handlers import durable_name
 from slmops.bus.permissions import COHORT_BUCKET, DESIRED_STATE_BUCKET
 from slmops.bus.topology import FLEET, ConsumerSpec
-from slmops.events import GatewayReport
+from slmops.events import GatewayReport, GatewayReports
 from slmops.events.registry import decoder_for
 from slmops.service import BackgroundTask, Check, ServiceRuntime, create_service_app, serve
 from slmops.service.registry_api import RegistryClient
@@ -65,16 +65,17 @@ class Ticker(BackgroundTask):
             pause_s = max(self.tick_s, 4 * (loop.time() - began))
 
 
-REPORT_SUBJECT = "slmops.gateway.report.v1.>"
+REPORT_SUBJECTS = (f"{GatewayReport.event_type}.>", f"{GatewayReports.event_type}.>")
 
 
 def report_consumer(settings: RolloutSettings) -> ConsumerSpec:
-    """Its durable on the fleet stream: every gateway report, folded in batches."""
+    """Its durable on the fleet stream: every gateway report and sites' batches of them,
+    folded in batches."""
     return ConsumerSpec(
         stream=FLEET.name, durable=durable_name("rollout", FLEET.name),
-        filter_subjects=(REPORT_SUBJECT,), ack_wait_s=settings.consumer.ack_wait_s,
+        filter_subjects=REPORT_SUBJECTS, ack_wait_s=settings.consumer.ack_wait_s,
         max_deliver=settings.consumer.max_deliver, max_ack_pending=_MAX_ACK_PENDING,
-        description=f"rollout: {REPORT_SUBJECT} (folded in batches)",
+        description=f"rollout: {', '.join(REPORT_SUBJECTS)} (folded in batches)",
     )  # fmt: skip
 
 

@@ -18,7 +18,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from slmops.bus import HandlerResult, Handlers
-from slmops.events import CloudEvent, GatewayReport, ReleaseCreated, ReleaseFailed, TransientError
+from slmops.events import CloudEvent, ReleaseCreated, ReleaseFailed, TransientError
+from slmops.events.reports import each_report
 from slmops.tracing import current_traceparent
 from slmops_rollout import proposals
 from slmops_rollout.engine import Engine
@@ -45,7 +46,7 @@ async def _engine(engines: EngineSource) -> Engine:
 async def on_gateway_reports(events: Sequence[CloudEvent[Any]], engines: EngineSource) -> None:
     """A batch of the fleet stream (``reports.py``): the fleet record and rollouts move."""
     engine = await _engine(engines)
-    await fold_reports(engine, [e.data for e in events if isinstance(e.data, GatewayReport)])
+    await fold_reports(engine, [e.data for e in each_report(events)])
 
 
 async def on_release(

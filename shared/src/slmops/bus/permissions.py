@@ -27,6 +27,7 @@ COHORT_BUCKET = "slmops-cohorts"
 COHORT_SUBJECT = "slmops.cohort.v1"  # core NATS notifications, one subject per cohort
 ASSIGNMENT_SUBJECT = "slmops.gateway.assignment.v1"
 REPORT_SUBJECT = "slmops.gateway.report.v1"
+REPORTS_SUBJECT = "slmops.gateway.reports.v1"  # batches: never a gateway's to publish
 DEAD_LETTER_SUBJECT = "slmops.deadletter.v1"
 
 #: The event subjects each service publishes (its own events only).
@@ -146,6 +147,7 @@ def service_permissions(service: str, public_key: str) -> Permissions:
 CONSOLE_SUBJECTS = (
     "slmops.rollout.>",
     *(f"{REPORT_SUBJECT}.{kind}.>" for kind in ("acknowledged", "applied", "failed")),
+    f"{REPORTS_SUBJECT}.>",
 )
 
 
@@ -194,6 +196,7 @@ def simulator_permissions(public_key: str) -> Permissions:
     stream = ROLLOUT.name
     publish = (
         f"{REPORT_SUBJECT}.>",
+        f"{REPORTS_SUBJECT}.>",  # its agents' wave reports, folded as a site's would be
         f"{API}.STREAM.INFO.KV_{COHORT_BUCKET}",
         f"{API}.DIRECT.GET.KV_{COHORT_BUCKET}.>",
         f"{API}.INFO",

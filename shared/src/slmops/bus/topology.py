@@ -83,8 +83,8 @@ ROLLOUT = StreamSpec(
 )
 FLEET = StreamSpec(
     "SLMOPS_FLEET",
-    ("slmops.gateway.report.>",),
-    "Gateway reports: registration, applied/failed, health aggregates.",
+    ("slmops.gateway.report.>", "slmops.gateway.reports.>"),
+    "Gateway reports: registration, applied/failed, health aggregates; sites' batches.",
     max_bytes=1 * GIB,
     max_age_s=7 * DAY_S,
     # A gateway's subject per report kind keeps its newest 100: one chatty gateway cannot

@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from slmops.events.envelope import EventPayload
 from slmops.telemetry.drift import DriftSignature
@@ -429,6 +429,39 @@ class GatewayReport(EventPayload):
         return f"{self.kind}.{self.gateway_id}"
 
 
+#: Report kinds a batch may carry: what a wave moves (registrations and health keep their own
+#: subjects and consumers).
+BATCHED_REPORT_KINDS = ("acknowledged", "applied", "failed")
+MAX_BATCHED_REPORTS = 2000  # ~1 MB of reports at most: NATS's default message size limit
+
+
+class GatewayReports(EventPayload):
+    """Many gateways' wave reports (acknowledged, applied, failed) in one event, from a
+    publisher that speaks for a site's gateways: one stored message per batch instead of one
+    per report, which is what a wave to a large fleet costs most. Consumers fold each report
+    as if its gateway had sent it (``slmops.events.reports.each_report``). A gateway can
+    never publish one: its permission names only its own report subjects."""
+
+    event_type = "slmops.gateway.reports.v1"
+
+    site: Token = Field(description="Who folded these reports (a site, or a fleet simulator).")
+    batch: Token = Field(description="Unique per batch of the site: its own subject.")
+    reports: list[GatewayReport] = Field(min_length=1, max_length=MAX_BATCHED_REPORTS)
+
+    @model_validator(mode="after")
+    def _wave_reports_only(self) -> GatewayReports:
+        others = sorted({r.kind for r in self.reports} - set(BATCHED_REPORT_KINDS))
+        if others:
+            raise ValueError(f"only {', '.join(BATCHED_REPORT_KINDS)} reports are batched, "
+                             f"not {', '.join(others)}")  # fmt: skip
+        return self
+
+    def subject_suffix(self) -> str | None:
+        # a subject per batch: the fleet stream keeps 100 messages per subject, and a site's
+        # batches must not push each other out before they are folded
+        return f"{self.site}.{self.batch}"
+
+
 # --- the field loop -------------------------------------------------------------------------
 
 
@@ -569,6 +602,7 @@ CORE_EVENT_TYPES: tuple[type[EventPayload], ...] = (
     RolloutRolledBack,
     GatewayAssignment,
     GatewayReport,
+    GatewayReports,
     FleetRegressionDetected,
     FleetDriftDetected,
     FleetMeasured,
