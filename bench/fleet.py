@@ -114,9 +114,9 @@ def service_process(name: str, env: dict[str, str]) -> Any:
         process.wait(timeout=10)
 
 
-def profile_wave(pids: dict[str, int], count: int) -> list[subprocess.Popen[bytes]]:
+def profile_wave(pids: dict[str, int], run: str) -> list[subprocess.Popen[bytes]]:
     """With ``SLMOPS_BENCH_PROFILE_DIR`` set: py-spy samples each process through the wave
-    (collapsed stacks, ``<dir>/<count>-<process>.txt``), to see where a gateway's cost goes."""
+    (collapsed stacks, ``<dir>/<run>-<process>.txt``), to see where a gateway's cost goes."""
     folder = os.environ.get("SLMOPS_BENCH_PROFILE_DIR")
     if not folder:
         return []
@@ -135,7 +135,7 @@ def profile_wave(pids: dict[str, int], count: int) -> list[subprocess.Popen[byte
                 "200",
                 "--nonblocking",
                 "-o",
-                f"{folder}/{count}-{name.replace(' ', '-')}.txt",
+                f"{folder}/{run}-{name.replace(' ', '-')}.txt",
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -264,7 +264,7 @@ async def wave(
               "max_rate_per_min": 100_000_000, "silent_timeout_s": 3600}  # fmt: skip
     every = {**pids, **{f"fleet {i}": pid for i, pid in enumerate(fleet.pids)}}
     cpu_before = cpu_seconds(every)
-    profilers = profile_wave(every, count)
+    profilers = profile_wave(every, f"{count}-{_mode(result).replace(' ', '-')}")
     posted = time.perf_counter()
     started = await api.post("/v1/rollouts", json={
         "model_name": "tiny", "version": "1.0.0", "policy": policy})  # fmt: skip

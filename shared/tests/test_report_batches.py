@@ -1,13 +1,21 @@
 """A site's batch of gateway reports: what it may carry, its subject, and how consumers see it
-(the events its gateways would have sent)."""
+(an event per report, or the reports alone)."""
 
 from __future__ import annotations
 
 import pytest
 from pydantic import ValidationError
 
-from slmops.events import GatewayReport, GatewayReports, ModelPublished, decode_message, new_event
-from slmops.events.reports import each_report, report_event
+from slmops.events import (
+    EventDecodeError,
+    GatewayReport,
+    GatewayReports,
+    ModelPublished,
+    decode_message,
+    new_event,
+)
+from slmops.events.registry import decoder_for
+from slmops.events.reports import each_report, report_event, reports_in
 
 
 def _report(gateway: str, kind: str = "applied", generation: int | None = 7) -> GatewayReport:
@@ -15,7 +23,7 @@ def _report(gateway: str, kind: str = "applied", generation: int | None = 7) -> 
                          rollout_id="ro-1", variant_id="v-1", generation=generation)  # fmt: skip
 
 
-def test_a_batch_unfolds_into_the_events_its_gateways_would_have_sent() -> None:
+def test_a_batch_unfolds_into_its_reports_stamped_by_the_batch() -> None:
     reports = [_report("gw-1", "acknowledged"), _report("gw-1"), _report("gw-2", "failed")]
     batch = new_event(GatewayReports(site="berlin-1", batch="b1", reports=reports),
                       source="/slmops/site/berlin-1")  # fmt: skip
@@ -23,11 +31,11 @@ def test_a_batch_unfolds_into_the_events_its_gateways_would_have_sent() -> None:
 
     found = each_report([single, batch])
 
-    assert [e.data for e in found] == [single.data, *reports]
-    # the ids are the ones each gateway's own report carries: sent both ways, folded once
-    assert [e.id for e in found[1:]] == [report_event(r).id for r in reports]
-    assert {e.time for e in found[1:]} == {batch.time}
-    assert found[1].nats_subject == "slmops.gateway.report.v1.acknowledged.gw-1"
+    assert [s.report for s in found] == [single.data, *reports]
+    assert found[0].event_id == single.id
+    assert [s.event_id for s in found[1:]] == [f"{batch.id}/{i}" for i in range(3)]
+    assert {s.time for s in found[1:]} == {batch.time}
+    assert reports_in([single, batch]) == [single.data, *reports]
 
 
 def test_other_events_are_left_out() -> None:
@@ -56,3 +64,16 @@ def test_an_empty_or_oversized_batch_is_refused() -> None:
         GatewayReports(site="s", batch="b", reports=[])
     with pytest.raises(ValidationError, match="at most 2000"):
         GatewayReports(site="s", batch="b", reports=[_report(f"gw-{i}") for i in range(2001)])
+
+
+def test_the_decoder_picks_each_types_own_model_and_refuses_precisely() -> None:
+    decode = decoder_for(GatewayReport, GatewayReports)
+    batch = new_event(GatewayReports(site="s", batch="b", reports=[_report("gw-1")]),
+                      source="/slmops/site/s")  # fmt: skip
+    single = report_event(_report("gw-2"))
+
+    assert decode(batch.to_json()).data == batch.data
+    assert decode(single.to_json()).data == single.data
+    broken = batch.to_json().replace(b'"kind":"applied"', b'"kind":"installed"')
+    with pytest.raises(EventDecodeError, match="kind"):
+        decode(broken)

@@ -11,7 +11,7 @@ import pytest
 
 from slmops.bus import Bus
 from slmops.events import GatewayReport, GatewayReports, decode_message
-from slmops.events.reports import each_report
+from slmops.events.reports import reports_in
 from slmops_gateway.sitereports import SiteReporter
 
 pytestmark = [pytest.mark.integration]
@@ -32,7 +32,7 @@ async def test_reports_go_out_in_batches_and_each_sender_waits_for_its_own(bus: 
     batches = [decode_message(m.subject, m.data) for m in msgs]
     assert sorted(len(b.data.reports) for b in batches) == [1, 3, 3]
     assert all(isinstance(b.data, GatewayReports) for b in batches)
-    gateways = sorted(e.data.gateway_id for e in each_report(batches))
+    gateways = sorted(r.gateway_id for r in reports_in(batches))
     assert gateways == sorted(f"gw-{i}" for i in range(7))
     assert reporter.batches_sent == 3
 

@@ -21,6 +21,8 @@ class Shared(Generic[K, V]):
 
     async def get(self, key: K, compute: Callable[[], Awaitable[V]]) -> V:
         answer = self._answers.get(key)
+        if answer is not None and answer.done() and answer.exception() is None:
+            return answer.result()  # the common case: answered already, nothing to wait for
         if answer is None:
             answer = self._answers[key] = asyncio.ensure_future(compute())
         try:

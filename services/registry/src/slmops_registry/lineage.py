@@ -15,7 +15,6 @@ from pydantic import BaseModel, Field
 
 from slmops.events import (
     CloudEvent,
-    GatewayReport,
     ModelPublished,
     OptimizationCompleted,
     OptimizationFailed,
@@ -33,6 +32,7 @@ from slmops.events.payloads import (
     ReleaseEntry,
     WavePlan,
 )
+from slmops.events.reports import StampedReport
 from slmops_registry.field import (
     FIELD_EVENTS,
     Finding,
@@ -265,13 +265,14 @@ def apply_event(lineage: Lineage, event: CloudEvent[Any]) -> bool:
     return lineage.model_dump_json() != before
 
 
-def gateway_state(event: CloudEvent[GatewayReport]) -> GatewayState | None:
+def gateway_state(seen: StampedReport) -> GatewayState | None:
     """What a gateway report says about which variant a gateway runs (None: not lineage)."""
-    data = event.data
+    data = seen.report
     if data.kind not in ("applied", "failed"):
         return None  # registrations and health aggregates are not lineage
     return GatewayState(
-        **_stamp(event),
+        event_id=seen.event_id,
+        time=seen.time,
         gateway_id=data.gateway_id,
         variant_id=data.variant_id,
         rollout_id=data.rollout_id,

@@ -44,6 +44,7 @@ from slmops.events import (
     ValidationFailed,
     ValidationPassed,
 )
+from slmops.events.reports import StampedReport
 from slmops_registry.catalog import token
 from slmops_registry.channels import CANARY, STABLE, ChannelBook, Move
 from slmops_registry.lineage import GatewayState, Lineage, apply_event, gateway_state
@@ -207,7 +208,7 @@ async def project(store: LineageStore, event: CloudEvent[Any]) -> None:
         return
     data: Any = event.data  # each branch below reads the fields its event types have
     if isinstance(data, GatewayReport):
-        state = gateway_state(event)
+        state = gateway_state(StampedReport(data, event.id, event.time))
         if state is None:
             return
         where = await store.locate("rollout", data.rollout_id) if data.rollout_id else None

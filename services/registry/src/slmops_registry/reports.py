@@ -48,8 +48,8 @@ class ReportFolder:
     async def fold(self, events: list[CloudEvent[Any]]) -> None:
         """Write the newest state per gateway of ``events``; raise :class:`TransientError`
         (after writing the rest) when some name a rollout or variant not projected yet."""
-        states = [(event.data, state) for event in each_report(events)
-                  if (state := gateway_state(event))]  # fmt: skip
+        states = [(seen.report, state) for seen in each_report(events)
+                  if (state := gateway_state(seen))]  # fmt: skip
         await self._resolve(report for report, _ in states)
         newest: dict[GatewayKey, GatewayState] = {}
         unplaced: list[str] = []
@@ -94,7 +94,7 @@ class ReportFolder:
 
 #: A message of the report consumer: validated by the report's own model; anything else as
 #: ``decode_event`` decodes it, or its precise refusal.
-decode_report = decoder_for(GatewayReport)
+decode_report = decoder_for(GatewayReport, GatewayReports)
 
 
 def _refs(report: GatewayReport) -> list[tuple[str, str]]:

@@ -27,7 +27,7 @@ from slmops_rollout.settings import RolloutSettings
 from slmops_rollout.steps import tick
 
 log = logging.getLogger(__name__)
-decode_report = decoder_for(GatewayReport)
+decode_report = decoder_for(GatewayReport, GatewayReports)
 _MAX_ACK_PENDING = 20_000  # reports in flight to this consumer: a few large batches
 _BUCKETS = ("slmops-rollouts", DESIRED_STATE_BUCKET, GATEWAYS_BUCKET, COHORT_BUCKET)
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from slmops.bus import HandlerResult, Handlers
 from slmops.events import CloudEvent, ReleaseCreated, ReleaseFailed, TransientError
-from slmops.events.reports import each_report
+from slmops.events.reports import reports_in
 from slmops.tracing import current_traceparent
 from slmops_rollout import proposals
 from slmops_rollout.engine import Engine
@@ -46,7 +46,7 @@ async def _engine(engines: EngineSource) -> Engine:
 async def on_gateway_reports(events: Sequence[CloudEvent[Any]], engines: EngineSource) -> None:
     """A batch of the fleet stream (``reports.py``): the fleet record and rollouts move."""
     engine = await _engine(engines)
-    await fold_reports(engine, [e.data for e in each_report(events)])
+    await fold_reports(engine, reports_in(events))
 
 
 async def on_release(

@@ -69,16 +69,20 @@ def check_subject(event: CloudEvent[Any], subject: str) -> CloudEvent[Any]:
     return event
 
 
-def decoder_for(payload: type[EventPayload]) -> Callable[[bytes], CloudEvent[Any]]:
-    """A decoder for a consumer of mostly one event type: validated by that type's own model
-    (a third faster than the all-types union), anything else as :func:`decode_event` decodes
+def decoder_for(*payloads: type[EventPayload]) -> Callable[[bytes], CloudEvent[Any]]:
+    """A decoder for a consumer of mostly these event types: each validated by its type's own
+    model (a third faster than the all-types union), picked by the ``"type":"..."`` the
+    message carries (as ours are serialized); anything else as :func:`decode_event` decodes
     it, or its precise refusal."""
-    model = event_model(payload)
+    models = [(f'"type":"{p.event_type}"'.encode(), event_model(p)) for p in payloads]
 
     def decode(raw: bytes) -> CloudEvent[Any]:
-        try:
-            return model.model_validate_json(raw)
-        except ValidationError:
-            return decode_event(raw)
+        for marker, model in models:
+            if marker in raw:
+                try:
+                    return model.model_validate_json(raw)
+                except ValidationError:
+                    break  # the slow path says precisely what is wrong (or another producer's)
+        return decode_event(raw)
 
     return decode

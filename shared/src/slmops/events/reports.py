@@ -3,20 +3,18 @@
 A gateway sends each report as its own event; a publisher speaking for a site's gateways (a
 fleet simulator today, a site relay beside a leaf node) may send their wave reports as one
 :class:`~slmops.events.GatewayReports` batch. Consumers fold both the same way: ``each_report``
-turns a batch back into the events its gateways would have sent - the same ids (so a report
-sent both ways is folded once), the batch's time and trace.
+lists the reports of both, each with the id and time of what carried it; consumers that need
+only the reports take ``reports_in``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
-from slmops.events.envelope import CloudEvent, derive_event_id, event_model, new_event
+from slmops.events.envelope import CloudEvent, derive_event_id, new_event
 from slmops.events.payloads import BATCHED_REPORT_KINDS, GatewayReport, GatewayReports
-
-_REPORT_EVENT = event_model(GatewayReport)
 
 
 def report_event(report: GatewayReport) -> CloudEvent[GatewayReport]:
@@ -35,29 +33,34 @@ def wave_report_id(report: GatewayReport) -> str | None:
     return derive_event_id("gateway.report", key)
 
 
-def each_report(events: Iterable[CloudEvent[Any]]) -> list[CloudEvent[GatewayReport]]:
-    """Every gateway report in ``events``, in order: report events as they are, a batch as
-    one event per report it carries (other events are left out)."""
-    found: list[CloudEvent[GatewayReport]] = []
+class StampedReport(NamedTuple):
+    """A gateway report, and the id and time of the event that carried it."""
+
+    report: GatewayReport
+    event_id: str
+    time: datetime
+
+
+def each_report(events: Iterable[CloudEvent[Any]]) -> list[StampedReport]:
+    """Every gateway report in ``events``, in order, stamped: a report event's own id and
+    time; a batch's reports with the batch's time and its id plus their place in it (folds
+    order by time and id; none dedupes by it). Other events are left out."""
+    found: list[StampedReport] = []
     for event in events:
         if isinstance(event.data, GatewayReport):
-            found.append(event)
+            found.append(StampedReport(event.data, event.id, event.time))
         elif isinstance(event.data, GatewayReports):
-            found += _unbatched(event.data, event.time, event.traceparent)
+            found += [StampedReport(r, f"{event.id}/{i}", event.time)
+                      for i, r in enumerate(event.data.reports)]  # fmt: skip
     return found
 
 
-def _unbatched(
-    batch: GatewayReports, time: datetime, traceparent: str | None
-) -> list[CloudEvent[GatewayReport]]:
-    return [
-        _REPORT_EVENT(
-            id=wave_report_id(report) or f"{batch.site}/{batch.batch}/{i}",
-            source=f"/slmops/gateway/{report.gateway_id}",
-            type=GatewayReport.event_type,
-            time=time,
-            traceparent=traceparent,
-            data=report,
-        )
-        for i, report in enumerate(batch.reports)
-    ]
+def reports_in(events: Iterable[CloudEvent[Any]]) -> list[GatewayReport]:
+    """``each_report``'s payloads alone (no envelope built per batched report)."""
+    found: list[GatewayReport] = []
+    for event in events:
+        if isinstance(event.data, GatewayReport):
+            found.append(event.data)
+        elif isinstance(event.data, GatewayReports):
+            found += event.data.reports
+    return found
