@@ -124,6 +124,13 @@ async def test_cohort_states_survive_a_restart_and_the_next_rollout_reaches_whol
         async with pipeline.rollout_service() as api:
             await pipeline.await_fleet(api, 40)
             assert await _cohorts(bus) == before  # loaded, not rewritten
+            # what each runs, though the wave's outcomes were kept in the rollout's progress
+            # rather than written per gateway record
+            records = (await api.get("/v1/gateways")).json()
+            assert {(r["running_variant_id"], r["last_rollout_id"]) for r in records} == {
+                (old[CLASS].variant_id, first)}  # fmt: skip
+            fleet_kv = await _bucket(bus, "slmops-gateways")
+            assert all(b'"last_kind":"registered"' in value for value in fleet_kv.values())
             second = await _start(api, "1.1.0", policy={**policy, "approval_waves": [1]})
             await await_events(bus, "slmops.gateway.report.v1.applied.>", count=1,
                                where=lambda e: e.data.rollout_id == second)  # fmt: skip

@@ -88,7 +88,7 @@ class Engine:
         self.bus, self.rollouts, self.desired = bus, rollouts, desired
         self.signer = signer
         self.cohorts = CohortTable(cohorts, bus, signer) if cohorts is not None else None
-        self.gateways = Fleet(gateways)
+        self.gateways = Fleet(gateways, rollouts=self.all)  # outcomes restored from them
         self.registry = registry
         self.store = RolloutStore(rollouts)
         self.live: dict[str, LiveRollout] = {}

@@ -3,12 +3,14 @@
 Built from ``gateway.report``: registration gives class, labels and capabilities; applied and
 failed reports say what each gateway runs; health reports keep the latest aggregates. Every
 report refreshes ``last_seen``, so silent gateways can be timed out without blocking a wave.
+A wave's outcomes are durable in its rollout's progress; the records take them back from
+there after a restart (``Fleet.restore``) instead of being written per gateway.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,6 +23,7 @@ from slmops.cohorts import overlay_for
 from slmops.events.payloads import GatewayReport, HealthAggregate
 
 __all__ = ["GATEWAYS_BUCKET", "Fleet", "GatewayRecord", "fold", "overlay_for"]
+from slmops_rollout.state import RolloutState
 from slmops_rollout.store import GroupCommit
 
 GATEWAYS_BUCKET = "slmops-gateways"
@@ -80,8 +83,13 @@ class Fleet:
     instance writes the bucket (see ``store.py``).
     """
 
-    def __init__(self, kv: KeyValue) -> None:
+    def __init__(
+        self, kv: KeyValue, rollouts: Callable[[], Awaitable[list[RolloutState]]] | None = None
+    ) -> None:
+        """``rollouts``: every rollout as loaded (their progress holds outcomes the records
+        in KV may lack: ``restore``)."""
         self.kv = kv
+        self.rollouts = rollouts
         self.records: dict[str, GatewayRecord] = {}
         self._loaded = False
         self._loading = asyncio.Lock()
@@ -107,6 +115,27 @@ class Fleet:
         fold(record, report, seen or datetime.now(UTC))
         return record
 
+    def _restore(self, states: Iterable[RolloutState]) -> None:
+        """Outcomes the rollouts' progress holds that the records in KV may lack: a wave's
+        applied and failed reports are not written per gateway when the progress says the
+        same (``reports.py``). Oldest rollout first; a record that knows a newer generation
+        keeps it."""
+        for state in sorted(states, key=lambda s: s.started_at):
+            for gateway_id, progress in state.gateways.items():
+                record = self.records.get(gateway_id)
+                if (record is None or progress.status not in ("applied", "failed")
+                        or progress.generation is None
+                        or (record.generation or -1) >= progress.generation):  # fmt: skip
+                    continue
+                record.generation, record.last_rollout_id = progress.generation, state.rollout_id
+                record.last_kind, record.last_reason = progress.status, progress.reason
+                desired = state.desired.get(progress.device_class)
+                if progress.status == "applied" and desired is not None:
+                    if desired.variant_id != record.running_variant_id:
+                        record.previous_variant_id = record.running_variant_id
+                    record.running_variant_id = desired.variant_id
+                    record.running_model_name = desired.model_name
+
     async def commit(self, gateway_ids: Iterable[str]) -> None:
         """Return once the records of ``gateway_ids`` are in KV (one group commit)."""
         await self._commits.commit(gateway_ids)
@@ -127,6 +156,8 @@ class Fleet:
                 for entry in entries:
                     record = GatewayRecord.model_validate_json(entry.value or b"{}")
                     self.records.setdefault(record.gateway_id, record)  # reports first: newer
+            if self.rollouts is not None:
+                self._restore(await self.rollouts())
             self._loaded = True
 
     async def _write(self, gateway_ids: set[str]) -> None:

@@ -3,8 +3,9 @@ then one group commit each makes the batch durable before it is acked.
 
 A wave of 100,000 gateways sends 200,000 reports (acknowledged, then applied or failed): one
 handler call, one KV write and one ack round trip each cost more than the fold. Here a batch of
-thousands costs a write per changed record, a write per changed progress shard (``store.py``),
-and acks without round trips (``slmops.bus.batches``). Health reports only refresh the latest
+thousands costs a write per changed progress shard (``store.py``), a write per changed fleet
+record that the progress does not hold (registrations, unplanned installs, rollbacks), and
+acks without round trips (``slmops.bus.batches``). Health reports only refresh the latest
 aggregates in memory (they come again every interval; persisting each would cost a write per
 gateway per interval): the wave's health gates read them from there.
 """
@@ -18,9 +19,17 @@ from datetime import UTC, datetime
 from slmops.events import GatewayReport
 from slmops_rollout.engine import Engine
 from slmops_rollout.fleet import GatewayRecord
-from slmops_rollout.state import record
+from slmops_rollout.state import RolloutState, record
 
 _WELCOME_BURST = 256  # registrations welcomed at once
+
+
+def _held_by_progress(state: RolloutState, report: GatewayReport) -> bool:
+    """Whether the rollout's progress, written anyway, says what this outcome does to the
+    gateway's fleet record: then the record is not written per gateway (a wave's biggest
+    per-gateway write) - ``Fleet.restore`` rebuilds it from the progress after a restart."""
+    progress = state.gateways[report.gateway_id]
+    return report.kind in ("applied", "failed") and progress.status == report.kind
 
 
 async def fold_reports(engine: Engine, reports: Sequence[GatewayReport]) -> None:
@@ -39,12 +48,15 @@ async def fold_reports(engine: Engine, reports: Sequence[GatewayReport]) -> None
             continue
         if report.kind != "acknowledged":  # the hot path of a wave: only its rollout cares
             fleet_record = await engine.gateways.fold(report, seen)
-            durable.add(report.gateway_id)
             if report.kind == "registered":
                 registered.append(fleet_record)
         live = engine.live.get(report.rollout_id) if report.rollout_id else None
         if live is not None and record(live.state, report):
             moved.setdefault(live.state.rollout_id, set()).add(report.gateway_id)
+            if report.kind != "acknowledged" and not _held_by_progress(live.state, report):
+                durable.add(report.gateway_id)
+        elif report.kind != "acknowledged":
+            durable.add(report.gateway_id)
     await asyncio.gather(
         engine.gateways.commit(durable),
         *(engine.live[rollout_id].commit(ids) for rollout_id, ids in moved.items()),

@@ -27,7 +27,7 @@ from pydantic import BaseModel, Field, TypeAdapter
 from slmops.bus.kvstate import put_all
 from slmops_rollout.state import GatewayProgress, RolloutState, WaveFigures, wave_figures
 
-SHARD_SIZE = 1000
+SHARD_SIZE = 250  # small: a batch of reports from all over a wave dirties few gateways per shard
 _RECOUNT_FACTOR = 20  # changed figures are counted again after 20x the last count's time
 _SHARD = TypeAdapter(dict[str, GatewayProgress])
 
