@@ -11,6 +11,8 @@ connection, cohort subscription, consumer and registry cache.
 from __future__ import annotations
 
 import asyncio
+import cProfile
+import os
 import json
 import sys
 
@@ -36,7 +38,14 @@ async def run(
     fleet = SimulatedFleet(bus, cache, spec, GatewaySettings(platform=platform))
     await fleet.start()
     print("ready", flush=True)
+    profile_to = os.environ.get("SLMOPS_BENCH_CPROFILE_DIR")  # exact call counts, slower
+    profiler = cProfile.Profile() if profile_to else None
+    if profiler is not None:
+        profiler.enable()
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    if profiler is not None:
+        profiler.disable()
+        profiler.dump_stats(f"{profile_to}/fleet-{part}.prof")
     serving = fleet.serving()
     await fleet.stop()
     await cache.close()

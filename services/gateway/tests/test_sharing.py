@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from slmops_gateway.sharing import Shared
+from slmops_gateway.sharing import Limiter, Shared
 
 
 async def test_concurrent_askers_share_one_computation() -> None:
@@ -63,3 +63,48 @@ async def test_one_asker_cancelled_leaves_the_answer_to_the_others() -> None:
     assert await patient == 3
     with pytest.raises(asyncio.CancelledError):
         await impatient
+
+
+async def test_the_limiter_holds_at_most_its_limit_and_serves_in_order() -> None:
+    limiter = Limiter(3)
+    holding, most, order = 0, 0, []
+
+    async def work(i: int) -> None:
+        nonlocal holding, most
+        async with limiter:
+            holding += 1
+            most = max(most, holding)
+            order.append(i)
+            await asyncio.sleep(0.001)
+            holding -= 1
+
+    await asyncio.gather(*(work(i) for i in range(200)))
+
+    assert most == 3
+    assert order == list(range(200))
+
+
+async def test_a_cancelled_waiter_leaves_no_slot_behind() -> None:
+    limiter = Limiter(1)
+    release = asyncio.Event()
+
+    async def hold() -> None:
+        async with limiter:
+            await release.wait()
+
+    holder = asyncio.create_task(hold())
+    await asyncio.sleep(0)
+    waiter = asyncio.create_task(hold())
+    await asyncio.sleep(0)
+    waiter.cancel()
+    release.set()
+    await holder
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+
+    async def enter_and_leave() -> None:
+        async with limiter:
+            pass
+
+    # the one slot is free again: nobody, cancelled or not, kept it
+    await asyncio.wait_for(enter_and_leave(), timeout=5)

@@ -54,7 +54,7 @@ from slmops.settings import ConsumerSettings
 from slmops.tracing import extract_trace_context
 from slmops_gateway.agent import DESIRED_BUCKET, Agent
 from slmops_gateway.settings import GatewaySettings
-from slmops_gateway.sharing import Shared
+from slmops_gateway.sharing import Limiter, Shared
 from slmops_gateway.simshared import CachingRegistry, CohortReader, FieldProfiles
 from slmops_gateway.sitereports import SiteReporter
 
@@ -207,7 +207,7 @@ class SimulatedFleet:
         self._consumer: EventConsumer | None = None
         self._cohort_sub: Subscription | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._acting = asyncio.Semaphore(_BURST)
+        self._acting = Limiter(_BURST)
         self.durable = f"fleetsim-{spec.prefix}" + (f"-{spec.part}" if spec.parts > 1 else "")
         self._site = SiteReporter(bus, self.durable) if spec.site_reports else None
 
