@@ -34,6 +34,7 @@ from typing import Any
 import nats
 from nats.js.api import StreamConfig
 
+from slmops.testing.attacks import local_user
 from slmops.testing.localstack import local_stack
 from slmops.traceview import SpanRecord, read_spans
 
@@ -46,9 +47,12 @@ TARGET_MS = 10.0
 FLEET_EVENTS = ("gateway.", "cohort.")
 
 
-async def raw_hops(nats_url: str, count: int = RAW_HOPS) -> list[float]:
-    """Milliseconds from ``js.publish`` to the message in hand, one at a time."""
-    nc = await nats.connect(nats_url)
+async def raw_hops(nats_url: str, var_dir: Path, count: int = RAW_HOPS) -> list[float]:
+    """Milliseconds from ``js.publish`` to the message in hand, one at a time (as the stack's
+    admin: every connection to it needs credentials)."""
+    admin = local_user(var_dir, "admin")
+    nc = await nats.connect(nats_url, nkeys_seed_str=admin.nkey_seed,
+                            inbox_prefix=admin.inbox_prefix)  # fmt: skip
     js = nc.jetstream()
     await js.add_stream(StreamConfig(name="BENCH_HOP", subjects=["bench.hop"]))
     sub = await js.pull_subscribe("bench.hop", durable="bench-hop")
@@ -67,14 +71,18 @@ async def raw_hops(nats_url: str, count: int = RAW_HOPS) -> list[float]:
 
 
 def hops_by_event(spans: list[SpanRecord]) -> dict[str, list[float]]:
-    """Per event type: milliseconds from each publish span to each process span under it."""
+    """Per event type: milliseconds from each publish span to each process span under it (or
+    linked from it: a batch consumer's span is the child of one producer, linked to more)."""
     by_id = {s.span_id: s for s in spans}
     hops: dict[str, list[float]] = defaultdict(list)
     for span in spans:
-        parent = by_id.get(span.parent_id or "")
-        if span.name.startswith("process ") and parent and parent.name.startswith("publish "):
-            event = span.name.removeprefix("process ")
-            hops[f"{event} -> {span.service}"].append((span.start_s - parent.start_s) * 1000)
+        if not span.name.startswith("process "):
+            continue
+        for producer_id in (span.parent_id or "", *span.links):
+            producer = by_id.get(producer_id)
+            if producer and producer.name.startswith("publish "):
+                event = span.name.removeprefix("process ")
+                hops[f"{event} -> {span.service}"].append((span.start_s - producer.start_s) * 1000)
     return dict(hops)
 
 
@@ -153,7 +161,7 @@ def main() -> None:
         wall_s = time.monotonic() - began
         if demo.returncode != 0:
             raise SystemExit(f"the demo failed:\n{demo.stdout[-4000:]}\n{demo.stderr[-4000:]}")
-        raw = asyncio.run(raw_hops(stack.urls["nats"]))
+        raw = asyncio.run(raw_hops(stack.urls["nats"], stack.var_dir))
         time.sleep(2.0)  # the span files are written within a second
         (model,) = json.loads(report.read_text())["models"]
         spans = read_spans(stack.var_dir / "traces", model["trace_id"])

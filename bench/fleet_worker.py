@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import cProfile
-import os
 import json
+import os
 import sys
 
 from slmops.auth import BearerToken, ensure_local_credentials

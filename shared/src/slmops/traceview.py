@@ -31,6 +31,7 @@ class SpanRecord:
     start_s: float  # POSIX seconds
     end_s: float
     error: bool
+    links: tuple[str, ...] = ()  # span ids it links to (a batch consumer's other producers)
 
     @property
     def duration_s(self) -> float:
@@ -49,6 +50,10 @@ class SpanRecord:
             start_s=_posix(doc["start_time"]),
             end_s=_posix(doc["end_time"]),
             error=doc.get("status", {}).get("status_code") == "ERROR",
+            links=tuple(
+                str(link["context"]["span_id"]).removeprefix("0x")
+                for link in doc.get("links") or ()
+            ),
         )
 
 

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from slmops.bus import FLEET, BatchConsumer, Bus, ConsumerSpec
 from slmops.events import (
@@ -191,3 +192,29 @@ async def test_a_permanent_error_dead_letters_the_batch_at_once(
     assert {x.data.error_type for x in letters} == {"PermanentError"}
     assert deliveries == 2  # no retry
     assert consumer.stats.retried == 0
+
+
+async def test_a_batch_is_traced_as_the_child_of_its_first_report_linked_to_the_rest(
+    bus: Bus, start_batches: StartBatches, span_exporter: InMemorySpanExporter
+) -> None:
+    events = [report(i) for i in range(5)]
+    for event in events:
+        await bus.publish(event)
+
+    async def handle(batch: list[CloudEvent[Any]]) -> None:
+        return None
+
+    consumer = await start_batches(handle)
+    await until(lambda: consumer.stats.handled == 5, "5 reports handled")
+
+    spans = span_exporter.get_finished_spans()
+    published = {s.context.span_id: s for s in spans if s.name.startswith("publish ")}
+    batches = [s for s in spans if s.name == "process slmops.gateway.report.v1"]
+    assert batches
+    first = batches[0]
+    assert first.parent is not None
+    assert first.parent.span_id in published
+    linked = {link.context.span_id for s in batches for link in s.links}
+    parents = {s.parent.span_id for s in batches if s.parent is not None}
+    assert linked | parents == set(published)  # every report's producer is parent or link
+    assert sum(s.attributes["messaging.batch.message_count"] for s in batches) == 5

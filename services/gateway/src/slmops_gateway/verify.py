@@ -15,6 +15,7 @@ Any failure is a :class:`Refused` with a reason the gateway reports as ``failed`
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -125,6 +126,7 @@ def check_version(desired_version: str, running_version: str | None, *, rollback
         )
 
 
+@functools.lru_cache(maxsize=1024)  # a fleet's agents compare the same few versions
 def version_key(version: str) -> tuple[Any, ...]:
     """PEP 440 order when the version is one (1.10 > 1.9, 1.0rc1 < 1.0), else natural order."""
     from packaging.version import InvalidVersion, Version

@@ -139,14 +139,15 @@ class CohortTable:
             await self._announce(signed)
 
     async def _announce(self, states: Iterable[CohortState]) -> None:
-        """One notification per cohort, in the trace of whoever acts (a rollout's journey):
-        the gateways' spans of acting on it join that trace."""
+        """One notification per cohort, each its own producer span in the trace of whoever
+        acts (a rollout's journey): the gateways' spans of acting on it are its children."""
         nc = self.bus.nc
-        with self.bus.tracer.start_as_current_span(
-            f"publish {COHORT_EVENT}", kind=SpanKind.PRODUCER
-        ) as span:
-            headers = w3c_trace_headers(span.get_span_context())
-            for state in states:
+        for state in states:
+            with self.bus.tracer.start_as_current_span(
+                f"publish {COHORT_EVENT}", kind=SpanKind.PRODUCER,
+                attributes={"slmops.cohort": state.cohort},
+            ) as span:  # fmt: skip
+                headers = w3c_trace_headers(span.get_span_context())
                 body = state.model_dump_json().encode()
                 await nc.publish(cohort_subject(state.cohort), body, headers=headers or None)
-            await nc.flush()
+        await nc.flush()

@@ -27,6 +27,8 @@ import nats.errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
+from opentelemetry import trace
+from opentelemetry.trace import Link, SpanKind
 
 from slmops.bus.connection import Bus
 from slmops.bus.consumer import UNKNOWN_TYPE, EventObserver, Outcome
@@ -36,9 +38,11 @@ from slmops.events.envelope import CloudEvent
 from slmops.events.errors import EventDecodeError, PermanentError
 from slmops.events.registry import check_subject, decode_event
 from slmops.settings import ConsumerSettings
+from slmops.tracing import extract_trace_context
 
 log = logging.getLogger(__name__)
 _BATCH_WAIT_S = 0.05  # how long a pull may wait for more once messages are flowing
+_MAX_LINKS = 128  # producer spans a batch span links to (OpenTelemetry's default limit)
 BATCH_TYPE = "batch"  # the event type batch timings and failures are observed under
 
 BatchHandler = Callable[[list[CloudEvent[Any]]], Awaitable[None]]
@@ -159,7 +163,8 @@ class BatchConsumer:
             began = loop.time()
             heartbeat = asyncio.create_task(self._keep_in_progress(decoded))
             try:
-                await self.handle(events)
+                with self._batch_span(decoded, events):
+                    await self.handle(events)
             except PermanentError as exc:
                 await self._dead_letter(decoded, str(exc), exc, [e.type for e in events])
                 return
@@ -177,6 +182,20 @@ class BatchConsumer:
         self.stats.batches += 1
         self.stats.handled += len(decoded)
         self._observe("handled", [e.type for e in events])
+
+    def _batch_span(self, msgs: list[Msg], events: list[CloudEvent[Any]]) -> Any:
+        """One consumer span per batch: the child of its first message's producer span (it
+        joins that journey's trace) and linked to up to ``_MAX_LINKS`` more of them, as
+        OpenTelemetry's messaging conventions do for batch receives."""
+        contexts = [c for m in msgs if (c := extract_trace_context(m.headers)) is not None]
+        links = [Link(trace.get_current_span(c).get_span_context())
+                 for c in contexts[1 : 1 + _MAX_LINKS]]  # fmt: skip
+        return self.bus.tracer.start_as_current_span(
+            f"process {events[0].type}", context=contexts[0] if contexts else None,
+            kind=SpanKind.CONSUMER, links=links,
+            attributes={"messaging.batch.message_count": len(events),
+                        "messaging.consumer.group.name": self.spec.durable},
+        )  # fmt: skip
 
     async def _retry_or_dead_letter(
         self, msgs: list[Msg], events: list[CloudEvent[Any]], exc: Exception
