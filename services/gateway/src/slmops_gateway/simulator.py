@@ -259,6 +259,9 @@ class SimulatedFleet:
 
     async def _on_cohort(self, msg: Msg) -> None:
         """A cohort's new state: each of its members acts on it (verified once for all)."""
+        token = msg.subject.rpartition(".")[2]
+        if token.isdigit() and int(token) not in self.cohorts:
+            return  # none of this site's gateways is in it: not even parsed (a burst of 1,024)
         try:
             state = CohortState.model_validate_json(msg.data)
         except ValidationError as exc:
