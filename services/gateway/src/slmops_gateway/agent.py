@@ -86,10 +86,14 @@ class Agent:
     cohort_generation: int = -1  # the newest cohort state seen (older ones are replays)
     acted_entry: tuple[str, int] | None = None  # (rollout, generation) of the cohort entry
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _cohort: tuple[str, int] | None = None  # (gateway id, its cohort)
 
     @property
     def cohort(self) -> int:
-        return cohort_of(self.settings.gateway_id)
+        gateway_id = self.settings.gateway_id
+        if self._cohort is None or self._cohort[0] != gateway_id:  # a hash, asked often
+            self._cohort = (gateway_id, cohort_of(gateway_id))
+        return self._cohort[1]
 
     @property
     def protocols(self) -> list[str]:

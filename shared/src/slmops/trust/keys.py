@@ -7,6 +7,7 @@ key), and refused afterwards.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -27,6 +28,11 @@ class UntrustedKeyError(Exception):
     """A signature by a key the trust root does not vouch for (now)."""
 
 
+@functools.lru_cache(maxsize=64)  # the same few keys, parsed by every agent of a fleet
+def _key_id(public_key_pem: str) -> str:
+    return key_id_of(load_public_key(public_key_pem))
+
+
 @dataclass(frozen=True)
 class TrustedKey:
     key_id: str
@@ -39,7 +45,7 @@ class TrustedKey:
 
     @classmethod
     def of(cls, public_key_pem: str, not_after: int | None = None) -> TrustedKey:
-        return cls(key_id_of(load_public_key(public_key_pem)), public_key_pem, not_after)
+        return cls(_key_id(public_key_pem), public_key_pem, not_after)
 
 
 @dataclass(frozen=True)
