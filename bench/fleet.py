@@ -215,10 +215,6 @@ class FleetProcesses:
                 process.wait(timeout=10)
 
 
-def fleet_cpu_seconds(pids: list[int]) -> float:
-    return sum(cpu_seconds({str(pid): pid for pid in pids}).values())
-
-
 async def ours(bus: Bus, count: int, result: Result, nats_pid: int) -> None:
     env = {k: v for k, v in os.environ.items() if k.startswith("SLMOPS_")}
     # Credentials as `slmops up` mints them (the services find them under SLMOPS_VAR_DIR); the

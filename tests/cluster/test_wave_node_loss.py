@@ -19,7 +19,6 @@ import json
 import os
 import subprocess
 import sys
-import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -43,10 +42,10 @@ from slmops.settings import PlatformSettings
 from slmops.testing.events import await_events
 from slmops.testing.models import tiny_encoder_onnx, with_word_tokenizer
 from slmops.testing.natscluster import NatsCluster, nats_cluster
+from slmops.testing.plugin import service_env_for
 from slmops.testing.polling import until, until_answered
 from slmops.testing.ports import free_port
 from slmops.testing.registry import register_variant, release_of
-from slmops.testing.s3 import TEST_ACCESS_KEY, TEST_SECRET_KEY
 from slmops_gateway.settings import GatewaySettings
 from slmops_gateway.simulator import CachingRegistry, FleetSpec, SimulatedFleet
 from slmops_gateway.slots import LoadedModel, SessionOptions
@@ -97,17 +96,9 @@ async def admin_bus(cluster: NatsCluster, tmp_path: Path) -> AsyncIterator[Bus]:
 def service_env(
     cluster: NatsCluster, s3_server: str, tmp_path: Path, credentials: LocalCredentials
 ) -> dict[str, str]:
-    return {
-        "SLMOPS_AUTH_KEYS_FILE": str(credentials.keys_file),
-        "SLMOPS_ENV": "local",
-        "SLMOPS_NATS_URL": cluster.url,  # every node
-        "SLMOPS_JETSTREAM_REPLICAS": "3",
-        "SLMOPS_S3_ENDPOINT_URL": s3_server,
-        "SLMOPS_S3_BUCKET": f"slmops-{uuid.uuid4().hex[:12]}",
-        "SLMOPS_S3_ACCESS_KEY_ID": TEST_ACCESS_KEY,
-        "SLMOPS_S3_SECRET_ACCESS_KEY": TEST_SECRET_KEY,
-        "SLMOPS_VAR_DIR": str(tmp_path / "var"),
-    }
+    # every node; streams and buckets as R3
+    return {**service_env_for(cluster.url, s3_server, tmp_path, credentials),
+            "SLMOPS_JETSTREAM_REPLICAS": "3"}  # fmt: skip
 
 
 @contextlib.contextmanager

@@ -4,7 +4,7 @@ Built from ``gateway.report``: registration gives class, labels and capabilities
 failed reports say what each gateway runs; health reports keep the latest aggregates. Every
 report refreshes ``last_seen``, so silent gateways can be timed out without blocking a wave.
 A wave's outcomes are durable in its rollout's progress; the records take them back from
-there after a restart (``Fleet.restore``) instead of being written per gateway.
+there when the records are loaded after a restart, instead of being written per gateway.
 """
 
 from __future__ import annotations
@@ -66,12 +66,15 @@ def fold(record: GatewayRecord, report: GatewayReport, seen: datetime) -> None:
             record.generation, record.last_rollout_id = report.generation, report.rollout_id
             record.last_reason = report.reason
             if report.kind == "applied":
-                if report.variant_id != record.running_variant_id:
-                    record.previous_variant_id = record.running_variant_id
-                record.running_variant_id = report.variant_id
-                record.running_model_name = report.model_name
+                _now_runs(record, report.variant_id, report.model_name)
     elif report.kind == "health":
         record.health, record.health_variant_id = report.health, report.variant_id
+
+
+def _now_runs(record: GatewayRecord, variant_id: str | None, model_name: str | None) -> None:
+    if variant_id != record.running_variant_id:
+        record.previous_variant_id = record.running_variant_id
+    record.running_variant_id, record.running_model_name = variant_id, model_name
 
 
 class Fleet:
@@ -87,7 +90,7 @@ class Fleet:
         self, kv: KeyValue, rollouts: Callable[[], Awaitable[list[RolloutState]]] | None = None
     ) -> None:
         """``rollouts``: every rollout as loaded (their progress holds outcomes the records
-        in KV may lack: ``restore``)."""
+        in KV may lack: ``_restore``)."""
         self.kv = kv
         self.rollouts = rollouts
         self.records: dict[str, GatewayRecord] = {}
@@ -131,10 +134,7 @@ class Fleet:
                 record.last_kind, record.last_reason = progress.status, progress.reason
                 desired = state.desired.get(progress.device_class)
                 if progress.status == "applied" and desired is not None:
-                    if desired.variant_id != record.running_variant_id:
-                        record.previous_variant_id = record.running_variant_id
-                    record.running_variant_id = desired.variant_id
-                    record.running_model_name = desired.model_name
+                    _now_runs(record, desired.variant_id, desired.model_name)
 
     async def commit(self, gateway_ids: Iterable[str]) -> None:
         """Return once the records of ``gateway_ids`` are in KV (one group commit)."""

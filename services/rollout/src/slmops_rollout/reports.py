@@ -27,7 +27,7 @@ _WELCOME_BURST = 256  # registrations welcomed at once
 def _held_by_progress(state: RolloutState, report: GatewayReport) -> bool:
     """Whether the rollout's progress, written anyway, says what this outcome does to the
     gateway's fleet record: then the record is not written per gateway (a wave's biggest
-    per-gateway write) - ``Fleet.restore`` rebuilds it from the progress after a restart."""
+    per-gateway write) - ``Fleet`` rebuilds it from the progress when it loads after a restart."""
     progress = state.gateways[report.gateway_id]
     return report.kind in ("applied", "failed") and progress.status == report.kind
 

@@ -21,16 +21,10 @@ def report_event(report: GatewayReport) -> CloudEvent[GatewayReport]:
     """The event of a report; one id per (gateway, generation, outcome), so a redelivered
     assignment re-sends the same report and JetStream drops the duplicate."""
     source = f"/slmops/gateway/{report.gateway_id}"
-    event_id = wave_report_id(report)
-    return new_event(report, source=source, event_id=event_id)
-
-
-def wave_report_id(report: GatewayReport) -> str | None:
-    """The id of a wave report (None for others: each is new)."""
     if report.generation is None or report.kind not in BATCHED_REPORT_KINDS:
-        return None
+        return new_event(report, source=source)
     key = f"{report.gateway_id}/{report.generation}/{report.kind}"
-    return derive_event_id("gateway.report", key)
+    return new_event(report, source=source, event_id=derive_event_id("gateway.report", key))
 
 
 class StampedReport(NamedTuple):

@@ -68,10 +68,18 @@ def platform_env(
     nats_server: NatsServerProcess, s3_server: str, tmp_path: Path, credentials: LocalCredentials
 ) -> dict[str, str]:
     """``SLMOPS_*`` variables pointing a service process at this test's NATS, S3 and keys."""
+    return service_env_for(nats_server.url, s3_server, tmp_path, credentials)
+
+
+def service_env_for(
+    nats_url: str, s3_server: str, tmp_path: Path, credentials: LocalCredentials
+) -> dict[str, str]:
+    """``SLMOPS_*`` variables pointing a service process at NATS ``nats_url`` (one server or
+    a cluster's nodes), the S3 server (a bucket of its own) and the test's keys."""
     return {
         "SLMOPS_AUTH_KEYS_FILE": str(credentials.keys_file),
         "SLMOPS_ENV": "local",
-        "SLMOPS_NATS_URL": nats_server.url,
+        "SLMOPS_NATS_URL": nats_url,
         "SLMOPS_S3_ENDPOINT_URL": s3_server,
         "SLMOPS_S3_BUCKET": f"slmops-{uuid.uuid4().hex[:12]}",
         "SLMOPS_S3_ACCESS_KEY_ID": TEST_ACCESS_KEY,
