@@ -15,7 +15,7 @@ from slmops.events import (
     new_event,
 )
 from slmops.events.registry import decoder_for
-from slmops.events.reports import each_report, report_event, reports_in
+from slmops.events.reports import Carried, each_report, may_carry, report_event, reports_in
 
 
 def _report(gateway: str, kind: str = "applied", generation: int | None = 7) -> GatewayReport:
@@ -35,7 +35,25 @@ def test_a_batch_unfolds_into_its_reports_stamped_by_the_batch() -> None:
     assert found[0].event_id == single.id
     assert [s.event_id for s in found[1:]] == [f"{batch.id}/{i}" for i in range(3)]
     assert {s.time for s in found[1:]} == {batch.time}
-    assert reports_in([single, batch]) == [single.data, *reports]
+    assert [s.site for s in found] == [None, "berlin-1", "berlin-1", "berlin-1"]
+    assert reports_in([single, batch]) == [
+        Carried(single.data, None),
+        *(Carried(r, "berlin-1") for r in reports),
+    ]
+
+
+def test_a_site_carries_only_reports_of_gateways_that_declared_it() -> None:
+    report = _report("gw-1").model_copy(update={"labels": {"site": "berlin-1", "tier": "a"}})
+    declared = ("cpu", {"site": "berlin-1", "tier": "a"})
+
+    assert may_carry("berlin-1", report, declared)
+    assert not may_carry("paris-1", report, declared)  # another site's gateway
+    assert not may_carry("berlin-1", report, None)  # never heard from itself
+    assert not may_carry("berlin-1", report, ("cpu", {"site": "paris-1", "tier": "a"}))
+    relabelled = report.model_copy(update={"labels": {"site": "berlin-1", "tier": "b"}})
+    assert not may_carry("berlin-1", relabelled, declared)  # labels it did not declare
+    reclassed = report.model_copy(update={"device_class": "gpu"})
+    assert not may_carry("berlin-1", reclassed, declared)
 
 
 def test_other_events_are_left_out() -> None:

@@ -12,6 +12,7 @@ from slmops.cli.common import CliSettings
 from slmops.settings import AuthSettings, ConsumerSettings, PlatformSettings
 from slmops.stack.components import StackSettings
 from slmops_console.settings import ConsoleSettings
+from slmops_gateway.relay import RelaySettings
 from slmops_gateway.settings import GatewaySettings
 from slmops_optimizer.settings import OptimizerSettings
 from slmops_registry.settings import RegistrySettings
@@ -35,6 +36,7 @@ EnvNames = Callable[..., list[str]]  # the setting_env_names fixture (conftest.p
         ValidatorSettings,
         RolloutSettings,
         GatewaySettings,
+        RelaySettings,
         ConsoleSettings,
         TelemetrySettings,
         CliSettings,

@@ -10,7 +10,8 @@ the rollout's entries; a site's batched wave reports count like its gateways' ow
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import nats.js.errors
@@ -19,11 +20,14 @@ import pytest
 from slmops.bus import Bus
 from slmops.bus.permissions import COHORT_BUCKET, DESIRED_STATE_BUCKET
 from slmops.cohorts import COHORT_COUNT, CohortState, cohort_key, cohort_of
+from slmops.events import GatewayReport, GatewayReports, new_event
 from slmops.events.reports import report_event
 from slmops.testing.events import await_events
 from slmops.testing.models import with_word_tokenizer
 from slmops.testing.polling import until, until_answered
+from slmops_gateway.relay import SiteRelay
 from slmops_gateway.simulator import FleetSpec, SimulatedFleet
+from slmops_gateway.sitereports import SiteReporter
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 CLASS = "test-cpu"
@@ -417,15 +421,30 @@ async def _no_entries_of(bus: Bus, rollout_id: str) -> bool:
     return not _holding(await _cohorts(bus), rollout_id)
 
 
+@contextlib.asynccontextmanager
+async def _site_relay(bus: Bus, site: str) -> AsyncIterator[SiteRelay]:
+    relay = SiteRelay(bus.nc, SiteReporter(bus, site))
+    await relay.start()
+    try:
+        yield relay
+    finally:
+        await relay.stop()
+
+
+@pytest.mark.parametrize("batched_by", ["fleet", "relay"])
 async def test_a_sites_batched_reports_move_the_wave_and_the_lineage_like_single_ones(
-    pipeline: Any, bus: Bus, tiny_onnx: Callable[..., bytes]
+    pipeline: Any, bus: Bus, tiny_onnx: Callable[..., bytes], batched_by: str
 ) -> None:
-    # setup: 40 gateways whose wave reports go out as their site's batches; 2 fail to install
-    spec = FleetSpec(count=40, classes={CLASS: 1.0}, prefix="st", site_reports=True,
-                     faults={"download": 0.05})  # fmt: skip
+    # setup: 40 gateways whose wave reports go out as their site's batches (made by the fleet's
+    # process, or by the site's relay the agents ask); 2 fail to install
+    spec = FleetSpec(count=40, classes={CLASS: 1.0}, prefix="st", faults={"download": 0.05},
+                     site_reports=batched_by == "fleet", relay=batched_by == "relay")  # fmt: skip
     variant = (await pipeline.release(bus, with_word_tokenizer(tiny_onnx()), [CLASS]))[CLASS]
     batches = await bus.js.pull_subscribe("slmops.gateway.reports.v1.>", stream="SLMOPS_FLEET")
-    async with pipeline.rollout_service() as api, pipeline.simulated_fleet(bus, spec) as fleet:
+    async with contextlib.AsyncExitStack() as running:
+        api = await running.enter_async_context(pipeline.rollout_service())
+        fleet = await running.enter_async_context(pipeline.simulated_fleet(bus, spec))
+        relay = await running.enter_async_context(_site_relay(bus, fleet.durable))
         await pipeline.await_fleet(api, 40)
 
         # execute
@@ -452,3 +471,38 @@ async def test_a_sites_batched_reports_move_the_wave_and_the_lineage_like_single
         singles = await bus.js.stream_info("SLMOPS_FLEET", subjects_filter=own)
         kinds = {subject.split(".")[4] for subject in singles.state.subjects or {}}
         assert kinds == {"registered"}  # registrations are their own; wave reports batched
+        assert relay.carried == (80 if batched_by == "relay" else 0)  # 40 acks, 40 outcomes
+        assert fleet.sent_themselves == 0
+
+        # a site's batch speaks only for gateways that declared that site, as they declared it
+        victim = next(g for g in sorted(fleet.gateways) if _variant(fleet, g) is not None)
+        await _forge_batches(bus, fleet, victim, rollout)
+        late = GatewayReport(gateway_id="st-late", kind="registered", device_class=CLASS)
+        await bus.publish(report_event(late))  # folded after the forged batches
+        await pipeline.await_fleet(api, 41)
+        status = (await api.get(f"/v1/rollouts/{rollout}")).json()
+        assert status["gateways"] == {"applied": 38, "failed": 2}
+        records = {g["gateway_id"]: g for g in (await api.get("/v1/gateways")).json()}
+        assert records[victim]["labels"] == {"site": fleet.durable}
+        assert records[victim]["running_variant_id"] == variant.variant_id
+        assert "st-stranger" not in records
+
+
+async def _forge_batches(bus: Bus, fleet: SimulatedFleet, victim: str, rollout: str) -> None:
+    """What a relay taken over might send: its own gateway relabelled and failed, another
+    site's gateway failed, a gateway nobody registered applied."""
+    generation = 1_000_000  # newer than anything the rollout sent
+
+    def failed(gateway_id: str, labels: dict[str, str]) -> GatewayReport:
+        return GatewayReport(gateway_id=gateway_id, kind="failed", device_class=CLASS,
+                             labels=labels, rollout_id=rollout, generation=generation,
+                             reason="forged")  # fmt: skip
+
+    relabelled = failed(victim, {"site": fleet.durable, "tier": "evil"})
+    stranger = failed("st-stranger", {"site": fleet.durable})
+    own_site = GatewayReports(site=fleet.durable, batch="forged-1",
+                              reports=[relabelled, stranger])  # fmt: skip
+    other_site = GatewayReports(site="elsewhere", batch="forged-2",
+                                reports=[failed(victim, {"site": fleet.durable})])  # fmt: skip
+    for batch in (own_site, other_site):
+        await bus.publish(new_event(batch, source=f"/slmops/site/{batch.site}"))

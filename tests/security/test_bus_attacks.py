@@ -18,7 +18,7 @@ from nats.js.api import ConsumerConfig
 
 from slmops.bus.credentials import NatsCredentials
 from slmops.stack.identities import enroll_gateway
-from slmops.testing.attacks import local_user
+from slmops.testing.attacks import connect_once_enrolled, local_user
 from slmops.testing.localstack import RunningStack
 
 GATEWAY_ID = "local-gw-1"
@@ -168,7 +168,7 @@ async def test_an_enrolled_gateway_works_at_once_and_a_revoked_one_is_cut_off(
     enrolled = enroll_gateway(stack.var_dir, "gw-stolen", "x86-avx2")
     stolen = local_user(stack.var_dir, "gateway-gw-stolen")  # what a thief copied
     token = enrolled.token_file.read_text().strip()
-    gateway = await _connect_once_reloaded(connect, stolen)
+    gateway = await connect_once_enrolled(connect, stolen)
     await gateway.client.jetstream(timeout=5).publish(
         "slmops.gateway.report.v1.health.gw-stolen", b"{}"
     )
@@ -193,14 +193,3 @@ async def test_an_enrolled_gateway_works_at_once_and_a_revoked_one_is_cut_off(
     await http.aclose()
     assert denied.status_code == 401
     assert "revoked" in denied.text
-
-
-async def _connect_once_reloaded(connect: Any, creds: NatsCredentials) -> Any:
-    """The server re-reads its users on SIGHUP, a moment after enrolment returns (until then
-    it refuses the key: an authorization error, or the socket closed mid-handshake)."""
-    for _ in range(100):
-        try:
-            return await connect(creds, reconnect=False)
-        except (nats.errors.Error, OSError):
-            await asyncio.sleep(0.1)
-    raise AssertionError("the enrolled gateway was never let in")

@@ -32,7 +32,7 @@ async def test_reports_go_out_in_batches_and_each_sender_waits_for_its_own(bus: 
     batches = [decode_message(m.subject, m.data) for m in msgs]
     assert sorted(len(b.data.reports) for b in batches) == [1, 3, 3]
     assert all(isinstance(b.data, GatewayReports) for b in batches)
-    gateways = sorted(r.gateway_id for r in reports_in(batches))
+    gateways = sorted(c.report.gateway_id for c in reports_in(batches))
     assert gateways == sorted(f"gw-{i}" for i in range(7))
     assert reporter.batches_sent == 3
 

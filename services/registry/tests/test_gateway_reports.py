@@ -8,9 +8,17 @@ from typing import Any, Literal
 import pytest
 
 from slmops.bus import Bus
-from slmops.events import CloudEvent, GatewayReport, RolloutStarted, TransientError, new_event
+from slmops.events import (
+    CloudEvent,
+    GatewayReport,
+    GatewayReports,
+    RolloutStarted,
+    TransientError,
+    new_event,
+)
 from slmops.events.payloads import WavePlan
 from slmops.testing.polling import until, until_answered
+from slmops_registry.declared import Declaration, Declarations
 from slmops_registry.projection import LineageStore
 from slmops_registry.reports import ReportFolder
 from slmops_registry.testing import RegistryUnderTest
@@ -20,15 +28,28 @@ NAME, VERSION = "smollm2-135m", "1.0.0"
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
-Kind = Literal["applied", "failed", "health"]
+Kind = Literal["registered", "applied", "failed", "health"]
+
+
+def payload(gateway: str, kind: Kind, rollout: str = "ro-1", site: str = "") -> GatewayReport:
+    return GatewayReport(gateway_id=gateway, kind=kind, device_class="x86-vnni",
+                         rollout_id=None if kind == "registered" else rollout,
+                         variant_id=None if kind == "registered" else "v-x86",
+                         labels={"site": site} if site else {},
+                         reason="smoke test failed" if kind == "failed" else "")  # fmt: skip
 
 
 def report(gateway: str, kind: Kind, seconds: int, rollout: str = "ro-1") -> CloudEvent[Any]:
-    payload = GatewayReport(gateway_id=gateway, kind=kind, device_class="x86-vnni",
-                            rollout_id=rollout, variant_id="v-x86",
-                            reason="smoke test failed" if kind == "failed" else "")  # fmt: skip
-    event = new_event(payload, source=f"/slmops/gateway/{gateway}")
+    event = new_event(payload(gateway, kind, rollout), source=f"/slmops/gateway/{gateway}")
     return event.model_copy(update={"time": T0 + timedelta(seconds=seconds)})
+
+
+async def nobody(_gateway_id: str) -> Declaration | None:
+    return None
+
+
+def folder_of(store: LineageStore) -> ReportFolder:
+    return ReportFolder(store, Declarations(nobody))
 
 
 def started(rollout: str) -> CloudEvent[RolloutStarted]:
@@ -48,7 +69,7 @@ async def test_a_batch_out_of_order_ends_as_the_newest_state_per_gateway(
     store = await registry.context.lineage()
     assert store is not None
     await store.remember("rollout", "ro-1", NAME, VERSION)
-    folder = ReportFolder(store)
+    folder = folder_of(store)
     await folder.fold([report("gw-1", "applied", 5)])  # in the lineage from an earlier batch
 
     await folder.fold([
@@ -73,7 +94,7 @@ async def test_reports_of_an_unknown_rollout_fail_the_batch_after_the_known_ones
     store = await registry.context.lineage()
     assert store is not None
     await store.remember("rollout", "ro-1", NAME, VERSION)
-    folder = ReportFolder(store)
+    folder = folder_of(store)
     batch = [report("gw-1", "applied", 1), report("gw-9", "applied", 2, rollout="ro-later")]
 
     with pytest.raises(TransientError, match="unknown rollout"):
@@ -106,3 +127,31 @@ async def test_a_report_that_overtakes_its_rollout_is_retried_not_lost(
     assert reports.consumer.stats.dead_lettered == 0
     ready = (await registry.client.get("/readyz")).json()
     assert ready["checks"]["gateway_reports"]["ok"] is True
+
+
+async def test_a_site_batch_places_only_reports_of_gateways_that_declared_the_site(
+    registry: RegistryUnderTest,
+) -> None:
+    store = await registry.context.lineage()
+    assert store is not None
+    await store.remember("rollout", "ro-1", NAME, VERSION)
+    looked_up: list[str] = []
+
+    async def fleet_record(gateway_id: str) -> Declaration | None:  # registered earlier
+        looked_up.append(gateway_id)
+        return ("x86-vnni", {"site": "berlin"}) if gateway_id == "gw-old" else None
+
+    folder = ReportFolder(store, Declarations(fleet_record))
+    own = [new_event(payload(g, "registered", site=s), source=f"/slmops/gateway/{g}")
+           for g, s in (("gw-b", "berlin"), ("gw-p", "paris"))]  # fmt: skip
+    batch = GatewayReports(site="berlin", batch="b1", reports=[
+        payload("gw-b", "applied", site="berlin"),  # its own site: placed
+        payload("gw-old", "applied", site="berlin"),  # declared before this process: looked up
+        payload("gw-p", "applied", site="berlin"),  # a paris gateway: a berlin relay lies
+        payload("gw-x", "applied", site="berlin"),  # never heard of
+    ])  # fmt: skip
+
+    await folder.fold([*own, new_event(batch, source="/slmops/site/berlin")])
+
+    assert set(await states(store)) == {"gw-b", "gw-old"}
+    assert sorted(looked_up) == ["gw-old", "gw-x"]  # registered ones are not looked up

@@ -8,6 +8,7 @@ import httpx
 from typer.testing import CliRunner
 
 from slmops.auth import LocalCredentials, Scope, TokenVerifier
+from slmops.auth.bususers import local_bus_users
 from slmops.cli.main import app
 
 
@@ -46,6 +47,35 @@ def test_enroll_gives_a_gateway_its_own_identity(credentials: LocalCredentials) 
     assert principal.gateway_id == "gw-berlin-7"
     assert principal.device_class == "arm64-pi5"
     assert principal.scopes == {Scope.GATEWAY}
+
+
+def test_a_gateway_enrolled_at_a_site_may_ask_only_that_sites_relay(
+    credentials: LocalCredentials,
+) -> None:
+    site = cli(credentials, "auth", "enroll-site", "berlin")
+    enrolled = cli(credentials, "auth", "enroll", "gw-b1", "--class", "arm64-pi5", "--site",
+                   "berlin")  # fmt: skip
+    assert site.exit_code == 0, site.output  # type: ignore[attr-defined]
+    assert enrolled.exit_code == 0, enrolled.output  # type: ignore[attr-defined]
+    assert "SLMOPS_GATEWAY_SITE=berlin" in enrolled.output  # type: ignore[attr-defined]
+
+    users = local_bus_users(credentials.root.parent).users()
+    gateway, relay = users["gateway-gw-b1"].permissions(), users["site-berlin"].permissions()
+    assert gateway.publish is not None
+    assert relay.publish is not None
+    assert "slmops.site.v1.berlin.report.gw-b1" in gateway.publish
+    assert not any(s.startswith("slmops.site.v1.") and "berlin" not in s for s in gateway.publish)
+    assert relay.publish == ("$JS.API.INFO", "slmops.gateway.reports.v1.berlin.*")
+    assert relay.allow_responses  # it answers its gateways' requests
+    conf = local_bus_users(credentials.root.parent).users_conf_file.read_text()
+    assert "allow_responses: true" in conf
+
+
+def test_a_site_name_that_is_no_subject_token_is_refused(credentials: LocalCredentials) -> None:
+    for args in (("enroll-site", "ber.lin"), ("enroll", "gw-1", "--class", "c", "--site", "a*")):
+        refused = cli(credentials, "auth", *args)
+        assert refused.exit_code != 0
+        assert "letters, digits" in refused.output  # type: ignore[attr-defined]
 
 
 def test_whoami_names_the_clis_principal(credentials: LocalCredentials) -> None:

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from slmops.bus.permissions import COHORT_BUCKET, COHORT_SUBJECT
 from slmops.cohorts import COHORT_EVENT, CohortState, cohort_key
 from slmops.events import GatewayReport
+from slmops.events.payloads import BATCHED_REPORT_KINDS
 from slmops.events.reports import report_event
 from slmops.service import BackgroundTask, Check, ServiceRuntime, create_service_app, serve
 from slmops.service.registry_api import RegistryClient
@@ -26,6 +27,7 @@ from slmops_gateway.handlers import build_handlers
 from slmops_gateway.metrics import register as register_metrics
 from slmops_gateway.openai_api import router as openai_router
 from slmops_gateway.pool import GenerationPool
+from slmops_gateway.relay import send_via_relay
 from slmops_gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -46,8 +48,17 @@ class AgentLoop(BackgroundTask):
         return await self.agent.check()
 
     async def _publish(self, report: GatewayReport) -> None:
-        assert self.runtime.bus is not None  # publishing follows the bucket: connected
-        await self.runtime.bus.publish(report_event(report))
+        """Through its site's relay if it has one and it answers (a wave report), else itself."""
+        bus = self.runtime.bus
+        assert bus is not None  # publishing follows the bucket: connected
+        site = self.agent.settings.site
+        if site is not None and report.kind in BATCHED_REPORT_KINDS:
+            why_not = await send_via_relay(bus.nc, site, report,
+                                           self.agent.settings.relay_timeout_s)  # fmt: skip
+            if why_not is None:
+                return
+            log.info("%s report sent itself: %s", report.kind, why_not)
+        await bus.publish(report_event(report))
 
     async def _read_cohort(self, cohort: int) -> CohortState | None:
         kv = await self.runtime.key_value(COHORT_BUCKET)

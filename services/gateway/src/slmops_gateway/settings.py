@@ -29,6 +29,17 @@ class GatewaySettings(ServiceSettings):
     labels: dict[str, str] = Field(
         default_factory=dict, description='Labels it declares, JSON (e.g. {"site": "berlin"}).'
     )
+    site: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$",
+        description="The site it was enrolled at (`slmops auth enroll --site`): its wave reports "
+        "go through that site's relay (slmops_gateway.relay) while one answers, and its labels "
+        "name the site. Unset: it publishes every report itself.",
+    )
+    relay_timeout_s: float = Field(
+        2.0, gt=0, description="How long it waits for its site's relay, in seconds (then it "
+        "publishes the report itself).",
+    )  # fmt: skip
     registry_url: str = Field(
         "http://127.0.0.1:8101", description="Registry HTTP API: manifests, reports, downloads."
     )
@@ -79,6 +90,18 @@ class GatewaySettings(ServiceSettings):
     trust_refresh_s: float = Field(
         60.0, gt=0, description="How often the trust root's keys are refreshed, in seconds."
     )
+
+    @model_validator(mode="after")
+    def _site_in_labels(self) -> GatewaySettings:
+        """The services take a site's batch only for gateways whose labels name the site."""
+        if self.site is None:
+            return self
+        declared = self.labels.get("site")
+        if declared not in (None, self.site):
+            raise ValueError(f"SLMOPS_GATEWAY_SITE={self.site!r} but its labels name site "
+                             f"{declared!r}")  # fmt: skip
+        self.labels = {**self.labels, "site": self.site}
+        return self
 
     @model_validator(mode="after")
     def _require_trust_root(self) -> GatewaySettings:

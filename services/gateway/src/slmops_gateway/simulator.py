@@ -10,8 +10,10 @@ registry cache (manifests are content addressed, so caching them changes nothing
 verifies: each still checks the signatures itself) and one verdict per cohort statement.
 A ``legacy`` share of the fleet speaks only the per-gateway protocol (gateways older than
 cohorts). With ``site_reports`` the fleet sends its wave reports as one site's batches
-(:mod:`slmops_gateway.sitereports`) instead of one message per report; ``part``/``parts``
-split one fleet's gateways over several processes.
+(:mod:`slmops_gateway.sitereports`) instead of one message per report; with ``relay`` its
+agents ask the site's relay process to carry them, as real gateways enrolled at a site do
+(:mod:`slmops_gateway.relay`); either way the process is one site, and its gateways' labels
+name it. ``part``/``parts`` split one fleet's gateways over several processes.
 
 Faults are injected into exact shares of the fleet: ``download`` and ``smoke`` make installs
 fail, ``latency`` and ``shadow`` make every model after the first one slower or disagree more
@@ -53,6 +55,7 @@ from slmops.events.reports import report_event
 from slmops.settings import ConsumerSettings
 from slmops.tracing import extract_trace_context
 from slmops_gateway.agent import DESIRED_BUCKET, Agent
+from slmops_gateway.relay import send_via_relay
 from slmops_gateway.settings import GatewaySettings
 from slmops_gateway.sharing import Limiter, Shared
 from slmops_gateway.simshared import CachingRegistry, CohortReader, FieldProfiles
@@ -65,6 +68,7 @@ from slmops_gateway.verify import Refused, Vouched
 Fault = Literal["download", "smoke", "latency", "shadow", "silent"]
 FAULTS: tuple[Fault, ...] = ("download", "smoke", "latency", "shadow", "silent")
 _BURST = 1000  # registrations / reconciles / health reports sent at once
+_RELAY_TIMEOUT_S = 5.0  # a relay carrying thousands of requests at once answers in batches
 _ATTEMPTS = 5  # tries to act on a cohort's state before waiting for the next one
 log = logging.getLogger(__name__)
 
@@ -85,12 +89,20 @@ class FleetSpec:
     part: int = 0  # this process simulates the gateways whose index % parts == part
     parts: int = 1  # processes sharing the fleet (each its own connection and consumer)
     site_reports: bool = False  # wave reports sent as one site's batches (``sitereports``)
+    relay: bool = False  # wave reports through the site's relay process (``relay``)
+
+    @property
+    def site(self) -> str:
+        """This process's name as a site (and its assignment consumer's)."""
+        return f"fleetsim-{self.prefix}" + (f"-{self.part}" if self.parts > 1 else "")
 
     def __post_init__(self) -> None:
         if self.count < 1:
             raise ValueError(f"count must be at least 1, not {self.count}")
         if self.parts < 1 or not 0 <= self.part < self.parts:
             raise ValueError(f"part {self.part} of {self.parts}: parts >= 1, 0 <= part < parts")
+        if self.site_reports and self.relay:
+            raise ValueError("a site's batches are made here (site_reports) or by its relay")
         if not 0 <= self.legacy <= 1:
             raise ValueError(f"the legacy share must be within 0..1, not {self.legacy}")
         unknown = sorted(set(self.faults) - set(FAULTS))
@@ -188,11 +200,15 @@ class SimulatedFleet:
         layout = spec.layout()
         legacy = set(random.Random(spec.seed + 2).sample(  # noqa: S311
             range(len(layout)), round(spec.count * spec.legacy)))  # fmt: skip
+        self.durable = spec.site  # its consumer's name; the site its gateways' labels name
+        # the services take a site's batch only for gateways naming that site
+        site = {"site": spec.site} if spec.site_reports or spec.relay else {}
         for index, (gateway_id, device_class, labels, fault) in enumerate(layout):
             device_jitter = jitter.uniform(0.9, 1.1)  # drawn for all: the same in any part
             if index % spec.parts != spec.part:
                 continue  # another process's gateway
-            identity = {"gateway_id": gateway_id, "device_class": device_class, "labels": labels,
+            identity = {"gateway_id": gateway_id, "device_class": device_class,
+                        "labels": {**labels, **site},
                         "cohort_protocol": index not in legacy}  # fmt: skip
             settings = base.model_copy(update=identity)
             agent = Agent(settings, self.registry, publish=self._publish, vouched=self._vouched,
@@ -208,14 +224,20 @@ class SimulatedFleet:
         self._cohort_sub: Subscription | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._acting = Limiter(_BURST)
-        self.durable = f"fleetsim-{spec.prefix}" + (f"-{spec.part}" if spec.parts > 1 else "")
         self._site = SiteReporter(bus, self.durable) if spec.site_reports else None
+        self.sent_themselves = 0  # wave reports the relay did not carry
 
     async def _publish(self, report: GatewayReport) -> None:
         if self._site is not None and report.kind in BATCHED_REPORT_KINDS:
             await self._site.send(report)
-        else:
-            await self.bus.publish(report_event(report))
+            return
+        if self.spec.relay and report.kind in BATCHED_REPORT_KINDS:
+            why_not = await send_via_relay(self.bus.nc, self.durable, report, _RELAY_TIMEOUT_S)
+            if why_not is None:
+                return
+            self.sent_themselves += 1
+            log.debug("%s: sent itself: %s", report.gateway_id, why_not)
+        await self.bus.publish(report_event(report))
 
     async def start(self) -> None:
         """Listen for assignments, register every gateway, then reconcile each with KV."""

@@ -10,16 +10,19 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import nats.js.errors
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from slmops.bus.batches import BatchConsumer
 from slmops.bus.handlers import durable_name
+from slmops.bus.permissions import FLEET_RECORDS_BUCKET
 from slmops.bus.topology import FLEET, ConsumerSpec
 from slmops.service import BackgroundTask, Check, ServiceRuntime, create_service_app, serve
 from slmops_registry import field_api, trust_api, variant_api
 from slmops_registry.api import router
 from slmops_registry.context import RegistryContext
+from slmops_registry.declared import Declaration, Declarations, declaration_of
 from slmops_registry.errors import RegistryError
 from slmops_registry.handlers import build_handlers
 from slmops_registry.reports import REPORT_SUBJECTS, ReportFolder, decode_report
@@ -77,13 +80,25 @@ class ReportConsumer(BackgroundTask):
             return False
         spec = report_consumer_spec(self.context.settings)
         await bus.declare_consumer(spec)
+        folder = ReportFolder(store, Declarations(self._fleet_record))
         self.consumer = BatchConsumer(
-            bus, spec, ReportFolder(store).fold, self.context.settings.consumer,
+            bus, spec, folder.fold, self.context.settings.consumer,
             observer=self.runtime.metrics, decode=decode_report,
         )  # fmt: skip
         await self.consumer.start()
         self.last_error = ""
         return True
+
+    async def _fleet_record(self, gateway_id: str) -> Declaration | None:
+        """A gateway's class and labels as the rollout service's fleet record holds them."""
+        kv = await self.runtime.key_value(FLEET_RECORDS_BUCKET)
+        if kv is None:
+            return None
+        try:
+            entry = await kv.get(gateway_id)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        return declaration_of(entry.value or b"")
 
     async def _lag(self) -> None:
         """Its consumer's lag (the runtime reports only the consumers it runs itself)."""

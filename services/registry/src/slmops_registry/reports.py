@@ -12,27 +12,34 @@ another stream) cannot be placed. The batch's known reports are written first, t
 fails with a :class:`TransientError` and is redelivered whole: the batch consumer acks or naks a
 batch as one. Rewriting the known ones then is a no-op (newest-wins by event time and id), so an
 unknown report delays its batch-mates' acks, never their effect on the lineage.
+
+A report a site's batch carried counts only for a gateway that declared that site itself
+(``declared.py``); others are dropped and logged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterable
 from typing import Any
 
 from slmops.events import CloudEvent, GatewayReport, GatewayReports, TransientError
 from slmops.events.registry import decoder_for
-from slmops.events.reports import each_report
+from slmops.events.reports import StampedReport, each_report, may_carry
+from slmops_registry.declared import Declarations
 from slmops_registry.lineage import GatewayState, gateway_state
 from slmops_registry.projection import LineageStore
 
 #: The gateway reports lineage keeps: which variant each gateway runs (registrations,
 #: acknowledgements and health are not lineage).
 REPORT_SUBJECTS = (
-    *(f"{GatewayReport.event_type}.{kind}.>" for kind in ("applied", "failed")),
+    # registrations: what each gateway declares (whether a site may carry its reports)
+    *(f"{GatewayReport.event_type}.{kind}.>" for kind in ("registered", "applied", "failed")),
     f"{GatewayReports.event_type}.>",  # sites' batches (their acknowledgements left out here)
 )
 _MAX_REMEMBERED = 100_000  # rollout/variant locations kept in memory (a few MB at most)
+log = logging.getLogger(__name__)
 
 Where = tuple[str, str]  # (model name, version)
 GatewayKey = tuple[str, str, str]  # (model name, version, gateway id)
@@ -41,14 +48,15 @@ GatewayKey = tuple[str, str, str]  # (model name, version, gateway id)
 class ReportFolder:
     """Folds batches of gateway reports into one lineage store."""
 
-    def __init__(self, store: LineageStore) -> None:
-        self.store = store
+    def __init__(self, store: LineageStore, declarations: Declarations) -> None:
+        self.store, self.declarations = store, declarations
         self._located: dict[tuple[str, str], Where] = {}  # ("rollout"|"variant", id) -> where
 
     async def fold(self, events: list[CloudEvent[Any]]) -> None:
         """Write the newest state per gateway of ``events``; raise :class:`TransientError`
         (after writing the rest) when some name a rollout or variant not projected yet."""
-        states = [(seen.report, state) for seen in each_report(events)
+        reports = await self._vouched(each_report(events))
+        states = [(seen.report, state) for seen in reports
                   if (state := gateway_state(seen))]  # fmt: skip
         await self._resolve(report for report, _ in states)
         newest: dict[GatewayKey, GatewayState] = {}
@@ -69,6 +77,31 @@ class ReportFolder:
             raise TransientError(
                 f"{len(unplaced)} gateway report(s) name an unknown rollout/variant: {shown}"
             )
+
+    async def _vouched(self, reports: list[StampedReport]) -> list[StampedReport]:
+        """Learn registrations; leave out what a site carried for gateways not its own."""
+        for seen in reports:
+            if seen.site is None and seen.report.kind == "registered":
+                self.declarations.heard(seen.report)
+        carried = [seen.report.gateway_id for seen in reports if seen.site is not None]
+        if not carried:
+            return reports
+        await self.declarations.resolve(carried)
+        kept, refused = [], []
+        for seen in reports:
+            declared = self.declarations.of(seen.report.gateway_id)
+            if seen.site is None or may_carry(seen.site, seen.report, declared):
+                kept.append(seen)
+            else:
+                refused.append(f"{seen.report.gateway_id} via {seen.site}")
+        if refused:
+            log.warning(
+                "ignored %d report(s) a site carried for gateways that did not declare "
+                "it (or other labels): %s",
+                len(refused),
+                ", ".join(refused[:3]),
+            )
+        return kept
 
     def where(self, report: GatewayReport) -> Where | None:
         """The model version a report is about, if its rollout or variant is known."""

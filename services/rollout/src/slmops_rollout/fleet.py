@@ -19,6 +19,7 @@ from nats.js.kv import KeyValue
 from pydantic import BaseModel, Field
 
 from slmops.bus.kvstate import put_all
+from slmops.bus.permissions import FLEET_RECORDS_BUCKET
 from slmops.cohorts import overlay_for
 from slmops.events.payloads import GatewayReport, HealthAggregate
 
@@ -26,7 +27,7 @@ __all__ = ["GATEWAYS_BUCKET", "Fleet", "GatewayRecord", "fold", "overlay_for"]
 from slmops_rollout.state import RolloutState
 from slmops_rollout.store import GroupCommit
 
-GATEWAYS_BUCKET = "slmops-gateways"
+GATEWAYS_BUCKET = FLEET_RECORDS_BUCKET
 _BURST = 1000  # KV reads in flight at once
 _WRITE_BURST = 5000  # records written pipelined at once
 
@@ -101,6 +102,16 @@ class Fleet:
     async def all(self) -> list[GatewayRecord]:
         await self._load()
         return list(self.records.values())
+
+    async def load(self) -> None:
+        """Hold every record in memory (once per process)."""
+        await self._load()
+
+    def declared(self, report: GatewayReport) -> tuple[str, dict[str, str]] | None:
+        """The class and labels the report's gateway declared in its own messages, as far as
+        this fleet knows (``load`` first)."""
+        record = self.records.get(report.gateway_id)
+        return None if record is None else (record.device_class, record.labels)
 
     async def record(self, report: GatewayReport) -> GatewayRecord:
         """Fold ``report`` into its gateway's record; return once that is durable."""

@@ -8,20 +8,27 @@ record that the progress does not hold (registrations, unplanned installs, rollb
 acks without round trips (``slmops.bus.batches``). Health reports only refresh the latest
 aggregates in memory (they come again every interval; persisting each would cost a write per
 gateway per interval): the wave's health gates read them from there.
+
+A report a site's batch carried counts only if its gateway declared that site itself (its
+fleet record, from its own registration, says so: ``slmops.events.reports.may_carry``); others
+are dropped and logged - a relay cannot speak for another site's gateways.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from slmops.events import GatewayReport
+from slmops.events.reports import Carried, may_carry
 from slmops_rollout.engine import Engine
 from slmops_rollout.fleet import GatewayRecord
 from slmops_rollout.state import RolloutState, record
 
 _WELCOME_BURST = 256  # registrations welcomed at once
+log = logging.getLogger(__name__)
 
 
 def _held_by_progress(state: RolloutState, report: GatewayReport) -> bool:
@@ -32,15 +39,20 @@ def _held_by_progress(state: RolloutState, report: GatewayReport) -> bool:
     return report.kind in ("applied", "failed") and progress.status == report.kind
 
 
-async def fold_reports(engine: Engine, reports: Sequence[GatewayReport]) -> None:
+async def fold_reports(engine: Engine, reports: Sequence[Carried]) -> None:
     """Fold one batch of reports; return once what it changed is durable. Idempotent: a batch
     delivered again folds to the same records and progress (generations order them)."""
     await engine.all()  # rollouts loaded (a restarted service resumes them)
+    await engine.gateways.load()
     seen = datetime.now(UTC)
     durable: set[str] = set()  # fleet records to write
     moved: dict[str, set[str]] = {}  # rollout id -> gateways whose progress changed
     registered: list[GatewayRecord] = []
-    for report in reports:
+    refused: list[Carried] = []
+    for report, site in reports:
+        if site is not None and not may_carry(site, report, engine.gateways.declared(report)):
+            refused.append(Carried(report, site))
+            continue
         if report.kind == "health":
             if report.health is not None:
                 engine.health[report.gateway_id] = (report.variant_id, report.health)
@@ -66,3 +78,7 @@ async def fold_reports(engine: Engine, reports: Sequence[GatewayReport]) -> None
     for start in range(0, len(registered), _WELCOME_BURST):
         burst = registered[start : start + _WELCOME_BURST]
         await asyncio.gather(*(engine.welcome(r) for r in burst))
+    if refused:
+        shown = ", ".join(f"{c.report.gateway_id} via {c.site}" for c in refused[:3])
+        log.warning("ignored %d report(s) a site carried for gateways that did not declare it "
+                    "(or other labels): %s", len(refused), shown)  # fmt: skip

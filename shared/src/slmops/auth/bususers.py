@@ -27,22 +27,26 @@ from slmops.bus.permissions import (
     gateway_permissions,
     service_permissions,
     simulator_permissions,
+    site_relay_permissions,
 )
 from slmops.secretfiles import write_private
 
 
 @dataclass(frozen=True)
 class BusUser:
-    name: str  # the seed file's stem: admin, service-<name>, gateway-<id>, simulator
-    kind: str  # admin | service | gateway | simulator | console
-    ident: str  # the service's name or the gateway's id ("" otherwise)
+    name: str  # the seed file's stem: admin, service-<name>, gateway-<id>, site-<site>, ...
+    kind: str  # admin | service | gateway | site | simulator | console
+    ident: str  # the service's name, the gateway's id, the site's name ("" otherwise)
     public_key: str
+    site: str = ""  # a gateway's site (its relay's), if it was enrolled at one
 
     def permissions(self) -> Permissions:
         if self.kind == "service":
             return service_permissions(self.ident, self.public_key)
         if self.kind == "gateway":
-            return gateway_permissions(self.ident, self.public_key)
+            return gateway_permissions(self.ident, self.public_key, self.site)
+        if self.kind == "site":
+            return site_relay_permissions(self.ident, self.public_key)
         if self.kind == "simulator":
             return simulator_permissions(self.public_key)
         if self.kind == "console":
@@ -52,9 +56,10 @@ class BusUser:
 
 def bus_user_name(subject: str) -> str:
     """The bus user of a token subject: ``gateway:gw-1`` -> ``gateway-gw-1``,
-    ``service:rollout`` -> ``service-rollout``, ``user:admin`` -> ``admin``."""
+    ``service:rollout`` -> ``service-rollout``, ``site:paris`` -> ``site-paris``,
+    ``user:admin`` -> ``admin``."""
     kind, _, ident = subject.partition(":")
-    if kind in ("gateway", "service"):
+    if kind in ("gateway", "service", "site"):
         return f"{kind}-{ident}"
     if kind == "simulator":
         return "simulator"
@@ -91,14 +96,14 @@ class BusUsers:
         data = json.loads(self.users_file.read_text())
         return {name: BusUser(name=name, **fields) for name, fields in data.items()}
 
-    def ensure(self, name: str, kind: str, ident: str = "") -> BusUser:
+    def ensure(self, name: str, kind: str, ident: str = "", site: str = "") -> BusUser:
         """The user ``name`` (its seed created once), recorded and in the configuration."""
         seed_file = self.seed_file(name)
         if not seed_file.exists():
             seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER).decode()
             write_private(seed_file, seed)
         public_key = nkeys.from_seed(seed_file.read_text().strip().encode()).public_key.decode()
-        user = BusUser(name, kind, ident, public_key)
+        user = BusUser(name, kind, ident, public_key, site)
         users = self.users()
         if users.get(name) != user:
             users[name] = user
@@ -116,7 +121,8 @@ class BusUsers:
         return found
 
     def _save(self, users: dict[str, BusUser]) -> None:
-        data = {u.name: {"kind": u.kind, "ident": u.ident, "public_key": u.public_key}
+        data = {u.name: {"kind": u.kind, "ident": u.ident, "public_key": u.public_key,
+                         **({"site": u.site} if u.site else {})}
                 for u in users.values()}  # fmt: skip
         write_private(self.users_file, json.dumps(data, indent=1, sort_keys=True))
         self.write_config()
@@ -141,6 +147,8 @@ def render_users(users: Iterable[BusUser]) -> str:
             parts.append(f"publish: {{allow: {json.dumps(list(perms.publish))}}}")
         if perms.subscribe is not None:
             parts.append(f"subscribe: {{allow: {json.dumps(list(perms.subscribe))}}}")
+        if perms.allow_responses:
+            parts.append("allow_responses: true")
         if parts:
             fields.append(f"permissions: {{{', '.join(parts)}}}")
         entries.append(f"  {{{', '.join(fields)}}}  # {user.name}")

@@ -24,10 +24,16 @@ from slmops.cohorts import cohort_key, cohort_of
 API = "$JS.API"
 DESIRED_STATE_BUCKET = "slmops-desired-state"
 COHORT_BUCKET = "slmops-cohorts"
+#: The rollout service's record per gateway (``slmops_rollout.fleet.GatewayRecord``, JSON):
+#: others read only its ``device_class`` and ``labels``.
+FLEET_RECORDS_BUCKET = "slmops-gateways"
 COHORT_SUBJECT = "slmops.cohort.v1"  # core NATS notifications, one subject per cohort
 ASSIGNMENT_SUBJECT = "slmops.gateway.assignment.v1"
 REPORT_SUBJECT = "slmops.gateway.report.v1"
 REPORTS_SUBJECT = "slmops.gateway.reports.v1"  # batches: never a gateway's to publish
+#: Core NATS requests from a site's gateways to its relay (``slmops_gateway.relay``): one
+#: subject per gateway, so the relay knows who sent each report.
+SITE_RELAY_SUBJECT = "slmops.site.v1"
 DEAD_LETTER_SUBJECT = "slmops.deadletter.v1"
 
 #: The event subjects each service publishes (its own events only).
@@ -43,7 +49,7 @@ SERVICE_BUCKETS: dict[str, tuple[str, ...]] = {
     "registry": ("slmops-model-versions", "slmops-variants", "slmops-lineage"),
     "optimizer": ("slmops-jobs",),
     "validator": ("slmops-jobs",),
-    "rollout": ("slmops-rollouts", DESIRED_STATE_BUCKET, COHORT_BUCKET, "slmops-gateways"),
+    "rollout": ("slmops-rollouts", DESIRED_STATE_BUCKET, COHORT_BUCKET, FLEET_RECORDS_BUCKET),
     "telemetry": ("slmops-field-telemetry",),
 }
 #: Streams a service may create and delete: the bucket the registry rebuilds its lineage
@@ -53,10 +59,18 @@ SERVICE_DELETABLE: dict[str, tuple[str, ...]] = {"registry": ("KV_slmops-lineage
 
 @dataclass(frozen=True)
 class Permissions:
-    """Subjects one principal may publish to and subscribe to (``None``: everything)."""
+    """Subjects one principal may publish to and subscribe to (``None``: everything);
+    ``allow_responses``: it may answer the requests it receives (nats-server lets it publish
+    once to each request's reply subject, whoever's inbox that is)."""
 
     publish: tuple[str, ...] | None
     subscribe: tuple[str, ...] | None
+    allow_responses: bool = False
+
+
+def relay_subject(site: str, gateway_id: str) -> str:
+    """Where gateway ``gateway_id`` asks its site's relay to carry a wave report."""
+    return f"{SITE_RELAY_SUBJECT}.{site}.report.{gateway_id}"
 
 
 def inbox_prefix(public_key: str) -> str:
@@ -159,9 +173,10 @@ def console_permissions(public_key: str) -> Permissions:
     return Permissions(publish=(f"{API}.INFO",), subscribe=subscribe)
 
 
-def gateway_permissions(gateway_id: str, public_key: str) -> Permissions:
+def gateway_permissions(gateway_id: str, public_key: str, site: str = "") -> Permissions:
     """One gateway: its own reports, its own desired state and assignments, and its own
-    cohort's state and notifications (the cohort is a hash of its id: fixed at enrollment)."""
+    cohort's state and notifications (the cohort is a hash of its id: fixed at enrollment);
+    enrolled at a ``site``, its own subject to that site's relay as well."""
     desired = f"KV_{DESIRED_STATE_BUCKET}"
     stream = ROLLOUT.name
     durable = durable_name(f"gateway-{gateway_id}", stream)
@@ -179,6 +194,7 @@ def gateway_permissions(gateway_id: str, public_key: str) -> Permissions:
         f"{API}.CONSUMER.MSG.NEXT.{stream}.{durable}",
         f"$JS.ACK.{stream}.{durable}.>",
         f"{DEAD_LETTER_SUBJECT}.{durable}",
+        *([relay_subject(site, gateway_id)] if site else []),
     )
     subscribe = (
         f"{inbox_prefix(public_key)}.>",
@@ -186,6 +202,16 @@ def gateway_permissions(gateway_id: str, public_key: str) -> Permissions:
         *_own_advisories(f"gateway-{gateway_id}", (stream,)),
     )
     return Permissions(publish, subscribe)
+
+
+def site_relay_permissions(site: str, public_key: str) -> Permissions:
+    """A site's relay: it hears its own site's gateways (each on its own subject, which only
+    that gateway may publish to), answers them, and publishes their wave reports as the
+    site's batches - nothing else (the services accept a site's batch only for gateways that
+    declared that site themselves: ``slmops.events.reports.may_carry``)."""
+    publish = (f"{API}.INFO", f"{REPORTS_SUBJECT}.{site}.*")
+    subscribe = (f"{inbox_prefix(public_key)}.>", f"{SITE_RELAY_SUBJECT}.{site}.report.*")
+    return Permissions(publish, subscribe, allow_responses=True)
 
 
 def simulator_permissions(public_key: str) -> Permissions:
@@ -197,6 +223,7 @@ def simulator_permissions(public_key: str) -> Permissions:
     publish = (
         f"{REPORT_SUBJECT}.>",
         f"{REPORTS_SUBJECT}.>",  # its agents' wave reports, folded as a site's would be
+        f"{SITE_RELAY_SUBJECT}.>",  # or sent through sites' relays, as real gateways' are
         f"{API}.STREAM.INFO.KV_{COHORT_BUCKET}",
         f"{API}.DIRECT.GET.KV_{COHORT_BUCKET}.>",
         f"{API}.INFO",

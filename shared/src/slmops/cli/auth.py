@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -24,6 +25,8 @@ from slmops.auth import (
 from slmops.cli.common import CliSettings, console_out, fail, parse_duration_s
 from slmops.stack import identities
 from slmops.stack.identities import enroll_gateway
+
+_TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")  # a subject token: a site's name
 
 app = typer.Typer(help="Credentials: tokens per principal, scoped and expiring.",
                   no_args_is_help=True)  # fmt: skip
@@ -72,20 +75,42 @@ def enroll(
         str, typer.Option("--class", help="Its device class: it reads only that class's variants.")
     ],
     ttl: Annotated[str, typer.Option(help="Lifetime: 30d, 365d.")] = "30d",
+    site: Annotated[
+        str, typer.Option(help="Its site: it may send wave reports through that site's relay.")
+    ] = "",
 ) -> None:
     """A gateway's own identity on the local stack: its API token and its NATS user (allowed
     its own reports, desired state and assignments only), files to hand to the device."""
+    if site and not _TOKEN.fullmatch(site):
+        fail(f"--site {site!r}: letters, digits, '-' and '_' only")
     var_dir = CliSettings().var_dir
     creds = local_credentials(var_dir)
     if not creds.issuer_key_file.exists():
         fail(f"no issuer key at {creds.issuer_key_file}: start the local stack (`slmops up`)")
-    enrolled = enroll_gateway(var_dir, gateway_id, device_class, parse_duration_s(ttl))
+    enrolled = enroll_gateway(var_dir, gateway_id, device_class, parse_duration_s(ttl), site)
     console_out.print(
         f"gateway:{gateway_id}: SLMOPS_AUTH_TOKEN_FILE={enrolled.token_file} "
         f"SLMOPS_NATS_NKEY_FILE={enrolled.nkey_file} "
         f"SLMOPS_GATEWAY_TRUST_ROOT_FILE={enrolled.trust_root_file} (hand the three to the "
-        f"device; the first two are its secrets)", markup=False,
+        f"device; the first two are its secrets)"
+        + (f"; SLMOPS_GATEWAY_SITE={site}" if site else ""), markup=False,
     )  # fmt: skip
+
+
+@app.command("enroll-site")
+def enroll_site_command(
+    site: Annotated[str, typer.Argument(help="The site's name, as its gateways were enrolled.")],
+) -> None:
+    """A site relay's NATS user: it carries its site's gateways' wave reports as batches
+    (`python -m slmops_gateway.relay`); it can publish nothing else."""
+    if not _TOKEN.fullmatch(site):
+        fail(f"site {site!r}: letters, digits, '-' and '_' only")
+    nkey_file = identities.enroll_site(CliSettings().var_dir, site)
+    console_out.print(
+        f"site:{site}: SLMOPS_NATS_NKEY_FILE={nkey_file} SLMOPS_RELAY_SITE={site} "
+        "(hand them to the relay beside the site's leaf node)",
+        markup=False,
+    )
 
 
 @app.command("revoke")

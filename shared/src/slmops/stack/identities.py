@@ -41,16 +41,26 @@ def reload_nats(var_dir: Path) -> bool:
 
 def enroll_gateway(
     var_dir: Path, gateway_id: str, device_class: str | None = None,
-    ttl_s: float = LOCAL_TOKEN_TTL_S,
+    ttl_s: float = LOCAL_TOKEN_TTL_S, site: str = "",
 ) -> Enrolled:  # fmt: skip
     """A gateway's own identity: its API token (for ``device_class`` only, if given) and its
-    NATS user, allowed only its own reports, desired state and assignments."""
+    NATS user, allowed only its own reports, desired state and assignments (and, enrolled at
+    a ``site``, its own subject to that site's relay)."""
     token_file = local_credentials(var_dir).mint_gateway(gateway_id, ttl_s, device_class)
     users = local_bus_users(var_dir)
-    users.ensure(f"gateway-{gateway_id}", "gateway", gateway_id)
+    users.ensure(f"gateway-{gateway_id}", "gateway", gateway_id, site)
     reload_nats(var_dir)
     return Enrolled(gateway_id, token_file, users.seed_file(f"gateway-{gateway_id}"),
                     pinned_root_file(var_dir))  # fmt: skip
+
+
+def enroll_site(var_dir: Path, site: str) -> Path:
+    """A site relay's NATS user (``slmops_gateway.relay``): it hears its site's gateways and
+    publishes their wave reports as the site's batches. Returns its seed file."""
+    users = local_bus_users(var_dir)
+    users.ensure(f"site-{site}", "site", site)
+    reload_nats(var_dir)
+    return users.seed_file(f"site-{site}")
 
 
 def revoke_subject(var_dir: Path, subject: str, keys_file: Path | None = None) -> list[str]:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import nats.errors
 from nats.aio.client import Client
@@ -75,3 +76,17 @@ async def connect_as(url: str, creds: NatsCredentials, *, reconnect: bool = True
         max_reconnect_attempts=3 if reconnect else 0, reconnect_time_wait=1, connect_timeout=2,
     )  # fmt: skip
     return principal
+
+
+async def connect_once_enrolled(
+    connect: Callable[..., Awaitable[Any]], creds: NatsCredentials
+) -> Any:
+    """``connect(creds, reconnect=False)`` once the server lets the user in: it re-reads its
+    users on SIGHUP, a moment after enrolment returns (until then it refuses the key: an
+    authorization error, or the socket closed mid-handshake)."""
+    for _ in range(100):
+        try:
+            return await connect(creds, reconnect=False)
+        except (nats.errors.Error, OSError):
+            await asyncio.sleep(0.1)
+    raise AssertionError("the enrolled user was never let in")
