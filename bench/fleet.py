@@ -6,8 +6,11 @@ gateway and waits for every answer (subscriptions are made before the clock star
 ours: the rollout service and the registry as their own processes, and a simulated
 fleet of real gateway agents in ``FLEET_PROCESSES`` processes of their own (``fleet_worker``;
 each like a site: one connection, one subscription to the cohorts' notifications, one
-consumer for exceptions); its gateways' wave reports one message each, or (a second run) as
-its sites' batches (``GatewayReports``). The rollout is one wave of every gateway, no soak.
+consumer for exceptions); its gateways' wave reports one message each; or sent through a
+relay process per site (``slmops_gateway.relay``: each report a core NATS request, the relay
+stores the site's batches), as real gateways enrolled at a site send them; or batched by the
+fleet process itself (``GatewayReports`` without the relay's hop). The rollout is one wave of
+every gateway, no soak.
 Times are from ``rollout.wave.started``: until every gateway's acknowledgement and every
 ``applied`` report reached NATS, and until the service announced ``rollout.completed`` (it
 has then folded every report in and stored it in KV).
@@ -31,10 +34,12 @@ from typing import Any
 
 import httpx
 import nats
+import nats.errors
 import psutil
 
 from slmops.auth import BearerToken, Scope, ensure_local_credentials
 from slmops.bus import Bus, Topology
+from slmops.bus.permissions import relay_subject
 from slmops.events import new_event
 from slmops.settings import PlatformSettings
 from slmops.testing.models import tiny_encoder_onnx, with_word_tokenizer
@@ -46,13 +51,17 @@ SIZES = (10_000, 100_000)
 # the simulated fleet's processes (as sites): one per core, so it is not held to one core
 FLEET_PROCESSES = int(os.environ.get("SLMOPS_BENCH_FLEET_PROCESSES", os.cpu_count() or 2))
 CLASS = "x86-avx512-vnni"
+#: How wave reports travel: one message per report, through sites' relays, or batched by the
+#: simulated sites themselves (what a relay does, without its hop).
+REPORT_MODES = ("own", "relay", "site")
+MODE_NAMES = {"own": "one per gateway", "relay": "sites' relays", "site": "sites' batches"}
 
 
 @dataclass
 class Result:
     count: int
     floor_s: float
-    site_reports: bool = False  # wave reports as sites' batches, not one message per report
+    reports: str = "own"  # how wave reports travel: REPORT_MODES
     plan_s: float = 0.0
     acked_s: float = 0.0
     applied_s: float = 0.0
@@ -165,13 +174,25 @@ def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
 
 
 class FleetProcesses:
-    """The simulated fleet as ``bench.fleet_worker`` processes, each its part of the gateways."""
+    """The simulated fleet as ``bench.fleet_worker`` processes, each its part of the gateways
+    (each a site: with ``reports="relay"``, each with its relay process)."""
 
     def __init__(
-        self, count: int, prefix: str, registry_url: str, parts: int, site_reports: bool
+        self, count: int, prefix: str, registry_url: str, parts: int, reports: str
     ) -> None:
+        from slmops_gateway.simulator import FleetSpec
+
         argv = [sys.executable, "-m", "bench.fleet_worker", str(count), prefix]
-        reports = "site" if site_reports else "own"
+        self.sites = [FleetSpec(count, prefix=prefix, part=part, parts=parts).site
+                      for part in range(parts)]  # fmt: skip
+        self.relays = [
+            subprocess.Popen(
+                [sys.executable, "-m", "slmops_gateway.relay"],
+                env={**os.environ, "SLMOPS_RELAY_SITE": site},
+                stderr=subprocess.DEVNULL,
+            )
+            for site in (self.sites if reports == "relay" else [])
+        ]
         self.processes = [
             subprocess.Popen(
                 [*argv, str(part), str(parts), registry_url, reports],
@@ -186,7 +207,19 @@ class FleetProcesses:
     def pids(self) -> list[int]:
         return [p.pid for p in self.processes]
 
-    async def ready(self) -> None:
+    @property
+    def relay_pids(self) -> list[int]:
+        return [p.pid for p in self.relays]
+
+    async def ready(self, bus: Bus) -> None:
+        for site in self.sites if self.relays else []:  # a relay answers (refuses) a probe
+            for _ in range(600):
+                with contextlib.suppress(nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                    await bus.nc.request(relay_subject(site, "probe"), b"{}", timeout=1)
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise RuntimeError(f"the relay of {site} never answered")
         for process in self.processes:
             assert process.stdout is not None
             line = await asyncio.to_thread(process.stdout.readline)
@@ -209,7 +242,8 @@ class FleetProcesses:
         return serving
 
     def kill(self) -> None:
-        for process in self.processes:
+        every: list[subprocess.Popen[Any]] = [*self.processes, *self.relays]
+        for process in every:
             if process.poll() is None:
                 process.kill()
                 process.wait(timeout=10)
@@ -235,10 +269,10 @@ async def ours(bus: Bus, count: int, result: Result, nats_pid: int) -> None:
             variant = await register_variant(registry, model, device_class=CLASS)
             await bus.publish(new_event(release_of({CLASS: variant}), source="/bench"))
             fleet = FleetProcesses(count, f"b{count}", registry_url, FLEET_PROCESSES,
-                                   result.site_reports)  # fmt: skip
+                                   result.reports)  # fmt: skip
             try:
                 began = time.perf_counter()
-                await fleet.ready()
+                await fleet.ready(bus)
                 await _until_registered(bus, count)
                 result.register_s = time.perf_counter() - began
                 await wave(bus, api, fleet, count, variant.variant_id, result,
@@ -258,7 +292,8 @@ async def wave(
     marks = await _watch(bus, count)
     policy = {"percents": [100], "soak_s": 0, "success_threshold": 1.0,
               "max_rate_per_min": 100_000_000, "silent_timeout_s": 3600}  # fmt: skip
-    every = {**pids, **{f"fleet {i}": pid for i, pid in enumerate(fleet.pids)}}
+    every = {**pids, **{f"fleet {i}": pid for i, pid in enumerate(fleet.pids)},
+             **{f"relay {i}": pid for i, pid in enumerate(fleet.relay_pids)}}  # fmt: skip
     cpu_before = cpu_seconds(every)
     profilers = profile_wave(every, f"{count}-{_mode(result).replace(' ', '-')}")
     posted = time.perf_counter()
@@ -269,9 +304,9 @@ async def wave(
     cpu_after = cpu_seconds(every)
     stop_profiles(profilers)
     result.cpu_s = {name: cpu_after[name] - cpu_before[name] for name in pids}
-    result.cpu_s["fleet simulator"] = sum(
-        cpu_after[name] - cpu_before[name] for name in every if name.startswith("fleet ")
-    )
+    for summed, prefix in (("site relays", "relay "), ("fleet simulator", "fleet ")):
+        result.cpu_s[summed] = sum(cpu_after[name] - cpu_before[name]
+                                   for name in every if name.startswith(prefix))  # fmt: skip
     began_wave = marks["wave"]
     result.plan_s = began_wave - posted
     result.acked_s = marks["acked"] - began_wave
@@ -360,7 +395,7 @@ async def _watch(bus: Bus, count: int) -> dict[str, Any]:
     return marks
 
 
-async def measure(count: int, site_reports: bool) -> Result:
+async def measure(count: int, reports: str) -> Result:
     from bench.optimizer.jobs import s3_store
 
     with tempfile.TemporaryDirectory(prefix="slmops-fleet-") as tmp:
@@ -369,7 +404,7 @@ async def measure(count: int, site_reports: bool) -> Result:
         os.environ["SLMOPS_NATS_URL"] = server.url
         try:
             result = Result(count=count, floor_s=await floor(server.url, count),
-                            site_reports=site_reports)  # fmt: skip
+                            reports=reports)  # fmt: skip
             with s3_store(Path(tmp) / "var"):
                 bus = await Bus.connect(server.url, source="/bench")
                 await bus.declare(Topology())
@@ -400,18 +435,19 @@ def table(results: list[Result]) -> str:
     lines += [
         "",
         "CPU seconds per process from the rollout request until `rollout.completed` "
-        "(this host has 2 cores; the simulated devices share them with the platform):",
+        "(this host has 2 cores; the simulated devices and the sites' relays share them with "
+        "the platform; the platform is the rollout service, the registry and nats-server):",
         "",
         "| gateways | wave reports | "
         + " | ".join(results[0].cpu_s)
-        + " | platform CPU ms per gateway |",
-        "|---|---|" + "---|" * (len(results[0].cpu_s) + 1),
+        + " | platform CPU ms per gateway | site relays' CPU ms per gateway |",
+        "|---|---|" + "---|" * (len(results[0].cpu_s) + 2),
     ]
     for r in results:
-        platform = sum(v for k, v in r.cpu_s.items() if k != "fleet simulator")
         figures = " | ".join(f"{v:.1f}" for v in r.cpu_s.values())
         lines.append(f"| {r.count:,} | {_mode(r)} | {figures} "
-                     f"| {1000 * platform / r.count:.2f} |")  # fmt: skip
+                     f"| {1000 * _platform_s(r) / r.count:.2f} "
+                     f"| {1000 * r.cpu_s.get('site relays', 0) / r.count:.2f} |")  # fmt: skip
     lines += [
         "",
         "Per cohort (every cohort's signed state rewritten, stored and announced once; the "
@@ -428,7 +464,14 @@ def table(results: list[Result]) -> str:
 
 
 def _mode(r: Result) -> str:
-    return "sites' batches" if r.site_reports else "one per gateway"
+    return MODE_NAMES[r.reports]
+
+
+def _platform_s(r: Result) -> float:
+    return sum(v for k, v in r.cpu_s.items() if k in _PLATFORM)
+
+
+_PLATFORM = ("rollout service", "registry", "nats-server")
 
 
 MODEL_SIZES = ((1_000_000, 1024), (10_000_000, 16_384))  # (gateways, cohorts)
@@ -439,7 +482,7 @@ def model(results: list[Result]) -> str:
     largest run's costs per gateway (each process's CPU over the wave / gateways) and per
     cohort. Linear in both: what grows with the fleet is the reports."""
     r = max(results, key=lambda x: x.count)
-    per_gw = {k: v / r.count for k, v in r.cpu_s.items() if k != "fleet simulator"}
+    per_gw = {k: v / r.count for k, v in r.cpu_s.items() if k in _PLATFORM}
     rollout_gw = per_gw.get("rollout service", 0.0)
     lines = [
         f"Model from the {r.count:,}-gateway run: per gateway "
@@ -464,7 +507,7 @@ def model(results: list[Result]) -> str:
 
 async def run(sizes: tuple[int, ...]) -> list[Result]:
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    return [await measure(n, site) for n in sizes for site in (False, True)]
+    return [await measure(n, mode) for n in sizes for mode in REPORT_MODES]
 
 
 def main() -> None:
@@ -473,10 +516,10 @@ def main() -> None:
     results = asyncio.run(run(sizes))
     print("\n## Rollout fan-out to a simulated fleet (one wave, every gateway)\n")
     print(table(results))
-    for site in (False, True):
-        how = "as sites' batches" if site else "one per gateway"
-        print(f"\n### Model: a wave to 1,000,000 and 10,000,000 gateways, wave reports {how}\n")
-        print(model([r for r in results if r.site_reports == site]))
+    for mode in REPORT_MODES:
+        how = MODE_NAMES[mode]
+        print(f"\n### Model: a wave to 1,000,000 and 10,000,000 gateways, wave reports: {how}\n")
+        print(model([r for r in results if r.reports == mode]))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """One process of the fleet benchmark's simulated fleet: its part of the gateways.
 
 Run by ``bench.fleet`` (``python -m bench.fleet_worker <count> <prefix> <part> <parts>
-<registry url> own|site``, NATS from ``SLMOPS_NATS_URL``; ``site``: wave reports as the
-site's batches). Prints ``ready`` once its gateways have
+<registry url> own|relay|site``, NATS from ``SLMOPS_NATS_URL``; ``relay``: wave reports
+through the site's relay process; ``site``: batched here). Prints ``ready`` once its gateways have
 registered and reconciled, waits for a line on stdin, stops, and prints what its gateways
 serve as one JSON line. Several of these share the fleet as separate sites would: each its own
 connection, cohort subscription, consumer and registry cache.
@@ -24,7 +24,7 @@ CLASS = "x86-avx512-vnni"
 
 
 async def run(
-    count: int, prefix: str, part: int, parts: int, registry_url: str, site_reports: bool
+    count: int, prefix: str, part: int, parts: int, registry_url: str, reports: str
 ) -> None:
     from slmops_gateway.settings import GatewaySettings
     from slmops_gateway.simulator import CachingRegistry, FleetSpec, SimulatedFleet
@@ -34,7 +34,7 @@ async def run(
     bus = await Bus.connect(platform.nats_url, source=f"/bench/fleet/{part}")
     cache = CachingRegistry(registry_url, auth=BearerToken(creds.token("simulator")))
     spec = FleetSpec(count=count, classes={CLASS: 1.0}, prefix=prefix, part=part, parts=parts,
-                     site_reports=site_reports)  # fmt: skip
+                     site_reports=reports == "site", relay=reports == "relay")  # fmt: skip
     fleet = SimulatedFleet(bus, cache, spec, GatewaySettings(platform=platform))
     await fleet.start()
     print("ready", flush=True)
@@ -55,7 +55,7 @@ async def run(
 
 def main() -> None:
     count, prefix, part, parts, registry_url, reports = sys.argv[1:7]
-    asyncio.run(run(int(count), prefix, int(part), int(parts), registry_url, reports == "site"))
+    asyncio.run(run(int(count), prefix, int(part), int(parts), registry_url, reports))
 
 
 if __name__ == "__main__":
