@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -15,7 +17,12 @@ from slmops.bus import Bus
 from slmops.bus.permissions import relay_subject
 from slmops.events import GatewayReport, GatewayReports, decode_message
 from slmops.events.reports import reports_in
+from slmops.service.registry_api import RegistryClient
+from slmops.settings import PlatformSettings
+from slmops_gateway.agent import Agent
+from slmops_gateway.app import AgentLoop
 from slmops_gateway.relay import SiteRelay, send_via_relay
+from slmops_gateway.settings import GatewaySettings
 from slmops_gateway.sitereports import SiteReporter
 
 pytestmark = [pytest.mark.integration]
@@ -94,3 +101,28 @@ async def test_a_batch_not_stored_is_answered_so_each_gateway_publishes_itself(b
         await relay.stop()
     assert why == "not stored: no servers available"
     assert relay.carried == 0
+
+
+async def test_a_gateway_at_a_site_reports_through_its_relay_or_itself_without_one(
+    bus: Bus, relay: SiteRelay, tmp_path: Path
+) -> None:
+    settings = GatewaySettings(platform=PlatformSettings(), gateway_id="gw-9", site=SITE,
+                               models_dir=tmp_path, relay_timeout_s=2.0)  # fmt: skip
+    agent = Agent(settings, RegistryClient("http://127.0.0.1:9"))
+    loop = AgentLoop(agent, SimpleNamespace(bus=bus))  # type: ignore[arg-type]
+    own = await bus.js.pull_subscribe("slmops.gateway.report.v1.*.gw-9", stream="SLMOPS_FLEET")
+    batches = await bus.js.pull_subscribe(f"slmops.gateway.reports.v1.{SITE}.>",
+                                          stream="SLMOPS_FLEET")  # fmt: skip
+
+    await loop._publish(agent.report("acknowledged", rollout_id="ro-1", generation=1))
+    await loop._publish(agent.report("registered"))  # never through the relay
+    await relay.stop()  # the relay goes away: the gateway publishes its outcome itself
+    await loop._publish(agent.report("applied", rollout_id="ro-1", generation=1))
+
+    carried = [c.report for b in await batches.fetch(10, timeout=5)
+               for c in reports_in([decode_message(b.subject, b.data)])]  # fmt: skip
+    assert [(r.gateway_id, r.kind, r.labels) for r in carried] == [
+        ("gw-9", "acknowledged", {"site": SITE})
+    ]
+    sent = [decode_message(m.subject, m.data).data.kind for m in await own.fetch(10, timeout=5)]
+    assert sent == ["registered", "applied"]

@@ -26,6 +26,7 @@ from typing import Annotated
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from pydantic import Field, ValidationError
@@ -57,6 +58,7 @@ class SiteRelay:
         self.site = reporter.site
         self.carried = self.refused = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._subscription: Subscription | None = None
 
     async def start(self) -> None:
         subject = f"{SITE_RELAY_SUBJECT}.{self.site}.report.*"
@@ -64,7 +66,10 @@ class SiteRelay:
 
     async def stop(self) -> None:
         """Stop hearing requests; carry and answer those already heard."""
-        await self._subscription.unsubscribe()
+        if self._subscription is None:
+            return
+        subscription, self._subscription = self._subscription, None
+        await subscription.unsubscribe()
         await self.reporter.close()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
