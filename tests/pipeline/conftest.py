@@ -327,6 +327,8 @@ class Gateways:
         )  # as serve()
         serving = asyncio.create_task(server.serve(sockets=[sock]))
         await until(lambda: server.started or serving.done(), "uvicorn to start")
+        # it hears its own assignment subject from here on (earlier ones: through KV)
+        await asyncio.wait_for(app.state.agent_loop.registered.wait(), 60)
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         try:
             async with httpx.AsyncClient(base_url=url, timeout=120, auth=self.pipeline.auth) as api:

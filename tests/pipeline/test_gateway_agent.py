@@ -15,11 +15,13 @@ from typing import Any
 
 import httpx
 import nats.errors
+import nats.js.errors
 import numpy as np
 import pytest
 from nats.js.api import DeliverPolicy
 
 from slmops.bus import Bus
+from slmops.bus.topology import ConsumerSpec
 from slmops.events import GatewayAssignment, new_event
 from slmops.events.payloads import DesiredModel
 from slmops.events.registry import decode_event
@@ -58,6 +60,8 @@ async def _gateway(
             transport=httpx.ASGITransport(app=app), base_url="http://gw", auth=pipeline.auth
         ) as api,
     ):
+        # it hears its own assignment subject from here on (earlier ones: through KV)
+        await asyncio.wait_for(app.state.agent_loop.registered.wait(), 60)
         yield api
 
 
@@ -154,8 +158,9 @@ async def test_the_agent_catches_up_hot_swaps_under_load_and_refuses_bad_variant
         slots = (await api.get("/v1/slots")).json()
         assert slots["active"]["variant_id"] == second.variant_id
         assert slots["previous"]["variant_id"] == first.variant_id
-        consumer = await bus.js.consumer_info("SLMOPS_ROLLOUT", "gateway-gw-1-rollout")
-        assert consumer.delivered.consumer_seq == 2  # its generations 2 and 3, not gw-2's
+        # it hears its own subject: no durable consumer of its own on the server
+        with pytest.raises(nats.js.errors.NotFoundError):
+            await bus.js.consumer_info("SLMOPS_ROLLOUT", "gateway-gw-1-rollout")
         assert await stream_count(bus, "SLMOPS_ROLLOUT", "slmops.gateway.assignment.v1.gw-2") == 1
 
         # a downgrade needs a rollback the registry signed; a forged one is refused
@@ -232,6 +237,35 @@ def _retrained(data: bytes) -> bytes:
             values = numpy_helper.to_array(init) * np.float32(0.5)
             model.graph.initializer[i].CopyFrom(numpy_helper.from_array(values, "w2"))
     return bytes(model.SerializeToString())
+
+
+async def test_only_a_gateway_without_the_cohort_protocol_keeps_a_durable_consumer(
+    pipeline: Any, bus: Bus, tiny_onnx: Callable[..., bytes], tmp_path: Path
+) -> None:
+    # setup: gw-up ran an older release, which left its durable consumer on the server
+    variant = await pipeline.variant(with_word_tokenizer(tiny_onnx()), version="1.0.0")
+    older = ConsumerSpec(stream="SLMOPS_ROLLOUT", durable="gateway-gw-up-rollout",
+                         filter_subjects=("slmops.gateway.assignment.v1.gw-up",),
+                         ack_wait_s=30, max_deliver=5)  # fmt: skip
+    await bus.declare_consumer(older)
+
+    async with (
+        _gateway(pipeline, tmp_path, "gw-up"),
+        _gateway(pipeline, tmp_path, "gw-old", cohort_protocol=False),
+    ):
+        await _report(bus, "gw-up", "registered")
+        await _report(bus, "gw-old", "registered")
+
+        # the upgraded gateway removed its durable; the old-protocol one pulls from its own
+        with pytest.raises(nats.js.errors.NotFoundError):
+            await bus.js.consumer_info("SLMOPS_ROLLOUT", "gateway-gw-up-rollout")
+        await bus.js.consumer_info("SLMOPS_ROLLOUT", "gateway-gw-old-rollout")
+        # both act on their own assignments
+        for gateway_id in ("gw-up", "gw-old"):
+            await bus.publish(new_event(_assignment(gateway_id, 1, variant), source="/test"))
+            assert (await _report(bus, gateway_id, "applied", generation=1)).variant_id == (
+                variant.variant_id
+            )
 
 
 async def test_a_new_chunked_variant_downloads_only_what_changed(

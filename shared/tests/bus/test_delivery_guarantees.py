@@ -95,3 +95,19 @@ async def test_consumers_resume_after_broker_restart_and_nothing_is_lost(
 
     assert handled == set(sent)
     assert await stream_count(bus, PIPELINE.name) == 60
+
+
+async def test_after_a_broker_restart_the_reconnect_callbacks_run(
+    bus: Bus, nats_server: NatsServerProcess
+) -> None:
+    # what a process heard only as core messages it may have missed: it reads it again
+    reconnected = asyncio.Event()
+
+    async def read_again() -> None:
+        reconnected.set()
+
+    bus.on_reconnect.append(read_again)
+    await asyncio.to_thread(nats_server.restart)
+
+    await asyncio.wait_for(reconnected.wait(), 30)
+    assert bus.connected

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Coroutine
+from typing import Any
 
 import nats.js.errors
 from fastapi import FastAPI
@@ -12,9 +15,12 @@ from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 
-from slmops.bus.permissions import COHORT_BUCKET, COHORT_SUBJECT
+from slmops.bus import Bus, Handlers
+from slmops.bus.handlers import durable_name
+from slmops.bus.permissions import ASSIGNMENT_SUBJECT, COHORT_BUCKET, COHORT_SUBJECT
+from slmops.bus.topology import ROLLOUT
 from slmops.cohorts import COHORT_EVENT, CohortState, cohort_key
-from slmops.events import GatewayReport
+from slmops.events import EventDecodeError, GatewayAssignment, GatewayReport, decode_message
 from slmops.events.payloads import BATCHED_REPORT_KINDS
 from slmops.events.reports import report_event
 from slmops.service import BackgroundTask, Check, ServiceRuntime, create_service_app, serve
@@ -35,7 +41,15 @@ log = logging.getLogger(__name__)
 
 class AgentLoop(BackgroundTask):
     """On connect: register, then reconcile with the desired state (a gateway that was offline
-    catches up); afterwards report health aggregates every ``health_interval_s``."""
+    catches up); afterwards report health aggregates every ``health_interval_s``.
+
+    A gateway that follows its cohort hears its own assignments (exceptions: a rollback of it
+    alone) as core NATS messages on its own subject, as the rollout service stores them - no
+    durable consumer of its own on the server (a fleet's worth of them is what a NATS cluster
+    cannot carry: each is a replicated consumer). What it misses while away it reads from the
+    desired state on every reconnect. A gateway without the cohort protocol keeps its own
+    durable consumer (the runtime's handlers).
+    """
 
     task_name = "gateway agent"
 
@@ -43,6 +57,7 @@ class AgentLoop(BackgroundTask):
         super().__init__()
         self.agent, self.runtime = agent, runtime
         self._tasks: set[asyncio.Task[None]] = set()
+        self.registered = asyncio.Event()  # it hears its subjects and has registered
 
     async def check(self) -> Check:
         return await self.agent.check()
@@ -78,9 +93,7 @@ class AgentLoop(BackgroundTask):
             log.warning("ignored a malformed cohort state on %s: %s", msg.subject, exc)
             return
         parent = extract_trace_context(dict(msg.headers or {}))
-        task = asyncio.create_task(self._apply_cohort(state, parent))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self._apply_cohort(state, parent))
 
     async def _apply_cohort(self, state: CohortState, parent: Context | None = None) -> None:
         tracer = self.runtime.bus.tracer if self.runtime.bus is not None else None
@@ -107,26 +120,82 @@ class AgentLoop(BackgroundTask):
             if self.agent.cohort_generation > state.generation:
                 return  # a newer state came meanwhile: that one acts
 
-    async def run(self) -> None:
-        # The runtime connects in the background and retries: poll until the bucket exists.
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _on_assignment(self, msg: Msg) -> None:
+        """Its own assignment, heard as it is stored: act on it in the background."""
+        try:
+            event = decode_message(msg.subject, msg.data)
+        except EventDecodeError as exc:
+            log.warning("ignored a malformed assignment on %s: %s", msg.subject, exc)
+            return
+        if isinstance(event.data, GatewayAssignment):
+            parent = extract_trace_context(dict(msg.headers or {}))
+            self._spawn(self._apply_assignment(event.data, parent))
+
+    async def _apply_assignment(
+        self, assignment: GatewayAssignment, parent: Context | None
+    ) -> None:
+        tracer = self.runtime.bus.tracer if self.runtime.bus is not None else None
+        span = f"process {GatewayAssignment.event_type}"
+        with (tracer.start_as_current_span(span, context=parent, kind=SpanKind.CONSUMER)
+              if tracer is not None else contextlib.nullcontext()):  # fmt: skip
+            pause_s = 1.0
+            while True:  # the registry or store away: again with backoff, until a newer one
+                try:
+                    if (report := await self.agent.apply(assignment)) is not None:
+                        await self._publish(report)
+                    return
+                except Exception as exc:
+                    log.warning("acting on assignment %s failed (%r); retrying",
+                                assignment.generation, exc)  # fmt: skip
+                await asyncio.sleep(pause_s)
+                pause_s = min(2 * pause_s, 30.0)
+                if self.agent.generation > assignment.generation:
+                    return  # a newer assignment came meanwhile: that one acts
+
+    async def _reconcile(self) -> None:
+        """Read the desired state and act on it, until that worked once."""
         while (kv := await self.runtime.key_value(DESIRED_BUCKET)) is None:  # noqa: ASYNC110
             await asyncio.sleep(0.1)
-        self.agent.publish = self._publish
-        bus = self.runtime.bus
-        assert bus is not None
-        if self.agent.settings.cohort_protocol:  # subscribed before reading: nothing missed
-            subject = f"{COHORT_SUBJECT}.{cohort_key(self.agent.cohort)}"
-            await bus.nc.subscribe(subject, cb=self._on_cohort)
-        await self._publish(self.agent.registration())
         while True:
             try:
                 report = await self.agent.reconcile(kv, self._read_cohort)
                 if report is not None:
                     await self._publish(report)
-                break
+                return
             except Exception as exc:  # the registry or store is away: try again shortly
                 log.warning("reconcile failed (%s); retrying", exc)
                 await asyncio.sleep(2.0)
+
+    async def _hear_own_subjects(self, bus: Bus) -> None:
+        """Subscribe to its cohort's and its own assignment subject (before reading the
+        desired state: nothing is missed); reconcile after every reconnect; remove the durable
+        consumer an older release of it used."""
+        gateway_id = self.agent.settings.gateway_id
+        await bus.nc.subscribe(f"{COHORT_SUBJECT}.{cohort_key(self.agent.cohort)}",
+                               cb=self._on_cohort)  # fmt: skip
+        await bus.nc.subscribe(f"{ASSIGNMENT_SUBJECT}.{gateway_id}", cb=self._on_assignment)
+        bus.on_reconnect.append(self._reconcile)
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await bus.js.delete_consumer(ROLLOUT.name, durable_name(f"gateway-{gateway_id}",
+                                                                   ROLLOUT.name))  # fmt: skip
+
+    async def run(self) -> None:
+        # The runtime connects in the background and retries: poll until the bucket exists.
+        while await self.runtime.key_value(DESIRED_BUCKET) is None:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+        self.agent.publish = self._publish
+        bus = self.runtime.bus
+        assert bus is not None
+        if self.agent.settings.cohort_protocol:
+            await self._hear_own_subjects(bus)
+        await self._publish(self.agent.registration())
+        self.registered.set()
+        await self._reconcile()
         while True:
             await asyncio.sleep(self.agent.settings.health_interval_s)
             if (report := self.agent.health_report()) is not None:
@@ -146,17 +215,21 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             settings.trust_root_file, settings.model_dir / "trust", settings.registry_url,
             auth=registry.auth, refresh_interval_s=settings.trust_refresh_s,
         )  # fmt: skip
+    # its own durable consumer only without the cohort protocol (AgentLoop says why)
+    handlers = Handlers() if settings.cohort_protocol else build_handlers(agent)
     runtime = ServiceRuntime(
-        "gateway", settings, build_handlers(agent), uses_object_store=False,
+        "gateway", settings, handlers, uses_object_store=False,
         consumer_name=f"gateway-{settings.gateway_id}", identity=f"gateway-{settings.gateway_id}",
         buckets=(DESIRED_BUCKET, COHORT_BUCKET),
     )  # fmt: skip
-    runtime.add_dependency("agent", AgentLoop(agent, runtime))
+    loop = AgentLoop(agent, runtime)
+    runtime.add_dependency("agent", loop)
     pool = GenerationPool(settings.max_concurrent_generations, settings.queue_timeout_s)
     runtime.add_dependency("generation", pool)  # /readyz shows its load; stopping cancels runs
     register_metrics(runtime.metrics, agent.health)
     app = create_service_app(runtime, router, openai_router, title="slmops gateway")
     app.state.agent = agent
+    app.state.agent_loop = loop
     app.state.generation_pool = pool
     return app
 

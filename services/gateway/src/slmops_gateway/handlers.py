@@ -1,8 +1,9 @@
 """gateway event handlers: plain async functions, event in, events out.
 
 Consumes only ``slmops.gateway.assignment.v1.<its id>`` (its own durable consumer, filtered to
-its subject: another gateway's assignment is never delivered here). An assignment is the
-notification; the agent installs it and answers with a ``gateway.report``.
+its subject: another gateway's assignment is never delivered here) - a gateway without the
+cohort protocol; one with it hears the same subject as core NATS messages (``app.AgentLoop``).
+An assignment is the notification; the agent installs it and answers with a ``gateway.report``.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import nats
@@ -73,6 +73,17 @@ class Bus:
         self.tracer = tracer or trace.get_tracer("slmops.bus")
         self.publish_retry_s = publish_retry_s
         self.declared: set[str] = set()
+        # Called (each in a task of its own) after every reconnect: what a process heard only
+        # as core NATS messages (not stored for it) it may have missed while away.
+        self.on_reconnect: list[Callable[[], Coroutine[Any, Any, None]]] = []
+        self._reconnect_tasks: set[asyncio.Task[None]] = set()
+
+    def reconnected(self) -> None:
+        """Run the ``on_reconnect`` callbacks (nats-py's reconnected callback calls this)."""
+        for callback in self.on_reconnect:
+            task = asyncio.create_task(callback())
+            self._reconnect_tasks.add(task)
+            task.add_done_callback(self._reconnect_tasks.discard)
 
     @classmethod
     async def connect(
@@ -92,10 +103,14 @@ class Bus:
             if not (nc.is_closed or nc.is_draining):  # an intended close is not news
                 log.warning("nats: disconnected from %s", url)
 
+        made: list[Bus] = []  # the Bus, once made: its callbacks run after a reconnect
+
         async def on_reconnect() -> None:
             log.info(
                 "nats: reconnected to %s", nc.connected_url.netloc if nc.connected_url else url
             )
+            for bus in made:
+                bus.reconnected()
 
         async def on_error(exc: Exception) -> None:
             # A refused subject is a bug in the permissions or an attack: always worth a line.
@@ -119,7 +134,8 @@ class Bus:
             inbox_prefix=credentials.inbox_prefix,
             tls=credentials.tls,
         )
-        return cls(nc, source=source, tracer=tracer, request_timeout_s=request_timeout_s)
+        made.append(cls(nc, source=source, tracer=tracer, request_timeout_s=request_timeout_s))
+        return made[0]
 
     @property
     def connected(self) -> bool:

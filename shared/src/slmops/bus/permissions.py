@@ -174,9 +174,11 @@ def console_permissions(public_key: str) -> Permissions:
 
 
 def gateway_permissions(gateway_id: str, public_key: str, site: str = "") -> Permissions:
-    """One gateway: its own reports, its own desired state and assignments, and its own
-    cohort's state and notifications (the cohort is a hash of its id: fixed at enrollment);
-    enrolled at a ``site``, its own subject to that site's relay as well."""
+    """One gateway: its own reports, its own desired state and assignments (heard on its own
+    subject; a gateway without the cohort protocol pulls them from its own durable consumer,
+    which one with it deletes), and its own cohort's state and notifications (the cohort is a
+    hash of its id: fixed at enrollment); enrolled at a ``site``, its own subject to that
+    site's relay as well."""
     desired = f"KV_{DESIRED_STATE_BUCKET}"
     stream = ROLLOUT.name
     durable = durable_name(f"gateway-{gateway_id}", stream)
@@ -192,12 +194,14 @@ def gateway_permissions(gateway_id: str, public_key: str, site: str = "") -> Per
         f"{API}.CONSUMER.CREATE.{stream}.{durable}.{ASSIGNMENT_SUBJECT}.{gateway_id}",
         f"{API}.CONSUMER.INFO.{stream}.{durable}",
         f"{API}.CONSUMER.MSG.NEXT.{stream}.{durable}",
+        f"{API}.CONSUMER.DELETE.{stream}.{durable}",
         f"$JS.ACK.{stream}.{durable}.>",
         f"{DEAD_LETTER_SUBJECT}.{durable}",
         *([relay_subject(site, gateway_id)] if site else []),
     )
     subscribe = (
         f"{inbox_prefix(public_key)}.>",
+        f"{ASSIGNMENT_SUBJECT}.{gateway_id}",
         f"{COHORT_SUBJECT}.{cohort}",
         *_own_advisories(f"gateway-{gateway_id}", (stream,)),
     )
