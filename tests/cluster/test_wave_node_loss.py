@@ -154,7 +154,8 @@ def count_installs(fleet: SimulatedFleet) -> Counter[str]:
 async def _connections(cluster: NatsCluster, index: int) -> list[str]:
     """The names of the clients connected to node ``index`` (who has to reconnect)."""
     url = f"{cluster.nodes[index].monitor_url}/connz"
-    async with httpx.AsyncClient(trust_env=False, timeout=2) as client:
+    # generous: mid-wave the 2 cores are saturated and the monitor port answers late
+    async with httpx.AsyncClient(trust_env=False, timeout=30) as client:
         conns = (await client.get(url)).json().get("connections") or []
     return sorted(str(c.get("name", "?")) for c in conns)
 
