@@ -70,6 +70,9 @@ async def raw_hops(nats_url: str, var_dir: Path, count: int = RAW_HOPS) -> list[
     return hops
 
 
+_REPORT_PREFIX = "slmops.gateway.report.v1."
+
+
 def hops_by_event(spans: list[SpanRecord]) -> dict[str, list[float]]:
     """Per event type: milliseconds from each publish span to each process span under it (or
     linked from it: a batch consumer's span is the child of one producer, linked to more)."""
@@ -82,6 +85,8 @@ def hops_by_event(spans: list[SpanRecord]) -> dict[str, list[float]]:
             producer = by_id.get(producer_id)
             if producer and producer.name.startswith("publish "):
                 event = span.name.removeprefix("process ")
+                if producer.subject.startswith(_REPORT_PREFIX):  # which kind of report
+                    event += f" ({producer.subject.removeprefix(_REPORT_PREFIX).split('.')[0]})"
                 hops[f"{event} -> {span.service}"].append((span.start_s - producer.start_s) * 1000)
     return dict(hops)
 
@@ -136,7 +141,7 @@ def critical_hops_s(spans: list[SpanRecord], waves: int) -> float:
     # a wave reaches gateways by their cohort's notification (older ones by an assignment)
     notified = max(p50.get("cohort.v1 -> fleetsim", 0.0),
                    p50.get("gateway.assignment.v1 -> fleetsim", 0.0))  # fmt: skip
-    per_wave = notified + p50.get("gateway.report.v1 -> rollout", 0.0)
+    per_wave = notified + p50.get("gateway.report.v1 (applied) -> rollout", 0.0)
     return (sum(p50.get(h, 0.0) for h in chain) + waves * per_wave) / 1000
 
 

@@ -236,6 +236,10 @@ def test_one_trace_spans_the_journey_from_publish_to_the_last_acknowledgement(
     # (a cohort is notified again when a later write adds another class's entry)
     assert names[("fleetsim", "process cohort.v1")] >= 1
     assert names[("fleetsim", "publish gateway.report.v1")] == 2 * GATEWAYS  # ack + applied
+    # each publish names where it went (the benchmark tells reports apart by it)
+    kinds = Counter(s.subject.split(".")[4] for s in spans
+                    if s.name == "publish gateway.report.v1")  # fmt: skip
+    assert kinds == {"acknowledged": GATEWAYS, "applied": GATEWAYS}
     assert names[("rollout", "publish rollout.completed.v1")] == 1
 
     # and `slmops trace show` draws it

@@ -32,6 +32,7 @@ class SpanRecord:
     end_s: float
     error: bool
     links: tuple[str, ...] = ()  # span ids it links to (a batch consumer's other producers)
+    subject: str = ""  # a producer span's NATS subject (messaging.destination.name)
 
     @property
     def duration_s(self) -> float:
@@ -54,6 +55,7 @@ class SpanRecord:
                 str(link["context"]["span_id"]).removeprefix("0x")
                 for link in doc.get("links") or ()
             ),
+            subject=str(doc.get("attributes", {}).get("messaging.destination.name", "")),
         )
 
 

@@ -267,7 +267,11 @@ class Bus:
         span = self.tracer.start_span(
             f"publish {event.type}",
             kind=SpanKind.PRODUCER,
-            attributes={"messaging.system": "nats", "messaging.message.id": event.id},
+            attributes={
+                "messaging.system": "nats",
+                "messaging.message.id": event.id,
+                "messaging.destination.name": event.nats_subject,
+            },
         )
         headers = {MSG_ID_HEADER: event.id}
         trace_headers = w3c_trace_headers(span.get_span_context())
