@@ -11,6 +11,7 @@ be in its replay."""
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -58,3 +59,11 @@ async def connect(stack: RunningStack) -> AsyncIterator[Connect]:
     for principal in opened:
         if not principal.client.is_closed:
             await principal.close()
+
+
+@pytest.fixture
+def generation_base() -> int:
+    """A generation above every one an earlier test sent the stack's gateway (it ignores older
+    ones as replays, cohort states and its own assignments alike): microseconds now, to which
+    a test adds less than 1,000,000."""
+    return time.time_ns() // 1_000

@@ -62,13 +62,13 @@ async def _outcome(queue: asyncio.Queue[dict[str, Any]], generation: int) -> dic
 
 
 async def test_forged_untrusted_and_expired_assignments_are_refused(
-    stack: RunningStack, connect: Any
+    stack: RunningStack, connect: Any, generation_base: int
 ) -> None:
     admin = await connect("admin")
     reports = await _reports(admin)
     real = AssignmentSigner.from_file(stack.var_dir / LOCAL_ASSIGNMENT_KEY_RELPATH)
     rogue = AssignmentSigner(Ed25519PrivateKey.generate())
-    base = int(time.time())  # generations above anything the stack handed out
+    base = generation_base
     attacks = [
         (_assignment(base + 1), "without a signed statement"),
         (rogue.sign(_assignment(base + 2)), "untrusted key"),
@@ -98,7 +98,7 @@ async def test_forged_untrusted_and_expired_assignments_are_refused(
 
 
 async def test_a_genuine_statement_for_a_validated_variant_is_installed(
-    stack: RunningStack, connect: Any
+    stack: RunningStack, connect: Any, generation_base: int
 ) -> None:
     """The same path with everything genuine: the gateway's pinned root vouches for the
     registry's and the rollout service's keys, so it installs and serves the variant."""
@@ -110,7 +110,7 @@ async def test_a_genuine_statement_for_a_validated_variant_is_installed(
         desired = await register_variant(api, with_word_tokenizer(tiny_encoder_onnx()),
                                          device_class="x86-avx512-vnni")  # fmt: skip
     real = AssignmentSigner.from_file(stack.var_dir / LOCAL_ASSIGNMENT_KEY_RELPATH)
-    generation = int(time.time()) + 1000
+    generation = generation_base
     await _send(admin, real.sign(GatewayAssignment(
         gateway_id=GATEWAY_ID, generation=generation, desired=desired)))  # fmt: skip
     report = await _outcome(reports, generation)

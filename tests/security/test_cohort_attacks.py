@@ -104,15 +104,13 @@ async def test_a_gateway_hears_only_its_own_cohort_and_publishes_to_none(connect
 
 
 async def test_forged_altered_and_expired_cohort_states_are_refused(
-    stack: RunningStack, connect: Any
+    stack: RunningStack, connect: Any, generation_base: int
 ) -> None:
     admin = await connect("admin")
     reports = await _reports(admin)
     real = AssignmentSigner.from_file(stack.var_dir / LOCAL_ASSIGNMENT_KEY_RELPATH)
     rogue = AssignmentSigner(Ed25519PrivateKey.generate())
-    # Generations above anything the stack handed out, the assignment attacks' included
-    # (time + up to 1,000) when one stack serves the suite: older ones would be ignored.
-    base = int(time.time()) + 100_000
+    base = generation_base
     signed = real.sign_cohort(_state(base + 4))
     entry = signed.entries[0]
     swapped = entry.model_copy(update={"desired": entry.desired.model_copy(
