@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import nats.js.errors
@@ -96,29 +96,15 @@ class AgentLoop(BackgroundTask):
         self._spawn(self._apply_cohort(state, parent))
 
     async def _apply_cohort(self, state: CohortState, parent: Context | None = None) -> None:
-        tracer = self.runtime.bus.tracer if self.runtime.bus is not None else None
-        if tracer is None:
-            await self._apply_cohort_retrying(state)
-            return
-        with tracer.start_as_current_span(f"process {COHORT_EVENT}", context=parent,
-                                          kind=SpanKind.CONSUMER):  # fmt: skip
-            await self._apply_cohort_retrying(state)
+        async def act() -> GatewayReport | None:
+            return await self.agent.apply_cohort(state)
 
-    async def _apply_cohort_retrying(self, state: CohortState) -> None:
-        pause_s = 1.0
-        while True:  # the registry or store away: again with backoff, until a newer state
-            try:
-                if (report := await self.agent.apply_cohort(state)) is not None:
-                    await self._publish(report)
-                return
-            except Exception as exc:
-                self.agent.forget_entry()  # its report did not go out: act (and report) again
-                log.warning("acting on cohort state %s failed (%r); retrying", state.generation,
-                            exc)  # fmt: skip
-            await asyncio.sleep(pause_s)
-            pause_s = min(2 * pause_s, 30.0)
-            if self.agent.cohort_generation > state.generation:
-                return  # a newer state came meanwhile: that one acts
+        def failed() -> None:
+            self.agent.forget_entry()  # its report did not go out: act (and report) again
+
+        await self._act(COHORT_EVENT, parent, f"cohort state {state.generation}", act,
+                        superseded=lambda: self.agent.cohort_generation > state.generation,
+                        failed=failed)  # fmt: skip
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
@@ -139,23 +125,39 @@ class AgentLoop(BackgroundTask):
     async def _apply_assignment(
         self, assignment: GatewayAssignment, parent: Context | None
     ) -> None:
+        async def act() -> GatewayReport | None:
+            return await self.agent.apply(assignment)
+
+        await self._act(
+            GatewayAssignment.event_type, parent, f"assignment {assignment.generation}", act,
+            superseded=lambda: self.agent.generation > assignment.generation,
+        )  # fmt: skip
+
+    async def _act(
+        self, event_type: str, parent: Context | None, what: str,
+        act: Callable[[], Awaitable[GatewayReport | None]], *,
+        superseded: Callable[[], bool], failed: Callable[[], None] | None = None,
+    ) -> None:  # fmt: skip
+        """Act on what it heard, as a consumer span under its producer's, and publish the
+        report; the registry or store away: again with backoff, until a newer one came."""
         tracer = self.runtime.bus.tracer if self.runtime.bus is not None else None
-        span = f"process {GatewayAssignment.event_type}"
-        with (tracer.start_as_current_span(span, context=parent, kind=SpanKind.CONSUMER)
+        with (tracer.start_as_current_span(f"process {event_type}", context=parent,
+                                           kind=SpanKind.CONSUMER)
               if tracer is not None else contextlib.nullcontext()):  # fmt: skip
             pause_s = 1.0
-            while True:  # the registry or store away: again with backoff, until a newer one
+            while True:
                 try:
-                    if (report := await self.agent.apply(assignment)) is not None:
+                    if (report := await act()) is not None:
                         await self._publish(report)
                     return
                 except Exception as exc:
-                    log.warning("acting on assignment %s failed (%r); retrying",
-                                assignment.generation, exc)  # fmt: skip
+                    if failed is not None:
+                        failed()
+                    log.warning("acting on %s failed (%r); retrying", what, exc)
                 await asyncio.sleep(pause_s)
                 pause_s = min(2 * pause_s, 30.0)
-                if self.agent.generation > assignment.generation:
-                    return  # a newer assignment came meanwhile: that one acts
+                if superseded():
+                    return  # a newer one came meanwhile: that one acts
 
     async def _reconcile(self) -> None:
         """Read the desired state and act on it, until that worked once."""
