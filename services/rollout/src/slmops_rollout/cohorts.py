@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from nats.js.kv import KeyValue
 from opentelemetry.trace import SpanKind
@@ -27,6 +27,10 @@ from slmops.tracing import w3c_trace_headers
 
 log = logging.getLogger(__name__)
 _YIELD_EVERY = 16  # notifications published between two turns of the event loop
+# Cohorts signed, stored and announced at a time. Signing one takes ~0.1 ms: a rollout's last
+# wave reaches all 1,024 cohorts, and in one go that held the event loop for a fifth of a
+# second while the wave's reports waited to be folded (bench.e2e); between chunks they are.
+_CHUNK = 64
 
 
 def cohort_subject(cohort: int) -> str:
@@ -77,19 +81,21 @@ class CohortTable:
         see the entry they follow and do nothing, one that missed it acts."""
         await self.load()
         async with self._lock:
-            changed: list[CohortState] = []
-            again: list[CohortState] = []
-            for cohort, news in entries.items():
-                state = self.state(cohort)
-                fresh = [e for e in news if e.rollout_id not in self.withdrawn
-                         and not self.holds(cohort, e.rollout_id, e.device_class)]  # fmt: skip
-                # a state's generation only rises (gateways take a lower one for a replay)
-                at = max(generation, state.generation + 1)
-                for entry in fresh:
-                    state = state.with_entry(entry, at)
-                (changed if fresh else again).append(state)
-            await self._publish(changed)
-            await self._announce(again)
+            items = list(entries.items())
+            for start in range(0, len(items), _CHUNK):
+                changed: list[CohortState] = []
+                again: list[CohortState] = []
+                for cohort, news in items[start : start + _CHUNK]:
+                    state = self.state(cohort)
+                    fresh = [e for e in news if e.rollout_id not in self.withdrawn
+                             and not self.holds(cohort, e.rollout_id, e.device_class)]  # fmt: skip
+                    # a state's generation only rises (gateways take a lower one for a replay)
+                    at = max(generation, state.generation + 1)
+                    for entry in fresh:
+                        state = state.with_entry(entry, at)
+                    (changed if fresh else again).append(state)
+                await self._publish(changed)
+                await self._announce([(s, s.model_dump_json().encode()) for s in again])
 
     async def reach_rest(self, entries: list[CohortEntry], generation: int) -> int:
         """``entries`` into every cohort that lacks them (a rollout's last wave: gateways not
@@ -130,20 +136,28 @@ class CohortTable:
         return len(stale)
 
     async def _publish(self, states: Iterable[CohortState], *, announce: bool = True) -> None:
-        """Sign, store (pipelined), then announce each state; the table holds them after."""
-        signed = [self.signer.sign_cohort(s) if self.signer else s for s in states]
-        bodies = [(s.cohort, s.model_dump_json().encode()) for s in signed]
-        await put_all(self.kv, [(cohort_key(c), body) for c, body in bodies])
-        for state in signed:
-            self.states[state.cohort] = state
-        if announce:
-            await self._announce(signed)
+        """Sign, store (pipelined), then announce each state, ``_CHUNK`` at a time; the table
+        holds them after."""
+        pending = list(states)
+        for start in range(0, len(pending), _CHUNK):
+            chunk = pending[start : start + _CHUNK]
+            signed = [self.signer.sign_cohort(s) if self.signer else s for s in chunk]
+            bodies = [s.model_dump_json().encode() for s in signed]
+            await put_all(self.kv, [(cohort_key(s.cohort), body)
+                                    for s, body in zip(signed, bodies, strict=True)])  # fmt: skip
+            for state in signed:
+                self.states[state.cohort] = state
+            if announce:
+                await self._announce(list(zip(signed, bodies, strict=True)))
 
-    async def _announce(self, states: Iterable[CohortState]) -> None:
-        """One notification per cohort, each its own producer span in the trace of whoever
-        acts (a rollout's journey): the gateways' spans of acting on it are its children."""
+    async def _announce(self, published: Sequence[tuple[CohortState, bytes]]) -> None:
+        """One notification per cohort (its stored body), each its own producer span in the
+        trace of whoever acts (a rollout's journey): the gateways' spans of acting on it are
+        its children."""
+        if not published:
+            return
         nc = self.bus.nc
-        for n, state in enumerate(states, 1):
+        for n, (state, body) in enumerate(published, 1):
             if n % _YIELD_EVERY == 0:  # let nats-py's flusher send what is buffered: a burst
                 await asyncio.sleep(0)  # of 1,024 would otherwise leave only at its end
             with self.bus.tracer.start_as_current_span(
@@ -151,6 +165,5 @@ class CohortTable:
                 attributes={"slmops.cohort": state.cohort},
             ) as span:  # fmt: skip
                 headers = w3c_trace_headers(span.get_span_context())
-                body = state.model_dump_json().encode()
                 await nc.publish(cohort_subject(state.cohort), body, headers=headers or None)
         await nc.flush()
