@@ -39,11 +39,12 @@ from slmops.events import (
     derive_event_id,
     new_event,
 )
-from slmops.events.payloads import DesiredModel, HealthAggregate
+from slmops.events.payloads import DesiredModel
 from slmops.service.registry_api import RegistryClient
 from slmops.tracing import current_traceparent, extract_trace_context
 from slmops_rollout.cohorts import CohortTable
 from slmops_rollout.fleet import Fleet, GatewayRecord, overlay_for
+from slmops_rollout.health import LatestHealth
 from slmops_rollout.plans import Overlay, WavePolicy, matches, wave_plans
 from slmops_rollout.state import RolloutState
 from slmops_rollout.store import LiveRollout, RolloutStore
@@ -92,7 +93,7 @@ class Engine:
         self.registry = registry
         self.store = RolloutStore(rollouts)
         self.live: dict[str, LiveRollout] = {}
-        self.health: dict[str, tuple[str | None, HealthAggregate]] = {}  # latest, per gateway
+        self.health = LatestHealth()
         self._sending: dict[str, asyncio.Task[None]] = {}
         self._sent: dict[str, int] = {}  # rollout id -> its wave sent in full
         self._loaded = asyncio.Lock()

@@ -55,7 +55,7 @@ async def fold_reports(engine: Engine, reports: Sequence[Carried]) -> None:
             continue
         if report.kind == "health":
             if report.health is not None:
-                engine.health[report.gateway_id] = (report.variant_id, report.health)
+                engine.health.put(report.gateway_id, report.variant_id, report.health)
             await engine.gateways.fold(report, seen)  # in memory: it comes again next interval
             continue
         if report.kind != "acknowledged":  # the hot path of a wave: only its rollout cares

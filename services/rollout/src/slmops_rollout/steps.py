@@ -92,9 +92,9 @@ def wave_health(engine: Engine, state: RolloutState) -> dict[str, HealthAggregat
     """The latest health of the current wave's gateways on the model being rolled out."""
     wanted = {d.variant_id for d in state.desired.values()}
     health: dict[str, HealthAggregate | None] = {}
-    for gateway_id, (variant_id, aggregate) in engine.health.items():
+    for gateway_id, aggregate in engine.health.on(wanted):
         progress = state.gateways.get(gateway_id)
-        if variant_id in wanted and progress is not None and progress.wave == state.wave_index:
+        if progress is not None and progress.wave == state.wave_index:
             health[gateway_id] = aggregate
     return health
 
