@@ -1,9 +1,11 @@
 """BatchConsumer on a real broker: a batch is handled once and acked, a failed batch is
-retried, poison and exhausted messages are dead-lettered with the reason."""
+retried (a partly handled one only in the part it names), poison and exhausted messages are
+dead-lettered with the reason."""
 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -16,6 +18,7 @@ from slmops.events import (
     DeadLetter,
     GatewayReport,
     HealthAggregate,
+    PartlyHandled,
     PermanentError,
     TransientError,
 )
@@ -105,6 +108,38 @@ async def test_a_failed_batch_is_retried_then_acked(bus: Bus, start_batches: Sta
     assert consumer.stats.retried >= 1
     assert consumer.stats.dead_lettered == 0
     assert "store is away" in consumer.stats.last_error
+
+
+async def test_a_partly_handled_batch_retries_only_the_events_it_names(
+    bus: Bus, start_batches: StartBatches
+) -> None:
+    # setup: 20 reports; the handler cannot place two of them the first time it sees them
+    events = [report(i) for i in range(20)]
+    for event in events:
+        await bus.publish(event)
+    later = {events[3].id, events[17].id}
+    calls: list[list[str]] = []
+    refused: set[str] = set()
+
+    async def handle(batch: list[CloudEvent[Any]]) -> None:
+        calls.append([e.id for e in batch])
+        not_yet = (later & set(calls[-1])) - refused  # each refused the first time only
+        refused.update(not_yet)
+        if not_yet:
+            raise PartlyHandled(f"{len(not_yet)} name a rollout not known yet", not_yet)
+
+    # execute
+    consumer = await start_batches(handle)
+    await until_answered(lambda: all_acked(bus, 20), "every report acked")
+
+    # assert: the others were handled once, only the two named came again
+    seen = Counter(i for call in calls for i in call)
+    assert {i: n for i, n in seen.items() if n > 1} == dict.fromkeys(later, 2)
+    assert set(seen) == {e.id for e in events}
+    assert consumer.stats.retried == 2
+    assert consumer.stats.handled == 20
+    assert consumer.stats.dead_lettered == 0
+    assert "rollout not known yet" in consumer.stats.last_error
 
 
 async def test_poison_is_dead_lettered_at_once_and_the_rest_handled(

@@ -8,7 +8,7 @@ redelivering a slow one) -> ack each message without waiting for a reply. At-lea
 ack or a crash means redelivery, so the handler's effects must be idempotent (merges keyed by
 event id). A failing batch is naked with backoff; a :class:`PermanentError`, or a failure on a
 message's last allowed delivery, dead-letters, as :class:`~slmops.bus.consumer.EventConsumer`
-does.
+does. A :class:`PartlyHandled` naks only the events it names and acks the rest.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from slmops.bus.consumer import UNKNOWN_TYPE, EventObserver, Outcome
 from slmops.bus.deadletter import dead_letter_exhausted, dead_letter_msg
 from slmops.bus.topology import ConsumerSpec
 from slmops.events.envelope import CloudEvent
-from slmops.events.errors import EventDecodeError, PermanentError
+from slmops.events.errors import EventDecodeError, PartlyHandled, PermanentError
 from slmops.events.registry import check_subject, decode_event
 from slmops.settings import ConsumerSettings
 from slmops.tracing import extract_trace_context
@@ -168,6 +168,17 @@ class BatchConsumer:
             except PermanentError as exc:
                 await self._dead_letter(decoded, str(exc), exc, [e.type for e in events])
                 return
+            except PartlyHandled as exc:  # the named ones again later, the rest is done
+                self.stats.last_error = f"{type(exc).__name__}: {exc}"
+                log.info("%s: %d of a batch of %d again later: %s", self.spec.durable,
+                         len(exc.event_ids), len(events), exc)  # fmt: skip
+                again = [e.id in exc.event_ids for e in events]
+                await self._retry_or_dead_letter(
+                    [m for m, a in zip(decoded, again, strict=True) if a],
+                    [e for e, a in zip(events, again, strict=True) if a], exc,
+                )  # fmt: skip
+                decoded = [m for m, a in zip(decoded, again, strict=True) if not a]
+                events = [e for e, a in zip(events, again, strict=True) if not a]
             except Exception as exc:
                 self.stats.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("%s: batch of %d failed: %r", self.spec.durable, len(events), exc)

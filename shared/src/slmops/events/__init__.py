@@ -11,6 +11,7 @@ from slmops.events.envelope import (
 )
 from slmops.events.errors import (
     EventDecodeError,
+    PartlyHandled,
     PermanentError,
     TransientError,
     UnknownEventTypeError,
@@ -31,6 +32,7 @@ __all__ = [
     "CloudEvent",
     "EventDecodeError",
     "EventPayload",
+    "PartlyHandled",
     "PermanentError",
     "TransientError",
     "UnknownEventTypeError",

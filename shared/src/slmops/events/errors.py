@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class EventDecodeError(ValueError):
     """The message is not a valid slmops CloudEvent: it is poison and is dead-lettered at once."""
@@ -20,3 +22,13 @@ class TransientError(Exception):
 
     Any other exception is treated the same way; this class exists to say so explicitly.
     """
+
+
+class PartlyHandled(TransientError):
+    """A batch handler's verdict that some of its events could not be handled yet (they name
+    something not known yet): those are retried with backoff, the rest of the batch counts as
+    handled. A consumer of one event at a time retries that event, as for any TransientError."""
+
+    def __init__(self, message: str, event_ids: Iterable[str]) -> None:
+        super().__init__(message)
+        self.event_ids = frozenset(event_ids)
