@@ -12,8 +12,8 @@ from slmops.events import (
     CloudEvent,
     GatewayReport,
     GatewayReports,
+    PartlyHandled,
     RolloutStarted,
-    TransientError,
     new_event,
 )
 from slmops.events.payloads import WavePlan
@@ -88,22 +88,31 @@ async def test_a_batch_out_of_order_ends_as_the_newest_state_per_gateway(
     }
 
 
-async def test_reports_of_an_unknown_rollout_fail_the_batch_after_the_known_ones_are_written(
+async def test_reports_of_an_unknown_rollout_are_named_for_retry_after_the_known_ones_written(
     registry: RegistryUnderTest,
 ) -> None:
     store = await registry.context.lineage()
     assert store is not None
     await store.remember("rollout", "ro-1", NAME, VERSION)
     folder = folder_of(store)
-    batch = [report("gw-1", "applied", 1), report("gw-9", "applied", 2, rollout="ro-later")]
+    later = report("gw-9", "applied", 2, rollout="ro-later")
+    declared = [new_event(payload(g, "registered", site="site-a"), source=f"/slmops/gateway/{g}")
+                for g in ("gw-5", "gw-6")]  # fmt: skip
+    site_batch = new_event(GatewayReports(site="site-a", batch="b1", reports=[
+        payload("gw-5", "applied", site="site-a"),
+        payload("gw-6", "applied", rollout="ro-later", site="site-a"),
+    ]), source="/slmops/site/site-a")  # fmt: skip
+    batch = [*declared, report("gw-1", "applied", 1), later, report("gw-2", "applied", 3),
+             site_batch]  # fmt: skip
 
-    with pytest.raises(TransientError, match="unknown rollout"):
+    with pytest.raises(PartlyHandled, match="unknown rollout") as refused:
         await folder.fold(batch)
-    assert await states(store) == {"gw-1": ("applied", T0 + timedelta(seconds=1))}
+    assert refused.value.event_ids == {later.id, site_batch.id}  # what carried them: again
+    assert set(await states(store)) == {"gw-1", "gw-2", "gw-5"}
 
     await store.remember("rollout", "ro-later", NAME, VERSION)  # its rollout.started arrives
-    await folder.fold(batch)  # the redelivery
-    assert set(await states(store)) == {"gw-1", "gw-9"}
+    await folder.fold([later, site_batch])  # the redelivery of those alone
+    assert set(await states(store)) == {"gw-1", "gw-2", "gw-5", "gw-6", "gw-9"}
 
 
 async def test_a_report_that_overtakes_its_rollout_is_retried_not_lost(

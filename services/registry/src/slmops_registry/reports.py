@@ -8,10 +8,10 @@ remembered, since that never changes once known - and the writes go out pipeline
 (``LineageStore.put_gateways``).
 
 A report whose rollout and variant are not known yet (it overtook its ``rollout.started``, on
-another stream) cannot be placed. The batch's known reports are written first, then the batch
-fails with a :class:`TransientError` and is redelivered whole: the batch consumer acks or naks a
-batch as one. Rewriting the known ones then is a no-op (newest-wins by event time and id), so an
-unknown report delays its batch-mates' acks, never their effect on the lineage.
+another stream) cannot be placed. The batch's known reports are written first, then the fold
+raises :class:`PartlyHandled` naming the events that carried the others: only those are
+redelivered (a site's batch whole: rewriting its known reports is a no-op, newest-wins by event
+time and id), the rest of the batch is acked.
 
 A report a site's batch carried counts only for a gateway that declared that site itself
 (``declared.py``); others are dropped and logged.
@@ -24,7 +24,7 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from slmops.events import CloudEvent, GatewayReport, GatewayReports, TransientError
+from slmops.events import CloudEvent, GatewayReport, GatewayReports, PartlyHandled
 from slmops.events.registry import decoder_for
 from slmops.events.reports import StampedReport, each_report, may_carry
 from slmops_registry.declared import Declarations
@@ -53,8 +53,9 @@ class ReportFolder:
         self._located: dict[tuple[str, str], Where] = {}  # ("rollout"|"variant", id) -> where
 
     async def fold(self, events: list[CloudEvent[Any]]) -> None:
-        """Write the newest state per gateway of ``events``; raise :class:`TransientError`
-        (after writing the rest) when some name a rollout or variant not projected yet."""
+        """Write the newest state per gateway of ``events``; raise :class:`PartlyHandled`
+        (after writing the rest) naming the events with reports about a rollout or variant
+        not projected yet."""
         reports = await self._vouched(each_report(events))
         states = [(seen.report, state) for seen in reports
                   if (state := gateway_state(seen))]  # fmt: skip
@@ -74,8 +75,9 @@ class ReportFolder:
         await self.store.put_gateways(writes)
         if unplaced:
             shown = ", ".join(unplaced[:3]) + (" ..." if len(unplaced) > 3 else "")
-            raise TransientError(
-                f"{len(unplaced)} gateway report(s) name an unknown rollout/variant: {shown}"
+            raise PartlyHandled(
+                f"{len(unplaced)} gateway report(s) name an unknown rollout/variant: {shown}",
+                _carriers(events, set(unplaced)),
             )
 
     async def _vouched(self, reports: list[StampedReport]) -> list[StampedReport]:
@@ -128,6 +130,12 @@ class ReportFolder:
 #: A message of the report consumer: validated by the report's own model; anything else as
 #: ``decode_event`` decodes it, or its precise refusal.
 decode_report = decoder_for(GatewayReport, GatewayReports)
+
+
+def _carriers(events: list[CloudEvent[Any]], report_ids: set[str]) -> set[str]:
+    """The ids of the events that carried the reports stamped with ``report_ids``."""
+    return {event.id for event in events
+            if any(seen.event_id in report_ids for seen in each_report([event]))}  # fmt: skip
 
 
 def _refs(report: GatewayReport) -> list[tuple[str, str]]:
