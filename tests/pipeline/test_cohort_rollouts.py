@@ -120,7 +120,7 @@ async def test_cohort_states_survive_a_restart_and_the_next_rollout_reaches_whol
             done = await _completed(bus, first)
             assert (done.gateways_updated, done.gateways_failed) == (40, 0)
         before = await _cohorts(bus)
-        assert len(before) == COHORT_COUNT  # the last wave reached every cohort (late joiners)
+        assert len(before) == COHORT_COUNT  # completed: it reached every cohort (late joiners)
         assert await _bucket(bus, DESIRED_STATE_BUCKET) == {}  # no per-gateway write
 
         # execute: another rollout service process-equivalent loads the table and rolls out

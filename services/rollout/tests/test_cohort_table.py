@@ -39,7 +39,7 @@ async def test_a_withdrawn_rollout_stays_out_and_generations_only_rise(bus: Bus)
     await table.reach({7: [_entry("ro-back", 10)]}, 10)
 
     # execute: a fleet rollback (its generation drawn before a later write landed), then a
-    # chunk of the same rollout that was still in flight, then its last wave's rest
+    # chunk of the same rollout that was still in flight, then its completion's rest
     await table.withdraw("ro-back", 9)
     await table.reach({8: [_entry("ro-back", 11)]}, 11)
     await table.reach_rest([_entry("ro-back", 12)], 12)
@@ -56,8 +56,8 @@ async def test_a_withdrawn_rollout_stays_out_and_generations_only_rise(bus: Bus)
 
 
 async def test_every_cohort_is_signed_stored_and_announced_a_chunk_at_a_time(bus: Bus) -> None:
-    """A rollout's last wave reaches all 1,024 cohorts (~0.1 ms of signing each): its own
-    gateways' reports must be folded meanwhile, so other tasks run between chunks."""
+    """A completing rollout reaches all 1,024 cohorts (~0.1 ms of signing each): reports
+    must be folded meanwhile, so other tasks run between chunks."""
     # setup: a signer its gateways trust, a listener on every cohort's subject, and a task
     # that samples how many cohorts hold the entry each time it gets a turn
     kv = await bus.key_value("slmops-cohorts")

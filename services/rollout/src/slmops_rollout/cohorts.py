@@ -27,9 +27,9 @@ from slmops.tracing import w3c_trace_headers
 
 log = logging.getLogger(__name__)
 _YIELD_EVERY = 16  # notifications published between two turns of the event loop
-# Cohorts signed, stored and announced at a time. Signing one takes ~0.1 ms: a rollout's last
-# wave reaches all 1,024 cohorts, and in one go that held the event loop for a fifth of a
-# second while the wave's reports waited to be folded (bench.e2e); between chunks they are.
+# Cohorts signed, stored and announced at a time. Signing one takes ~0.1 ms: a completing
+# rollout reaches all 1,024 cohorts, and in one go that held the event loop for a fifth of a
+# second while reports waited to be folded (bench.e2e); between chunks they are.
 _CHUNK = 64
 
 
@@ -98,7 +98,7 @@ class CohortTable:
                 await self._announce([(s, s.model_dump_json().encode()) for s in again])
 
     async def reach_rest(self, entries: list[CohortEntry], generation: int) -> int:
-        """``entries`` into every cohort that lacks them (a rollout's last wave: gateways not
+        """``entries`` into every cohort that lacks them (a completing rollout: gateways not
         registered when it was planned find it too); returns how many cohorts were written."""
         await self.load()
         rest = {}
@@ -151,19 +151,22 @@ class CohortTable:
                 await self._announce(list(zip(signed, bodies, strict=True)))
 
     async def _announce(self, published: Sequence[tuple[CohortState, bytes]]) -> None:
-        """One notification per cohort (its stored body), each its own producer span in the
-        trace of whoever acts (a rollout's journey): the gateways' spans of acting on it are
-        its children."""
+        """One notification per cohort (its stored body), under one producer span per call
+        (a chunk), in the trace of whoever acts (a rollout's journey): the gateways' spans
+        of acting on them are its children. A span per notification cost as much as signing
+        the state (a completing rollout announces all 1,024 cohorts)."""
         if not published:
             return
         nc = self.bus.nc
-        for n, (state, body) in enumerate(published, 1):
-            if n % _YIELD_EVERY == 0:  # let nats-py's flusher send what is buffered: a burst
-                await asyncio.sleep(0)  # of 1,024 would otherwise leave only at its end
-            with self.bus.tracer.start_as_current_span(
-                f"publish {COHORT_EVENT}", kind=SpanKind.PRODUCER,
-                attributes={"slmops.cohort": state.cohort},
-            ) as span:  # fmt: skip
-                headers = w3c_trace_headers(span.get_span_context())
-                await nc.publish(cohort_subject(state.cohort), body, headers=headers or None)
+        with self.bus.tracer.start_as_current_span(
+            f"publish {COHORT_EVENT}", kind=SpanKind.PRODUCER,
+            attributes={"messaging.destination.template": f"{COHORT_SUBJECT}.*",
+                        "messaging.batch.message_count": len(published),
+                        "slmops.cohorts": [state.cohort for state, _ in published]},
+        ) as span:  # fmt: skip
+            headers = w3c_trace_headers(span.get_span_context()) or None
+            for n, (state, body) in enumerate(published, 1):
+                if n % _YIELD_EVERY == 0:  # let nats-py's flusher send what is buffered: a
+                    await asyncio.sleep(0)  # burst would otherwise leave only at its end
+                await nc.publish(cohort_subject(state.cohort), body, headers=headers)
         await nc.flush()

@@ -5,7 +5,7 @@ answers (``store.py``: header plus shards, group commits). A wave is sent as a b
 task, in chunks, at most ``max_rate_per_min``: for each chunk, the cohorts of its gateways that
 speak the cohort protocol get one signed state each (``cohorts.py``: KV, then one notification
 per cohort), and older gateways their own desired state in KV and an assignment (pipelined).
-A rollout's last wave also reaches every other cohort, so a gateway registering later finds
+A completing rollout also reaches every other cohort, so a gateway registering later finds
 its model in its cohort's state. A restarted service loads its rollouts from
 KV; its ticker re-sends whatever of the current wave was never sent and carries on. A rollout
 that would reach no gateway is refused (``targets.NoTargets``), or, started automatically,
@@ -238,11 +238,8 @@ class Engine:
                 self._send(state.rollout_id, state.wave_index, pending),
                 name=f"send {state.rollout_id}",
             )
-        else:  # all sent (a restart after the last chunk): the rest of the cohorts, if due
-            self._sending[state.rollout_id] = asyncio.create_task(
-                self._finish_wave(state.rollout_id, state.wave_index),
-                name=f"finish {state.rollout_id}",
-            )
+        else:  # all sent (a restart after the last chunk)
+            self._sent[state.rollout_id] = state.wave_index
 
     async def _send(self, rollout_id: str, wave_index: int, gateway_ids: list[str]) -> None:
         live = self.live[rollout_id]
@@ -284,22 +281,21 @@ class Engine:
                 live.changes += 1  # uncommitted, but the figures changed
                 return
             await live.commit(batch)
-        await self._finish_wave(rollout_id, wave_index)
-
-    async def _finish_wave(self, rollout_id: str, wave_index: int) -> None:
-        """After a wave's last chunk: the rollout's last wave also reaches every other cohort
-        (gateways registering later find it) - unless it stopped running meanwhile (a fleet
-        rollback withdrew its entries: they must not come back)."""
-        state = self.live[rollout_id].state
-        if self.cohorts is not None and wave_index + 1 == len(state.waves):
-            if state.status != "running":
-                return  # resumed later: sent then
-            generation = await self.next_generation()
-            rest = [self._entry(state, c, generation) for c in sorted(state.desired)]
-            with self.journey(rollout_id, "reach the remaining cohorts"):
-                written = await self.cohorts.reach_rest(rest, generation)
-            log.info("%s: its last wave reached %d more cohorts", rollout_id, written)
         self._sent[rollout_id] = wave_index
+
+    async def reach_the_rest(self, state: RolloutState) -> int:
+        """A completing rollout's entries into every cohort that lacks them, so gateways not
+        in its plan (registered since, or relabelled) find it; returns how many were written.
+        Once its last wave passed its gates, not as that wave is sent: signing the up to 1,024
+        states takes this process ~0.2 s, which that wave's own reports waited behind."""
+        if self.cohorts is None:
+            return 0
+        generation = await self.next_generation()
+        rest = [self._entry(state, c, generation) for c in sorted(state.desired)]
+        with self.journey(state.rollout_id, "reach the remaining cohorts"):
+            written = await self.cohorts.reach_rest(rest, generation)
+        log.info("%s: completing, it reached %d more cohorts", state.rollout_id, written)
+        return written
 
     def _held_generation(self, state: RolloutState, gateway_id: str) -> int | None:
         """The generation of the entry for this gateway its cohort holds already, if any."""

@@ -78,6 +78,7 @@ async def _protect(engine: Engine, state: RolloutState) -> None:
 
 
 async def _finish(engine: Engine, state: RolloutState, reason: str) -> None:
+    await engine.reach_the_rest(state)  # again after a restart: it writes only what lacks it
     await _set(engine, state, "completed", reason)
     done = list(state.gateways.values())
     await engine.announce(RolloutCompleted(
