@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,11 +74,10 @@ async def raw_hops(nats_url: str, var_dir: Path, count: int = RAW_HOPS) -> list[
 _REPORT_PREFIX = "slmops.gateway.report.v1."
 
 
-def hops_by_event(spans: list[SpanRecord]) -> dict[str, list[float]]:
-    """Per event type: milliseconds from each publish span to each process span under it (or
-    linked from it: a batch consumer's span is the child of one producer, linked to more)."""
+def _hop_pairs(spans: list[SpanRecord]) -> Iterator[tuple[str, SpanRecord, SpanRecord]]:
+    """(hop name, publish span, process span): each process span with the publish span it is
+    the child of or linked from (a batch consumer's span is the child of one, linked to more)."""
     by_id = {s.span_id: s for s in spans}
-    hops: dict[str, list[float]] = defaultdict(list)
     for span in spans:
         if not span.name.startswith("process "):
             continue
@@ -87,8 +87,27 @@ def hops_by_event(spans: list[SpanRecord]) -> dict[str, list[float]]:
                 event = span.name.removeprefix("process ")
                 if producer.subject.startswith(_REPORT_PREFIX):  # which kind of report
                     event += f" ({producer.subject.removeprefix(_REPORT_PREFIX).split('.')[0]})"
-                hops[f"{event} -> {span.service}"].append((span.start_s - producer.start_s) * 1000)
+                yield f"{event} -> {span.service}", producer, span
+
+
+def hops_by_event(spans: list[SpanRecord]) -> dict[str, list[float]]:
+    """Per hop: milliseconds from each publish span's start to its process span's start."""
+    hops: dict[str, list[float]] = defaultdict(list)
+    for name, producer, consumer in _hop_pairs(spans):
+        hops[name].append((consumer.start_s - producer.start_s) * 1000)
     return dict(hops)
+
+
+def publisher_share(spans: list[SpanRecord]) -> dict[str, tuple[list[float], list[float]]]:
+    """Per hop: milliseconds inside the publish span (the publisher sending and, for a
+    JetStream publish, awaiting the stored acknowledgement) and from its end to the process
+    span (negative: the consumer had it before the publisher heard it was stored)."""
+    shares: dict[str, tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
+    for name, producer, consumer in _hop_pairs(spans):
+        inside, after = shares[name]
+        inside.append((producer.end_s - producer.start_s) * 1000)
+        after.append((consumer.start_s - producer.end_s) * 1000)
+    return dict(shares)
 
 
 def union_s(intervals: list[tuple[float, float]]) -> float:
@@ -210,6 +229,12 @@ def print_tables(spans: list[SpanRecord], raw: list[float], wall_s: float, model
         p50 = statistics.median(values)
         print(f"| **{label}** | {len(values)} | {p50:.2f} | {_pct(values, 0.95):.2f} | "
               f"{p50 / raw_p50:.1f}x |")  # fmt: skip
+    print("\n## Fleet hops: the publisher's part and the rest\n")
+    print("| hop | p50 ms in the publish span | p50 ms from its end to the process span |\n"
+          "|---|---|---|")  # fmt: skip
+    for name, (inside, after) in sorted(publisher_share(spans).items()):
+        if name.startswith(FLEET_EVENTS):
+            print(f"| {name} | {statistics.median(inside):.2f} | {statistics.median(after):.2f} |")
     for label, values in (("pipeline", pipeline), ("fleet", fleet)):
         p50 = statistics.median(values)
         verdict = "met" if p50 <= TARGET_MS else "missed"
