@@ -1,16 +1,16 @@
 """Rollout fan-out to a simulated fleet against a bare nats-py request/ack floor, same run.
 
-Per fleet size, on a fresh nats-server: first the floor - one connection holds a
-subscription per gateway subject and answers each request; another sends one request per
-gateway and waits for every answer (subscriptions are made before the clock starts). Then
-ours: the rollout service and the registry as their own processes, and a simulated
-fleet of real gateway agents in ``FLEET_PROCESSES`` processes of their own (``fleet_worker``;
-each like a site: one connection, one subscription to the cohorts' notifications, one
-consumer for exceptions); its gateways' wave reports one message each; or sent through a
-relay process per site (``slmops_gateway.relay``: each report a core NATS request, the relay
-stores the site's batches), as real gateways enrolled at a site send them; or batched by the
-fleet process itself (``GatewayReports`` without the relay's hop). The rollout is one wave of
-every gateway, no soak.
+Per fleet size, on a fresh nats-server: first the floor - one connection holds a subscription
+per gateway subject and answers each request; another sends one request per gateway and waits
+for every answer (subscriptions are made before the clock starts). Then ours: the rollout
+service and the registry as their own processes, and a simulated fleet of real gateway agents
+in ``FLEET_PROCESSES`` processes of their own (the gateway's ``fleetprocesses``, as ``slmops
+fleet simulate --processes`` runs them; each like a site: one connection, one subscription to
+the cohorts' notifications, one consumer for exceptions); its gateways' wave reports one
+message each; or sent through a relay process per site (``slmops_gateway.relay``: each report a
+core NATS request, the relay stores the site's batches), as real gateways enrolled at a site
+send them; or batched by the fleet process itself (``GatewayReports`` without the relay's hop).
+The rollout is one wave of every gateway, no soak.
 Times are from ``rollout.wave.started``: until every gateway's acknowledgement and every
 ``applied`` report reached NATS, and until the service announced ``rollout.completed`` (it
 has then folded every report in and stored it in KV).
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -37,10 +36,11 @@ import nats
 import nats.errors
 import psutil
 
-from slmops.auth import BearerToken, Scope, ensure_local_credentials
+from slmops.auth import BearerToken, BearerTokenFile, Scope, ensure_local_credentials
 from slmops.bus import Bus, Topology
 from slmops.bus.permissions import relay_subject
 from slmops.events import new_event
+from slmops.fleetsim import FleetRequest
 from slmops.settings import PlatformSettings
 from slmops.testing.models import tiny_encoder_onnx, with_word_tokenizer
 from slmops.testing.natsserver import NatsServerProcess
@@ -173,18 +173,22 @@ def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
     return {name: t.user + t.system for name, t in times.items()}
 
 
-class FleetProcesses:
-    """The simulated fleet as ``bench.fleet_worker`` processes, each its part of the gateways
-    (each a site: with ``reports="relay"``, each with its relay process)."""
+class SimulatedSites:
+    """The simulated fleet in processes of its own (the gateway's ``FleetProcesses``), each
+    its part of the gateways as a site; with ``reports="relay"`` each with its relay process."""
 
     def __init__(
         self, count: int, prefix: str, registry_url: str, parts: int, reports: str
     ) -> None:
-        from slmops_gateway.simulator import FleetSpec
+        from slmops_gateway.fleetprocesses import FleetProcesses
 
-        argv = [sys.executable, "-m", "bench.fleet_worker", str(count), prefix]
-        self.sites = [FleetSpec(count, prefix=prefix, part=part, parts=parts).site
-                      for part in range(parts)]  # fmt: skip
+        platform = PlatformSettings()
+        token = ensure_local_credentials(platform.var_dir).token_file("simulator")
+        request = FleetRequest(count=count, classes={CLASS: 1.0}, prefix=prefix,
+                               registry_url=registry_url, registry_auth=BearerTokenFile(token),
+                               processes=parts, reports=reports)  # fmt: skip
+        self.fleet = FleetProcesses(request, platform)
+        self.sites = [spec.site for spec in self.fleet.specs]
         self.relays = [
             subprocess.Popen(
                 [sys.executable, "-m", "slmops_gateway.relay"],
@@ -193,19 +197,10 @@ class FleetProcesses:
             )
             for site in (self.sites if reports == "relay" else [])
         ]
-        self.processes = [
-            subprocess.Popen(
-                [*argv, str(part), str(parts), registry_url, reports],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            for part in range(parts)
-        ]
 
     @property
     def pids(self) -> list[int]:
-        return [p.pid for p in self.processes]
+        return self.fleet.pids
 
     @property
     def relay_pids(self) -> list[int]:
@@ -220,33 +215,20 @@ class FleetProcesses:
                 await asyncio.sleep(0.1)
             else:
                 raise RuntimeError(f"the relay of {site} never answered")
-        for process in self.processes:
-            assert process.stdout is not None
-            line = await asyncio.to_thread(process.stdout.readline)
-            if line.strip() != "ready":
-                raise RuntimeError(f"a fleet process did not start: {line!r}")
+        await self.fleet.start()
 
     async def stop(self) -> dict[str, int]:
         """Stop every part; what the whole fleet serves."""
-        serving: dict[str, int] = {}
-        for process in self.processes:
-            assert process.stdin is not None
-            process.stdin.write("stop\n")
-            process.stdin.flush()
-        for process in self.processes:
-            assert process.stdout is not None
-            line = await asyncio.to_thread(process.stdout.readline)
-            for variant, n in json.loads(line).items():
-                serving[variant] = serving.get(variant, 0) + n
-            process.wait(timeout=60)
+        serving = await self.fleet.serving()
+        await self.fleet.stop()
         return serving
 
-    def kill(self) -> None:
-        every: list[subprocess.Popen[Any]] = [*self.processes, *self.relays]
-        for process in every:
-            if process.poll() is None:
-                process.kill()
-                process.wait(timeout=10)
+    async def close(self) -> None:
+        await self.fleet.stop()  # nothing left to stop after ``stop``
+        for relay in self.relays:
+            if relay.poll() is None:
+                relay.kill()
+                relay.wait(timeout=10)
 
 
 async def ours(bus: Bus, count: int, result: Result, nats_pid: int) -> None:
@@ -268,7 +250,7 @@ async def ours(bus: Bus, count: int, result: Result, nats_pid: int) -> None:
             model = with_word_tokenizer(tiny_encoder_onnx())
             variant = await register_variant(registry, model, device_class=CLASS)
             await bus.publish(new_event(release_of({CLASS: variant}), source="/bench"))
-            fleet = FleetProcesses(count, f"b{count}", registry_url, FLEET_PROCESSES,
+            fleet = SimulatedSites(count, f"b{count}", registry_url, FLEET_PROCESSES,
                                    result.reports)  # fmt: skip
             try:
                 began = time.perf_counter()
@@ -279,12 +261,12 @@ async def ours(bus: Bus, count: int, result: Result, nats_pid: int) -> None:
                            {"rollout service": rollout.pid, "registry": registry_process.pid,
                             "nats-server": nats_pid})  # fmt: skip
             finally:
-                fleet.kill()
+                await fleet.close()
             await per_cohort(bus, result, nats_pid)
 
 
 async def wave(
-    bus: Bus, api: httpx.AsyncClient, fleet: FleetProcesses, count: int, variant_id: str,
+    bus: Bus, api: httpx.AsyncClient, fleet: SimulatedSites, count: int, variant_id: str,
     result: Result, pids: dict[str, int],
 ) -> None:  # fmt: skip
     """One wave to every gateway, timed and its CPU counted per process (the fleet's

@@ -6,7 +6,8 @@ served shifted inputs), then the registry's lineage, the spans the processes exp
 metrics every service serves.
 
 One run of the demo is shared by the tests below (it takes minutes); each asserts one part.
-The fleet is smaller than `make run`'s 500 gateways."""
+The fleet is smaller than `make run`'s 500 gateways and runs in two processes, as `bench.e2e`
+runs it (`make run` runs its fleet in the demo's process: the rest of the suite covers that)."""
 
 from __future__ import annotations
 
@@ -139,8 +140,9 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
         report_file = tmp / "report.json"
         classes = ",".join(f"{c}={s}" for c, s in CLASSES.items())
         run = subprocess.run(
-            [*SLMOPS, "demo", "--models", "minilm", "--gateways", str(GATEWAYS), "--classes",
-             classes, "--soak-s", "1", "--no-wait", "--json-report", str(report_file),
+            [*SLMOPS, "demo", "--models", "minilm", "--gateways", str(GATEWAYS),
+             "--fleet-processes", "2", "--classes", classes, "--soak-s", "1", "--no-wait",
+             "--json-report", str(report_file),
              "--timeout-s", "900", "--feedback", "--field-slowdown", f"{SLOW}=12",
              "--input-shift", f"{SHIFTED}=1.5"],
             env=stack.env, capture_output=True, text=True, timeout=1200, check=False,

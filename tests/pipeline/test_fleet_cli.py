@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import nats.js.errors
+import psutil
 import pytest
 
 from slmops.bus import Bus
@@ -25,6 +26,13 @@ def simulate(env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
     )  # fmt: skip
 
 
+async def terminated(process: subprocess.Popen[bytes]) -> tuple[int, str, str]:
+    """SIGTERM (a `kill` or Ctrl-C), then its exit code, stdout and stderr."""
+    process.send_signal(signal.SIGTERM)
+    out, err = await asyncio.to_thread(process.communicate, timeout=60)
+    return process.returncode, out.decode(), err.decode()
+
+
 async def test_fleet_simulate_registers_its_gateways_and_stops_cleanly_on_sigterm(
     bus: Bus, platform_env: dict[str, str]
 ) -> None:
@@ -35,18 +43,80 @@ async def test_fleet_simulate_registers_its_gateways_and_stops_cleanly_on_sigter
         registered = await await_events(
             bus, "slmops.gateway.report.v1.registered.>", count=30, timeout_s=60
         )
-        process.send_signal(signal.SIGTERM)
-        code = await asyncio.to_thread(process.wait, 30)
+        code, output, err = await terminated(process)
     finally:
         if process.poll() is None:
             process.kill()
-    output = process.stdout.read().decode() if process.stdout else ""
 
     # assert
-    assert code == 0, process.stderr.read().decode() if process.stderr else ""
+    assert code == 0, err
     assert "30 simulated gateways registered" in output
     classes = sorted(e.data.device_class for e in registered)
     assert classes == ["test-arm"] * 15 + ["test-cpu"] * 15
     assert {e.data.labels["site"] for e in registered} == {"berlin", "paris"}
     with pytest.raises(nats.js.errors.NotFoundError):
         await bus.js.consumer_info("SLMOPS_ROLLOUT", "fleetsim-clifleet")
+
+
+async def test_a_fleet_in_two_processes_registers_every_gateway_once_and_stops_cleanly(
+    bus: Bus, platform_env: dict[str, str]
+) -> None:
+    # setup / execute: 31 gateways shared by two processes, each a site of its own, for 6 s
+    process = simulate(platform_env, "--count", "31", "--processes", "2", "--prefix", "parted",
+                       "--duration-s", "6")  # fmt: skip
+    try:
+        registered = await await_events(
+            bus, "slmops.gateway.report.v1.registered.>", count=31, timeout_s=90
+        )
+        consumers = [await bus.js.consumer_info("SLMOPS_ROLLOUT", f"fleetsim-parted-{part}")
+                     for part in (0, 1)]  # fmt: skip
+        out, errors = await asyncio.to_thread(process.communicate, timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    code, output, err = process.returncode, out.decode(), errors.decode()
+
+    # assert: each gateway once, the parts' consumers gone with them, the fleet counted whole
+    assert code == 0, err
+    assert "31 simulated gateways registered" in output
+    assert sorted(e.data.gateway_id for e in registered) == [f"parted-{i:06d}" for i in range(31)]
+    assert [c.name for c in consumers] == ["fleetsim-parted-0", "fleetsim-parted-1"]
+    assert "serving - -: 31" in output  # every 5 s, asked of both parts
+    for part in (0, 1):
+        with pytest.raises(nats.js.errors.NotFoundError):
+            await bus.js.consumer_info("SLMOPS_ROLLOUT", f"fleetsim-parted-{part}")
+
+
+def test_more_processes_than_gateways_is_refused_with_a_reason(
+    platform_env: dict[str, str],
+) -> None:
+    process = simulate(platform_env, "--count", "2", "--processes", "3")
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 1
+    assert "3 processes for 2 gateways" in err.decode()
+
+
+async def test_a_part_of_the_fleet_gone_stops_the_rest_with_the_reason(
+    bus: Bus, platform_env: dict[str, str]
+) -> None:
+    # setup: a fleet in two processes, registered
+    process = simulate(platform_env, "--count", "8", "--processes", "2", "--prefix", "halved",
+                       "--duration-s", "600")  # fmt: skip
+    try:
+        await await_events(bus, "slmops.gateway.report.v1.registered.>", count=8, timeout_s=90)
+        parts = psutil.Process(process.pid).children()
+        assert len(parts) == 2
+
+        # execute: one part killed
+        parts[1].kill()
+        code = await asyncio.to_thread(process.wait, 60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+    # assert: the fleet stops with the reason, the other part stops too
+    assert code == 1
+    err = process.stderr.read().decode() if process.stderr else ""
+    assert "the simulated fleet failed: fleet part" in err
+    assert "exited (code -9)" in err
+    assert not parts[0].is_running() or parts[0].status() == psutil.STATUS_ZOMBIE

@@ -40,6 +40,14 @@ class FleetRequest:
     input_shift: dict[str, float] = field(default_factory=dict)
     registry_url: str = "http://127.0.0.1:8101"
     registry_auth: httpx.Auth | None = None  # the simulator's one identity
+    # Processes sharing the fleet, each its part of the gateways as one site (its own NATS
+    # connection, consumer, registry cache and core): one event loop drives some thousands of
+    # gateways, and on one loop a wave's reports wait for each other, not for the platform
+    processes: int = 1
+    # How wave reports travel: "own" one message each; "relay" through the site's relay
+    # process (`python -m slmops_gateway.relay` per site, as real gateways enrolled at a site
+    # send them); "site" batched by the simulator itself, as a relay would
+    reports: str = "own"
 
 
 class SimulatedFleet(Protocol):
@@ -51,7 +59,7 @@ class SimulatedFleet(Protocol):
     async def report_health(self, window_s: float) -> int:
         """One round of health reports; how many gateways reported."""
 
-    def serving(self) -> dict[str, int]:
+    async def serving(self) -> dict[str, int]:
         """How many gateways run each variant (``"-"``: none yet)."""
 
     async def stop(self) -> None:
@@ -63,6 +71,10 @@ class FleetSimulator(Protocol):
         self, bus: Bus, request: FleetRequest, platform: PlatformSettings
     ) -> SimulatedFleet:
         """A fleet on ``bus`` (not started); ValueError for a request it cannot simulate."""
+
+
+class FleetSimulationError(Exception):
+    """A running simulated fleet failed (a part of it went away, say); the message says why."""
 
 
 class FleetSimulatorMissingError(Exception):

@@ -4,13 +4,12 @@
 
 from __future__ import annotations
 
-from typing import Any, cast
-
 from slmops.bus import Bus
 from slmops.fleetsim import FleetRequest
 from slmops.settings import PlatformSettings
+from slmops_gateway.fleetprocesses import FleetProcesses, part_specs
 from slmops_gateway.settings import GatewaySettings
-from slmops_gateway.simulator import CachingRegistry, FleetSpec, SimulatedFleet
+from slmops_gateway.simulator import CachingRegistry, SimulatedFleet
 
 
 class RunningFleet:
@@ -25,7 +24,7 @@ class RunningFleet:
     async def report_health(self, window_s: float) -> int:
         return await self.fleet.report_health(window_s)
 
-    def serving(self) -> dict[str, int]:
+    async def serving(self) -> dict[str, int]:
         return self.fleet.serving()
 
     async def stop(self) -> None:
@@ -35,17 +34,14 @@ class RunningFleet:
             await self.registry.close()
 
 
-def simulated_fleet(bus: Bus, request: FleetRequest, platform: PlatformSettings) -> RunningFleet:
-    """The fleet ``request`` asks for, on ``bus`` (not started); ValueError if it is invalid."""
-    spec = FleetSpec(
-        count=request.count,
-        classes=dict(request.classes),
-        labels={key: list(values) for key, values in request.labels.items()},
-        faults=cast(Any, dict(request.faults)),  # FleetSpec refuses unknown fault names
-        prefix=request.prefix,
-        field_slowdown=dict(request.field_slowdown),
-        input_shift=dict(request.input_shift),
-    )
+def simulated_fleet(
+    bus: Bus, request: FleetRequest, platform: PlatformSettings
+) -> RunningFleet | FleetProcesses:
+    """The fleet ``request`` asks for (not started): on ``bus``, or in processes of its own
+    when it asks for more than one; ValueError if it is invalid."""
+    if request.processes != 1:
+        return FleetProcesses(request, platform)
+    (spec,) = part_specs(request)
     registry = CachingRegistry(request.registry_url, auth=request.registry_auth)
     fleet = SimulatedFleet(bus, registry, spec, GatewaySettings(platform=platform))
     return RunningFleet(fleet, registry)

@@ -64,6 +64,8 @@ def demo(
     models: Annotated[str, typer.Option(help="Models to publish, in this order (the chat model "
                                         "first: its answer comes sooner).")] = "smollm2,minilm",
     gateways: Annotated[int, typer.Option(help="Simulated gateways.")] = 500,
+    fleet_processes: Annotated[int, typer.Option(help="Processes the simulated gateways share "
+                                                 "(each its part, one site; more cores).")] = 1,
     classes: Annotated[str, typer.Option(help="Device classes of the fleet and their shares; "
                                          "each model is optimized for each.")] = (
         "x86-avx512-vnni=0.7,arm64-pi5=0.3"),
@@ -113,7 +115,8 @@ def demo(
     assert urls is not None
     options = DemoOptions(
         models=located, version=version or time.strftime("1.%Y%m%d.%H%M%S", time.gmtime()),
-        run_id=f"r{int(time.time())}", gateways=gateways, classes=shares, soak_s=soak_s,
+        run_id=f"r{int(time.time())}", gateways=gateways, fleet_processes=fleet_processes,
+        classes=shares, soak_s=soak_s,
         timeout_s=timeout_s, registry_url=urls["registry"], optimizer_url=urls["optimizer"],
         rollout_url=urls["rollout"], console_url=urls.get("console"),
         telemetry_url=urls.get("telemetry"), field_slowdown=slowdown, input_shift=shift,
@@ -153,7 +156,7 @@ async def _main(options: DemoOptions, platform: PlatformSettings, wait: bool,
     talker = None
     loops = [FieldLoop(m.model_name, options.version) for m in options.models]
     async with platform_buses(platform) as buses, watching(buses.watch, loops):
-        fleet = await start_fleet(buses.fleet, options, _out)
+        fleet = await start_fleet(buses.fleet, options, _out, platform)
         try:
             chat_app = next((m.app for m in options.models if m.app == "chat"), None)
             if chat and chat_app:

@@ -32,8 +32,10 @@ from slmops.cli.common import (
 )
 from slmops.fleetsim import (
     FleetRequest,
+    FleetSimulationError,
     FleetSimulator,
     FleetSimulatorMissingError,
+    SimulatedFleet,
     load_fleet_simulator,
 )
 from slmops.settings import PlatformSettings
@@ -143,6 +145,12 @@ def simulate(
     health_interval_s: Annotated[float, typer.Option(help="Seconds between health "
                                                      "reports.")] = 30.0,
     duration_s: Annotated[float, typer.Option(help="Stop after this long (0: Ctrl-C).")] = 0.0,
+    processes: Annotated[int, typer.Option(help="Processes sharing the fleet, each its part as "
+                                           "one site (more cores for a large fleet).")] = 1,
+    reports: Annotated[str, typer.Option(help="How wave reports travel: own (a message each), "
+                                         "relay (through each site's relay process, "
+                                         "SLMOPS_RELAY_SITE=fleetsim-PREFIX[-PART]) or site "
+                                         "(batched by the simulated site).")] = "own",
     registry_url: RegistryUrl = None,
 ) -> None:  # fmt: skip
     """Run a simulated fleet: register, reconcile, verify, install (simulated), report."""
@@ -166,6 +174,8 @@ def simulate(
         input_shift=parse_shares(input_shift, "--input-shift"),
         registry_url=registry_url or CliSettings().registry_url,
         registry_auth=cli_auth("simulator"),
+        processes=processes,
+        reports=reports,
     )
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: the fleet stops cleanly
         asyncio.run(_run(simulator, request, health_interval_s, duration_s))
@@ -192,19 +202,36 @@ async def _run(
         await bus.close()
         fail(str(exc))
     started = time.monotonic()
-    await fleet.start()
+    try:
+        await fleet.start()
+    except FleetSimulationError as exc:
+        await bus.close()
+        fail(f"the simulated fleet did not start: {exc}")
     console_out.print(f"{request.count} simulated gateways registered in "
                f"{time.monotonic() - started:.1f} s; Ctrl-C stops them")  # fmt: skip
-    next_health = time.monotonic() + health_interval_s
+    failed = None
     try:
-        while not stop.is_set() and (not duration_s or time.monotonic() - started < duration_s):
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), min(5.0, duration_s or 5.0))
-            if time.monotonic() >= next_health:
-                await fleet.report_health(health_interval_s)
-                next_health += health_interval_s
-            serving = ", ".join(f"{v}: {n}" for v, n in sorted(fleet.serving().items()))
-            console_out.print(f"serving - {serving}")
+        await _drive(fleet, stop, started, health_interval_s, duration_s)
+    except FleetSimulationError as exc:  # a part of it went away: no point going on
+        failed = str(exc)
     finally:
         await fleet.stop()
         await bus.close()
+    if failed:
+        fail(f"the simulated fleet failed: {failed}")
+
+
+async def _drive(
+    fleet: SimulatedFleet, stop: asyncio.Event, started: float, health_interval_s: float,
+    duration_s: float,
+) -> None:  # fmt: skip
+    """Health rounds every ``health_interval_s``, what the fleet serves every 5 s."""
+    next_health = time.monotonic() + health_interval_s
+    while not stop.is_set() and (not duration_s or time.monotonic() - started < duration_s):
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), min(5.0, duration_s or 5.0))
+        if time.monotonic() >= next_health:
+            await fleet.report_health(health_interval_s)
+            next_health += health_interval_s
+        serving = ", ".join(f"{v}: {n}" for v, n in sorted((await fleet.serving()).items()))
+        console_out.print(f"serving - {serving}")

@@ -28,6 +28,7 @@ from slmops.demo.models import DemoModel
 from slmops.events import EventDecodeError, decode_event
 from slmops.fleetsim import (
     FleetRequest,
+    FleetSimulationError,
     FleetSimulatorMissingError,
     SimulatedFleet,
     load_fleet_simulator,
@@ -49,6 +50,7 @@ class DemoOptions:
     version: str
     run_id: str  # every simulated gateway of this run carries the label run=<run_id>
     gateways: int = 500
+    fleet_processes: int = 1  # the simulated fleet's processes (each a part of its gateways)
     classes: dict[str, float] = field(default_factory=lambda: {"x86-avx512-vnni": 1.0})
     percents: list[float] = field(default_factory=lambda: [1.0, 10.0, 50.0, 100.0])
     soak_s: float = 5.0
@@ -106,7 +108,9 @@ async def platform_buses(platform: PlatformSettings) -> AsyncIterator[DemoBuses]
         provider.shutdown()  # flushes the last spans to the files
 
 
-async def start_fleet(bus: Bus, options: DemoOptions, console: Console) -> SimulatedFleet:
+async def start_fleet(
+    bus: Bus, options: DemoOptions, console: Console, platform: PlatformSettings
+) -> SimulatedFleet:
     """The simulated gateways, registered and listening (the gateway distribution's simulator,
     through :func:`slmops.fleetsim.load_fleet_simulator`)."""
     try:
@@ -120,18 +124,22 @@ async def start_fleet(bus: Bus, options: DemoOptions, console: Console) -> Simul
         count=options.gateways, classes=options.classes, labels=labels,
         prefix=f"demo-{options.run_id}", registry_url=options.registry_url,
         registry_auth=cli_auth("simulator"), field_slowdown=options.field_slowdown,
-        input_shift=options.input_shift,
+        input_shift=options.input_shift, processes=options.fleet_processes,
     )  # fmt: skip
     try:
-        fleet = simulator(bus, request, PlatformSettings())
+        fleet = simulator(bus, request, platform)
     except ValueError as exc:
         raise DemoError(f"cannot simulate this fleet: {exc}") from exc
     began = time.monotonic()
     console.print(
         f"starting {options.gateways} simulated gateways "
         f"({', '.join(f'{c} {s:g}' for c, s in options.classes.items())})"
+        + (f" in {options.fleet_processes} processes" if options.fleet_processes > 1 else "")
     )
-    await fleet.start()
+    try:
+        await fleet.start()
+    except FleetSimulationError as exc:
+        raise DemoError(f"the simulated fleet did not start: {exc}") from exc
     console.print(f"fleet registered in {time.monotonic() - began:.1f} s")
     return fleet
 
