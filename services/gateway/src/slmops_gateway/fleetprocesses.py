@@ -63,9 +63,13 @@ def part_specs(request: FleetRequest) -> list[FleetSpec]:
 
 class FleetProcesses:
     """A :class:`~slmops.fleetsim.SimulatedFleet` whose gateways run in ``request.processes``
-    processes. Registry credentials go to them as a token file's path, never as a token."""
+    processes. Registry credentials go to them as a token file's path, never as a token.
+    ``traced``: the parts export their spans to the platform's span files (as the services do);
+    untraced, a part spends nothing on spans."""
 
-    def __init__(self, request: FleetRequest, platform: PlatformSettings) -> None:
+    def __init__(
+        self, request: FleetRequest, platform: PlatformSettings, traced: bool = False
+    ) -> None:
         self.specs = part_specs(request)
         auth = request.registry_auth
         if auth is not None and not isinstance(auth, BearerTokenFile):
@@ -75,7 +79,8 @@ class FleetProcesses:
             )
         fields = {f.name: getattr(request, f.name) for f in dataclasses.fields(request)}
         fields.pop("registry_auth")
-        self._request = {**fields, "registry_token_file": str(auth.path) if auth else None}
+        self._request = {**fields, "registry_token_file": str(auth.path) if auth else None,
+                         "traced": traced}  # fmt: skip
         # the URL the caller connected to (the demo reads it from the stack's status)
         self._env = {**os.environ, "SLMOPS_NATS_URL": platform.nats_url,
                      "SLMOPS_VAR_DIR": str(platform.var_dir)}  # fmt: skip
@@ -176,14 +181,16 @@ async def _serve_part(lines: asyncio.StreamReader) -> None:
 
     fields = json.loads(await lines.readline())
     part, token_file = fields.pop("part"), fields.pop("registry_token_file")
+    traced = fields.pop("traced")
     request = FleetRequest(**fields, registry_auth=BearerTokenFile(Path(token_file))
                            if token_file else None)  # fmt: skip
     spec = part_specs(request)[part]
     platform = PlatformSettings()
-    provider = setup_tracing("slmops-fleetsim", trace_dir=platform.span_files_dir())
+    provider = (setup_tracing("slmops-fleetsim", trace_dir=platform.span_files_dir())
+                if traced else None)  # fmt: skip
     bus = await Bus.connect(
         platform.nats_url, source=f"/slmops/fleetsim/{part}",
-        tracer=provider.get_tracer("slmops.fleetsim"),
+        tracer=provider.get_tracer("slmops.fleetsim") if provider else None,
         credentials=NatsCredentials.from_settings(platform, "simulator"),
     )  # fmt: skip
     registry = CachingRegistry(request.registry_url, auth=request.registry_auth)
@@ -206,7 +213,8 @@ async def _serve_part(lines: asyncio.StreamReader) -> None:
             await fleet.stop()
         await registry.close()
         await bus.close()
-        provider.shutdown()  # the last spans to the files
+        if provider is not None:
+            provider.shutdown()  # the last spans to the files
 
 
 def _say(answer: dict[str, Any]) -> None:

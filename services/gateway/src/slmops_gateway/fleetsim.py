@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+from opentelemetry.sdk.trace import Tracer
+
 from slmops.bus import Bus
 from slmops.fleetsim import FleetRequest
 from slmops.settings import PlatformSettings
@@ -40,7 +42,8 @@ def simulated_fleet(
     """The fleet ``request`` asks for (not started): on ``bus``, or in processes of its own
     when it asks for more than one; ValueError if it is invalid."""
     if request.processes != 1:
-        return FleetProcesses(request, platform)
+        # its parts export spans if the caller's bus does (the demo's does, for its trace)
+        return FleetProcesses(request, platform, traced=isinstance(bus.tracer, Tracer))
     (spec,) = part_specs(request)
     registry = CachingRegistry(request.registry_url, auth=request.registry_auth)
     fleet = SimulatedFleet(bus, registry, spec, GatewaySettings(platform=platform))
