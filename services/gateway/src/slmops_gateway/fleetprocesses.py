@@ -27,7 +27,7 @@ from typing import Any, cast
 from slmops.auth import BearerTokenFile
 from slmops.fleetsim import FleetRequest, FleetSimulationError
 from slmops.settings import PlatformSettings
-from slmops_gateway.simulator import FleetSpec
+from slmops_gateway.simspec import FleetSpec
 
 REPORT_MODES = ("own", "relay", "site")  # see FleetRequest.reports
 _START_TIMEOUT_S = 600.0  # importing, connecting, registering and reconciling its gateways

@@ -18,7 +18,7 @@ from slmops_gateway.sharing import Shared
 from slmops_gateway.simfield import FieldProfile, HostFigures
 
 if TYPE_CHECKING:
-    from slmops_gateway.simulator import FleetSpec
+    from slmops_gateway.simspec import FleetSpec
 
 
 class CohortReader:
