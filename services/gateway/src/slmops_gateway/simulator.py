@@ -48,7 +48,13 @@ from slmops.bus.consumer import EventConsumer
 from slmops.bus.permissions import COHORT_BUCKET, COHORT_SUBJECT
 from slmops.bus.topology import ConsumerSpec, stream_for_subject
 from slmops.cohorts import COHORT_COUNT, COHORT_EVENT, CohortState
-from slmops.events import CloudEvent, GatewayAssignment, GatewayReport
+from slmops.events import (
+    CloudEvent,
+    EventDecodeError,
+    GatewayAssignment,
+    GatewayReport,
+    decode_message,
+)
 from slmops.events.payloads import BATCHED_REPORT_KINDS, DesiredModel, HealthAggregate
 from slmops.events.reports import report_event
 from slmops.settings import ConsumerSettings
@@ -129,6 +135,8 @@ class SimulatedFleet:
         legacy = set(random.Random(spec.seed + 2).sample(  # noqa: S311
             range(len(layout)), round(spec.count * spec.legacy)))  # fmt: skip
         self.durable = spec.site  # its consumer's name; the site its gateways' labels name
+        # some of this part's gateways speak only the per-gateway protocol: a durable
+        self._legacy = any(index % spec.parts == spec.part for index in legacy)
         # the services take a site's batch only for gateways naming that site
         site = {"site": spec.site} if spec.site_reports or spec.relay else {}
         for index, (gateway_id, device_class, labels, fault) in enumerate(layout):
@@ -150,6 +158,7 @@ class SimulatedFleet:
                 self.cohorts.setdefault(agent.cohort, []).append(sim)
         self._consumer: EventConsumer | None = None
         self._cohort_sub: Subscription | None = None
+        self._assignment_sub: Subscription | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._acting = Limiter(_BURST)
         self._site = SiteReporter(bus, self.durable) if spec.site_reports else None
@@ -168,8 +177,27 @@ class SimulatedFleet:
         await self.bus.publish(report_event(report))
 
     async def start(self) -> None:
-        """Listen for assignments, register every gateway, then reconcile each with KV."""
+        """Listen for assignments, register every gateway, then reconcile each with KV.
+
+        A site whose gateways all speak the cohort protocol hears their own assignments
+        (exceptions) as core NATS, as each real one does - no durable consumer; one with older
+        gateways keeps a durable for the site (a real older gateway has one of its own)."""
         subject = f"{GatewayAssignment.event_type}.>"  # ids are one token: no prefix filter
+        if self._legacy:
+            await self._consume_assignments(subject)
+        else:
+            self._assignment_sub = await self.bus.nc.subscribe(
+                subject, cb=self._on_assignment_msg, pending_msgs_limit=10 * COHORT_COUNT
+            )
+        self._cohort_sub = await self.bus.nc.subscribe(
+            f"{COHORT_SUBJECT}.*", cb=self._on_cohort, pending_msgs_limit=10 * COHORT_COUNT
+        )
+        await self._each(self._register)
+        kv = await self.bus.key_value(DESIRED_BUCKET)
+        reader = CohortReader(await self.bus.key_value(COHORT_BUCKET))
+        await self._each(lambda sim: self._reconcile(sim, kv, reader))
+
+    async def _consume_assignments(self, subject: str) -> None:
         stream = stream_for_subject(subject).name
         spec = ConsumerSpec(stream=stream, durable=self.durable, filter_subjects=(subject,),
                             ack_wait_s=60.0, max_deliver=5, max_ack_pending=10_000)  # fmt: skip
@@ -182,13 +210,37 @@ class SimulatedFleet:
         settings = ConsumerSettings(max_concurrency=1000, fetch_batch=1000)
         self._consumer = EventConsumer(self.bus, spec, handlers, settings)
         await self._consumer.start()
-        self._cohort_sub = await self.bus.nc.subscribe(
-            f"{COHORT_SUBJECT}.*", cb=self._on_cohort, pending_msgs_limit=10 * COHORT_COUNT
-        )
-        await self._each(self._register)
-        kv = await self.bus.key_value(DESIRED_BUCKET)
-        reader = CohortReader(await self.bus.key_value(COHORT_BUCKET))
-        await self._each(lambda sim: self._reconcile(sim, kv, reader))
+
+    async def _on_assignment_msg(self, msg: Msg) -> None:
+        """One of its gateways' own assignment, heard as it is stored: it acts in the
+        background (again on a failure, as its durable would redeliver it)."""
+        sim = self.gateways.get(msg.subject.rpartition(".")[2])
+        if sim is None or sim.fault == "silent":
+            return  # not one of ours, or gone quiet: the rollout times it out
+        try:
+            event = decode_message(msg.subject, msg.data)
+        except EventDecodeError as exc:
+            log.warning("ignored a malformed assignment on %s: %s", msg.subject, exc)
+            return
+        if not isinstance(event.data, GatewayAssignment):
+            return
+        assignment = event.data
+
+        async def act() -> None:
+            for attempt in range(_ATTEMPTS):  # NATS or the registry away: again, later
+                try:
+                    report = await sim.agent.apply(assignment)
+                    if report is not None:
+                        await self._publish(report)
+                    return
+                except Exception as exc:
+                    log.info("%s: acting on assignment %d failed (%r)",
+                             sim.agent.settings.gateway_id, assignment.generation, exc)  # fmt: skip
+                await asyncio.sleep(0.5 * 2**attempt)
+
+        task = asyncio.create_task(act())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _register(self, sim: SimulatedGateway) -> None:
         caps = {"simulated": True, "ram_mb": 4096, "protocols": sim.agent.protocols}
@@ -279,17 +331,18 @@ class SimulatedFleet:
         return counts
 
     async def stop(self) -> None:
-        if self._cohort_sub is not None:
-            await self._cohort_sub.unsubscribe()
-            self._cohort_sub = None
+        for sub in (self._cohort_sub, self._assignment_sub):
+            if sub is not None:
+                await sub.unsubscribe()
+        self._cohort_sub = self._assignment_sub = None
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._site is not None:
             await self._site.close()
         if self._consumer is not None:
             await self._consumer.stop()
             self._consumer = None
-        await self.bus.js.delete_consumer(stream_for_subject(
-            f"{GatewayAssignment.event_type}.x").name, self.durable)  # fmt: skip
+            await self.bus.js.delete_consumer(stream_for_subject(
+                f"{GatewayAssignment.event_type}.x").name, self.durable)  # fmt: skip
 
     async def _each(
         self, work: Callable[[SimulatedGateway], Awaitable[None]],

@@ -246,6 +246,7 @@ def simulator_permissions(public_key: str) -> Permissions:
     subscribe = (
         f"{inbox_prefix(public_key)}.>",
         f"{COHORT_SUBJECT}.>",
+        f"{ASSIGNMENT_SUBJECT}.>",  # its cohort agents' own assignments, heard as core NATS
         f"{MAX_DELIVERIES_ADVISORY}.{stream}.*",
     )
     return Permissions(publish, subscribe)
