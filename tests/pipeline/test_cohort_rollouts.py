@@ -317,6 +317,10 @@ async def test_gateways_on_the_older_protocol_keep_working_beside_cohort_gateway
             assert followed_cohort == (gateway_id not in legacy), gateway_id
         status = (await api.get(f"/v1/rollouts/{rollout}")).json()
         assert status["gateways"] == {"applied": 30}
+        # the site keeps a durable for its older gateways (each real one has its own)
+        assert (await bus.js.consumer_info("SLMOPS_ROLLOUT", fleet.site)).name == fleet.site
+    with pytest.raises(nats.js.errors.NotFoundError):  # and removes it when it stops
+        await bus.js.consumer_info("SLMOPS_ROLLOUT", fleet.site)
 
 
 async def test_a_planned_gateway_that_registers_again_mid_rollout_waits_for_its_wave(
@@ -444,7 +448,7 @@ async def test_a_sites_batched_reports_move_the_wave_and_the_lineage_like_single
     async with contextlib.AsyncExitStack() as running:
         api = await running.enter_async_context(pipeline.rollout_service())
         fleet = await running.enter_async_context(pipeline.simulated_fleet(bus, spec))
-        relay = await running.enter_async_context(_site_relay(bus, fleet.durable))
+        relay = await running.enter_async_context(_site_relay(bus, fleet.site))
         await pipeline.await_fleet(api, 40)
 
         # execute
@@ -483,7 +487,7 @@ async def test_a_sites_batched_reports_move_the_wave_and_the_lineage_like_single
         status = (await api.get(f"/v1/rollouts/{rollout}")).json()
         assert status["gateways"] == {"applied": 38, "failed": 2}
         records = {g["gateway_id"]: g for g in (await api.get("/v1/gateways")).json()}
-        assert records[victim]["labels"] == {"site": fleet.durable}
+        assert records[victim]["labels"] == {"site": fleet.site}
         assert records[victim]["running_variant_id"] == variant.variant_id
         assert "st-stranger" not in records
 
@@ -498,11 +502,11 @@ async def _forge_batches(bus: Bus, fleet: SimulatedFleet, victim: str, rollout: 
                              labels=labels, rollout_id=rollout, generation=generation,
                              reason="forged")  # fmt: skip
 
-    relabelled = failed(victim, {"site": fleet.durable, "tier": "evil"})
-    stranger = failed("st-stranger", {"site": fleet.durable})
-    own_site = GatewayReports(site=fleet.durable, batch="forged-1",
+    relabelled = failed(victim, {"site": fleet.site, "tier": "evil"})
+    stranger = failed("st-stranger", {"site": fleet.site})
+    own_site = GatewayReports(site=fleet.site, batch="forged-1",
                               reports=[relabelled, stranger])  # fmt: skip
     other_site = GatewayReports(site="elsewhere", batch="forged-2",
-                                reports=[failed(victim, {"site": fleet.durable})])  # fmt: skip
+                                reports=[failed(victim, {"site": fleet.site})])  # fmt: skip
     for batch in (own_site, other_site):
         await bus.publish(new_event(batch, source=f"/slmops/site/{batch.site}"))

@@ -5,8 +5,9 @@ reconciling with its desired state in KV, acknowledging, verifying the registry'
 and the validation report for its class, refusing downgrades, reporting applied or failed -
 with the device part (download, ONNX Runtime session, smoke test, inference) simulated. The
 fleet shares what real gateways at one site would share: one connection, one subscription to
-the cohorts' notifications, one JetStream pull consumer for all of its assignment subjects, one
-registry cache (manifests are content addressed, so caching them changes nothing a gateway
+the cohorts' notifications, one to its gateways' own assignments (as core NATS, like each real
+one; a durable for the site if some are older than cohorts: :mod:`~slmops_gateway.simassignments`),
+one registry cache (manifests are content addressed, so caching them changes nothing a gateway
 verifies: each still checks the signatures itself) and one verdict per cohort statement.
 A ``legacy`` share of the fleet speaks only the per-gateway protocol (gateways older than
 cohorts). With ``site_reports`` the fleet sends its wave reports as one site's batches
@@ -39,30 +40,21 @@ from typing import Any
 import nats.errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js.api import ConsumerConfig, DeliverPolicy
 from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 
-from slmops.bus import Bus, Handlers
-from slmops.bus.consumer import EventConsumer
+from slmops.bus import Bus
 from slmops.bus.permissions import COHORT_BUCKET, COHORT_SUBJECT
-from slmops.bus.topology import ConsumerSpec, stream_for_subject
 from slmops.cohorts import COHORT_COUNT, COHORT_EVENT, CohortState
-from slmops.events import (
-    CloudEvent,
-    EventDecodeError,
-    GatewayAssignment,
-    GatewayReport,
-    decode_message,
-)
+from slmops.events import GatewayAssignment, GatewayReport
 from slmops.events.payloads import BATCHED_REPORT_KINDS, DesiredModel, HealthAggregate
 from slmops.events.reports import report_event
-from slmops.settings import ConsumerSettings
 from slmops.tracing import extract_trace_context
 from slmops_gateway.agent import DESIRED_BUCKET, Agent
 from slmops_gateway.relay import send_via_relay
 from slmops_gateway.settings import GatewaySettings
 from slmops_gateway.sharing import Limiter, Shared
+from slmops_gateway.simassignments import SiteAssignments
 from slmops_gateway.simshared import CachingRegistry, CohortReader, FieldProfiles
 from slmops_gateway.simspec import FAULTS, Fault, FleetSpec
 from slmops_gateway.sitereports import SiteReporter
@@ -134,9 +126,7 @@ class SimulatedFleet:
         layout = spec.layout()
         legacy = set(random.Random(spec.seed + 2).sample(  # noqa: S311
             range(len(layout)), round(spec.count * spec.legacy)))  # fmt: skip
-        self.durable = spec.site  # its consumer's name; the site its gateways' labels name
-        # some of this part's gateways speak only the per-gateway protocol: a durable
-        self._legacy = any(index % spec.parts == spec.part for index in legacy)
+        self.site = spec.site  # the site its gateways' labels name (and its durable's name)
         # the services take a site's batch only for gateways naming that site
         site = {"site": spec.site} if spec.site_reports or spec.relay else {}
         for index, (gateway_id, device_class, labels, fault) in enumerate(layout):
@@ -156,12 +146,14 @@ class SimulatedFleet:
             self.gateways[gateway_id] = sim
             if settings.cohort_protocol:
                 self.cohorts.setdefault(agent.cohort, []).append(sim)
-        self._consumer: EventConsumer | None = None
         self._cohort_sub: Subscription | None = None
-        self._assignment_sub: Subscription | None = None
+        # a durable for the site only if some of its gateways are older than cohorts
+        older = any(not sim.agent.settings.cohort_protocol for sim in self.gateways.values())
+        self.assignments = SiteAssignments(bus, self.site, self.gateways, self._apply_assignment,
+                                           self._publish, durable=older)  # fmt: skip
         self._tasks: set[asyncio.Task[None]] = set()
         self._acting = Limiter(_BURST)
-        self._site = SiteReporter(bus, self.durable) if spec.site_reports else None
+        self._site = SiteReporter(bus, self.site) if spec.site_reports else None
         self.sent_themselves = 0  # wave reports the relay did not carry
 
     async def _publish(self, report: GatewayReport) -> None:
@@ -169,7 +161,7 @@ class SimulatedFleet:
             await self._site.send(report)
             return
         if self.spec.relay and report.kind in BATCHED_REPORT_KINDS:
-            why_not = await send_via_relay(self.bus.nc, self.durable, report, _RELAY_TIMEOUT_S)
+            why_not = await send_via_relay(self.bus.nc, self.site, report, _RELAY_TIMEOUT_S)
             if why_not is None:
                 return
             self.sent_themselves += 1
@@ -177,18 +169,8 @@ class SimulatedFleet:
         await self.bus.publish(report_event(report))
 
     async def start(self) -> None:
-        """Listen for assignments, register every gateway, then reconcile each with KV.
-
-        A site whose gateways all speak the cohort protocol hears their own assignments
-        (exceptions) as core NATS, as each real one does - no durable consumer; one with older
-        gateways keeps a durable for the site (a real older gateway has one of its own)."""
-        subject = f"{GatewayAssignment.event_type}.>"  # ids are one token: no prefix filter
-        if self._legacy:
-            await self._consume_assignments(subject)
-        else:
-            self._assignment_sub = await self.bus.nc.subscribe(
-                subject, cb=self._on_assignment_msg, pending_msgs_limit=10 * COHORT_COUNT
-            )
+        """Listen for assignments, register every gateway, then reconcile each with KV."""
+        await self.assignments.start()
         self._cohort_sub = await self.bus.nc.subscribe(
             f"{COHORT_SUBJECT}.*", cb=self._on_cohort, pending_msgs_limit=10 * COHORT_COUNT
         )
@@ -196,51 +178,6 @@ class SimulatedFleet:
         kv = await self.bus.key_value(DESIRED_BUCKET)
         reader = CohortReader(await self.bus.key_value(COHORT_BUCKET))
         await self._each(lambda sim: self._reconcile(sim, kv, reader))
-
-    async def _consume_assignments(self, subject: str) -> None:
-        stream = stream_for_subject(subject).name
-        spec = ConsumerSpec(stream=stream, durable=self.durable, filter_subjects=(subject,),
-                            ack_wait_s=60.0, max_deliver=5, max_ack_pending=10_000)  # fmt: skip
-        await self.bus.js.add_consumer(stream, ConsumerConfig(
-            durable_name=self.durable, filter_subject=subject, ack_wait=60.0, max_deliver=5,
-            max_ack_pending=10_000, deliver_policy=DeliverPolicy.NEW,  # the past is in KV
-        ))  # fmt: skip
-        handlers = Handlers()
-        handlers.register(GatewayAssignment, self._on_assignment, subject=subject)
-        settings = ConsumerSettings(max_concurrency=1000, fetch_batch=1000)
-        self._consumer = EventConsumer(self.bus, spec, handlers, settings)
-        await self._consumer.start()
-
-    async def _on_assignment_msg(self, msg: Msg) -> None:
-        """One of its gateways' own assignment, heard as it is stored: it acts in the
-        background (again on a failure, as its durable would redeliver it)."""
-        sim = self.gateways.get(msg.subject.rpartition(".")[2])
-        if sim is None or sim.fault == "silent":
-            return  # not one of ours, or gone quiet: the rollout times it out
-        try:
-            event = decode_message(msg.subject, msg.data)
-        except EventDecodeError as exc:
-            log.warning("ignored a malformed assignment on %s: %s", msg.subject, exc)
-            return
-        if not isinstance(event.data, GatewayAssignment):
-            return
-        assignment = event.data
-
-        async def act() -> None:
-            for attempt in range(_ATTEMPTS):  # NATS or the registry away: again, later
-                try:
-                    report = await sim.agent.apply(assignment)
-                    if report is not None:
-                        await self._publish(report)
-                    return
-                except Exception as exc:
-                    log.info("%s: acting on assignment %d failed (%r)",
-                             sim.agent.settings.gateway_id, assignment.generation, exc)  # fmt: skip
-                await asyncio.sleep(0.5 * 2**attempt)
-
-        task = asyncio.create_task(act())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def _register(self, sim: SimulatedGateway) -> None:
         caps = {"simulated": True, "ram_mb": 4096, "protocols": sim.agent.protocols}
@@ -300,12 +237,11 @@ class SimulatedFleet:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _on_assignment(self, event: CloudEvent[GatewayAssignment]) -> Any:
-        sim = self.gateways.get(event.data.gateway_id)
+    async def _apply_assignment(self, assignment: GatewayAssignment) -> GatewayReport | None:
+        sim = self.gateways.get(assignment.gateway_id)
         if sim is None or sim.fault == "silent":
             return None  # not one of ours, or gone quiet: the rollout times it out
-        report = await sim.agent.apply(event.data)
-        return None if report is None else [report_event(report)]
+        return await sim.agent.apply(assignment)
 
     async def report_health(self, window_s: float) -> int:
         """One round of health reports from every answering gateway with a model."""
@@ -331,18 +267,13 @@ class SimulatedFleet:
         return counts
 
     async def stop(self) -> None:
-        for sub in (self._cohort_sub, self._assignment_sub):
-            if sub is not None:
-                await sub.unsubscribe()
-        self._cohort_sub = self._assignment_sub = None
+        if self._cohort_sub is not None:
+            await self._cohort_sub.unsubscribe()
+            self._cohort_sub = None
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.assignments.stop()
         if self._site is not None:
             await self._site.close()
-        if self._consumer is not None:
-            await self._consumer.stop()
-            self._consumer = None
-            await self.bus.js.delete_consumer(stream_for_subject(
-                f"{GatewayAssignment.event_type}.x").name, self.durable)  # fmt: skip
 
     async def _each(
         self, work: Callable[[SimulatedGateway], Awaitable[None]],
