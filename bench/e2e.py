@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -42,7 +43,7 @@ from slmops.traceview import SpanRecord, read_spans
 GATEWAYS = 100
 # The simulated gateways share processes of their own: on the demo's one event loop (with its
 # live display) a wave's reports queue behind each other, and the hop measures that queue.
-FLEET_PROCESSES = 2
+FLEET_PROCESSES = int(os.environ.get("SLMOPS_BENCH_FLEET_PROCESSES", "2"))
 CLASSES = "x86-avx512-vnni=0.5,arm64-pi5=0.5"
 SOAK_S = 1.0
 RAW_HOPS = 500
