@@ -16,6 +16,7 @@ import pytest
 
 from slmops.bus import Bus
 from slmops.testing.events import await_events
+from slmops.testing.ports import free_port
 
 pytestmark = [pytest.mark.integration]
 
@@ -118,3 +119,11 @@ async def test_a_part_of_the_fleet_gone_stops_the_rest_with_the_reason(
     assert "the simulated fleet failed: fleet part" in err
     assert "exited (code -9)" in err
     assert not parts[0].is_running() or parts[0].status() == psutil.STATUS_ZOMBIE
+
+
+def test_no_nats_there_is_said_not_waited_for(platform_env: dict[str, str]) -> None:
+    closed = f"nats://127.0.0.1:{free_port()}"
+    process = simulate({**platform_env, "SLMOPS_NATS_URL": closed}, "--count", "2")
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 1
+    assert f"NATS not reachable at {closed}" in err.decode()

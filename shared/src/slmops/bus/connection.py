@@ -95,8 +95,11 @@ class Bus:
         connect_timeout_s: float = 2.0,
         request_timeout_s: float = 5.0,
         credentials: NatsCredentials | None = None,
+        first_connect_s: float | None = None,
     ) -> Bus:
-        """Connect, reconnecting forever afterwards; the first connect fails fast."""
+        """Connect, reconnecting forever afterwards. nats-py retries the first connect forever
+        too (a service waits for its broker); ``first_connect_s`` gives up on it after that long
+        with a ConnectionError (a command or a simulator whose user should be told)."""
         credentials = credentials or NatsCredentials()
 
         async def on_disconnect() -> None:
@@ -119,7 +122,7 @@ class Bus:
             else:
                 log.debug("nats: %s", exc)
 
-        nc = await nats.connect(
+        connecting = nats.connect(
             servers=[u.strip() for u in url.split(",")],
             name=source,
             connect_timeout=connect_timeout_s,
@@ -134,6 +137,12 @@ class Bus:
             inbox_prefix=credentials.inbox_prefix,
             tls=credentials.tls,
         )
+        try:
+            nc = await asyncio.wait_for(connecting, first_connect_s)
+        except TimeoutError:
+            raise ConnectionError(
+                f"no NATS server answered at {url} within {first_connect_s:g} s"
+            ) from None
         made.append(cls(nc, source=source, tracer=tracer, request_timeout_s=request_timeout_s))
         return made[0]
 

@@ -21,6 +21,7 @@ console_out = Console(highlight=False, soft_wrap=True)
 console_err = Console(stderr=True, highlight=False, soft_wrap=True)
 TIMEOUT = httpx.Timeout(30.0, connect=5.0)
 SLOW_TIMEOUT = httpx.Timeout(30.0, connect=5.0, read=3600.0)  # the registry checks big artifacts
+FIRST_CONNECT_S = 10.0  # a command tells its user NATS is not there rather than wait for it
 
 
 class CliSettings(BaseSettings):

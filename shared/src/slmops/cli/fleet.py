@@ -19,6 +19,7 @@ from rich.table import Table
 from slmops.bus import Bus
 from slmops.bus.credentials import NatsCredentials
 from slmops.cli.common import (
+    FIRST_CONNECT_S,
     CliSettings,
     JsonOutput,
     RegistryUrl,
@@ -190,6 +191,7 @@ async def _run(
             platform.nats_url,
             source="/slmops/fleetsim",
             credentials=NatsCredentials.from_settings(platform, "simulator"),
+            first_connect_s=FIRST_CONNECT_S,
         )
     except Exception as exc:
         fail(f"NATS not reachable at {platform.nats_url} ({exc}): start it with `slmops up`")

@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from slmops.bus import Bus
 from slmops.bus.credentials import NatsCredentials
-from slmops.cli.common import ServiceClient, cli_auth
+from slmops.cli.common import FIRST_CONNECT_S, ServiceClient, cli_auth
 from slmops.cli.publishing import publish_version
 from slmops.demo.chat import ChatGateway, ask, until_serving
 from slmops.demo.journey import Journey
@@ -98,6 +98,7 @@ async def platform_buses(platform: PlatformSettings) -> AsyncIterator[DemoBuses]
                     platform.nats_url, source="/slmops/demo",
                     tracer=provider.get_tracer("slmops.fleetsim"),
                     credentials=NatsCredentials.from_settings(platform, identity),
+                    first_connect_s=FIRST_CONNECT_S,
                 ))  # fmt: skip
             except Exception as exc:
                 raise DemoError(f"NATS not reachable at {platform.nats_url} ({exc})") from exc
