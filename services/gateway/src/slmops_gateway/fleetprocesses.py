@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -33,6 +34,7 @@ REPORT_MODES = ("own", "relay", "site")  # see FleetRequest.reports
 _START_TIMEOUT_S = 600.0  # importing, connecting, registering and reconciling its gateways
 _ANSWER_TIMEOUT_S = 120.0  # a health round of 100,000 gateways on a busy machine
 _STOP_TIMEOUT_S = 60.0
+_FIRST_CONNECT_S = 10.0  # NATS not there: the part fails with the reason, not waits
 
 
 class FleetPartError(FleetSimulationError):
@@ -157,7 +159,13 @@ class FleetProcesses:
             return found
 
         work = (answer(part, process) for part, process in enumerate(self._parts))
-        return await asyncio.wait_for(asyncio.gather(*work), timeout_s)
+        try:
+            return await asyncio.wait_for(asyncio.gather(*work), timeout_s)
+        except TimeoutError:
+            raise FleetPartError(f"the fleet's parts did not answer within {timeout_s:g} s "
+                                 f"({key})") from None  # fmt: skip
+        except json.JSONDecodeError as exc:  # a part's answers are its stdout's only lines
+            raise FleetPartError(f"a fleet part answered what is not JSON: {exc}") from exc
 
     @staticmethod
     def _write(process: asyncio.subprocess.Process, message: dict[str, Any]) -> None:
@@ -171,7 +179,7 @@ class FleetProcesses:
                     process.kill()
 
 
-async def _serve_part(lines: asyncio.StreamReader) -> None:
+async def _serve_part(lines: asyncio.StreamReader, say: Callable[[dict[str, Any]], None]) -> None:
     """One part: its gateways, answering the parent's questions until its stdin closes."""
     from slmops.bus import Bus
     from slmops.bus.credentials import NatsCredentials
@@ -192,6 +200,7 @@ async def _serve_part(lines: asyncio.StreamReader) -> None:
         platform.nats_url, source=f"/slmops/fleetsim/{part}",
         tracer=provider.get_tracer("slmops.fleetsim") if provider else None,
         credentials=NatsCredentials.from_settings(platform, "simulator"),
+        first_connect_s=_FIRST_CONNECT_S,
     )  # fmt: skip
     registry = CachingRegistry(request.registry_url, auth=request.registry_auth)
     fleet = SimulatedFleet(bus, registry, spec, GatewaySettings(platform=platform))
@@ -199,15 +208,15 @@ async def _serve_part(lines: asyncio.StreamReader) -> None:
     try:
         await fleet.start()
         started = True
-        _say({"started": len(fleet.gateways)})
+        say({"started": len(fleet.gateways)})
         while line := await lines.readline():
             question = json.loads(line)
             if question["op"] == "health":
-                _say({"reported": await fleet.report_health(float(question["window_s"]))})
+                say({"reported": await fleet.report_health(float(question["window_s"]))})
             elif question["op"] == "serving":
-                _say({"serving": fleet.serving()})
+                say({"serving": fleet.serving()})
             else:
-                _say({"error": f"unknown question {question['op']!r}"})
+                say({"error": f"unknown question {question['op']!r}"})
     finally:
         if started:
             await fleet.stop()
@@ -217,20 +226,23 @@ async def _serve_part(lines: asyncio.StreamReader) -> None:
             provider.shutdown()  # the last spans to the files
 
 
-def _say(answer: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(answer) + "\n")
-    sys.stdout.flush()
-
-
 async def _main() -> None:
+    # The answers go to the parent on stdout; anything else written there (a library's print)
+    # goes to stderr instead, so it cannot garble an answer.
+    answers = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+
+    def say(answer: dict[str, Any]) -> None:
+        answers.write(json.dumps(answer) + "\n")
+
     loop = asyncio.get_running_loop()
     lines = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(lines), sys.stdin)
     try:
-        await _serve_part(lines)
+        await _serve_part(lines, say)
     except Exception as exc:  # the parent prints the reason; the traceback goes to stderr
         logging.getLogger(__name__).exception("fleet part failed")
-        _say({"error": f"{type(exc).__name__}: {exc}"})
+        say({"error": f"{type(exc).__name__}: {exc}"})
         raise SystemExit(1) from exc
 
 
