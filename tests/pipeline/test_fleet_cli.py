@@ -55,6 +55,7 @@ async def test_fleet_simulate_registers_its_gateways_and_stops_cleanly_on_sigter
     assert "30 simulated gateways registered" in output
     classes = sorted(e.data.device_class for e in registered)
     assert classes == ["test-arm"] * 15 + ["test-cpu"] * 15
+    assert output.rstrip().endswith("serving - -: 30")  # what it served as it stopped
     assert {e.data.labels["site"] for e in registered} == {"berlin", "paris"}
     with pytest.raises(nats.js.errors.NotFoundError):
         await bus.js.consumer_info("SLMOPS_ROLLOUT", "fleetsim-clifleet")
@@ -83,7 +84,7 @@ async def test_a_fleet_in_two_processes_registers_every_gateway_once_and_stops_c
     assert code == 0, err
     assert "31 simulated gateways registered" in output
     assert sorted(e.data.gateway_id for e in registered) == [f"parted-{i:06d}" for i in range(31)]
-    assert "serving - -: 31" in output  # every 5 s, asked of both parts
+    assert "serving - -: 31" in output  # asked of both parts (every 5 s, and as it stops)
 
 
 def test_more_processes_than_gateways_is_refused_with_a_reason(

@@ -227,13 +227,21 @@ async def _drive(
     fleet: SimulatedFleet, stop: asyncio.Event, started: float, health_interval_s: float,
     duration_s: float,
 ) -> None:  # fmt: skip
-    """Health rounds every ``health_interval_s``, what the fleet serves every 5 s."""
+    """Health rounds every ``health_interval_s``, what the fleet serves every 5 s and once
+    more when it stops (however soon that is)."""
     next_health = time.monotonic() + health_interval_s
     while not stop.is_set() and (not duration_s or time.monotonic() - started < duration_s):
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), min(5.0, duration_s or 5.0))
+        if stop.is_set():
+            break
         if time.monotonic() >= next_health:
             await fleet.report_health(health_interval_s)
             next_health += health_interval_s
-        serving = ", ".join(f"{v}: {n}" for v, n in sorted((await fleet.serving()).items()))
-        console_out.print(f"serving - {serving}")
+        await _print_serving(fleet)
+    await _print_serving(fleet)
+
+
+async def _print_serving(fleet: SimulatedFleet) -> None:
+    serving = ", ".join(f"{v}: {n}" for v, n in sorted((await fleet.serving()).items()))
+    console_out.print(f"serving - {serving}")
