@@ -21,10 +21,13 @@ from slmops.testing.ports import free_port
 pytestmark = [pytest.mark.integration]
 
 
-def simulate(env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
+def simulate(env: dict[str, str], *args: str, terminal: bool = False) -> subprocess.Popen[bytes]:
+    """`slmops fleet simulate ARGS`; ``terminal``: in a process group of its own, as a
+    terminal's foreground job is (a Ctrl-C reaches the whole group)."""
     return subprocess.Popen(
         [sys.executable, "-m", "slmops.cli.main", "fleet", "simulate", *args],
         env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        start_new_session=terminal,
     )  # fmt: skip
 
 
@@ -128,3 +131,28 @@ def test_no_nats_there_is_said_not_waited_for(platform_env: dict[str, str]) -> N
     _, err = process.communicate(timeout=60)
     assert process.returncode == 1
     assert f"NATS not reachable at {closed}" in err.decode()
+
+
+async def test_ctrl_c_stops_a_fleet_in_processes_cleanly(
+    bus: Bus, platform_env: dict[str, str]
+) -> None:
+    # setup: a fleet in two processes in a terminal's process group, registered
+    process = simulate(platform_env, "--count", "6", "--processes", "2", "--prefix", "ctrlc",
+                       terminal=True)  # fmt: skip
+    try:
+        await await_events(bus, "slmops.gateway.report.v1.registered.>", count=6, timeout_s=90)
+        parts = psutil.Process(process.pid).children()
+
+        # execute: Ctrl-C, as a terminal sends it (SIGINT to the whole group)
+        os.killpg(process.pid, signal.SIGINT)
+        out, err = await asyncio.to_thread(process.communicate, timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+    # assert: the parent stopped its parts; nobody died half-way
+    assert process.returncode == 0, err.decode()
+    assert out.decode().rstrip().endswith("serving - -: 6")
+    assert "Traceback" not in err.decode()
+    assert len(parts) == 2
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in parts)

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -247,6 +248,9 @@ async def _main() -> None:
 
 
 if __name__ == "__main__":
+    # Ctrl-C reaches a terminal's whole process group: the parent stops its parts (closing
+    # their stdin), so a part does not die half-way on the same key press
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s "
                         "%(message)s")  # fmt: skip
     asyncio.run(_main())
