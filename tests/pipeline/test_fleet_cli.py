@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -120,8 +121,9 @@ async def test_a_part_of_the_fleet_gone_stops_the_rest_with_the_reason(
     # assert: the fleet stops with the reason, the other part stops too
     assert code == 1
     err = process.stderr.read().decode() if process.stderr else ""
-    assert "the simulated fleet failed: fleet part" in err
-    assert "exited (code -9)" in err
+    # (killed while the fleet still starts - reconciling after registering - or after it)
+    assert re.search(r"the simulated fleet (did not start|failed): fleet part \d exited "
+                     r"\(code -9\)", err), err  # fmt: skip
     assert not parts[0].is_running() or parts[0].status() == psutil.STATUS_ZOMBIE
 
 
