@@ -13,14 +13,13 @@ from fastapi import FastAPI
 from nats.aio.msg import Msg
 from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind
-from pydantic import ValidationError
 
 from slmops.bus import Bus, Handlers
 from slmops.bus.handlers import durable_name
 from slmops.bus.permissions import ASSIGNMENT_SUBJECT, COHORT_BUCKET, COHORT_SUBJECT
 from slmops.bus.topology import ROLLOUT
 from slmops.cohorts import COHORT_EVENT, CohortState, cohort_key
-from slmops.events import EventDecodeError, GatewayAssignment, GatewayReport, decode_message
+from slmops.events import GatewayAssignment, GatewayReport
 from slmops.events.payloads import BATCHED_REPORT_KINDS
 from slmops.events.reports import report_event
 from slmops.service import BackgroundTask, Check, ServiceRuntime, create_service_app, serve
@@ -31,6 +30,7 @@ from slmops_gateway.agent import DESIRED_BUCKET, Agent
 from slmops_gateway.api import router
 from slmops_gateway.handlers import build_handlers
 from slmops_gateway.metrics import register as register_metrics
+from slmops_gateway.notifications import heard_assignment, heard_cohort_state
 from slmops_gateway.openai_api import router as openai_router
 from slmops_gateway.pool import GenerationPool
 from slmops_gateway.relay import send_via_relay
@@ -87,13 +87,9 @@ class AgentLoop(BackgroundTask):
 
     async def _on_cohort(self, msg: Msg) -> None:
         """Its cohort's new state (a notification): act on it in the background."""
-        try:
-            state = CohortState.model_validate_json(msg.data)
-        except ValidationError as exc:
-            log.warning("ignored a malformed cohort state on %s: %s", msg.subject, exc)
-            return
-        parent = extract_trace_context(dict(msg.headers or {}))
-        self._spawn(self._apply_cohort(state, parent))
+        if (state := heard_cohort_state(msg)) is not None:
+            parent = extract_trace_context(dict(msg.headers or {}))
+            self._spawn(self._apply_cohort(state, parent))
 
     async def _apply_cohort(self, state: CohortState, parent: Context | None = None) -> None:
         async def act() -> GatewayReport | None:
@@ -113,14 +109,9 @@ class AgentLoop(BackgroundTask):
 
     async def _on_assignment(self, msg: Msg) -> None:
         """Its own assignment, heard as it is stored: act on it in the background."""
-        try:
-            event = decode_message(msg.subject, msg.data)
-        except EventDecodeError as exc:
-            log.warning("ignored a malformed assignment on %s: %s", msg.subject, exc)
-            return
-        if isinstance(event.data, GatewayAssignment):
+        if (assignment := heard_assignment(msg)) is not None:
             parent = extract_trace_context(dict(msg.headers or {}))
-            self._spawn(self._apply_assignment(event.data, parent))
+            self._spawn(self._apply_assignment(assignment, parent))
 
     async def _apply_assignment(
         self, assignment: GatewayAssignment, parent: Context | None

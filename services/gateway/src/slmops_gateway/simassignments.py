@@ -24,13 +24,12 @@ from slmops.bus.topology import ConsumerSpec, stream_for_subject
 from slmops.cohorts import COHORT_COUNT
 from slmops.events import (
     CloudEvent,
-    EventDecodeError,
     GatewayAssignment,
     GatewayReport,
-    decode_message,
 )
 from slmops.events.reports import report_event
 from slmops.settings import ConsumerSettings
+from slmops_gateway.notifications import heard_assignment
 
 #: A gateway acting on its assignment: its report, or None (nothing to say, not one to act).
 Apply = Callable[[GatewayAssignment], Awaitable[GatewayReport | None]]
@@ -94,13 +93,8 @@ class SiteAssignments:
         a failure, as a durable would redeliver it)."""
         if msg.subject.rpartition(".")[2] not in self.ours:
             return  # another site's gateway: not even parsed
-        try:
-            event = decode_message(msg.subject, msg.data)
-        except EventDecodeError as exc:
-            log.warning("ignored a malformed assignment on %s: %s", msg.subject, exc)
-            return
-        if isinstance(event.data, GatewayAssignment):
-            task = asyncio.create_task(self._act(event.data))
+        if (assignment := heard_assignment(msg)) is not None:
+            task = asyncio.create_task(self._act(assignment))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 

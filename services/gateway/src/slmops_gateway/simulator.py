@@ -41,7 +41,6 @@ import nats.errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from opentelemetry.trace import SpanKind
-from pydantic import ValidationError
 
 from slmops.bus import Bus
 from slmops.bus.permissions import COHORT_BUCKET, COHORT_SUBJECT
@@ -51,6 +50,7 @@ from slmops.events.payloads import BATCHED_REPORT_KINDS, DesiredModel, HealthAgg
 from slmops.events.reports import report_event
 from slmops.tracing import extract_trace_context
 from slmops_gateway.agent import DESIRED_BUCKET, Agent
+from slmops_gateway.notifications import heard_cohort_state
 from slmops_gateway.relay import send_via_relay
 from slmops_gateway.settings import GatewaySettings
 from slmops_gateway.sharing import Limiter, Shared
@@ -201,10 +201,7 @@ class SimulatedFleet:
         token = msg.subject.rpartition(".")[2]
         if token.isdigit() and int(token) not in self.cohorts:
             return  # none of this site's gateways is in it: not even parsed (a burst of 1,024)
-        try:
-            state = CohortState.model_validate_json(msg.data)
-        except ValidationError as exc:
-            log.warning("ignored a malformed cohort state on %s: %s", msg.subject, exc)
+        if (state := heard_cohort_state(msg)) is None:
             return
         members = [s for s in self.cohorts.get(state.cohort, []) if s.fault != "silent"]
         if not members:
