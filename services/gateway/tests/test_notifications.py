@@ -54,7 +54,8 @@ def test_an_assignment_that_is_not_its_subjects_is_ignored_with_the_reason(
         heard = heard_assignment(_msg(subject, data))
 
     assert heard is None
-    assert reason in caplog.text and subject in caplog.text
+    assert reason in caplog.text
+    assert subject in caplog.text
 
 
 def test_a_cohort_state_is_heard_and_a_malformed_one_ignored(
