@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from slmops.auth import BearerTokenFile
+from slmops.collector import collect_less
 from slmops.fleetsim import FleetRequest, FleetSimulationError
 from slmops.settings import PlatformSettings
 from slmops_gateway.simspec import FleetSpec
@@ -209,6 +210,7 @@ async def _serve_part(lines: asyncio.StreamReader, say: Callable[[dict[str, Any]
     try:
         await fleet.start()
         started = True
+        collect_less()  # its agents live as long as the part: out of the collector's walks
         say({"started": len(fleet.gateways)})
         while line := await lines.readline():
             question = json.loads(line)

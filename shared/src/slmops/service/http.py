@@ -11,6 +11,7 @@ from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
 from slmops import __version__
 from slmops.auth import Scope, TokenVerifier
+from slmops.collector import collect_less
 from slmops.service.auth import require
 from slmops.service.metrics import CONTENT_TYPE, HttpMetricsMiddleware
 from slmops.service.runtime import ServiceRuntime
@@ -113,6 +114,7 @@ def serve(app: FastAPI, settings: ServiceSettings) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
+    collect_less()  # what the imports and the app built lives as long as the process
     # A connection that never ends (a stream whose client vanished without a FIN) must not hold
     # a stopping service forever: past the consumers' drain time it is cut.
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
