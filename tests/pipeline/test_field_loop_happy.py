@@ -62,10 +62,10 @@ async def _report(pipeline: Any, variant_id: str) -> ValidationReport:
     return ValidationReport.model_validate(response.json()["report"])
 
 
-async def _host_p95(pipeline: Any, variant_id: str) -> float:
-    gate = (await _report(pipeline, variant_id)).gate("latency.p95_ms")
-    assert gate is not None, f"{variant_id}: no host p95 in its report"
-    assert gate.value, f"{variant_id}: no host p95 in its report"
+async def _host_figure(pipeline: Any, variant_id: str, gate_name: str) -> float:
+    gate = (await _report(pipeline, variant_id)).gate(gate_name)
+    assert gate is not None, f"{variant_id}: no {gate_name} in its report"
+    assert gate.value, f"{variant_id}: no {gate_name} in its report"
     return gate.value
 
 
@@ -94,11 +94,16 @@ async def test_a_field_regression_ends_in_an_approved_rollout_to_that_class_only
     size = {e.data.variant_id: e.data.artifact.size_bytes for e in built}
     assert size[slow] < size[fast], size  # smaller: why "smallest" chose it
     # ... and slower on this host: the measured ratio the loop relies on, checked first
-    slow_p95, fast_p95 = await _host_p95(pipeline, slow), await _host_p95(pipeline, fast)
-    if fast_p95 / slow_p95 >= 0.7:
-        pytest.fail(f"the premise does not hold on this host: {FAST} p95 {fast_p95:.3f} ms vs "
-                    f"{SLOW} {slow_p95:.3f} ms (ratio {fast_p95 / slow_p95:.2f}, need < 0.7 "
-                    f"for {FIELD_MS:g} ms x ratio to stay within {BUDGET_MS:g} ms)")  # fmt: skip
+    # Each variant's p95 over the fp32 reference's, from runs interleaved in one job: what the
+    # host was busy with slows both alike (the absolute p95s of two jobs, one timed while the
+    # optimizer still built the third variant, once ranked the pair the wrong way round).
+    slow_x = await _host_figure(pipeline, slow, "latency.p95_ratio")
+    fast_x = await _host_figure(pipeline, fast, "latency.p95_ratio")
+    if fast_x / slow_x >= 0.7:
+        pytest.fail(f"the premise does not hold on this host: {FAST} at {fast_x:.2f}x the fp32 "
+                    f"reference's p95, {SLOW} at {slow_x:.2f}x (ratio {fast_x / slow_x:.2f}, "
+                    f"need < 0.7 for {FIELD_MS:g} ms x ratio to stay within {BUDGET_MS:g} "
+                    "ms)")  # fmt: skip
 
     # setup: two gateways per class run the version's release
     spec = FleetSpec(count=4, classes={"field-cpu": 0.5, "field-other": 0.5}, prefix="fl")
@@ -127,7 +132,7 @@ async def test_a_field_regression_ends_in_an_approved_rollout_to_that_class_only
             windows=[FieldWindow(start=datetime.now(UTC), window_s=30, gateways=2,
                                  requests=60, value=FIELD_MS)],
             metric="latency_p95_ms", bound="max", budget=BUDGET_MS, field_value=FIELD_MS,
-            host_value=slow_p95,
+            host_value=await _host_figure(pipeline, slow, "latency.p95_ms"),
         )  # fmt: skip
         evidence = finding.evidence()
         await bus.publish(new_event(finding, source="/slmops/telemetry"))
