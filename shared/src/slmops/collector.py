@@ -2,10 +2,11 @@
 
 CPython starts a collection of the youngest generation every 700 net allocations and, every
 hundred of those, a full one that walks every tracked object (once enough new ones survived).
-A service holds hundreds of thousands of objects from its imports alone, and a fleet part tens
+A service holds over a hundred thousand objects from its imports alone (the rollout
+service: ~120,000 before it loads any state), and a fleet part tens
 of thousands of simulated agents: measured in ``bench.fleet`` at 100,000 gateways, full
-collections took half of a fleet part's CPU through a wave and ~10 % of the rollout
-service's, walking objects that live as long as the process.
+collections took half of a fleet part's CPU through a wave and ~8 % of the rollout
+service's (1.1 of 13 s), walking objects that live as long as the process.
 
 :func:`collect_less` is called once a process has built what it keeps: what exists then is
 moved out of the collector's sight (``gc.freeze``: still freed by reference counting, only
