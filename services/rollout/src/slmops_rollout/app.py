@@ -60,8 +60,8 @@ class Ticker(BackgroundTask):
             except Exception as exc:  # the broker is away: the next tick tries again
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("rollout tick failed: %s", self.last_error)
-            # A tick reads the whole current wave: on a wave of 100,000 it takes tens of ms,
-            # so it never gets more than a fifth of the time the reports need.
+            # A tick may read a whole wave (counting a new one, finding its unsent rest): tens
+            # of ms at 100,000, so ticks never take more than a fifth of the time.
             pause_s = max(self.tick_s, 4 * (loop.time() - began))
 
 

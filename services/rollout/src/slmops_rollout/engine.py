@@ -278,7 +278,7 @@ class Engine:
                             "later tick", len(batch), rollout_id, exc)  # fmt: skip
                 for gateway_id in batch:
                     state.gateways[gateway_id].status = "pending"
-                live.changes += 1  # uncommitted, but the figures changed
+                live.undone(batch)
                 return
             await live.commit(batch)
         self._sent[rollout_id] = wave_index

@@ -19,7 +19,7 @@ from slmops.events.payloads import DesiredModel, GatewayReport, HealthAggregate
 from slmops_rollout.plans import Overlay, WavePolicy
 
 GatewayStatus = Literal["pending", "assigned", "acknowledged", "applied", "failed", "rolled_back"]
-_WAITING = ("assigned", "acknowledged")
+WAITING = ("assigned", "acknowledged")  # sent, its outcome not known yet
 
 
 class GatewayProgress(BaseModel):
@@ -184,7 +184,7 @@ def wave_figures(state: RolloutState, now: datetime) -> tuple[WaveFigures, datet
             failed += 1
         elif status == "rolled_back":
             rolled_back += 1
-        elif status in _WAITING and (assigned_at := progress.assigned_at) is not None:
+        elif status in WAITING and (assigned_at := progress.assigned_at) is not None:
             if assigned_at < cutoff:
                 silent += 1
             elif first_waiting is None or assigned_at < first_waiting:

@@ -16,7 +16,6 @@ costs a handful of KV writes, not 10,000.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime
 
@@ -25,10 +24,10 @@ from nats.js.kv import KeyValue
 from pydantic import BaseModel, Field, TypeAdapter
 
 from slmops.bus.kvstate import put_all
-from slmops_rollout.state import GatewayProgress, RolloutState, WaveFigures, wave_figures
+from slmops_rollout.state import GatewayProgress, RolloutState, WaveFigures
+from slmops_rollout.tally import WaveTally
 
 SHARD_SIZE = 250  # small: a batch of reports from all over a wave dirties few gateways per shard
-_RECOUNT_FACTOR = 20  # changed figures are counted again after 20x the last count's time
 _SHARD = TypeAdapter(dict[str, GatewayProgress])
 
 
@@ -169,36 +168,23 @@ class GroupCommit:
 class LiveRollout(GroupCommit):
     """A rollout in memory; ``commit(gateways)`` writes its header and those gateways' shards.
 
-    Every change of its state is committed, so the count of commits tells whether the wave's
-    figures can have changed: the ticker reuses them meanwhile (a wave of 100,000 costs tens
-    of ms to count) until the time a waiting gateway turns silent. While reports stream in,
-    every tick would see a change: the figures are then counted again only once the time of
-    ``_RECOUNT_FACTOR`` counts has passed (counting takes at most 1/20 of the service's time;
-    a decision waits at most that long - 20 ms for a wave of 10,000)."""
+    Every change of a gateway's progress is committed naming it, so the current wave's figures
+    move with the commits (``tally.py``) instead of being counted afresh per tick."""
 
     def __init__(self, store: RolloutStore, state: RolloutState) -> None:
         super().__init__(lambda gateways: store.save(state, gateways))
         self.state = state
-        self.changes = 0
-        self._figures: tuple[int, int, datetime | None, WaveFigures] | None = None
-        self._recount_at = 0.0  # monotonic time before which changed figures are kept
+        self.tally = WaveTally()
 
     async def commit(self, keys: Iterable[str] = ()) -> None:
-        self.changes += 1
+        keys = list(keys)
+        self.tally.moved(self.state, keys)
         await super().commit(keys)
 
+    def undone(self, gateway_ids: Iterable[str]) -> None:
+        """Changes of these gateways were taken back before they were committed."""
+        self.tally.moved(self.state, gateway_ids)
+
     def figures(self, now: datetime) -> WaveFigures:
-        """The current wave's figures at ``now`` (kept while nothing changed)."""
-        cached = self._figures
-        if cached is not None:
-            changes, wave_index, until, found = cached
-            fresh = until is None or now < until
-            same = changes == self.changes or time.monotonic() < self._recount_at
-            if same and wave_index == self.state.wave_index and fresh:
-                return found
-        began = time.monotonic()
-        found, until = wave_figures(self.state, now)
-        took = time.monotonic() - began
-        self._recount_at = began + _RECOUNT_FACTOR * took
-        self._figures = (self.changes, self.state.wave_index, until, found)
-        return found
+        """The current wave's figures at ``now``."""
+        return self.tally.figures(self.state, now)[0]
