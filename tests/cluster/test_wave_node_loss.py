@@ -26,6 +26,7 @@ from typing import Any
 
 import httpx
 import nats.errors
+import nats.js.errors
 import pytest
 from nats.aio.msg import Msg
 
@@ -186,10 +187,15 @@ async def _lead(bus: Bus, node: str, stream: str, consumer: str | None = None) -
 
 
 async def _leader(bus: Bus, stream: str, consumer: str | None = None) -> str | None:
-    if consumer is None:
-        cluster = (await bus.js.stream_info(stream)).cluster
-    else:
-        cluster = (await bus.js.consumer_info(stream, consumer)).cluster
+    """Its leader's name; None while it elects one (JetStream answers 503 meanwhile: a
+    stepdown asked for a moment ago may still be electing on a busy host)."""
+    try:
+        if consumer is None:
+            cluster = (await bus.js.stream_info(stream)).cluster
+        else:
+            cluster = (await bus.js.consumer_info(stream, consumer)).cluster
+    except nats.js.errors.ServiceUnavailableError:
+        return None
     return cluster.leader if cluster is not None else None
 
 
