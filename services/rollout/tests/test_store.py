@@ -4,6 +4,7 @@ rewritten, and group commits that let a burst of reports share a few writes."""
 from __future__ import annotations
 
 import asyncio
+import random
 from datetime import UTC, datetime
 
 import pytest
@@ -86,3 +87,34 @@ async def test_concurrent_commits_share_writes(bus: Bus) -> None:
     assert loaded is not None
     assert {p.status for p in loaded.gateways.values()} == {"acknowledged"}
     assert 1 <= writes <= 5
+
+
+async def test_shards_written_again_and_again_hold_every_change(bus: Bus) -> None:
+    # setup: a rollout stored, then changed gateway by gateway as reports would change it
+    store = RolloutStore(await bus.key_value("slmops-rollouts"))
+    state = _state(1200)
+    await store.create(state)
+    rng = random.Random(3)
+    ids = sorted(state.gateways)
+    at = datetime.now(UTC)
+
+    # execute: rounds of changes to a few gateways all over the rollout, one write each
+    for round_ in range(12):
+        changed = rng.sample(ids, 30)
+        for gateway_id in changed:
+            progress = state.gateways[gateway_id]
+            progress.status = rng.choice(["assigned", "acknowledged", "applied", "failed"])
+            progress.generation, progress.assigned_at = round_, at
+            progress.reason = f"round {round_}" if progress.status == "failed" else ""
+        await store.save(state, changed)
+    state.status = "completed"
+    last = ids[:3]
+    for gateway_id in last:
+        state.gateways[gateway_id].reason = "after it settled"
+    await store.save(state, last)
+
+    # assert: what a restarted service loads is the state as it is in memory
+    loaded = await RolloutStore(store.kv).load("ro-big")
+    assert loaded is not None
+    assert loaded.gateways == state.gateways
+    assert sum(p.status != "pending" for p in loaded.gateways.values()) > 200
