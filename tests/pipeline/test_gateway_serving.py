@@ -464,10 +464,14 @@ async def test_concurrent_chats_get_their_own_answers_and_a_full_gateway_says_50
             leaving.stream("POST", "/v1/chat/completions", json=leave) as response,
         ):
             assert response.status_code == 200
-            async for line in response.aiter_lines():
+            # kept until it leaves: a dropped line iterator is closed by the loop, and with it
+            # the stream, maybe before the generation's first token (then it never waits)
+            lines = response.aiter_lines()
+            async for line in lines:
                 if line.startswith("data: "):
-                    break  # the role chunk is here: leave
-            await pacer.until_held(1)
+                    break  # the role chunk is here
+            await pacer.until_held(1)  # its first token is out, the next waits: now leave
+            await lines.aclose()
         await until(lambda: pool.limiter.running == 0, "the abandoned generation to stop")
         assert pacer.checks[-1] == 2  # asked for a second token, was told it is cancelled
 
