@@ -39,7 +39,7 @@ SLOW, FAST = "int4-weight-only", "int8-dynamic"
 BUDGET_MS = 500.0
 FIELD_MS = BUDGET_MS * 1.3  # what the field measured of the slow variant
 #: Wide enough that the recipes' kernels, not per-call overhead or a busy host's hiccups, set
-#: the time (4-bit MatMulNBits runs ~5x dynamic INT8's time here at 128 tokens)
+#: the time (the 4-bit recipe computes in fp32: ~1.7-2x dynamic INT8's time; profiles-field-loop)
 HIDDEN = 1024
 DETECTION = "det-field-loop-1"
 OUTCOMES = "slmops.optimization.*.v1"
