@@ -1,5 +1,5 @@
 """The current wave's figures kept as counts (``tally.py``) always equal a count afresh
-(``state.wave_figures``), whatever order gateways change in, as time passes, and across waves
+(``state.figures``), whatever order gateways change in, as time passes, and across waves
 and plans."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 from slmops.events.payloads import ArtifactRef, DesiredModel
 from slmops_rollout.plans import WavePolicy, plan_waves
-from slmops_rollout.state import GatewayProgress, GatewayStatus, RolloutState, wave_figures
+from slmops_rollout.state import GatewayProgress, GatewayStatus, RolloutState, figures
 from slmops_rollout.tally import WaveTally
 
 ART = ArtifactRef(digest="sha256:" + "a" * 64, size_bytes=1, uri="s3://b/x")
@@ -46,7 +46,7 @@ def _change(state: RolloutState, rng: random.Random, count: int) -> list[str]:
 def _assert_same_at_several_moments(tally: WaveTally, state: RolloutState) -> None:
     for later_s in (0, 50, 65, 70, 90, 200):  # before, at, across and after turning silent
         now = T0 + timedelta(seconds=later_s)
-        assert tally.figures(state, now) == wave_figures(state, now), later_s
+        assert tally.figures(state, now) == figures(state, now), later_s
 
 
 def test_counts_follow_every_change_like_a_count_afresh() -> None:
@@ -59,9 +59,9 @@ def test_counts_follow_every_change_like_a_count_afresh() -> None:
         if step in (20, 40):  # the next wave: counted afresh, then followed again
             state.wave_index += 1
             _assert_same_at_several_moments(tally, state)
-    figures, _ = tally.figures(state, T0 + timedelta(seconds=70))
-    assert figures.targets == len(state.waves[2])
-    assert figures.silent > 0  # a real mix
+    found = tally.figures(state, T0 + timedelta(seconds=70))
+    assert found.targets == len(state.waves[2])
+    assert found.silent > 0  # a real mix
 
 
 def test_an_undone_change_and_an_unnamed_gateway_count_right() -> None:
@@ -74,9 +74,10 @@ def test_an_undone_change_and_an_unnamed_gateway_count_right() -> None:
     for gateway_id in wave:
         state.gateways[gateway_id].status = "pending"
     tally.moved(state, [*wave, "gw-not-in-this-rollout"])
-    figures, until = tally.figures(state, T0 + timedelta(seconds=TIMEOUT_S + 1))
-    assert (figures.silent, figures.waiting, until) == (0, len(wave), None)
-    assert (figures, until) == wave_figures(state, T0 + timedelta(seconds=TIMEOUT_S + 1))
+    later = T0 + timedelta(seconds=TIMEOUT_S + 1)
+    found = tally.figures(state, later)
+    assert (found.silent, found.waiting) == (0, len(wave))
+    assert found == figures(state, later)
 
 
 def test_a_rollout_planned_anew_is_counted_anew() -> None:
@@ -86,6 +87,6 @@ def test_a_rollout_planned_anew_is_counted_anew() -> None:
     for progress in replanned.gateways.values():
         progress.status, progress.assigned_at = "applied", T0
     state.waves, state.gateways = replanned.waves, replanned.gateways
-    figures, _ = tally.figures(state, T0)
-    assert figures.targets == len(replanned.waves[0]) == figures.applied
-    assert (figures, None) == wave_figures(state, T0)
+    found = tally.figures(state, T0)
+    assert found.targets == len(replanned.waves[0]) == found.applied
+    assert found == figures(state, T0)

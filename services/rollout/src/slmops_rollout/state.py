@@ -162,18 +162,11 @@ def record(state: RolloutState, report: GatewayReport) -> bool:
 
 
 def figures(state: RolloutState, now: datetime) -> WaveFigures:
-    return wave_figures(state, now)[0]
-
-
-def wave_figures(state: RolloutState, now: datetime) -> tuple[WaveFigures, datetime | None]:
-    """The current wave's figures, and when they next change by time alone (the first
-    waiting gateway turning silent; None: never) - until then only a report or an action can
-    change them, so a caller may keep them."""
+    """The current wave's figures, counted afresh (a live rollout keeps them as counts:
+    ``tally.py``)."""
     wave = state.waves[state.wave_index] if state.wave_index < len(state.waves) else []
-    timeout = timedelta(seconds=state.policy.silent_timeout_s)
-    cutoff = now - timeout
+    cutoff = now - timedelta(seconds=state.policy.silent_timeout_s)
     acknowledged = applied = failed = silent = rolled_back = 0
-    first_waiting: datetime | None = None
     gateways = state.gateways
     for gateway_id in wave:  # over waves of up to 100,000: kept tight
         progress = gateways[gateway_id]
@@ -184,18 +177,14 @@ def wave_figures(state: RolloutState, now: datetime) -> tuple[WaveFigures, datet
             failed += 1
         elif status == "rolled_back":
             rolled_back += 1
-        elif status in WAITING and (assigned_at := progress.assigned_at) is not None:
-            if assigned_at < cutoff:
-                silent += 1
-            elif first_waiting is None or assigned_at < first_waiting:
-                first_waiting = assigned_at
+        elif status in WAITING and (at := progress.assigned_at) is not None and at < cutoff:
+            silent += 1
         if status not in ("pending", "assigned"):
             acknowledged += 1
     waiting = len(wave) - applied - failed - silent - rolled_back
-    found = WaveFigures(targets=len(wave), acknowledged=acknowledged, applied=applied,
-                        failed=failed, silent=silent, rolled_back=rolled_back,
-                        waiting=waiting)  # fmt: skip
-    return found, (first_waiting + timeout if first_waiting is not None else None)
+    return WaveFigures(targets=len(wave), acknowledged=acknowledged, applied=applied,
+                       failed=failed, silent=silent, rolled_back=rolled_back,
+                       waiting=waiting)  # fmt: skip
 
 
 def decide(

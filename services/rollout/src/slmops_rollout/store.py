@@ -187,4 +187,4 @@ class LiveRollout(GroupCommit):
 
     def figures(self, now: datetime) -> WaveFigures:
         """The current wave's figures at ``now``."""
-        return self.tally.figures(self.state, now)[0]
+        return self.tally.figures(self.state, now)

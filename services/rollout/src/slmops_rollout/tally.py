@@ -51,27 +51,20 @@ class WaveTally:
                 self._count(now, 1)
                 counted[gateway_id] = now
 
-    def figures(self, state: RolloutState, now: datetime) -> tuple[WaveFigures, datetime | None]:
-        """As ``state.wave_figures``: the figures, and when they next change by time alone."""
+    def figures(self, state: RolloutState, now: datetime) -> WaveFigures:
+        """As ``state.figures`` counts them afresh."""
         if not self._current(state):
             self._recount(state)
-        timeout = timedelta(seconds=state.policy.silent_timeout_s)
-        cutoff = now - timeout
-        silent, first_waiting = 0, None
-        for assigned_at, count in self._waiting_since.items():
-            if assigned_at < cutoff:
-                silent += count
-            elif first_waiting is None or assigned_at < first_waiting:
-                first_waiting = assigned_at
+        cutoff = now - timedelta(seconds=state.policy.silent_timeout_s)
+        silent = sum(n for assigned_at, n in self._waiting_since.items() if assigned_at < cutoff)
         statuses, targets = self._statuses, len(self._counted)
         applied, failed = statuses["applied"], statuses["failed"]
         rolled_back = statuses["rolled_back"]
-        found = WaveFigures(
+        return WaveFigures(
             targets=targets, acknowledged=targets - statuses["pending"] - statuses["assigned"],
             applied=applied, failed=failed, silent=silent, rolled_back=rolled_back,
             waiting=targets - applied - failed - silent - rolled_back,
         )  # fmt: skip
-        return found, (first_waiting + timeout if first_waiting is not None else None)
 
     def _current(self, state: RolloutState) -> bool:
         index = state.wave_index
