@@ -18,17 +18,15 @@ import nats.errors
 import nats.js.errors
 import numpy as np
 import pytest
-from nats.js.api import DeliverPolicy
 
 from slmops.bus import Bus
 from slmops.bus.topology import ConsumerSpec
 from slmops.events import GatewayAssignment, new_event
 from slmops.events.payloads import DesiredModel
-from slmops.events.registry import decode_event
 from slmops.objectstore import blob_key
 from slmops.service.registry_api import RegistryClient
 from slmops.settings import PlatformSettings
-from slmops.testing.events import await_events, stream_count
+from slmops.testing.events import await_events, follow_events, stream_count
 from slmops.testing.models import with_word_tokenizer
 from slmops.testing.polling import until
 from slmops_gateway.app import create_app
@@ -84,26 +82,22 @@ async def _health_after(
     """The health reports of ``gateway_id`` after it applied ``generation`` (each install
     starts a new window), read until they count ``requests`` requests between them."""
     subject = f"slmops.gateway.report.v1.*.{gateway_id}"
-    sub = await bus.js.subscribe(subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
     installed, health = False, []
-    deadline = asyncio.get_running_loop().time() + timeout_s
     try:
-        while not installed or sum(h.health.request_count for h in health) < requests:
-            remaining = deadline - asyncio.get_running_loop().time()
-            if remaining <= 0:
-                raise AssertionError(
-                    f"waited {timeout_s:g} s for health reports of {gateway_id} counting "
-                    f"{requests} requests after generation {generation} was applied; "
-                    f"applied: {installed}, health since: {health}"
-                )
-            with contextlib.suppress(nats.errors.TimeoutError):
-                report = decode_event((await sub.next_msg(timeout=remaining)).data).data
-                if report.kind == "applied" and report.generation == generation:
-                    installed = True
-                elif installed and report.kind == "health":
-                    health.append(report)
-    finally:
-        await sub.unsubscribe()
+        async for event in follow_events(bus, subject, timeout_s=timeout_s):
+            report = event.data
+            if report.kind == "applied" and report.generation == generation:
+                installed = True
+            elif installed and report.kind == "health":
+                health.append(report)
+            if installed and sum(h.health.request_count for h in health) >= requests:
+                break
+    except TimeoutError:
+        raise AssertionError(
+            f"waited {timeout_s:g} s for health reports of {gateway_id} counting "
+            f"{requests} requests after generation {generation} was applied; "
+            f"applied: {installed}, health since: {health}"
+        ) from None
     return health
 
 

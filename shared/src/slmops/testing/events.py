@@ -3,15 +3,50 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import nats.errors
-from nats.js.api import DeliverPolicy
+from nats.js.errors import APIError, NotFoundError
 
 from slmops.bus.connection import Bus
 from slmops.events.envelope import CloudEvent
 from slmops.events.registry import decode_event
+
+_POLL_S = 0.02  # between reads that found nothing new
+
+
+async def follow_events(
+    bus: Bus, subject: str, *, timeout_s: float
+) -> AsyncIterator[CloudEvent[Any]]:
+    """The events on ``subject`` (wildcards allowed) in stream order, from the stream's start,
+    waiting for more as they come; :class:`TimeoutError` once ``timeout_s`` has passed.
+
+    Reads one message at a time by sequence ("the next message on ``subject`` at or after N"):
+    each read is one request that holds no state on the server, nothing to lose when the host is
+    busy. (An ordered push consumer did: nats-py recreates one after missed heartbeats in a
+    background task and, if that request fails, the subscription stays silent for good - a test
+    once waited 120 s beside events it never saw.)
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    stream = await bus.js.find_stream_name_by_subject(subject)
+    sequence, last_error = 1, ""
+    while True:
+        if loop.time() >= deadline:
+            why = f" (last error: {last_error})" if last_error else ""
+            raise TimeoutError(f"waited {timeout_s:g}s on {subject!r}{why}")
+        try:
+            msg = await bus.js.get_msg(stream, seq=sequence, subject=subject, next=True)
+        except NotFoundError:  # nothing (more) on the subject yet
+            await asyncio.sleep(_POLL_S)
+            continue
+        except (nats.errors.TimeoutError, APIError) as exc:  # a busy server, a leader election
+            last_error = f"{type(exc).__name__}: {exc}"
+            await asyncio.sleep(_POLL_S)
+            continue
+        sequence = (msg.seq or sequence) + 1
+        yield decode_event(msg.data or b"")
 
 
 async def await_events(
@@ -24,33 +59,21 @@ async def await_events(
 ) -> list[CloudEvent[Any]]:
     """Wait until the stream holding ``subject`` (wildcards allowed) has ``count`` events on it
     (those ``where`` accepts, if given) and return them in stream order; :class:`TimeoutError`
-    naming what arrived otherwise.
-
-    Reads from the start of the stream with an ordered consumer, so events published before
-    the call count too.
-    """
-    sub = await bus.js.subscribe(subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+    naming what arrived otherwise. Events published before the call count too."""
     events: list[CloudEvent[Any]] = []
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
+    if count <= 0:
+        return events
     try:
-        while len(events) < count:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise TimeoutError(
-                    f"waited {timeout_s}s for {count} events on {subject!r}, got {len(events)}: "
-                    f"{[e.type for e in events]}"
-                )
-            try:
-                msg = await sub.next_msg(timeout=remaining)
-            except nats.errors.TimeoutError:
-                continue
-            event = decode_event(msg.data)
+        async for event in follow_events(bus, subject, timeout_s=timeout_s):
             if where is None or where(event):
                 events.append(event)
-    finally:
-        await sub.unsubscribe()
-    return events
+                if len(events) >= count:
+                    return events
+    except TimeoutError as exc:
+        raise TimeoutError(
+            f"{exc}: wanted {count} events, got {len(events)}: {[e.type for e in events]}"
+        ) from None
+    raise AssertionError("unreachable: follow_events ends only by its timeout")
 
 
 async def stream_count(bus: Bus, stream: str, subject: str | None = None) -> int:
