@@ -7,6 +7,7 @@ import hashlib
 from typing import Any
 
 import httpx
+import nats.errors
 import nats.js.errors
 import pytest
 
@@ -27,6 +28,7 @@ from slmops.events import (
     new_event,
 )
 from slmops.events.payloads import GateResult, PassSpec, Recipe, ReleaseEntry, WavePlan
+from slmops_registry import rebuild as rebuild_module
 from slmops_registry.testing import RegistryUnderTest, gguf_bytes
 
 pytestmark = pytest.mark.integration
@@ -161,6 +163,53 @@ async def test_a_rebuild_swaps_into_the_live_index_without_wiping_it(
         await bus.js.stream_info(f"KV_{LINEAGE_KV.bucket}-next")
     after = (await registry.client.get(f"/v1/models/{NAME}/{VERSION}/lineage")).json()
     assert after == live
+
+
+async def test_a_replay_ends_at_a_deleted_last_message_and_a_stalled_one_changes_nothing(
+    registry: RegistryUnderTest, bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    digest = (await registry.upload(gguf_bytes())).json()["digest"]
+    await registry.publish(digest)
+    for payload in pipeline_story(digest):
+        await bus.publish(new_event(payload, source="/slmops/test"))
+    live = await lineage_when(registry.client, complete)
+    fleet = await bus.js.stream_info("SLMOPS_FLEET")
+    await bus.js.delete_msg("SLMOPS_FLEET", fleet.state.last_seq)  # gw-2's health report
+    assert (await bus.js.stream_info("SLMOPS_FLEET")).state.last_seq == fleet.state.last_seq
+
+    gap = await registry.client.post("/v1/admin/lineage/rebuild")
+
+    assert gap.status_code == 200, gap.text
+    assert gap.json()["replayed"]["SLMOPS_FLEET"] == 2
+    assert await lineage_when(registry.client, complete) == live
+
+    # a stream that stops delivering half way: the rebuild stops, the live index stays whole
+    index = await bus.js.key_value(LINEAGE_KV.bucket)
+    await index.put("model.ghost.1-0-0", b'{"stale": true}')  # a swap would delete it
+    runtime = registry.context.runtime
+    assert runtime is not None
+    assert runtime.bus is not None
+    js, subscribe = runtime.bus.js, runtime.bus.js.subscribe
+
+    async def stalling(*args: Any, **kwargs: Any) -> Any:
+        sub = await subscribe(*args, **kwargs)
+
+        async def silent(timeout: float) -> Any:  # noqa: ASYNC109 - next_msg's own signature
+            await asyncio.sleep(timeout)
+            raise nats.errors.TimeoutError
+
+        sub.next_msg = silent
+        return sub
+
+    monkeypatch.setattr(js, "subscribe", stalling)
+    monkeypatch.setattr(rebuild_module, "STALL_S", 0.3)
+
+    stalled = await registry.client.post("/v1/admin/lineage/rebuild")
+
+    assert stalled.status_code == 503
+    assert "the live lineage index is left as it was" in stalled.json()["detail"]
+    assert (await index.get("model.ghost.1-0-0")).value == b'{"stale": true}'
+    assert (await registry.client.get(f"/v1/models/{NAME}/{VERSION}/lineage")).json() == live
 
 
 async def test_wiped_index_is_empty_until_replayed(registry: RegistryUnderTest, bus: Bus) -> None:

@@ -32,6 +32,7 @@ from slmops_registry.context import MaintenanceBusy, RegistryContext
 from slmops_registry.errors import RegistryError
 from slmops_registry.projection import LineageStore
 from slmops_registry.publishing import SOURCE, Publisher, PublishRequest
+from slmops_registry.rebuild import ReplayStalled
 from slmops_registry.retention import MinAgeTooLow
 from slmops_registry.uploads import pipe_upload, spool_upload
 
@@ -319,6 +320,8 @@ async def rebuild_lineage(request: Request, _: Admin) -> dict[str, Any]:
         counts = await request.app.state.registry.rebuild_lineage()
     except MaintenanceBusy as exc:
         raise RegistryError(409, str(exc)) from None
+    except ReplayStalled as exc:
+        raise RegistryError(503, str(exc)) from None
     return {"replayed": counts}
 
 

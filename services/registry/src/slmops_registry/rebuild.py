@@ -11,7 +11,6 @@ bucket is then deleted. GC and a rebuild exclude each other (``RegistryContext``
 from __future__ import annotations
 
 import contextlib
-import logging
 from dataclasses import replace
 
 import nats.errors
@@ -24,8 +23,6 @@ from slmops.events import decode_event
 from slmops.events.errors import EventDecodeError
 from slmops_registry.projection import PROJECTED, LineageStore, project
 
-log = logging.getLogger(__name__)
-
 #: Where a rebuild builds (the only bucket the registry may create and delete).
 ASIDE_KV = replace(
     LINEAGE_KV, bucket=f"{LINEAGE_KV.bucket}-next",
@@ -33,6 +30,7 @@ ASIDE_KV = replace(
 )  # fmt: skip
 #: Model and variant ids are indexed first.
 STREAMS = (PIPELINE, ROLLOUT, FLEET)
+STALL_S = 10.0  # a replay that hears nothing this long while messages remain has stalled
 
 
 async def rebuild(bus: Bus, live: LineageStore) -> dict[str, int]:
@@ -57,6 +55,11 @@ async def rebuild(bus: Bus, live: LineageStore) -> dict[str, int]:
     return counts
 
 
+class ReplayStalled(Exception):
+    """A stream stopped delivering before the replay reached its end: the rebuild stops and the
+    live index is left as it was (swapping in a partial index would delete live keys)."""
+
+
 async def _replay(
     bus: Bus, store: LineageStore, stream: str, after_seq: int = 0
 ) -> tuple[int, int]:
@@ -66,12 +69,22 @@ async def _replay(
     last_seq, replayed = info.state.last_seq, 0
     if info.state.messages == 0 or last_seq <= after_seq:
         return 0, max(last_seq, after_seq)
+    try:  # the messages after after_seq may all have been deleted: nothing to wait for then
+        await bus.js.get_msg(stream, seq=after_seq + 1, subject=">", next=True)
+    except nats.js.errors.NotFoundError:
+        return 0, last_seq
     start = ({"deliver_policy": DeliverPolicy.BY_START_SEQUENCE, "opt_start_seq": after_seq + 1}
              if after_seq else {"deliver_policy": DeliverPolicy.ALL})  # fmt: skip
     sub = await bus.js.subscribe(">", stream=stream, ordered_consumer=True, **start)
     try:
         while True:
-            msg = await sub.next_msg(timeout=10)
+            try:
+                msg = await sub.next_msg(timeout=STALL_S)
+            except nats.errors.TimeoutError:
+                raise ReplayStalled(
+                    f"the replay of {stream} heard nothing for {STALL_S:g} s before reaching "
+                    f"seq {last_seq}; the live lineage index is left as it was, try again"
+                ) from None
             try:
                 event = decode_event(msg.data)
             except EventDecodeError:
@@ -79,10 +92,9 @@ async def _replay(
             if event is not None and isinstance(event.data, PROJECTED):
                 await project(store, event)
                 replayed += 1
-            if msg.metadata.sequence.stream >= last_seq:
+            position = msg.metadata
+            # the last message seen at the start, or none left (those after it were deleted)
+            if position.sequence.stream >= last_seq or position.num_pending == 0:
                 return replayed, last_seq
-    except nats.errors.TimeoutError:
-        log.warning("replay of %s stopped early at a gap before seq %s", stream, last_seq)
-        return replayed, last_seq
     finally:
         await sub.unsubscribe()
