@@ -139,8 +139,12 @@ async def test_a_field_regression_ends_in_an_approved_rollout_to_that_class_only
 
         # assert: the plan for the class names the faster recipe (built already: reused)
         release_id = field_release_id("tiny", "1.0.0", DETECTION)
-        plan, outcome = await await_events(bus, OUTCOMES, count=2, where=_is_proposal,
-                                           timeout_s=120)  # fmt: skip
+        try:
+            plan, outcome = await await_events(bus, OUTCOMES, count=2, where=_is_proposal,
+                                               timeout_s=120)  # fmt: skip
+        except TimeoutError as exc:  # what the optimizer made of it (CI once timed out here)
+            jobs = await pipeline.optimizer.get("/v1/jobs")
+            raise AssertionError(f"{exc}; the optimizer's jobs: {jobs.text}") from None
         assert plan.type == "slmops.optimization.planned.v1"
         assert (plan.data.release_id, plan.data.field) == (release_id, evidence)
         assert [(j.device_class, j.recipe_name, j.variant_id) for j in plan.data.jobs] == [

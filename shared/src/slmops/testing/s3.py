@@ -8,6 +8,7 @@ also use moto's ``mock_aws`` decorator reset it, so don't mix the two in one tes
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -28,6 +29,9 @@ TEST_REGION = "us-east-1"
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[str]:
     """Endpoint URL (``http://127.0.0.1:<port>``) of a moto S3 server shared by the session."""
+    # Its request log (werkzeug, one INFO line per S3 call) would crowd out the services' own
+    # lines in a failed test's captured log.
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()  # port 0 asked for any free port: read the real one
