@@ -194,7 +194,9 @@ def rollout_status(engine: Engine, state: RolloutState) -> dict[str, Any]:
         wave = per_wave[progress.wave]
         wave[progress.status] = wave.get(progress.status, 0) + 1
     now = datetime.now(UTC)
-    decision = decide(state, now, wave_health(engine, state))
+    live = engine.live.get(state.rollout_id)  # its tally, or (not loaded here) a count afresh
+    current = live.figures(now) if live is not None and live.state is state else figures(state, now)
+    decision = decide(state, now, wave_health(engine, state), current)
     return {
         "rollout_id": state.rollout_id, "release_id": state.release_id,
         "model_name": state.model_name, "version": state.version, "status": state.status,
@@ -203,7 +205,7 @@ def rollout_status(engine: Engine, state: RolloutState) -> dict[str, Any]:
         "waves": [len(w) for w in state.waves], "gateways": counts,
         "wave_progress": [{"index": i, "targets": len(w), "gateways": per_wave[i]}
                           for i, w in enumerate(state.waves)],
-        "current_wave": figures(state, now).model_dump(),
+        "current_wave": current.model_dump(),
         "gates": {"next_step": decision.action, "why": decision.reason,
                   "breached": decision.breached},
         "policy": state.policy.model_dump(),
