@@ -19,6 +19,7 @@ from slmops.events import GatewayReport, GatewayReports, decode_message
 from slmops.events.reports import reports_in
 from slmops.service.registry_api import RegistryClient
 from slmops.settings import PlatformSettings
+from slmops.testing.events import stored_messages
 from slmops_gateway.agent import Agent
 from slmops_gateway.app import AgentLoop
 from slmops_gateway.relay import SiteRelay, send_via_relay
@@ -50,13 +51,13 @@ async def relay(bus: Bus) -> AsyncIterator[SiteRelay]:
 async def test_gateways_reports_are_carried_in_batches_and_each_answered_once_stored(
     bus: Bus, relay: SiteRelay
 ) -> None:
-    sub = await bus.js.pull_subscribe(f"slmops.gateway.reports.v1.{SITE}.>", stream="SLMOPS_FLEET")
     reports = [_report(f"gw-{i}", kind) for i in range(5) for kind in ("acknowledged", "applied")]
 
     answers = await asyncio.gather(*(send_via_relay(bus.nc, SITE, r, 5.0) for r in reports))
 
     assert answers == [None] * 10  # every one stored
-    batches = [decode_message(m.subject, m.data) for m in await sub.fetch(10, timeout=5)]
+    stored = await stored_messages(bus, f"slmops.gateway.reports.v1.{SITE}.>")
+    batches = [decode_message(m.subject, m.data or b"") for m in stored]
     assert all(isinstance(b.data, GatewayReports) and b.data.site == SITE for b in batches)
     assert sorted(len(b.data.reports) for b in batches) == [2, 4, 4]  # at most 4 per batch
     carried = [c.report for c in reports_in(batches)]
@@ -110,19 +111,17 @@ async def test_a_gateway_at_a_site_reports_through_its_relay_or_itself_without_o
                                models_dir=tmp_path, relay_timeout_s=2.0)  # fmt: skip
     agent = Agent(settings, RegistryClient("http://127.0.0.1:9"))
     loop = AgentLoop(agent, SimpleNamespace(bus=bus))  # type: ignore[arg-type]
-    own = await bus.js.pull_subscribe("slmops.gateway.report.v1.*.gw-9", stream="SLMOPS_FLEET")
-    batches = await bus.js.pull_subscribe(f"slmops.gateway.reports.v1.{SITE}.>",
-                                          stream="SLMOPS_FLEET")  # fmt: skip
-
     await loop._publish(agent.report("acknowledged", rollout_id="ro-1", generation=1))
     await loop._publish(agent.report("registered"))  # never through the relay
     await relay.stop()  # the relay goes away: the gateway publishes its outcome itself
     await loop._publish(agent.report("applied", rollout_id="ro-1", generation=1))
 
-    carried = [c.report for b in await batches.fetch(10, timeout=5)
-               for c in reports_in([decode_message(b.subject, b.data)])]  # fmt: skip
+    batches = await stored_messages(bus, f"slmops.gateway.reports.v1.{SITE}.>")
+    carried = [c.report for b in batches
+               for c in reports_in([decode_message(b.subject, b.data or b"")])]  # fmt: skip
     assert [(r.gateway_id, r.kind, r.labels) for r in carried] == [
         ("gw-9", "acknowledged", {"site": SITE})
     ]
-    sent = [decode_message(m.subject, m.data).data.kind for m in await own.fetch(10, timeout=5)]
+    own = await stored_messages(bus, "slmops.gateway.report.v1.*.gw-9")
+    sent = [decode_message(m.subject, m.data or b"").data.kind for m in own]
     assert sent == ["registered", "applied"]

@@ -12,6 +12,7 @@ import pytest
 from slmops.bus import Bus
 from slmops.events import GatewayReport, GatewayReports, decode_message
 from slmops.events.reports import reports_in
+from slmops.testing.events import stored_messages
 from slmops_gateway.sitereports import SiteReporter
 
 pytestmark = [pytest.mark.integration]
@@ -24,12 +25,11 @@ def _report(i: int) -> GatewayReport:
 
 async def test_reports_go_out_in_batches_and_each_sender_waits_for_its_own(bus: Bus) -> None:
     reporter = SiteReporter(bus, "site-1", max_reports=3, linger_s=0.05)
-    sub = await bus.js.pull_subscribe("slmops.gateway.reports.v1.site-1.>", stream="SLMOPS_FLEET")
 
     await asyncio.gather(*(reporter.send(_report(i)) for i in range(7)))  # all stored
 
-    msgs = await sub.fetch(10, timeout=5)
-    batches = [decode_message(m.subject, m.data) for m in msgs]
+    msgs = await stored_messages(bus, "slmops.gateway.reports.v1.site-1.>")
+    batches = [decode_message(m.subject, m.data or b"") for m in msgs]
     assert sorted(len(b.data.reports) for b in batches) == [1, 3, 3]
     assert all(isinstance(b.data, GatewayReports) for b in batches)
     gateways = sorted(c.report.gateway_id for c in reports_in(batches))

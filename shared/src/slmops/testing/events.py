@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import nats.errors
+from nats.js.api import RawStreamMsg
 from nats.js.errors import APIError, NotFoundError
 
 from slmops.bus.connection import Bus
@@ -74,6 +75,21 @@ async def await_events(
             f"{exc}: wanted {count} events, got {len(events)}: {[e.type for e in events]}"
         ) from None
     raise AssertionError("unreachable: follow_events ends only by its timeout")
+
+
+async def stored_messages(bus: Bus, subject: str) -> list[RawStreamMsg]:
+    """What the stream holding ``subject`` (wildcards allowed) holds on it now, in order: for a
+    test whose publishers have all had their acknowledgements (nothing more to wait for)."""
+    stream = await bus.js.find_stream_name_by_subject(subject)
+    found: list[RawStreamMsg] = []
+    sequence = 1
+    while True:
+        try:
+            msg = await bus.js.get_msg(stream, seq=sequence, subject=subject, next=True)
+        except NotFoundError:
+            return found
+        found.append(msg)
+        sequence = (msg.seq or sequence) + 1
 
 
 async def stream_count(bus: Bus, stream: str, subject: str | None = None) -> int:
