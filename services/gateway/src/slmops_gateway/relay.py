@@ -63,6 +63,9 @@ class SiteRelay:
     async def start(self) -> None:
         subject = f"{SITE_RELAY_SUBJECT}.{self.site}.report.*"
         self._subscription = await self.nc.subscribe(subject, queue=_QUEUE, cb=self._on_request)
+        # started = reachable: without the flush the server may not have the interest yet, and
+        # a gateway's request right after would hear "no responders"
+        await self.nc.flush()
 
     async def stop(self) -> None:
         """Stop hearing requests; carry and answer those already heard."""
