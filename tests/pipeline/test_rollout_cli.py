@@ -51,7 +51,7 @@ async def test_the_rollout_cli_drives_a_rollout_and_rolls_it_back(
         pipeline.served_rollout_service() as url,
         pipeline.simulated_fleet(bus, spec) as fleet,
     ):
-        async with httpx.AsyncClient(base_url=url, auth=pipeline.auth) as api:
+        async with httpx.AsyncClient(base_url=url, auth=pipeline.auth, timeout=60) as api:
             for _ in range(100):
                 if len((await api.get("/v1/gateways")).json()) == 20:
                     break
