@@ -22,7 +22,7 @@ from slmops.bus.permissions import COHORT_BUCKET, DESIRED_STATE_BUCKET
 from slmops.cohorts import COHORT_COUNT, CohortState, cohort_key, cohort_of
 from slmops.events import GatewayReport, GatewayReports, new_event
 from slmops.events.reports import report_event
-from slmops.testing.events import await_events
+from slmops.testing.events import await_events, stream_count
 from slmops.testing.models import with_word_tokenizer
 from slmops.testing.polling import until, until_answered
 from slmops_gateway.relay import SiteRelay
@@ -470,9 +470,7 @@ async def test_a_sites_batched_reports_move_the_wave_and_the_lineage_like_single
         await until_answered(lineage_complete, "every gateway's state in the lineage")
         # counted in the stream (an ephemeral consumer made at the start could be reaped as
         # inactive before this line on a busy host: once seen, a 503 on its fetch)
-        batch_subjects = "slmops.gateway.reports.v1.>"
-        batched = await bus.js.stream_info("SLMOPS_FLEET", subjects_filter=batch_subjects)
-        sent = sum((batched.state.subjects or {}).values())
+        sent = await stream_count(bus, "SLMOPS_FLEET", "slmops.gateway.reports.v1.>")
         assert 2 <= sent < 80  # at least one per wave, far fewer than 2 reports each
         own = "slmops.gateway.report.v1.>"
         singles = await bus.js.stream_info("SLMOPS_FLEET", subjects_filter=own)
