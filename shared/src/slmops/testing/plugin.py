@@ -29,6 +29,8 @@ from slmops.testing.natsserver import NatsServerProcess
 from slmops.testing.s3 import TEST_ACCESS_KEY, TEST_SECRET_KEY, object_store, s3_server
 
 __all__ = ["await_events", "object_store", "s3_server", "start_consumer", "stream_count"]
+#: Registered with this plugin: a hung asyncio test's tasks, listed before its timeout.
+pytest_plugins = ["slmops.testing.hangs"]
 
 
 def pytest_configure(config: pytest.Config) -> None:
