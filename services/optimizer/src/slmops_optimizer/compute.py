@@ -27,7 +27,8 @@ from slmops_optimizer.settings import OptimizerSettings
 
 log = logging.getLogger(__name__)
 APP_NAME = "slmops-optimizer"
-_HEARTBEAT_S = 2.0
+#: A replica sends at least this often while a job runs (a heartbeat when nothing else).
+HEARTBEAT_S = 2.0
 _MAX_RAY_TEMP_CHARS = 40
 
 
@@ -62,7 +63,7 @@ class OptimizerWorker:
                 getter = asyncio.ensure_future(updates.get())
                 pending: set[asyncio.Future[Any]] = {getter, work}
                 await asyncio.wait(
-                    pending, timeout=_HEARTBEAT_S, return_when=asyncio.FIRST_COMPLETED
+                    pending, timeout=HEARTBEAT_S, return_when=asyncio.FIRST_COMPLETED
                 )
                 if getter.done():
                     yield getter.result()

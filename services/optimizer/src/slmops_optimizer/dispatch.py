@@ -9,6 +9,7 @@ the result is registered as a variant before the event is published.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -23,6 +24,7 @@ from slmops.events import (
     new_event,
 )
 from slmops.events.payloads import ArtifactRef, FieldEvidence
+from slmops_optimizer.compute import HEARTBEAT_S
 from slmops_optimizer.context import OptimizerContext
 from slmops_optimizer.jobs import JobStore
 from slmops_optimizer.jobspec import JobResult, JobSpec
@@ -83,12 +85,25 @@ async def run_job(
 
 
 async def _stream(spec: JobSpec, ctx: OptimizerContext, jobs: JobStore) -> dict[str, Any]:
-    """Follow the replica's stream to its last message; cancel or time out by closing it."""
+    """Follow the replica's stream to its last message; cancel or time out by closing it. A
+    replica that says nothing, not even a heartbeat, for ``replica_silence_s`` is lost (its
+    process died, its stream broke without an error): the job is retried, never awaited for
+    good."""
     stream = ctx.compute.stream(spec.model_dump(mode="json"))
+    updates = aiter(stream)
     deadline = time.monotonic() + ctx.settings.job_timeout_s
+    silence_s = ctx.settings.replica_silence_s
     last_write = 0.0
     try:
-        async for update in stream:
+        while True:
+            try:
+                update = await asyncio.wait_for(anext(updates), silence_s)
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                why = (f"the replica sent nothing for {silence_s:g} s (a running job sends a "
+                       f"heartbeat every {HEARTBEAT_S:g} s): taken for lost")  # fmt: skip
+                return {"kind": "failed", "transient": True, "reason": why}
             kind = update.get("kind")
             if kind not in ("progress", "heartbeat"):
                 return dict(update)
