@@ -38,6 +38,7 @@ from slmops.events.envelope import CloudEvent
 from slmops.events.errors import EventDecodeError, PartlyHandled, PermanentError
 from slmops.events.registry import check_subject, decode_event
 from slmops.settings import ConsumerSettings
+from slmops.tasks import cancel_and_wait
 from slmops.tracing import extract_trace_context
 
 log = logging.getLogger(__name__)
@@ -111,10 +112,9 @@ class BatchConsumer:
                 await asyncio.wait_for(asyncio.shield(task), self.settings.drain_timeout_s)
             except TimeoutError:  # unacked messages are redelivered to whoever runs next
                 log.warning("%s: drain timed out mid-batch", self.spec.durable)
-                task.cancel()
             except asyncio.CancelledError:
                 pass
-            await asyncio.gather(task, return_exceptions=True)
+            await cancel_and_wait(task)  # ended already, or cut short mid-batch
         if not self.bus.nc.is_closed:
             await self.bus.nc.flush()  # the last batch's acks
             for sub in (self._sub, self._advisories):

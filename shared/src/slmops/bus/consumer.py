@@ -30,6 +30,7 @@ from slmops.bus.topology import ConsumerSpec
 from slmops.events.errors import EventDecodeError, PermanentError
 from slmops.events.registry import decode_message
 from slmops.settings import ConsumerSettings
+from slmops.tasks import cancel_and_wait
 from slmops.tracing import extract_trace_context
 
 log = logging.getLogger(__name__)
@@ -119,18 +120,14 @@ class EventConsumer:
     async def stop(self) -> None:
         """Stop pulling, let running handlers finish (up to ``drain_timeout_s``)."""
         self._stopping.set()
-        if self._loop_task is not None:
-            self._loop_task.cancel()  # interrupts a pending fetch; fetched msgs are queued
-            await asyncio.gather(self._loop_task, return_exceptions=True)
+        if self._loop_task is not None:  # interrupts a pending fetch; fetched msgs are queued
+            await cancel_and_wait(self._loop_task)
         try:  # queued and running messages are handled and acked
             await asyncio.wait_for(self._queue.join(), self.settings.drain_timeout_s)
         except TimeoutError:  # the rest is not acked: JetStream redelivers it elsewhere
             log.warning("%s: drain timed out with %d message(s) unfinished",
                         self.spec.durable, self._busy + self._queue.qsize())  # fmt: skip
-        for task in (*self._workers, self._heartbeat):
-            if task is not None:
-                task.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
+        await cancel_and_wait(*(t for t in (*self._workers, self._heartbeat) if t is not None))
         if not self.bus.nc.is_closed:
             await self.bus.nc.flush()  # the acks of the handlers that just finished
             for sub in (self._sub, self._advisories):

@@ -8,7 +8,6 @@ missing. Stop drains the consumers (running handlers finish and ack) before clos
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
@@ -27,6 +26,7 @@ from slmops.bus.topology import ConsumerSpec, Topology
 from slmops.objectstore import ObjectStore, ObjectStoreError
 from slmops.service.metrics import ServiceMetrics
 from slmops.settings import ServiceSettings
+from slmops.tasks import cancel_and_wait
 from slmops.tracing import setup_tracing
 
 log = logging.getLogger(__name__)
@@ -91,9 +91,7 @@ class BackgroundTask(ABC):
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
 
 
 class ServiceRuntime:
@@ -229,8 +227,7 @@ class ServiceRuntime:
 
     async def stop(self) -> None:
         if self._starter is not None:
-            self._starter.cancel()
-            await asyncio.gather(self._starter, return_exceptions=True)
+            await cancel_and_wait(self._starter)
         for consumer in self.consumers:
             await consumer.stop()
         for dependency in self.dependencies.values():
