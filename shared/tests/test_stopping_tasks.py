@@ -3,7 +3,7 @@
 ``asyncio.wait_for`` returns its result instead of raising when the cancellation lands in the
 loop iteration its awaitable completed in (gh-86296, fixed in 3.12); nats-py awaits every
 request's reply through it. A loop around such a call then goes on, and whoever awaited the
-cancelled task waited for good (a CI run hung 15 minutes in a rollout service's shutdown).
+cancelled task waited for good (likely what hung a CI run for 15 minutes).
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 One cancellation is not always enough on Python 3.11: ``asyncio.wait_for`` returns its result
 instead of raising when the cancellation lands in the loop iteration its awaitable completed in
 (gh-86296, fixed in 3.12), and nats-py awaits every request's reply through it. A loop around
-such a call goes on after the cancel, and whoever awaited the task waits for good - a rollout
-service's shutdown once hung a CI run for 15 minutes that way.
+such a call goes on after the cancel, and whoever awaited the task waits for good (the likely
+cause of a CI run hung for 15 minutes, every thread idle).
 """
 
 from __future__ import annotations
