@@ -1,6 +1,7 @@
 """A replica that goes silent mid-job (its process died, its stream broke without an error)
 is taken for lost after ``replica_silence_s``: the job is retried, never awaited for good.
-A slow replica that keeps sending heartbeats is not."""
+A job waiting for a replica (queued in Ray Serve, a replica starting) and a slow replica that
+keeps sending heartbeats are not."""
 
 from __future__ import annotations
 
@@ -121,13 +122,15 @@ async def test_a_replica_silent_past_the_bound_fails_its_job_transiently(
     assert "taken for lost" in (record.step or "")
 
 
-async def test_a_slow_replica_that_keeps_sending_heartbeats_is_followed_to_its_end(
+async def test_a_queued_job_then_a_slow_replica_sending_heartbeats_is_followed_to_its_end(
     bus: Bus, tmp_path: Path
 ) -> None:
-    # setup: heartbeats 2 s apart for longer than the bound, then the job's own outcome
-    beats = [(2.0, {"kind": "heartbeat"})] * 4
+    # setup: the job waits for a replica longer than the bound (no word while queued), then
+    # runs with heartbeats 2 s apart for longer than the bound, then its own outcome
+    beats = [(2.0, {"kind": "heartbeat"})] * 3
     final = {"kind": "failed", "transient": False, "reason": "the recipe does not apply"}
-    compute = Replica([*beats, (0.5, final)])
+    compute = Replica([(6.0, {"kind": "progress", "progress": 0.0, "step": "start"}), *beats,
+                       (0.5, final)])  # fmt: skip
     ctx = _context(bus, tmp_path, compute)
     spec = _spec(ctx)
 

@@ -85,7 +85,10 @@ async def run_job(
 
 
 async def _stream(spec: JobSpec, ctx: OptimizerContext, jobs: JobStore) -> dict[str, Any]:
-    """Follow the replica's stream to its last message; cancel or time out by closing it. A
+    """Follow the replica's stream to its last message; cancel or time out by closing it.
+
+    Until its first update the job may wait for a replica (Ray Serve queues it behind running
+    jobs, or while a replica starts): only ``job_timeout_s`` bounds that. Once running, a
     replica that says nothing, not even a heartbeat, for ``replica_silence_s`` is lost (its
     process died, its stream broke without an error): the job is retried, never awaited for
     good."""
@@ -93,24 +96,29 @@ async def _stream(spec: JobSpec, ctx: OptimizerContext, jobs: JobStore) -> dict[
     updates = aiter(stream)
     deadline = time.monotonic() + ctx.settings.job_timeout_s
     silence_s = ctx.settings.replica_silence_s
-    last_write = 0.0
+    ran_too_long = {"kind": "failed", "transient": False,
+                    "reason": f"the job ran longer than {ctx.settings.job_timeout_s:g} s "
+                              "(SLMOPS_OPTIMIZER_JOB_TIMEOUT_S)"}  # fmt: skip
+    running, last_write = False, 0.0
     try:
         while True:
+            wait_s = silence_s if running else max(deadline - time.monotonic(), 0.0)
             try:
-                update = await asyncio.wait_for(anext(updates), silence_s)
+                update = await asyncio.wait_for(anext(updates), wait_s)
             except StopAsyncIteration:
                 break
             except TimeoutError:
+                if not running:
+                    return ran_too_long
                 why = (f"the replica sent nothing for {silence_s:g} s (a running job sends a "
                        f"heartbeat every {HEARTBEAT_S:g} s): taken for lost")  # fmt: skip
                 return {"kind": "failed", "transient": True, "reason": why}
+            running = True
             kind = update.get("kind")
             if kind not in ("progress", "heartbeat"):
                 return dict(update)
             if time.monotonic() > deadline:
-                return {"kind": "failed", "transient": False,
-                        "reason": f"the job ran longer than {ctx.settings.job_timeout_s:g} s "
-                                  "(SLMOPS_OPTIMIZER_JOB_TIMEOUT_S)"}  # fmt: skip
+                return ran_too_long
             now = time.monotonic()
             if kind == "progress" or now - last_write > _PROGRESS_EVERY_S:
                 changes = (
