@@ -136,7 +136,13 @@ async def test_a_journey_completes_while_every_component_is_killed_once(
 ) -> None:
     auth = BearerTokenFile(local_credentials(stack.var_dir).token_file("admin"))
     registry, rollout = stack.urls["registry"], stack.urls["rollout"]
-    async with admin_bus(stack) as bus, httpx.AsyncClient(auth=auth, timeout=30) as http:
+    # A connection per request: services restart all along, and a pooled connection reused as
+    # its server closes it idle (uvicorn: after 5 s) fails the request (CI saw a ReadError).
+    fresh = httpx.Limits(max_keepalive_connections=0)
+    async with (
+        admin_bus(stack) as bus,
+        httpx.AsyncClient(auth=auth, timeout=30, limits=fresh) as http,
+    ):
         # publish, and kill the optimizer while it plans and runs the job
         blob = await http.post(f"{registry}/v1/blobs",
                                content=with_word_tokenizer(tiny_encoder_onnx()))  # fmt: skip
