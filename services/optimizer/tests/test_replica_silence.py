@@ -53,7 +53,6 @@ class _Stream:
             await asyncio.sleep(pause_s)
             yield update
         await asyncio.Event().wait()  # the replica is gone: nothing more comes
-        yield {}
 
     def __aiter__(self) -> _Stream:
         return self

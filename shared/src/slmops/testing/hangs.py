@@ -82,9 +82,7 @@ def _is_ours(filename: str) -> bool:
 
 
 def _snapshot(item: pytest.Item) -> None:
-    report = pending_tasks_report()
-    item.stash[_SNAPSHOT_KEY] = report
-    item.config.stash.setdefault(_ALL_KEY, []).append((item.nodeid, report))
+    item.stash[_SNAPSHOT_KEY] = pending_tasks_report()  # used if the test then fails
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -111,6 +109,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report = outcome.get_result()
     if snapshot is not None and report.failed:
         report.sections.append(("asyncio tasks before the timeout", snapshot))
+        item.config.stash.setdefault(_ALL_KEY, []).append((item.nodeid, snapshot))
+        del item.stash[_SNAPSHOT_KEY]  # once, whichever phase failed
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
