@@ -53,7 +53,7 @@ class OptimizerSettings(ServiceSettings):
     job_timeout_s: float = Field(3600, gt=0, description="A job running longer fails.")
     replica_silence_s: float = Field(
         60, ge=5, description="A replica silent this long once a job runs on it is lost: the job "
-        "is retried (a running job sends a heartbeat every 2 s; a queued one is not bounded)."
+        "is retried (a running job sends a heartbeat every 2 s; a queued one: job_timeout_s)."
     )  # fmt: skip
     max_source_size_mb: float = Field(
         4096, gt=0, description="Published models larger than this fail at once."
