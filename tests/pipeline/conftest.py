@@ -130,6 +130,12 @@ class Pipeline:
             server.should_exit = True
             await task
 
+    def served_client(self, url: str) -> httpx.AsyncClient:
+        """A client of a service :meth:`served_rollout_service` serves on this test's own event
+        loop, beside the registry, optimizer and validator: on a busy host an answer can take
+        past httpx's default of 5 s (CI saw it once), so it waits up to 60 s."""
+        return httpx.AsyncClient(base_url=url, auth=self.auth, timeout=60)
+
     @staticmethod
     async def await_fleet(api: httpx.AsyncClient, count: int, *, with_health: bool = False) -> None:
         """Until the rollout service's fleet record holds ``count`` gateways (it fills from

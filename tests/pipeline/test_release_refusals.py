@@ -33,9 +33,6 @@ from slmops.testing.registry import release_of
 from slmops_gateway.simulator import FleetSpec
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-#: The rollout service answers on this test's own event loop, beside the registry, optimizer and
-#: validator: on a busy host a request can wait past httpx's default of 5 s (CI saw it once).
-SERVED_TIMEOUT_S = 60
 
 
 async def slmops(url: str, *args: object) -> Result:
@@ -61,7 +58,7 @@ async def test_a_version_whose_every_candidate_failed_is_no_release_and_is_refus
     # setup: a model with an operator no runtime can run - its one planned job fails
     async with (
         pipeline.served_rollout_service() as url,
-        httpx.AsyncClient(base_url=url, auth=pipeline.auth, timeout=SERVED_TIMEOUT_S) as api,
+        pipeline.served_client(url) as api,
     ):
         await pipeline.publish(tiny_onnx(op_domain="com.example.custom"), model_name="broken",
                                format="onnx", task="feature-extraction")  # fmt: skip
@@ -122,7 +119,7 @@ async def test_no_matching_gateway_is_refused_and_a_partial_release_reaches_its_
     spec = FleetSpec(count=6, classes={"test-cpu": 0.5, "test-npu": 0.5}, prefix="part")
     async with (
         pipeline.served_rollout_service() as url,
-        httpx.AsyncClient(base_url=url, auth=pipeline.auth, timeout=SERVED_TIMEOUT_S) as api,
+        pipeline.served_client(url) as api,
         pipeline.simulated_fleet(bus, spec) as fleet,
     ):
         await bus.publish(new_event(release, source="/test"))

@@ -10,7 +10,6 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-import httpx
 import pytest
 from typer.testing import CliRunner, Result
 
@@ -51,7 +50,7 @@ async def test_the_rollout_cli_drives_a_rollout_and_rolls_it_back(
         pipeline.served_rollout_service() as url,
         pipeline.simulated_fleet(bus, spec) as fleet,
     ):
-        async with httpx.AsyncClient(base_url=url, auth=pipeline.auth, timeout=60) as api:
+        async with pipeline.served_client(url) as api:
             for _ in range(100):
                 if len((await api.get("/v1/gateways")).json()) == 20:
                     break
